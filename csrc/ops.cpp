@@ -8,15 +8,18 @@
 //   weight  [C_out, C/groups, k_t, k_h, k_w]; temporal tap j reads ring slot
 //           (slot - (k_t-1-j)*dilation_t) mod R
 //   stride/padding/dilation are the spatial (h, w) ones.
-#include <Python.h>
 #include <torch/library.h>
 
+#ifndef SIDEWAYS_NO_PYTHON_MODULE
+#include <Python.h>
 // A module with no methods, so `import sideways_kernels._C` loads the library
-// (and runs the registrations below) without pybind11.
+// (and runs the registrations below) without pybind11. The CMake build, loaded
+// with torch.ops.load_library, leaves it out.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif
 
 TORCH_LIBRARY(sideways, m) {
   // Op 1: write `frame` (if given) into ring[slot] and return the conv output of

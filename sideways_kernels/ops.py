@@ -143,26 +143,37 @@ def sgd_tick_update(weight: torch.Tensor, momentum_buffer: Optional[torch.Tensor
 
 # --- fake kernels: shapes only, for torch.compile / FakeTensor tracing --------
 
+def _check_devices(ref: torch.Tensor, ref_name: str, **tensors) -> None:
+    for name, t in tensors.items():
+        torch._check(t is None or t.device == ref.device,
+                     lambda: f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+
+
 if cpp_available():
 
     @torch.library.register_fake("sideways::ring_conv_forward")
     def _ring_conv_forward_fake(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups):
         torch._check(ring.dim() == 5 and weight.dim() == 5, lambda: "ring and weight must be 5-D")
+        _check_devices(ring, "ring", frame=frame, weight=weight, bias=bias)
         h, w = _out_hw(ring, weight, stride, padding, dilation)
         return ring.new_empty((ring.shape[1], weight.shape[0], h, w))
 
     @torch.library.register_fake("sideways::window_input_grad")
     def _window_input_grad_fake(grad_out, weight, input_size, stride, padding, dilation, groups):
         torch._check(grad_out.dim() == 4 and weight.dim() == 5, lambda: "grad_out must be 4-D, weight 5-D")
+        _check_devices(grad_out, "grad_out", weight=weight)
         return grad_out.new_empty((grad_out.shape[0], weight.shape[1] * groups, *input_size))
 
     @torch.library.register_fake("sideways::weight_grad_accumulate")
     def _weight_grad_accumulate_fake(grad_weight, grad_bias, grad_out, ring, slot, stride, padding, dilation,
                                      dilation_t, groups):
+        _check_devices(ring, "ring", grad_weight=grad_weight, grad_bias=grad_bias, grad_out=grad_out)
         return None
 
     @torch.library.register_fake("sideways::sgd_tick_update")
     def _sgd_tick_update_fake(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring, slot, stride,
                               padding, dilation, dilation_t, groups, lr, momentum, dampening, weight_decay,
                               nesterov, first_step):
+        _check_devices(ring, "ring", weight=weight, momentum_buffer=momentum_buffer, bias=bias,
+                       bias_momentum_buffer=bias_momentum_buffer, grad_out=grad_out)
         return None

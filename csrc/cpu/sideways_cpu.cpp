@@ -59,8 +59,10 @@ at::Tensor ring_conv_forward_cpu(at::Tensor ring, const c10::optional<at::Tensor
     ring.select(0, slot).copy_(*frame);
   }
   at::Tensor b = bias.has_value() ? bias->to(ring.scalar_type()) : at::Tensor();
+  // Contiguous whatever the ring's layout, so the result matches the fake kernel's.
   return at::conv2d(stage_window(ring, g, slot), conv2d_weight(weight, g, ring.scalar_type()), b,
-                    stride, padding, dilation, groups);
+                    stride, padding, dilation, groups)
+      .contiguous();
 }
 
 at::Tensor window_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
@@ -98,7 +100,8 @@ at::Tensor window_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& w
   // window is one transposed conv with the taps' weights summed.
   auto summed = weight.sum(2).to(grad_out.scalar_type());
   return at::conv_transpose2d(grad_out, summed, {}, stride, padding, output_padding, groups,
-                              dilation);
+                              dilation)
+      .contiguous();
 }
 
 void weight_grad_accumulate_cpu(at::Tensor grad_weight, const c10::optional<at::Tensor>& grad_bias,

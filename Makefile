@@ -1,0 +1,54 @@
+# Everything a newcomer needs, on a fresh CPU-only machine:
+#   make train   builds the extension into .venv and runs the main job
+#   make test    builds the extension into .venv and runs the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+NVCC ?= nvcc
+NVCC_FLAGS := -c -std=c++17 -Xptxas -v
+CU_SOURCES := $(wildcard csrc/cuda/*.cu)
+STAMP := $(VENV)/.sideways-installed
+
+.PHONY: install test train bench cmake-check nvcc-check clean
+
+install: $(STAMP)
+
+# Rebuilt whenever the build files or any C++/CUDA source change.
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton,train]"
+	touch $@
+
+test: install
+	$(PY) -m pytest python_tests -q
+
+train: install
+	$(PY) -m sideways_kernels.demo
+
+bench: install
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-save=cpu --benchmark-columns=min,median,max,rounds
+
+# The same op library through CMake's find_package(Torch), loaded and run once.
+cmake-check: install
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	cmake --build build-cmake -j2 >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	$(PY) bench/cmake_smoke.py build-cmake/libsideways_ops.so
+
+# Every CUDA kernel compiles for Hopper (sm_90a) and Ampere (sm_80); registers and spills in nvcc.log.
+nvcc-check:
+	@if command -v $(NVCC) > /dev/null; then \
+	  rm -f nvcc.log; \
+	  for f in $(CU_SOURCES); do \
+	    for arch in "compute_90a,code=sm_90a" "compute_80,code=sm_80"; do \
+	      echo "nvcc $$f ($$arch)"; \
+	      $(NVCC) $(NVCC_FLAGS) -gencode=arch=$$arch $$f -o /tmp/sideways_nvcc.o >> nvcc.log 2>&1 || { cat nvcc.log; exit 1; }; \
+	    done; \
+	  done; \
+	  grep -E "registers|spill" nvcc.log | sort | uniq -c; \
+	else echo "nvcc not found: CUDA sources not compiled"; fi
+
+clean:
+	rm -rf build build-cmake build-cmake.log nvcc.log *.egg-info sideways_kernels/*.so

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+import sideways_kernels
+
+# Fresh random inputs every run; print the seed so a failure can be replayed.
+_SEED = torch.seed() % (2**31)
+
+
+def pytest_report_header(config):
+    return [f"sideways torch seed: {_SEED} (set SIDEWAYS_TEST_SEED to replay)", f"backends: {sideways_kernels.backends()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    import os
+    seed = int(os.environ.get("SIDEWAYS_TEST_SEED", _SEED)) + hash(request.node.nodeid) % 10007
+    torch.manual_seed(seed)
+    yield
+
+
+requires_cpp = pytest.mark.skipif(not sideways_kernels.cpp_available(),
+                                  reason="compiled op library not built: " + str(sideways_kernels.backends().get("cpp_error")))

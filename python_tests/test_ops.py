@@ -1,0 +1,299 @@
+"""Oracle 1: every compiled op equals its pure-PyTorch reference on fresh random
+inputs of odd shapes; opcheck, torch.compile, SGD equivalence, bad input, fuzzing."""
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sideways_kernels import ops, reference as ref
+from conftest import requires_cpp
+from samples import GEOMETRIES, Geometry, geometry_id, make
+
+pytestmark = requires_cpp
+
+# (rtol, atol) per activation dtype; low precision is compared to a float64 reference.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-4), torch.bfloat16: (3e-2, 1e-1),
+       torch.float16: (5e-3, 2e-2)}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    scale = expected.abs().max().item() + 1
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _args(t, g):
+    return (*g.conv_args, g.dilation_t, g.groups)
+
+
+def _double(t):
+    return None if t is None else t.detach().double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("with_frame", [True, False], ids=["push", "hold"])
+def test_ring_conv_forward_matches_reference(geom, dtype, with_frame):
+    t = make(geom, dtype)
+    frame = t["frame"] if with_frame else None
+    ring = t["ring"].clone()
+    if with_frame:
+        ring[t["slot"]] = float("nan")  # poison: the op must overwrite the slot
+    expected_ring = t["ring"].double().clone()
+    expected = ref.ring_conv_forward(expected_ring, _double(frame), t["slot"], _double(t["weight"]),
+                                     _double(t["bias"]), *_args(t, geom))
+    out = ops.ring_conv_forward(ring, frame, t["slot"], t["weight"], t["bias"], *_args(t, geom))
+    assert out.dtype == dtype and out.shape == expected.shape
+    _close(out, expected, dtype, "output")
+    _close(ring, expected_ring, dtype, "ring after the write")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geometry_id)
+def test_window_input_grad_matches_reference(geom, dtype):
+    t = make(geom, dtype)
+    size = (geom.height, geom.width)
+    expected = ref.window_input_grad(_double(t["grad_out"]), _double(t["weight"]), size, geom.stride, geom.padding,
+                                     geom.dilation, geom.groups)
+    out = ops.window_input_grad(t["grad_out"], t["weight"], size, geom.stride, geom.padding, geom.dilation, geom.groups)
+    assert out.shape == (geom.batch, geom.channels, geom.height, geom.width) and out.dtype == dtype
+    _close(out, expected, dtype, "input gradient")
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float64, None), (torch.float32, None),
+                                               (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.bfloat16, None)], ids=str)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geometry_id)
+def test_weight_grad_accumulate_matches_reference(geom, dtype, param_dtype):
+    t = make(geom, dtype, param_dtype)
+    # Accumulate onto random values (never zeros), twice, so "+=" is really tested.
+    grad_w = torch.randn_like(t["weight"])
+    grad_b = torch.randn_like(t["bias"])
+    exp_w, exp_b = grad_w.double(), grad_b.double()
+    for _ in range(2):
+        ops.weight_grad_accumulate(grad_w, grad_b, t["grad_out"], t["ring"], t["slot"], *_args(t, geom))
+        ref.weight_grad_accumulate(exp_w, exp_b, _double(t["grad_out"]), _double(t["ring"]), t["slot"], *_args(t, geom))
+    assert grad_w.dtype == t["weight"].dtype and grad_w.stride() == t["weight"].stride()
+    _close(grad_w, exp_w, dtype, "grad_weight")
+    _close(grad_b, exp_b, dtype, "grad_bias")
+
+
+def test_weight_grad_accumulate_without_bias():
+    g = GEOMETRIES[2]
+    t = make(g, bias=False)
+    grad_w = torch.randn_like(t["weight"])
+    expected = grad_w.clone()
+    ops.weight_grad_accumulate(grad_w, None, t["grad_out"], t["ring"], t["slot"], *_args(t, g))
+    ref.weight_grad_accumulate(expected, None, t["grad_out"], t["ring"], t["slot"], *_args(t, g))
+    _close(grad_w, expected, torch.float64, "grad_weight")
+
+
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2),
+    dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=5e-3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()))
+@pytest.mark.parametrize("geom", GEOMETRIES[1:4] + GEOMETRIES[4:5], ids=geometry_id)
+def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, dtype):
+    """Three ticks of the fused update == torch.optim.SGD.step on the reference gradient."""
+    t = make(geom, dtype)
+    w_opt = t["weight"].detach().clone().requires_grad_()
+    b_opt = t["bias"].detach().clone().requires_grad_()
+    opt = torch.optim.SGD([w_opt, b_opt], **hyper)
+    w, b = t["weight"].clone(), t["bias"].clone()
+    momentum = hyper.get("momentum", 0.0)
+    buf_w = torch.full_like(w, float("nan")) if momentum else None  # poison: first step must overwrite
+    buf_b = torch.full_like(b, float("nan")) if momentum else None
+    for tick in range(3):
+        grad_out = torch.randn_like(t["grad_out"])
+        ring = torch.randn_like(t["ring"])
+        gw = torch.zeros_like(w_opt)
+        gb = torch.zeros_like(b_opt)
+        ref.weight_grad_accumulate(gw, gb, grad_out, ring, t["slot"], *_args(t, geom))
+        w_opt.grad, b_opt.grad = gw, gb
+        opt.step()
+        ops.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, t["slot"], *_args(t, geom), first_step=tick == 0,
+                            **hyper)
+        _close(w, w_opt.detach(), dtype, f"weight after tick {tick}")
+        _close(b, b_opt.detach(), dtype, f"bias after tick {tick}")
+        if momentum:
+            _close(buf_w, opt.state[w_opt]["momentum_buffer"], dtype, f"momentum buffer after tick {tick}")
+
+
+def test_sgd_tick_update_mixed_precision_master_weights():
+    """bf16 activations, fp32 master weight and buffer: matches the fp32 reference."""
+    g = GEOMETRIES[5]
+    t = make(g, torch.bfloat16, torch.float32)
+    w, buf = t["weight"].clone(), torch.randn_like(t["weight"])
+    exp_w, exp_buf = w.double(), buf.double()
+    ops.sgd_tick_update(w, buf, None, None, t["grad_out"], t["ring"], t["slot"], *_args(t, g), lr=0.1, momentum=0.9)
+    gw = torch.zeros_like(exp_w)
+    ref.weight_grad_accumulate(gw, None, t["grad_out"].double(), t["ring"].double(), t["slot"], *_args(t, g))
+    ref.sgd_step(exp_w, exp_buf, gw, 0.1, 0.9, 0.0, 0.0, False, False)
+    assert w.dtype == torch.float32
+    _close(w, exp_w, torch.bfloat16, "weight")
+    _close(buf, exp_buf, torch.bfloat16, "momentum buffer")
+
+
+# --- opcheck and torch.compile ------------------------------------------------
+
+def _opcheck_samples():
+    for geom in GEOMETRIES:
+        for dtype in (torch.float64, torch.float32):
+            yield pytest.param(geom, dtype, id=f"{geometry_id(geom)}-{dtype}")
+
+
+@pytest.mark.parametrize("geom,dtype", list(_opcheck_samples()))
+def test_opcheck(geom, dtype):
+    t = make(geom, dtype)
+    a = _args(t, geom)
+    size = [geom.height, geom.width]
+    torch.library.opcheck(torch.ops.sideways.ring_conv_forward,
+                          (t["ring"].clone(), t["frame"], t["slot"], t["weight"], t["bias"], *a))
+    torch.library.opcheck(torch.ops.sideways.ring_conv_forward,
+                          (t["ring"].clone(), None, t["slot"], t["weight"], None, *a))
+    torch.library.opcheck(torch.ops.sideways.window_input_grad,
+                          (t["grad_out"], t["weight"], size, geom.stride, geom.padding, geom.dilation, geom.groups))
+    torch.library.opcheck(torch.ops.sideways.weight_grad_accumulate,
+                          (torch.randn_like(t["weight"]), torch.randn_like(t["bias"]), t["grad_out"], t["ring"],
+                           t["slot"], *a))
+    torch.library.opcheck(torch.ops.sideways.sgd_tick_update,
+                          (t["weight"].clone(), torch.randn_like(t["weight"]), t["bias"].clone(),
+                           torch.randn_like(t["bias"]), t["grad_out"], t["ring"], t["slot"], *a,
+                           0.1, 0.9, 0.0, 1e-3, True, False))
+
+
+def test_torch_compile_fullgraph_calls_the_ops():
+    g = GEOMETRIES[1]
+    t = make(g, torch.float32)
+    a = _args(t, g)
+
+    def tick(ring, frame, weight, bias, grad_w, grad_b, grad_out):
+        out = torch.ops.sideways.ring_conv_forward(ring, frame, t["slot"], weight, bias, *a)
+        down = torch.ops.sideways.window_input_grad(grad_out, weight, [g.height, g.width], *g.conv_args, g.groups)
+        torch.ops.sideways.weight_grad_accumulate(grad_w, grad_b, grad_out, ring, t["slot"], *a)
+        return out.relu(), down * 2
+
+    inputs = [t["ring"], t["frame"], t["weight"], t["bias"], torch.randn_like(t["weight"]),
+              torch.randn_like(t["bias"]), t["grad_out"]]
+    eager_inputs = [x.clone() for x in inputs]
+    compiled = torch.compile(tick, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    expected = tick(*eager_inputs)
+    for a_, e_ in zip(list(got) + inputs, list(expected) + eager_inputs):
+        torch.testing.assert_close(a_, e_)
+
+
+# --- bad input ------------------------------------------------------------------
+
+def _good(geom=GEOMETRIES[2]):
+    t = make(geom, torch.float32)
+    return t, _args(t, geom)
+
+
+def _bad_calls():
+    """(description, thunk, words the message must contain)."""
+    t, a = _good()
+    S = torch.ops.sideways
+    ring, frame, w, b, go, slot = t["ring"], t["frame"], t["weight"], t["bias"], t["grad_out"], t["slot"]
+    stride, padding, dilation, dt, groups = a
+    R = ring.shape[0]
+    yield "ring rank", lambda: S.ring_conv_forward(ring[0], frame, 0, w, b, *a), "ring"
+    yield "weight rank", lambda: S.ring_conv_forward(ring, frame, slot, w[:, :, 0], b, *a), "weight"
+    yield "slot too big", lambda: S.ring_conv_forward(ring, frame, R, w, b, *a), "slot"
+    yield "slot negative", lambda: S.ring_conv_forward(ring, frame, -1, w, b, *a), "slot"
+    yield "frame shape", lambda: S.ring_conv_forward(ring, frame[:, :, 1:], slot, w, b, *a), "frame"
+    yield "frame dtype", lambda: S.ring_conv_forward(ring, frame.double(), slot, w, b, *a), "frame"
+    yield "weight dtype", lambda: S.ring_conv_forward(ring, frame, slot, w.double(), b, *a), "weight"
+    yield "bias shape", lambda: S.ring_conv_forward(ring, frame, slot, w, b[1:], *a), "bias"
+    yield "channels", lambda: S.ring_conv_forward(ring[:, :, 3:], None, slot, w, b, *a), "weight.size(1)"
+    yield "span vs k_t", lambda: S.ring_conv_forward(ring[:2], None, 0, w, b, *a), "ring.size(0)"
+    yield "negative stride", lambda: S.ring_conv_forward(ring, frame, slot, w, b, [-1, 1], padding, dilation, dt, groups), "stride"
+    yield "zero stride", lambda: S.ring_conv_forward(ring, frame, slot, w, b, [0, 1], padding, dilation, dt, groups), "stride"
+    yield "negative padding", lambda: S.ring_conv_forward(ring, frame, slot, w, b, stride, [-1, 0], dilation, dt, groups), "padding"
+    yield "zero dilation", lambda: S.ring_conv_forward(ring, frame, slot, w, b, stride, padding, [1, 0], dt, groups), "dilation"
+    yield "dilation_t", lambda: S.ring_conv_forward(ring, frame, slot, w, b, stride, padding, dilation, 0, groups), "dilation_t"
+    yield "groups", lambda: S.ring_conv_forward(ring, frame, slot, w, b, stride, padding, dilation, dt, 2), "groups"
+    yield "zero groups", lambda: S.ring_conv_forward(ring, frame, slot, w, b, stride, padding, dilation, dt, 0), "groups"
+    yield "kernel too big", lambda: S.ring_conv_forward(ring[..., :1, :1], None, slot, w, b, stride, [0, 0], dilation, dt, groups), "kernel"
+    yield "device mix", lambda: S.ring_conv_forward(ring, frame.to("meta"), slot, w, b, *a), "frame"
+    yield "grad_out shape", lambda: S.weight_grad_accumulate(w.clone(), None, go[:, 1:], ring, slot, *a), "grad_out"
+    yield "grad_out dtype", lambda: S.weight_grad_accumulate(w.clone(), None, go.double(), ring, slot, *a), "grad_out"
+    yield "grad_bias shape", lambda: S.weight_grad_accumulate(w.clone(), b[:2].clone(), go, ring, slot, *a), "grad_bias"
+    yield "accumulate slot", lambda: S.weight_grad_accumulate(w.clone(), None, go, ring, 99, *a), "slot"
+    yield "input grad size", lambda: S.window_input_grad(go, w, [3, 3], stride, padding, dilation, groups), "grad_out.size"
+    yield "input grad rank", lambda: S.window_input_grad(go[0], w, [9, 13], stride, padding, dilation, groups), "grad_out"
+    yield "input grad channels", lambda: S.window_input_grad(go[:, 1:], w, [9, 13], stride, padding, dilation, groups), "grad_out.size(1)"
+    yield "sgd missing buffer", lambda: S.sgd_tick_update(w.clone(), None, None, None, go, ring, slot, *a, 0.1, 0.9, 0.0, 0.0, False, False), "momentum_buffer"
+    yield "sgd buffer shape", lambda: S.sgd_tick_update(w.clone(), w[1:].clone(), None, None, go, ring, slot, *a, 0.1, 0.9, 0.0, 0.0, False, False), "momentum_buffer"
+    yield "sgd nesterov", lambda: S.sgd_tick_update(w.clone(), None, None, None, go, ring, slot, *a, 0.1, 0.0, 0.0, 0.0, True, False), "nesterov"
+    yield "sgd lr", lambda: S.sgd_tick_update(w.clone(), None, None, None, go, ring, slot, *a, float("nan"), 0.0, 0.0, 0.0, False, False), "lr"
+    yield "sgd weight_decay", lambda: S.sgd_tick_update(w.clone(), None, None, None, go, ring, slot, *a, 0.1, 0.0, 0.0, -1.0, False, False), "weight_decay"
+    # the same through the Python wrappers
+    yield "wrapper slot", lambda: ops.ring_conv_forward(ring, frame, R, w, b, *a), "slot"
+    yield "wrapper stride", lambda: ops.ring_conv_forward(ring, frame, slot, w, b, (1, -2), padding, dilation, dt, groups), "stride"
+    yield "wrapper ring type", lambda: ops.ring_conv_forward(ring.tolist(), frame, slot, w, b, *a), "ring"
+    yield "wrapper sgd buffer", lambda: ops.sgd_tick_update(w.clone(), None, None, None, go, ring, slot, *a, lr=0.1, momentum=0.5), "momentum_buffer"
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()), ids=lambda c: c[0])
+def test_bad_input_is_refused_with_a_named_argument(case):
+    _, thunk, word = case
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        thunk()
+    assert word in str(info.value), f"message does not name {word!r}: {info.value}"
+
+
+def test_refused_call_leaves_buffers_untouched():
+    t, a = _good()
+    grad_w = torch.randn_like(t["weight"])
+    before = grad_w.clone()
+    with pytest.raises(RuntimeError):
+        torch.ops.sideways.weight_grad_accumulate(grad_w, t["bias"][:2].clone(), t["grad_out"], t["ring"], t["slot"], *a)
+    assert torch.equal(grad_w, before)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ring_shape=st.lists(st.integers(0, 5), min_size=3, max_size=6),
+       weight_shape=st.lists(st.integers(0, 4), min_size=3, max_size=6),
+       out_shape=st.lists(st.integers(0, 5), min_size=2, max_size=5),
+       slot=st.integers(-3, 6), stride=st.integers(-1, 3), padding=st.integers(-1, 3),
+       dilation=st.integers(-1, 3), dilation_t=st.integers(-1, 3), groups=st.integers(-1, 3))
+def test_fuzz_ops_refuse_or_match_reference(ring_shape, weight_shape, out_shape, slot, stride, padding, dilation,
+                                            dilation_t, groups):
+    """Unrelated shapes and nonsense arguments go straight to torch.ops (no wrapper):
+    each call either raises RuntimeError or agrees with the reference. Never a crash."""
+    ring = torch.randn(ring_shape, dtype=torch.float64)
+    weight = torch.randn(weight_shape, dtype=torch.float64)
+    grad_out = torch.randn(out_shape, dtype=torch.float64)
+    a = ([stride, stride], [padding, padding], [dilation, dilation], dilation_t, groups)
+    S = torch.ops.sideways
+    try:
+        out = S.ring_conv_forward(ring, None, slot, weight, None, *a)
+    except RuntimeError:
+        pass
+    else:
+        torch.testing.assert_close(out, ref.ring_conv_forward(ring, None, slot, weight, None, *a))
+    grad_w = torch.randn_like(weight)
+    expected = grad_w.clone()
+    try:
+        S.weight_grad_accumulate(grad_w, None, grad_out, ring, slot, *a)
+    except RuntimeError:
+        assert torch.equal(grad_w, expected)
+    else:
+        ref.weight_grad_accumulate(expected, None, grad_out, ring, slot, *a)
+        torch.testing.assert_close(grad_w, expected)
+    try:
+        down = S.window_input_grad(grad_out, weight, [ring_shape[-2], ring_shape[-1]], *a[:3], groups)
+    except RuntimeError:
+        pass
+    else:
+        torch.testing.assert_close(down, ref.window_input_grad(grad_out, weight, ring_shape[-2:], *a[:3], groups))
