@@ -1,0 +1,62 @@
+"""Which implementation of the sideways ops the layers call: the one place that
+decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda`` or :func:`set_backend`
+chooses; the default is the fastest one built for the tensors' device."""
+from __future__ import annotations
+
+import os
+import types
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._loader import backends
+
+NAMES = ("torch", "cpp", "triton", "cuda")
+_override: Optional[str] = None
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every layer (``None`` returns to the environment/default)."""
+    if name is not None and name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
+    global _override
+    _override = name
+
+
+def requested() -> Optional[str]:
+    """The backend asked for by set_backend() or SIDEWAYS_BACKEND, if any."""
+    name = _override or os.environ.get("SIDEWAYS_BACKEND") or None
+    if name is not None and name not in NAMES:
+        raise ValueError(f"SIDEWAYS_BACKEND must be one of {NAMES}, got {name!r}")
+    return name
+
+
+def resolve(device: torch.device, name: Optional[str] = None) -> str:
+    """The backend used for tensors on ``device``: ``name`` if given, else the requested one,
+    else the fastest built; refuses one that cannot run there."""
+    have = backends()
+    name = name or requested()
+    if name is None:
+        if device.type == "cuda" and have["cuda"]:
+            return "cuda"
+        return "cpp" if have["cpp"] else "torch"
+    if name == "cpp" and not have["cpp"]:
+        raise RuntimeError(f"backend 'cpp' requested but the compiled library is not loaded: {have.get('cpp_error')}")
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"backend 'cpp' runs CPU tensors; these are on {device}")
+    if name == "cuda" and not have["cuda"]:
+        raise RuntimeError("backend 'cuda' requested but no CUDA kernels are built or no GPU is visible")
+    if name == "triton":
+        raise RuntimeError("backend 'triton' is not part of this build yet (see issue: GPU kernels)")
+    return name
+
+
+OPS = ("ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update")
+
+
+def kernels(name: str) -> types.SimpleNamespace:
+    """The op functions of backend ``name``, with the signatures of ``torch.ops.sideways``.
+    ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel)."""
+    source = reference if name == "torch" else torch.ops.sideways
+    return types.SimpleNamespace(**{op: getattr(source, op) for op in OPS})

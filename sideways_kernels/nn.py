@@ -1,0 +1,330 @@
+"""Drop-in layers: :class:`SidewaysConv3d` is an ``nn.Conv3d`` (same constructor,
+state dict, ``isinstance``) that, inside a :class:`~sideways_kernels.SidewaysPipeline`,
+streams one frame a tick from a ring of its last inputs and runs the Sideways
+backward through the compiled ops. Outside a pipeline it *is* ``nn.Conv3d``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backend as _backend
+from .reference import sgd_step
+
+__all__ = ["SidewaysConv3d", "convert", "StreamClock", "ClipLength"]
+
+# What a layer does with the frame it receives at a tick (DESIGN.md §1, clip edges).
+PUSH, ZEROS, HOLD = "push", "zeros", "hold"
+
+
+@dataclasses.dataclass
+class ClipLength:
+    """The clip's length in frames, shared by every layer of a run (``inf`` while a
+    stream's end is not known yet)."""
+    frames: float = math.inf
+
+
+@dataclasses.dataclass
+class StreamClock:
+    """Frame bookkeeping of one stage during one tick. Before the stage runs it holds
+    the index of the frame the stage receives, and the length of that frame stream
+    relative to the clip (``clip.frames + offset``); each :class:`SidewaysConv3d` the
+    frame passes through advances both to those of its own output (a layer with
+    temporal padding emits frame ``t`` late, its streams are shorter or longer)."""
+    clip: ClipLength
+    frame: int = 0
+    offset: int = 0
+
+    @property
+    def length(self) -> float:
+        return self.clip.frames + self.offset
+
+    def valid(self) -> bool:
+        return 0 <= self.frame < self.length
+
+
+@dataclasses.dataclass
+class _Stream:
+    """A layer's streaming state inside one pipeline run."""
+    clock: StreamClock
+    mode: str  # "sideways" (ring + Sideways backward), "bp" (graph-connected window), "infer"
+    kernels: object  # backend.kernels(...)
+    optimizer: Optional[torch.optim.Optimizer] = None  # per-tick fused SGD, when set
+    slot: int = -1
+    window: Optional[collections.deque] = None  # bp mode: the last `span` frames, in the graph
+
+
+class SidewaysConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that streams inside a :class:`~sideways_kernels.SidewaysPipeline`.
+
+    Called on a clip ``[B, C, T, H, W]`` it is exactly ``nn.Conv3d`` (outputs and gradients).
+    In a pipeline it receives one frame ``[B, C, 1, H, W]`` a tick, keeps a ring of its last
+    ``dilation_t*(k_t-1)+1`` inputs (allocated once per input shape) and returns the conv of
+    that window; a frozen network streamed this way reproduces the clip forward, each layer
+    emitting frame ``t`` late by ``span-1-left_temporal_padding`` ticks. In Sideways mode its
+    backward pairs the arriving error with the window as it is now: the weight gradient of tap
+    ``j`` is error × ring frame ``j`` (accumulated in place by one op, or applied straight into
+    the weight by the fused SGD op in per-tick mode) and the gradient sent down is the sum over
+    the window of every tap's input gradient.
+
+    Streaming needs temporal stride 1, left temporal padding at most ``span-1`` and zero
+    temporal padding mode; :meth:`streaming_problem` says which rule a layer breaks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stream: Optional[_Stream] = None
+        self._ring: Optional[torch.Tensor] = None  # kept across runs; never in the state dict
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_conv3d(cls, conv: nn.Conv3d, *, copy: bool = False) -> "SidewaysConv3d":
+        """A SidewaysConv3d with ``conv``'s configuration and parameters: the same
+        ``Parameter`` objects (so optimizers keep working), or copies with ``copy=True``.
+        dtype and device are kept."""
+        if not isinstance(conv, nn.Conv3d):
+            raise TypeError(f"from_conv3d expects an nn.Conv3d, got {type(conv).__name__}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta")
+        take = (lambda p: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)) if copy else (lambda p: p)
+        new.weight = take(conv.weight)
+        if conv.bias is not None:
+            new.bias = take(conv.bias)
+        new.train(conv.training)
+        return new
+
+    # --- geometry ------------------------------------------------------------------------
+
+    @property
+    def span(self) -> int:
+        """Frames in the ring: ``dilation_t*(k_t-1)+1``."""
+        return self.dilation[0] * (self.kernel_size[0] - 1) + 1
+
+    @property
+    def temporal_padding(self) -> tuple[int, int]:
+        """(start, end) zero frames of the clip convolution (``padding='same'`` may be uneven)."""
+        p = self._reversed_padding_repeated_twice
+        return p[4], p[5]
+
+    @property
+    def stream_delay(self) -> int:
+        """Ticks between a frame entering the layer and its output leaving it."""
+        return self.span - 1 - self.temporal_padding[0]
+
+    @property
+    def length_change(self) -> int:
+        """Output frames minus input frames of the clip convolution."""
+        start, end = self.temporal_padding
+        return start + end - (self.span - 1)
+
+    def streaming_problem(self) -> Optional[str]:
+        """Why this layer cannot stream exactly, or None."""
+        start, end = self.temporal_padding
+        if self.stride[0] != 1:
+            return f"temporal stride {self.stride[0]} (streaming emits one frame per tick; use stride 1 in time)"
+        if start > self.span - 1:
+            return (f"start temporal padding {start} exceeds the window span - 1 = {self.span - 1} "
+                    "(outputs would precede their inputs)")
+        if self.padding_mode != "zeros" and (start or end):
+            return f"padding_mode={self.padding_mode!r} with temporal padding (a stream can only pad time with zeros)"
+        return None
+
+    def _spatial_padding(self) -> tuple[list[int], Optional[tuple]]:
+        """(op padding, F.pad args or None): symmetric zero padding goes to the op; uneven
+        ('same' with even kernels) or non-zero modes are applied to the frame first."""
+        w0, w1, h0, h1 = self._reversed_padding_repeated_twice[:4]
+        if self.padding_mode == "zeros" and h0 == h1 and w0 == w1:
+            return [h0, w0], None
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return [0, 0], ((w0, w1, h0, h1), mode)
+
+    def conv2d_args(self, padding: list[int]) -> tuple:
+        """(stride, padding, dilation, dilation_t, groups) as the sideways ops take them."""
+        return list(self.stride[1:]), padding, list(self.dilation[1:]), self.dilation[0], self.groups
+
+    # --- forward -------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stream is None:
+            return super().forward(x)
+        return self._stream_step(x)
+
+    def _stream_step(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._stream
+        if x.dim() != 5 or x.shape[2] != 1:
+            raise ValueError(f"inside a pipeline {type(self).__name__} receives one frame [B, C, 1, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}")
+        clock = s.clock
+        n, length = clock.frame, clock.length
+        start, end = self.temporal_padding
+        action = PUSH if 0 <= n < length else ZEROS if length <= n < length + end else HOLD
+        clock.frame = n - self.stream_delay
+        clock.offset += self.length_change
+
+        padding, pre_pad = self._spatial_padding()
+        frame = x.squeeze(2)
+        if pre_pad is not None:
+            frame = F.pad(frame, *pre_pad)
+        if s.mode == "bp":
+            return self._window_forward(frame, action, padding).unsqueeze(2)
+        if s.slot < 0:  # first frame of the run: (re)use the ring, zeroed = the clip's start padding
+            shape = (self.span, *frame.shape)
+            if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
+                    or self._ring.device != frame.device:
+                self._ring = torch.zeros(shape, dtype=frame.dtype, device=frame.device)
+            else:
+                self._ring.zero_()
+            s.slot = self.span - 1
+        if action != HOLD:
+            s.slot = (s.slot + 1) % self.span
+            if action == ZEROS:
+                self._ring[s.slot].zero_()
+        push = frame if action == PUSH else None
+        if s.mode == "infer" or not torch.is_grad_enabled():
+            out = s.kernels.ring_conv_forward(self._ring, push, s.slot, self.weight, self.bias, *self.conv2d_args(padding))
+        else:
+            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, padding)
+        return out.unsqueeze(2)
+
+    def _window_forward(self, frame: torch.Tensor, action: str, padding: list[int]) -> torch.Tensor:
+        """bp mode: the window is a list of graph-connected frames, so autograd through the
+        whole run is exact backprop of the clip."""
+        s = self._stream
+        if s.window is None:
+            s.window = collections.deque([torch.zeros_like(frame)] * self.span, maxlen=self.span)
+        if action == PUSH:
+            s.window.append(frame)
+        elif action == ZEROS:
+            s.window.append(torch.zeros_like(frame))
+        stride, pad, dil, dil_t, groups = self.conv2d_args(padding)
+        clip = torch.stack(list(s.window), dim=2)
+        return F.conv3d(clip, self.weight, self.bias, (1, *stride), (0, *pad), (dil_t, *dil), groups).squeeze(2)
+
+
+class _SidewaysTick(torch.autograd.Function):
+    """One tick of a streaming SidewaysConv3d: forward through the ring op; backward is
+    the Sideways one (window-summed input gradient; weight gradient of every tap against
+    the ring as it is now, accumulated or applied by the fused ops)."""
+
+    @staticmethod
+    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, padding):
+        s = layer._stream
+        ctx.layer, ctx.padding, ctx.slot = layer, padding, s.slot
+        ctx.input_hw = list(frame.shape[-2:])
+        return s.kernels.ring_conv_forward(layer._ring, push, s.slot, weight, bias, *layer.conv2d_args(padding))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer: SidewaysConv3d = ctx.layer
+        s = layer._stream
+        args = layer.conv2d_args(ctx.padding)
+        grad_out = grad_out.contiguous()
+        grad_frame = None
+        if ctx.needs_input_grad[0]:
+            stride, padding, dilation, _, groups = args
+            grad_frame = s.kernels.window_input_grad(grad_out, layer.weight, ctx.input_hw, stride, padding,
+                                                     dilation, groups)
+        train_w = ctx.needs_input_grad[2]
+        train_b = layer.bias is not None and ctx.needs_input_grad[3]
+        with torch.no_grad():
+            if s.optimizer is not None and train_w and _group_of(s.optimizer, layer.weight) is not None:
+                _fused_sgd(s, layer, grad_out, ctx.slot, args, train_b)
+            else:
+                if train_w:
+                    if layer.weight.grad is None:
+                        layer.weight.grad = torch.zeros_like(layer.weight)
+                    grad_b = None
+                    if train_b:
+                        if layer.bias.grad is None:
+                            layer.bias.grad = torch.zeros_like(layer.bias)
+                        grad_b = layer.bias.grad
+                    s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, layer._ring, ctx.slot, *args)
+                elif train_b:
+                    _accumulate(layer.bias, grad_out.sum((0, 2, 3)))
+        return grad_frame, None, None, None, None, None
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g.to(p.dtype).clone()
+    else:
+        p.grad.add_(g)
+
+
+def _group_of(opt: torch.optim.Optimizer, p: torch.Tensor) -> Optional[dict]:
+    for group in opt.param_groups:
+        if any(q is p for q in group["params"]):
+            return group
+    return None
+
+
+def _sgd_hyper(group: dict) -> tuple:
+    """(lr, momentum, dampening, weight_decay, nesterov) of a torch.optim.SGD param group."""
+    return float(group["lr"]), group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
+
+
+def _has_buffer(opt: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    return opt.state.get(p, {}).get("momentum_buffer") is not None
+
+
+def _momentum_buffer(opt: torch.optim.Optimizer, p: torch.Tensor, momentum: float):
+    """The optimizer's own buffer (so torch.optim.SGD and the fused op share state), and
+    whether it is fresh (torch.optim.SGD then sets buf = grad)."""
+    if momentum == 0:
+        return None, False
+    if _has_buffer(opt, p):
+        return opt.state[p]["momentum_buffer"], False
+    buf = opt.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+    return buf, True
+
+
+def _fused_sgd(s: _Stream, layer: SidewaysConv3d, grad_out, slot, args, train_b: bool) -> None:
+    """Per-tick update: the weight's gradient goes straight into the weight (one op); the
+    bias rides along when it shares the weight's param group and momentum age."""
+    opt = s.optimizer
+    group = _group_of(opt, layer.weight)
+    hyper = _sgd_hyper(group)
+    momentum = hyper[1]
+    bias_group = _group_of(opt, layer.bias) if train_b else None
+    together = bias_group is group and (momentum == 0 or _has_buffer(opt, layer.weight) == _has_buffer(opt, layer.bias))
+    buf, first = _momentum_buffer(opt, layer.weight, momentum)
+    bias, bias_buf = (layer.bias, _momentum_buffer(opt, layer.bias, momentum)[0]) if together else (None, None)
+    s.kernels.sgd_tick_update(layer.weight, buf, bias, bias_buf, grad_out, layer._ring, slot, *args, *hyper, first)
+    if train_b and not together:
+        grad_b = grad_out.sum((0, 2, 3))
+        if bias_group is None:
+            _accumulate(layer.bias, grad_b)
+        else:
+            b_buf, b_first = _momentum_buffer(opt, layer.bias, bias_group["momentum"])
+            sgd_step(layer.bias, b_buf, grad_b, *_sgd_hyper(bias_group), b_first)
+
+
+def convert(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """Swap every ``nn.Conv3d`` of ``model`` (in place, recursively) for a
+    :class:`SidewaysConv3d` sharing its parameters; returns ``model``. ``filter_fn(module,
+    fully_qualified_name)`` chooses which convs to swap. State dict keys and outputs are
+    unchanged. A model that is itself an ``nn.Conv3d`` is returned converted."""
+    if isinstance(model, nn.Conv3d) and not isinstance(model, SidewaysConv3d):
+        return SidewaysConv3d.from_conv3d(model) if filter_fn is None or filter_fn(model, "") else model
+
+    def swap(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.Conv3d) and not isinstance(child, SidewaysConv3d):
+                if filter_fn is None or filter_fn(child, fqn):
+                    setattr(module, name, SidewaysConv3d.from_conv3d(child))
+            else:
+                swap(child, fqn)
+
+    swap(model, "")
+    return model

@@ -1,0 +1,417 @@
+"""The layer-pipelined scheduler (DESIGN.md §1): frames enter one per tick, every
+stage works at once on what the stage below produced last tick, and — in Sideways
+mode — every stage also pushes the error the stage above sent last tick through its
+*current* Jacobian. ``mode="bp"`` runs the very same ticks but keeps the whole
+autograd graph and back-propagates the clip loss at the end: exact backprop, for a
+fair comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backend as _backend
+from .nn import ClipLength, SidewaysConv3d, StreamClock, _Stream
+
+__all__ = ["SidewaysPipeline", "ClipResult", "split_sequential", "streaming_problem"]
+
+Frames = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+
+class ClipResult(NamedTuple):
+    loss: torch.Tensor  # the clip loss: mean over output frames of loss_fn(frame logits, target), detached
+    outputs: torch.Tensor  # the top stage's per-frame outputs stacked in time: [B, C', T_out, H', W']
+
+
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+_MIXES_TIME = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+               nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def streaming_problem(module: nn.Module) -> Optional[str]:
+    """Why ``module``, applied one frame ``[B, C, 1, H, W]`` at a time, would not give what it
+    gives on the whole clip — or None when it streams exactly."""
+    if isinstance(module, SidewaysConv3d):
+        return module.streaming_problem()
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        pad = module.padding if isinstance(module.padding, str) else _triple(module.padding)[0]
+        if module.kernel_size[0] != 1 or module.stride[0] != 1 or pad not in (0, "valid"):
+            return ("a plain nn.Conv3d mixing frames (temporal kernel, stride or padding); "
+                    "convert it with sideways_kernels.convert(model)")
+    if isinstance(module, (nn.MaxPool3d, nn.AvgPool3d)):
+        k, s = _triple(module.kernel_size), _triple(module.stride or module.kernel_size)
+        if k[0] != 1 or s[0] != 1 or _triple(module.padding)[0] != 0:
+            return "temporal pooling (kernel/stride/padding over time); pool over space only: kernel (1, kh, kw)"
+    if isinstance(module, (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)) and _triple(module.output_size)[0] is not None:
+        return "adaptive pooling to a fixed number of frames; use output_size=(None, h, w)"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not module.track_running_stats):
+        return ("batch statistics over (B, T, H, W) normalise over time; "
+                "put it in eval mode (running statistics) or normalise per frame")
+    if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return "normalisation over (T, H, W) mixes frames"
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) >= 3:
+        return "LayerNorm over (T, H, W) mixes frames"
+    if isinstance(module, _MIXES_TIME):
+        return "a recurrent or attention layer over time has no per-frame streaming rule here"
+    return None
+
+
+def split_sequential(model: nn.Sequential, cuts: Sequence[int]) -> list[nn.Sequential]:
+    """Cut ``model`` into stages before each index in ``cuts`` (the modules are shared, so
+    the model and its state dict are unchanged): ``split_sequential(net, [2, 5])`` gives
+    ``net[0:2], net[2:5], net[5:]``."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"split_sequential expects an nn.Sequential, got {type(model).__name__}")
+    cuts = list(cuts)
+    if any(not isinstance(c, int) for c in cuts) or cuts != sorted(set(cuts)) or \
+            any(c <= 0 or c >= len(model) for c in cuts):
+        raise ValueError(f"cuts must be strictly increasing indices in [1, {len(model) - 1}], got {cuts}")
+    bounds = [0, *cuts, len(model)]
+    children = list(model)
+    return [nn.Sequential(*children[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def frame_logits(out: torch.Tensor) -> torch.Tensor:
+    """One frame's output ``[B, K, 1, H, W]`` as ``loss_fn`` sees it: the time axis removed,
+    and ``[B, K]`` when the spatial extent is 1×1 (a per-frame classifier)."""
+    out = out.squeeze(2)
+    return out.flatten(1) if out.shape[-2:] == (1, 1) else out
+
+
+class SidewaysPipeline:
+    """Trains a chain of stages depth-parallel with Sideways, or with exact backprop.
+
+    Args:
+        stages: the network cut into a list of ``nn.Module``s; each maps one frame
+            ``[B, C, 1, H, W]`` to ``[B, C', 1, H', W']``. Temporal layers must be
+            :class:`SidewaysConv3d` (see :func:`~sideways_kernels.convert`); layers that mix
+            frames otherwise are refused, naming the module and why. Within a stage, the
+            SidewaysConv3d layers are applied one after the other (a chain).
+        loss_fn: ``loss_fn(frame_logits, target) -> scalar``; default cross-entropy.
+        mode: ``"sideways"`` (the approximation) or ``"bp"`` (exact backprop of the clip loss).
+        update: ``"clip"`` (default: gradients accumulate in ``.grad`` over the clip, step your
+            optimizer yourself) or ``"tick"`` (``optimizer``, a ``torch.optim.SGD``, is applied
+            every tick; SidewaysConv3d weights through the fused update op, never materialising
+            their gradient).
+        devices: one device per stage; stages are moved there and activations/errors copied
+            between them.
+        backend: ``"torch" | "cpp" | "triton" | "cuda"``, else ``SIDEWAYS_BACKEND`` or the
+            fastest one built for each stage's device.
+
+    The clip loss is the mean, over the frames the clip forward outputs, of
+    ``loss_fn(logits of frame t, target)`` (DESIGN.md §1): buffers start at zero (the clip's
+    start padding), zero frames follow the clip while a layer's end padding needs them, and
+    the pipeline keeps ticking until every frame's error has reached the bottom stage.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], loss_fn: Optional[Callable] = None, mode: str = "sideways", *,
+                 update: str = "clip", optimizer: Optional[torch.optim.Optimizer] = None,
+                 devices: Optional[Sequence[Union[str, torch.device]]] = None, backend: Optional[str] = None):
+        stages = list(stages) if not isinstance(stages, nn.Module) else [stages]
+        if not stages or not all(isinstance(s, nn.Module) for s in stages):
+            raise TypeError("stages must be a non-empty sequence of nn.Module")
+        self.stages = nn.ModuleList(stages)
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.mode = mode
+        self.update = update
+        self.optimizer = optimizer
+        self.backend = backend
+        if backend is not None and backend not in _backend.NAMES:
+            raise ValueError(f"backend must be one of {_backend.NAMES} or None, got {backend!r}")
+        if devices is not None:
+            if len(devices) != len(stages):
+                raise ValueError(f"devices needs one device per stage ({len(stages)}), got {len(devices)}")
+            for stage, device in zip(self.stages, devices):
+                stage.to(device)
+        self.devices = [torch.device(d) for d in devices] if devices is not None else None
+        self._layers = [[m for m in stage.modules() if isinstance(m, SidewaysConv3d)] for stage in self.stages]
+        seen = set()
+        for layer in itertools.chain(*self._layers):
+            if id(layer) in seen:
+                raise ValueError("a SidewaysConv3d appears twice in the stages; a layer streams in one place only")
+            seen.add(id(layer))
+        self._buffers: dict = {}
+        self._check_config()
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        if self.mode not in ("sideways", "bp"):
+            raise ValueError(f"mode must be 'sideways' or 'bp', got {self.mode!r}")
+        if self.update not in ("clip", "tick"):
+            raise ValueError(f"update must be 'clip' or 'tick', got {self.update!r}")
+        if self.update == "tick":
+            if self.mode != "sideways":
+                raise ValueError("update='tick' applies the optimizer every tick, which only mode='sideways' does")
+            if not isinstance(self.optimizer, torch.optim.SGD):
+                raise TypeError(f"update='tick' needs a torch.optim.SGD optimizer (the fused update is SGD), got "
+                                f"{type(self.optimizer).__name__}")
+            if any(g.get("maximize") or isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups):
+                raise ValueError("update='tick' supports SGD groups with maximize=False and a float lr")
+        for i, stage in enumerate(self.stages):
+            for name, module in stage.named_modules():
+                why = streaming_problem(module)
+                if why is not None:
+                    where = f"stage {i}" + (f", module '{name}'" if name else "")
+                    raise ValueError(f"{where} ({type(module).__name__}) cannot stream: {why}")
+
+    def _device(self, i: int) -> torch.device:
+        if self.devices is not None:
+            return self.devices[i]
+        p = next(itertools.chain(self.stages[i].parameters(), self.stages[i].buffers()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.stages.parameters()
+
+    def min_clip_length(self) -> int:
+        """The fewest frames a clip needs so that every layer outputs at least one frame."""
+        change, need = 0, 1
+        for layer in itertools.chain(*self._layers):
+            change += layer.length_change
+            need = max(need, 1 - change)
+        return need
+
+    def output_length(self, frames: int) -> int:
+        """Frames the clip forward outputs for a clip of ``frames`` frames."""
+        return frames + sum(layer.length_change for layer in itertools.chain(*self._layers))
+
+    # --- public entry points ---------------------------------------------------------------
+
+    def backward_clip(self, video: Frames, target, *, per_frame_target: Optional[bool] = None) -> ClipResult:
+        """Run one clip through the pipeline (fill, one frame a tick, drain) and leave the clip
+        loss's weight gradients in each parameter's ``.grad`` (accumulating, as autograd does).
+
+        ``video``: ``[B, C, T, H, W]`` or a sequence of frames ``[B, C, H, W]``. ``target``: what
+        ``loss_fn`` takes for a frame; with ``per_frame_target`` (default: an integer tensor
+        ``[B, T_out]``) frame ``t`` gets ``target[:, t]``. On any error (bad input, a
+        non-finite loss) every ``.grad``, weight and optimizer state is left as it was.
+        """
+        self._check_config()
+        frames, length = self._frames(video, need_length=True)
+        out_len = self.output_length(length)
+        if per_frame_target is None:
+            per_frame_target = (isinstance(target, torch.Tensor) and target.dim() == 2 and not target.is_floating_point()
+                                and target.shape[1] == out_len)
+        if per_frame_target and (not isinstance(target, torch.Tensor) or target.dim() < 2 or target.shape[1] != out_len):
+            raise ValueError(f"a per-frame target must be [B, {out_len}, ...] (one entry per output frame), "
+                             f"got {tuple(getattr(target, 'shape', ()))}")
+        if isinstance(target, torch.Tensor):
+            target = target.to(self._device(len(self.stages) - 1))
+
+        def frame_loss(out: torch.Tensor, t: int) -> torch.Tensor:
+            loss = self.loss_fn(frame_logits(out), target[:, t] if per_frame_target else target)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                                f"{tuple(getattr(loss, 'shape', ()))}")
+            if not torch.isfinite(loss.detach()).item():
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at frame {t}; "
+                                         "no gradient or weight was changed")
+            return loss.reshape(()) / out_len
+
+        params = [p for p in self.stages.parameters() if p.requires_grad]
+        stashed = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        snapshot = self._snapshot(params) if self.update == "tick" else None
+        try:
+            losses: list[torch.Tensor] = []
+            outputs = list(self._run(frames, length, self.mode, frame_loss, losses))
+            if self.mode == "bp":
+                torch.stack(losses).sum().backward()
+        except BaseException:
+            for p, g in zip(params, stashed):
+                p.grad = g
+            if snapshot is not None:
+                self._restore(params, snapshot)
+            raise
+        for p, g in zip(params, stashed):
+            if g is not None:
+                if p.grad is not None:
+                    g.add_(p.grad)
+                p.grad = g
+        loss = torch.stack([l.detach() for l in losses]).sum()
+        return ClipResult(loss, torch.cat(outputs, dim=2))
+
+    def stream(self, frames: Frames) -> Iterator[torch.Tensor]:
+        """Inference, one frame a tick: yields the top stage's output of each frame,
+        ``[B, C', 1, H', W']``, in frame order (the k-th yielded tensor is the clip forward's
+        frame k). ``frames``: a clip ``[B, C, T, H, W]`` or any iterable of frames."""
+        self._check_config()
+        frames, length = self._frames(frames, need_length=False)
+        return self._run(frames, length, "infer", None, None)
+
+    # --- the engine --------------------------------------------------------------------------
+
+    def _frames(self, video: Frames, need_length: bool):
+        """(iterator of frames [B, C, 1, H, W], T or None)."""
+        if isinstance(video, torch.Tensor):
+            if video.dim() != 5:
+                raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
+            length = video.shape[2]
+            self._check_length(length)
+            return (video[:, :, t:t + 1] for t in range(length)), length
+        if need_length:
+            video = list(video)
+            self._check_length(len(video))
+            return iter(video), len(video)
+        return iter(video), None
+
+    def _check_length(self, length: int) -> None:
+        need = self.min_clip_length()
+        if length < need:
+            raise ValueError(f"the clip has {length} frame(s) but this pipeline needs at least {need} "
+                             f"(its temporal convolutions output {self.output_length(length)} frames for it)")
+
+    def _check_frame(self, f, t: int, first: Optional[torch.Tensor]) -> torch.Tensor:
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"frame {t} must be a tensor, got {type(f).__name__}")
+        if f.dim() == 4:
+            f = f.unsqueeze(2)
+        if f.dim() != 5 or f.shape[2] != 1:
+            raise ValueError(f"frame {t} must be [B, C, H, W] or [B, C, 1, H, W], got shape {tuple(f.shape)}")
+        if not f.is_floating_point():
+            raise TypeError(f"frame {t} must be a floating tensor, got {f.dtype}")
+        if first is not None and (f.shape != first.shape or f.dtype != first.dtype):
+            raise ValueError(f"frame {t} is {tuple(f.shape)} {f.dtype} but frame 0 was {tuple(first.shape)} "
+                             f"{first.dtype}: a video's shape cannot change mid-clip")
+        if not torch.isfinite(f).all():
+            raise ValueError(f"frame {t} of the video contains NaN or inf")
+        return f.to(self._device(0))
+
+    def _check_output(self, i: int, out) -> None:
+        if not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[2] != 1:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"stage {i} ({type(self.stages[i]).__name__}) returned {shape}; a stage must map a "
+                             "frame [B, C, 1, H, W] to [B, C', 1, H', W']")
+
+    def _carry(self, kind: str, parity: int, i: int, value: torch.Tensor) -> torch.Tensor:
+        """Copy ``value`` into the preallocated double buffer (kind, parity) of stage ``i``, on
+        that stage's device: written at tick τ, read at τ+1. Reallocated only when the shape
+        changes."""
+        key = (kind, parity, i)
+        buf = self._buffers.get(key)
+        device = self._device(i)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device:
+            buf = self._buffers[key] = torch.empty(value.shape, dtype=value.dtype, device=device)
+        return buf.copy_(value, non_blocking=True)
+
+    @contextlib.contextmanager
+    def _streaming(self, mode: str, clocks: list[StreamClock]):
+        optimizer = self.optimizer if (mode == "sideways" and self.update == "tick") else None
+        try:
+            for i, layers in enumerate(self._layers):
+                kernels = _backend.kernels(_backend.resolve(self._device(i), self.backend))
+                for layer in layers:
+                    layer._stream = _Stream(clock=clocks[i], mode=mode, kernels=kernels, optimizer=optimizer)
+            yield
+        finally:
+            for layer in itertools.chain(*self._layers):
+                layer._stream = None
+
+    def _run(self, frames: Iterator, length: Optional[int], mode: str, frame_loss, losses) -> Iterator[torch.Tensor]:
+        """Tick until every output frame is out (and, in Sideways mode, every error has reached
+        the bottom); yields the top stage's valid outputs in frame order."""
+        n_stages = len(self.stages)
+        top = n_stages - 1
+        clip = ClipLength(math.inf if length is None else length)
+        clocks = [StreamClock(clip) for _ in range(n_stages)]
+        change = self.output_length(0)
+        acts: list = [None] * n_stages  # (input tensor, frame index, length offset) of each stage
+        errs: list = [None] * n_stages  # gradient w.r.t. each stage's output, sent last tick
+        first = None
+        emitted = 0
+        training = frame_loss is not None
+        with self._streaming(mode, clocks):
+            for tick in itertools.count():
+                if clip.frames == math.inf or tick < clip.frames:
+                    f = next(frames, None)
+                    if f is None:  # an iterable stream just ended
+                        self._check_length(tick)
+                        clip.frames = tick
+                    else:
+                        first = self._check_frame(f, tick, first)
+                        acts[0] = (first, tick, 0)
+                if tick >= clip.frames:  # drain: zero frames, which layers use only as end padding
+                    acts[0] = (torch.zeros_like(first), tick, 0)
+                if tick > clip.frames + self._drain_bound():
+                    raise RuntimeError(f"pipeline did not drain after {tick} ticks; a stage mixes SidewaysConv3d "
+                                       "branches with different delays (only chains stream)")
+                parity = tick % 2
+                new_acts: list = [None] * n_stages
+                new_errs: list = [None] * n_stages
+                stepped = False
+                for i, stage in enumerate(self.stages):
+                    if acts[i] is None:
+                        continue  # nothing has reached this stage yet
+                    x, clocks[i].frame, clocks[i].offset = acts[i]
+                    err = errs[i]
+                    if mode == "sideways":
+                        backward = err is not None or (i == top and training)
+                        xin = x.detach().requires_grad_(backward and i > 0)
+                        with torch.set_grad_enabled(backward):
+                            out = stage(xin)
+                    elif mode == "bp":
+                        xin = x
+                        with torch.enable_grad():
+                            out = stage(x)
+                    else:
+                        with torch.no_grad():
+                            out = stage(x)
+                    self._check_output(i, out)
+                    t = clocks[i].frame
+                    if i == top:
+                        if not clocks[i].valid():
+                            continue
+                        emitted += 1
+                        yield out.detach()
+                        if not training:
+                            continue
+                        loss = frame_loss(out, t)
+                        losses.append(loss)
+                        if mode != "sideways":
+                            continue
+                        loss.backward()
+                    else:
+                        nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
+                        new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
+                        if mode != "sideways" or err is None:
+                            continue
+                        if out.requires_grad:
+                            torch.autograd.backward(out, err)
+                    stepped = True
+                    if i > 0 and xin.grad is not None:
+                        new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
+                acts[1:] = new_acts[1:]
+                errs = new_errs
+                if stepped and self.update == "tick" and mode == "sideways":
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if emitted >= clip.frames + change and all(e is None for e in errs):
+                    return
+
+    def _drain_bound(self) -> int:
+        """Ticks after the last frame within which a chain pipeline has drained."""
+        layers = list(itertools.chain(*self._layers))
+        return sum(l.stream_delay + l.temporal_padding[1] for l in layers) + 2 * len(self.stages) + 2
+
+    def _snapshot(self, params):
+        """What per-tick updates change (weights, optimizer state), to undo a failed clip."""
+        return [p.detach().clone() for p in params], copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore(self, params, snapshot) -> None:
+        weights, state = snapshot
+        with torch.no_grad():
+            for p, saved in zip(params, weights):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state)
