@@ -219,14 +219,15 @@ class _SidewaysTick(torch.autograd.Function):
     @staticmethod
     def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, padding):
         s = layer._stream
-        ctx.layer, ctx.padding, ctx.slot = layer, padding, s.slot
+        # Everything the backward needs, as of this tick (it may run after the run ended).
+        ctx.layer, ctx.stream, ctx.ring, ctx.padding, ctx.slot = layer, s, layer._ring, padding, s.slot
         ctx.input_hw = list(frame.shape[-2:])
         return s.kernels.ring_conv_forward(layer._ring, push, s.slot, weight, bias, *layer.conv2d_args(padding))
 
     @staticmethod
     def backward(ctx, grad_out):
         layer: SidewaysConv3d = ctx.layer
-        s = layer._stream
+        s, ring = ctx.stream, ctx.ring
         args = layer.conv2d_args(ctx.padding)
         grad_out = grad_out.contiguous()
         grad_frame = None
@@ -238,7 +239,7 @@ class _SidewaysTick(torch.autograd.Function):
         train_b = layer.bias is not None and ctx.needs_input_grad[3]
         with torch.no_grad():
             if s.optimizer is not None and train_w and _group_of(s.optimizer, layer.weight) is not None:
-                _fused_sgd(s, layer, grad_out, ctx.slot, args, train_b)
+                _fused_sgd(s, layer, ring, grad_out, ctx.slot, args, train_b)
             else:
                 if train_w:
                     if layer.weight.grad is None:
@@ -248,7 +249,7 @@ class _SidewaysTick(torch.autograd.Function):
                         if layer.bias.grad is None:
                             layer.bias.grad = torch.zeros_like(layer.bias)
                         grad_b = layer.bias.grad
-                    s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, layer._ring, ctx.slot, *args)
+                    s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, ctx.slot, *args)
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3)))
         return grad_frame, None, None, None, None, None
@@ -288,7 +289,7 @@ def _momentum_buffer(opt: torch.optim.Optimizer, p: torch.Tensor, momentum: floa
     return buf, True
 
 
-def _fused_sgd(s: _Stream, layer: SidewaysConv3d, grad_out, slot, args, train_b: bool) -> None:
+def _fused_sgd(s: _Stream, layer: SidewaysConv3d, ring, grad_out, slot, args, train_b: bool) -> None:
     """Per-tick update: the weight's gradient goes straight into the weight (one op); the
     bias rides along when it shares the weight's param group and momentum age."""
     opt = s.optimizer
@@ -299,7 +300,7 @@ def _fused_sgd(s: _Stream, layer: SidewaysConv3d, grad_out, slot, args, train_b:
     together = bias_group is group and (momentum == 0 or _has_buffer(opt, layer.weight) == _has_buffer(opt, layer.bias))
     buf, first = _momentum_buffer(opt, layer.weight, momentum)
     bias, bias_buf = (layer.bias, _momentum_buffer(opt, layer.bias, momentum)[0]) if together else (None, None)
-    s.kernels.sgd_tick_update(layer.weight, buf, bias, bias_buf, grad_out, layer._ring, slot, *args, *hyper, first)
+    s.kernels.sgd_tick_update(layer.weight, buf, bias, bias_buf, grad_out, ring, slot, *args, *hyper, first)
     if train_b and not together:
         grad_b = grad_out.sum((0, 2, 3))
         if bias_group is None:

@@ -1,0 +1,364 @@
+"""The scheduler against the oracles of DESIGN.md §2 (2-5), plus its error handling."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sideways_kernels as sk
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, split_sequential
+from nets import DT, classifier_net, clip_loss, grads, rel_error, stages_of
+
+# (k_t, pad_t, dil_t) per temporal layer: kernels 1-3, padding 0..k-1, dilation.
+TEMPORAL = [
+    [(1, 0, 1), (3, 1, 1)],
+    [(3, 0, 1), (2, 1, 2), (3, 2, 1)],
+    [(2, 0, 1), (3, 2, 2)],
+    [(3, 1, 1), (3, 1, 1), (3, 1, 1), (2, 1, 1)],
+]
+BACKENDS = ["cpp", "torch"]
+
+
+def _video(B=2, C=3, T=9, H=8, W=7):
+    return torch.randn(B, C, T, H, W, dtype=DT)
+
+
+def _drifting(s, B=2, C=3, T=8, H=7, W=6):
+    """Frame t = A + s*t*D: the video changes at rate s."""
+    A, D = torch.randn(B, C, 1, H, W, dtype=DT), torch.randn(B, C, 1, H, W, dtype=DT)
+    return lambda s: A + s * torch.arange(T, dtype=DT).view(1, 1, T, 1, 1) * D
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+@pytest.mark.parametrize("temporal", TEMPORAL, ids=str)
+def test_oracle2_streaming_equals_clip_forward(temporal, n_stages, backend):
+    net = classifier_net(temporal)
+    video = _video(T=11)
+    pipe = SidewaysPipeline(stages_of(net, n_stages), backend=backend)
+    with torch.no_grad():
+        expected = net(video)
+    streamed = list(pipe.stream(video))
+    assert len(streamed) == expected.shape[2]
+    torch.testing.assert_close(torch.cat(streamed, dim=2), expected, rtol=1e-12, atol=1e-12)
+    # an iterable of frames whose end is not known in advance gives the same
+    frames = (video[:, :, t] for t in range(video.shape[2]))
+    torch.testing.assert_close(torch.cat(list(pipe.stream(frames)), dim=2), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_kwargs", [
+    dict(kernel_size=(2, 3, 4), padding="same"),  # uneven 'same' padding in time and space
+    dict(kernel_size=(3, 3, 3), padding=(2, 1, 1), dilation=(1, 2, 1), groups=3),
+    dict(kernel_size=(1, 3, 3), padding=(0, 1, 2), padding_mode="reflect"),
+    dict(kernel_size=(3, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+], ids=str)
+def test_oracle2_layer_variants(layer_kwargs):
+    net = nn.Sequential(SidewaysConv3d(3, 6, **layer_kwargs), nn.ReLU(), SidewaysConv3d(6, 5, (3, 1, 3), padding=(1, 0, 0))).to(DT)
+    video = _video(B=1, T=7, H=9, W=10)
+    with torch.no_grad():
+        expected = net(video)
+    got = torch.cat(list(SidewaysPipeline(split_sequential(net, [2])).stream(video)), dim=2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+@pytest.mark.parametrize("temporal", TEMPORAL, ids=str)
+def test_oracle3_bp_mode_is_autograd_of_the_clip_loss(temporal, n_stages, backend):
+    net = classifier_net(temporal)
+    video, target = _video(T=10), torch.randint(0, 7, (2,))
+    net.zero_grad()
+    loss_ref = clip_loss(net, video, target)
+    loss_ref.backward()
+    expected = grads(net)
+    net.zero_grad()
+    result = SidewaysPipeline(stages_of(net, n_stages), mode="bp", backend=backend).backward_clip(video, target)
+    assert abs(result.loss.item() - loss_ref.item()) <= 1e-9 * abs(loss_ref.item())
+    assert rel_error(grads(net), expected) <= 1e-9
+    torch.testing.assert_close(result.outputs, net(video).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_oracle3_per_frame_targets_and_custom_loss():
+    net = classifier_net(TEMPORAL[1])
+    video = _video(T=9)
+    T_out = net(video).shape[2]
+    target = torch.randn(2, T_out, 7, dtype=DT)
+    mse = lambda logits, y: F.mse_loss(logits, y)
+    net.zero_grad()
+    clip_loss(net, video, target, mse, per_frame=True).backward()
+    expected = grads(net)
+    net.zero_grad()
+    SidewaysPipeline(stages_of(net, 2), mse, mode="bp").backward_clip(video, target, per_frame_target=True)
+    assert rel_error(grads(net), expected) <= 1e-9
+    labels = torch.randint(0, 7, (2, T_out))  # integer [B, T_out]: per frame without being told
+    net.zero_grad()
+    clip_loss(net, video, labels, per_frame=True).backward()
+    expected = grads(net)
+    net.zero_grad()
+    SidewaysPipeline(stages_of(net, 2), mode="bp").backward_clip(video, labels)
+    assert rel_error(grads(net), expected) <= 1e-9
+
+
+def test_gradients_accumulate_over_clips_like_autograd():
+    net = classifier_net(TEMPORAL[0])
+    pipe = SidewaysPipeline(stages_of(net, 2), mode="bp")
+    v1, v2, y = _video(T=6), _video(T=6), torch.randint(0, 7, (2,))
+    net.zero_grad()
+    (clip_loss(net, v1, y) + clip_loss(net, v2, y)).backward()
+    expected = grads(net)
+    net.zero_grad()
+    pipe.backward_clip(v1, y)
+    pipe.backward_clip(v2, y)
+    assert rel_error(grads(net), expected) <= 1e-9
+
+
+NO_PAD = [[(3, 0, 1), (2, 0, 2)], [(1, 0, 1), (3, 0, 1), (1, 0, 1)], [(2, 0, 1), (2, 0, 1), (3, 0, 1)]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temporal", NO_PAD, ids=str)
+def test_oracle4_sideways_is_exact_on_a_static_video(temporal, backend):
+    net = classifier_net(temporal)
+    static = torch.randn(2, 3, 1, 8, 7, dtype=DT).expand(-1, -1, 9, -1, -1)
+    target = torch.randint(0, 7, (2,))
+    results = {}
+    for mode in ("bp", "sideways"):
+        net.zero_grad()
+        results[mode] = SidewaysPipeline(stages_of(net, 3), mode=mode, backend=backend).backward_clip(static, target)
+        results[mode + "_grads"] = grads(net)
+    assert rel_error(results["sideways_grads"], results["bp_grads"]) <= 1e-9
+    torch.testing.assert_close(results["sideways"].loss, results["bp"].loss)
+
+
+@pytest.mark.parametrize("first", [(3, 1, 1), (3, 2, 2), (2, 1, 1)], ids=str)
+def test_oracle4_single_stage_whose_only_temporal_layer_is_first(first):
+    """Exact even on a random (moving) video: the error and the window meet at the same tick."""
+    net = classifier_net([first, (1, 0, 1), (1, 0, 1)])
+    video, target = _video(T=7), torch.randint(0, 7, (2,))
+    net.zero_grad()
+    clip_loss(net, video, target).backward()
+    expected = grads(net)
+    net.zero_grad()
+    SidewaysPipeline([net], mode="sideways").backward_clip(video, target)
+    assert rel_error(grads(net), expected) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temporal,n_stages", [(NO_PAD[0], 2), (NO_PAD[2], 3),
+                                               ([(1, 0, 1), (3, 0, 1), (2, 0, 1), (2, 0, 2)], 4)], ids=str)
+def test_oracle5_gap_to_bp_grows_with_the_drift_rate(temporal, n_stages, backend):
+    """Frame t = A + s*t*D. Sideways pairs errors with activations 2(L-i) ticks apart, so its
+    gradient departs from BP's in proportion to s: zero at s = 0, then growing (close to
+    linearly: a smooth activation keeps ReLU's mask flips from making the gap jumpy). This
+    fails if Sideways were silently replaced by BP (every gap would be 0)."""
+    net = classifier_net(temporal, act=nn.Tanh)
+    stages = stages_of(net, n_stages)
+    video_at = _drifting(None, T=10)
+    target = torch.randint(0, 7, (2,))
+    rates = [0.0, 0.01, 0.02, 0.04, 0.08]
+    gaps = []
+    for s in rates:
+        g = {}
+        for mode in ("bp", "sideways"):
+            net.zero_grad()
+            SidewaysPipeline(stages, mode=mode, backend=backend).backward_clip(video_at(s), target)
+            g[mode] = torch.cat([x.flatten() for x in grads(net)])
+        gaps.append(((g["sideways"] - g["bp"]).norm() / g["bp"].norm()).item())
+    assert gaps[0] <= 1e-9, gaps
+    assert gaps[1] > 1e-4, gaps
+    assert all(b > a for a, b in zip(gaps, gaps[1:])), f"gap not growing with the drift rate: {gaps}"
+    assert gaps[-1] >= 4 * gaps[1], f"gap not growing about linearly (8x rate): {gaps}"
+
+
+def test_tick_update_equals_sgd_after_every_frame():
+    """One stage whose only temporal layer is first: per-tick updates equal, frame by frame,
+    the clip forward with the current weights, the frame's loss, and torch.optim.SGD.step."""
+    torch.manual_seed(torch.initial_seed() % 1000)
+    net = classifier_net([(3, 1, 1), (1, 0, 1)])
+    ref = classifier_net([(3, 1, 1), (1, 0, 1)])
+    ref.load_state_dict(net.state_dict())
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt = torch.optim.SGD(net.parameters(), **hyper)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hyper)
+    video, target = _video(T=6), torch.randint(0, 7, (2,))
+    T_out = ref(video).shape[2]
+    for t in range(T_out):
+        opt_ref.zero_grad()
+        (F.cross_entropy(ref(video)[:, :, t].flatten(1), target) / T_out).backward()
+        opt_ref.step()
+    SidewaysPipeline([net], mode="sideways", update="tick", optimizer=opt).backward_clip(video, target)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        assert p.grad is None  # the fused op never materialised the gradient
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
+def test_tick_update_multi_stage_trains_and_differs_from_clip_update():
+    net = classifier_net(TEMPORAL[3])
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+    SidewaysPipeline(stages_of(net, 3), update="tick", optimizer=opt).backward_clip(_video(T=8), torch.randint(0, 7, (2,)))
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_backends_agree_in_sideways_mode():
+    net = classifier_net(TEMPORAL[1])
+    video, target = _video(T=8), torch.randint(0, 7, (2,))
+    out = {}
+    for backend in BACKENDS:
+        net.zero_grad()
+        SidewaysPipeline(stages_of(net, 3), backend=backend).backward_clip(video, target)
+        out[backend] = grads(net)
+    assert rel_error(out["cpp"], out["torch"]) <= 1e-10
+
+
+def test_buffers_are_allocated_once_per_input_shape():
+    net = classifier_net(TEMPORAL[0])
+    pipe = SidewaysPipeline(stages_of(net, 2))
+    y = torch.randint(0, 7, (2,))
+    pipe.backward_clip(_video(T=6), y)
+    buffers = {k: v.data_ptr() for k, v in pipe._buffers.items()}
+    rings = [m._ring.data_ptr() for m in net.modules() if isinstance(m, SidewaysConv3d)]
+    pipe.backward_clip(_video(T=9), y)
+    assert buffers == {k: v.data_ptr() for k, v in pipe._buffers.items()}
+    assert rings == [m._ring.data_ptr() for m in net.modules() if isinstance(m, SidewaysConv3d)]
+
+
+def test_devices_and_layers_outside_a_pipeline():
+    net = classifier_net(TEMPORAL[0])
+    pipe = SidewaysPipeline(stages_of(net, 2), devices=["cpu", "cpu"])
+    video = _video(T=5)
+    list(pipe.stream(video))
+    torch.testing.assert_close(net(video), net(video))  # back to plain nn.Conv3d after the run
+    assert all(m._stream is None for m in net.modules() if isinstance(m, SidewaysConv3d))
+
+
+# --- errors ------------------------------------------------------------------------------
+
+def _pipe(**kw):
+    net = classifier_net(NO_PAD[2])
+    return net, SidewaysPipeline(stages_of(net, 2), **kw)
+
+
+def test_clip_shorter_than_the_pipeline_needs():
+    net, pipe = _pipe()
+    need = pipe.min_clip_length()
+    assert need == 5  # kernels 2, 2, 3 without padding shrink the clip by 4
+    with pytest.raises(ValueError, match=f"needs at least {need}"):
+        pipe.backward_clip(_video(T=need - 1), torch.randint(0, 7, (2,)))
+    with pytest.raises(ValueError, match="needs at least"):
+        list(pipe.stream(iter([_video(T=1)[:, :, 0]] * 2)))
+    pipe.backward_clip(_video(T=need), torch.randint(0, 7, (2,)))
+
+
+def test_video_whose_shape_changes_mid_clip():
+    net, pipe = _pipe()
+    frames = [torch.randn(2, 3, 8, 7, dtype=DT) for _ in range(5)] + [torch.randn(2, 3, 8, 6, dtype=DT)]
+    with pytest.raises(ValueError, match="frame 5 .* mid-clip"):
+        pipe.backward_clip(frames, torch.randint(0, 7, (2,)))
+
+
+class _Flatten(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_stage_returning_the_wrong_rank():
+    net = classifier_net(NO_PAD[0])
+    pipe = SidewaysPipeline([net[:2], nn.Sequential(*net[2:], _Flatten())])
+    with pytest.raises(ValueError, match=r"stage 1 \(Sequential\) returned"):
+        pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2,)))
+
+
+@pytest.mark.parametrize("mode,update", [("sideways", "clip"), ("bp", "clip"), ("sideways", "tick")])
+def test_non_finite_loss_leaves_nothing_half_updated(mode, update):
+    net = classifier_net(NO_PAD[2])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    pipe = SidewaysPipeline(stages_of(net, 3), mode=mode, update=update, optimizer=opt if update == "tick" else None)
+    video, target = _video(T=9), torch.randint(0, 7, (2,))
+    pipe.backward_clip(video, target)  # some state to protect: grads or momentum buffers
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    before = [(p.detach().clone(), p.grad.clone()) for p in net.parameters()]
+    state_before = {k: v["momentum_buffer"].clone() for k, v in enumerate(opt.state.values())} if update == "tick" else {}
+    calls = itertools.count()
+    bad_loss = lambda logits, y: F.cross_entropy(logits, y) * (float("nan") if next(calls) == 3 else 1.0)
+    pipe.loss_fn = bad_loss
+    with pytest.raises(FloatingPointError, match="non-finite loss .* frame 3"):
+        pipe.backward_clip(video, target)
+    for p, (w, g) in zip(net.parameters(), before):
+        assert torch.equal(p, w) and torch.equal(p.grad, g)
+    for k, v in enumerate(opt.state.values()):
+        if update == "tick":
+            assert torch.equal(v["momentum_buffer"], state_before[k])
+
+
+def test_non_finite_video_and_bad_targets():
+    net, pipe = _pipe()
+    video = _video(T=6)
+    video[0, 1, 3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="frame 3 .* NaN"):
+        pipe.backward_clip(video, torch.randint(0, 7, (2,)))
+    with pytest.raises(ValueError, match="video must be"):
+        pipe.backward_clip(torch.randn(3, 6, 8, 7), torch.randint(0, 7, (2,)))
+    with pytest.raises(ValueError, match="per-frame target"):
+        pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2, 5)), per_frame_target=True)
+    with pytest.raises(TypeError, match="scalar"):
+        pipe.loss_fn = lambda logits, y: logits.sum(1)
+        pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2,)))
+
+
+class _LSTMStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 4)
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("module,words", [
+    (nn.BatchNorm3d(3), "BatchNorm3d"),
+    (nn.MaxPool3d((2, 2, 2)), "temporal pooling"),
+    (nn.AvgPool3d((1, 2, 2), stride=(2, 1, 1)), "temporal pooling"),
+    (nn.AdaptiveAvgPool3d(1), "fixed number of frames"),
+    (nn.Conv3d(3, 3, 3), "convert"),
+    (nn.GroupNorm(1, 3), "GroupNorm"),
+    (nn.InstanceNorm3d(3), "InstanceNorm3d"),
+    (_LSTMStage(), "recurrent"),
+    (SidewaysConv3d(3, 3, 3, stride=(2, 1, 1)), "temporal stride"),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else v)
+def test_modules_that_cannot_stream_are_refused_by_name(module, words):
+    with pytest.raises(ValueError, match=words) as info:
+        SidewaysPipeline([nn.Sequential(SidewaysConv3d(3, 3, 1), module)])
+    assert "stage 0" in str(info.value)
+
+
+def test_frozen_batchnorm_is_accepted_but_training_batchnorm_is_refused_at_run_time():
+    bn = nn.BatchNorm3d(3).eval()
+    pipe = SidewaysPipeline([nn.Sequential(SidewaysConv3d(3, 3, (2, 1, 1)), bn)])
+    list(pipe.stream(torch.randn(1, 3, 4, 5, 5)))
+    bn.train()
+    with pytest.raises(ValueError, match="BatchNorm3d"):
+        list(pipe.stream(torch.randn(1, 3, 4, 5, 5)))
+
+
+def test_bad_configuration():
+    net = classifier_net(NO_PAD[0])
+    with pytest.raises(ValueError, match="mode"):
+        SidewaysPipeline([net], mode="pipedream")
+    with pytest.raises(TypeError, match="SGD"):
+        SidewaysPipeline([net], update="tick", optimizer=torch.optim.AdamW(net.parameters()))
+    with pytest.raises(ValueError, match="only mode='sideways'"):
+        SidewaysPipeline([net], mode="bp", update="tick", optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="one device per stage"):
+        SidewaysPipeline([net], devices=["cpu", "cpu"])
+    with pytest.raises(TypeError, match="stages"):
+        SidewaysPipeline([])
+    with pytest.raises(ValueError, match="cuts"):
+        split_sequential(net, [0, 3])
+    with pytest.raises(ValueError, match="backend"):
+        SidewaysPipeline([net], backend="fortran")
