@@ -24,7 +24,7 @@ class Geometry:
     dilation: tuple = (1, 1)
     dilation_t: int = 1
     groups: int = 1
-    layout: str = "contiguous"  # or "strided", "channels_last"
+    layout: str = "contiguous"  # or "strided", "channels_last", "ring" (ops.empty_ring's layout)
 
     @property
     def span(self) -> int:
@@ -47,6 +47,12 @@ GEOMETRIES = [
     Geometry(1, 4, 3, 10, 7, 3, (1, 3), dilation_t=2, stride=(1, 2), layout="strided"),
     Geometry(2, 7, 5, 8, 9, 2, (2, 3), dilation_t=3, padding=(1, 1), layout="channels_last"),
     Geometry(5, 3, 11, 5, 5, 3, (3, 3), padding=(1, 1), layout="channels_last"),
+    # the ring layout the layers allocate (ops.empty_ring): the no-gather slot-order path ...
+    Geometry(2, 5, 7, 11, 6, 2, (3, 1), stride=(2, 1), padding=(1, 0), layout="ring"),
+    Geometry(3, 4, 5, 9, 8, 3, (3, 3), padding=(1, 1), dilation=(2, 1), layout="ring"),
+    # ... and where it must fall back to gathering (temporal dilation, groups)
+    Geometry(1, 4, 6, 7, 9, 2, (3, 3), dilation_t=2, padding=(1, 1), layout="ring"),
+    Geometry(2, 6, 4, 7, 5, 3, (1, 3), groups=2, padding=(0, 1), layout="ring"),
 ]
 
 
@@ -73,7 +79,12 @@ def make(geom: Geometry, dtype=torch.float64, param_dtype=None, bias=True):
     """Random tensors for one geometry: ring, frame, slot, weight, bias, grad_out."""
     param_dtype = param_dtype or dtype
     g = geom
-    ring = _layout(torch.randn(g.span, g.batch, g.channels, g.height, g.width, dtype=dtype), g.layout)
+    ring = torch.randn(g.span, g.batch, g.channels, g.height, g.width, dtype=dtype)
+    if g.layout == "ring":
+        from sideways_kernels.ops import empty_ring
+        ring = empty_ring(*ring.shape, dtype=dtype).copy_(ring)
+    else:
+        ring = _layout(ring, g.layout)
     frame = _layout(torch.randn(g.batch, g.channels, g.height, g.width, dtype=dtype), g.layout)
     weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw, dtype=param_dtype) / 3
     if g.layout == "channels_last":

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend as _backend
+from .ops import empty_ring
 from .reference import sgd_step
 
 __all__ = ["SidewaysConv3d", "convert", "StreamClock", "ClipLength"]
@@ -181,7 +182,7 @@ class SidewaysConv3d(nn.Conv3d):
             shape = (self.span, *frame.shape)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
                     or self._ring.device != frame.device:
-                self._ring = torch.zeros(shape, dtype=frame.dtype, device=frame.device)
+                self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device)
             else:
                 self._ring.zero_()
             s.slot = self.span - 1

@@ -21,6 +21,7 @@ import torch
 from ._loader import cpp_available
 
 __all__ = [
+    "empty_ring",
     "ring_conv_forward",
     "window_input_grad",
     "weight_grad_accumulate",
@@ -75,6 +76,13 @@ def _out_hw(ring, weight, stride, padding, dilation):
             for i in range(2)]
 
 
+def empty_ring(span: int, batch: int, channels: int, height: int, width: int, *, dtype=None, device=None) -> torch.Tensor:
+    """A zeroed ring ``[span, B, C, H, W]`` in the layout the CPU kernels run fastest on:
+    memory ordered ``[B, H, W, span, C]``, so the whole ring is one channels-last image with
+    ``span*C`` channels and a window conv needs no gather. Any layout is accepted by the ops."""
+    return torch.zeros(batch, height, width, span, channels, dtype=dtype, device=device).permute(3, 0, 4, 1, 2)
+
+
 # --- op 1: streaming forward -------------------------------------------------
 
 def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: int, weight: torch.Tensor,
@@ -82,8 +90,8 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
                       dilation: Pair = (1, 1), dilation_t: int = 1, groups: int = 1) -> torch.Tensor:
     """One tick of a streaming Conv3d: write ``frame`` ``[B, C, H, W]`` into ``ring[slot]``
     in place (skipped when ``frame`` is None: the ring is used as it is), and return the
-    convolution of the window that ends at ``slot``: ``[B, C_out, H_out, W_out]``, equal to
-    ``nn.Conv3d`` (temporal stride 1, no temporal padding) applied to the window."""
+    convolution of the window that ends at ``slot``: ``[B, C_out, H_out, W_out]`` (channels-last
+    memory), equal to ``nn.Conv3d`` (temporal stride 1, no temporal padding) applied to the window."""
     stride, padding, dilation = _check_ring_conv(ring, slot, weight, stride, padding, dilation, dilation_t, groups)
     if frame is not None:
         _tensor(frame, "frame", 4, "[B, C, H, W]")
@@ -97,7 +105,8 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
                       padding: Pair = (0, 0), dilation: Pair = (1, 1), groups: int = 1) -> torch.Tensor:
     """The gradient a Sideways layer sends down: ``grad_out`` ``[B, C_out, H_out, W_out]`` pushed
     through the transpose of every temporal tap and summed over the window, ``[B, C, H, W]``
-    with ``(H, W) = input_size``. Exact when the frames in the window are equal."""
+    (channels-last memory) with ``(H, W) = input_size``. Exact when the frames in the window
+    are equal."""
     _tensor(grad_out, "grad_out", 4, "[B, C_out, H_out, W_out]")
     _tensor(weight, "weight", 5, "[C_out, C/groups, k_t, k_h, k_w]")
     return torch.ops.sideways.window_input_grad(grad_out, weight, _pair(input_size, "input_size", 1),
@@ -156,13 +165,15 @@ if cpp_available():
         torch._check(ring.dim() == 5 and weight.dim() == 5, lambda: "ring and weight must be 5-D")
         _check_devices(ring, "ring", frame=frame, weight=weight, bias=bias)
         h, w = _out_hw(ring, weight, stride, padding, dilation)
-        return ring.new_empty((ring.shape[1], weight.shape[0], h, w))
+        return torch.empty((ring.shape[1], weight.shape[0], h, w), dtype=ring.dtype, device=ring.device,
+                           memory_format=torch.channels_last)
 
     @torch.library.register_fake("sideways::window_input_grad")
     def _window_input_grad_fake(grad_out, weight, input_size, stride, padding, dilation, groups):
         torch._check(grad_out.dim() == 4 and weight.dim() == 5, lambda: "grad_out must be 4-D, weight 5-D")
         _check_devices(grad_out, "grad_out", weight=weight)
-        return grad_out.new_empty((grad_out.shape[0], weight.shape[1] * groups, *input_size))
+        return torch.empty((grad_out.shape[0], weight.shape[1] * groups, *input_size), dtype=grad_out.dtype,
+                           device=grad_out.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("sideways::weight_grad_accumulate")
     def _weight_grad_accumulate_fake(grad_weight, grad_bias, grad_out, ring, slot, stride, padding, dilation,

@@ -14,37 +14,73 @@
 namespace sideways {
 namespace {
 
-// The taps' frames as channels, [B, groups*k_t*C/groups, H, W], ordered so that
-// a conv2d with `conv2d_weight` and `groups` computes all taps at once.
-at::Tensor stage_window(const at::Tensor& ring, const RingConv& g, int64_t slot) {
-  if (g.k_t == 1) return ring.select(0, slot);
-  std::vector<int64_t> slots(g.k_t);
-  for (int64_t j = 0; j < g.k_t; ++j) slots[j] = g.tap_slot(slot, j);
-  auto index = at::tensor(slots, at::TensorOptions().dtype(at::kLong)).to(ring.device());
-  const int64_t cg = g.channels / g.groups;
-  return ring.index_select(0, index)
-      .reshape({g.k_t, g.batch, g.groups, cg, g.height, g.width})
-      .permute({1, 2, 0, 3, 4, 5})
-      .reshape({g.batch, g.groups * g.k_t * cg, g.height, g.width});
+// The window as one 2-D conv: `input` [B, groups * n * C/groups, H, W] holds n frame
+// groups, and tap j's frame is group `group_of_tap[j]`; `weight2d(...)` lays the
+// taps' weights out to match. Two layouts:
+//  * slot order, no copy: a ring whose memory is [B, H, W, R, C] (ops.empty_ring) is
+//    already a channels-last image with R*C channels, one group per ring slot. Used
+//    when every slot is a tap (dilation_t == 1) and groups == 1.
+//  * tap order: the k_t frames are gathered (one copy) with the groups interleaved.
+struct Window {
+  at::Tensor input;
+  std::vector<int64_t> group_of_tap;
+  int64_t n_groups;
+};
+
+Window stage_window(const at::Tensor& ring, const RingConv& g, int64_t slot) {
+  const int64_t C = g.channels, R = g.span;
+  if (g.k_t == 1) return {ring.select(0, slot), {0}, 1};
+  std::vector<int64_t> taps(g.k_t);
+  for (int64_t j = 0; j < g.k_t; ++j) taps[j] = g.tap_slot(slot, j);
+  const auto s = ring.strides();
+  const bool interleaved = s[2] == 1 && s[0] == C && s[4] == R * C && s[3] == g.width * R * C &&
+                           s[1] == g.height * g.width * R * C;
+  if (interleaved && g.groups == 1 && R == g.k_t) {
+    return {ring.as_strided({g.batch, R * C, g.height, g.width}, {s[1], 1, s[3], s[4]},
+                            ring.storage_offset()),
+            taps, R};
+  }
+  auto index = at::tensor(taps, at::TensorOptions().dtype(at::kLong)).to(ring.device());
+  const int64_t cg = C / g.groups;
+  auto input = ring.index_select(0, index)
+                   .reshape({g.k_t, g.batch, g.groups, cg, g.height, g.width})
+                   .permute({1, 2, 0, 3, 4, 5})
+                   .reshape({g.batch, g.groups * g.k_t * cg, g.height, g.width});
+  std::vector<int64_t> in_order(g.k_t);
+  for (int64_t j = 0; j < g.k_t; ++j) in_order[j] = j;
+  return {input, in_order, g.k_t};
 }
 
-// [C_out, C/groups, k_t, kh, kw] -> [C_out, k_t*C/groups, kh, kw], tap-major like stage_window.
-at::Tensor conv2d_weight(const at::Tensor& weight, const RingConv& g, at::ScalarType dtype) {
-  return weight.to(dtype)
-      .permute({0, 2, 1, 3, 4})
-      .reshape({g.out_channels, g.k_t * (g.channels / g.groups), g.k_h, g.k_w});
+at::Tensor tap_index(const Window& w, const at::Tensor& like) {
+  return at::tensor(w.group_of_tap, at::TensorOptions().dtype(at::kLong)).to(like.device());
+}
+
+// weight [C_out, C/groups, k_t, kh, kw] -> [C_out, n_groups*C/groups, kh, kw] matching `w`.
+at::Tensor weight2d(const at::Tensor& weight, const RingConv& g, const Window& w,
+                    at::ScalarType dtype) {
+  const int64_t cg = g.channels / g.groups;
+  auto taps_first = weight.to(dtype).permute({0, 2, 1, 3, 4});  // [C_out, k_t, C/groups, kh, kw]
+  bool identity = true;
+  for (int64_t j = 0; j < g.k_t; ++j) identity = identity && w.group_of_tap[j] == j;
+  if (!identity) {  // slot order: group r holds the tap that reads slot r
+    auto out = at::empty({g.out_channels, w.n_groups, cg, g.k_h, g.k_w}, taps_first.options());
+    out.index_copy_(1, tap_index(w, weight), taps_first);
+    taps_first = out;
+  }
+  return taps_first.reshape({g.out_channels, w.n_groups * cg, g.k_h, g.k_w});
 }
 
 // The weight gradient of one frame pair for all taps, [C_out, k_t, C/groups, kh, kw].
 at::Tensor window_weight_grad(const at::Tensor& grad_out, const at::Tensor& ring,
                               const at::Tensor& weight, const RingConv& g, int64_t slot) {
-  auto window = stage_window(ring, g, slot);
-  auto w2 = conv2d_weight(weight, g, ring.scalar_type());
-  auto grads = at::convolution_backward(grad_out, window, w2, c10::nullopt,
-                                        {g.stride[0], g.stride[1]}, {g.padding[0], g.padding[1]},
-                                        {g.dilation[0], g.dilation[1]}, false, {0, 0}, g.groups,
-                                        {false, true, false});
-  return std::get<1>(grads).view({g.out_channels, g.k_t, g.channels / g.groups, g.k_h, g.k_w});
+  auto w = stage_window(ring, g, slot);
+  auto grads = at::convolution_backward(
+      grad_out, w.input, weight2d(weight, g, w, ring.scalar_type()), c10::nullopt,
+      {g.stride[0], g.stride[1]}, {g.padding[0], g.padding[1]}, {g.dilation[0], g.dilation[1]},
+      false, {0, 0}, g.groups, {false, true, false});
+  auto per_group = std::get<1>(grads).view(
+      {g.out_channels, w.n_groups, g.channels / g.groups, g.k_h, g.k_w});
+  return per_group.index_select(1, tap_index(w, grad_out));
 }
 
 at::Tensor ring_conv_forward_cpu(at::Tensor ring, const c10::optional<at::Tensor>& frame,
@@ -59,10 +95,12 @@ at::Tensor ring_conv_forward_cpu(at::Tensor ring, const c10::optional<at::Tensor
     ring.select(0, slot).copy_(*frame);
   }
   at::Tensor b = bias.has_value() ? bias->to(ring.scalar_type()) : at::Tensor();
-  // Contiguous whatever the ring's layout, so the result matches the fake kernel's.
-  return at::conv2d(stage_window(ring, g, slot), conv2d_weight(weight, g, ring.scalar_type()), b,
-                    stride, padding, dilation, groups)
-      .contiguous();
+  auto w = stage_window(ring, g, slot);
+  // Channels-last whatever the ring's layout (oneDNN's fast layout; the next layer's ring
+  // and this layer's grad_out keep it), and so the result matches the fake kernel's.
+  return at::conv2d(w.input, weight2d(weight, g, w, ring.scalar_type()), b, stride, padding,
+                    dilation, groups)
+      .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 at::Tensor window_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
@@ -101,7 +139,7 @@ at::Tensor window_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& w
   auto summed = weight.sum(2).to(grad_out.scalar_type());
   return at::conv_transpose2d(grad_out, summed, {}, stride, padding, output_padding, groups,
                               dilation)
-      .contiguous();
+      .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 void weight_grad_accumulate_cpu(at::Tensor grad_weight, const c10::optional<at::Tensor>& grad_bias,
