@@ -302,8 +302,11 @@ class SidewaysPipeline:
         key = (kind, parity, i)
         buf = self._buffers.get(key)
         device = self._device(i)
-        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device:
-            buf = self._buffers[key] = torch.empty(value.shape, dtype=value.dtype, device=device)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device \
+                or buf.stride() != value.stride():
+            # Same memory layout as the value: a channels-last activation meeting a contiguous
+            # gradient makes every elementwise backward take a slow strided path.
+            buf = self._buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
         return buf.copy_(value, non_blocking=True)
 
     @contextlib.contextmanager
@@ -378,7 +381,9 @@ class SidewaysPipeline:
                         if not training:
                             continue
                         loss = frame_loss(out, t)
-                        losses.append(loss)
+                        # bp keeps the graph for the end; Sideways must not, or every frame's
+                        # loss would pin its graph's leaves (memory growing with T).
+                        losses.append(loss if mode == "bp" else loss.detach())
                         if mode != "sideways":
                             continue
                         loss.backward()
