@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest python_tests -q
 
 train: install
-	$(PY) -m sideways_kernels.demo
+	$(PY) -m sideways_kernels.train $(TRAIN_ARGS)
 
 bench: install
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-save=cpu --benchmark-columns=min,median,max,rounds

@@ -7,11 +7,11 @@ from ._loader import backends, cpp_available
 from . import ops, reference
 from .backend import set_backend
 from .nn import SidewaysConv3d, convert
-from .pipeline import ClipResult, SidewaysPipeline, frame_logits, split_sequential, streaming_problem
+from .pipeline import ClipResult, NonFiniteError, SidewaysPipeline, frame_logits, split_sequential, streaming_problem
 
 __all__ = [
     "backends", "cpp_available", "ops", "reference", "set_backend",
     "SidewaysConv3d", "convert",
-    "SidewaysPipeline", "ClipResult", "frame_logits", "split_sequential", "streaming_problem",
+    "SidewaysPipeline", "ClipResult", "NonFiniteError", "frame_logits", "split_sequential", "streaming_problem",
 ]
 __version__ = "0.1.0"

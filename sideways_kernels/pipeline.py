@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from . import backend as _backend
 from .nn import ClipLength, SidewaysConv3d, StreamClock, _Stream
 
-__all__ = ["SidewaysPipeline", "ClipResult", "split_sequential", "streaming_problem"]
+__all__ = ["SidewaysPipeline", "ClipResult", "NonFiniteError", "split_sequential", "streaming_problem"]
 
 Frames = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A NaN or inf in the video or the loss; nothing was changed by the clip."""
 
 
 class ClipResult(NamedTuple):
@@ -215,7 +219,7 @@ class SidewaysPipeline:
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))}")
             if not torch.isfinite(loss.detach()).item():
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at frame {t}; "
+                raise NonFiniteError(f"non-finite loss ({loss.item()}) at frame {t}; "
                                          "no gradient or weight was changed")
             return loss.reshape(()) / out_len
 
@@ -286,7 +290,7 @@ class SidewaysPipeline:
             raise ValueError(f"frame {t} is {tuple(f.shape)} {f.dtype} but frame 0 was {tuple(first.shape)} "
                              f"{first.dtype}: a video's shape cannot change mid-clip")
         if not torch.isfinite(f).all():
-            raise ValueError(f"frame {t} of the video contains NaN or inf")
+            raise NonFiniteError(f"frame {t} of the video contains NaN or inf")
         return f.to(self._device(0))
 
     def _check_output(self, i: int, out) -> None:

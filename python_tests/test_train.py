@@ -1,0 +1,211 @@
+"""sideways-train end to end: tiny runs per mode, exact resume, Ctrl-C, non-finite loss,
+real encoded video folders (PyAV) with a corrupt file, bad data and bad options."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from sideways_kernels import train
+
+TINY = ["--train-videos", "24", "--val-videos", "12", "--batch-size", "8", "--size", "16", "--width", "4",
+        "--depth", "2", "--stages", "2", "--clip-len", "5", "--log-every", "1"]
+
+
+def _run(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    code = train.main([*TINY, "--out", out, *extra])
+    return code, out
+
+
+def _records(out, kind="epoch"):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("extra", [["--mode", "sideways"], ["--mode", "bp"], ["--update", "tick"],
+                                   ["--model", "r2plus1d", "--optimizer", "adamw", "--lr", "0.01"]], ids=" ".join)
+def test_tiny_run_writes_metrics_checkpoints_and_curves(tmp_path, extra):
+    code, out = _run(tmp_path, "--epochs", "2", *extra)
+    assert code == 0
+    for name in ("metrics.jsonl", "curves.png", "last.pt", "best.pt", "config.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    epochs = _records(out)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert set(r) >= {"step", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "wall"}
+        assert np.isfinite(r["train_loss"]) and 0 <= r["val_acc"] <= 1
+    steps = _records(out, "step")
+    assert steps and all(r["frames_per_s"] > 0 for r in steps)
+
+
+def test_checkpoint_loads_into_the_plain_nn_conv3d_network(tmp_path):
+    code, out = _run(tmp_path, "--epochs", "1")
+    assert code == 0
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    plain = train.build_model(ckpt["config"], len(ckpt["classes"]), conv=nn.Conv3d)
+    plain.load_state_dict(ckpt["model"])  # strict: same keys, same shapes
+    assert not any(type(m).__name__ == "SidewaysConv3d" for m in plain.modules())
+    sideways = train.build_model(ckpt["config"], len(ckpt["classes"]))
+    sideways.load_state_dict(ckpt["model"])
+    video = torch.randn(2, 3, 5, 16, 16)
+    torch.testing.assert_close(plain(video), sideways(video))
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run cut mid-epoch (--max-steps) and resumed ends where an uncut run ends."""
+    code, full = _run(tmp_path, "--epochs", "2", name="full")
+    assert code == 0
+    code, cut = _run(tmp_path, "--epochs", "2", "--max-steps", "4", name="cut")  # 3 steps an epoch: cut in epoch 2
+    assert code == 0 and [r["epoch"] for r in _records(cut)] == [1]
+    assert train.main(["--resume", os.path.join(cut, "last.pt")]) == 0
+    a, b = _records(full), _records(cut)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("step", "train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert ra[key] == rb[key], (key, ra, rb)
+    wa = torch.load(os.path.join(full, "last.pt"), weights_only=False)["model"]
+    wb = torch.load(os.path.join(cut, "last.pt"), weights_only=False)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
+    code, out = _run(tmp_path, "--epochs", "1")
+    before = os.path.getmtime(os.path.join(out, "last.pt"))
+    code, _ = _run(tmp_path, "--epochs", "1")
+    assert code == train.EXIT_DATA
+    assert "already holds a run" in capsys.readouterr().err
+    assert os.path.getmtime(os.path.join(out, "last.pt")) == before
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, capsys):
+    code, out = _run(tmp_path, "--epochs", "2", "--lr", "1e30")
+    assert code == train.EXIT_NON_FINITE
+    err = capsys.readouterr().err
+    assert "stopping at step" in err and "non-finite" in err
+    assert "Traceback" not in err
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "sideways_kernels.train", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *TINY, "--epochs", "200", "--out", out],
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_INTERRUPTED, err
+    assert "saved" in err and "Traceback" not in err
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    assert ckpt["state"]["step"] >= 1
+
+
+# --- the user's own videos ---------------------------------------------------------------
+
+def _write_video(path, frames, size=(20, 24), codec="mpeg4"):
+    import av
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        rng = np.random.default_rng(abs(hash(path)) % 2**32)
+        for _ in range(frames):
+            img = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _folder(tmp_path, classes=("jump", "run", "wave"), per_class=5, frames=9):
+    root = tmp_path / "videos"
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            ext, codec = [(".avi", "mpeg4"), (".mp4", "libx264"), (".mkv", "ffv1")][i % 3]
+            _write_video(str(root / c / f"v_{c}_g{i:02d}{ext}"), frames, codec=codec)
+    return root
+
+
+VIDEO_ARGS = ["--batch-size", "4", "--size", "16", "--width", "4", "--depth", "2", "--stages", "2", "--clip-len", "4",
+              "--frame-stride", "2", "--epochs", "1", "--workers", "2"]
+
+
+def test_video_folder_with_a_corrupt_file_is_trained_on_and_the_file_named(tmp_path):
+    root = _folder(tmp_path)
+    bad = root / "run" / "v_run_g99.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
+    # and the official split files, listing the corrupt one on both sides
+    names = [f"{c}/{f}" for c in ("jump", "run", "wave") for f in sorted(os.listdir(root / c))]
+    (root / "trainlist01.txt").write_text("\n".join(n for i, n in enumerate(names) if i % 4) + "\nrun/v_run_g99.mp4\n")
+    (root / "testlist01.txt").write_text("\n".join(n for i, n in enumerate(names) if i % 4 == 0) + "\nrun/v_run_g99.mp4\n")
+    result = _cli("--data", str(root), "--out", str(tmp_path / "out"), *VIDEO_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert "v_run_g99.mp4" in result.stderr and "skipped 1 unreadable" in result.stderr
+    assert _records(str(tmp_path / "out"))[0]["epoch"] == 1
+
+
+def test_tensor_folder_trains(tmp_path):
+    root = tmp_path / "tensors"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            arr = np.random.rand(7, 18, 20, 3).astype(np.float32)
+            if i % 2:
+                np.save(root / c / f"{i}.npy", arr)
+            else:
+                torch.save(torch.from_numpy(arr), root / c / f"{i}.pt")
+    assert train.main(["--data", str(root), "--out", str(tmp_path / "out"), *VIDEO_ARGS[:-2]]) == 0
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "one class", "too short"])
+def test_bad_data_is_a_one_line_error(tmp_path, case):
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+    elif case == "one class":
+        _folder(tmp_path, classes=("only",), per_class=3)
+        root = tmp_path / "videos"
+    elif case == "too short":
+        root = _folder(tmp_path, per_class=3, frames=3)
+    result = _cli("--data", str(root), "--out", str(tmp_path / "out"), *VIDEO_ARGS)
+    assert result.returncode == train.EXIT_DATA
+    lines = [l for l in result.stderr.splitlines() if l.startswith("sideways-train: error")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    words = {"missing": "does not exist", "empty": "no videos", "one class": "only one class", "too short": "shorter than one clip"}
+    assert words[case] in lines[0]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--mode", "pipedream"], "invalid choice"),
+    (["--lr", "-1"], "positive"),
+    (["--batch-size", "0"], "positive"),
+    (["--update", "tick", "--optimizer", "adamw"], "--update tick needs --optimizer sgd"),
+    (["--stages", "9"], "exceeds"),
+    (["--resume", "/nonexistent/last.pt"], "no checkpoint"),
+])
+def test_bad_options_are_clean_errors(tmp_path, args, words):
+    result = _cli(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_documents_every_option():
+    text = _cli("--help").stdout
+    for option in ("--mode", "--model", "--stages", "--epochs", "--max-steps", "--batch-size", "--clip-len",
+                   "--frame-stride", "--lr", "--optimizer", "--update", "--seed", "--device", "--backend", "--out",
+                   "--resume", "--data", "--workers"):
+        assert option in text

@@ -1,0 +1,212 @@
+"""Data for sideways-train: an embedded procedural dataset whose classes are motions
+(no download), and a user's own videos in the UCF101/HMDB51 folder layout.
+
+Both yield ``(clip, label)`` with ``clip`` a float tensor ``[C, T, H, W]`` in about [-1, 1].
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import zlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DataError", "MovingTextures", "VideoFolder", "MOTIONS"]
+
+
+class DataError(ValueError):
+    """A problem with the user's data, reported as one line (no traceback)."""
+
+
+# The class of a video is its motion: a single frame cannot tell it.
+MOTIONS = ("right-slow", "right-fast", "left-slow", "left-fast", "up-slow", "up-fast", "down-slow", "down-fast",
+           "rotate-cw", "rotate-ccw")
+_DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+_SPEED = {"slow": 0.5, "fast": 1.25}  # pixels per original frame
+_SPIN = 0.25  # radians per original frame
+
+
+class MovingTextures(torch.utils.data.Dataset):
+    """Procedural videos: a textured disk moving on a noisy textured background, wrapping
+    around the edges. Ten classes: four directions at two speeds, and spinning in place
+    either way. Generated deterministically from ``seed``; ``frame_stride`` keeps every
+    s-th frame, so the video changes s times faster per frame (what Sideways is sensitive to).
+    """
+
+    def __init__(self, num_videos: int, clip_len: int = 8, frame_stride: int = 1, size: int = 32, seed: int = 0,
+                 channels: int = 3):
+        if num_videos < 1 or clip_len < 1 or frame_stride < 1 or size < 8:
+            raise DataError(f"embedded data needs num_videos, clip_len, frame_stride >= 1 and size >= 8, got "
+                            f"{num_videos}, {clip_len}, {frame_stride}, {size}")
+        self.classes = list(MOTIONS)
+        g = torch.Generator().manual_seed(seed)
+        n, t_full = num_videos, clip_len * frame_stride
+        self.labels = torch.randint(0, len(MOTIONS), (n,), generator=g)
+        # background: smooth random texture, plus fresh noise every frame
+        bg = F.interpolate(torch.rand(n, channels, size // 4, size // 4, generator=g) * 2 - 1, size=(size, size),
+                           mode="bilinear", align_corners=False) * 0.3
+        texture = torch.sign(torch.rand(n, channels, 5, 5, generator=g) - 0.5)  # saturated colours: the object stands out
+        radius = size * (0.18 + 0.06 * torch.rand(n, generator=g))
+        start = torch.rand(n, 2, generator=g) * size
+        jitter = 0.8 + 0.4 * torch.rand(n, generator=g)
+        velocity, spin = torch.zeros(n, 2), torch.zeros(n)
+        for i, label in enumerate(self.labels.tolist()):
+            name = MOTIONS[label]
+            if name.startswith("rotate"):
+                spin[i] = _SPIN * jitter[i] * (1 if name.endswith("cw") and not name.endswith("ccw") else -1)
+            else:
+                direction, speed = name.split("-")
+                velocity[i] = torch.tensor(_DIRECTIONS[direction]) * _SPEED[speed] * jitter[i]
+        steps = torch.arange(0, t_full, frame_stride, dtype=torch.float32)  # the frames kept
+        centre = start[:, None] + velocity[:, None] * steps[None, :, None]  # [n, T, 2]
+        angle = spin[:, None] * steps[None]  # [n, T]
+        ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                                indexing="ij")
+        # offset of each pixel from the object centre on the torus, in object radii
+        dx = (xs[None, None] - centre[..., 0, None, None] + size / 2) % size - size / 2
+        dy = (ys[None, None] - centre[..., 1, None, None] + size / 2) % size - size / 2
+        cos, sin = torch.cos(angle)[..., None, None], torch.sin(angle)[..., None, None]
+        u = (cos * dx + sin * dy) / radius[:, None, None, None]
+        v = (-sin * dx + cos * dy) / radius[:, None, None, None]
+        grid = torch.stack([u, v], dim=-1).reshape(n, clip_len * size, size, 2)
+        obj = F.grid_sample(texture, grid, mode="nearest", padding_mode="border", align_corners=False)
+        obj = obj.reshape(n, channels, clip_len, size, size)
+        inside = ((u ** 2 + v ** 2) < 1).reshape(n, 1, clip_len, size, size)
+        noise = torch.randn(n, channels, clip_len, size, size, generator=g) * 0.1
+        video = torch.where(inside, obj, bg[:, :, None]) + noise
+        self.videos = video.clamp(-1, 1).to(torch.float16)  # [n, C, T, H, W], ~6 KiB a frame at 32x32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.videos[i].float(), int(self.labels[i])
+
+
+# --- a user's own videos -------------------------------------------------------------------
+
+VIDEO_EXTS = (".avi", ".mp4", ".mkv")
+TENSOR_EXTS = (".npy", ".pt")
+
+
+def _probe(path: str) -> int:
+    """Number of frames in a video or tensor file; raises on an unreadable file."""
+    if path.endswith(".npy"):
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 4:
+            raise ValueError(f"expected [T, H, W, C], got shape {arr.shape}")
+        return arr.shape[0]
+    if path.endswith(".pt"):
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"expected a [T, H, W, C] tensor, got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+        return t.shape[0]
+    import av
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _read_frames(path: str) -> np.ndarray:
+    """All frames as uint8 (or float) [T, H, W, C]."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    if path.endswith(".pt"):
+        return torch.load(path, map_location="cpu", weights_only=True).numpy()
+    import av
+    with av.open(path) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _split_file(root: str, name: str) -> Optional[str]:
+    for folder in (root, os.path.join(root, "splits"), os.path.join(root, "ucfTrainTestlist")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+class VideoFolder(torch.utils.data.Dataset):
+    """A folder with one sub-folder per class of ``.avi/.mp4/.mkv`` videos (decoded with
+    PyAV, in DataLoader workers) or ``.npy/.pt`` tensors ``[T, H, W, C]``. The official
+    ``trainlist01.txt``/``testlist01.txt`` are used when present, else a deterministic 80/20
+    split by file name. Unreadable files are skipped with a warning naming each
+    (``skipped`` lists them); clips are ``clip_len`` frames ``frame_stride`` apart,
+    resized (shorter side) and centre-cropped to ``size``."""
+
+    def __init__(self, root: str, split: str = "train", clip_len: int = 8, frame_stride: int = 1, size: int = 32,
+                 seed: int = 0):
+        if split not in ("train", "test"):
+            raise DataError(f"split must be 'train' or 'test', got {split!r}")
+        if not os.path.isdir(root):
+            raise DataError(f"data folder {root!r} does not exist or is not a folder")
+        self.root, self.clip_len, self.frame_stride, self.size, self.seed = root, clip_len, frame_stride, size, seed
+        self.train = split == "train"
+        self.epoch = 0
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                              and any(f.lower().endswith(VIDEO_EXTS + TENSOR_EXTS) for f in os.listdir(os.path.join(root, d))))
+        if not self.classes:
+            raise DataError(f"no videos in {root!r}: expected one sub-folder per class holding "
+                            f"{'/'.join(VIDEO_EXTS + TENSOR_EXTS)} files")
+        if len(self.classes) < 2:
+            raise DataError(f"{root!r} has only one class ({self.classes[0]!r}); a classifier needs at least two")
+        files = [(os.path.join(c, f), label) for label, c in enumerate(self.classes)
+                 for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(VIDEO_EXTS + TENSOR_EXTS)]
+        chosen = self._split(files, split)
+        needed = (clip_len - 1) * frame_stride + 1
+        self.items, self.skipped = [], []
+        for rel, label in chosen:
+            path = os.path.join(root, rel)
+            try:
+                n = _probe(path)
+            except Exception as exc:  # corrupt or unreadable: skip it, name it
+                warnings.warn(f"skipping unreadable video {path}: {type(exc).__name__}: {exc}")
+                self.skipped.append(path)
+                continue
+            if n < needed:
+                raise DataError(f"video {path} has {n} frames, shorter than one clip ({clip_len} frames "
+                                f"{frame_stride} apart need {needed})")
+            self.items.append((path, label, n))
+        if not self.items:
+            raise DataError(f"no readable videos in the {split} split of {root!r} ({len(self.skipped)} skipped)")
+
+    def _split(self, files, split):
+        listed = _split_file(self.root, "trainlist01.txt" if split == "train" else "testlist01.txt")
+        if listed is not None:
+            with open(listed) as f:
+                names = {line.split()[0].replace("\\", "/") for line in f if line.strip()}
+            return [(rel, label) for rel, label in files if rel.replace(os.sep, "/") in names]
+        # deterministic: a file's split depends only on its name
+        in_test = lambda rel: zlib.crc32(rel.replace(os.sep, "/").encode()) % 5 == 0
+        return [(rel, label) for rel, label in files if in_test(rel) == (split == "test")]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Clip start positions depend on (seed, epoch, index): a resumed run sees the same clips."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label, n = self.items[i]
+        needed = (self.clip_len - 1) * self.frame_stride + 1
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            start = int(rng.integers(0, n - needed + 1))
+        else:
+            start = (n - needed) // 2
+        frames = _read_frames(path)[start:start + needed:self.frame_stride]
+        clip = torch.as_tensor(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()  # [C, T, H, W]
+        if frames.dtype == np.uint8:
+            clip = clip / 127.5 - 1
+        c, t, h, w = clip.shape
+        scale = self.size / min(h, w)
+        clip = F.interpolate(clip, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+                             mode="bilinear", align_corners=False, antialias=True)
+        top, left = (clip.shape[-2] - self.size) // 2, (clip.shape[-1] - self.size) // 2
+        return clip[..., top:top + self.size, left:left + self.size].contiguous(), label

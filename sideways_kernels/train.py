@@ -1,0 +1,393 @@
+"""sideways-train: train a video classifier with Sideways (or exact backprop through the
+same pipeline) on the embedded procedural data or on a folder of your own videos.
+
+    sideways-train                          # embedded data, Sideways, a few minutes on 2 cores
+    sideways-train --mode bp --seed 1 --out runs/bp1
+    sideways-train --data ~/UCF101 --clip-len 16 --size 112 --device cuda --workers 8
+    sideways-train --resume runs/bp1/last.pt     # continue exactly where it stopped
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import models
+from .backend import NAMES as BACKENDS, set_backend
+from .data import DataError, MovingTextures, VideoFolder
+from .pipeline import NonFiniteError, SidewaysPipeline
+
+__all__ = ["main", "parse_args"]
+
+EXIT_INTERRUPTED = 130
+EXIT_NON_FINITE = 3
+EXIT_DATA = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sideways-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pos = lambda kind: (lambda s: _positive(s, kind))
+    g = p.add_argument_group("training")
+    g.add_argument("--mode", choices=["sideways", "bp"], default="sideways",
+                   help="Sideways approximation, or exact backprop through the same pipeline")
+    g.add_argument("--epochs", type=pos(int), default=20, help="the learning-rate schedule spans these")
+    g.add_argument("--max-steps", type=pos(int), default=None,
+                   help="stop after this many steps in all (the schedule still spans --epochs; resume to go on)")
+    g.add_argument("--batch-size", type=pos(int), default=16)
+    g.add_argument("--lr", type=pos(float), default=0.05)
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD (momentum 0.9) or AdamW")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--update", choices=["clip", "tick"], default="clip",
+                   help="apply the optimizer once per clip, or every tick (SGD only, fused into the weight update)")
+    g.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(models.MODELS), default="c3d")
+    m.add_argument("--width", type=pos(int), default=16, help="channels of the first block (doubling per block)")
+    m.add_argument("--depth", type=pos(int), default=3, help="number of blocks")
+    m.add_argument("--temporal-kernel", type=pos(int), default=3)
+    m.add_argument("--stages", type=pos(int), default=3, help="pipeline stages the network is cut into")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors; "
+                                                "default: the embedded procedural dataset")
+    d.add_argument("--clip-len", type=pos(int), default=8, help="frames per clip")
+    d.add_argument("--frame-stride", type=pos(int), default=1, help="keep every s-th frame (faster change per tick)")
+    d.add_argument("--size", type=pos(int), default=32, help="frames are resized and cropped to size x size")
+    d.add_argument("--train-videos", type=pos(int), default=640, help="embedded data: training videos")
+    d.add_argument("--val-videos", type=pos(int), default=320, help="embedded data: validation videos")
+    d.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--backend", choices=BACKENDS, default=None, help="op backend (default: fastest built)")
+    r.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<time>)")
+    r.add_argument("--resume", default=None, help="a checkpoint (last.pt) to continue from; its run directory is reused")
+    r.add_argument("--log-every", type=pos(int), default=10, help="steps between metric lines")
+    args = p.parse_args(argv)
+    # which options were typed (a resumed run keeps its config except for these)
+    typed = sys.argv[1:] if argv is None else list(argv)
+    actions = p._option_string_actions
+    args.given = {actions[a.split("=")[0]].dest for a in typed if a.split("=")[0] in actions}
+    if args.update == "tick" and args.optimizer != "sgd":
+        p.error("--update tick needs --optimizer sgd (the fused per-tick update is SGD)")
+    if args.update == "tick" and args.mode != "sideways":
+        p.error("--update tick needs --mode sideways")
+    if args.stages > args.depth + 1:
+        p.error(f"--stages {args.stages} exceeds the {args.depth + 1} blocks of the network (--depth + head)")
+    if args.workers < 0:
+        p.error("--workers must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def _positive(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+    if not value > 0 or (kind is float and not math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+    return value
+
+
+# --- pieces ---------------------------------------------------------------------------
+
+def build_model(cfg: dict, num_classes: int, conv=None) -> nn.Sequential:
+    """The network of a run's config (``conv=nn.Conv3d`` gives the plain-PyTorch twin)."""
+    widths = [cfg["width"] * 2 ** i for i in range(cfg["depth"])]
+    kwargs = dict(widths=widths, temporal_kernel=cfg["temporal_kernel"])
+    if conv is not None:
+        kwargs["conv"] = conv
+    return models.MODELS[cfg["model"]](num_classes, **kwargs)
+
+
+def build_data(cfg: dict):
+    if cfg["data"] is None:
+        common = dict(clip_len=cfg["clip_len"], frame_stride=cfg["frame_stride"], size=cfg["size"])
+        return (MovingTextures(cfg["train_videos"], seed=cfg["seed"] * 2 + 1000, **common),
+                MovingTextures(cfg["val_videos"], seed=cfg["seed"] * 2 + 1001, **common))
+    common = dict(clip_len=cfg["clip_len"], frame_stride=cfg["frame_stride"], size=cfg["size"], seed=cfg["seed"])
+    return VideoFolder(cfg["data"], "train", **common), VideoFolder(cfg["data"], "test", **common)
+
+
+def build_optimizer(cfg: dict, params):
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write to a temporary file and rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader, device) -> tuple[float, float]:
+    """(mean loss, accuracy): the clip forward (which the streamed pipeline equals, oracle 2),
+    per-frame losses averaged, the clip's class from its frames' mean logits."""
+    was_training = net.training
+    net.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for video, label in loader:
+        video, label = video.to(device), label.to(device)
+        logits = net(video).flatten(3).mean(3)  # [B, K, T]
+        total_loss += F.cross_entropy(logits, label[:, None].expand(-1, logits.shape[2]), reduction="mean").item() * len(label)
+        correct += (logits.mean(2).argmax(1) == label).sum().item()
+        count += len(label)
+    net.train(was_training)
+    return total_loss / count, correct / count
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits after the current step."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nsideways-train: {signal.Signals(signum).name} received; saving a checkpoint after this step",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    resume = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise DataError(f"--resume: no checkpoint at {args.resume!r}")
+        resume = torch.load(args.resume, map_location="cpu", weights_only=False)
+        cfg = dict(resume["config"])
+        cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
+        for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every"):  # may change on resume
+            if key in args.given:
+                cfg[key] = getattr(args, key)
+        out = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given")}
+        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.exists(os.path.join(out, "last.pt")):
+            raise DataError(f"{out!r} already holds a run; continue it with --resume {os.path.join(out, 'last.pt')} "
+                            "or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    set_backend(cfg["backend"])
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+
+    train_set, val_set = build_data(cfg)
+    for ds in (train_set, val_set):
+        if getattr(ds, "skipped", None):
+            print(f"sideways-train: skipped {len(ds.skipped)} unreadable file(s)", file=sys.stderr)
+    classes = len(train_set.classes)
+    net = build_model(cfg, classes).to(device)
+    optimizer = build_optimizer(cfg, net.parameters())
+    steps_per_epoch = math.ceil(len(train_set) / cfg["batch_size"])
+    total_steps = cfg["epochs"] * steps_per_epoch  # not --max-steps: a cut run is a prefix of the full one
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
+    pipe = SidewaysPipeline(models.stages(net, cfg["stages"]), F.cross_entropy, cfg["mode"], update=cfg["update"],
+                            optimizer=optimizer if cfg["update"] == "tick" else None)
+    # batch: batches of `epoch` done; sums: (videos, correct, loss*videos) of those, for the epoch record
+    state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0], best_val_acc=-1.0, wall=0.0)
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        state.update(resume["state"])
+        set_rng_state(resume["rng"])
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+    def checkpoint(name: str) -> str:
+        path = os.path.join(out, name)
+        save_atomic(dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         state=dict(state), rng=rng_state(), config=cfg, classes=train_set.classes), path)
+        return path
+
+    loader_kw = dict(batch_size=cfg["batch_size"], num_workers=cfg["workers"], drop_last=False,
+                     persistent_workers=False, pin_memory=device.type == "cuda")
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_kw)
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    interactive = sys.stderr.isatty()
+    started = time.time() - state["wall"]
+    print(f"sideways-train: {cfg['mode']} {cfg['model']} ({sum(p.numel() for p in net.parameters())} parameters, "
+          f"{cfg['stages']} stages) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
+          file=sys.stderr)
+    try:
+        with _Stop() as stop:
+            while state["epoch"] < cfg["epochs"] and (cfg["max_steps"] is None or state["step"] < cfg["max_steps"]):
+                epoch = state["epoch"]
+                if hasattr(train_set, "set_epoch"):
+                    train_set.set_epoch(epoch)
+                order = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)  # same order after a resume
+                loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=order, **loader_kw)
+                bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg['epochs']}", interactive)
+                for batch_index, (video, label) in enumerate(loader):
+                    if batch_index < state["batch"]:  # resumed mid-epoch: these were done
+                        bar.update(1)
+                        continue
+                    tick = time.time()
+                    video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
+                    try:
+                        result = pipe.backward_clip(video, label)
+                    except NonFiniteError as exc:
+                        last = os.path.join(out, "last.pt")
+                        kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+                        print(f"sideways-train: stopping at step {state['step'] + 1} (epoch {epoch + 1}): {exc}; {kept}",
+                              file=sys.stderr)
+                        return EXIT_NON_FINITE
+                    if cfg["update"] == "clip":
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    state["step"] += 1
+                    state["batch"] = batch_index + 1
+                    elapsed = time.time() - tick
+                    hits = (result.outputs.flatten(3).mean((2, 3)).argmax(1) == label).sum().item()
+                    sums = state["sums"]
+                    sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + result.loss.item() * len(label)
+                    fps = video.shape[0] * video.shape[2] / elapsed
+                    bar.update(1, loss=result.loss.item(), acc=sums[1] / sums[0], fps=fps)
+                    if state["step"] % cfg["log_every"] == 0:
+                        _log(metrics, kind="step", step=state["step"], epoch=epoch + 1, loss=result.loss.item(),
+                             train_acc=sums[1] / sums[0], frames_per_s=fps, lr=scheduler.get_last_lr()[0],
+                             wall=time.time() - started)
+                    state["wall"] = time.time() - started
+                    if stop.signal is not None:
+                        path = checkpoint("last.pt")
+                        print(f"sideways-train: interrupted at step {state['step']}; saved {path}. "
+                              f"Resume with --resume {path}", file=sys.stderr)
+                        return EXIT_INTERRUPTED
+                    if cfg["max_steps"] is not None and state["step"] >= cfg["max_steps"]:
+                        break
+                bar.close()
+                if state["batch"] < steps_per_epoch:  # --max-steps cut the epoch: keep its place
+                    checkpoint("last.pt")
+                    print(f"sideways-train: stopped at --max-steps {cfg['max_steps']} in epoch {epoch + 1}; "
+                          f"resume with --resume {os.path.join(out, 'last.pt')}", file=sys.stderr)
+                    break
+                seen, correct, loss_sum = state["sums"]
+                state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0])
+                val_loss, val_acc = evaluate(net, val_loader, device)
+                record = dict(kind="epoch", step=state["step"], epoch=epoch + 1, train_loss=loss_sum / seen,
+                              train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
+                              lr=scheduler.get_last_lr()[0], wall=time.time() - started)
+                _log(metrics, **record)
+                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f} | "
+                      f"val loss {val_loss:.3f} acc {val_acc:.3f} | {record['wall']:.0f}s", file=sys.stderr)
+                if val_acc > state["best_val_acc"]:
+                    state["best_val_acc"] = val_acc
+                    checkpoint("best.pt")
+                checkpoint("last.pt")
+    finally:
+        metrics.close()
+    _plot(out)
+    print(f"sideways-train: done, best val acc {state['best_val_acc']:.3f}; {out}/metrics.jsonl, curves.png, "
+          f"last.pt, best.pt", file=sys.stderr)
+    return 0
+
+
+def _log(stream, **record) -> None:
+    stream.write(json.dumps(record) + "\n")
+    stream.flush()
+
+
+class _Quiet:
+    def update(self, n=1, **postfix):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, desc: str, interactive: bool):
+    """A tqdm bar on a terminal, nothing otherwise."""
+    if not interactive:
+        return _Quiet()
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    class _Bar:
+        def update(self, n=1, **postfix):
+            if postfix:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+            bar.update(n)
+
+        def close(self):
+            bar.close()
+
+    return _Bar()
+
+
+def _plot(out: str) -> None:
+    """curves.png: training loss per logged step, train/val accuracy per epoch."""
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    a.set_xlabel("step")
+    a.set_ylabel("training clip loss")
+    b.plot([r["epoch"] for r in epochs], [r["train_acc"] for r in epochs], "o-", label="train")
+    b.plot([r["epoch"] for r in epochs], [r["val_acc"] for r in epochs], "o-", label="validation")
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except DataError as exc:
+        print(f"sideways-train: error: {exc}", file=sys.stderr)
+        return EXIT_DATA
+
+
+if __name__ == "__main__":
+    sys.exit(main())
