@@ -6,12 +6,9 @@
 //
 // Free of torch headers (raw pointers, cudaStream_t) so that nvcc compiles it
 // on machines whose torch has no CUDA; the torch binding lives elsewhere.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
+#include "cuda_compat.h"
 #include "weight_update.h"
 
 namespace sideways {
@@ -121,8 +118,8 @@ static cudaError_t launch(const WeightUpdateArgs& a, const void* grad_out, const
   const int64_t n_cols = cg * a.k_t * a.k_h * a.k_w;
   const dim3 grid((n_cols + kTileN - 1) / kTileN,
                   (a.out_channels / a.groups + kTileM - 1) / kTileM, a.groups);
-  weight_update_kernel<T><<<grid, kThreads, 0, stream>>>(a, static_cast<const T*>(grad_out),
-                                                         static_cast<const T*>(ring));
+  SIDEWAYS_LAUNCH(weight_update_kernel<T>, grid, kThreads, 0, stream, a,
+                  static_cast<const T*>(grad_out), static_cast<const T*>(ring));
   return cudaGetLastError();
 }
 

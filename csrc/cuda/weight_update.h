@@ -1,7 +1,7 @@
 // Host-side interface of the fused weight-update kernel (no torch, no CUDA
 // types beyond cudaStream_t), shared by the .cu file and its torch binding.
 #pragma once
-#include <cuda_runtime.h>
+#include "cuda_compat.h"
 
 #include <cstdint>
 

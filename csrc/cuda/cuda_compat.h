@@ -1,0 +1,12 @@
+// The CUDA headers a kernel file needs, or their host emulation (SIDEWAYS_EMULATE), and
+// the launch macro both understand.
+#pragma once
+#ifdef SIDEWAYS_EMULATE
+#include "emulation/cuda_emulation.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define SIDEWAYS_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
