@@ -3,6 +3,7 @@ decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda`` or :func:`set_backend`
 chooses; the default is the fastest one built for the tensors' device."""
 from __future__ import annotations
 
+import importlib
 import os
 import types
 from typing import Optional
@@ -48,7 +49,11 @@ def resolve(device: torch.device, name: Optional[str] = None) -> str:
     if name == "cuda" and not have["cuda"]:
         raise RuntimeError("backend 'cuda' requested but no CUDA kernels are built or no GPU is visible")
     if name == "triton":
-        raise RuntimeError("backend 'triton' is not part of this build yet (see issue: GPU kernels)")
+        if not have["triton"]:
+            raise RuntimeError("backend 'triton' requested but triton is not installed (pip install triton)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend 'triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+                               "before starting Python")
     return name
 
 
@@ -58,5 +63,9 @@ OPS = ("ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_
 def kernels(name: str) -> types.SimpleNamespace:
     """The op functions of backend ``name``, with the signatures of ``torch.ops.sideways``.
     ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel)."""
-    source = reference if name == "torch" else torch.ops.sideways
+    if name == "triton":
+        importlib.import_module("sideways_kernels.triton")  # registers torch.ops.sideways_triton
+        source = torch.ops.sideways_triton
+    else:
+        source = reference if name == "torch" else torch.ops.sideways
     return types.SimpleNamespace(**{op: getattr(source, op) for op in OPS})

@@ -1,0 +1,178 @@
+"""The sideways ops as Triton kernels, registered with ``torch.library.triton_op`` in the
+``sideways_triton`` namespace (same signatures as ``torch.ops.sideways``), so
+``torch.compile`` can trace them on a GPU. On CPU tensors they run under the Triton
+interpreter: set ``TRITON_INTERPRET=1`` before this module is imported.
+
+``launches`` counts kernel launches per op: proof that a pipeline really ran Triton.
+"""
+from __future__ import annotations
+
+import collections
+from typing import List, Optional
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from . import kernels as K
+from ..ops import conv_output_size
+from ..reference import sgd_step
+
+__all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update", "launches"]
+
+launches: collections.Counter = collections.Counter()
+BLOCK = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _geometry(ring, slot, weight, stride, padding, dilation, dilation_t, groups):
+    """Every check csrc/checks.h makes, for a backend with no C++ in front of it."""
+    _check(ring.dim() == 5, f"ring must be 5-D [R, B, C, H, W], got shape {tuple(ring.shape)}")
+    _check(ring.dtype in DTYPES, f"the Triton backend runs {DTYPES}; ring is {ring.dtype}")
+    _check(weight.dim() == 5, f"weight must be 5-D [C_out, C/groups, k_t, k_h, k_w], got shape {tuple(weight.shape)}")
+    _check(weight.device == ring.device, f"weight must be on {ring.device} like ring, got {weight.device}")
+    _check(len(stride) == 2 and min(stride) >= 1, f"stride must be 2 entries >= 1, got {stride}")
+    _check(len(padding) == 2 and min(padding) >= 0, f"padding must be 2 entries >= 0, got {padding}")
+    _check(len(dilation) == 2 and min(dilation) >= 1, f"dilation must be 2 entries >= 1, got {dilation}")
+    _check(dilation_t >= 1 and groups >= 1, f"dilation_t and groups must be >= 1, got {dilation_t}, {groups}")
+    R, B, C, H, W = ring.shape
+    c_out, _, k_t, k_h, k_w = weight.shape
+    _check(C % groups == 0 and c_out % groups == 0 and weight.shape[1] * groups == C,
+           f"weight.size(1) must be C/groups = {C // groups} and groups must divide C ({C}) and C_out ({c_out})")
+    _check(R == dilation_t * (k_t - 1) + 1, f"ring.size(0) must be dilation_t*(k_t-1)+1 = {dilation_t * (k_t - 1) + 1}")
+    _check(0 <= slot < R, f"slot must be in [0, {R}), got {slot}")
+    h_out = conv_output_size(H, k_h, stride[0], padding[0], dilation[0])
+    w_out = conv_output_size(W, k_w, stride[1], padding[1], dilation[1])
+    _check(h_out >= 1 and w_out >= 1, "padded input is smaller than the dilated kernel")
+    return R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out
+
+
+def _check_grad_out(grad_out, ring, B, c_out, h_out, w_out):
+    _check(tuple(grad_out.shape) == (B, c_out, h_out, w_out),
+           f"grad_out must have shape {(B, c_out, h_out, w_out)}, got {tuple(grad_out.shape)}")
+    _check(grad_out.dtype == ring.dtype and grad_out.device == ring.device, "grad_out must match the ring's dtype and device")
+
+
+@triton_op("sideways_triton::ring_conv_forward", mutates_args={"ring"})
+def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: int, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                      dilation_t: int, groups: int) -> torch.Tensor:
+    R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _geometry(ring, slot, weight, stride, padding, dilation,
+                                                                   dilation_t, groups)
+    if frame is not None:
+        _check(tuple(frame.shape) == (B, C, H, W) and frame.dtype == ring.dtype, "frame must be [B, C, H, W] like the ring")
+        ring[slot].copy_(frame)
+    if bias is not None:
+        _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
+    out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
+    grid = (triton.cdiv(B * h_out * w_out, BLOCK["BLOCK_M"]), triton.cdiv(c_out // groups, BLOCK["BLOCK_N"]), groups)
+    wrap_triton(K._ring_conv_forward_kernel)[grid](
+        ring, weight, bias if bias is not None else weight, out, *ring.stride(), *weight.stride(), *out.stride(),
+        B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups,
+        KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype), **BLOCK)
+    launches["ring_conv_forward"] += 1
+    return out
+
+
+@triton_op("sideways_triton::window_input_grad", mutates_args={})
+def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: List[int], stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    _check(grad_out.dim() == 4 and weight.dim() == 5, "grad_out must be 4-D and weight 5-D")
+    _check(grad_out.dtype in DTYPES, f"the Triton backend runs {DTYPES}; grad_out is {grad_out.dtype}")
+    B, c_out, h_out, w_out = grad_out.shape
+    _check(weight.shape[0] == c_out and c_out % groups == 0, "grad_out.size(1) must be weight.size(0), divisible by groups")
+    H, W = input_size
+    k_h, k_w = weight.shape[3:]
+    _check(conv_output_size(H, k_h, stride[0], padding[0], dilation[0]) == h_out
+           and conv_output_size(W, k_w, stride[1], padding[1], dilation[1]) == w_out,
+           f"grad_out's {h_out}x{w_out} is not the conv output size for input_size {input_size}")
+    cg = weight.shape[1]
+    summed = weight.sum(2).to(grad_out.dtype)
+    grad_in = torch.empty((B, cg * groups, H, W), dtype=grad_out.dtype, device=grad_out.device,
+                          memory_format=torch.channels_last)
+    grid = (triton.cdiv(B * H * W, BLOCK["BLOCK_M"]), triton.cdiv(cg, BLOCK["BLOCK_N"]), groups)
+    wrap_triton(K._window_input_grad_kernel)[grid](
+        grad_out, summed, grad_in, *grad_out.stride(), *summed.stride(), *grad_in.stride(),
+        B, cg * groups, H, W, c_out, h_out, w_out, *stride, *padding, *dilation, groups,
+        KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), **BLOCK)
+    launches["window_input_grad"] += 1
+    return grad_in
+
+
+def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups,
+                          hyper=(0.0, 0.0, 0.0, 0.0), sgd=False, nesterov=False, first_step=False):
+    R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _geometry(ring, slot, target, stride, padding, dilation,
+                                                                   dilation_t, groups)
+    _check_grad_out(grad_out, ring, B, c_out, h_out, w_out)
+    if buffer is not None:
+        _check(buffer.shape == target.shape and buffer.stride() == target.stride() and buffer.dtype == target.dtype,
+               "momentum_buffer must match the weight's shape, layout and dtype")
+    n_cols = (C // groups) * k_t * k_h * k_w
+    grid = (triton.cdiv(c_out // groups, BLOCK["BLOCK_M"]), triton.cdiv(n_cols, BLOCK["BLOCK_N"]), groups)
+    wrap_triton(K._weight_update_kernel)[grid](
+        grad_out, ring, target, buffer if buffer is not None else target, *grad_out.stride(), *ring.stride(),
+        *target.stride(), B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups,
+        *hyper, KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
+        FIRST_STEP=first_step, PRECISION=_precision(ring.dtype), **BLOCK)
+
+
+@triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})
+def weight_grad_accumulate(grad_weight: torch.Tensor, grad_bias: Optional[torch.Tensor], grad_out: torch.Tensor,
+                           ring: torch.Tensor, slot: int, stride: List[int], padding: List[int], dilation: List[int],
+                           dilation_t: int, groups: int) -> None:
+    _launch_weight_update(grad_weight, None, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups)
+    if grad_bias is not None:
+        grad_bias.add_(grad_out.sum((0, 2, 3), dtype=grad_bias.dtype))
+    launches["weight_grad_accumulate"] += 1
+
+
+@triton_op("sideways_triton::sgd_tick_update",
+           mutates_args={"weight", "momentum_buffer", "bias", "bias_momentum_buffer"})
+def sgd_tick_update(weight: torch.Tensor, momentum_buffer: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    bias_momentum_buffer: Optional[torch.Tensor], grad_out: torch.Tensor, ring: torch.Tensor,
+                    slot: int, stride: List[int], padding: List[int], dilation: List[int], dilation_t: int,
+                    groups: int, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                    first_step: bool) -> None:
+    _check(momentum == 0 or momentum_buffer is not None, "momentum_buffer is required when momentum != 0")
+    _check(not nesterov or (momentum > 0 and dampening == 0), "nesterov needs momentum > 0 and dampening == 0")
+    _launch_weight_update(weight, momentum_buffer if momentum != 0 else None, grad_out, ring, slot, stride, padding,
+                          dilation, dilation_t, groups, (lr, momentum, dampening, weight_decay), sgd=True,
+                          nesterov=nesterov, first_step=first_step)
+    if bias is not None:  # a vector: one torch pass, not worth a kernel
+        sgd_step(bias, bias_momentum_buffer if momentum != 0 else None, grad_out.sum((0, 2, 3)), lr, momentum,
+                 dampening, weight_decay, nesterov, first_step)
+    launches["sgd_tick_update"] += 1
+
+
+# Shapes only, so tracing never runs a kernel (under the interpreter it cannot).
+@ring_conv_forward.register_fake
+def _(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups):
+    h, w = (conv_output_size(ring.shape[3 + i], weight.shape[3 + i], stride[i], padding[i], dilation[i]) for i in range(2))
+    return torch.empty((ring.shape[1], weight.shape[0], h, w), dtype=ring.dtype, device=ring.device,
+                       memory_format=torch.channels_last)
+
+
+@window_input_grad.register_fake
+def _(grad_out, weight, input_size, stride, padding, dilation, groups):
+    return torch.empty((grad_out.shape[0], weight.shape[1] * groups, *input_size), dtype=grad_out.dtype,
+                       device=grad_out.device, memory_format=torch.channels_last)
+
+
+@weight_grad_accumulate.register_fake
+def _(grad_weight, grad_bias, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups):
+    return None
+
+
+@sgd_tick_update.register_fake
+def _(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring, slot, stride, padding, dilation,
+      dilation_t, groups, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    return None
