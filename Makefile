@@ -38,7 +38,7 @@ cmake-check: install
 	$(PY) bench/cmake_smoke.py build-cmake/libsideways_ops.so
 
 # Every CUDA kernel compiles for Hopper (sm_90a) and Ampere (sm_80); registers and spills in nvcc.log.
-nvcc-check:
+nvcc-check: install
 	@if command -v $(NVCC) > /dev/null; then \
 	  rm -f nvcc.log; \
 	  for f in $(CU_SOURCES); do \
@@ -48,6 +48,11 @@ nvcc-check:
 	    done; \
 	  done; \
 	  grep -E "registers|spill" nvcc.log | sort | uniq -c; \
+	  echo "g++ -fsyntax-only csrc/cuda/*.cpp (the torch bindings, against torch's and CUDA's headers)"; \
+	  for f in $(wildcard csrc/cuda/*.cpp); do \
+	    $(CXX) -fsyntax-only -std=c++17 $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \
+	      -I$$(dirname $$(dirname $$(command -v $(NVCC))))/include -Icsrc/cuda $$f || exit 1; \
+	  done; \
 	else echo "nvcc not found: CUDA sources not compiled"; fi
 
 clean:

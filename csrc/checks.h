@@ -160,4 +160,12 @@ inline void check_sgd_hyper(double lr, double momentum, double dampening, double
               momentum, ", dampening=", dampening);
 }
 
+inline void check_momentum_buffer(const c10::optional<at::Tensor>& buf, const char* name,
+                                  const at::Tensor& param, const char* param_name, double momentum,
+                                  const at::Tensor& ring) {
+  if (momentum == 0) return;
+  TORCH_CHECK(buf.has_value(), name, " is required when momentum != 0");
+  check_like(*buf, name, param, param_name, ring);
+}
+
 }  // namespace sideways

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sideways_kernels import reference as ref
+from sideways_kernels.ops import empty_ring
 from samples import Geometry, geometry_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,16 +47,20 @@ def _call(so, g, mode, grad_out, ring, slot, grad_weight=None, weight=None, buf=
     h_out, w_out = g.out_hw()
     dims = (ctypes.c_int64 * 20)(g.span, g.batch, g.channels, g.height, g.width, g.out_channels, g.k_t, *g.k_hw,
                                  h_out, w_out, *g.stride, *g.padding, *g.dilation, g.dilation_t, g.groups, slot)
+    strides = (ctypes.c_int64 * 9)(*ring.stride(), *grad_out.stride())
     ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None
-    err = so.sideways_emulated_weight_update(dims, mode, ptr(grad_weight), ptr(weight), ptr(buf),
+    err = so.sideways_emulated_weight_update(dims, strides, mode, ptr(grad_weight), ptr(weight), ptr(buf),
                                              (ctypes.c_double * 4)(*hyper), int(nesterov), int(first_step),
                                              DTYPE_CODE[grad_out.dtype], ptr(grad_out), ptr(ring))
     assert err == 0, f"emulated launch failed with cudaError {err}"
 
 
 def _inputs(g, dtype):
-    ring = torch.randn(g.span, g.batch, g.channels, g.height, g.width).to(dtype)
-    grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw()).to(dtype)
+    """A ring in the layout the layers allocate (ops.empty_ring: strided, not contiguous) and
+    a channels-last error, as the pipeline hands them over."""
+    ring = empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=dtype)
+    ring.copy_(torch.randn(ring.shape))
+    grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw()).to(dtype).contiguous(memory_format=torch.channels_last)
     return ring, grad_out, int(torch.randint(g.span, ()).item())
 
 

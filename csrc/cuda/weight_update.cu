@@ -55,7 +55,8 @@ __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ g
       float v = 0.f;
       if (k < k_total && m < mg) {
         const int64_t b = k / hw_out, yx = k % hw_out;
-        v = to_float(grad_out[(b * a.out_channels + group * mg + m) * hw_out + yx]);
+        v = to_float(grad_out[b * a.grad_strides[0] + (group * mg + m) * a.grad_strides[1] +
+                              (yx / a.out_width) * a.grad_strides[2] + (yx % a.out_width) * a.grad_strides[3]]);
       }
       tile_err[kk][mm] = v;
     }
@@ -74,8 +75,9 @@ __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ g
         if (y >= 0 && y < a.height && x >= 0 && x < a.width) {
           int64_t s = (a.slot - (a.k_t - 1 - j) * a.dil_t) % a.span;
           if (s < 0) s += a.span;
-          v = to_float(ring[(((s * a.batch + b) * a.channels + group * cg + c) * a.height + y) *
-                                a.width + x]);
+          v = to_float(ring[s * a.ring_strides[0] + b * a.ring_strides[1] +
+                            (group * cg + c) * a.ring_strides[2] + y * a.ring_strides[3] +
+                            x * a.ring_strides[4]]);
         }
       }
       tile_act[kk][nn] = v;

@@ -11,12 +11,14 @@ namespace cuda {
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 enum class WeightUpdateMode { kAccumulate, kSgd };
 
-// All tensors contiguous. ring [span, B, C, H, W] and grad_out [B, C_out, H_out, W_out]
-// in `dtype`; weight, grad_weight and momentum_buffer are fp32 [C_out, C/groups, k_t, k_h, k_w].
+// ring [span, B, C, H, W] and grad_out [B, C_out, H_out, W_out] in `dtype`, any strides
+// (in elements); weight, grad_weight and momentum_buffer are contiguous fp32
+// [C_out, C/groups, k_t, k_h, k_w].
 struct WeightUpdateArgs {
   int64_t span, batch, channels, height, width;
   int64_t out_channels, k_t, k_h, k_w, out_height, out_width;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, slot;
+  int64_t ring_strides[5], grad_strides[4];
   WeightUpdateMode mode;
   float* grad_weight;      // kAccumulate: grad_weight += grad
   float* weight;           // kSgd: weight -= lr * step(grad)

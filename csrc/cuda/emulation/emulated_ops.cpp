@@ -6,7 +6,7 @@
 
 #include "../weight_update.h"
 
-extern "C" int sideways_emulated_weight_update(const int64_t* dims, int mode, float* grad_weight, float* weight,
+extern "C" int sideways_emulated_weight_update(const int64_t* dims, const int64_t* strides, int mode, float* grad_weight, float* weight,
                                                float* momentum_buffer, const double* hyper, int nesterov,
                                                int first_step, int dtype, const void* grad_out, const void* ring) {
   using namespace sideways::cuda;
@@ -17,6 +17,8 @@ extern "C" int sideways_emulated_weight_update(const int64_t* dims, int mode, fl
                        &a.k_w, &a.out_height, &a.out_width, &a.stride_h, &a.stride_w, &a.pad_h, &a.pad_w,
                        &a.dil_h, &a.dil_w, &a.dil_t, &a.groups, &a.slot};
   for (int i = 0; i < 20; ++i) *fields[i] = dims[i];
+  for (int i = 0; i < 5; ++i) a.ring_strides[i] = strides[i];  // strides: ring (5), then grad_out (4)
+  for (int i = 0; i < 4; ++i) a.grad_strides[i] = strides[5 + i];
   a.mode = mode == 0 ? WeightUpdateMode::kAccumulate : WeightUpdateMode::kSgd;
   a.grad_weight = grad_weight;
   a.weight = weight;

@@ -1,0 +1,78 @@
+"""On a CUDA GPU: the compiled CUDA ops (cuDNN convolutions, the fused weight-update kernel)
+against reference.py, the fused path against the ATen path, and pipelines on the cuda
+backend against the torch backend. Skipped, with the reason, where no GPU is visible."""
+import pytest
+import torch
+
+import sideways_kernels as sk
+from sideways_kernels import SidewaysPipeline, ops, reference as ref
+from nets import classifier_net, grads, rel_error, stages_of
+from samples import GEOMETRIES, geometry_id, make
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _cuda(t):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+
+
+def _a(g):
+    return list(g.stride), list(g.padding), list(g.dilation), g.dilation_t, g.groups
+
+
+def test_cuda_kernels_are_registered():
+    assert sk.backends()["cuda"], sk.backends()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g", GEOMETRIES, ids=geometry_id)
+def test_cuda_ops_match_reference(g, dtype):
+    t = _cuda(make(g, dtype, torch.float32))
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    ring = t["ring"].clone()
+    out = ops.ring_conv_forward(ring, t["frame"], t["slot"], t["weight"], t["bias"], *a)
+    expected_ring = t["ring"].double().clone()
+    expected = ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    grad_w, grad_b = torch.randn_like(t["weight"]), torch.randn_like(t["bias"])  # fp32 master buffers
+    exp_w, exp_b = grad_w.double(), grad_b.double()
+    ops.weight_grad_accumulate(grad_w, grad_b, t["grad_out"], ring, t["slot"], *a)
+    ref.weight_grad_accumulate(exp_w, exp_b, d(t["grad_out"]), d(ring), t["slot"], *a)
+    scale = exp_w.abs().max().item() + 1
+    torch.testing.assert_close(grad_w.double(), exp_w, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    down = ops.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], g.groups)
+    torch.testing.assert_close(down.double(), ref.window_input_grad(d(t["grad_out"]), d(t["weight"]),
+                                                                   [g.height, g.width], *a[:3], g.groups), **tol)
+
+
+@pytest.mark.parametrize("g", GEOMETRIES[1:4], ids=geometry_id)
+def test_cuda_fused_sgd_equals_torch_optim_sgd(g):
+    t = _cuda(make(g, torch.float32))
+    w, b = t["weight"].contiguous(), t["bias"].clone()
+    w_opt, b_opt = w.clone().requires_grad_(), b.clone().requires_grad_()
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, dampening=0.1)
+    opt = torch.optim.SGD([w_opt, b_opt], **hyper)
+    buf_w, buf_b = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
+    for tick in range(3):
+        grad_out, ring = torch.randn_like(t["grad_out"]), torch.randn_like(t["ring"])
+        gw, gb = torch.zeros_like(w), torch.zeros_like(b)
+        ref.weight_grad_accumulate(gw, gb, grad_out, ring, t["slot"], *_a(g))
+        w_opt.grad, b_opt.grad = gw, gb
+        opt.step()
+        ops.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, t["slot"], *_a(g), first_step=tick == 0, **hyper)
+        torch.testing.assert_close(w, w_opt.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, b_opt.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sideways", "bp"])
+def test_cuda_pipeline_matches_the_torch_backend(mode):
+    net = classifier_net([(3, 1, 1), (2, 0, 2), (3, 0, 1)], dtype=torch.float32).cuda()
+    video, target = torch.randn(2, 3, 9, 10, 9, device="cuda"), torch.randint(0, 7, (2,), device="cuda")
+    out = {}
+    for backend in ("torch", "cuda"):
+        net.zero_grad()
+        SidewaysPipeline(stages_of(net, 3), mode=mode, backend=backend).backward_clip(video, target)
+        out[backend] = grads(net)
+    assert rel_error(out["cuda"], out["torch"]) < 1e-3
