@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 NVCC ?= nvcc
+CUDA_HOME ?= /usr/local/cuda
 NVCC_FLAGS := -c -std=c++17 -Xptxas -v
 CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 STAMP := $(VENV)/.sideways-installed
@@ -51,7 +52,7 @@ nvcc-check: install
 	  echo "g++ -fsyntax-only csrc/cuda/*.cpp (the torch bindings, against torch's and CUDA's headers)"; \
 	  for f in $(wildcard csrc/cuda/*.cpp); do \
 	    $(CXX) -fsyntax-only -std=c++17 $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \
-	      -I$$(dirname $$(dirname $$(readlink -f $$(command -v $(NVCC)))))/include -Icsrc/cuda $$f || exit 1; \
+	      -I$(CUDA_HOME)/include -Icsrc/cuda $$f || exit 1; \
 	  done; \
 	else echo "nvcc not found: CUDA sources not compiled"; fi
 
