@@ -51,7 +51,7 @@ nvcc-check: install
 	  grep -E "registers|spill" nvcc.log | sort | uniq -c; \
 	  echo "g++ -fsyntax-only csrc/cuda/*.cpp (the torch bindings, against torch's and CUDA's headers)"; \
 	  for f in $(wildcard csrc/cuda/*.cpp); do \
-	    $(CXX) -fsyntax-only -std=c++17 $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \
+	    $(CXX) -fsyntax-only -std=c++20 $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \
 	      -I$(CUDA_HOME)/include -Icsrc/cuda $$f || exit 1; \
 	  done; \
 	else echo "nvcc not found: CUDA sources not compiled"; fi

@@ -26,7 +26,7 @@ def _with_cuda() -> bool:
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]  # torch >= 2.13 headers use C++20
     if _with_cuda():
         nvcc = ["-O3", "-std=c++17", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
                 "-gencode=arch=compute_90a,code=sm_90a"]
