@@ -148,9 +148,8 @@ void weight_grad_accumulate_aten(at::Tensor grad_weight, const c10::optional<at:
                                 const at::Tensor& grad_out, const at::Tensor& ring, int64_t slot,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t dilation_t, int64_t groups) {
-  auto g = check_ring_conv(ring, slot, grad_weight, stride, padding, dilation, dilation_t, groups);
-  check_grad_out(grad_out, g, ring);
-  if (grad_bias.has_value()) check_bias(*grad_bias, "grad_bias", g, ring);
+  auto g = check_weight_grad_accumulate(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
+                                        dilation, dilation_t, groups);
   auto taps = window_weight_grad(grad_out, ring, grad_weight, g, slot);
   grad_weight.add_(taps.permute({0, 2, 1, 3, 4}));
   if (grad_bias.has_value()) {
@@ -236,15 +235,9 @@ void sgd_tick_update_aten(at::Tensor weight, const c10::optional<at::Tensor>& mo
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t dilation_t, int64_t groups, double lr, double momentum,
                          double dampening, double weight_decay, bool nesterov, bool first_step) {
-  auto g = check_ring_conv(ring, slot, weight, stride, padding, dilation, dilation_t, groups);
-  check_grad_out(grad_out, g, ring);
-  check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
-  check_momentum_buffer(momentum_buffer, "momentum_buffer", weight, "weight", momentum, ring);
-  if (bias.has_value()) {
-    check_bias(*bias, "bias", g, ring);
-    check_momentum_buffer(bias_momentum_buffer, "bias_momentum_buffer", *bias, "bias", momentum,
-                          ring);
-  }
+  auto g = check_sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring,
+                                 slot, stride, padding, dilation, dilation_t, groups, lr, momentum,
+                                 dampening, weight_decay, nesterov);
   const SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, first_step};
   auto no_buf = c10::optional<at::Tensor>();
   auto taps = window_weight_grad(grad_out, ring, weight, g, slot);

@@ -168,4 +168,39 @@ inline void check_momentum_buffer(const c10::optional<at::Tensor>& buf, const ch
   check_like(*buf, name, param, param_name, ring);
 }
 
+// All checks of weight_grad_accumulate, whatever the backend.
+inline RingConv check_weight_grad_accumulate(const at::Tensor& grad_weight,
+                                             const c10::optional<at::Tensor>& grad_bias,
+                                             const at::Tensor& grad_out, const at::Tensor& ring,
+                                             int64_t slot, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             int64_t dilation_t, int64_t groups) {
+  auto g = check_ring_conv(ring, slot, grad_weight, stride, padding, dilation, dilation_t, groups);
+  check_grad_out(grad_out, g, ring);
+  if (grad_bias.has_value()) check_bias(*grad_bias, "grad_bias", g, ring);
+  return g;
+}
+
+// All checks of sgd_tick_update, whatever the backend.
+inline RingConv check_sgd_tick_update(const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& momentum_buffer,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const c10::optional<at::Tensor>& bias_momentum_buffer,
+                                      const at::Tensor& grad_out, const at::Tensor& ring,
+                                      int64_t slot, at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t dilation_t, int64_t groups,
+                                      double lr, double momentum, double dampening,
+                                      double weight_decay, bool nesterov) {
+  auto g = check_ring_conv(ring, slot, weight, stride, padding, dilation, dilation_t, groups);
+  check_grad_out(grad_out, g, ring);
+  check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
+  check_momentum_buffer(momentum_buffer, "momentum_buffer", weight, "weight", momentum, ring);
+  if (bias.has_value()) {
+    check_bias(*bias, "bias", g, ring);
+    check_momentum_buffer(bias_momentum_buffer, "bias_momentum_buffer", *bias, "bias", momentum,
+                          ring);
+  }
+  return g;
+}
+
 }  // namespace sideways

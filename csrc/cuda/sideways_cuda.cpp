@@ -71,9 +71,8 @@ void weight_grad_accumulate_cuda(at::Tensor grad_weight, const c10::optional<at:
                                  const at::Tensor& grad_out, const at::Tensor& ring, int64_t slot,
                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, int64_t dilation_t, int64_t groups) {
-  auto g = check_ring_conv(ring, slot, grad_weight, stride, padding, dilation, dilation_t, groups);
-  check_grad_out(grad_out, g, ring);
-  if (grad_bias.has_value()) check_bias(*grad_bias, "grad_bias", g, ring);
+  auto g = check_weight_grad_accumulate(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
+                                        dilation, dilation_t, groups);
   if (!fused_applies(grad_weight, c10::nullopt, ring, grad_out)) {
     return weight_grad_accumulate_aten(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
                                        dilation, dilation_t, groups);
@@ -94,15 +93,9 @@ void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& mo
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                           int64_t dilation_t, int64_t groups, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov, bool first_step) {
-  auto g = check_ring_conv(ring, slot, weight, stride, padding, dilation, dilation_t, groups);
-  check_grad_out(grad_out, g, ring);
-  check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
-  check_momentum_buffer(momentum_buffer, "momentum_buffer", weight, "weight", momentum, ring);
-  if (bias.has_value()) {
-    check_bias(*bias, "bias", g, ring);
-    check_momentum_buffer(bias_momentum_buffer, "bias_momentum_buffer", *bias, "bias", momentum,
-                          ring);
-  }
+  auto g = check_sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring,
+                                 slot, stride, padding, dilation, dilation_t, groups, lr, momentum,
+                                 dampening, weight_decay, nesterov);
   const auto buf = momentum != 0 ? momentum_buffer : c10::nullopt;
   if (!fused_applies(weight, buf, ring, grad_out)) {
     return sgd_tick_update_aten(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring,
