@@ -336,9 +336,10 @@ class SidewaysPipeline:
         change = self.output_length(0)
         acts: list = [None] * n_stages  # (input tensor, frame index, length offset) of each stage
         errs: list = [None] * n_stages  # gradient w.r.t. each stage's output, sent last tick
-        first = None
+        first = zeros = None
         emitted = 0
         training = frame_loss is not None
+        drain_bound = self._drain_bound()
         with self._streaming(mode, clocks):
             for tick in itertools.count():
                 if clip.frames == math.inf or tick < clip.frames:
@@ -350,8 +351,9 @@ class SidewaysPipeline:
                         first = self._check_frame(f, tick, first)
                         acts[0] = (first, tick, 0)
                 if tick >= clip.frames:  # drain: zero frames, which layers use only as end padding
-                    acts[0] = (torch.zeros_like(first), tick, 0)
-                if tick > clip.frames + self._drain_bound():
+                    zeros = torch.zeros_like(first) if zeros is None else zeros
+                    acts[0] = (zeros, tick, 0)
+                if tick > clip.frames + drain_bound:
                     raise RuntimeError(f"pipeline did not drain after {tick} ticks; a stage mixes SidewaysConv3d "
                                        "branches with different delays (only chains stream)")
                 parity = tick % 2
