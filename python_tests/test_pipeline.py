@@ -362,3 +362,25 @@ def test_bad_configuration():
         split_sequential(net, [0, 3])
     with pytest.raises(ValueError, match="backend"):
         SidewaysPipeline([net], backend="fortran")
+
+
+def test_stream_is_lazy_and_takes_a_single_frame():
+    """A live source: each output comes out as soon as its frame (plus the layers' delay)
+    is in, without reading the rest of the stream; a single frame streams too."""
+    net = classifier_net([(3, 1, 1), (1, 0, 1)])  # one temporal layer, delay 1 tick
+    pipe = SidewaysPipeline(stages_of(net, 2))
+    pulled = []
+
+    def camera():
+        for t in range(6):
+            pulled.append(t)
+            yield torch.randn(2, 3, 8, 7, dtype=DT)
+
+    outputs = pipe.stream(camera())
+    next(outputs)
+    assert len(pulled) == 2 + 1, pulled  # frame 0 needs frame 1 (delay) and a tick per stage boundary
+    outputs.close()
+    frame = torch.randn(2, 3, 8, 7, dtype=DT)
+    (only,) = list(pipe.stream(frame))
+    with torch.no_grad():
+        torch.testing.assert_close(only, net(frame.unsqueeze(2)))

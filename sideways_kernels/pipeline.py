@@ -108,7 +108,8 @@ class SidewaysPipeline:
             every tick; SidewaysConv3d weights through the fused update op, never materialising
             their gradient).
         devices: one device per stage; stages are moved there and activations/errors copied
-            between them.
+            between them. On CUDA every stage runs on its own stream, so the stages of a tick
+            overlap; each tick ends with all of them joined.
         backend: ``"torch" | "cpp" | "triton" | "cuda"``, else ``SIDEWAYS_BACKEND`` or the
             fastest one built for each stage's device.
 
@@ -145,6 +146,7 @@ class SidewaysPipeline:
                 raise ValueError("a SidewaysConv3d appears twice in the stages; a layer streams in one place only")
             seen.add(id(layer))
         self._buffers: dict = {}
+        self._streams: Optional[list] = None  # per-stage CUDA streams, made on first use
         self._check_config()
 
     # --- configuration ---------------------------------------------------------------------
@@ -250,7 +252,8 @@ class SidewaysPipeline:
     def stream(self, frames: Frames) -> Iterator[torch.Tensor]:
         """Inference, one frame a tick: yields the top stage's output of each frame,
         ``[B, C', 1, H', W']``, in frame order (the k-th yielded tensor is the clip forward's
-        frame k). ``frames``: a clip ``[B, C, T, H, W]`` or any iterable of frames."""
+        frame k), as soon as it is out. ``frames``: a clip ``[B, C, T, H, W]``, one frame
+        ``[B, C, H, W]``, or any iterable of frames (read lazily, so a live source works)."""
         self._check_config()
         frames, length = self._frames(frames, need_length=False)
         return self._run(frames, length, "infer", None, None)
@@ -260,6 +263,8 @@ class SidewaysPipeline:
     def _frames(self, video: Frames, need_length: bool):
         """(iterator of frames [B, C, 1, H, W], T or None)."""
         if isinstance(video, torch.Tensor):
+            if video.dim() == 4 and not need_length:  # stream() of one frame [B, C, H, W]
+                video = video.unsqueeze(2)
             if video.dim() != 5:
                 raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
             length = video.shape[2]
@@ -360,49 +365,57 @@ class SidewaysPipeline:
                 new_acts: list = [None] * n_stages
                 new_errs: list = [None] * n_stages
                 stepped = False
-                for i, stage in enumerate(self.stages):
-                    if acts[i] is None:
-                        continue  # nothing has reached this stage yet
-                    x, clocks[i].frame, clocks[i].offset = acts[i]
-                    err = errs[i]
-                    if mode == "sideways":
-                        backward = err is not None or (i == top and training)
-                        xin = x.detach().requires_grad_(backward and i > 0)
-                        with torch.set_grad_enabled(backward):
-                            out = stage(xin)
-                    elif mode == "bp":
-                        xin = x
-                        with torch.enable_grad():
-                            out = stage(x)
-                    else:
-                        with torch.no_grad():
-                            out = stage(x)
-                    self._check_output(i, out)
-                    t = clocks[i].frame
-                    if i == top:
-                        if not clocks[i].valid():
-                            continue
-                        emitted += 1
-                        yield out.detach()
-                        if not training:
-                            continue
-                        loss = frame_loss(out, t)
-                        # bp keeps the graph for the end; Sideways must not, or every frame's
-                        # loss would pin its graph's leaves (memory growing with T).
-                        losses.append(loss if mode == "bp" else loss.detach())
-                        if mode != "sideways":
-                            continue
-                        loss.backward()
-                    else:
-                        nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
-                        new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
-                        if mode != "sideways" or err is None:
-                            continue
-                        if out.requires_grad:
-                            torch.autograd.backward(out, err)
-                    stepped = True
-                    if i > 0 and xin.grad is not None:
-                        new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
+                streams = self._fork()
+                done: list = []  # this tick's valid top outputs, handed out once the tick is joined
+                try:
+                    for i, stage in enumerate(self.stages):
+                        if acts[i] is None:
+                            continue  # nothing has reached this stage yet
+                        if streams[i] is not None:  # the stage's work goes on its own CUDA stream
+                            torch.cuda.set_stream(streams[i])
+                        x, clocks[i].frame, clocks[i].offset = acts[i]
+                        err = errs[i]
+                        if mode == "sideways":
+                            backward = err is not None or (i == top and training)
+                            xin = x.detach().requires_grad_(backward and i > 0)
+                            with torch.set_grad_enabled(backward):
+                                out = stage(xin)
+                        elif mode == "bp":
+                            xin = x
+                            with torch.enable_grad():
+                                out = stage(x)
+                        else:
+                            with torch.no_grad():
+                                out = stage(x)
+                        self._check_output(i, out)
+                        t = clocks[i].frame
+                        if i == top:
+                            if not clocks[i].valid():
+                                continue
+                            emitted += 1
+                            done.append(out.detach())
+                            if not training:
+                                continue
+                            loss = frame_loss(out, t)
+                            # bp keeps the graph for the end; Sideways must not, or every frame's
+                            # loss would pin its graph's leaves (memory growing with T).
+                            losses.append(loss if mode == "bp" else loss.detach())
+                            if mode != "sideways":
+                                continue
+                            loss.backward()
+                        else:
+                            nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
+                            new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
+                            if mode != "sideways" or err is None:
+                                continue
+                            if out.requires_grad:
+                                torch.autograd.backward(out, err)
+                        stepped = True
+                        if i > 0 and xin.grad is not None:
+                            new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
+                finally:
+                    self._join(streams)
+                yield from done
                 acts[1:] = new_acts[1:]
                 errs = new_errs
                 if stepped and self.update == "tick" and mode == "sideways":
@@ -410,6 +423,26 @@ class SidewaysPipeline:
                     self.optimizer.zero_grad(set_to_none=True)
                 if emitted >= clip.frames + change and all(e is None for e in errs):
                     return
+
+    def _fork(self) -> list:
+        """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything
+        issued so far on its device's current stream: the last tick's work and buffers."""
+        if self._streams is None:
+            self._streams = [torch.cuda.Stream(self._device(i)) if self._device(i).type == "cuda" else None
+                             for i in range(len(self.stages))]
+            self._home = {s.device: torch.cuda.current_stream(s.device) for s in self._streams if s is not None}
+        for s in self._streams:
+            if s is not None:
+                s.wait_stream(self._home[s.device])
+        return self._streams
+
+    def _join(self, streams: list) -> None:
+        """End of a tick: every stage's stream joins back into its device's current stream, so
+        the next tick (and the caller) sees all of this tick's results."""
+        for s in streams:
+            if s is not None:
+                self._home[s.device].wait_stream(s)
+                torch.cuda.set_stream(self._home[s.device])
 
     def _drain_bound(self) -> int:
         """Ticks after the last frame within which a chain pipeline has drained."""
