@@ -93,6 +93,14 @@ VIDEO_EXTS = (".avi", ".mp4", ".mkv")
 TENSOR_EXTS = (".npy", ".pt")
 
 
+def _pyav():
+    try:
+        import av
+    except ImportError:
+        raise DataError("reading .avi/.mp4/.mkv videos needs PyAV: pip install av") from None
+    return av
+
+
 def _probe(path: str) -> int:
     """Number of frames in a video or tensor file; raises on an unreadable file."""
     if path.endswith(".npy"):
@@ -105,7 +113,7 @@ def _probe(path: str) -> int:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"expected a [T, H, W, C] tensor, got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
         return t.shape[0]
-    import av
+    av = _pyav()
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -118,7 +126,7 @@ def _read_frames(path: str) -> np.ndarray:
         return np.load(path)
     if path.endswith(".pt"):
         return torch.load(path, map_location="cpu", weights_only=True).numpy()
-    import av
+    av = _pyav()
     with av.open(path) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
@@ -164,6 +172,8 @@ class VideoFolder(torch.utils.data.Dataset):
             path = os.path.join(root, rel)
             try:
                 n = _probe(path)
+            except DataError:  # a problem of the setup (no PyAV), not of this file
+                raise
             except Exception as exc:  # corrupt or unreadable: skip it, name it
                 warnings.warn(f"skipping unreadable video {path}: {type(exc).__name__}: {exc}")
                 self.skipped.append(path)

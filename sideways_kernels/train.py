@@ -361,7 +361,11 @@ def _plot(out: str) -> None:
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("sideways-train: matplotlib is not installed, so no curves.png (pip install matplotlib)", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
