@@ -104,7 +104,7 @@ def test_pipeline_streams_with_triton_and_env_var_selects_it(monkeypatch):
     video = torch.randn(1, 3, 8, 8, 7)
     monkeypatch.setenv("SIDEWAYS_BACKEND", "triton")
     T.launches.clear()
-    streamed = torch.cat(list(SidewaysPipeline(stages_of(net, 2)).stream(video)), dim=2)
+    streamed = torch.stack(list(SidewaysPipeline(stages_of(net, 2)).stream(video)), dim=2)
     assert T.launches["ring_conv_forward"] > 0
     with torch.no_grad():
         torch.testing.assert_close(streamed, net(video), rtol=1e-4, atol=1e-5)

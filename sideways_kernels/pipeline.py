@@ -250,13 +250,14 @@ class SidewaysPipeline:
         return ClipResult(loss, torch.cat(outputs, dim=2))
 
     def stream(self, frames: Frames) -> Iterator[torch.Tensor]:
-        """Inference, one frame a tick: yields the top stage's output of each frame,
-        ``[B, C', 1, H', W']``, in frame order (the k-th yielded tensor is the clip forward's
-        frame k), as soon as it is out. ``frames``: a clip ``[B, C, T, H, W]``, one frame
-        ``[B, C, H, W]``, or any iterable of frames (read lazily, so a live source works)."""
+        """Inference, one frame a tick: yields the top stage's output of each frame as a frame,
+        ``[B, C', H', W']``, in frame order, as soon as it is out: the k-th yielded tensor is the
+        clip forward's frame k, so ``torch.stack(list(pipe.stream(clip)), dim=2) == net(clip)``.
+        ``frames``: a clip ``[B, C, T, H, W]``, one frame ``[B, C, H, W]``, or any iterable of
+        frames (read lazily, so a live source works)."""
         self._check_config()
         frames, length = self._frames(frames, need_length=False)
-        return self._run(frames, length, "infer", None, None)
+        return (out.squeeze(2) for out in self._run(frames, length, "infer", None, None))
 
     # --- the engine --------------------------------------------------------------------------
 
