@@ -168,6 +168,38 @@ inline void check_momentum_buffer(const c10::optional<at::Tensor>& buf, const ch
   check_like(*buf, name, param, param_name, ring);
 }
 
+// All checks of window_input_grad, whatever the backend.
+inline void check_window_input_grad(const at::Tensor& grad_out, const at::Tensor& weight,
+                                    at::IntArrayRef input_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups) {
+  TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [B, C_out, H_out, W_out], got shape ",
+              grad_out.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()), "grad_out must be floating, got ",
+              grad_out.scalar_type());
+  TORCH_CHECK(weight.dim() == 5, "weight must be 5-D [C_out, C/groups, k_t, k_h, k_w], got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.device() == grad_out.device(), "weight must be on ", grad_out.device(),
+              " like grad_out, got ", weight.device());
+  check_param_dtype(weight, "weight", grad_out.scalar_type());
+  check_pair(input_size, "input_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "groups must be >= 1 and divide ",
+              "weight.size(0) = ", weight.size(0), ", got ", groups);
+  TORCH_CHECK(grad_out.size(1) == weight.size(0), "grad_out.size(1) must be weight.size(0) = ",
+              weight.size(0), ", got ", grad_out.size(1));
+  for (int i = 0; i < 2; ++i) {
+    const int64_t extent = dilation[i] * (weight.size(3 + i) - 1) + 1;
+    const int64_t span = input_size[i] + 2 * padding[i] - extent;
+    TORCH_CHECK(span >= 0 && span / stride[i] + 1 == grad_out.size(2 + i), "grad_out.size(",
+                2 + i, ") = ", grad_out.size(2 + i), " is not the conv output size for input_size ",
+                input_size, ", weight ", weight.sizes(), ", stride ", stride, ", padding ", padding,
+                ", dilation ", dilation);
+  }
+}
+
 // All checks of weight_grad_accumulate, whatever the backend.
 inline RingConv check_weight_grad_accumulate(const at::Tensor& grad_weight,
                                              const c10::optional<at::Tensor>& grad_bias,

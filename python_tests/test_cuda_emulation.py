@@ -1,4 +1,4 @@
-"""The CUDA kernels' own source, compiled for the host with csrc/cuda/emulation/cuda_emulation.h
+"""The CUDA kernels' own source (csrc/cuda/kernels.cu), compiled for the host with csrc/cuda/emulation/cuda_emulation.h
 (blocks in turn, each block's threads as host threads meeting at __syncthreads), checked
 against reference.py on tiny odd shapes. This verifies the kernels' indexing, tiling,
 barriers and epilogues without a GPU; their speed is measured only on a GPU."""
@@ -25,12 +25,10 @@ def emulated(tmp_path_factory):
         pytest.skip(f"no host C++ compiler ({CXX}) to build the emulated kernels")
     lib = str(tmp_path_factory.mktemp("emulation") / "libsideways_emulated.so")
     cmd = [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-DSIDEWAYS_EMULATE", f"-I{CUDA}", "-x", "c++",
-           os.path.join(CUDA, "weight_update.cu"), "-x", "none", os.path.join(CUDA, "emulation", "emulated_ops.cpp"),
+           os.path.join(CUDA, "kernels.cu"), "-x", "none", os.path.join(CUDA, "emulation", "emulated_ops.cpp"),
            "-shared", "-fPIC", "-pthread", "-o", lib]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    so = ctypes.CDLL(lib)
-    so.sideways_emulated_weight_update.restype = ctypes.c_int
-    return so
+    return ctypes.CDLL(lib)
 
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -42,17 +40,28 @@ GEOMS = [
 ]
 
 
+def _dims(g, slot):
+    return (ctypes.c_int64 * 20)(g.span, g.batch, g.channels, g.height, g.width, g.out_channels, g.k_t, *g.k_hw,
+                                 *g.out_hw(), *g.stride, *g.padding, *g.dilation, g.dilation_t, g.groups, slot)
+
+
+def _strides(ring, out_shaped):
+    return (ctypes.c_int64 * 9)(*ring.stride(), *out_shaped.stride())
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _ok(err):
+    assert err == 0, f"emulated launch failed with cudaError {err}"
+
+
 def _call(so, g, mode, grad_out, ring, slot, grad_weight=None, weight=None, buf=None, hyper=(0, 0, 0, 0),
           nesterov=False, first_step=False):
-    h_out, w_out = g.out_hw()
-    dims = (ctypes.c_int64 * 20)(g.span, g.batch, g.channels, g.height, g.width, g.out_channels, g.k_t, *g.k_hw,
-                                 h_out, w_out, *g.stride, *g.padding, *g.dilation, g.dilation_t, g.groups, slot)
-    strides = (ctypes.c_int64 * 9)(*ring.stride(), *grad_out.stride())
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None
-    err = so.sideways_emulated_weight_update(dims, strides, mode, ptr(grad_weight), ptr(weight), ptr(buf),
-                                             (ctypes.c_double * 4)(*hyper), int(nesterov), int(first_step),
-                                             DTYPE_CODE[grad_out.dtype], ptr(grad_out), ptr(ring))
-    assert err == 0, f"emulated launch failed with cudaError {err}"
+    _ok(so.sideways_emulated_weight_update(_dims(g, slot), _strides(ring, grad_out), mode, _ptr(grad_weight),
+                                           _ptr(weight), _ptr(buf), (ctypes.c_double * 4)(*hyper), int(nesterov),
+                                           int(first_step), DTYPE_CODE[grad_out.dtype], _ptr(grad_out), _ptr(ring)))
 
 
 def _inputs(g, dtype):
@@ -105,3 +114,39 @@ def test_emulated_sgd_epilogue_matches_torch_optim_sgd(emulated, g, hyper, neste
         torch.testing.assert_close(w, w_opt.detach(), rtol=1e-5, atol=1e-5)
         if momentum:
             torch.testing.assert_close(buf, opt.state[w_opt]["momentum_buffer"], rtol=1e-5, atol=1e-5)
+
+
+def _poisoned(shape, dtype):
+    """Channels-last output, NaN-filled: every element must be written."""
+    return torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g", GEOMS, ids=geometry_id)
+def test_emulated_ring_conv_forward_matches_reference(emulated, g, dtype):
+    ring, _, slot = _inputs(g, dtype)
+    weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw) / 3
+    bias = torch.randn(g.out_channels)
+    out = _poisoned((g.batch, g.out_channels, *g.out_hw()), dtype)
+    _ok(emulated.sideways_emulated_ring_conv_forward(_dims(g, slot), _strides(ring, out), DTYPE_CODE[dtype],
+                                                     _ptr(ring), _ptr(weight), _ptr(bias), _ptr(out)))
+    expected = ref.ring_conv_forward(ring.double(), None, slot, weight.double(), bias.double(), list(g.stride),
+                                     list(g.padding), list(g.dilation), g.dilation_t, g.groups)
+    scale = expected.abs().max().item() + 1
+    torch.testing.assert_close(out.double(), expected, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g", GEOMS, ids=geometry_id)
+def test_emulated_window_input_grad_matches_reference(emulated, g, dtype):
+    ring, grad_out, slot = _inputs(g, dtype)
+    weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw) / 3
+    summed = weight.sum(2).contiguous()
+    grad_in = _poisoned((g.batch, g.channels, g.height, g.width), dtype)
+    in_strides = (ctypes.c_int64 * 4)(*grad_in.stride())
+    _ok(emulated.sideways_emulated_window_input_grad(_dims(g, slot), _strides(ring, grad_out), DTYPE_CODE[dtype],
+                                                     _ptr(grad_out), _ptr(summed), _ptr(grad_in), in_strides))
+    expected = ref.window_input_grad(grad_out.double(), weight.double(), [g.height, g.width], list(g.stride),
+                                     list(g.padding), list(g.dilation), g.groups)
+    scale = expected.abs().max().item() + 1
+    torch.testing.assert_close(grad_in.double(), expected, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10 * scale)

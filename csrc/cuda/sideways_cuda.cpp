@@ -1,15 +1,14 @@
-// CUDA registrations of the sideways ops: the convolutions through the ATen path
-// (cuDNN), the weight update through the fused implicit-GEMM kernel of
-// weight_update.cu wherever it applies (fp32 master weights, fp32/fp16/bf16
-// activations), else the ATen path. Built only when torch has CUDA; no c10/cuda
-// headers needed (the current stream comes from c10::Stream::native_handle()).
+// CUDA registrations of the sideways ops: the hand-written kernels of kernels.cu for
+// fp32/fp16/bf16 activations (weights and gradient buffers fp32 master copies for the
+// fused update), else the ATen path (cuDNN). Built only when torch has CUDA; needs no
+// c10/cuda headers (the current stream comes from c10::Stream::native_handle()).
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include "../aten_ops.h"
 #include "../checks.h"
-#include "weight_update.h"
+#include "kernels.h"
 
 namespace sideways {
 namespace {
@@ -19,12 +18,8 @@ cudaStream_t current_stream(const at::Device& device) {
   return static_cast<cudaStream_t>(impl->getStream(device).native_handle());
 }
 
-bool fused_applies(const at::Tensor& param, const c10::optional<at::Tensor>& buf,
-                   const at::Tensor& ring, const at::Tensor& grad_out) {
-  const auto t = ring.scalar_type();
-  return param.scalar_type() == at::kFloat && param.is_contiguous() &&
-         (!buf.has_value() || (buf->scalar_type() == at::kFloat && buf->is_contiguous())) &&
-         (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && grad_out.scalar_type() == t;
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
 cuda::DType dtype_of(at::ScalarType t) {
@@ -32,55 +27,128 @@ cuda::DType dtype_of(at::ScalarType t) {
                         : t == at::kBFloat16 ? cuda::DType::kBFloat16 : cuda::DType::kFloat32;
 }
 
-cuda::WeightUpdateArgs make_args(const RingConv& g, int64_t slot, const at::Tensor& ring,
-                                 const at::Tensor& grad_out) {
-  cuda::WeightUpdateArgs a{};
-  a.span = g.span;
-  a.batch = g.batch;
-  a.channels = g.channels;
-  a.height = g.height;
-  a.width = g.width;
-  a.out_channels = g.out_channels;
-  a.k_t = g.k_t;
-  a.k_h = g.k_h;
-  a.k_w = g.k_w;
-  a.out_height = g.out_height;
-  a.out_width = g.out_width;
-  a.stride_h = g.stride[0];
-  a.stride_w = g.stride[1];
-  a.pad_h = g.padding[0];
-  a.pad_w = g.padding[1];
-  a.dil_h = g.dilation[0];
-  a.dil_w = g.dilation[1];
-  a.dil_t = g.dilation_t;
-  a.groups = g.groups;
-  a.slot = slot;
-  for (int i = 0; i < 5; ++i) a.ring_strides[i] = ring.stride(i);
-  for (int i = 0; i < 4; ++i) a.grad_strides[i] = grad_out.stride(i);
-  return a;
+cuda::ConvGeometry geometry(const RingConv& g, int64_t slot, const at::Tensor& ring,
+                            const at::Tensor& out_shaped) {
+  cuda::ConvGeometry c{};
+  c.span = g.span;
+  c.batch = g.batch;
+  c.channels = g.channels;
+  c.height = g.height;
+  c.width = g.width;
+  c.out_channels = g.out_channels;
+  c.k_t = g.k_t;
+  c.k_h = g.k_h;
+  c.k_w = g.k_w;
+  c.out_height = g.out_height;
+  c.out_width = g.out_width;
+  c.stride_h = g.stride[0];
+  c.stride_w = g.stride[1];
+  c.pad_h = g.padding[0];
+  c.pad_w = g.padding[1];
+  c.dil_h = g.dilation[0];
+  c.dil_w = g.dilation[1];
+  c.dil_t = g.dilation_t;
+  c.groups = g.groups;
+  c.slot = slot;
+  for (int i = 0; i < 5; ++i) c.ring_strides[i] = ring.stride(i);
+  for (int i = 0; i < 4; ++i) c.out_strides[i] = out_shaped.stride(i);
+  return c;
 }
 
-void launch(const cuda::WeightUpdateArgs& a, const at::Tensor& grad_out, const at::Tensor& ring) {
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "sideways ", kernel, " kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor ring_conv_forward_cuda(at::Tensor ring, const c10::optional<at::Tensor>& frame, int64_t slot,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t dilation_t, int64_t groups) {
+  if (!kernel_dtype(ring.scalar_type())) {
+    return ring_conv_forward_aten(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t,
+                                  groups);
+  }
+  auto g = check_ring_conv(ring, slot, weight, stride, padding, dilation, dilation_t, groups);
+  if (bias.has_value()) check_bias(*bias, "bias", g, ring);
+  if (frame.has_value()) {
+    check_frame(*frame, ring);
+    ring.select(0, slot).copy_(*frame);
+  }
   const c10::DeviceGuard guard(ring.device());
-  const cudaError_t err = cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
-                                              ring.const_data_ptr(), current_stream(ring.device()));
-  TORCH_CHECK(err == cudaSuccess, "sideways weight_update kernel launch failed: ", cudaGetErrorString(err));
+  const auto w32 = weight.to(at::kFloat).contiguous();
+  const auto b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
+                       ring.options().memory_format(at::MemoryFormat::ChannelsLast));
+  check_launch(cuda::ring_conv_forward(geometry(g, slot, ring, out), dtype_of(ring.scalar_type()),
+                                       ring.const_data_ptr(), w32.const_data_ptr<float>(),
+                                       b32.defined() ? b32.const_data_ptr<float>() : nullptr,
+                                       out.mutable_data_ptr(), current_stream(ring.device())),
+               "ring_conv_forward");
+  return out;
+}
+
+at::Tensor window_input_grad_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
+                                  at::IntArrayRef input_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  if (!kernel_dtype(grad_out.scalar_type())) {
+    return window_input_grad_aten(grad_out, weight, input_size, stride, padding, dilation, groups);
+  }
+  check_window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups);
+  const c10::DeviceGuard guard(grad_out.device());
+  cuda::ConvGeometry g{};  // no ring here: span 1, its strides unused
+  g.span = 1;
+  g.batch = grad_out.size(0);
+  g.channels = weight.size(1) * groups;
+  g.height = input_size[0];
+  g.width = input_size[1];
+  g.out_channels = weight.size(0);
+  g.k_t = weight.size(2);
+  g.k_h = weight.size(3);
+  g.k_w = weight.size(4);
+  g.out_height = grad_out.size(2);
+  g.out_width = grad_out.size(3);
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dil_h = dilation[0];
+  g.dil_w = dilation[1];
+  g.dil_t = 1;
+  g.groups = groups;
+  for (int i = 0; i < 4; ++i) g.out_strides[i] = grad_out.stride(i);
+  const auto summed = weight.sum(2).to(at::kFloat).contiguous();
+  auto grad_in = at::empty({g.batch, g.channels, g.height, g.width},
+                           grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  check_launch(cuda::window_input_grad(g, dtype_of(grad_out.scalar_type()), grad_out.const_data_ptr(),
+                                       summed.const_data_ptr<float>(), grad_in.mutable_data_ptr(),
+                                       grad_in.strides().data(), current_stream(grad_out.device())),
+               "window_input_grad");
+  return grad_in;
+}
+
+bool fused_applies(const at::Tensor& param, const c10::optional<at::Tensor>& buf, const at::Tensor& ring) {
+  return param.scalar_type() == at::kFloat && param.is_contiguous() &&
+         (!buf.has_value() || (buf->scalar_type() == at::kFloat && buf->is_contiguous())) &&
+         kernel_dtype(ring.scalar_type());
 }
 
 void weight_grad_accumulate_cuda(at::Tensor grad_weight, const c10::optional<at::Tensor>& grad_bias,
                                  const at::Tensor& grad_out, const at::Tensor& ring, int64_t slot,
-                                 at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t dilation_t, int64_t groups) {
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t dilation_t, int64_t groups) {
   auto g = check_weight_grad_accumulate(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
                                         dilation, dilation_t, groups);
-  if (!fused_applies(grad_weight, c10::nullopt, ring, grad_out)) {
+  if (!fused_applies(grad_weight, c10::nullopt, ring)) {
     return weight_grad_accumulate_aten(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
                                        dilation, dilation_t, groups);
   }
-  auto a = make_args(g, slot, ring, grad_out);
+  const c10::DeviceGuard guard(ring.device());
+  cuda::WeightUpdateArgs a{};
+  a.g = geometry(g, slot, ring, grad_out);
   a.mode = cuda::WeightUpdateMode::kAccumulate;
   a.grad_weight = grad_weight.data_ptr<float>();
-  launch(a, grad_out, ring);
+  check_launch(cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
+                                   ring.const_data_ptr(), current_stream(ring.device())),
+               "weight_update");
   if (grad_bias.has_value()) {
     grad_bias->add_(grad_out.sum({0, 2, 3}, false, grad_bias->scalar_type()));
   }
@@ -88,21 +156,23 @@ void weight_grad_accumulate_cuda(at::Tensor grad_weight, const c10::optional<at:
 
 void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& momentum_buffer,
                           const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& bias_momentum_buffer,
-                          const at::Tensor& grad_out, const at::Tensor& ring, int64_t slot,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                          int64_t dilation_t, int64_t groups, double lr, double momentum,
-                          double dampening, double weight_decay, bool nesterov, bool first_step) {
-  auto g = check_sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring,
-                                 slot, stride, padding, dilation, dilation_t, groups, lr, momentum,
-                                 dampening, weight_decay, nesterov);
+                          const c10::optional<at::Tensor>& bias_momentum_buffer, const at::Tensor& grad_out,
+                          const at::Tensor& ring, int64_t slot, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t dilation_t, int64_t groups, double lr,
+                          double momentum, double dampening, double weight_decay, bool nesterov,
+                          bool first_step) {
+  auto g = check_sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring, slot,
+                                 stride, padding, dilation, dilation_t, groups, lr, momentum, dampening,
+                                 weight_decay, nesterov);
   const auto buf = momentum != 0 ? momentum_buffer : c10::nullopt;
-  if (!fused_applies(weight, buf, ring, grad_out)) {
-    return sgd_tick_update_aten(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring,
-                                slot, stride, padding, dilation, dilation_t, groups, lr, momentum,
-                                dampening, weight_decay, nesterov, first_step);
+  if (!fused_applies(weight, buf, ring)) {
+    return sgd_tick_update_aten(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring, slot,
+                                stride, padding, dilation, dilation_t, groups, lr, momentum, dampening,
+                                weight_decay, nesterov, first_step);
   }
-  auto a = make_args(g, slot, ring, grad_out);
+  const c10::DeviceGuard guard(ring.device());
+  cuda::WeightUpdateArgs a{};
+  a.g = geometry(g, slot, ring, grad_out);
   a.mode = cuda::WeightUpdateMode::kSgd;
   a.weight = weight.data_ptr<float>();
   a.momentum_buffer = buf.has_value() ? buf->data_ptr<float>() : nullptr;
@@ -112,7 +182,9 @@ void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& mo
   a.weight_decay = static_cast<float>(weight_decay);
   a.nesterov = nesterov;
   a.first_step = first_step;
-  launch(a, grad_out, ring);
+  check_launch(cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
+                                   ring.const_data_ptr(), current_stream(ring.device())),
+               "weight_update");
   if (bias.has_value()) {
     const SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, first_step};
     sgd_apply(*bias, momentum != 0 ? bias_momentum_buffer : c10::nullopt,
@@ -124,8 +196,8 @@ void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& mo
 }  // namespace sideways
 
 TORCH_LIBRARY_IMPL(sideways, CUDA, m) {
-  m.impl("ring_conv_forward", &sideways::ring_conv_forward_aten);
-  m.impl("window_input_grad", &sideways::window_input_grad_aten);
+  m.impl("ring_conv_forward", &sideways::ring_conv_forward_cuda);
+  m.impl("window_input_grad", &sideways::window_input_grad_cuda);
   m.impl("weight_grad_accumulate", &sideways::weight_grad_accumulate_cuda);
   m.impl("sgd_tick_update", &sideways::sgd_tick_update_cuda);
 }

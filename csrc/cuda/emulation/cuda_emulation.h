@@ -142,5 +142,37 @@ inline float __half2float(__half v) {
   return f;
 }
 
+// float -> 16-bit, rounding to nearest even as the CUDA intrinsics do.
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((x >> 16) | 0x40u)};  // nan
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return {static_cast<uint16_t>(x >> 16)};
+}
+
+inline __half __float2half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000u, mantissa = x & 0x7fffffu;
+  const int32_t biased = static_cast<int32_t>((x >> 23) & 0xffu);
+  if (biased == 0xff) return {static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0u))};
+  const int32_t exponent = biased - 127 + 15;
+  if (exponent >= 31) return {static_cast<uint16_t>(sign | 0x7c00u)};  // overflow: inf
+  if (exponent <= 0) {  // subnormal half (or zero)
+    if (exponent < -10) return {static_cast<uint16_t>(sign)};
+    const uint32_t m = mantissa | 0x800000u;
+    const int shift = 14 - exponent;
+    uint32_t h = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1u), half_way = 1u << (shift - 1);
+    if (rest > half_way || (rest == half_way && (h & 1u))) ++h;
+    return {static_cast<uint16_t>(sign | h)};
+  }
+  uint32_t h = sign | (static_cast<uint32_t>(exponent) << 10) | (mantissa >> 13);
+  const uint32_t rest = mantissa & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry correctly bumps the exponent
+  return {static_cast<uint16_t>(h)};
+}
+
 #define SIDEWAYS_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::sideways_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); })

@@ -1,24 +1,35 @@
 // C entry points of the emulated CUDA kernels, for python_tests/test_cuda_emulation.py
 // (loaded with ctypes). Built with the host compiler, as that test does:
-//   g++ -std=c++17 -DSIDEWAYS_EMULATE -Icsrc/cuda -x c++ csrc/cuda/weight_update.cu
+//   g++ -std=c++17 -DSIDEWAYS_EMULATE -Icsrc/cuda -x c++ csrc/cuda/kernels.cu
 //       -x none csrc/cuda/emulation/emulated_ops.cpp -shared -fPIC -pthread -o libsideways_emulated.so
+// `dims`: span, batch, channels, height, width, out_channels, k_t, k_h, k_w, out_height,
+// out_width, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, slot;
+// `strides`: the ring's 5, then the output-shaped tensor's 4 (grad_out, or out).
 #include <cstdint>
 
-#include "../weight_update.h"
+#include "../kernels.h"
 
-extern "C" int sideways_emulated_weight_update(const int64_t* dims, const int64_t* strides, int mode, float* grad_weight, float* weight,
-                                               float* momentum_buffer, const double* hyper, int nesterov,
-                                               int first_step, int dtype, const void* grad_out, const void* ring) {
-  using namespace sideways::cuda;
-  WeightUpdateArgs a{};
-  // dims: span, batch, channels, height, width, out_channels, k_t, k_h, k_w, out_height, out_width,
-  //       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, slot
-  int64_t* fields[] = {&a.span, &a.batch, &a.channels, &a.height, &a.width, &a.out_channels, &a.k_t, &a.k_h,
-                       &a.k_w, &a.out_height, &a.out_width, &a.stride_h, &a.stride_w, &a.pad_h, &a.pad_w,
-                       &a.dil_h, &a.dil_w, &a.dil_t, &a.groups, &a.slot};
+using namespace sideways::cuda;
+
+static ConvGeometry geometry(const int64_t* dims, const int64_t* strides) {
+  ConvGeometry g{};
+  int64_t* fields[] = {&g.span, &g.batch, &g.channels, &g.height, &g.width, &g.out_channels, &g.k_t,
+                       &g.k_h, &g.k_w, &g.out_height, &g.out_width, &g.stride_h, &g.stride_w, &g.pad_h,
+                       &g.pad_w, &g.dil_h, &g.dil_w, &g.dil_t, &g.groups, &g.slot};
   for (int i = 0; i < 20; ++i) *fields[i] = dims[i];
-  for (int i = 0; i < 5; ++i) a.ring_strides[i] = strides[i];  // strides: ring (5), then grad_out (4)
-  for (int i = 0; i < 4; ++i) a.grad_strides[i] = strides[5 + i];
+  for (int i = 0; i < 5; ++i) g.ring_strides[i] = strides[i];
+  for (int i = 0; i < 4; ++i) g.out_strides[i] = strides[5 + i];
+  return g;
+}
+
+static const DType kTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+
+extern "C" int sideways_emulated_weight_update(const int64_t* dims, const int64_t* strides, int mode,
+                                               float* grad_weight, float* weight, float* momentum_buffer,
+                                               const double* hyper, int nesterov, int first_step, int dtype,
+                                               const void* grad_out, const void* ring) {
+  WeightUpdateArgs a{};
+  a.g = geometry(dims, strides);
   a.mode = mode == 0 ? WeightUpdateMode::kAccumulate : WeightUpdateMode::kSgd;
   a.grad_weight = grad_weight;
   a.weight = weight;
@@ -29,6 +40,18 @@ extern "C" int sideways_emulated_weight_update(const int64_t* dims, const int64_
   a.weight_decay = static_cast<float>(hyper[3]);
   a.nesterov = nesterov != 0;
   a.first_step = first_step != 0;
-  const DType types[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
-  return static_cast<int>(weight_update(a, types[dtype], grad_out, ring, nullptr));
+  return static_cast<int>(weight_update(a, kTypes[dtype], grad_out, ring, nullptr));
+}
+
+extern "C" int sideways_emulated_ring_conv_forward(const int64_t* dims, const int64_t* strides, int dtype,
+                                                   const void* ring, const float* weight, const float* bias,
+                                                   void* out) {
+  return static_cast<int>(ring_conv_forward(geometry(dims, strides), kTypes[dtype], ring, weight, bias, out, nullptr));
+}
+
+extern "C" int sideways_emulated_window_input_grad(const int64_t* dims, const int64_t* strides, int dtype,
+                                                   const void* grad_out, const float* summed, void* grad_in,
+                                                   const int64_t* in_strides) {
+  return static_cast<int>(
+      window_input_grad(geometry(dims, strides), kTypes[dtype], grad_out, summed, grad_in, in_strides, nullptr));
 }

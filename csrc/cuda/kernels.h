@@ -1,0 +1,56 @@
+// Host-side interface of the CUDA kernels (no torch; CUDA types only through
+// cuda_compat.h), shared by kernels.cu, its torch binding and the host emulation.
+#pragma once
+#include <cstdint>
+
+#include "cuda_compat.h"
+
+namespace sideways {
+namespace cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+enum class WeightUpdateMode { kAccumulate, kSgd };
+
+// One streaming conv layer. ring [span, B, C, H, W] and the layer's output-shaped tensor
+// ([B, C_out, H_out, W_out]: grad_out, or the forward's out) in the activation dtype, any
+// strides (in elements). Weights are contiguous fp32 [C_out, C/groups, k_t, k_h, k_w].
+struct ConvGeometry {
+  int64_t span, batch, channels, height, width;
+  int64_t out_channels, k_t, k_h, k_w, out_height, out_width;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, slot;
+  int64_t ring_strides[5], out_strides[4];
+};
+
+// Strides of the input gradient, passed to the kernel by value.
+struct InStrides {
+  int64_t s[4];
+};
+
+struct WeightUpdateArgs {
+  ConvGeometry g;
+  WeightUpdateMode mode;
+  float* grad_weight;      // kAccumulate: grad_weight += grad
+  float* weight;           // kSgd: weight -= lr * step(grad)
+  float* momentum_buffer;  // kSgd, null when momentum == 0
+  float lr, momentum, dampening, weight_decay;
+  bool nesterov, first_step;
+};
+
+// The weight gradient of one frame pair for every tap, kept in registers and either
+// accumulated or applied as torch.optim.SGD's step (see WeightUpdateMode).
+cudaError_t weight_update(const WeightUpdateArgs& args, DType dtype, const void* grad_out,
+                          const void* ring, cudaStream_t stream);
+
+// out = the conv of the window ending at g.slot (+ bias, may be null); out has g.out_strides.
+cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ring,
+                              const float* weight, const float* bias, void* out,
+                              cudaStream_t stream);
+
+// grad_in [B, C, H, W] (strides in_strides) = the transposed conv of grad_out (g.out_strides)
+// with the taps' weights summed: summed_weight is contiguous fp32 [C_out, C/groups, k_h, k_w].
+cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* grad_out,
+                              const float* summed_weight, void* grad_in, const int64_t* in_strides,
+                              cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace sideways
