@@ -385,3 +385,19 @@ def test_stream_is_lazy_and_takes_a_single_frame():
     (only,) = list(pipe.stream(frame))
     with torch.no_grad():
         torch.testing.assert_close(only, net(frame.unsqueeze(2)).squeeze(2))
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+@pytest.mark.parametrize("temporal", TEMPORAL, ids=str)
+def test_tick_count_is_known_in_advance(temporal, n_stages):
+    """Processes that run a part of the pipeline stop after total_ticks() without seeing the
+    top; it must be exactly where the whole pipeline stops by itself."""
+    net = classifier_net(temporal)
+    pipe = SidewaysPipeline(stages_of(net, n_stages))
+    video, target = _video(T=9), torch.randint(0, 7, (2,))
+    for mode in ("sideways", "bp"):
+        pipe.mode = mode
+        pipe.backward_clip(video, target)
+        assert pipe.last_ticks == pipe.total_ticks(9, mode), mode
+    list(pipe.stream(video))
+    assert pipe.last_ticks == pipe.total_ticks(9, "infer")

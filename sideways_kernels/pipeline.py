@@ -147,6 +147,11 @@ class SidewaysPipeline:
             seen.add(id(layer))
         self._buffers: dict = {}
         self._streams: Optional[list] = None  # per-stage CUDA streams, made on first use
+        # The stages this process runs, and how it exchanges with the processes running the
+        # others (sideways_kernels.distributed); one process runs them all by default.
+        self._lo, self._hi = 0, len(self.stages)
+        self._boundary = None
+        self.last_ticks = 0  # ticks the last run took
         self._check_config()
 
     # --- configuration ---------------------------------------------------------------------
@@ -337,6 +342,7 @@ class SidewaysPipeline:
         the bottom); yields the top stage's valid outputs in frame order."""
         n_stages = len(self.stages)
         top = n_stages - 1
+        lo, hi, boundary = self._lo, self._hi, self._boundary
         clip = ClipLength(math.inf if length is None else length)
         clocks = [StreamClock(clip) for _ in range(n_stages)]
         change = self.output_length(0)
@@ -348,7 +354,9 @@ class SidewaysPipeline:
         drain_bound = self._drain_bound()
         with self._streaming(mode, clocks):
             for tick in itertools.count():
-                if clip.frames == math.inf or tick < clip.frames:
+                if lo > 0:
+                    pass  # this process's first stage is fed by the process below (acts[lo])
+                elif clip.frames == math.inf or tick < clip.frames:
                     f = next(frames, None)
                     if f is None:  # an iterable stream just ended
                         self._check_length(tick)
@@ -356,7 +364,7 @@ class SidewaysPipeline:
                     else:
                         first = self._check_frame(f, tick, first)
                         acts[0] = (first, tick, 0)
-                if tick >= clip.frames:  # drain: zero frames, which layers use only as end padding
+                if lo == 0 and tick >= clip.frames:  # drain: zero frames, which layers use only as end padding
                     zeros = torch.zeros_like(first) if zeros is None else zeros
                     acts[0] = (zeros, tick, 0)
                 if tick > clip.frames + drain_bound:
@@ -369,7 +377,8 @@ class SidewaysPipeline:
                 streams = self._fork()
                 done: list = []  # this tick's valid top outputs, handed out once the tick is joined
                 try:
-                    for i, stage in enumerate(self.stages):
+                    for i in range(lo, hi):
+                        stage = self.stages[i]
                         if acts[i] is None:
                             continue  # nothing has reached this stage yet
                         if streams[i] is not None:  # the stage's work goes on its own CUDA stream
@@ -405,25 +414,49 @@ class SidewaysPipeline:
                                 continue
                             loss.backward()
                         else:
-                            nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
-                            new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
+                            if i + 1 == hi:  # the next stage lives in another process
+                                new_acts[i + 1] = (out if mode == "bp" else out.detach(), t, clocks[i].offset)
+                            else:
+                                nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
+                                new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
                             if mode != "sideways" or err is None:
                                 continue
                             if out.requires_grad:
                                 torch.autograd.backward(out, err)
                         stepped = True
                         if i > 0 and xin.grad is not None:
-                            new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
+                            new_errs[i - 1] = xin.grad if i == lo else self._carry("err", parity, i - 1, xin.grad)
                 finally:
                     self._join(streams)
                 yield from done
-                acts[1:] = new_acts[1:]
+                acts[lo + 1:hi] = new_acts[lo + 1:hi]
                 errs = new_errs
                 if stepped and self.update == "tick" and mode == "sideways":
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                if emitted >= clip.frames + change and all(e is None for e in errs):
+                if boundary is not None:  # what this tick sends is what the neighbours get next tick
+                    sent_up = new_acts[hi] if hi < n_stages else None
+                    sent_down = errs[lo - 1] if lo > 0 else None
+                    received_act, received_err = boundary.exchange(tick, sent_up, sent_down, mode)
+                    if lo > 0:
+                        acts[lo] = received_act
+                    if hi < n_stages:
+                        errs[hi - 1] = received_err
+                    if tick + 1 == self.total_ticks(clip.frames, mode):
+                        self.last_ticks = tick + 1
+                        return
+                elif emitted >= clip.frames + change and all(e is None for e in errs):
+                    self.last_ticks = tick + 1
                     return
+
+    def total_ticks(self, frames: int, mode: str) -> int:
+        """Ticks a clip of ``frames`` frames takes: its last output frame leaves the top stage
+        after every layer's delay and one tick per stage boundary; in Sideways mode its error
+        then needs one more tick per boundary to reach the bottom stage."""
+        delay = sum(layer.stream_delay for layer in itertools.chain(*self._layers))
+        boundaries = len(self.stages) - 1
+        last_out = self.output_length(frames) - 1 + delay + boundaries
+        return last_out + 1 + (boundaries if mode == "sideways" else 0)
 
     def _fork(self) -> list:
         """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything
