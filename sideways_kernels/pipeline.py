@@ -239,7 +239,7 @@ class SidewaysPipeline:
             losses: list[torch.Tensor] = []
             outputs = list(self._run(frames, length, self.mode, frame_loss, losses))
             if self.mode == "bp":
-                torch.stack(losses).sum().backward()
+                self._backward_bp(losses)
         except BaseException:
             for p, g in zip(params, stashed):
                 p.grad = g
@@ -251,8 +251,14 @@ class SidewaysPipeline:
                 if p.grad is not None:
                     g.add_(p.grad)
                 p.grad = g
-        loss = torch.stack([l.detach() for l in losses]).sum()
-        return ClipResult(loss, torch.cat(outputs, dim=2))
+        return ClipResult(self._clip_loss(losses), torch.cat(outputs, dim=2) if outputs else None)
+
+    def _backward_bp(self, losses: list) -> None:
+        """bp mode, after the ticks: back-propagate the clip loss through the kept graph."""
+        torch.stack(losses).sum().backward()
+
+    def _clip_loss(self, losses: list) -> torch.Tensor:
+        return torch.stack([l.detach() for l in losses]).sum()
 
     def stream(self, frames: Frames) -> Iterator[torch.Tensor]:
         """Inference, one frame a tick: yields the top stage's output of each frame as a frame,

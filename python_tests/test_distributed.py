@@ -1,0 +1,127 @@
+"""Depth-parallel across processes on gloo: 2 and 3 ranks spawned by the test give the
+single-process pipeline's losses and gradients (float64, rel. error <= 1e-9) in both modes,
+and a rank that dies makes the others fail within the timeout, naming it and the tick."""
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nets import DT, classifier_net, grads, rel_error, stages_of
+
+TEMPORAL = [(3, 1, 1), (2, 0, 2), (3, 2, 1), (1, 0, 1)]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clip():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(2, 3, 8, 9, 8, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g)
+
+
+def _net():
+    torch.manual_seed(3)
+    return classifier_net(TEMPORAL)
+
+
+def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False):
+    sys.path.insert(0, HERE)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=__import__("datetime").timedelta(seconds=timeout))
+        from sideways_kernels.distributed import DistributedSidewaysPipeline
+        net = _net()
+        stages = stages_of(net, 4)
+        if die_at_tick is not None and rank == world - 1:
+            calls = iter(range(10**6))
+            fail = (lambda: time.sleep(3600)) if stall else (lambda: os._exit(3))
+            stages[-1].register_forward_pre_hook(lambda m, a: fail() if next(calls) == die_at_tick else None)
+        pipe = DistributedSidewaysPipeline(stages, mode=mode, placement=placement, timeout=timeout)
+        video, target = _clip()
+        result = pipe.backward_clip(video, target)
+        local = {name: p.grad.clone() for name, p in net.named_parameters()
+                 if any(p is q for s in pipe.local_stages() for q in s.parameters())}
+        torch.save(dict(grads=local, loss=result.loss, outputs=result.outputs), os.path.join(out_dir, f"{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _spawn(world, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False):
+    """Runs the ranks; returns them once every rank but a deliberately stalled one is done."""
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, mode, placement, str(out_dir), die_at_tick, timeout,
+                                               stall)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for r, p in enumerate(procs):
+        if stall and r == world - 1:
+            continue
+        p.join(timeout=timeout + 60)
+        if p.is_alive():
+            for q in procs:
+                q.kill()
+            pytest.fail(f"rank {r} hung past its timeout")
+    if stall:
+        procs[-1].kill()
+        procs[-1].join()
+    return procs
+
+
+@pytest.mark.parametrize("mode", ["sideways", "bp"])
+@pytest.mark.parametrize("world,placement", [(2, [2, 2]), (3, [1, 2, 1])], ids=["2ranks", "3ranks"])
+def test_distributed_equals_single_process(tmp_path, world, placement, mode):
+    net = _net()
+    video, target = _clip()
+    expected = torch.nn.ModuleList(stages_of(net, 4))
+    from sideways_kernels import SidewaysPipeline
+    ref = SidewaysPipeline(list(expected), mode=mode).backward_clip(video, target)
+    ref_grads = dict(net.named_parameters())
+    procs = _spawn(world, mode, placement, tmp_path)
+    errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.endswith(".err")]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    seen = set()
+    for r in range(world):
+        out = torch.load(tmp_path / f"{r}.pt", weights_only=False)
+        assert abs(out["loss"].item() - ref.loss.item()) <= 1e-9 * abs(ref.loss.item())
+        for name, g in out["grads"].items():
+            assert rel_error([g], [ref_grads[name].grad]) <= 1e-9, (r, name)
+            seen.add(name)
+        if r == world - 1:
+            torch.testing.assert_close(out["outputs"], ref.outputs, rtol=1e-12, atol=1e-12)
+        else:
+            assert out["outputs"] is None
+    assert seen == set(ref_grads), "every parameter belongs to exactly one rank"
+
+
+def test_distributed_killed_rank_fails_the_others_within_the_timeout(tmp_path):
+    start = time.time()
+    procs = _spawn(2, "sideways", [2, 2], tmp_path, die_at_tick=3, timeout=10)
+    elapsed = time.time() - start
+    assert procs[1].exitcode == 3 and procs[0].exitcode != 0
+    message = open(tmp_path / "0.err").read()
+    assert "rank 1" in message and "tick" in message, message
+    assert elapsed < 10 + 45, f"took {elapsed:.0f} s"
+
+
+def test_distributed_stalled_rank_fails_the_others_within_the_timeout(tmp_path):
+    start = time.time()
+    procs = _spawn(2, "sideways", [2, 2], tmp_path, die_at_tick=3, timeout=4, stall=True)
+    elapsed = time.time() - start
+    assert procs[0].exitcode != 0
+    message = open(tmp_path / "0.err").read()
+    assert "rank 1" in message and "tick" in message, message
+    assert elapsed < 4 + 30, f"took {elapsed:.0f} s"
