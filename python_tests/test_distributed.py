@@ -35,6 +35,8 @@ def _net():
 
 
 def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False):
+    if isinstance(placement, dict):  # a placement per rank, to test a mismatch
+        placement = placement[rank]
     sys.path.insert(0, HERE)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -125,3 +127,10 @@ def test_distributed_stalled_rank_fails_the_others_within_the_timeout(tmp_path):
     message = open(tmp_path / "0.err").read()
     assert "rank 1" in message and "tick" in message, message
     assert elapsed < 4 + 30, f"took {elapsed:.0f} s"
+
+
+def test_distributed_ranks_that_built_different_pipelines_are_refused(tmp_path):
+    procs = _spawn(2, "sideways", {0: [2, 2], 1: [1, 3]}, tmp_path, timeout=20)
+    assert all(p.exitcode != 0 for p in procs)
+    message = open(tmp_path / "0.err").read()
+    assert "built another pipeline" in message and "rank 1" in message, message

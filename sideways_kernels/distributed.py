@@ -42,17 +42,30 @@ class _Boundary:
         self.timeout = datetime.timedelta(seconds=timeout)
         self.received: list = []  # bp mode: activations from below, as graph leaves
         self.sent: list = []  # bp mode: activations sent up, still in the graph
+        self.shape: dict = {}  # per stream ("up", "down" sent; "act", "err" received): its tensors' shape
+        self.dtype: dict = {}
+        self.pending: list = []  # send works of the last tick
+        self._keep: list = []  # ... and their tensors, alive until those complete
+
+    def _failed(self, what: str, tick: int, why) -> RuntimeError:
+        return RuntimeError(f"rank {self.rank}: {what} at tick {tick} failed — rank {self._peers()} died or "
+                            f"stalled ({why})")
+
+    def _post(self, ops, tick, what: str) -> list:
+        """batch_isend_irecv, whose sends already fail when a peer has gone."""
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as exc:
+            raise self._failed(what, tick, exc) from None
 
     def _wait(self, works, tick, what: str) -> None:
         for work in works:
             try:
                 ok = work.wait(self.timeout)
             except RuntimeError as exc:
-                raise RuntimeError(f"rank {self.rank}: {what} at tick {tick} failed — "
-                                   f"rank {self._peers()} died or stalled ({exc})") from None
+                raise self._failed(what, tick, exc) from None
             if ok is False:
-                raise RuntimeError(f"rank {self.rank}: {what} at tick {tick} timed out after "
-                                   f"{self.timeout.total_seconds():.0f} s — rank {self._peers()} died or stalled")
+                raise self._failed(what, tick, f"timed out after {self.timeout.total_seconds():.0f} s")
 
     def _peers(self) -> str:
         return " or ".join(str(p) for p in (self.below, self.above) if p is not None)
@@ -72,60 +85,85 @@ class _Boundary:
 
     def exchange(self, tick: int, up, down, mode: str):
         """Send ``up`` ((activation, frame, offset) or None) to the rank above and ``down``
-        (error or None) to the rank below; return what they sent this tick, for the next."""
-        ops, headers = [], {}
+        (error or None) to the rank below; return what they sent this tick, for the next.
+
+        A stream's first message with a tensor announces its shape in a header, and the
+        tensor follows in a second round; from then on, for the rest of the run, header and
+        tensor (zeros when there is none) travel together in one round. Both sides know which
+        case they are in from the headers they exchanged. Sends are waited one tick later."""
+        if tick == 0:  # a new run: shapes may have changed
+            self.shape = {"up": None, "down": None, "act": None, "err": None}
+        self._wait(self.pending, tick, "sending the last tick's messages")
         act, frame, offset = up if up is not None else (None, -1, 0)
-        if self.above is not None:
-            ops.append(dist.P2POp(dist.isend, self._header(act, frame, offset), self.above, self.group, tag=0))
-            headers["err"] = self._header(None)
-            ops.append(dist.P2POp(dist.irecv, headers["err"], self.above, self.group, tag=1))
-        if self.below is not None:
-            ops.append(dist.P2POp(dist.isend, self._header(down), self.below, self.group, tag=1))
-            headers["act"] = self._header(None)
-            ops.append(dist.P2POp(dist.irecv, headers["act"], self.below, self.group, tag=0))
-        if not ops:
-            return None, None
-        self._wait(dist.batch_isend_irecv(ops), tick, "exchanging message headers")
-        ops, got = [], {}
-        if self.above is not None and act is not None:
-            payload = act.detach().contiguous()
-            ops.append(dist.P2POp(dist.isend, payload, self.above, self.group, tag=0))
-            if mode == "bp":
-                self.sent.append(act)
-        if self.below is not None and down is not None:
-            ops.append(dist.P2POp(dist.isend, down.contiguous(), self.below, self.group, tag=1))
-        for key, peer, tag in (("act", self.below, 0), ("err", self.above, 1)):
-            if key in headers:
-                got[key] = self._empty(headers[key])
-                if got[key] is not None:
-                    ops.append(dist.P2POp(dist.irecv, got[key], peer, self.group, tag=tag))
-        if ops:
-            self._wait(dist.batch_isend_irecv(ops), tick, "exchanging activations and errors")
-        received_act = None
-        if got.get("act") is not None:
+        outgoing = [("up", self.above, act, frame, offset, 0), ("down", self.below, down, -1, 0, 1)]
+        incoming = [("act", self.below, 0), ("err", self.above, 1)]
+        sends, recvs, headers, got, late = [], [], {}, {}, []
+        for key, peer, tensor, f, o, tag in outgoing:
+            if peer is None:
+                continue
+            sends.append(dist.P2POp(dist.isend, self._header(tensor, f, o), peer, self.group, tag=tag))
+            if self.shape[key] is not None:  # established: the tensor (or zeros) rides along
+                payload = tensor if tensor is not None else torch.zeros(self.shape[key], dtype=self.dtype[key],
+                                                                        device=self.device)
+                sends.append(dist.P2POp(dist.isend, payload.detach().contiguous(), peer, self.group, tag=tag))
+            elif tensor is not None:  # announced now, sent in the second round
+                self.shape[key], self.dtype[key] = tuple(tensor.shape), tensor.dtype
+                late.append(dist.P2POp(dist.isend, tensor.detach().contiguous(), peer, self.group, tag=tag))
+            if mode == "bp" and key == "up" and tensor is not None:
+                self.sent.append(tensor)
+        for key, peer, tag in incoming:
+            if peer is None:
+                continue
+            headers[key] = self._header(None)
+            recvs.append(dist.P2POp(dist.irecv, headers[key], peer, self.group, tag=tag))
+            if self.shape[key] is not None:
+                got[key] = torch.empty(self.shape[key], dtype=self.dtype[key], device=self.device)
+                recvs.append(dist.P2POp(dist.irecv, got[key], peer, self.group, tag=tag))
+        works = self._post(sends + recvs, tick, "exchanging activations and errors")
+        self._wait(works[len(sends):], tick, "receiving activations and errors")
+        pending = works[:len(sends)]
+        for key, peer, tag in incoming:
+            if peer is None or self.shape[key] is not None:
+                continue
+            fresh = self._empty(headers[key])  # the stream's first tensor: its shape is in the header
+            if fresh is not None:
+                self.shape[key], self.dtype[key] = tuple(fresh.shape), fresh.dtype
+                got[key] = fresh
+                late.append(dist.P2POp(dist.irecv, fresh, peer, self.group, tag=tag))
+        if late:
+            late_works = self._post(late, tick, "exchanging activations and errors")
+            self._wait(late_works, tick, "receiving activations and errors")
+        self.pending = pending  # kept (with their tensors) until the next exchange
+        self._keep = sends
+        received_act = received_err = None
+        if "act" in got and headers["act"][0].item():
             h = headers["act"].tolist()
             tensor = got["act"]
             if mode == "bp":
                 tensor.requires_grad_()
                 self.received.append(tensor)
             received_act = (tensor, h[1], h[2])
-        return received_act, got.get("err")
+        if "err" in got and headers["err"][0].item():
+            received_err = got["err"]
+        return received_act, received_err
 
     def backward_bp(self, top_loss: Optional[torch.Tensor]) -> None:
         """bp mode after the ticks: the top rank back-propagates the clip loss, then each rank
         passes the gradients of the activations it received down to the rank that sent them."""
+        self._wait(self.pending, -1, "sending the last tick's messages")
+        self.pending, self._keep = [], []
         if self.above is not None:
             grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self.sent]
             if grads:
-                self._wait(dist.batch_isend_irecv([dist.P2POp(dist.irecv, g, self.above, self.group, tag=2)
-                                                  for g in grads]), -1, "receiving bp gradients")
+                ops = [dist.P2POp(dist.irecv, g, self.above, self.group, tag=2) for g in grads]
+                self._wait(self._post(ops, -1, "receiving bp gradients"), -1, "receiving bp gradients")
                 torch.autograd.backward(self.sent, grads)
         elif top_loss is not None:
             top_loss.backward()
         if self.below is not None and self.received:
             grads = [(t.grad if t.grad is not None else torch.zeros_like(t)).contiguous() for t in self.received]
-            self._wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, g, self.below, self.group, tag=2)
-                                              for g in grads]), -1, "sending bp gradients")
+            ops = [dist.P2POp(dist.isend, g, self.below, self.group, tag=2) for g in grads]
+            self._wait(self._post(ops, -1, "sending bp gradients"), -1, "sending bp gradients")
         self.sent.clear()
         self.received.clear()
 
@@ -161,8 +199,20 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
         peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
         self.rank, self.world_size, self.group = rank, world, group
         self._top_rank = peer(world - 1)
+        self._check_same_pipeline(placement, mode)
         self._boundary = _Boundary(rank, peer(rank - 1) if rank > 0 else None,
                                    peer(rank + 1) if rank < world - 1 else None, self.device, group, timeout)
+
+    def _check_same_pipeline(self, placement: list, mode: str) -> None:
+        """Every rank must have built the same stages, placement and mode: compared once here
+        (a collective), so a mismatch is an error naming the rank instead of a wrong tick."""
+        mine = (placement, mode, [[tuple(p.shape) for p in stage.parameters()] for stage in self.stages])
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for r, theirs in enumerate(everyone):
+            if theirs != mine:
+                raise ValueError(f"rank {r} built another pipeline than rank {self.rank} (placement, mode or "
+                                 f"stage parameter shapes differ): {theirs[:2]} vs {mine[:2]}")
 
     def local_stages(self) -> list:
         """The stages this rank runs."""
