@@ -134,3 +134,31 @@ def test_distributed_ranks_that_built_different_pipelines_are_refused(tmp_path):
     assert all(p.exitcode != 0 for p in procs)
     message = open(tmp_path / "0.err").read()
     assert "built another pipeline" in message and "rank 1" in message, message
+
+
+def test_distributed_training_under_torchrun_equals_one_process(tmp_path):
+    """sideways-train under torchrun (2 ranks, gloo) logs what one process logs, and its
+    checkpoint is the single-process file: it loads into one process, which resumes from it."""
+    import json
+    import subprocess
+    args = ["--train-videos", "24", "--val-videos", "12", "--batch-size", "8", "--size", "16", "--width", "4",
+            "--depth", "4", "--stages", "4", "--clip-len", "5", "--epochs", "2", "--log-every", "1"]
+    runs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "sideways_kernels.train"]),
+                           ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                         "--master-port", str(_free_port()), "-m", "sideways_kernels.train",
+                                         "--distributed"])):
+        out = tmp_path / name
+        proc = subprocess.run(launcher + args + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [{k: v for k, v in json.loads(line).items() if k not in ("wall", "frames_per_s")}
+                      for line in open(out / "metrics.jsonl")]
+    assert runs["torchrun"] == runs["one"]
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    many = torch.load(tmp_path / "torchrun" / "last.pt", weights_only=False)
+    assert one["model"].keys() == many["model"].keys()
+    for k in one["model"]:  # torchrun runs 1 thread a rank: oneDNN sums in another order
+        torch.testing.assert_close(many["model"][k], one["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert one["optimizer"]["state"].keys() == many["optimizer"]["state"].keys()
+    from sideways_kernels import train
+    assert train.main(["--resume", str(tmp_path / "torchrun" / "last.pt"), "--epochs", "3"]) == 0

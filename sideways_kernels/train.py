@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--width", type=pos(int), default=16, help="channels of the first block (doubling per block)")
     m.add_argument("--depth", type=pos(int), default=3, help="number of blocks")
     m.add_argument("--temporal-kernel", type=pos(int), default=3)
-    m.add_argument("--stages", type=pos(int), default=3, help="pipeline stages the network is cut into")
+    m.add_argument("--stages", type=pos(int), default=3, help="pipeline stages the network is cut into (<= --depth)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors; "
                                                 "default: the embedded procedural dataset")
@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--distributed", action="store_true",
+                   help="depth-parallel across the processes of torchrun (--nproc-per-node N): each rank runs "
+                        "a group of the stages (also on when torchrun's WORLD_SIZE > 1)")
     r.add_argument("--backend", choices=BACKENDS, default=None, help="op backend (default: fastest built)")
     r.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<time>)")
     r.add_argument("--resume", default=None, help="a checkpoint (last.pt) to continue from; its run directory is reused")
@@ -83,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--update tick needs --optimizer sgd (the fused per-tick update is SGD)")
     if args.update == "tick" and args.mode != "sideways":
         p.error("--update tick needs --mode sideways")
-    if args.stages > args.depth + 1:
-        p.error(f"--stages {args.stages} exceeds the {args.depth + 1} blocks of the network (--depth + head)")
+    if args.stages > args.depth:
+        p.error(f"--stages {args.stages} exceeds the network's {args.depth} blocks (--depth; the head joins the last)")
     if args.workers < 0:
         p.error("--workers must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -184,6 +187,71 @@ class _Stop:
             signal.signal(s, handler)
 
 
+class _Cluster:
+    """The processes of a run: one, or torchrun's ranks each running a stage group. Rank 0
+    writes the files; every decision that changes what happens next is taken together."""
+
+    def __init__(self, distributed: bool, device: str):
+        import torch.distributed as dist
+        self.dist = dist
+        self.distributed = distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not self.distributed:
+            self.rank, self.world, self.device = 0, 1, torch.device(device)
+            return
+        if "RANK" not in os.environ:
+            raise DataError("--distributed needs torchrun (torchrun --nproc-per-node N -m sideways_kernels.train ...)")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}") if device == "cuda" else torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def pipeline(self, stages, mode, update, optimizer):
+        if not self.distributed:
+            return SidewaysPipeline(stages, F.cross_entropy, mode, update=update, optimizer=optimizer)
+        from .distributed import DistributedSidewaysPipeline
+        return DistributedSidewaysPipeline(stages, F.cross_entropy, mode, update=update, optimizer=optimizer,
+                                           device=self.device)
+
+    def any(self, flag: bool) -> bool:
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)])
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def from_top(self, value: float) -> float:
+        """A number only the top rank knows (it holds the outputs), for every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        self.dist.broadcast(t, src=self.world - 1)
+        return t.item()
+
+    def sync(self, net: nn.Module, pipe, optimizer) -> dict:
+        """Every rank gets the whole model (each trained only its own stages' parameters); returns
+        the optimizer state of all ranks merged, as one process would have it."""
+        if not self.distributed:
+            return optimizer.state_dict()
+        mine = {id(p) for stage in pipe.local_stages() for p in stage.parameters()}
+        local = {k: v.detach().cpu() for k, v in net.state_dict(keep_vars=True).items() if id(v) in mine}
+        everyone = [None] * self.world
+        self.dist.all_gather_object(everyone, (local, optimizer.state_dict()))
+        merged = {k: v for part, _ in everyone for k, v in part.items()}
+        net.load_state_dict({**net.state_dict(), **{k: v.to(self.device) for k, v in merged.items()}})
+        state = everyone[0][1]
+        state["state"] = {k: v for _, opt in everyone for k, v in opt["state"].items()}
+        return state
+
+    def close(self) -> None:
+        if self.distributed and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
 # --- the run ----------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
@@ -204,9 +272,18 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(os.path.join(out, "last.pt")):
             raise DataError(f"{out!r} already holds a run; continue it with --resume {os.path.join(out, 'last.pt')} "
                             "or choose another --out")
-    os.makedirs(out, exist_ok=True)
+    cluster = _Cluster(args.distributed, cfg["device"])
+    try:
+        return _train(args, cfg, out, resume, cluster)
+    finally:
+        cluster.close()
+
+
+def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
+    if cluster.main:
+        os.makedirs(out, exist_ok=True)
     set_backend(cfg["backend"])
-    device = torch.device(cfg["device"])
+    device = cluster.device
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
@@ -222,8 +299,8 @@ def run(args: argparse.Namespace) -> int:
     total_steps = cfg["epochs"] * steps_per_epoch  # not --max-steps: a cut run is a prefix of the full one
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
-    pipe = SidewaysPipeline(models.stages(net, cfg["stages"]), F.cross_entropy, cfg["mode"], update=cfg["update"],
-                            optimizer=optimizer if cfg["update"] == "tick" else None)
+    pipe = cluster.pipeline(models.stages(net, cfg["stages"]), cfg["mode"], cfg["update"],
+                            optimizer if cfg["update"] == "tick" else None)
     # batch: batches of `epoch` done; sums: (videos, correct, loss*videos) of those, for the epoch record
     state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0], best_val_acc=-1.0, wall=0.0)
     if resume is not None:
@@ -232,24 +309,32 @@ def run(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(resume["scheduler"])
         state.update(resume["state"])
         set_rng_state(resume["rng"])
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
+    if cluster.main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
 
-    def checkpoint(name: str) -> str:
+    def checkpoint(name: str, optimizer_state: Optional[dict] = None) -> str:
+        """The same file from one process or many (every rank takes part; rank 0 writes).
+        ``optimizer_state``: from a cluster.sync() just made, else one is made here."""
         path = os.path.join(out, name)
-        save_atomic(dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         state=dict(state), rng=rng_state(), config=cfg, classes=train_set.classes), path)
+        if optimizer_state is None:
+            optimizer_state = cluster.sync(net, pipe, optimizer)
+        if cluster.main:
+            save_atomic(dict(model=net.state_dict(), optimizer=optimizer_state, scheduler=scheduler.state_dict(),
+                             state=dict(state), rng=rng_state(), config=cfg, classes=train_set.classes), path)
         return path
 
     loader_kw = dict(batch_size=cfg["batch_size"], num_workers=cfg["workers"], drop_last=False,
                      persistent_workers=False, pin_memory=device.type == "cuda")
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_kw)
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
-    interactive = sys.stderr.isatty()
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if cluster.main else open(os.devnull, "w")
+    interactive = sys.stderr.isatty() and cluster.main
+    say = (lambda *a, **k: print(*a, **k)) if cluster.main else (lambda *a, **k: None)
     started = time.time() - state["wall"]
-    print(f"sideways-train: {cfg['mode']} {cfg['model']} ({sum(p.numel() for p in net.parameters())} parameters, "
-          f"{cfg['stages']} stages) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
-          file=sys.stderr)
+    ranks = f", {cluster.world} ranks" if cluster.distributed else ""
+    say(f"sideways-train: {cfg['mode']} {cfg['model']} ({sum(p.numel() for p in net.parameters())} parameters, "
+        f"{cfg['stages']} stages{ranks}) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
+        file=sys.stderr)
     try:
         with _Stop() as stop:
             while state["epoch"] < cfg["epochs"] and (cfg["max_steps"] is None or state["step"] < cfg["max_steps"]):
@@ -267,6 +352,12 @@ def run(args: argparse.Namespace) -> int:
                     video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
                     try:
                         result = pipe.backward_clip(video, label)
+                    except RuntimeError as exc:  # under torchrun: another rank stopped (it said why)
+                        if not cluster.distributed:
+                            raise
+                        print(f"sideways-train: rank {cluster.rank} stopping at step {state['step'] + 1}: {exc}",
+                              file=sys.stderr)
+                        return EXIT_NON_FINITE
                     except NonFiniteError as exc:
                         last = os.path.join(out, "last.pt")
                         kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
@@ -280,7 +371,9 @@ def run(args: argparse.Namespace) -> int:
                     state["step"] += 1
                     state["batch"] = batch_index + 1
                     elapsed = time.time() - tick
-                    hits = (result.outputs.flatten(3).mean((2, 3)).argmax(1) == label).sum().item()
+                    hits = 0 if result.outputs is None else \
+                        (result.outputs.flatten(3).mean((2, 3)).argmax(1) == label).sum().item()
+                    hits = int(cluster.from_top(hits))
                     sums = state["sums"]
                     sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + result.loss.item() * len(label)
                     fps = video.shape[0] * video.shape[2] / elapsed
@@ -290,34 +383,37 @@ def run(args: argparse.Namespace) -> int:
                              train_acc=sums[1] / sums[0], frames_per_s=fps, lr=scheduler.get_last_lr()[0],
                              wall=time.time() - started)
                     state["wall"] = time.time() - started
-                    if stop.signal is not None:
+                    if cluster.any(stop.signal is not None):
                         path = checkpoint("last.pt")
-                        print(f"sideways-train: interrupted at step {state['step']}; saved {path}. "
-                              f"Resume with --resume {path}", file=sys.stderr)
+                        say(f"sideways-train: interrupted at step {state['step']}; saved {path}. "
+                            f"Resume with --resume {path}", file=sys.stderr)
                         return EXIT_INTERRUPTED
                     if cfg["max_steps"] is not None and state["step"] >= cfg["max_steps"]:
                         break
                 bar.close()
                 if state["batch"] < steps_per_epoch:  # --max-steps cut the epoch: keep its place
                     checkpoint("last.pt")
-                    print(f"sideways-train: stopped at --max-steps {cfg['max_steps']} in epoch {epoch + 1}; "
+                    say(f"sideways-train: stopped at --max-steps {cfg['max_steps']} in epoch {epoch + 1}; "
                           f"resume with --resume {os.path.join(out, 'last.pt')}", file=sys.stderr)
                     break
                 seen, correct, loss_sum = state["sums"]
                 state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0])
+                optimizer_state = cluster.sync(net, pipe, optimizer)  # every rank evaluates the whole model
                 val_loss, val_acc = evaluate(net, val_loader, device)
                 record = dict(kind="epoch", step=state["step"], epoch=epoch + 1, train_loss=loss_sum / seen,
                               train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
                               lr=scheduler.get_last_lr()[0], wall=time.time() - started)
                 _log(metrics, **record)
-                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f} | "
+                say(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f} | "
                       f"val loss {val_loss:.3f} acc {val_acc:.3f} | {record['wall']:.0f}s", file=sys.stderr)
                 if val_acc > state["best_val_acc"]:
                     state["best_val_acc"] = val_acc
-                    checkpoint("best.pt")
-                checkpoint("last.pt")
+                    checkpoint("best.pt", optimizer_state)
+                checkpoint("last.pt", optimizer_state)
     finally:
         metrics.close()
+    if not cluster.main:
+        return 0
     _plot(out)
     print(f"sideways-train: done, best val acc {state['best_val_acc']:.3f}; {out}/metrics.jsonl, curves.png, "
           f"last.pt, best.pt", file=sys.stderr)
