@@ -41,6 +41,23 @@ __device__ __forceinline__ int64_t tap_slot(const ConvGeometry& g, int64_t j) {
   return s < 0 ? s + g.span : s;
 }
 
+// Implicit im2col: the ring value that weight column n = ((c*k_t + j)*k_h + kh)*k_w + kw of
+// `group` meets at output pixel p = (b*H_out + oy)*W_out + ox; 0 in the spatial padding.
+template <typename T>
+__device__ __forceinline__ float window_at(const ConvGeometry& g, const T* __restrict__ ring,
+                                           int64_t group, int64_t n, int64_t p) {
+  const int64_t taps = g.k_t * g.k_h * g.k_w, hw_out = g.out_height * g.out_width;
+  const int64_t c = n / taps, rest = n % taps, j = rest / (g.k_h * g.k_w);
+  const int64_t kh = (rest / g.k_w) % g.k_h, kw = rest % g.k_w;
+  const int64_t b = p / hw_out, yx = p % hw_out;
+  const int64_t y = (yx / g.out_width) * g.stride_h - g.pad_h + kh * g.dil_h;
+  const int64_t x = (yx % g.out_width) * g.stride_w - g.pad_w + kw * g.dil_w;
+  if (y < 0 || y >= g.height || x < 0 || x >= g.width) return 0.f;
+  return to_float(ring[tap_slot(g, j) * g.ring_strides[0] + b * g.ring_strides[1] +
+                       (group * (g.channels / g.groups) + c) * g.ring_strides[2] +
+                       y * g.ring_strides[3] + x * g.ring_strides[4]]);
+}
+
 // The block's kTileM x kTileN tile of A^T B over k in [0, k_total): a(k, row) and b(k, col)
 // load one element each (0 outside). Thread t owns outputs t + i*kThreads, i < kPerThread,
 // at (out / kTileN, out % kTileN).
@@ -92,16 +109,7 @@ __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ g
       },
       [&](int64_t k, int col) {  // the ring frame under weight column n0+col at pixel k
         const int64_t n = n0 + col;
-        if (n >= n_cols) return 0.f;
-        const int64_t c = n / taps, rest = n % taps, j = rest / (g.k_h * g.k_w);
-        const int64_t kh = (rest / g.k_w) % g.k_h, kw = rest % g.k_w;
-        const int64_t b = k / hw_out, yx = k % hw_out;
-        const int64_t y = (yx / g.out_width) * g.stride_h - g.pad_h + kh * g.dil_h;
-        const int64_t x = (yx % g.out_width) * g.stride_w - g.pad_w + kw * g.dil_w;
-        if (y < 0 || y >= g.height || x < 0 || x >= g.width) return 0.f;
-        return to_float(ring[tap_slot(g, j) * g.ring_strides[0] + b * g.ring_strides[1] +
-                             (group * cg + c) * g.ring_strides[2] + y * g.ring_strides[3] +
-                             x * g.ring_strides[4]]);
+        return n < n_cols ? window_at(g, ring, group, n, k) : 0.f;
       },
       acc);
   // Epilogue: the gradient lives only in registers.
@@ -138,18 +146,9 @@ __global__ void ring_conv_forward_kernel(ConvGeometry g, const T* __restrict__ r
   float acc[kPerThread];
   tile_gemm(
       cg * taps,
-      [&](int64_t k, int row) {  // the ring frame of tap k at output pixel m0+row
+      [&](int64_t k, int row) {  // the ring frame of weight column k at output pixel m0+row
         const int64_t m = m0 + row;
-        if (m >= m_total) return 0.f;
-        const int64_t c = k / taps, rest = k % taps, j = rest / (g.k_h * g.k_w);
-        const int64_t kh = (rest / g.k_w) % g.k_h, kw = rest % g.k_w;
-        const int64_t b = m / hw_out, yx = m % hw_out;
-        const int64_t y = (yx / g.out_width) * g.stride_h - g.pad_h + kh * g.dil_h;
-        const int64_t x = (yx % g.out_width) * g.stride_w - g.pad_w + kw * g.dil_w;
-        if (y < 0 || y >= g.height || x < 0 || x >= g.width) return 0.f;
-        return to_float(ring[tap_slot(g, j) * g.ring_strides[0] + b * g.ring_strides[1] +
-                             (group * cg + c) * g.ring_strides[2] + y * g.ring_strides[3] +
-                             x * g.ring_strides[4]]);
+        return m < m_total ? window_at(g, ring, group, k, m) : 0.f;
       },
       [&](int64_t k, int col) {  // weight[group*mg + n0+col, tap k]
         const int64_t n = n0 + col;
