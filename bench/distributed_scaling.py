@@ -72,7 +72,7 @@ def measure(world: int) -> float:
 
 if __name__ == "__main__":
     base = None
-    print(f"| ranks (1 thread each) | clip time (s) | frames/s | speed-up vs 1 rank | ideal |")
+    print("| ranks (1 thread each) | clip time (s) | frames/s | speed-up vs 1 rank | ideal |")
     print("|---|---|---|---|---|")
     for world in (1, 2, 4):
         t = measure(world)

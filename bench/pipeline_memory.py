@@ -50,7 +50,6 @@ def child(method: str, frames: int) -> dict:
     held = 0
 
     def bp_clip(video, count_saved=False):
-        nonlocal held
         seen = set()
 
         def pack(t):

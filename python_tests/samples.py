@@ -4,7 +4,6 @@ non-contiguous / channels-last layouts. Shared by the op tests and benchmarks.""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 
 import torch

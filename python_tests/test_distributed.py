@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nets import DT, classifier_net, grads, rel_error, stages_of
+from nets import DT, classifier_net, rel_error, stages_of
 
 TEMPORAL = [(3, 1, 1), (2, 0, 2), (3, 2, 1), (1, 0, 1)]
 HERE = os.path.dirname(os.path.abspath(__file__))

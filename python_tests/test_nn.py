@@ -1,12 +1,10 @@
 """SidewaysConv3d as a layer: clip mode is nn.Conv3d (oracle 1), from_conv3d/convert keep
 weights and state dicts, and the streaming autograd function's gradients."""
-import itertools
 
 import pytest
 import torch
 import torch.nn as nn
 
-import sideways_kernels as sk
 from sideways_kernels import SidewaysConv3d, convert
 from sideways_kernels.nn import ClipLength, StreamClock, _Stream
 from sideways_kernels import backend

@@ -1,15 +1,12 @@
 """Oracle 1: every compiled op equals its pure-PyTorch reference on fresh random
 inputs of odd shapes; opcheck, torch.compile, SGD equivalence, bad input, fuzzing."""
-import copy
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sideways_kernels import ops, reference as ref
 from conftest import requires_cpp
-from samples import GEOMETRIES, Geometry, geometry_id, make
+from samples import GEOMETRIES, geometry_id, make
 
 pytestmark = requires_cpp
 

@@ -1,13 +1,11 @@
 """The scheduler against the oracles of DESIGN.md §2 (2-5), plus its error handling."""
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import sideways_kernels as sk
 from sideways_kernels import SidewaysConv3d, SidewaysPipeline, split_sequential
 from nets import DT, classifier_net, clip_loss, grads, rel_error, stages_of
 

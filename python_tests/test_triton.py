@@ -12,7 +12,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import sideways_kernels.triton as T  # noqa: E402
 from sideways_kernels import SidewaysPipeline, reference as ref  # noqa: E402
-from nets import DT, classifier_net, grads, rel_error, stages_of  # noqa: E402
+from nets import classifier_net, grads, rel_error, stages_of  # noqa: E402
 from samples import GEOMETRIES, geometry_id, make  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}

@@ -5,11 +5,10 @@ Both yield ``(clip, label)`` with ``clip`` a float tensor ``[C, T, H, W]`` in ab
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 import zlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backend as _backend
 from .ops import empty_ring
 from .reference import sgd_step
 

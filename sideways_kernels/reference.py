@@ -9,7 +9,7 @@ No argument checking here: the ops and ``sideways_kernels.ops`` do that.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

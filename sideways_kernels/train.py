@@ -9,7 +9,6 @@ same pipeline) on the embedded procedural data or on a folder of your own videos
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
