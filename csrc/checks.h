@@ -168,8 +168,9 @@ inline void check_momentum_buffer(const c10::optional<at::Tensor>& buf, const ch
   check_like(*buf, name, param, param_name, ring);
 }
 
-// All checks of window_input_grad, whatever the backend.
-inline void check_window_input_grad(const at::Tensor& grad_out, const at::Tensor& weight,
+// All checks of window_input_grad, whatever the backend; returns the layer's geometry
+// (no ring here: span 1, slot 0).
+inline RingConv check_window_input_grad(const at::Tensor& grad_out, const at::Tensor& weight,
                                     at::IntArrayRef input_size, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups) {
@@ -198,6 +199,26 @@ inline void check_window_input_grad(const at::Tensor& grad_out, const at::Tensor
                 input_size, ", weight ", weight.sizes(), ", stride ", stride, ", padding ", padding,
                 ", dilation ", dilation);
   }
+  RingConv g{};
+  g.span = 1;
+  g.batch = grad_out.size(0);
+  g.channels = weight.size(1) * groups;
+  g.height = input_size[0];
+  g.width = input_size[1];
+  g.out_channels = weight.size(0);
+  g.k_t = weight.size(2);
+  g.k_h = weight.size(3);
+  g.k_w = weight.size(4);
+  g.out_height = grad_out.size(2);
+  g.out_width = grad_out.size(3);
+  for (int i = 0; i < 2; ++i) {
+    g.stride[i] = stride[i];
+    g.padding[i] = padding[i];
+    g.dilation[i] = dilation[i];
+  }
+  g.dilation_t = 1;
+  g.groups = groups;
+  return g;
 }
 
 // All checks of weight_grad_accumulate, whatever the backend.

@@ -162,3 +162,23 @@ def test_distributed_training_under_torchrun_equals_one_process(tmp_path):
     assert one["optimizer"]["state"].keys() == many["optimizer"]["state"].keys()
     from sideways_kernels import train
     assert train.main(["--resume", str(tmp_path / "torchrun" / "last.pt"), "--epochs", "3"]) == 0
+
+
+def test_distributed_stream_needs_a_known_length():
+    """Ranks above 0 read no frames, so an open-ended iterable would never end there: refused;
+    a clip or a list of frames streams as the clip forward (one rank here)."""
+    import datetime
+    from sideways_kernels.distributed import DistributedSidewaysPipeline
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        net = _net()
+        pipe = DistributedSidewaysPipeline(stages_of(net, 4))
+        video, _ = _clip()
+        with pytest.raises(TypeError, match="length known"):
+            pipe.stream(video[:, :, t] for t in range(video.shape[2]))
+        frames = [video[:, :, t] for t in range(video.shape[2])]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.stack(list(pipe.stream(frames)), dim=2), net(video))
+    finally:
+        dist.destroy_process_group()

@@ -91,6 +91,8 @@ class _Boundary:
         tensor follows in a second round; from then on, for the rest of the run, header and
         tensor (zeros when there is none) travel together in one round. Both sides know which
         case they are in from the headers they exchanged. Sends are waited one tick later."""
+        if self.above is None and self.below is None:  # a single rank: nothing to exchange
+            return None, None
         if tick == 0:  # a new run: shapes may have changed
             self.shape = {"up": None, "down": None, "act": None, "err": None}
         self._wait(self.pending, tick, "sending the last tick's messages")
@@ -213,6 +215,16 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
             if theirs != mine:
                 raise ValueError(f"rank {r} built another pipeline than rank {self.rank} (placement, mode or "
                                  f"stage parameter shapes differ): {theirs[:2]} vs {mine[:2]}")
+
+    def stream(self, frames):
+        """As :meth:`SidewaysPipeline.stream`, for a clip or a sequence of frames: the ranks
+        above 0 read no frames, so the clip's length must be known to every rank in advance."""
+        if not isinstance(frames, torch.Tensor) and not hasattr(frames, "__len__"):
+            raise TypeError("a distributed stream needs a clip [B, C, T, H, W] or a sequence of frames "
+                            "(its length known to every rank), not an open-ended iterable")
+        if not isinstance(frames, torch.Tensor):
+            frames = torch.stack([f if f.dim() == 4 else f.squeeze(2) for f in frames], dim=2)
+        return super().stream(frames)
 
     def local_stages(self) -> list:
         """The stages this rank runs."""

@@ -358,6 +358,7 @@ class SidewaysPipeline:
         emitted = 0
         training = frame_loss is not None
         drain_bound = self._drain_bound()
+        ticks = self.total_ticks(clip.frames, mode) if boundary is not None else None  # the length is known then
         with self._streaming(mode, clocks):
             for tick in itertools.count():
                 if lo > 0:
@@ -448,7 +449,7 @@ class SidewaysPipeline:
                         acts[lo] = received_act
                     if hi < n_stages:
                         errs[hi - 1] = received_err
-                    if tick + 1 == self.total_ticks(clip.frames, mode):
+                    if tick + 1 == ticks:
                         self.last_ticks = tick + 1
                         return
                 elif emitted >= clip.frames + change and all(e is None for e in errs):

@@ -27,6 +27,7 @@ cuda::DType dtype_of(at::ScalarType t) {
                         : t == at::kBFloat16 ? cuda::DType::kBFloat16 : cuda::DType::kFloat32;
 }
 
+// `ring` may be undefined (window_input_grad reads no ring): its strides are then 0.
 cuda::ConvGeometry geometry(const RingConv& g, int64_t slot, const at::Tensor& ring,
                             const at::Tensor& out_shaped) {
   cuda::ConvGeometry c{};
@@ -50,7 +51,7 @@ cuda::ConvGeometry geometry(const RingConv& g, int64_t slot, const at::Tensor& r
   c.dil_t = g.dilation_t;
   c.groups = g.groups;
   c.slot = slot;
-  for (int i = 0; i < 5; ++i) c.ring_strides[i] = ring.stride(i);
+  for (int i = 0; i < 5; ++i) c.ring_strides[i] = ring.defined() ? ring.stride(i) : 0;
   for (int i = 0; i < 4; ++i) c.out_strides[i] = out_shaped.stride(i);
   return c;
 }
@@ -92,29 +93,10 @@ at::Tensor window_input_grad_cuda(const at::Tensor& grad_out, const at::Tensor& 
   if (!kernel_dtype(grad_out.scalar_type())) {
     return window_input_grad_aten(grad_out, weight, input_size, stride, padding, dilation, groups);
   }
-  check_window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups);
+  const auto g = geometry(
+      check_window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups), 0,
+      at::Tensor(), grad_out);
   const c10::DeviceGuard guard(grad_out.device());
-  cuda::ConvGeometry g{};  // no ring here: span 1, its strides unused
-  g.span = 1;
-  g.batch = grad_out.size(0);
-  g.channels = weight.size(1) * groups;
-  g.height = input_size[0];
-  g.width = input_size[1];
-  g.out_channels = weight.size(0);
-  g.k_t = weight.size(2);
-  g.k_h = weight.size(3);
-  g.k_w = weight.size(4);
-  g.out_height = grad_out.size(2);
-  g.out_width = grad_out.size(3);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dil_h = dilation[0];
-  g.dil_w = dilation[1];
-  g.dil_t = 1;
-  g.groups = groups;
-  for (int i = 0; i < 4; ++i) g.out_strides[i] = grad_out.stride(i);
   const auto summed = weight.sum(2).to(at::kFloat).contiguous();
   auto grad_in = at::empty({g.batch, g.channels, g.height, g.width},
                            grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
