@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn as nn
 
-B, T, HW, C, STAGES, CLIPS = 4, 16, 28, 32, 4, 3
+B, HW, STAGES, CLIPS = 4, 28, 4, 5
+C = int(os.environ.get("CHANNELS", 32))
+T = int(os.environ.get("FRAMES", 16))
 
 
 def _network():

@@ -13,6 +13,7 @@ others fail within ``timeout`` seconds with an error naming that rank and the ti
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,9 @@ __all__ = ["DistributedSidewaysPipeline", "balanced_placement"]
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 _HEADER = 11  # present, frame, offset, dtype, ndim, 6 sizes
+_HEADER_BYTES = 8 * _HEADER  # a multiple of every dtype's size, so the payload after it is aligned
+_WHAT = {"act": "activation from below", "err": "error from above", "up": "activation for the rank above",
+         "down": "error for the rank below"}
 
 
 def balanced_placement(n_stages: int, world_size: int) -> list[int]:
@@ -35,21 +39,46 @@ def balanced_placement(n_stages: int, world_size: int) -> list[int]:
 
 
 class _Boundary:
-    """The messages between this rank and its neighbours, one exchange per tick."""
+    """This rank's two streams of messages with its neighbours: activations up (tag 0) and
+    errors down (tag 1), one message per stream per tick, the message of tick τ read at τ+1.
+
+    Overlap: a rank sends its top activation as soon as that stage's forward is done (its
+    transfer overlaps the stage's backward) and its bottom error as soon as it exists; it
+    waits for the activation from below only when its bottom stage starts and for the error
+    from above only when its top stage's backward starts (the forward of tick τ+1 overlaps
+    the error's transfer), and posts the receive of tick τ+1's message as soon as tick τ's
+    arrived. So the link's latency is hidden whenever it is below about half a tick.
+
+    Messages: a stream's first message with a tensor is a header announcing its shape (the
+    tensor follows as a second message); after that, for the rest of the run, every message
+    is one buffer, header and payload together, sent from and received into double buffers
+    (the payload is garbage when the header says nothing was sent). Both sides know which case
+    they are in from the messages they have already exchanged. Sends are waited a tick late.
+    """
 
     def __init__(self, rank: int, below: Optional[int], above: Optional[int], device, group, timeout: float):
         self.rank, self.below, self.above, self.device, self.group = rank, below, above, device, group
         self.timeout = datetime.timedelta(seconds=timeout)
+        self.peer = {"up": above, "down": below, "act": below, "err": above}
+        self.tag = {"up": 0, "act": 0, "down": 1, "err": 1}
         self.received: list = []  # bp mode: activations from below, as graph leaves
         self.sent: list = []  # bp mode: activations sent up, still in the graph
-        self.shape: dict = {}  # per stream ("up", "down" sent; "act", "err" received): its tensors' shape
-        self.dtype: dict = {}
-        self.pending: list = []  # send works of the last tick
-        self._keep: list = []  # ... and their tensors, alive until those complete
+        self._begin_run()
+
+    def _begin_run(self) -> None:
+        self.shape = dict.fromkeys(self.peer)  # per stream: its tensors' shape and dtype, once known
+        self.dtype = dict.fromkeys(self.peer)
+        self._inbox: dict = {}  # incoming stream -> (tick of the awaited message, works, buffer)
+        self._buffers: dict = {}  # (stream, parity) -> message buffer
+        self._sends: dict = {}  # tick -> [(works, ops)]: sends in flight, their tensors kept alive
+        self._taken: dict = {}  # incoming stream -> (tick, what receive() returned then)
+        self._sent_now: set = set()
+
+    # --- plumbing --------------------------------------------------------------------------
 
     def _failed(self, what: str, tick: int, why) -> RuntimeError:
-        return RuntimeError(f"rank {self.rank}: {what} at tick {tick} failed — rank {self._peers()} died or "
-                            f"stalled ({why})")
+        peers = " or ".join(str(p) for p in (self.below, self.above) if p is not None)
+        return RuntimeError(f"rank {self.rank}: {what} at tick {tick} failed — rank {peers} died or stalled ({why})")
 
     def _post(self, ops, tick, what: str) -> list:
         """batch_isend_irecv, whose sends already fail when a peer has gone."""
@@ -67,93 +96,132 @@ class _Boundary:
             if ok is False:
                 raise self._failed(what, tick, f"timed out after {self.timeout.total_seconds():.0f} s")
 
-    def _peers(self) -> str:
-        return " or ".join(str(p) for p in (self.below, self.above) if p is not None)
+    def _op(self, op, key: str, tensor: torch.Tensor):
+        return dist.P2POp(op, tensor, self.peer[key], self.group, tag=self.tag[key])
 
-    def _header(self, tensor, frame=-1, offset=0) -> torch.Tensor:
-        h = torch.zeros(_HEADER, dtype=torch.int64)
-        if tensor is not None:
-            h[:5] = torch.tensor([1, frame, offset, _DTYPES.index(tensor.dtype), tensor.dim()])
-            h[5:5 + tensor.dim()] = torch.tensor(tensor.shape)
-        return h.to(self.device)
+    def _buffer(self, key: str, parity: int) -> torch.Tensor:
+        """The double buffer of an established stream: header bytes, then the payload."""
+        size = _HEADER_BYTES + math.prod(self.shape[key]) * self.dtype[key].itemsize
+        buf = self._buffers.get((key, parity))
+        if buf is None or buf.numel() != size:
+            buf = self._buffers[(key, parity)] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return buf
 
-    def _empty(self, header: torch.Tensor) -> Optional[torch.Tensor]:
-        h = header.tolist()
-        if not h[0]:
+    def _payload(self, buf: torch.Tensor, key: str) -> torch.Tensor:
+        return buf[_HEADER_BYTES:].view(self.dtype[key]).view(self.shape[key])
+
+    # --- the engine's calls ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """A new run (shapes may have changed): post the receives of tick 0's messages."""
+        self._begin_run()
+        for key in ("act", "err"):
+            if self.peer[key] is not None:
+                self._post_receive(key, 0)
+
+    def _post_receive(self, key: str, tick: int) -> None:
+        if self.shape[key] is not None:
+            buf = self._buffer(key, tick % 2)
+        else:  # not established: a header
+            buf = torch.empty(_HEADER_BYTES, dtype=torch.uint8, device=self.device)
+        works = self._post([self._op(dist.irecv, key, buf)], tick, f"receiving the {_WHAT[key]}")
+        self._inbox[key] = (tick, works, buf)
+
+    def receive(self, key: str, tick: int, mode: str, post_next: bool = True):
+        """What the neighbour sent on ``key`` ("act" from below: (tensor, frame, offset); "err"
+        from above: a tensor) at tick ``tick - 1``, or None; waits for it only now, then posts
+        the receive of this tick's message. The same answer again if asked twice in a tick."""
+        if self.peer[key] is None:
             return None
-        return torch.empty(h[5:5 + h[4]], dtype=_DTYPES[h[3]], device=self.device)
+        taken_tick, value = self._taken.get(key, (None, None))
+        if taken_tick == tick:
+            return value
+        msg_tick, works, buf = self._inbox[key]
+        if msg_tick == tick:  # tick 0: nothing was sent before
+            return None
+        what = f"receiving the {_WHAT[key]}"
+        self._wait(works, tick, what)
+        header = buf[:_HEADER_BYTES].view(torch.int64).tolist()
+        value = None
+        if header[0]:
+            if self.shape[key] is None:  # the stream's first tensor: its shape is in the header
+                self.shape[key], self.dtype[key] = tuple(header[5:5 + header[4]]), _DTYPES[header[3]]
+                tensor = torch.empty(self.shape[key], dtype=self.dtype[key], device=self.device)
+                self._wait(self._post([self._op(dist.irecv, key, tensor)], tick, what), tick, what)
+            else:
+                tensor = self._payload(buf, key)
+            if key == "err":
+                value = tensor
+            else:
+                if mode == "bp":  # a graph leaf of its own, kept for the backward at the end
+                    tensor = tensor.clone().requires_grad_()
+                    self.received.append(tensor)
+                value = (tensor, header[1], header[2])
+        self._taken[key] = (tick, value)
+        if post_next:
+            self._post_receive(key, tick)
+        return value
 
-    def exchange(self, tick: int, up, down, mode: str):
-        """Send ``up`` ((activation, frame, offset) or None) to the rank above and ``down``
-        (error or None) to the rank below; return what they sent this tick, for the next.
-
-        A stream's first message with a tensor announces its shape in a header, and the
-        tensor follows in a second round; from then on, for the rest of the run, header and
-        tensor (zeros when there is none) travel together in one round. Both sides know which
-        case they are in from the headers they exchanged. Sends are waited one tick later."""
-        if self.above is None and self.below is None:  # a single rank: nothing to exchange
-            return None, None
-        if tick == 0:  # a new run: shapes may have changed
-            self.shape = {"up": None, "down": None, "act": None, "err": None}
-        self._wait(self.pending, tick, "sending the last tick's messages")
-        act, frame, offset = up if up is not None else (None, -1, 0)
-        outgoing = [("up", self.above, act, frame, offset, 0), ("down", self.below, down, -1, 0, 1)]
-        incoming = [("act", self.below, 0), ("err", self.above, 1)]
-        sends, recvs, headers, got, late = [], [], {}, {}, []
-        for key, peer, tensor, f, o, tag in outgoing:
-            if peer is None:
-                continue
-            sends.append(dist.P2POp(dist.isend, self._header(tensor, f, o), peer, self.group, tag=tag))
-            if self.shape[key] is not None:  # established: the tensor (or zeros) rides along
-                payload = tensor if tensor is not None else torch.zeros(self.shape[key], dtype=self.dtype[key],
-                                                                        device=self.device)
-                sends.append(dist.P2POp(dist.isend, payload.detach().contiguous(), peer, self.group, tag=tag))
-            elif tensor is not None:  # announced now, sent in the second round
-                self.shape[key], self.dtype[key] = tuple(tensor.shape), tensor.dtype
-                late.append(dist.P2POp(dist.isend, tensor.detach().contiguous(), peer, self.group, tag=tag))
-            if mode == "bp" and key == "up" and tensor is not None:
+    def send(self, key: str, tick: int, tensor: Optional[torch.Tensor], frame: int = -1, offset: int = 0,
+             mode: str = "sideways") -> None:
+        """Send ``tensor`` (or that there is none) on ``key`` ("up" or "down") for tick ``tick``."""
+        if self.peer[key] is None:
+            return
+        self._sent_now.add(key)
+        what = f"sending the {_WHAT[key]}"
+        if tensor is not None:
+            if mode == "bp" and key == "up":
                 self.sent.append(tensor)
-        for key, peer, tag in incoming:
-            if peer is None:
-                continue
-            headers[key] = self._header(None)
-            recvs.append(dist.P2POp(dist.irecv, headers[key], peer, self.group, tag=tag))
-            if self.shape[key] is not None:
-                got[key] = torch.empty(self.shape[key], dtype=self.dtype[key], device=self.device)
-                recvs.append(dist.P2POp(dist.irecv, got[key], peer, self.group, tag=tag))
-        works = self._post(sends + recvs, tick, "exchanging activations and errors")
-        self._wait(works[len(sends):], tick, "receiving activations and errors")
-        pending = works[:len(sends)]
-        for key, peer, tag in incoming:
-            if peer is None or self.shape[key] is not None:
-                continue
-            fresh = self._empty(headers[key])  # the stream's first tensor: its shape is in the header
-            if fresh is not None:
-                self.shape[key], self.dtype[key] = tuple(fresh.shape), fresh.dtype
-                got[key] = fresh
-                late.append(dist.P2POp(dist.irecv, fresh, peer, self.group, tag=tag))
-        if late:
-            late_works = self._post(late, tick, "exchanging activations and errors")
-            self._wait(late_works, tick, "receiving activations and errors")
-        self.pending = pending  # kept (with their tensors) until the next exchange
-        self._keep = sends
-        received_act = received_err = None
-        if "act" in got and headers["act"][0].item():
-            h = headers["act"].tolist()
-            tensor = got["act"]
-            if mode == "bp":
-                tensor.requires_grad_()
-                self.received.append(tensor)
-            received_act = (tensor, h[1], h[2])
-        if "err" in got and headers["err"][0].item():
-            received_err = got["err"]
-        return received_act, received_err
+            tensor = tensor.detach()
+            if tensor.dtype not in _DTYPES or tensor.dim() > 6:
+                raise TypeError(f"rank {self.rank}: can only send {_DTYPES} tensors of at most 6 dims between "
+                                f"ranks, got {tensor.dtype} {tuple(tensor.shape)}")
+        fields = [1, frame, offset, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape] if tensor is not None \
+            else []
+        header = torch.tensor(fields + [0] * (_HEADER - len(fields)), dtype=torch.int64)
+        if self.shape[key] is not None:
+            if tensor is not None and (tuple(tensor.shape) != self.shape[key] or tensor.dtype != self.dtype[key]):
+                raise ValueError(f"rank {self.rank}: the {_WHAT[key]} of tick {tick} is {tuple(tensor.shape)} "
+                                 f"{tensor.dtype}, but this run's earlier ones were {self.shape[key]} "
+                                 f"{self.dtype[key]}: a stage's output shape cannot change mid-clip")
+            buf = self._buffer(key, tick % 2)
+            buf[:_HEADER_BYTES].view(torch.int64).copy_(header)
+            if tensor is not None:
+                self._payload(buf, key).copy_(tensor)
+            ops = [self._op(dist.isend, key, buf)]
+        else:
+            ops = [self._op(dist.isend, key, header.view(torch.uint8).to(self.device))]
+            if tensor is not None:  # announced: from now on header and tensor travel together
+                self.shape[key], self.dtype[key] = tuple(tensor.shape), tensor.dtype
+                ops.append(self._op(dist.isend, key, tensor.contiguous()))
+        self._sends.setdefault(tick, []).append((self._post(ops, tick, what), ops))
+
+    def end_tick(self, tick: int, mode: str) -> None:
+        """Every stream carries one message a tick: send "nothing" where this tick sent none,
+        take the messages of the last tick that no stage asked for, and wait for the sends
+        of the last tick (their buffers are written again next tick)."""
+        for key in ("up", "down"):
+            if key not in self._sent_now:
+                self.send(key, tick, None, mode=mode)
+        self._sent_now.clear()
+        for key in ("act", "err"):
+            self.receive(key, tick, mode)
+        for works, _ in self._sends.pop(tick - 1, []):
+            self._wait(works, tick, "sending the last tick's messages")
+
+    def finish(self, tick: int, mode: str) -> None:
+        """After the run's last tick: take its messages (nobody will use them) and wait for
+        every send, so the next run starts with nothing in flight."""
+        for key in ("act", "err"):
+            self.receive(key, tick + 1, mode, post_next=False)
+        for works, _ in self._sends.pop(tick, []):
+            self._wait(works, tick, "sending the last tick's messages")
+        self._inbox.clear()
+        self._taken.clear()
 
     def backward_bp(self, top_loss: Optional[torch.Tensor]) -> None:
         """bp mode after the ticks: the top rank back-propagates the clip loss, then each rank
         passes the gradients of the activations it received down to the rank that sent them."""
-        self._wait(self.pending, -1, "sending the last tick's messages")
-        self.pending, self._keep = [], []
         if self.above is not None:
             grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self.sent]
             if grads:

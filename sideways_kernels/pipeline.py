@@ -359,6 +359,10 @@ class SidewaysPipeline:
         training = frame_loss is not None
         drain_bound = self._drain_bound()
         ticks = self.total_ticks(clip.frames, mode) if boundary is not None else None  # the length is known then
+        remote_below = boundary is not None and lo > 0  # stage lo's input comes from the process below
+        remote_above = boundary is not None and hi < n_stages  # stage hi-1's error comes from the one above
+        if boundary is not None:
+            boundary.start()
         with self._streaming(mode, clocks):
             for tick in itertools.count():
                 if lo > 0:
@@ -386,14 +390,19 @@ class SidewaysPipeline:
                 try:
                     for i in range(lo, hi):
                         stage = self.stages[i]
+                        if i == lo and remote_below:  # waited for only now: it arrived during our last tick
+                            acts[i] = boundary.receive("act", tick, mode)
                         if acts[i] is None:
                             continue  # nothing has reached this stage yet
                         if streams[i] is not None:  # the stage's work goes on its own CUDA stream
                             torch.cuda.set_stream(streams[i])
                         x, clocks[i].frame, clocks[i].offset = acts[i]
                         err = errs[i]
+                        err_from_above = remote_above and i == hi - 1
                         if mode == "sideways":
-                            backward = err is not None or (i == top and training)
+                            # Whether an error comes from above is known only once it has come,
+                            # after this forward: be ready for one.
+                            backward = err is not None or (i == top or err_from_above) and training
                             xin = x.detach().requires_grad_(backward and i > 0)
                             with torch.set_grad_enabled(backward):
                                 out = stage(xin)
@@ -421,35 +430,38 @@ class SidewaysPipeline:
                                 continue
                             loss.backward()
                         else:
-                            if i + 1 == hi:  # the next stage lives in another process
-                                new_acts[i + 1] = (out if mode == "bp" else out.detach(), t, clocks[i].offset)
+                            if i + 1 == hi:  # the next stage lives in another process: send now, so the
+                                # transfer overlaps this stage's backward
+                                boundary.send("up", tick, out if mode == "bp" else out.detach(), t, clocks[i].offset,
+                                              mode)
                             else:
                                 nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
                                 new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
+                            if err_from_above:
+                                err = boundary.receive("err", tick, mode)
                             if mode != "sideways" or err is None:
                                 continue
                             if out.requires_grad:
                                 torch.autograd.backward(out, err)
                         stepped = True
                         if i > 0 and xin.grad is not None:
-                            new_errs[i - 1] = xin.grad if i == lo else self._carry("err", parity, i - 1, xin.grad)
+                            if i == lo:  # the stage below lives in another process
+                                boundary.send("down", tick, xin.grad, mode=mode)
+                            else:
+                                new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
                 finally:
                     self._join(streams)
+                if boundary is not None:
+                    boundary.end_tick(tick, mode)
                 yield from done
                 acts[lo + 1:hi] = new_acts[lo + 1:hi]
                 errs = new_errs
                 if stepped and self.update == "tick" and mode == "sideways":
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                if boundary is not None:  # what this tick sends is what the neighbours get next tick
-                    sent_up = new_acts[hi] if hi < n_stages else None
-                    sent_down = errs[lo - 1] if lo > 0 else None
-                    received_act, received_err = boundary.exchange(tick, sent_up, sent_down, mode)
-                    if lo > 0:
-                        acts[lo] = received_act
-                    if hi < n_stages:
-                        errs[hi - 1] = received_err
+                if boundary is not None:
                     if tick + 1 == ticks:
+                        boundary.finish(tick, mode)
                         self.last_ticks = tick + 1
                         return
                 elif emitted >= clip.frames + change and all(e is None for e in errs):
