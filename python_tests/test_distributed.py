@@ -34,7 +34,7 @@ def _net():
     return classifier_net(TEMPORAL)
 
 
-def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False):
+def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False, replicas=1):
     if isinstance(placement, dict):  # a placement per rank, to test a mismatch
         placement = placement[rank]
     sys.path.insert(0, HERE)
@@ -48,12 +48,17 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
             calls = iter(range(10**6))
             fail = (lambda: time.sleep(3600)) if stall else (lambda: os._exit(3))
             stages[-1].register_forward_pre_hook(lambda m, a: fail() if next(calls) == die_at_tick else None)
-        pipe = DistributedSidewaysPipeline(stages, mode=mode, placement=placement, timeout=timeout)
         video, target = _clip()
+        pipe = DistributedSidewaysPipeline(stages, mode=mode, placement=placement, timeout=timeout, replicas=replicas,
+                                           sample=(video, target))
+        if replicas > 1:  # replica k trains on its share of the batch
+            share = video.shape[0] // replicas
+            video, target = (x[pipe.replica * share:(pipe.replica + 1) * share] for x in (video, target))
         result = pipe.backward_clip(video, target)
         local = {name: p.grad.clone() for name, p in net.named_parameters()
                  if any(p is q for s in pipe.local_stages() for q in s.parameters())}
-        torch.save(dict(grads=local, loss=result.loss, outputs=result.outputs), os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(dict(grads=local, loss=result.loss, outputs=result.outputs, placement=pipe.placement),
+                   os.path.join(out_dir, f"{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
@@ -61,12 +66,12 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
         raise
 
 
-def _spawn(world, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False):
+def _spawn(world, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False, replicas=1):
     """Runs the ranks; returns them once every rank but a deliberately stalled one is done."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, mode, placement, str(out_dir), die_at_tick, timeout,
-                                               stall)) for r in range(world)]
+                                               stall, replicas)) for r in range(world)]
     for p in procs:
         p.start()
     for r, p in enumerate(procs):
@@ -107,6 +112,63 @@ def test_distributed_equals_single_process(tmp_path, world, placement, mode):
         else:
             assert out["outputs"] is None
     assert seen == set(ref_grads), "every parameter belongs to exactly one rank"
+
+
+def test_distributed_replicas_average_to_the_whole_batch(tmp_path):
+    """2 replicas x 2 ranks, placed by measured stage times: each replica trains on half the
+    batch, and after the clip every rank holds the single-process gradients and loss of the
+    whole batch (float64, rel. error <= 1e-9)."""
+    net = _net()
+    video, target = _clip()
+    from sideways_kernels import SidewaysPipeline
+    ref = SidewaysPipeline(stages_of(net, 4)).backward_clip(video, target)
+    ref_grads = dict(net.named_parameters())
+    procs = _spawn(4, "sideways", "measure", tmp_path, replicas=2)
+    errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.endswith(".err")]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
+    placement = results[0]["placement"]
+    assert all(r["placement"] == placement for r in results) and len(placement) == 2 and sum(placement) == 4
+    for r, out in enumerate(results):
+        assert abs(out["loss"].item() - ref.loss.item()) <= 1e-9 * abs(ref.loss.item())
+        for name, g in out["grads"].items():
+            assert rel_error([g], [ref_grads[name].grad]) <= 1e-9, (r, name)
+    for replica in range(2):  # each pipeline's ranks hold every parameter once
+        names = [set(results[replica * 2 + k]["grads"]) for k in range(2)]
+        assert not names[0] & names[1] and names[0] | names[1] == set(ref_grads)
+    top = [results[1]["outputs"], results[3]["outputs"]]
+    torch.testing.assert_close(torch.cat(top), ref.outputs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_distributed_balanced_placement_minimises_the_slowest_rank(seed):
+    """Against every contiguous split: the placement from costs has the least maximal load."""
+    import itertools
+    from sideways_kernels.distributed import balanced_placement
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 9, (), generator=g))
+    world = int(torch.randint(1, n + 1, (), generator=g))
+    costs = (torch.rand(n, generator=g) ** 3).tolist()
+
+    def load(split):
+        bounds = [0, *itertools.accumulate(split)]
+        return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+    splits = [[b - a for a, b in zip((0, *cuts), (*cuts, n))] for cuts in itertools.combinations(range(1, n), world - 1)]
+    got = balanced_placement(n, world, costs)
+    assert len(got) == world and sum(got) == n and min(got) >= 1
+    assert load(got) == pytest.approx(min(load(s) for s in splits), rel=1e-12)
+    assert balanced_placement(n, world) in splits
+
+
+def test_distributed_balanced_placement_refuses_bad_costs():
+    from sideways_kernels.distributed import balanced_placement
+    with pytest.raises(ValueError, match="costs must be 3"):
+        balanced_placement(3, 2, [1.0, 2.0])
+    with pytest.raises(ValueError, match="costs must be"):
+        balanced_placement(3, 2, [1.0, float("nan"), 2.0])
+    with pytest.raises(ValueError, match="world size"):
+        balanced_placement(2, 3)
 
 
 def test_distributed_killed_rank_fails_the_others_within_the_timeout(tmp_path):

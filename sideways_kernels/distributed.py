@@ -13,8 +13,9 @@ others fail within ``timeout`` seconds with an error naming that rank and the ti
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -30,12 +31,32 @@ _WHAT = {"act": "activation from below", "err": "error from above", "up": "activ
          "down": "error for the rank below"}
 
 
-def balanced_placement(n_stages: int, world_size: int) -> list[int]:
-    """Stages per rank, contiguous and as even as the count allows."""
+def balanced_placement(n_stages: int, world_size: int, costs: Optional[Sequence[float]] = None) -> list[int]:
+    """Stages per rank, contiguous: as even in count as it allows, or, given each stage's
+    cost (e.g. :meth:`SidewaysPipeline.stage_times`), the split whose most loaded rank
+    carries the least (the tick time is the slowest rank's)."""
     if not 1 <= world_size <= n_stages:
         raise ValueError(f"need 1 <= world size ({world_size}) <= number of stages ({n_stages})")
-    base, extra = divmod(n_stages, world_size)
-    return [base + (r < extra) for r in range(world_size)]
+    if costs is None:
+        base, extra = divmod(n_stages, world_size)
+        return [base + (r < extra) for r in range(world_size)]
+    costs = [float(c) for c in costs]
+    if len(costs) != n_stages or not all(math.isfinite(c) and c >= 0 for c in costs):
+        raise ValueError(f"costs must be {n_stages} finite non-negative numbers, got {costs}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[r][n]: (the least max load, stages on the last rank) placing the first n stages on r ranks
+    best = [[(math.inf, 0)] * (n_stages + 1) for _ in range(world_size + 1)]
+    best[0][0] = (0.0, 0)
+    for r in range(1, world_size + 1):
+        for n in range(r, n_stages - (world_size - r) + 1):
+            best[r][n] = min((max(best[r - 1][m][0], prefix[n] - prefix[m]), n - m) for m in range(r - 1, n))
+    placement, n = [], n_stages
+    for r in range(world_size, 0, -1):
+        placement.append(best[r][n][1])
+        n -= placement[-1]
+    return placement[::-1]
 
 
 class _Boundary:
@@ -240,15 +261,29 @@ class _Boundary:
 
 class DistributedSidewaysPipeline(SidewaysPipeline):
     """A :class:`~sideways_kernels.SidewaysPipeline` of which this process runs the stages that
-    ``placement`` (stages per rank, contiguous; default :func:`balanced_placement`) gives its
-    rank. Its local stages are moved to ``device``. ``backward_clip`` leaves the local stages'
-    gradients in ``.grad`` and returns the clip loss on every rank (broadcast from the top rank)
-    and the per-frame outputs on the top rank (None elsewhere).
+    ``placement`` gives its rank. Its local stages are moved to ``device``.
+
+    Args:
+        placement: stages per rank of one pipeline, contiguous, bottom rank first; default
+            :func:`balanced_placement` by count; ``"measure"``: balanced by the stages' measured
+            time per tick (rank 0 runs one ``sample=(video, target)`` clip through all stages
+            on its device, with :meth:`~SidewaysPipeline.stage_times`, and tells the others).
+        replicas: data-parallel copies of the whole pipeline: the world is ``replicas`` pipelines
+            of ``world / replicas`` ranks (ranks ``[k·G, (k+1)·G)`` are replica k). Each replica
+            trains on its own clips; after every clip the gradients of each stage are averaged
+            over the replicas (one all-reduce per rank), so with equal batches they are the
+            gradients of the whole batch. Needs ``update="clip"``.
+        timeout: seconds a rank waits for a neighbour before failing with an error that names
+            the rank and the tick.
+
+    ``backward_clip`` leaves the local stages' gradients in ``.grad`` and returns the clip
+    loss (averaged over replicas) on every rank and the per-frame outputs on each replica's top
+    rank (None elsewhere).
     """
 
     def __init__(self, stages: Sequence[torch.nn.Module], loss_fn=None, mode: str = "sideways", *,
-                 placement: Optional[Sequence[int]] = None, group=None, device=None, timeout: float = 60.0,
-                 **kwargs):
+                 placement: Union[None, str, Sequence[int]] = None, replicas: int = 1, sample=None, group=None,
+                 device=None, timeout: float = 60.0, **kwargs):
         if not dist.is_initialized():
             raise RuntimeError("DistributedSidewaysPipeline needs torch.distributed initialised "
                                "(torchrun, then dist.init_process_group)")
@@ -256,33 +291,76 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
             raise ValueError("use device= (this rank's device); devices= is for one process")
         super().__init__(stages, loss_fn, mode, **kwargs)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        placement = list(placement) if placement is not None else balanced_placement(len(self.stages), world)
-        if len(placement) != world or any(n < 1 for n in placement) or sum(placement) != len(self.stages):
-            raise ValueError(f"placement must give each of the {world} ranks at least one stage and "
-                             f"{len(self.stages)} in all, got {placement}")
-        self._lo = sum(placement[:rank])
-        self._hi = self._lo + placement[rank]
+        if not isinstance(replicas, int) or replicas < 1 or world % replicas:
+            raise ValueError(f"replicas must be a positive divisor of the world size {world}, got {replicas}")
+        if replicas > 1 and self.update != "clip":
+            raise ValueError("replicas average their gradients once per clip, so they need update='clip' "
+                             "(per-tick updates would let the replicas' weights drift apart)")
+        ranks = world // replicas  # in one pipeline
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        placement = self._placement(placement, ranks, sample, group)
+        self.placement = placement
+        replica, position = divmod(rank, ranks)
+        self._lo = sum(placement[:position])
+        self._hi = self._lo + placement[position]
         self.devices = [self.device] * len(self.stages)  # only the local ones ever run
         for stage in self.stages[self._lo:self._hi]:
             stage.to(self.device)
         peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
         self.rank, self.world_size, self.group = rank, world, group
-        self._top_rank = peer(world - 1)
+        self.replicas, self.replica = replicas, replica
         self._check_same_pipeline(placement, mode)
-        self._boundary = _Boundary(rank, peer(rank - 1) if rank > 0 else None,
-                                   peer(rank + 1) if rank < world - 1 else None, self.device, group, timeout)
+        # One group per pipeline position, over the replicas (every rank creates every group).
+        self._replica_group = None
+        for pos in range(ranks if replicas > 1 else 0):
+            g = dist.new_group([peer(pos + k * ranks) for k in range(replicas)])
+            if pos == position:
+                self._replica_group = g
+        self._boundary = _Boundary(rank, peer(rank - 1) if position > 0 else None,
+                                   peer(rank + 1) if position < ranks - 1 else None, self.device, group, timeout)
+
+    def _placement(self, placement, ranks: int, sample, group) -> list[int]:
+        n = len(self.stages)
+        if placement == "measure":
+            if sample is None:
+                raise ValueError("placement='measure' needs sample=(video, target): a clip to time the stages on")
+            costs = [None]
+            if dist.get_rank(group) == 0:
+                costs[0] = self._measure(sample)
+            dist.broadcast_object_list(costs, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                                       group=group)
+            return balanced_placement(n, ranks, costs[0])
+        if placement is None:
+            return balanced_placement(n, ranks)
+        placement = list(placement)
+        if len(placement) != ranks or any(not isinstance(k, int) or k < 1 for k in placement) or sum(placement) != n:
+            raise ValueError(f"placement must give each of the {ranks} ranks of a pipeline at least one stage and "
+                             f"{n} in all, got {placement}")
+        return placement
+
+    def _measure(self, sample) -> list[float]:
+        """Every stage's time per tick, all of them on this rank's device for one clip, then
+        each put back where it was."""
+        homes = [next(itertools.chain(s.parameters(), s.buffers()), torch.empty(0)).device for s in self.stages]
+        video, target = sample
+        try:
+            probe = SidewaysPipeline(list(self.stages), self.loss_fn, self.mode, devices=[self.device] * len(homes))
+            return probe.stage_times(video, target)
+        finally:
+            for stage, home in zip(self.stages, homes):
+                stage.to(home)
 
     def _check_same_pipeline(self, placement: list, mode: str) -> None:
-        """Every rank must have built the same stages, placement and mode: compared once here
-        (a collective), so a mismatch is an error naming the rank instead of a wrong tick."""
-        mine = (placement, mode, [[tuple(p.shape) for p in stage.parameters()] for stage in self.stages])
+        """Every rank must have built the same stages, placement, replicas and mode: compared once
+        here (a collective), so a mismatch is an error naming the rank instead of a wrong tick."""
+        mine = (placement, mode, self.replicas,
+                [[tuple(p.shape) for p in stage.parameters()] for stage in self.stages])
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
         for r, theirs in enumerate(everyone):
             if theirs != mine:
-                raise ValueError(f"rank {r} built another pipeline than rank {self.rank} (placement, mode or "
-                                 f"stage parameter shapes differ): {theirs[:2]} vs {mine[:2]}")
+                raise ValueError(f"rank {r} built another pipeline than rank {self.rank} (placement, mode, replicas "
+                                 f"or stage parameter shapes differ): {theirs[:3]} vs {mine[:3]}")
 
     def stream(self, frames):
         """As :meth:`SidewaysPipeline.stream`, for a clip or a sequence of frames: the ranks
@@ -302,7 +380,20 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
         self._boundary.backward_bp(torch.stack(losses).sum() if losses else None)
 
     def _clip_loss(self, losses: list) -> torch.Tensor:
+        """Only each replica's top rank has losses: their sum over all ranks, over the replicas."""
         loss = torch.stack([l.detach() for l in losses]).sum() if losses else torch.zeros((), dtype=torch.float64)
         loss = loss.to(device=self.device, dtype=torch.float64)
-        dist.broadcast(loss, src=self._top_rank, group=self.group)
-        return loss
+        dist.all_reduce(loss, group=self.group)
+        return loss / self.replicas
+
+    def _reduce_gradients(self, params: list) -> None:
+        """Replicas: every local gradient averaged over them, in one all-reduce."""
+        if self._replica_group is None:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self._replica_group)
+            flat /= self.replicas
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))

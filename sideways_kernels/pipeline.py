@@ -11,6 +11,7 @@ import contextlib
 import copy
 import itertools
 import math
+import time
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -151,6 +152,7 @@ class SidewaysPipeline:
         # others (sideways_kernels.distributed); one process runs them all by default.
         self._lo, self._hi = 0, len(self.stages)
         self._boundary = None
+        self._timer: Optional[_StageTimer] = None  # set while stage_times() measures
         self.last_ticks = 0  # ticks the last run took
         self._check_config()
 
@@ -240,6 +242,7 @@ class SidewaysPipeline:
             outputs = list(self._run(frames, length, self.mode, frame_loss, losses))
             if self.mode == "bp":
                 self._backward_bp(losses)
+            self._reduce_gradients(params)
         except BaseException:
             for p, g in zip(params, stashed):
                 p.grad = g
@@ -253,12 +256,39 @@ class SidewaysPipeline:
                 p.grad = g
         return ClipResult(self._clip_loss(losses), torch.cat(outputs, dim=2) if outputs else None)
 
+    def _reduce_gradients(self, params: list) -> None:
+        """After a clip, before earlier gradients are added back: nothing in one process
+        (data-parallel replicas average theirs here)."""
+
     def _backward_bp(self, losses: list) -> None:
         """bp mode, after the ticks: back-propagate the clip loss through the kept graph."""
         torch.stack(losses).sum().backward()
 
     def _clip_loss(self, losses: list) -> torch.Tensor:
         return torch.stack([l.detach() for l in losses]).sum()
+
+    def stage_times(self, video: Frames, target, **kwargs) -> list[float]:
+        """Seconds per tick each stage's work takes (its forward, plus its backward in Sideways
+        mode), measured on one clip run as :meth:`backward_clip` runs it (same arguments) and
+        averaged over the ticks the stage worked. Gradients, weights and optimizer state are
+        left as they were. On CUDA the device is synchronised around every stage while
+        measuring. ``balanced_placement(n, world, costs=pipe.stage_times(...))`` balances ranks
+        (:mod:`sideways_kernels.distributed`)."""
+        params = [p for p in self.stages.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        snapshot = self._snapshot(params) if self.update == "tick" else None
+        self._timer = _StageTimer([self._device(i) for i in range(len(self.stages))])
+        try:
+            self.backward_clip(video, target, **kwargs)
+            return self._timer.per_tick()
+        finally:
+            self._timer = None
+            for p, g in zip(params, grads):
+                p.grad = g
+            if snapshot is not None:
+                self._restore(params, snapshot)
 
     def stream(self, frames: Frames) -> Iterator[torch.Tensor]:
         """Inference, one frame a tick: yields the top stage's output of each frame as a frame,
@@ -394,6 +424,8 @@ class SidewaysPipeline:
                             acts[i] = boundary.receive("act", tick, mode)
                         if acts[i] is None:
                             continue  # nothing has reached this stage yet
+                        if self._timer is not None:
+                            self._timer.start(i)
                         if streams[i] is not None:  # the stage's work goes on its own CUDA stream
                             torch.cuda.set_stream(streams[i])
                         x, clocks[i].frame, clocks[i].offset = acts[i]
@@ -451,6 +483,8 @@ class SidewaysPipeline:
                                 new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
                 finally:
                     self._join(streams)
+                    if self._timer is not None:
+                        self._timer.stop()
                 if boundary is not None:
                     boundary.end_tick(tick, mode)
                 yield from done
@@ -512,3 +546,32 @@ class SidewaysPipeline:
             for p, saved in zip(params, weights):
                 p.copy_(saved)
         self.optimizer.load_state_dict(state)
+
+
+class _StageTimer:
+    """Wall time of each stage's work within the ticks (stage_times())."""
+
+    def __init__(self, devices: list):
+        self.devices = devices
+        self.total = [0.0] * len(devices)
+        self.ticks = [0] * len(devices)
+        self._current: Optional[tuple] = None
+
+    def _now(self, i: int) -> float:
+        if self.devices[i].type == "cuda":
+            torch.cuda.synchronize(self.devices[i])
+        return time.perf_counter()
+
+    def start(self, i: int) -> None:
+        self.stop()
+        self.ticks[i] += 1
+        self._current = (i, self._now(i))
+
+    def stop(self) -> None:
+        if self._current is not None:
+            i, began = self._current
+            self.total[i] += self._now(i) - began
+            self._current = None
+
+    def per_tick(self) -> list[float]:
+        return [t / max(n, 1) for t, n in zip(self.total, self.ticks)]
