@@ -34,7 +34,7 @@ def _net():
     return classifier_net(TEMPORAL)
 
 
-def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False, replicas=1):
+def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False, replicas=1, nan_at=None):
     if isinstance(placement, dict):  # a placement per rank, to test a mismatch
         placement = placement[rank]
     sys.path.insert(0, HERE)
@@ -49,8 +49,13 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
             fail = (lambda: time.sleep(3600)) if stall else (lambda: os._exit(3))
             stages[-1].register_forward_pre_hook(lambda m, a: fail() if next(calls) == die_at_tick else None)
         video, target = _clip()
-        pipe = DistributedSidewaysPipeline(stages, mode=mode, placement=placement, timeout=timeout, replicas=replicas,
-                                           sample=(video, target))
+        loss_fn = None
+        if nan_at is not None:  # the loss of frame nan_at is NaN
+            frames = iter(range(10**6))
+            loss_fn = lambda y, t: torch.nn.functional.cross_entropy(y, t) * (float("nan") if next(frames) == nan_at
+                                                                             else 1.0)
+        pipe = DistributedSidewaysPipeline(stages, loss_fn, mode=mode, placement=placement, timeout=timeout,
+                                           replicas=replicas, sample=(video, target))
         if replicas > 1:  # replica k trains on its share of the batch
             share = video.shape[0] // replicas
             video, target = (x[pipe.replica * share:(pipe.replica + 1) * share] for x in (video, target))
@@ -66,12 +71,12 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
         raise
 
 
-def _spawn(world, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False, replicas=1):
+def _spawn(world, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False, replicas=1, nan_at=None):
     """Runs the ranks; returns them once every rank but a deliberately stalled one is done."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, mode, placement, str(out_dir), die_at_tick, timeout,
-                                               stall, replicas)) for r in range(world)]
+                                               stall, replicas, nan_at)) for r in range(world)]
     for p in procs:
         p.start()
     for r, p in enumerate(procs):
@@ -169,6 +174,20 @@ def test_distributed_balanced_placement_refuses_bad_costs():
         balanced_placement(3, 2, [1.0, float("nan"), 2.0])
     with pytest.raises(ValueError, match="world size"):
         balanced_placement(2, 3)
+
+
+@pytest.mark.parametrize("mode", ["sideways", "bp"])
+def test_distributed_non_finite_loss_stops_every_rank_at_once(tmp_path, mode):
+    """The top rank's NaN loss is every rank's NonFiniteError, right after the clip's ticks —
+    not a wait for the timeout on the ranks below."""
+    start = time.time()
+    procs = _spawn(3, mode, [1, 2, 1], tmp_path, timeout=120, nan_at=2)
+    assert time.time() - start < 60
+    assert all(p.exitcode != 0 for p in procs)
+    for r in range(3):
+        message = open(tmp_path / f"{r}.err").read()
+        assert "NonFiniteError" in message and "no gradient or weight was changed" in message, message
+    assert "frame 2" in open(tmp_path / "2.err").read()
 
 
 def test_distributed_killed_rank_fails_the_others_within_the_timeout(tmp_path):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from .pipeline import SidewaysPipeline
+from .pipeline import NonFiniteError, SidewaysPipeline
 
 __all__ = ["DistributedSidewaysPipeline", "balanced_placement"]
 
@@ -378,6 +378,17 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
 
     def _backward_bp(self, losses: list) -> None:
         self._boundary.backward_bp(torch.stack(losses).sum() if losses else None)
+
+    def _check_losses(self, losses: list) -> None:
+        """Only each replica's top rank has losses; every rank learns whether one was not finite,
+        so all of them raise (and put their state back) together instead of waiting for a peer."""
+        bad = bool(losses) and not torch.isfinite(torch.stack([l.detach() for l in losses])).all()
+        flag = torch.tensor([float(bad)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if bad:
+            super()._check_losses(losses)
+        if flag.item():
+            raise NonFiniteError("a non-finite loss on another rank; no gradient or weight was changed")
 
     def _clip_loss(self, losses: list) -> torch.Tensor:
         """Only each replica's top rank has losses: their sum over all ranks, over the replicas."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import time
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend as _backend
+from .cuda_graphs import TickGraphs
 from .nn import ClipLength, SidewaysConv3d, StreamClock, _Stream
 
 __all__ = ["SidewaysPipeline", "ClipResult", "NonFiniteError", "split_sequential", "streaming_problem"]
@@ -113,6 +115,12 @@ class SidewaysPipeline:
             overlap; each tick ends with all of them joined.
         backend: ``"torch" | "cpp" | "triton" | "cuda"``, else ``SIDEWAYS_BACKEND`` or the
             fastest one built for each stage's device.
+        cuda_graph: in :meth:`backward_clip` (Sideways mode, every stage on one CUDA device),
+            replay each steady-state tick — all stages' forward and Sideways backward, the
+            gradient accumulation or per-tick update, the buffer swap — from a CUDA graph
+            captured once per phase and input shape (:mod:`sideways_kernels.cuda_graphs`); where
+            that is impossible it warns once and ticks eagerly. The loss function must then be
+            capturable (no host syncs), and every trainable parameter gets a ``.grad``.
 
     The clip loss is the mean, over the frames the clip forward outputs, of
     ``loss_fn(logits of frame t, target)`` (DESIGN.md §1): buffers start at zero (the clip's
@@ -122,7 +130,8 @@ class SidewaysPipeline:
 
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Optional[Callable] = None, mode: str = "sideways", *,
                  update: str = "clip", optimizer: Optional[torch.optim.Optimizer] = None,
-                 devices: Optional[Sequence[Union[str, torch.device]]] = None, backend: Optional[str] = None):
+                 devices: Optional[Sequence[Union[str, torch.device]]] = None, backend: Optional[str] = None,
+                 cuda_graph: bool = False):
         stages = list(stages) if not isinstance(stages, nn.Module) else [stages]
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
             raise TypeError("stages must be a non-empty sequence of nn.Module")
@@ -153,6 +162,8 @@ class SidewaysPipeline:
         self._lo, self._hi = 0, len(self.stages)
         self._boundary = None
         self._timer: Optional[_StageTimer] = None  # set while stage_times() measures
+        self.cuda_graph = cuda_graph
+        self._graphs: Optional[TickGraphs] = None
         self.last_ticks = 0  # ticks the last run took
         self._check_config()
 
@@ -211,7 +222,7 @@ class SidewaysPipeline:
         non-finite loss) every ``.grad``, weight and optimizer state is left as it was.
         """
         self._check_config()
-        frames, length = self._frames(video, need_length=True)
+        frames, length, finite = self._frames(video, need_length=True)
         out_len = self.output_length(length)
         if per_frame_target is None:
             per_frame_target = (isinstance(target, torch.Tensor) and target.dim() == 2 and not target.is_floating_point()
@@ -221,16 +232,20 @@ class SidewaysPipeline:
                              f"got {tuple(getattr(target, 'shape', ()))}")
         if isinstance(target, torch.Tensor):
             target = target.to(self._device(len(self.stages) - 1))
+        graphs = self._graphs_for(target)
+        target_of = lambda t: target[:, t] if per_frame_target else target
+        stage_target = None
+        if graphs is not None:  # the loss reads frame t's target from a fixed buffer, filled before the tick
+            staged = graphs.stage("target", target_of(0), target.device)
+            target_of = lambda t: staged
+            stage_target = lambda t: staged.copy_(target[:, t] if per_frame_target else target)
 
         def frame_loss(out: torch.Tensor, t: int) -> torch.Tensor:
-            loss = self.loss_fn(frame_logits(out), target[:, t] if per_frame_target else target)
+            loss = self.loss_fn(frame_logits(out), target_of(t))
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))}")
-            if not torch.isfinite(loss.detach()).item():
-                raise NonFiniteError(f"non-finite loss ({loss.item()}) at frame {t}; "
-                                         "no gradient or weight was changed")
-            return loss.reshape(()) / out_len
+            return loss.reshape(()) / out_len  # its finiteness is checked once, after the ticks
 
         params = [p for p in self.stages.parameters() if p.requires_grad]
         stashed = [p.grad for p in params]
@@ -238,8 +253,13 @@ class SidewaysPipeline:
             p.grad = None
         snapshot = self._snapshot(params) if self.update == "tick" else None
         try:
+            if graphs is not None:
+                if self.update == "clip":
+                    graphs.grad_buffers(params)
+                graphs.begin_clip(self._clip_signature(params, out_len, per_frame_target))
             losses: list[torch.Tensor] = []
-            outputs = list(self._run(frames, length, self.mode, frame_loss, losses))
+            outputs = list(self._run(frames, length, finite, self.mode, frame_loss, losses, graphs, stage_target))
+            self._check_losses(losses)
             if self.mode == "bp":
                 self._backward_bp(losses)
             self._reduce_gradients(params)
@@ -254,7 +274,42 @@ class SidewaysPipeline:
                 if p.grad is not None:
                     g.add_(p.grad)
                 p.grad = g
+            elif graphs is not None and p.grad is not None:
+                p.grad = p.grad.clone()  # the buffer stays the graphs'
         return ClipResult(self._clip_loss(losses), torch.cat(outputs, dim=2) if outputs else None)
+
+    def _check_losses(self, losses: list) -> None:
+        """One look at every frame's loss (one host sync a clip, not one a tick)."""
+        if losses and not torch.isfinite(torch.stack([l.detach() for l in losses])).all():
+            t = next(t for t, l in enumerate(losses) if not torch.isfinite(l.detach()))
+            raise NonFiniteError(f"non-finite loss ({losses[t].item()}) at frame {t}; "
+                                 "no gradient or weight was changed")
+
+    def _graphs_for(self, target) -> Optional[TickGraphs]:
+        """The CUDA graphs this clip ticks with, or None (with a warning the first time a
+        reason comes up) where it cannot."""
+        if not self.cuda_graph:
+            return None
+        if self._graphs is None:
+            self._graphs = TickGraphs()
+        why = self._graphs.why_not([self._device(i) for i in range(len(self.stages))], self.mode,
+                                   self._boundary is not None, target)
+        if why is not None:
+            self._graphs.warn(why)
+            return None
+        return self._graphs
+
+    def _clip_signature(self, params: list, out_len: int, per_frame_target: bool) -> tuple:
+        """Everything a captured tick has baked in besides its buffers: a change drops the graphs."""
+        hyper = ()
+        if self.optimizer is not None and self.update == "tick":
+            hyper = tuple((tuple(sorted((k, v) for k, v in g.items() if k != "params" and isinstance(v, (int, float))))
+                           for g in self.optimizer.param_groups))
+            hyper += tuple(s["momentum_buffer"].data_ptr() for s in self.optimizer.state.values()
+                           if s.get("momentum_buffer") is not None)
+        return (out_len, per_frame_target, self.loss_fn, self.update, hyper, tuple(p.data_ptr() for p in params),
+                tuple(m.training for m in self.stages.modules()),
+                tuple(_backend.resolve(self._device(i), self.backend) for i in range(len(self.stages))))
 
     def _reduce_gradients(self, params: list) -> None:
         """After a clip, before earlier gradients are added back: nothing in one process
@@ -297,13 +352,14 @@ class SidewaysPipeline:
         ``frames``: a clip ``[B, C, T, H, W]``, one frame ``[B, C, H, W]``, or any iterable of
         frames (read lazily, so a live source works)."""
         self._check_config()
-        frames, length = self._frames(frames, need_length=False)
-        return (out.squeeze(2) for out in self._run(frames, length, "infer", None, None))
+        frames, length, finite = self._frames(frames, need_length=False)
+        return (out.squeeze(2) for out in self._run(frames, length, finite, "infer", None, None))
 
     # --- the engine --------------------------------------------------------------------------
 
     def _frames(self, video: Frames, need_length: bool):
-        """(iterator of frames [B, C, 1, H, W], T or None)."""
+        """(iterator of frames [B, C, 1, H, W], T or None, whether they are known finite). A
+        clip tensor is checked for NaN/inf here, once: one host sync, not one a tick."""
         if isinstance(video, torch.Tensor):
             if video.dim() == 4 and not need_length:  # stream() of one frame [B, C, H, W]
                 video = video.unsqueeze(2)
@@ -311,12 +367,15 @@ class SidewaysPipeline:
                 raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
             length = video.shape[2]
             self._check_length(length)
-            return (video[:, :, t:t + 1] for t in range(length)), length
+            if video.is_floating_point() and not torch.isfinite(video).all():
+                t = int((~torch.isfinite(video)).transpose(0, 2).flatten(1).any(1).nonzero()[0])
+                raise NonFiniteError(f"frame {t} of the video contains NaN or inf")
+            return (video[:, :, t:t + 1] for t in range(length)), length, True
         if need_length:
             video = list(video)
             self._check_length(len(video))
-            return iter(video), len(video)
-        return iter(video), None
+            return iter(video), len(video), False
+        return iter(video), None, False
 
     def _check_length(self, length: int) -> None:
         need = self.min_clip_length()
@@ -324,7 +383,7 @@ class SidewaysPipeline:
             raise ValueError(f"the clip has {length} frame(s) but this pipeline needs at least {need} "
                              f"(its temporal convolutions output {self.output_length(length)} frames for it)")
 
-    def _check_frame(self, f, t: int, first: Optional[torch.Tensor]) -> torch.Tensor:
+    def _check_frame(self, f, t: int, first: Optional[torch.Tensor], finite: bool) -> torch.Tensor:
         if not isinstance(f, torch.Tensor):
             raise TypeError(f"frame {t} must be a tensor, got {type(f).__name__}")
         if f.dim() == 4:
@@ -336,7 +395,7 @@ class SidewaysPipeline:
         if first is not None and (f.shape != first.shape or f.dtype != first.dtype):
             raise ValueError(f"frame {t} is {tuple(f.shape)} {f.dtype} but frame 0 was {tuple(first.shape)} "
                              f"{first.dtype}: a video's shape cannot change mid-clip")
-        if not torch.isfinite(f).all():
+        if not finite and not torch.isfinite(f).all():
             raise NonFiniteError(f"frame {t} of the video contains NaN or inf")
         return f.to(self._device(0))
 
@@ -373,14 +432,17 @@ class SidewaysPipeline:
             for layer in itertools.chain(*self._layers):
                 layer._stream = None
 
-    def _run(self, frames: Iterator, length: Optional[int], mode: str, frame_loss, losses) -> Iterator[torch.Tensor]:
+    def _run(self, frames: Iterator, length: Optional[int], finite: bool, mode: str, frame_loss, losses,
+             graphs: Optional[TickGraphs] = None, stage_target=None) -> Iterator[torch.Tensor]:
         """Tick until every output frame is out (and, in Sideways mode, every error has reached
-        the bottom); yields the top stage's valid outputs in frame order."""
+        the bottom); yields the top stage's valid outputs in frame order. With ``graphs``, the
+        steady-state ticks are CUDA-graph replays (cuda_graphs.py); ``stage_target(t)`` then puts
+        frame t's target where the loss reads it."""
         n_stages = len(self.stages)
         top = n_stages - 1
-        lo, hi, boundary = self._lo, self._hi, self._boundary
+        lo, boundary = self._lo, self._boundary
         clip = ClipLength(math.inf if length is None else length)
-        clocks = [StreamClock(clip) for _ in range(n_stages)]
+        clocks = self._clocks = [StreamClock(clip) for _ in range(n_stages)]  # the layers' clocks this run
         change = self.output_length(0)
         acts: list = [None] * n_stages  # (input tensor, frame index, length offset) of each stage
         errs: list = [None] * n_stages  # gradient w.r.t. each stage's output, sent last tick
@@ -389,8 +451,6 @@ class SidewaysPipeline:
         training = frame_loss is not None
         drain_bound = self._drain_bound()
         ticks = self.total_ticks(clip.frames, mode) if boundary is not None else None  # the length is known then
-        remote_below = boundary is not None and lo > 0  # stage lo's input comes from the process below
-        remote_above = boundary is not None and hi < n_stages  # stage hi-1's error comes from the one above
         if boundary is not None:
             boundary.start()
         with self._streaming(mode, clocks):
@@ -403,96 +463,38 @@ class SidewaysPipeline:
                         self._check_length(tick)
                         clip.frames = tick
                     else:
-                        first = self._check_frame(f, tick, first)
-                        acts[0] = (first, tick, 0)
+                        first = self._check_frame(f, tick, first, finite)
+                        acts[0] = (first if graphs is None else graphs.stage("frame", first, first.device), tick, 0)
                 if lo == 0 and tick >= clip.frames:  # drain: zero frames, which layers use only as end padding
                     zeros = torch.zeros_like(first) if zeros is None else zeros
                     acts[0] = (zeros, tick, 0)
                 if tick > clip.frames + drain_bound:
                     raise RuntimeError(f"pipeline did not drain after {tick} ticks; a stage mixes SidewaysConv3d "
                                        "branches with different delays (only chains stream)")
-                parity = tick % 2
-                new_acts: list = [None] * n_stages
-                new_errs: list = [None] * n_stages
-                stepped = False
-                streams = self._fork()
-                done: list = []  # this tick's valid top outputs, handed out once the tick is joined
-                try:
-                    for i in range(lo, hi):
-                        stage = self.stages[i]
-                        if i == lo and remote_below:  # waited for only now: it arrived during our last tick
-                            acts[i] = boundary.receive("act", tick, mode)
-                        if acts[i] is None:
-                            continue  # nothing has reached this stage yet
-                        if self._timer is not None:
-                            self._timer.start(i)
-                        if streams[i] is not None:  # the stage's work goes on its own CUDA stream
-                            torch.cuda.set_stream(streams[i])
-                        x, clocks[i].frame, clocks[i].offset = acts[i]
-                        err = errs[i]
-                        err_from_above = remote_above and i == hi - 1
-                        if mode == "sideways":
-                            # Whether an error comes from above is known only once it has come,
-                            # after this forward: be ready for one.
-                            backward = err is not None or (i == top or err_from_above) and training
-                            xin = x.detach().requires_grad_(backward and i > 0)
-                            with torch.set_grad_enabled(backward):
-                                out = stage(xin)
-                        elif mode == "bp":
-                            xin = x
-                            with torch.enable_grad():
-                                out = stage(x)
-                        else:
-                            with torch.no_grad():
-                                out = stage(x)
-                        self._check_output(i, out)
-                        t = clocks[i].frame
-                        if i == top:
-                            if not clocks[i].valid():
-                                continue
-                            emitted += 1
-                            done.append(out.detach())
-                            if not training:
-                                continue
-                            loss = frame_loss(out, t)
-                            # bp keeps the graph for the end; Sideways must not, or every frame's
-                            # loss would pin its graph's leaves (memory growing with T).
-                            losses.append(loss if mode == "bp" else loss.detach())
-                            if mode != "sideways":
-                                continue
-                            loss.backward()
-                        else:
-                            if i + 1 == hi:  # the next stage lives in another process: send now, so the
-                                # transfer overlaps this stage's backward
-                                boundary.send("up", tick, out if mode == "bp" else out.detach(), t, clocks[i].offset,
-                                              mode)
-                            else:
-                                nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
-                                new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
-                            if err_from_above:
-                                err = boundary.receive("err", tick, mode)
-                            if mode != "sideways" or err is None:
-                                continue
-                            if out.requires_grad:
-                                torch.autograd.backward(out, err)
-                        stepped = True
-                        if i > 0 and xin.grad is not None:
-                            if i == lo:  # the stage below lives in another process
-                                boundary.send("down", tick, xin.grad, mode=mode)
-                            else:
-                                new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
-                finally:
-                    self._join(streams)
-                    if self._timer is not None:
-                        self._timer.stop()
+                if training and stage_target is not None and acts[top] is not None:
+                    t_out = acts[top][1] - self._shift[top][0]
+                    if 0 <= t_out < clip.frames + acts[top][2] + self._shift[top][1]:
+                        stage_target(t_out)
+                phase = self._phase(tick, acts, errs, clip) if graphs is not None else None
+                if phase is None:
+                    new_acts, new_errs, done, tick_losses = self._tick(tick, acts, errs, clocks, mode, frame_loss)
+                else:  # a steady-state tick: its graph does the tensors, the Python side is done here
+                    # What a capture bakes in, bound now (the emulation's replay re-runs it).
+                    tick_fn = functools.partial(self._tick, tick, list(acts), list(errs), mode=mode,
+                                                frame_loss=frame_loss)
+                    new_acts, new_errs, done, tick_losses = graphs.run(
+                        phase, lambda f=tick_fn: f(clocks=self._clocks), self._python_state, self._advance_slots)
+                    new_acts = [None] + [(new_acts[i + 1][0], acts[i][1] - self._shift[i][0],
+                                          acts[i][2] + self._shift[i][1]) for i in range(top)]
+                    done, tick_losses = [o.clone() for o in done], [l.clone() for l in tick_losses]
+                emitted += len(done)
+                if training:
+                    losses.extend(tick_losses)
                 if boundary is not None:
                     boundary.end_tick(tick, mode)
                 yield from done
-                acts[lo + 1:hi] = new_acts[lo + 1:hi]
+                acts[lo + 1:self._hi] = new_acts[lo + 1:self._hi]
                 errs = new_errs
-                if stepped and self.update == "tick" and mode == "sideways":
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
                 if boundary is not None:
                     if tick + 1 == ticks:
                         boundary.finish(tick, mode)
@@ -501,6 +503,139 @@ class SidewaysPipeline:
                 elif emitted >= clip.frames + change and all(e is None for e in errs):
                     self.last_ticks = tick + 1
                     return
+
+    def _tick(self, tick: int, acts: list, errs: list, clocks: list, mode: str, frame_loss):
+        """One tick of this process's stages: every stage with an input runs its forward and, in
+        Sideways mode, pushes the error it got last tick back through it; then the per-tick
+        optimizer step. Returns (next tick's acts, next tick's errs, the top's valid outputs,
+        their losses), all tensors that live across ticks or fresh ones — nothing else changes
+        but the layers' slots, the clocks, the gradients and the optimizer's state."""
+        n_stages = len(self.stages)
+        top = n_stages - 1
+        lo, hi, boundary = self._lo, self._hi, self._boundary
+        remote_below = boundary is not None and lo > 0  # stage lo's input comes from the process below
+        remote_above = boundary is not None and hi < n_stages  # stage hi-1's error comes from the one above
+        training = frame_loss is not None
+        parity = tick % 2
+        new_acts: list = [None] * n_stages
+        new_errs: list = [None] * n_stages
+        done: list = []  # this tick's valid top outputs, handed out once the tick is joined
+        losses: list = []
+        stepped = False
+        streams = self._fork()
+        try:
+            for i in range(lo, hi):
+                stage = self.stages[i]
+                if i == lo and remote_below:  # waited for only now: it arrived during our last tick
+                    acts[i] = boundary.receive("act", tick, mode)
+                if acts[i] is None:
+                    continue  # nothing has reached this stage yet
+                if self._timer is not None:
+                    self._timer.start(i)
+                if streams[i] is not None:  # the stage's work goes on its own CUDA stream
+                    torch.cuda.set_stream(streams[i])
+                x, clocks[i].frame, clocks[i].offset = acts[i]
+                err = errs[i]
+                err_from_above = remote_above and i == hi - 1
+                if mode == "sideways":
+                    # Whether an error comes from above is known only once it has come, after
+                    # this forward: be ready for one.
+                    backward = err is not None or (i == top or err_from_above) and training
+                    xin = x.detach().requires_grad_(backward and i > 0)
+                    with torch.set_grad_enabled(backward):
+                        out = stage(xin)
+                elif mode == "bp":
+                    xin = x
+                    with torch.enable_grad():
+                        out = stage(x)
+                else:
+                    with torch.no_grad():
+                        out = stage(x)
+                self._check_output(i, out)
+                t = clocks[i].frame
+                if i == top:
+                    if not clocks[i].valid():
+                        continue
+                    done.append(out.detach())
+                    if not training:
+                        continue
+                    loss = frame_loss(out, t)
+                    # bp keeps the graph for the end; Sideways must not, or every frame's loss
+                    # would pin its graph's leaves (memory growing with T).
+                    losses.append(loss if mode == "bp" else loss.detach())
+                    if mode != "sideways":
+                        continue
+                    loss.backward()
+                else:
+                    if i + 1 == hi:  # the next stage lives in another process: send now, so the
+                        # transfer overlaps this stage's backward
+                        boundary.send("up", tick, out if mode == "bp" else out.detach(), t, clocks[i].offset, mode)
+                    else:
+                        nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
+                        new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
+                    if err_from_above:
+                        err = boundary.receive("err", tick, mode)
+                    if mode != "sideways" or err is None:
+                        continue
+                    if out.requires_grad:
+                        torch.autograd.backward(out, err)
+                stepped = True
+                if i > 0 and xin.grad is not None:
+                    if i == lo:  # the stage below lives in another process
+                        boundary.send("down", tick, xin.grad, mode=mode)
+                    else:
+                        new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
+        finally:
+            self._join(streams)
+            if self._timer is not None:
+                self._timer.stop()
+        if stepped and self.update == "tick" and mode == "sideways":
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return new_acts, new_errs, done, losses
+
+    # --- CUDA-graph ticks (cuda_graphs.py) -----------------------------------------------------
+
+    @functools.cached_property
+    def _shift(self) -> list[tuple[int, int]]:
+        """Per stage: (frames its layers delay a frame by, frames they add to the stream)."""
+        return [(sum(l.stream_delay for l in layers), sum(l.length_change for l in layers)) for layers in self._layers]
+
+    def _phase(self, tick: int, acts: list, errs: list, clip: ClipLength) -> Optional[tuple]:
+        """The phase (parity, every layer's ring slot) of a steady-state tick — every stage has
+        an input and (below the top) an error, every layer takes a real frame, the top emits a
+        valid one — or None for a fill or drain tick."""
+        n_stages = len(self.stages)
+        if tick >= clip.frames or any(a is None for a in acts) or any(e is None for e in errs[:n_stages - 1]):
+            return None
+        slots = []
+        for (_, frame, offset), layers in zip(acts, self._layers):
+            for layer in layers:
+                if not 0 <= frame < clip.frames + offset or layer._stream.slot < 0:
+                    return None
+                slots.append(layer._stream.slot)
+                frame, offset = frame - layer.stream_delay, offset + layer.length_change
+        if not 0 <= frame < clip.frames + offset:  # the top stage's output
+            return None
+        # The buffers' addresses too: a graph is only valid for the storage it was captured on.
+        rings = tuple(l._ring.data_ptr() for l in itertools.chain(*self._layers))
+        return tick % 2, tuple(slots), rings, tuple(b.data_ptr() for b in self._buffers.values())
+
+    def _advance_slots(self) -> None:
+        """What a replayed steady-state tick leaves undone: every layer pushed one frame."""
+        for layer in itertools.chain(*self._layers):
+            layer._stream.slot = (layer._stream.slot + 1) % layer.span
+
+    def _python_state(self, state=None):
+        """The Python state a tick changes (ring slots, gradient references), or set it."""
+        layers = list(itertools.chain(*self._layers))
+        params = list(self.stages.parameters())
+        if state is None:
+            return [l._stream.slot for l in layers], [p.grad for p in params]
+        for layer, slot in zip(layers, state[0]):
+            layer._stream.slot = slot
+        for p, g in zip(params, state[1]):
+            p.grad = g
 
     def total_ticks(self, frames: int, mode: str) -> int:
         """Ticks a clip of ``frames`` frames takes: its last output frame leaves the top stage
@@ -513,11 +648,12 @@ class SidewaysPipeline:
 
     def _fork(self) -> list:
         """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything
-        issued so far on its device's current stream: the last tick's work and buffers."""
+        issued so far on its device's current stream (the caller's, or a graph's capture
+        stream): the last tick's work and buffers."""
         if self._streams is None:
             self._streams = [torch.cuda.Stream(self._device(i)) if self._device(i).type == "cuda" else None
                              for i in range(len(self.stages))]
-            self._home = {s.device: torch.cuda.current_stream(s.device) for s in self._streams if s is not None}
+        self._home = {s.device: torch.cuda.current_stream(s.device) for s in self._streams if s is not None}
         for s in self._streams:
             if s is not None:
                 s.wait_stream(self._home[s.device])
