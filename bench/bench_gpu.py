@@ -74,10 +74,12 @@ def test_tick_update(benchmark, shape, impl):
         _timed(benchmark, step, flops)
 
 
+@pytest.mark.parametrize("T", [8, 16, 32])
 @pytest.mark.parametrize("impl", ["clip_bp", "sideways"])
-def test_end_to_end(benchmark, impl):
-    benchmark.group = "gpu-train-clip"
-    B, T, HW = 8, 16, 112
+def test_end_to_end(benchmark, impl, T):
+    """frames/s and peak memory (extra_info peak_mib) against the clip length."""
+    benchmark.group = f"gpu-train-clip-T{T}"
+    B, HW = 8, 112
     video, target = torch.randn(B, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
     net = models.c3d(10, widths=(64, 128, 256, 256), conv=nn.Conv3d if impl == "clip_bp" else SidewaysConv3d).cuda()
     if impl == "clip_bp":
@@ -90,3 +92,22 @@ def test_end_to_end(benchmark, impl):
     _timed(benchmark, step, 1)
     benchmark.extra_info["frames_per_s"] = B * T / benchmark.stats.stats.median
     benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{B} T{T} {HW}^2 fp32, 4 stages"
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graph"])
+def test_tick(benchmark, graphs):
+    """Pipeline ticks at batch 8, eager vs replayed from CUDA graphs: a whole clip (mostly
+    steady-state ticks) after two warm-up clips, reported per tick."""
+    benchmark.group = "gpu-tick"
+    B, T, HW = 8, 16, 56
+    torch.manual_seed(0)
+    net = models.c3d(10, widths=(64, 128, 256, 256), conv=SidewaysConv3d).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    pipe = SidewaysPipeline(models.stages(net, 4), update="tick", optimizer=opt, cuda_graph=graphs)
+    video, target = torch.randn(B, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
+    step = lambda: pipe.backward_clip(video, target)
+    _timed(benchmark, step, 1)
+    if graphs:
+        assert pipe._graphs.replays > 0 and not pipe._graphs.failed, pipe._graphs.failed
+    benchmark.extra_info["ms_per_tick"] = benchmark.stats.stats.median / pipe.last_ticks * 1e3
+    benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{B} T{T} {HW}^2 fp32, 4 stages, per-tick SGD"

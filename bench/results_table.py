@@ -27,14 +27,14 @@ def rows(path: str, device: str | None) -> list[str]:
     out = []
     for group, benches in groups.items():
         base = next((b for b in benches if any(w in b["name"] for w in ("unfused_per_tap", "unfused", "baseline",
-                                                                         "clip_bp"))), None)
+                                                                         "clip_bp", "eager"))), None)
         for b in benches:
             median = b["stats"]["median"]
             ratio = f"{base['stats']['median'] / median:.2f}x" if base is not None else "–"
             extra = b.get("extra_info", {})
             shape = extra.get("shape", "")
-            more = ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
-                             if k in ("frames_per_s", "threads"))
+            more = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
+                             if k in ("frames_per_s", "threads", "ms_per_tick", "peak_mib", "tflops"))
             out.append(f"| {date} | {device} | {group} | {b['name']} | {shape} | {median * 1e3:.2f} ms | {ratio} | {more} |")
     return out
 
