@@ -7,9 +7,12 @@
 //  * ring_conv_forward: output pixels x output channels over the window's taps;
 //  * window_input_grad: input pixels x input channels over the error, against the
 //    taps' summed weight (the Sideways gradient sent down).
+// The weight update of fp16/bf16 activations runs its GEMM on tensor cores (wmma, sm_80+);
+// fp32, and the other two kernels (whose weights are fp32 masters), use fp32 FMA.
 // Free of torch headers (raw pointers, cudaStream_t) so that nvcc compiles it on
 // machines whose torch has no CUDA, and the host emulation runs it in CI.
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -60,9 +63,9 @@ __device__ __forceinline__ float window_at(const ConvGeometry& g, const T* __res
 
 // The block's kTileM x kTileN tile of A^T B over k in [0, k_total): a(k, row) and b(k, col)
 // load one element each (0 outside). Thread t owns outputs t + i*kThreads, i < kPerThread,
-// at (out / kTileN, out % kTileN).
+// at (out / kTileN, out % kTileN). fp32 FMA from shared memory.
 template <class LoadA, class LoadB>
-__device__ void tile_gemm(int64_t k_total, LoadA a, LoadB b, float (&acc)[kPerThread]) {
+__device__ void tile_gemm_fma(int64_t k_total, LoadA a, LoadB b, float (&acc)[kPerThread]) {
   __shared__ float tile_a[kTileK][kTileM];
   __shared__ float tile_b[kTileK][kTileN];
   const int tid = threadIdx.x;
@@ -87,6 +90,68 @@ __device__ void tile_gemm(int64_t k_total, LoadA a, LoadB b, float (&acc)[kPerTh
   }
 }
 
+#if defined(SIDEWAYS_EMULATE) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define SIDEWAYS_TENSOR_CORES 1
+#else
+#define SIDEWAYS_TENSOR_CORES 0
+#endif
+
+#if SIDEWAYS_TENSOR_CORES
+// The same tile on tensor cores, for operands S (fp16/bf16) that a(k, row) and b(k, col)
+// return exactly: the 8 warps split it into 4 fragments of 16x16 and each 32-deep k step
+// into two 16-deep halves (warps 0-3 the first, 4-7 the second); the halves' fp32 sums meet
+// in shared memory at the end. Fragments are touched only through wmma calls.
+template <typename S, class LoadA, class LoadB>
+__device__ void tile_gemm_tensor_cores(int64_t k_total, LoadA a, LoadB b, float (&acc)[kPerThread]) {
+  namespace wmma = nvcuda::wmma;
+  static_assert(kTileM == 32 && kTileN == 32 && kThreads == 256, "4 fragments x 2 k halves = 8 warps");
+  constexpr int kStep = 32;
+  __shared__ __align__(32) S tile_a[kStep][kTileM];  // A as M x K, column-major: (m, k) at k*kTileM + m
+  __shared__ __align__(32) S tile_b[kStep][kTileN];  // B as K x N, row-major
+  __shared__ __align__(32) float partial[2][kTileM][kTileN];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int fm = (warp % 4) / 2, fn = warp % 2, half = warp / 4;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  wmma::fill_fragment(c, 0.f);
+  for (int64_t k0 = 0; k0 < k_total; k0 += kStep) {
+    for (int e = tid; e < kStep * kTileM; e += kThreads) {
+      const int64_t k = k0 + e / kTileM;
+      tile_a[e / kTileM][e % kTileM] = from_float<S>(k < k_total ? a(k, e % kTileM) : 0.f);
+    }
+    for (int e = tid; e < kStep * kTileN; e += kThreads) {
+      const int64_t k = k0 + e / kTileN;
+      tile_b[e / kTileN][e % kTileN] = from_float<S>(k < k_total ? b(k, e % kTileN) : 0.f);
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major> fb;
+    wmma::load_matrix_sync(fa, &tile_a[half * 16][fm * 16], kTileM);
+    wmma::load_matrix_sync(fb, &tile_b[half * 16][fn * 16], kTileN);
+    wmma::mma_sync(c, fa, fb, c);
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(&partial[half][fm * 16][fn * 16], c, kTileN, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = 0; i < kPerThread; ++i) {
+    const int out = tid + i * kThreads;
+    acc[i] = partial[0][out / kTileN][out % kTileN] + partial[1][out / kTileN][out % kTileN];
+  }
+}
+#endif
+
+// The block's tile with operands of type S: tensor cores for fp16/bf16 where the GPU has
+// them, fp32 FMA otherwise.
+template <typename S, class LoadA, class LoadB>
+__device__ __forceinline__ void tile_gemm(int64_t k_total, LoadA a, LoadB b, float (&acc)[kPerThread]) {
+#if SIDEWAYS_TENSOR_CORES
+  if constexpr (!std::is_same<S, float>::value) {
+    tile_gemm_tensor_cores<S>(k_total, a, b, acc);
+    return;
+  }
+#endif
+  tile_gemm_fma(k_total, a, b, acc);
+}
+
 // grid: (ceil(N/kTileN), ceil(M/kTileM), groups). M = C_out/groups; N = (C/groups)*k_t*k_h*k_w,
 // column n = ((c*k_t + j)*k_h + kh)*k_w + kw, the weight's own order.
 template <typename T>
@@ -98,7 +163,7 @@ __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ g
   const int64_t hw_out = g.out_height * g.out_width;
   const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
   float acc[kPerThread];
-  tile_gemm(
+  tile_gemm<T>(  // both operands are activations of type T: exact in T
       g.batch * hw_out,
       [&](int64_t k, int row) {  // the error of output channel m0+row at pixel k
         const int64_t m = m0 + row, b = k / hw_out, yx = k % hw_out;
@@ -144,7 +209,7 @@ __global__ void ring_conv_forward_kernel(ConvGeometry g, const T* __restrict__ r
   const int64_t m_total = g.batch * hw_out;
   const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
   float acc[kPerThread];
-  tile_gemm(
+  tile_gemm<float>(  // fp32 master weights
       cg * taps,
       [&](int64_t k, int row) {  // the ring frame of weight column k at output pixel m0+row
         const int64_t m = m0 + row;
@@ -177,7 +242,7 @@ __global__ void window_input_grad_kernel(ConvGeometry g, const T* __restrict__ g
   const int64_t khw = g.k_h * g.k_w, hw = g.height * g.width, m_total = g.batch * hw;
   const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
   float acc[kPerThread];
-  tile_gemm(
+  tile_gemm<float>(  // the fp32 summed weight
       mg * khw,
       [&](int64_t k, int row) {  // the error reaching input pixel m0+row through tap k
         const int64_t m = m0 + row;

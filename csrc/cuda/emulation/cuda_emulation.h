@@ -7,8 +7,9 @@
 // static, shared by the block's threads (and reused by the next block, as on a GPU
 // where shared memory is not initialised). Launch errors a GPU would report
 // (too many threads, grid too large) come back from cudaGetLastError().
-// Tensor-core MMA, TMA, warp shuffles and atomics are not emulated: a kernel using
-// them keeps a plain path for this, and says so in its test.
+// Warp matrix multiply-accumulate (nvcuda::wmma, m16n16k16) is emulated below; TMA,
+// wgmma, warp shuffles and atomics are not: a kernel using them keeps a plain path for
+// this, and says so in its test.
 #pragma once
 
 #include <condition_variable>
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -23,6 +25,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x, y, z;
@@ -173,6 +176,67 @@ inline __half __float2half(float f) {
   if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry correctly bumps the exponent
   return {static_cast<uint16_t>(h)};
 }
+
+inline float __half2float_any(float v) { return v; }
+inline float __half2float_any(__half v) { return __half2float(v); }
+inline float __half2float_any(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Warp matrix multiply-accumulate (nvcuda::wmma), the m16n16k16 shape with fp32 accumulators.
+// On a GPU each lane holds a share of a fragment that only load/fill/mma/store see; here
+// every thread of the warp holds the whole fragment and computes it (the same values), and
+// lane 0 alone stores it. A kernel that touches fragments only through these calls (never
+// their elements) therefore computes here what it computes on tensor cores, up to the order
+// of the fp32 sums.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "only m16n16k16 is emulated");
+  float x[16][16];  // [row][column] of the fragment's matrix (A: M x K, B: K x N, C: M x N)
+};
+
+template <class Use, class T, class Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.x[r][c] = __half2float_any(std::is_same<Layout, col_major>::value ? p[c * ldm + r] : p[r * ldm + c]);
+}
+
+template <class T>
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, float v) {
+  for (auto& row : f.x)
+    for (float& e : row) e = v;
+}
+
+template <class TA, class LA, class TB, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16][16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.x[m][n];
+      for (int k = 0; k < 16; ++k) sum += a.x[m][k] * b.x[k][n];
+      out[m][n] = sum;
+    }
+  std::memcpy(d.x, out, sizeof out);
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (::sideways_emu::thread_index.x % 32 != 0) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r][c];
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 #define SIDEWAYS_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::sideways_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); })
