@@ -2,7 +2,7 @@
 (blocks in turn, each block's threads as host threads meeting at __syncthreads), checked
 against reference.py on tiny odd shapes. This verifies the kernels' indexing, tiling,
 barriers and epilogues without a GPU; their speed is measured only on a GPU. The fp16/bf16
-weight update's tensor-core GEMM (wmma m16n16k16) runs here through the header's emulation of
+kernels' tensor-core GEMMs (wmma m16n16k16) run here through the header's emulation of
 the wmma calls (each lane holds the whole fragment), which checks the tiling, fragment
 placement and layouts; the tensor cores' own arithmetic is checked only on a GPU
 (test_gpu.py)."""

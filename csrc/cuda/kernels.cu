@@ -7,8 +7,8 @@
 //  * ring_conv_forward: output pixels x output channels over the window's taps;
 //  * window_input_grad: input pixels x input channels over the error, against the
 //    taps' summed weight (the Sideways gradient sent down).
-// The weight update of fp16/bf16 activations runs its GEMM on tensor cores (wmma, sm_80+);
-// fp32, and the other two kernels (whose weights are fp32 masters), use fp32 FMA.
+// With fp16/bf16 activations the GEMMs run on tensor cores (wmma, sm_80+; the fp32 master
+// weights rounded to the activations' type, as autocast does); fp32 uses fp32 FMA.
 // Free of torch headers (raw pointers, cudaStream_t) so that nvcc compiles it on
 // machines whose torch has no CUDA, and the host emulation runs it in CI.
 #include <cstdint>
@@ -209,7 +209,7 @@ __global__ void ring_conv_forward_kernel(ConvGeometry g, const T* __restrict__ r
   const int64_t m_total = g.batch * hw_out;
   const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
   float acc[kPerThread];
-  tile_gemm<float>(  // fp32 master weights
+  tile_gemm<T>(  // the fp32 master weights meet fp16/bf16 activations rounded to T, as under autocast
       cg * taps,
       [&](int64_t k, int row) {  // the ring frame of weight column k at output pixel m0+row
         const int64_t m = m0 + row;
@@ -242,7 +242,7 @@ __global__ void window_input_grad_kernel(ConvGeometry g, const T* __restrict__ g
   const int64_t khw = g.k_h * g.k_w, hw = g.height * g.width, m_total = g.batch * hw;
   const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
   float acc[kPerThread];
-  tile_gemm<float>(  // the fp32 summed weight
+  tile_gemm<T>(  // the fp32 summed weight rounded to T, as under autocast
       mg * khw,
       [&](int64_t k, int row) {  // the error reaching input pixel m0+row through tap k
         const int64_t m = m0 + row;
