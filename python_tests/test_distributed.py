@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _clip():
     g = torch.Generator().manual_seed(7)
-    return torch.randn(2, 3, 8, 9, 8, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g)
+    return torch.randn(3, 3, 8, 9, 8, dtype=DT, generator=g), torch.randint(0, 7, (3,), generator=g)
 
 
 def _net():
@@ -56,9 +56,8 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
                                                                              else 1.0)
         pipe = DistributedSidewaysPipeline(stages, loss_fn, mode=mode, placement=placement, timeout=timeout,
                                            replicas=replicas, sample=(video, target))
-        if replicas > 1:  # replica k trains on its share of the batch
-            share = video.shape[0] // replicas
-            video, target = (x[pipe.replica * share:(pipe.replica + 1) * share] for x in (video, target))
+        if replicas > 1:  # replica k trains on its share of the batch (of 3: shares of 2 and 1)
+            video, target = (torch.tensor_split(x, replicas)[pipe.replica] for x in (video, target))
         result = pipe.backward_clip(video, target)
         local = {name: p.grad.clone() for name, p in net.named_parameters()
                  if any(p is q for s in pipe.local_stages() for q in s.parameters())}
@@ -120,9 +119,9 @@ def test_distributed_equals_single_process(tmp_path, world, placement, mode):
 
 
 def test_distributed_replicas_average_to_the_whole_batch(tmp_path):
-    """2 replicas x 2 ranks, placed by measured stage times: each replica trains on half the
-    batch, and after the clip every rank holds the single-process gradients and loss of the
-    whole batch (float64, rel. error <= 1e-9)."""
+    """2 replicas x 2 ranks, placed by measured stage times: the replicas train on shares of 2
+    and 1 of a batch of 3, and after the clip every rank holds the single-process gradients
+    and loss of the whole batch (float64, rel. error <= 1e-9)."""
     net = _net()
     video, target = _clip()
     from sideways_kernels import SidewaysPipeline
@@ -243,6 +242,34 @@ def test_distributed_training_under_torchrun_equals_one_process(tmp_path):
     assert one["optimizer"]["state"].keys() == many["optimizer"]["state"].keys()
     from sideways_kernels import train
     assert train.main(["--resume", str(tmp_path / "torchrun" / "last.pt"), "--epochs", "3"]) == 0
+
+
+def test_distributed_training_with_replicas_follows_one_process(tmp_path):
+    """sideways-train under torchrun with 2 replicas of a 2-rank pipeline: every batch is
+    shared between the replicas, so the run follows the single-process one (up to the float32
+    rounding of summing two half-batches) and writes the same kind of checkpoint."""
+    import json
+    import subprocess
+    args = ["--train-videos", "16", "--val-videos", "8", "--batch-size", "6", "--size", "16", "--width", "4",
+            "--depth", "4", "--stages", "4", "--clip-len", "5", "--epochs", "1", "--log-every", "1"]
+    runs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "sideways_kernels.train"]),
+                           ("replicas", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+                                         "--master-port", str(_free_port()), "-m", "sideways_kernels.train",
+                                         "--distributed", "--replicas", "2"])):
+        out = tmp_path / name
+        proc = subprocess.run(launcher + args + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(runs["replicas"]) == len(runs["one"]) == 4  # 3 steps (6 + 6 + 4 videos) and the epoch
+    for a, b in zip(runs["replicas"], runs["one"]):
+        for key in ("loss", "train_loss", "val_loss", "train_acc", "val_acc"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    many = torch.load(tmp_path / "replicas" / "last.pt", weights_only=False)["model"]
+    for k in one:
+        torch.testing.assert_close(many[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_distributed_stream_needs_a_known_length():

@@ -197,6 +197,8 @@ def test_bad_data_is_a_one_line_error(tmp_path, case):
     (["--update", "tick", "--optimizer", "adamw"], "--update tick needs --optimizer sgd"),
     (["--stages", "9"], "exceeds"),
     (["--resume", "/nonexistent/last.pt"], "no checkpoint"),
+    (["--replicas", "2", "--update", "tick"], "--replicas needs --update clip"),
+    (["--replicas", "2"], "--replicas needs torchrun"),
 ])
 def test_bad_options_are_clean_errors(tmp_path, args, words):
     result = _cli(*args, "--out", str(tmp_path / "out"))
@@ -207,5 +209,5 @@ def test_help_documents_every_option():
     text = _cli("--help").stdout
     for option in ("--mode", "--model", "--stages", "--epochs", "--max-steps", "--batch-size", "--clip-len",
                    "--frame-stride", "--lr", "--optimizer", "--update", "--seed", "--device", "--backend", "--out",
-                   "--resume", "--data", "--workers"):
+                   "--resume", "--data", "--workers", "--distributed", "--replicas"):
         assert option in text

@@ -270,9 +270,10 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
             on its device, with :meth:`~SidewaysPipeline.stage_times`, and tells the others).
         replicas: data-parallel copies of the whole pipeline: the world is ``replicas`` pipelines
             of ``world / replicas`` ranks (ranks ``[k·G, (k+1)·G)`` are replica k). Each replica
-            trains on its own clips; after every clip the gradients of each stage are averaged
-            over the replicas (one all-reduce per rank), so with equal batches they are the
-            gradients of the whole batch. Needs ``update="clip"``.
+            trains on its own share of the batch; after every clip the gradients of each stage are
+            averaged over the replicas, weighted by their shares' batch sizes (one all-reduce per
+            rank), which makes them the gradients of the whole batch's loss (and the loss its
+            loss) for a loss that is a mean over the batch. Needs ``update="clip"``.
         timeout: seconds a rank waits for a neighbour before failing with an error that names
             the rank and the tick.
 
@@ -379,6 +380,13 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
     def _backward_bp(self, losses: list) -> None:
         self._boundary.backward_bp(torch.stack(losses).sum() if losses else None)
 
+    def backward_clip(self, video, target, **kwargs):
+        if not isinstance(video, torch.Tensor):
+            video = list(video)
+        first = video if isinstance(video, torch.Tensor) else (video[0] if video else None)
+        self._share = float(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() >= 1 else 0.0
+        return super().backward_clip(video, target, **kwargs)
+
     def _check_losses(self, losses: list) -> None:
         """Only each replica's top rank has losses; every rank learns whether one was not finite,
         so all of them raise (and put their state back) together instead of waiting for a peer."""
@@ -391,20 +399,26 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
             raise NonFiniteError("a non-finite loss on another rank; no gradient or weight was changed")
 
     def _clip_loss(self, losses: list) -> torch.Tensor:
-        """Only each replica's top rank has losses: their sum over all ranks, over the replicas."""
-        loss = torch.stack([l.detach() for l in losses]).sum() if losses else torch.zeros((), dtype=torch.float64)
-        loss = loss.to(device=self.device, dtype=torch.float64)
-        dist.all_reduce(loss, group=self.group)
-        return loss / self.replicas
+        """Only each replica's top rank has losses: their mean over the replicas, weighted by
+        the replicas' batch sizes, for every rank."""
+        share = self._share if losses else 0.0
+        loss = torch.stack([l.detach() for l in losses]).sum().double() * share if losses else torch.zeros((),
+                                                                                                     dtype=torch.float64)
+        both = torch.stack([loss.to(self.device), torch.tensor(share, dtype=torch.float64, device=self.device)])
+        dist.all_reduce(both, group=self.group)
+        return both[0] / both[1] if both[1] > 0 else both[0]
 
     def _reduce_gradients(self, params: list) -> None:
-        """Replicas: every local gradient averaged over them, in one all-reduce."""
+        """Replicas: every local gradient averaged over them, weighted by their batch sizes, in
+        one all-reduce (the shares ride along in its last element)."""
         if self._replica_group is None:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self._replica_group)
-            flat /= self.replicas
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+        dtype = grads[0].dtype if grads else torch.float32
+        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] +
+                         [torch.full((1,), self._share, dtype=dtype, device=self.device)])
+        flat[:-1] *= self._share
+        dist.all_reduce(flat, group=self._replica_group)
+        flat[:-1] /= flat[-1]
+        for g, part in zip(grads, flat[:-1].split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))

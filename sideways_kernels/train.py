@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--distributed", action="store_true",
                    help="depth-parallel across the processes of torchrun (--nproc-per-node N): each rank runs "
                         "a group of the stages (also on when torchrun's WORLD_SIZE > 1)")
+    r.add_argument("--replicas", type=pos(int), default=1,
+                   help="under torchrun: data-parallel copies of the pipeline (the ranks are replicas x stage "
+                        "groups); each trains on its share of every batch, gradients averaged once per clip")
     r.add_argument("--backend", choices=BACKENDS, default=None, help="op backend (default: fastest built)")
     r.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<time>)")
     r.add_argument("--resume", default=None, help="a checkpoint (last.pt) to continue from; its run directory is reused")
@@ -83,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.given = {actions[a.split("=")[0]].dest for a in typed if a.split("=")[0] in actions}
     if args.update == "tick" and args.optimizer != "sgd":
         p.error("--update tick needs --optimizer sgd (the fused per-tick update is SGD)")
+    if args.replicas > 1 and args.update == "tick":
+        p.error("--replicas needs --update clip (replicas average their gradients once per clip)")
     if args.update == "tick" and args.mode != "sideways":
         p.error("--update tick needs --mode sideways")
     if args.stages > args.depth:
@@ -190,11 +195,15 @@ class _Cluster:
     """The processes of a run: one, or torchrun's ranks each running a stage group. Rank 0
     writes the files; every decision that changes what happens next is taken together."""
 
-    def __init__(self, distributed: bool, device: str):
+    def __init__(self, distributed: bool, device: str, replicas: int = 1):
         import torch.distributed as dist
         self.dist = dist
+        self.replicas = replicas
         self.distributed = distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1
         if not self.distributed:
+            if replicas > 1:
+                raise DataError("--replicas needs torchrun (torchrun --nproc-per-node N -m sideways_kernels.train "
+                                "--distributed --replicas R ...)")
             self.rank, self.world, self.device = 0, 1, torch.device(device)
             return
         if "RANK" not in os.environ:
@@ -204,6 +213,8 @@ class _Cluster:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world % replicas:
+            raise DataError(f"--replicas {replicas} does not divide the {self.world} ranks")
 
     @property
     def main(self) -> bool:
@@ -214,7 +225,15 @@ class _Cluster:
             return SidewaysPipeline(stages, F.cross_entropy, mode, update=update, optimizer=optimizer)
         from .distributed import DistributedSidewaysPipeline
         return DistributedSidewaysPipeline(stages, F.cross_entropy, mode, update=update, optimizer=optimizer,
-                                           device=self.device)
+                                           device=self.device, replicas=self.replicas)
+
+    def share(self, pipe, batch: torch.Tensor) -> torch.Tensor:
+        """This replica's share of a batch (all of it without replicas)."""
+        if self.replicas == 1:
+            return batch
+        if len(batch) < self.replicas:
+            raise DataError(f"a batch of {len(batch)} cannot be shared by --replicas {self.replicas}")
+        return torch.tensor_split(batch, self.replicas)[pipe.replica]
 
     def any(self, flag: bool) -> bool:
         if not self.distributed:
@@ -223,12 +242,13 @@ class _Cluster:
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def from_top(self, value: float) -> float:
-        """A number only the top rank knows (it holds the outputs), for every rank."""
+    def total(self, value: float) -> float:
+        """The sum over the ranks of a number only the top ranks have (they hold the outputs;
+        the others give 0), for every rank."""
         if not self.distributed:
             return value
         t = torch.tensor([float(value)], dtype=torch.float64)
-        self.dist.broadcast(t, src=self.world - 1)
+        self.dist.all_reduce(t)
         return t.item()
 
     def sync(self, net: nn.Module, pipe, optimizer) -> dict:
@@ -261,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
         resume = torch.load(args.resume, map_location="cpu", weights_only=False)
         cfg = dict(resume["config"])
         cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
-        for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every"):  # may change on resume
+        cfg.setdefault("replicas", 1)
+        for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas"):  # may change on resume
             if key in args.given:
                 cfg[key] = getattr(args, key)
         out = os.path.dirname(os.path.abspath(args.resume))
@@ -271,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(os.path.join(out, "last.pt")):
             raise DataError(f"{out!r} already holds a run; continue it with --resume {os.path.join(out, 'last.pt')} "
                             "or choose another --out")
-    cluster = _Cluster(args.distributed, cfg["device"])
+    cluster = _Cluster(args.distributed, cfg["device"], cfg["replicas"])
     try:
         return _train(args, cfg, out, resume, cluster)
     finally:
@@ -331,6 +352,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
     say = (lambda *a, **k: print(*a, **k)) if cluster.main else (lambda *a, **k: None)
     started = time.time() - state["wall"]
     ranks = f", {cluster.world} ranks" if cluster.distributed else ""
+    ranks += f" ({cluster.replicas} replicas)" if cluster.replicas > 1 else ""
     say(f"sideways-train: {cfg['mode']} {cfg['model']} ({sum(p.numel() for p in net.parameters())} parameters, "
         f"{cfg['stages']} stages{ranks}) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
         file=sys.stderr)
@@ -350,7 +372,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                     tick = time.time()
                     video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
                     try:
-                        result = pipe.backward_clip(video, label)
+                        result = pipe.backward_clip(cluster.share(pipe, video), cluster.share(pipe, label))
                     except RuntimeError as exc:  # under torchrun: another rank stopped (it said why)
                         if not cluster.distributed:
                             raise
@@ -371,8 +393,8 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                     state["batch"] = batch_index + 1
                     elapsed = time.time() - tick
                     hits = 0 if result.outputs is None else \
-                        (result.outputs.flatten(3).mean((2, 3)).argmax(1) == label).sum().item()
-                    hits = int(cluster.from_top(hits))
+                        (result.outputs.flatten(3).mean((2, 3)).argmax(1) == cluster.share(pipe, label)).sum().item()
+                    hits = int(cluster.total(hits))
                     sums = state["sums"]
                     sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + result.loss.item() * len(label)
                     fps = video.shape[0] * video.shape[2] / elapsed
