@@ -111,3 +111,40 @@ def test_tick(benchmark, graphs):
         assert pipe._graphs.replays > 0 and not pipe._graphs.failed, pipe._graphs.failed
     benchmark.extra_info["ms_per_tick"] = benchmark.stats.stats.median / pipe.last_ticks * 1e3
     benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{B} T{T} {HW}^2 fp32, 4 stages, per-tick SGD"
+
+
+def test_end_to_end_sideways_at_equal_memory(benchmark):
+    """Sideways at the largest batch whose peak memory stays within clip BP's at batch 8
+    (T = 16): frames/s at equal memory. Compare frames_per_s with gpu-train-clip-T16's clip_bp."""
+    benchmark.group = "gpu-train-clip-equal-memory"
+    T, HW = 16, 112
+    make = lambda conv: models.c3d(10, widths=(64, 128, 256, 256), conv=conv).cuda()
+
+    def peak(step):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    net = make(nn.Conv3d)
+    video, target = torch.randn(8, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+
+    def bp():
+        out = net(video)
+        (sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(T)) / T).backward()
+    bp()
+    budget = peak(bp)
+    del net, video, target
+    sideways = make(SidewaysConv3d)
+    pipe = SidewaysPipeline(models.stages(sideways, 4))
+    batch = 8
+    while True:  # double while it fits
+        clip = (torch.randn(batch * 2, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (batch * 2,), device="cuda"))
+        if batch >= 512 or peak(lambda: pipe.backward_clip(*clip)) > budget:
+            break
+        batch *= 2
+    video, target = torch.randn(batch, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
+    _timed(benchmark, lambda: pipe.backward_clip(video, target), 1)
+    benchmark.extra_info["frames_per_s"] = batch * T / benchmark.stats.stats.median
+    benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{batch} (BP's memory at B8: {budget / 2**20:.0f} MiB) T{T} {HW}^2"
