@@ -216,23 +216,30 @@ def test_distributed_ranks_that_built_different_pipelines_are_refused(tmp_path):
     assert "built another pipeline" in message and "rank 1" in message, message
 
 
-def test_distributed_training_under_torchrun_equals_one_process(tmp_path):
-    """sideways-train under torchrun (2 ranks, gloo) logs what one process logs, and its
-    checkpoint is the single-process file: it loads into one process, which resumes from it."""
+def _train_runs(tmp_path, args: list, ranks: int, *torchrun_args) -> dict:
+    """sideways-train in one process and under torchrun: each run's metric lines (without
+    the timing fields)."""
     import json
     import subprocess
-    args = ["--train-videos", "24", "--val-videos", "12", "--batch-size", "8", "--size", "16", "--width", "4",
-            "--depth", "4", "--stages", "4", "--clip-len", "5", "--epochs", "2", "--log-every", "1"]
     runs = {}
     for name, launcher in (("one", [sys.executable, "-m", "sideways_kernels.train"]),
-                           ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                                          "--master-port", str(_free_port()), "-m", "sideways_kernels.train",
-                                         "--distributed"])):
+                                         "--distributed", *torchrun_args])):
         out = tmp_path / name
         proc = subprocess.run(launcher + args + ["--out", str(out)], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = [{k: v for k, v in json.loads(line).items() if k not in ("wall", "frames_per_s")}
                       for line in open(out / "metrics.jsonl")]
+    return runs
+
+
+def test_distributed_training_under_torchrun_equals_one_process(tmp_path):
+    """sideways-train under torchrun (2 ranks, gloo) logs what one process logs, and its
+    checkpoint is the single-process file: it loads into one process, which resumes from it."""
+    args = ["--train-videos", "24", "--val-videos", "12", "--batch-size", "8", "--size", "16", "--width", "4",
+            "--depth", "4", "--stages", "4", "--clip-len", "5", "--epochs", "2", "--log-every", "1"]
+    runs = _train_runs(tmp_path, args, 2)
     assert runs["torchrun"] == runs["one"]
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
     many = torch.load(tmp_path / "torchrun" / "last.pt", weights_only=False)
@@ -248,26 +255,16 @@ def test_distributed_training_with_replicas_follows_one_process(tmp_path):
     """sideways-train under torchrun with 2 replicas of a 2-rank pipeline: every batch is
     shared between the replicas, so the run follows the single-process one (up to the float32
     rounding of summing two half-batches) and writes the same kind of checkpoint."""
-    import json
-    import subprocess
     args = ["--train-videos", "16", "--val-videos", "8", "--batch-size", "6", "--size", "16", "--width", "4",
             "--depth", "4", "--stages", "4", "--clip-len", "5", "--epochs", "1", "--log-every", "1"]
-    runs = {}
-    for name, launcher in (("one", [sys.executable, "-m", "sideways_kernels.train"]),
-                           ("replicas", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-                                         "--master-port", str(_free_port()), "-m", "sideways_kernels.train",
-                                         "--distributed", "--replicas", "2"])):
-        out = tmp_path / name
-        proc = subprocess.run(launcher + args + ["--out", str(out)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert len(runs["replicas"]) == len(runs["one"]) == 4  # 3 steps (6 + 6 + 4 videos) and the epoch
-    for a, b in zip(runs["replicas"], runs["one"]):
+    runs = _train_runs(tmp_path, args, 4, "--replicas", "2")
+    assert len(runs["torchrun"]) == len(runs["one"]) == 4  # 3 steps (6 + 6 + 4 videos) and the epoch
+    for a, b in zip(runs["torchrun"], runs["one"]):
         for key in ("loss", "train_loss", "val_loss", "train_acc", "val_acc"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
-    many = torch.load(tmp_path / "replicas" / "last.pt", weights_only=False)["model"]
+    many = torch.load(tmp_path / "torchrun" / "last.pt", weights_only=False)["model"]
     for k in one:
         torch.testing.assert_close(many[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
