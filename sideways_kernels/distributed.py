@@ -299,8 +299,13 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
                              "(per-tick updates would let the replicas' weights drift apart)")
         ranks = world // replicas  # in one pipeline
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        placement = self._placement(placement, ranks, sample, group)
-        self.placement = placement
+        self.rank, self.world_size, self.group = rank, world, group
+        self.replicas = replicas
+        # Compared before anything else collective, so that ranks asked for different things
+        # are told so instead of waiting in different collectives.
+        self._check_same_pipeline(placement if placement is None or isinstance(placement, str) else list(placement),
+                                  mode)
+        placement = self.placement = self._placement(placement, ranks, sample, group)
         replica, position = divmod(rank, ranks)
         self._lo = sum(placement[:position])
         self._hi = self._lo + placement[position]
@@ -308,9 +313,7 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
         for stage in self.stages[self._lo:self._hi]:
             stage.to(self.device)
         peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
-        self.rank, self.world_size, self.group = rank, world, group
-        self.replicas, self.replica = replicas, replica
-        self._check_same_pipeline(placement, mode)
+        self.replica = replica
         # One group per pipeline position, over the replicas (every rank creates every group).
         self._replica_group = None
         for pos in range(ranks if replicas > 1 else 0):
@@ -351,7 +354,7 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
             for stage, home in zip(self.stages, homes):
                 stage.to(home)
 
-    def _check_same_pipeline(self, placement: list, mode: str) -> None:
+    def _check_same_pipeline(self, placement, mode: str) -> None:
         """Every rank must have built the same stages, placement, replicas and mode: compared once
         here (a collective), so a mismatch is an error naming the rank instead of a wrong tick."""
         mine = (placement, mode, self.replicas,
