@@ -152,7 +152,7 @@ __device__ __forceinline__ void tile_gemm(int64_t k_total, LoadA a, LoadB b, flo
   tile_gemm_fma(k_total, a, b, acc);
 }
 
-// grid: (ceil(N/kTileN), ceil(M/kTileM), groups). M = C_out/groups; N = (C/groups)*k_t*k_h*k_w,
+// grid: (ceil(M/kTileM), ceil(N/kTileN), groups). M = C_out/groups; N = (C/groups)*k_t*k_h*k_w,
 // column n = ((c*k_t + j)*k_h + kh)*k_w + kw, the weight's own order.
 template <typename T>
 __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ grad_out,
@@ -161,7 +161,7 @@ __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ g
   const int64_t cg = g.channels / g.groups, mg = g.out_channels / g.groups;
   const int64_t taps = g.k_t * g.k_h * g.k_w, n_cols = cg * taps;
   const int64_t hw_out = g.out_height * g.out_width;
-  const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
+  const int64_t group = blockIdx.z, m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
   float acc[kPerThread];
   tile_gemm<T>(  // both operands are activations of type T: exact in T
       g.batch * hw_out,
@@ -198,7 +198,7 @@ __global__ void weight_update_kernel(WeightUpdateArgs a, const T* __restrict__ g
   }
 }
 
-// grid: (ceil(N/kTileN), ceil(M/kTileM), groups). M = B*H_out*W_out output pixels,
+// grid: (ceil(M/kTileM), ceil(N/kTileN), groups). M = B*H_out*W_out output pixels,
 // N = C_out/groups output channels, K = (C/groups)*k_t*k_h*k_w.
 template <typename T>
 __global__ void ring_conv_forward_kernel(ConvGeometry g, const T* __restrict__ ring,
@@ -207,7 +207,7 @@ __global__ void ring_conv_forward_kernel(ConvGeometry g, const T* __restrict__ r
   const int64_t cg = g.channels / g.groups, mg = g.out_channels / g.groups;
   const int64_t taps = g.k_t * g.k_h * g.k_w, hw_out = g.out_height * g.out_width;
   const int64_t m_total = g.batch * hw_out;
-  const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
+  const int64_t group = blockIdx.z, m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
   float acc[kPerThread];
   tile_gemm<T>(  // the fp32 master weights meet fp16/bf16 activations rounded to T, as under autocast
       cg * taps,
@@ -231,7 +231,7 @@ __global__ void ring_conv_forward_kernel(ConvGeometry g, const T* __restrict__ r
   }
 }
 
-// grid: (ceil(N/kTileN), ceil(M/kTileM), groups). M = B*H*W input pixels, N = C/groups input
+// grid: (ceil(M/kTileM), ceil(N/kTileN), groups). M = B*H*W input pixels, N = C/groups input
 // channels, K = (C_out/groups)*k_h*k_w; pixel y receives from output row oy when
 // oy*stride_h = y + pad_h - kh*dil_h.
 template <typename T>
@@ -240,7 +240,7 @@ __global__ void window_input_grad_kernel(ConvGeometry g, const T* __restrict__ g
                                          InStrides in) {
   const int64_t cg = g.channels / g.groups, mg = g.out_channels / g.groups;
   const int64_t khw = g.k_h * g.k_w, hw = g.height * g.width, m_total = g.batch * hw;
-  const int64_t group = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
+  const int64_t group = blockIdx.z, m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
   float acc[kPerThread];
   tile_gemm<T>(  // the fp32 summed weight rounded to T, as under autocast
       mg * khw,
@@ -272,9 +272,11 @@ __global__ void window_input_grad_kernel(ConvGeometry g, const T* __restrict__ g
   }
 }
 
+// Row tiles on x (up to 2^31 - 1 blocks: the B*H*W pixels of a large batch), column tiles on
+// y and groups on z (up to 65535 each).
 static dim3 grid_for(int64_t rows, int64_t cols, int64_t groups) {
-  return dim3(static_cast<unsigned>((cols + kTileN - 1) / kTileN),
-              static_cast<unsigned>((rows + kTileM - 1) / kTileM), static_cast<unsigned>(groups));
+  return dim3(static_cast<unsigned>((rows + kTileM - 1) / kTileM),
+              static_cast<unsigned>((cols + kTileN - 1) / kTileN), static_cast<unsigned>(groups));
 }
 
 // Runs f with the element type of `dtype` as a value of that type (for deduction).
