@@ -299,6 +299,8 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
                              "(per-tick updates would let the replicas' weights drift apart)")
         ranks = world // replicas  # in one pipeline
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's batch_isend_irecv hangs without it
         self.rank, self.world_size, self.group = rank, world, group
         self.replicas = replicas
         # Compared before anything else collective, so that ranks asked for different things

@@ -210,6 +210,8 @@ class _Cluster:
             raise DataError("--distributed needs torchrun (torchrun --nproc-per-node N -m sideways_kernels.train ...)")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local}") if device == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's point-to-point calls need it set
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
