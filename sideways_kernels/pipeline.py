@@ -335,11 +335,12 @@ class SidewaysPipeline:
             p.grad = None
         snapshot = self._snapshot(params) if self.update == "tick" else None
         self._timer = _StageTimer([self._device(i) for i in range(len(self.stages))])
+        graphs, self.cuda_graph = self.cuda_graph, False  # eager ticks: a timer cannot run inside a capture
         try:
             self.backward_clip(video, target, **kwargs)
             return self._timer.per_tick()
         finally:
-            self._timer = None
+            self._timer, self.cuda_graph = None, graphs
             for p, g in zip(params, grads):
                 p.grad = g
             if snapshot is not None:
