@@ -154,3 +154,16 @@ def test_emulated_window_input_grad_matches_reference(emulated, g, dtype):
                                      list(g.padding), list(g.dilation), g.groups)
     scale = expected.abs().max().item() + 1
     torch.testing.assert_close(grad_in.double(), expected, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10 * scale)
+
+
+def test_emulated_launch_beyond_the_device_grid_is_refused_before_it_runs(emulated):
+    """65536 groups: more blocks on grid z than the device allows (its limits are read from it,
+    here the emulation's H100 figures): cudaErrorInvalidConfiguration, and nothing written."""
+    g = Geometry(1, 65536, 65536, 1, 1, 1, (1, 1), groups=65536)
+    ring, grad_out, slot = _inputs(g, torch.float32)
+    grad_w = torch.randn(g.out_channels, 1, 1, 1, 1)
+    before = grad_w.clone()
+    err = emulated.sideways_emulated_weight_update(_dims(g, slot), _strides(ring, grad_out), 0, _ptr(grad_w), None,
+                                                   None, (ctypes.c_double * 4)(0, 0, 0, 0), 0, 0, 0, _ptr(grad_out),
+                                                   _ptr(ring))
+    assert err == 9 and torch.equal(grad_w, before)

@@ -57,6 +57,8 @@ cuda::ConvGeometry geometry(const RingConv& g, int64_t slot, const at::Tensor& r
 }
 
 void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err != cudaErrorInvalidConfiguration, "sideways ", kernel, ": the input is too large for one launch "
+              "on this device (batch*height*width, channels per group or groups beyond its grid limits)");
   TORCH_CHECK(err == cudaSuccess, "sideways ", kernel, " kernel launch failed: ", cudaGetErrorString(err));
 }
 

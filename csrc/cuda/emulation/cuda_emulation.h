@@ -101,6 +101,17 @@ void launch(dim3 grid, dim3 block, Body body) {
 
 inline void __syncthreads() { sideways_emu::block_barrier->wait(); }
 
+// The device's limits, as an H100 reports them.
+enum cudaDeviceAttr { cudaDevAttrMaxGridDimX = 5, cudaDevAttrMaxGridDimY = 6, cudaDevAttrMaxGridDimZ = 7 };
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMaxGridDimX ? 2147483647 : 65535;
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = sideways_emu::last_error;
   sideways_emu::last_error = cudaSuccess;
