@@ -34,7 +34,8 @@ def _net():
     return classifier_net(TEMPORAL)
 
 
-def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, stall=False, replicas=1, nan_at=None):
+def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False, replicas=1,
+            nan_at=None, update="clip"):
     if isinstance(placement, dict):  # a placement per rank, to test a mismatch
         placement = placement[rank]
     sys.path.insert(0, HERE)
@@ -54,12 +55,14 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
             frames = iter(range(10**6))
             loss_fn = lambda y, t: torch.nn.functional.cross_entropy(y, t) * (float("nan") if next(frames) == nan_at
                                                                              else 1.0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3) if update == "tick" else None
         pipe = DistributedSidewaysPipeline(stages, loss_fn, mode=mode, placement=placement, timeout=timeout,
-                                           replicas=replicas, sample=(video, target))
+                                           replicas=replicas, sample=(video, target), update=update, optimizer=opt)
         if replicas > 1:  # replica k trains on its share of the batch (of 3: shares of 2 and 1)
             video, target = (torch.tensor_split(x, replicas)[pipe.replica] for x in (video, target))
         result = pipe.backward_clip(video, target)
-        local = {name: p.grad.clone() for name, p in net.named_parameters()
+        # update="tick": the weights the per-tick steps left, else the gradients of the clip
+        local = {name: (p.detach() if update == "tick" else p.grad).clone() for name, p in net.named_parameters()
                  if any(p is q for s in pipe.local_stages() for q in s.parameters())}
         torch.save(dict(grads=local, loss=result.loss, outputs=result.outputs, placement=pipe.placement),
                    os.path.join(out_dir, f"{rank}.pt"))
@@ -70,12 +73,14 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick, timeout, s
         raise
 
 
-def _spawn(world, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False, replicas=1, nan_at=None):
-    """Runs the ranks; returns them once every rank but a deliberately stalled one is done."""
+def _spawn(world, mode, placement, out_dir, **options):
+    """Runs the ranks (``options``: _worker's); returns them once every rank but a
+    deliberately stalled one is done."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, mode, placement, str(out_dir), die_at_tick, timeout,
-                                               stall, replicas, nan_at)) for r in range(world)]
+    timeout, stall = options.get("timeout", 60), options.get("stall", False)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, mode, placement, str(out_dir)), kwargs=options)
+             for r in range(world)]
     for p in procs:
         p.start()
     for r, p in enumerate(procs):
@@ -116,6 +121,26 @@ def test_distributed_equals_single_process(tmp_path, world, placement, mode):
         else:
             assert out["outputs"] is None
     assert seen == set(ref_grads), "every parameter belongs to exactly one rank"
+
+
+def test_distributed_per_tick_sgd_equals_single_process(tmp_path):
+    """update="tick" across 3 ranks: every rank's weights after the clip are those the
+    single-process pipeline's per-tick SGD leaves (float64, rel. error <= 1e-9)."""
+    net = _net()
+    video, target = _clip()
+    from sideways_kernels import SidewaysPipeline
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    SidewaysPipeline(stages_of(net, 4), update="tick", optimizer=opt).backward_clip(video, target)
+    expected = dict(net.named_parameters())
+    procs = _spawn(3, "sideways", [1, 2, 1], tmp_path, update="tick")
+    errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.endswith(".err")]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    seen = set()
+    for r in range(3):
+        for name, w in torch.load(tmp_path / f"{r}.pt", weights_only=False)["grads"].items():
+            assert rel_error([w], [expected[name].detach()]) <= 1e-9, (r, name)
+            seen.add(name)
+    assert seen == set(expected)
 
 
 def test_distributed_replicas_average_to_the_whole_batch(tmp_path):
