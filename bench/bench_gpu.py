@@ -97,7 +97,7 @@ def test_end_to_end(benchmark, impl, T):
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graph"])
 def test_tick(benchmark, graphs):
     """Pipeline ticks at batch 8, eager vs replayed from CUDA graphs: a whole 64-frame clip
-    (of its ~75 ticks, all but the fill and drain ones are steady, i.e. replays) after the
+    (of its ~80 ticks, all but the fill and drain ones are steady, i.e. replays) after the
     warm-up clips, reported per tick."""
     benchmark.group = "gpu-tick"
     B, T, HW = 8, 64, 56
