@@ -60,7 +60,15 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeo
                                            replicas=replicas, sample=(video, target), update=update, optimizer=opt)
         if replicas > 1:  # replica k trains on its share of the batch (of 3: shares of 2 and 1)
             video, target = (torch.tensor_split(x, replicas)[pipe.replica] for x in (video, target))
-        result = pipe.backward_clip(video, target)
+        try:
+            result = pipe.backward_clip(video, target)
+        except RuntimeError:
+            if die_at_tick is not None:  # a survivor: a second clip must refuse at once, not hang or mix runs
+                try:
+                    pipe.backward_clip(video, target)
+                except RuntimeError as again:
+                    open(os.path.join(out_dir, f"{rank}.again"), "w").write(str(again))
+            raise
         # update="tick": the weights the per-tick steps left, else the gradients of the clip
         local = {name: (p.detach() if update == "tick" else p.grad).clone() for name, p in net.named_parameters()
                  if any(p is q for s in pipe.local_stages() for q in s.parameters())}
@@ -222,6 +230,7 @@ def test_distributed_killed_rank_fails_the_others_within_the_timeout(tmp_path):
     message = open(tmp_path / "0.err").read()
     assert "rank 1" in message and "tick" in message, message
     assert elapsed < 10 + 45, f"took {elapsed:.0f} s"
+    assert "stopped mid-run" in open(tmp_path / "0.again").read()
 
 
 def test_distributed_stalled_rank_fails_the_others_within_the_timeout(tmp_path):

@@ -84,6 +84,7 @@ class _Boundary:
         self.tag = {"up": 0, "act": 0, "down": 1, "err": 1}
         self.received: list = []  # bp mode: activations from below, as graph leaves
         self.sent: list = []  # bp mode: activations sent up, still in the graph
+        self._in_run = False  # between start() and finish(): true after a run that stopped mid-clip
         self._begin_run()
 
     def _begin_run(self) -> None:
@@ -135,6 +136,10 @@ class _Boundary:
 
     def start(self) -> None:
         """A new run (shapes may have changed): post the receives of tick 0's messages."""
+        if self._in_run:  # its receives are still posted: they would take the new run's messages
+            raise RuntimeError(f"rank {self.rank}: the last clip stopped mid-run (an error here or on another rank) "
+                               "with messages still in flight, so the ranks are out of step; start the job again")
+        self._in_run = True
         self._begin_run()
         for key in ("act", "err"):
             if self.peer[key] is not None:
@@ -239,6 +244,7 @@ class _Boundary:
             self._wait(works, tick, "sending the last tick's messages")
         self._inbox.clear()
         self._taken.clear()
+        self._in_run = False
 
     def backward_bp(self, top_loss: Optional[torch.Tensor]) -> None:
         """bp mode after the ticks: the top rank back-propagates the clip loss, then each rank
