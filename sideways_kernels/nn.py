@@ -176,7 +176,7 @@ class SidewaysConv3d(nn.Conv3d):
         if pre_pad is not None:
             frame = F.pad(frame, *pre_pad)
         if s.mode == "bp":
-            return self._window_forward(frame, action, padding).unsqueeze(2)
+            return self._window_forward(frame, action, padding)
         if s.slot < 0:  # first frame of the run: (re)use the ring, zeroed = the clip's start padding
             shape = (self.span, *frame.shape)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
@@ -194,6 +194,10 @@ class SidewaysConv3d(nn.Conv3d):
             out = s.kernels.ring_conv_forward(self._ring, push, s.slot, self.weight, self.bias, *self.conv2d_args(padding))
         else:
             out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, padding)
+            # Not a view: an in-place layer next (ReLU(inplace=True)) would otherwise make autograd
+            # hand its backward a contiguous copy of the gradient, several times slower against
+            # channels-last activations than the copy made here.
+            return out.unsqueeze(2).clone()  # same strides
         return out.unsqueeze(2)
 
     def _window_forward(self, frame: torch.Tensor, action: str, padding: list[int]) -> torch.Tensor:
@@ -208,7 +212,7 @@ class SidewaysConv3d(nn.Conv3d):
             s.window.append(torch.zeros_like(frame))
         stride, pad, dil, dil_t, groups = self.conv2d_args(padding)
         clip = torch.stack(list(s.window), dim=2)
-        return F.conv3d(clip, self.weight, self.bias, (1, *stride), (0, *pad), (dil_t, *dil), groups).squeeze(2)
+        return F.conv3d(clip, self.weight, self.bias, (1, *stride), (0, *pad), (dil_t, *dil), groups)  # [B, C', 1, H', W']
 
 
 class _SidewaysTick(torch.autograd.Function):
