@@ -198,7 +198,7 @@ def test_bad_data_is_a_one_line_error(tmp_path, case):
     (["--stages", "9"], "exceeds"),
     (["--resume", "/nonexistent/last.pt"], "no checkpoint"),
     (["--replicas", "2", "--update", "tick"], "--replicas needs --update clip"),
-    (["--replicas", "2"], "--replicas needs torchrun"),
+    (["--replicas", "2"], "--replicas 2 needs torchrun"),
 ])
 def test_bad_options_are_clean_errors(tmp_path, args, words):
     result = _cli(*args, "--out", str(tmp_path / "out"))

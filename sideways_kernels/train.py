@@ -202,8 +202,9 @@ class _Cluster:
         self.distributed = distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1
         if not self.distributed:
             if replicas > 1:
-                raise DataError("--replicas needs torchrun (torchrun --nproc-per-node N -m sideways_kernels.train "
-                                "--distributed --replicas R ...)")
+                raise DataError(f"--replicas {replicas} needs torchrun (torchrun --nproc-per-node N -m "
+                                "sideways_kernels.train --distributed --replicas R ...); to go on in one process "
+                                "(e.g. resuming such a run), pass --replicas 1")
             self.rank, self.world, self.device = 0, 1, torch.device(device)
             return
         if "RANK" not in os.environ:
