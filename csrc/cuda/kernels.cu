@@ -272,25 +272,23 @@ __global__ void window_input_grad_kernel(ConvGeometry g, const T* __restrict__ g
   }
 }
 
-// Row tiles on x (up to 2^31 - 1 blocks: the B*H*W pixels of a large batch), column tiles on
-// y and groups on z (up to 65535 each).
-static dim3 grid_for(int64_t rows, int64_t cols, int64_t groups) {
-  return dim3(static_cast<unsigned>((rows + kTileM - 1) / kTileM),
-              static_cast<unsigned>((cols + kTileN - 1) / kTileN), static_cast<unsigned>(groups));
-}
-
-// The launch fits the current device's grid limits (read from it), else
-// cudaErrorInvalidConfiguration before anything is launched.
-static cudaError_t check_grid(int64_t rows, int64_t cols, int64_t groups) {
+// The grid of a rows x cols x groups problem: row tiles on x (up to 2^31 - 1 blocks: the
+// B*H*W pixels of a large batch), column tiles on y and groups on z. Checked against the
+// current device's limits (read from it): cudaErrorInvalidConfiguration before anything is
+// launched when it does not fit.
+static cudaError_t grid_for(int64_t rows, int64_t cols, int64_t groups, dim3* grid) {
   int device = 0, max_x = 0, max_y = 0, max_z = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_x, cudaDevAttrMaxGridDimX, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_y, cudaDevAttrMaxGridDimY, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_z, cudaDevAttrMaxGridDimZ, device);
   if (err != cudaSuccess) return err;
-  const bool fits = (rows + kTileM - 1) / kTileM <= max_x && (cols + kTileN - 1) / kTileN <= max_y &&
-                    groups <= max_z && rows > 0 && cols > 0 && groups > 0;
-  return fits ? cudaSuccess : cudaErrorInvalidConfiguration;
+  const int64_t x = (rows + kTileM - 1) / kTileM, y = (cols + kTileN - 1) / kTileN;
+  if (x > max_x || y > max_y || groups > max_z || rows <= 0 || cols <= 0 || groups <= 0) {
+    return cudaErrorInvalidConfiguration;
+  }
+  *grid = dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(groups));
+  return cudaSuccess;
 }
 
 // Runs f with the element type of `dtype` as a value of that type (for deduction).
@@ -307,9 +305,11 @@ static cudaError_t dispatch(DType dtype, F f) {
 cudaError_t weight_update(const WeightUpdateArgs& a, DType dtype, const void* grad_out,
                           const void* ring, cudaStream_t stream) {
   const ConvGeometry& g = a.g;
-  const int64_t rows = g.out_channels / g.groups, cols = (g.channels / g.groups) * g.k_t * g.k_h * g.k_w;
-  if (const cudaError_t err = check_grid(rows, cols, g.groups)) return err;
-  const dim3 grid = grid_for(rows, cols, g.groups);
+  dim3 grid;
+  if (const cudaError_t err = grid_for(g.out_channels / g.groups,
+                                       (g.channels / g.groups) * g.k_t * g.k_h * g.k_w, g.groups, &grid)) {
+    return err;
+  }
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
     SIDEWAYS_LAUNCH(weight_update_kernel<T>, grid, kThreads, 0, stream, a,
@@ -321,9 +321,11 @@ cudaError_t weight_update(const WeightUpdateArgs& a, DType dtype, const void* gr
 cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ring,
                               const float* weight, const float* bias, void* out,
                               cudaStream_t stream) {
-  const int64_t rows = g.batch * g.out_height * g.out_width, cols = g.out_channels / g.groups;
-  if (const cudaError_t err = check_grid(rows, cols, g.groups)) return err;
-  const dim3 grid = grid_for(rows, cols, g.groups);
+  dim3 grid;
+  if (const cudaError_t err =
+          grid_for(g.batch * g.out_height * g.out_width, g.out_channels / g.groups, g.groups, &grid)) {
+    return err;
+  }
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
     SIDEWAYS_LAUNCH(ring_conv_forward_kernel<T>, grid, kThreads, 0, stream, g,
@@ -336,9 +338,10 @@ cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* gr
                               const float* summed_weight, void* grad_in, const int64_t* in_strides,
                               cudaStream_t stream) {
   const InStrides in{{in_strides[0], in_strides[1], in_strides[2], in_strides[3]}};
-  const int64_t rows = g.batch * g.height * g.width, cols = g.channels / g.groups;
-  if (const cudaError_t err = check_grid(rows, cols, g.groups)) return err;
-  const dim3 grid = grid_for(rows, cols, g.groups);
+  dim3 grid;
+  if (const cudaError_t err = grid_for(g.batch * g.height * g.width, g.channels / g.groups, g.groups, &grid)) {
+    return err;
+  }
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
     SIDEWAYS_LAUNCH(window_input_grad_kernel<T>, grid, kThreads, 0, stream, g,

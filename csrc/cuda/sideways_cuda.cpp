@@ -115,6 +115,16 @@ bool fused_applies(const at::Tensor& param, const c10::optional<at::Tensor>& buf
          kernel_dtype(ring.scalar_type());
 }
 
+// The fused weight-update kernel with `a`'s mode and buffers, on this ring and error.
+void launch_weight_update(cuda::WeightUpdateArgs a, const RingConv& g, int64_t slot, const at::Tensor& ring,
+                          const at::Tensor& grad_out) {
+  const c10::DeviceGuard guard(ring.device());
+  a.g = geometry(g, slot, ring, grad_out);
+  check_launch(cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
+                                   ring.const_data_ptr(), current_stream(ring.device())),
+               "weight_update");
+}
+
 void weight_grad_accumulate_cuda(at::Tensor grad_weight, const c10::optional<at::Tensor>& grad_bias,
                                  const at::Tensor& grad_out, const at::Tensor& ring, int64_t slot,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -125,14 +135,10 @@ void weight_grad_accumulate_cuda(at::Tensor grad_weight, const c10::optional<at:
     return weight_grad_accumulate_aten(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
                                        dilation, dilation_t, groups);
   }
-  const c10::DeviceGuard guard(ring.device());
   cuda::WeightUpdateArgs a{};
-  a.g = geometry(g, slot, ring, grad_out);
   a.mode = cuda::WeightUpdateMode::kAccumulate;
   a.grad_weight = grad_weight.data_ptr<float>();
-  check_launch(cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
-                                   ring.const_data_ptr(), current_stream(ring.device())),
-               "weight_update");
+  launch_weight_update(a, g, slot, ring, grad_out);
   if (grad_bias.has_value()) {
     grad_bias->add_(grad_out.sum({0, 2, 3}, false, grad_bias->scalar_type()));
   }
@@ -154,9 +160,7 @@ void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& mo
                                 stride, padding, dilation, dilation_t, groups, lr, momentum, dampening,
                                 weight_decay, nesterov, first_step);
   }
-  const c10::DeviceGuard guard(ring.device());
   cuda::WeightUpdateArgs a{};
-  a.g = geometry(g, slot, ring, grad_out);
   a.mode = cuda::WeightUpdateMode::kSgd;
   a.weight = weight.data_ptr<float>();
   a.momentum_buffer = buf.has_value() ? buf->data_ptr<float>() : nullptr;
@@ -166,9 +170,7 @@ void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& mo
   a.weight_decay = static_cast<float>(weight_decay);
   a.nesterov = nesterov;
   a.first_step = first_step;
-  check_launch(cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
-                                   ring.const_data_ptr(), current_stream(ring.device())),
-               "weight_update");
+  launch_weight_update(a, g, slot, ring, grad_out);
   if (bias.has_value()) {
     const SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, first_step};
     sgd_apply(*bias, momentum != 0 ? bias_momentum_buffer : c10::nullopt,
