@@ -413,9 +413,10 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
         """Only each replica's top rank has losses: their mean over the replicas, weighted by
         the replicas' batch sizes, for every rank."""
         share = self._share if losses else 0.0
-        loss = torch.stack([l.detach() for l in losses]).sum().double() * share if losses else torch.zeros((),
-                                                                                                     dtype=torch.float64)
-        both = torch.stack([loss.to(self.device), torch.tensor(share, dtype=torch.float64, device=self.device)])
+        loss = torch.stack([l.detach() for l in losses]).sum().double() if losses else torch.zeros((),
+                                                                                              dtype=torch.float64)
+        share_t = torch.tensor(share, dtype=torch.float64, device=self.device)
+        both = torch.stack([loss.to(self.device) * share_t, share_t])
         dist.all_reduce(both, group=self.group)
         return both[0] / both[1] if both[1] > 0 else both[0]
 
