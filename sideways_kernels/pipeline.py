@@ -235,10 +235,11 @@ class SidewaysPipeline:
         graphs = self._graphs_for(target)
         target_of = lambda t: target[:, t] if per_frame_target else target
         stage_target = None
-        if graphs is not None:  # the loss reads frame t's target from a fixed buffer, filled before the tick
+        if graphs is not None:  # the loss reads the target from a fixed buffer (per frame: filled before each tick)
             staged = graphs.stage("target", target_of(0), target.device)
             target_of = lambda t: staged
-            stage_target = lambda t: staged.copy_(target[:, t] if per_frame_target else target)
+            if per_frame_target:
+                stage_target = lambda t: staged.copy_(target[:, t])
 
         def frame_loss(out: torch.Tensor, t: int) -> torch.Tensor:
             loss = self.loss_fn(frame_logits(out), target_of(t))
