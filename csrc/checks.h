@@ -23,6 +23,25 @@ struct RingConv {
   }
 };
 
+// The part of a RingConv the (checked) weight and conv arguments give; the caller fills in
+// the input's sizes.
+inline RingConv weight_conv(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t dilation_t, int64_t groups) {
+  RingConv g{};
+  g.out_channels = weight.size(0);
+  g.k_t = weight.size(2);
+  g.k_h = weight.size(3);
+  g.k_w = weight.size(4);
+  for (int i = 0; i < 2; ++i) {
+    g.stride[i] = stride[i];
+    g.padding[i] = padding[i];
+    g.dilation[i] = dilation[i];
+  }
+  g.dilation_t = dilation_t;
+  g.groups = groups;
+  return g;
+}
+
 inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
   TORCH_CHECK(v.size() == 2, name, " must have 2 entries (h, w), got ", v.size());
   for (auto x : v) {
@@ -63,23 +82,12 @@ inline RingConv check_ring_conv(const at::Tensor& ring, int64_t slot, const at::
   TORCH_CHECK(dilation_t >= 1, "dilation_t must be >= 1, got ", dilation_t);
   TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
 
-  RingConv g;
+  RingConv g = weight_conv(weight, stride, padding, dilation, dilation_t, groups);
   g.span = ring.size(0);
   g.batch = ring.size(1);
   g.channels = ring.size(2);
   g.height = ring.size(3);
   g.width = ring.size(4);
-  g.out_channels = weight.size(0);
-  g.k_t = weight.size(2);
-  g.k_h = weight.size(3);
-  g.k_w = weight.size(4);
-  for (int i = 0; i < 2; ++i) {
-    g.stride[i] = stride[i];
-    g.padding[i] = padding[i];
-    g.dilation[i] = dilation[i];
-  }
-  g.dilation_t = dilation_t;
-  g.groups = groups;
 
   TORCH_CHECK(g.span >= 1 && g.batch >= 1 && g.channels >= 1 && g.height >= 1 && g.width >= 1,
               "ring must have no empty dimension, got shape ", ring.sizes());
@@ -199,25 +207,14 @@ inline RingConv check_window_input_grad(const at::Tensor& grad_out, const at::Te
                 input_size, ", weight ", weight.sizes(), ", stride ", stride, ", padding ", padding,
                 ", dilation ", dilation);
   }
-  RingConv g{};
+  RingConv g = weight_conv(weight, stride, padding, dilation, 1, groups);
   g.span = 1;
   g.batch = grad_out.size(0);
   g.channels = weight.size(1) * groups;
   g.height = input_size[0];
   g.width = input_size[1];
-  g.out_channels = weight.size(0);
-  g.k_t = weight.size(2);
-  g.k_h = weight.size(3);
-  g.k_w = weight.size(4);
   g.out_height = grad_out.size(2);
   g.out_width = grad_out.size(3);
-  for (int i = 0; i < 2; ++i) {
-    g.stride[i] = stride[i];
-    g.padding[i] = padding[i];
-    g.dilation[i] = dilation[i];
-  }
-  g.dilation_t = 1;
-  g.groups = groups;
   return g;
 }
 
