@@ -75,7 +75,7 @@ def child(method: str, frames: int) -> dict:
     peak = _status_bytes("VmHWM")
     if pipe:
         rings = sum(m._ring.untyped_storage().nbytes() for m in net.modules() if isinstance(m, SidewaysConv3d))
-        held = rings + sum(b.untyped_storage().nbytes() for b in pipe._buffers.values())
+        held = rings + sum(b.untyped_storage().nbytes() for b in pipe.engine.buffers.values())
     return dict(method=method, frames=frames, peak_rss_growth=max(0, peak - before), held_bytes=held)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sideways_kernels import SidewaysPipeline
 from sideways_kernels.cuda_graphs import TickGraphs, _EmulatedGraph
+from sideways_kernels.schedule import TickPlan
 from nets import DT, classifier_net, stages_of
 
 # Temporal kernels 3, 2 and 3 with dilation: ring spans 3, 2 and 5. Every clip starts its rings
@@ -61,19 +62,18 @@ def test_graph_ticks_equal_eager_ticks(update, per_frame):
 
 
 def test_a_wrongly_keyed_graph_would_be_caught():
-    """The check above can fail: keying the graphs by parity alone (forgetting the ring slots)
-    replays ticks with another tick's slots, and the gradients differ."""
+    """The check above can fail: keying the graphs by parity alone (forgetting the plan: ring
+    slots, who fires) replays ticks with another tick's slots, and the gradients differ."""
     eager, _ = _run("clip", False, graphs=False)
-    original = SidewaysPipeline._phase
+    original = TickPlan.phase
 
-    def parity_only(self, *args):
-        phase = original(self, *args)
-        return None if phase is None else phase[0]
-    SidewaysPipeline._phase = parity_only
+    def parity_only(self, lo=0, hi=None):
+        return self.tick % 2
+    TickPlan.phase = parity_only
     try:
         graphed, pipe = _run("clip", False, graphs=True)
     finally:
-        SidewaysPipeline._phase = original
+        TickPlan.phase = original
     assert pipe._graphs.replays > 0
     with pytest.raises(AssertionError):
         _assert_same(graphed, eager)
@@ -130,8 +130,8 @@ def test_a_failed_capture_warns_and_the_clip_still_equals_eager(monkeypatch):
     def broken(self, fn, restore):
         # The capture got part-way through the tick's Python (no kernel runs while capturing),
         # then the driver refused.
-        slots, grads = restore()
-        restore(([s + 1 for s in slots], [None] * len(grads)))
+        grads = restore()
+        restore([None] * len(grads))
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(_EmulatedGraph, "capture", broken)
     with pytest.warns(RuntimeWarning, match="capturing a tick failed.*not permitted"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from sideways_kernels import SidewaysConv3d, convert
-from sideways_kernels.nn import ClipLength, StreamClock, _Stream
+from sideways_kernels.nn import StreamClock, _Stream
 from sideways_kernels import backend
 
 DT = torch.float64
@@ -111,10 +111,10 @@ def test_streaming_function_gradcheck_on_a_static_window(k_t, dil_t):
     layer = SidewaysConv3d(3, 4, (k_t, 3, 2), padding=(0, 1, 0), dilation=(dil_t, 1, 1), dtype=DT)
 
     def stream_static(x):
-        layer._stream = _Stream(clock=StreamClock(ClipLength()), mode="sideways", kernels=backend.kernels("cpp"))
+        layer._stream = _Stream("sideways", backend.kernels("cpp"), clock=StreamClock())
         try:
             for t in range(layer.span):  # the ring ends up holding x in every slot
-                layer._stream.clock.frame, layer._stream.clock.offset = t, 0
+                layer._stream.clock.frame, layer._stream.clock.length = t, float("inf")
                 out = layer(x)
             return out
         finally:

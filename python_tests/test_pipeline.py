@@ -219,10 +219,10 @@ def test_buffers_are_allocated_once_per_input_shape():
     pipe = SidewaysPipeline(stages_of(net, 2))
     y = torch.randint(0, 7, (2,))
     pipe.backward_clip(_video(T=6), y)
-    buffers = {k: v.data_ptr() for k, v in pipe._buffers.items()}
+    buffers = {k: v.data_ptr() for k, v in pipe.engine.buffers.items()}
     rings = [m._ring.data_ptr() for m in net.modules() if isinstance(m, SidewaysConv3d)]
     pipe.backward_clip(_video(T=9), y)
-    assert buffers == {k: v.data_ptr() for k, v in pipe._buffers.items()}
+    assert buffers == {k: v.data_ptr() for k, v in pipe.engine.buffers.items()}
     assert rings == [m._ring.data_ptr() for m in net.modules() if isinstance(m, SidewaysConv3d)]
 
 

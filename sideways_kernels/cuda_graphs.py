@@ -1,17 +1,18 @@
-"""CUDA-graph ticks (``SidewaysPipeline(..., cuda_graph=True)``): a steady-state tick — every
-stage busy, every layer taking a real frame, the top stage emitting a frame with a loss,
-every error present — launches the same kernels on the same buffers every time, except for
-the ring slots and the double buffers' parity. So one graph is captured per *phase* (parity
-and every layer's slot), the first time a phase comes round after one eager warm-up tick, and
-replayed from then on; fill and drain ticks run eagerly.
+"""CUDA-graph ticks (``SidewaysPipeline(..., cuda_graph=True)``): a steady-state tick — a real
+frame entering, every stage past its fill — launches the same kernels on the same buffers as
+every other tick of the same *phase*: its plan without the frame numbers (which nodes fire,
+ring and FIFO slots, which errors are due; :mod:`sideways_kernels.schedule`) and the double
+buffers' parity. So one graph is captured per phase, the second time the phase comes round
+(after one eager warm-up tick), and replayed from then on; fill and drain ticks run eagerly.
 
 What makes a replay right: every tensor a tick reads or writes lives across ticks at a fixed
-address — the layers' rings, the pipeline's double buffers, a staged copy of the input frame
-and of the frame's target, the optimizer's momentum buffers and, with ``update="clip"``,
-gradient buffers owned here (the clip's gradients are copied out at its end). What a replay
-skips — the Python side of the tick — is redone by the pipeline (slots advanced, frame
-indices carried). Anything baked into a capture (hyper-parameters, the loss function, the
-parameters' storage, the clip length) is part of the clip signature; a change drops the graphs.
+address — the layers' rings, the joins' FIFO slots, the waiting errors, the pipeline's double
+buffers, a staged copy of the input frame and of the frame's target, the optimizer's momentum
+buffers and, with ``update="clip"``, gradient buffers owned here (the clip's gradients are
+copied out at its end) — and the addresses are part of the key. The plan says everything a
+tick's Python decides, so a replay leaves nothing undone. Anything baked into a capture
+(hyper-parameters, the loss function, the parameters' storage, the clip length) is part of the
+clip signature; a change drops the graphs.
 
 Where a graph is impossible (not one CUDA device, ``mode="bp"``, a distributed pipeline, a
 target that is not a tensor, a capture that fails) the pipeline warns once and ticks eagerly.
@@ -47,8 +48,8 @@ class _CudaGraph:
 
 class _EmulatedGraph:
     """The CPU stand-in the tests use: a replay re-runs the captured call with the Python
-    state (ring slots) of the capture, as a real graph replays what was baked into it, and then
-    puts back the Python state the pipeline keeps."""
+    state of the capture (gradient references), as a real graph replays what was baked into it,
+    and then puts back the Python state the pipeline keeps."""
 
     def __init__(self):
         self.fn, self.baked = None, None
@@ -127,11 +128,11 @@ class TickGraphs:
 
     # --- a tick ------------------------------------------------------------------------------------
 
-    def run(self, phase, fn: Callable, python_state: Callable, advance: Callable):
+    def run(self, phase, fn: Callable, python_state: Callable):
         """Run the tick ``fn`` (whose results are fixed tensors) through the graph of ``phase``:
         eagerly the first time (warm-up), captured the second, replayed after that.
-        ``python_state()`` returns the Python state a tick changes, ``python_state(s)`` sets it;
-        ``advance()`` does to it what a replay (which runs no Python) leaves undone."""
+        ``python_state()`` returns the Python state a tick changes, ``python_state(s)`` sets it
+        (everything else a tick needs comes from its plan, part of the phase)."""
         phase = (phase, tuple(b.data_ptr() for b in self._staged.values()))
         if phase not in self.graphs:
             self.graphs[phase] = None
@@ -139,7 +140,6 @@ class TickGraphs:
         graph = self.graphs[phase]
         if graph is not None:
             out = graph.replay(python_state)
-            advance()
             self.replays += 1
             return out
         graph = _EmulatedGraph() if self.emulate else _CudaGraph()

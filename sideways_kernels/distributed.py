@@ -315,10 +315,10 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
                                   mode)
         placement = self.placement = self._placement(placement, ranks, sample, group)
         replica, position = divmod(rank, ranks)
-        self._lo = sum(placement[:position])
-        self._hi = self._lo + placement[position]
+        lo = sum(placement[:position])
+        self.engine.lo, self.engine.hi = lo, lo + placement[position]
         self.devices = [self.device] * len(self.stages)  # only the local ones ever run
-        for stage in self.stages[self._lo:self._hi]:
+        for stage in self.local_stages():
             stage.to(self.device)
         peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
         self.replica = replica
@@ -328,7 +328,7 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
             g = dist.new_group([peer(pos + k * ranks) for k in range(replicas)])
             if pos == position:
                 self._replica_group = g
-        self._boundary = _Boundary(rank, peer(rank - 1) if position > 0 else None,
+        self.engine.boundary = _Boundary(rank, peer(rank - 1) if position > 0 else None,
                                    peer(rank + 1) if position < ranks - 1 else None, self.device, group, timeout)
 
     def _placement(self, placement, ranks: int, sample, group) -> list[int]:
@@ -386,10 +386,10 @@ class DistributedSidewaysPipeline(SidewaysPipeline):
 
     def local_stages(self) -> list:
         """The stages this rank runs."""
-        return list(self.stages[self._lo:self._hi])
+        return list(self.stages[self.engine.lo:self.engine.hi])
 
     def _backward_bp(self, losses: list) -> None:
-        self._boundary.backward_bp(torch.stack(losses).sum() if losses else None)
+        self.engine.boundary.backward_bp(torch.stack(losses).sum() if losses else None)
 
     def backward_clip(self, video, target, **kwargs):
         if not isinstance(video, torch.Tensor):

@@ -17,33 +17,22 @@ import torch.nn.functional as F
 from .ops import empty_ring
 from .reference import sgd_step
 
-__all__ = ["SidewaysConv3d", "convert", "StreamClock", "ClipLength"]
+__all__ = ["SidewaysConv3d", "convert", "StreamClock"]
 
-# What a layer does with the frame it receives at a tick (DESIGN.md §1, clip edges).
+# What a layer does with the frame it receives at a tick (DESIGN.md §1, clip edges): push it
+# into the ring, push a zero frame (end padding), or leave the ring as it is.
 PUSH, ZEROS, HOLD = "push", "zeros", "hold"
 
 
 @dataclasses.dataclass
-class ClipLength:
-    """The clip's length in frames, shared by every layer of a run (``inf`` while a
-    stream's end is not known yet)."""
-    frames: float = math.inf
-
-
-@dataclasses.dataclass
 class StreamClock:
-    """Frame bookkeeping of one stage during one tick. Before the stage runs it holds
-    the index of the frame the stage receives, and the length of that frame stream
-    relative to the clip (``clip.frames + offset``); each :class:`SidewaysConv3d` the
-    frame passes through advances both to those of its own output (a layer with
-    temporal padding emits frame ``t`` late, its streams are shorter or longer)."""
-    clip: ClipLength
+    """Inside a chain stage (a stage module run as one node): the index of the frame that
+    enters the stage's next :class:`SidewaysConv3d`, and the length of that frame stream
+    (``inf`` while a live stream's end is unknown). Each layer it passes advances both to
+    those of its own output: a layer with temporal padding emits frame ``t`` late, and its
+    stream is shorter or longer."""
     frame: int = 0
-    offset: int = 0
-
-    @property
-    def length(self) -> float:
-        return self.clip.frames + self.offset
+    length: float = math.inf
 
     def valid(self) -> bool:
         return 0 <= self.frame < self.length
@@ -52,12 +41,12 @@ class StreamClock:
 @dataclasses.dataclass
 class _Stream:
     """A layer's streaming state inside one pipeline run."""
-    clock: StreamClock
     mode: str  # "sideways" (ring + Sideways backward), "bp" (graph-connected window), "infer"
     kernels: object  # backend.kernels(...)
     optimizer: Optional[torch.optim.Optimizer] = None  # per-tick fused SGD, when set
-    slot: int = -1
+    clock: Optional[StreamClock] = None  # chain stages: the layer works its step out from it
     window: Optional[collections.deque] = None  # bp mode: the last `span` frames, in the graph
+    fresh: bool = True  # the ring is zeroed (the clip's start padding) at the run's first step
 
 
 class SidewaysConv3d(nn.Conv3d):
@@ -73,8 +62,9 @@ class SidewaysConv3d(nn.Conv3d):
     the weight by the fused SGD op in per-tick mode) and the gradient sent down is the sum over
     the window of every tap's input gradient.
 
-    Streaming needs temporal stride 1, left temporal padding at most ``span-1`` and zero
-    temporal padding mode; :meth:`streaming_problem` says which rule a layer breaks.
+    Streaming needs left temporal padding at most ``span-1`` and zero temporal padding mode, and
+    a temporal stride only as a node of a graph (:meth:`SidewaysPipeline.from_model`), where it
+    emits every s-th tick; :meth:`streaming_problem` says which rule a layer breaks.
     """
 
     def __init__(self, *args, **kwargs):
@@ -125,17 +115,30 @@ class SidewaysConv3d(nn.Conv3d):
         start, end = self.temporal_padding
         return start + end - (self.span - 1)
 
-    def streaming_problem(self) -> Optional[str]:
-        """Why this layer cannot stream exactly, or None."""
+    def streaming_problem(self, temporal_stride: bool = False) -> Optional[str]:
+        """Why this layer cannot stream exactly, or None. A temporal stride streams only as a
+        node of a graph (:meth:`SidewaysPipeline.from_model`), where what is above it ticks at
+        its rate; a chain stage runs every layer once a tick."""
         start, end = self.temporal_padding
-        if self.stride[0] != 1:
-            return f"temporal stride {self.stride[0]} (streaming emits one frame per tick; use stride 1 in time)"
+        if self.stride[0] != 1 and not temporal_stride:
+            return (f"temporal stride {self.stride[0]} inside a stage module (a stage emits one frame per tick; "
+                    "SidewaysPipeline.from_model streams strided layers at their own rate)")
         if start > self.span - 1:
             return (f"start temporal padding {start} exceeds the window span - 1 = {self.span - 1} "
                     "(outputs would precede their inputs)")
         if self.padding_mode != "zeros" and (start or end):
             return f"padding_mode={self.padding_mode!r} with temporal padding (a stream can only pad time with zeros)"
         return None
+
+    def ring_step(self, n: int, length: float) -> tuple[str, int]:
+        """(action, slot) for input frame ``n`` of a stream of ``length`` frames: frames of the
+        clip are pushed, the end padding's zero frames too, and after them the ring holds; the
+        slot is where the frame goes, and the window's newest slot (frame ``i`` lives in slot
+        ``i % span``; the ring starts zeroed, which is the clip's start padding)."""
+        end = self.temporal_padding[1]
+        action = PUSH if 0 <= n < length else ZEROS if length <= n < length + end else HOLD
+        newest = min(max(n, -1), length + end - 1)
+        return action, int(newest) % self.span
 
     def _spatial_padding(self) -> tuple[list[int], Optional[tuple]]:
         """(op padding, F.pad args or None): symmetric zero padding goes to the op; uneven
@@ -153,54 +156,59 @@ class SidewaysConv3d(nn.Conv3d):
     # --- forward -------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._stream is None:
+        s = self._stream
+        if s is None:
             return super().forward(x)
-        return self._stream_step(x)
+        if s.clock is None:
+            raise RuntimeError(f"{type(self).__name__} is streamed by a graph node, which calls stream_step()")
+        clock = s.clock  # a chain stage: one frame in, one frame out, every tick
+        action, slot = self.ring_step(clock.frame, clock.length)
+        clock.frame -= self.stream_delay
+        clock.length += self.length_change
+        return self.stream_step(x, action, slot)
 
-    def _stream_step(self, x: torch.Tensor) -> torch.Tensor:
+    def stream_step(self, x: torch.Tensor, action: str, slot: int, emit: bool = True) -> Optional[torch.Tensor]:
+        """One tick of streaming: ``action`` (PUSH/ZEROS/HOLD) on ring ``slot``, then, if ``emit``,
+        the conv of the window whose newest frame is in ``slot``, as a frame ``[B, C_out, 1, H', W']``
+        (a layer with temporal stride s emits every s-th tick)."""
         s = self._stream
         if x.dim() != 5 or x.shape[2] != 1:
             raise ValueError(f"inside a pipeline {type(self).__name__} receives one frame [B, C, 1, H, W], "
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}")
-        clock = s.clock
-        n, length = clock.frame, clock.length
-        start, end = self.temporal_padding
-        action = PUSH if 0 <= n < length else ZEROS if length <= n < length + end else HOLD
-        clock.frame = n - self.stream_delay
-        clock.offset += self.length_change
-
         padding, pre_pad = self._spatial_padding()
         frame = x.squeeze(2)
         if pre_pad is not None:
             frame = F.pad(frame, *pre_pad)
         if s.mode == "bp":
-            return self._window_forward(frame, action, padding)
-        if s.slot < 0:  # first frame of the run: (re)use the ring, zeroed = the clip's start padding
+            return self._window_forward(frame, action, padding, emit)
+        if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
             shape = (self.span, *frame.shape)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
                     or self._ring.device != frame.device:
                 self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device)
             else:
                 self._ring.zero_()
-            s.slot = self.span - 1
-        if action != HOLD:
-            s.slot = (s.slot + 1) % self.span
-            if action == ZEROS:
-                self._ring[s.slot].zero_()
+            s.fresh = False
+        if action == ZEROS:
+            self._ring[slot].zero_()
         push = frame if action == PUSH else None
+        if not emit:
+            if push is not None:
+                self._ring[slot].copy_(push)
+            return None
         if s.mode == "infer" or not torch.is_grad_enabled():
-            out = s.kernels.ring_conv_forward(self._ring, push, s.slot, self.weight, self.bias, *self.conv2d_args(padding))
+            out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *self.conv2d_args(padding))
         else:
-            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, padding)
+            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, padding, slot)
             # Not a view: an in-place layer next (ReLU(inplace=True)) would otherwise make autograd
             # hand its backward a contiguous copy of the gradient, several times slower against
             # channels-last activations than the copy made here.
             return out.unsqueeze(2).clone()  # same strides
         return out.unsqueeze(2)
 
-    def _window_forward(self, frame: torch.Tensor, action: str, padding: list[int]) -> torch.Tensor:
+    def _window_forward(self, frame: torch.Tensor, action: str, padding: list[int], emit: bool):
         """bp mode: the window is a list of graph-connected frames, so autograd through the
         whole run is exact backprop of the clip."""
         s = self._stream
@@ -210,6 +218,8 @@ class SidewaysConv3d(nn.Conv3d):
             s.window.append(frame)
         elif action == ZEROS:
             s.window.append(torch.zeros_like(frame))
+        if not emit:
+            return None
         stride, pad, dil, dil_t, groups = self.conv2d_args(padding)
         clip = torch.stack(list(s.window), dim=2)
         return F.conv3d(clip, self.weight, self.bias, (1, *stride), (0, *pad), (dil_t, *dil), groups)  # [B, C', 1, H', W']
@@ -221,12 +231,12 @@ class _SidewaysTick(torch.autograd.Function):
     the ring as it is now, accumulated or applied by the fused ops)."""
 
     @staticmethod
-    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, padding):
+    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, padding, slot):
         s = layer._stream
         # Everything the backward needs, as of this tick (it may run after the run ended).
-        ctx.layer, ctx.stream, ctx.ring, ctx.padding, ctx.slot = layer, s, layer._ring, padding, s.slot
+        ctx.layer, ctx.stream, ctx.ring, ctx.padding, ctx.slot = layer, s, layer._ring, padding, slot
         ctx.input_hw = list(frame.shape[-2:])
-        return s.kernels.ring_conv_forward(layer._ring, push, s.slot, weight, bias, *layer.conv2d_args(padding))
+        return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *layer.conv2d_args(padding))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -256,7 +266,7 @@ class _SidewaysTick(torch.autograd.Function):
                     s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, ctx.slot, *args)
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3)))
-        return grad_frame, None, None, None, None, None
+        return grad_frame, None, None, None, None, None, None
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:

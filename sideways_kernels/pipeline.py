@@ -1,18 +1,21 @@
-"""The layer-pipelined scheduler (DESIGN.md §1): frames enter one per tick, every
-stage works at once on what the stage below produced last tick, and — in Sideways
-mode — every stage also pushes the error the stage above sent last tick through its
-*current* Jacobian. ``mode="bp"`` runs the very same ticks but keeps the whole
-autograd graph and back-propagates the clip loss at the end: exact backprop, for a
-fair comparison.
+"""The public pipeline (DESIGN.md §1, §5): frames enter one per tick, every stage works at
+once on what the stage below produced last tick, and — in Sideways mode — every stage also
+pushes the error the stage above sent last tick through its *current* Jacobian.
+``mode="bp"`` runs the very same ticks but keeps the whole autograd graph and back-propagates
+the clip loss at the end: exact backprop, for a fair comparison.
+
+A pipeline is built from a list of stage modules (a chain: each maps a frame to a frame) or,
+with :meth:`SidewaysPipeline.from_model`, from any traceable video network (residuals,
+branches, temporal strides and pools, BatchNorm, pooled heads), cut into stages where one
+tensor crosses. The pieces: :mod:`~sideways_kernels.trace` (fx tracing, conversion, refusals),
+:mod:`~sideways_kernels.graph` (nodes, clocks, cuts), :mod:`~sideways_kernels.schedule` (which
+node fires when), :mod:`~sideways_kernels.engine` (the ticks on tensors).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import itertools
 import math
-import time
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -21,9 +24,14 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .cuda_graphs import TickGraphs
-from .nn import ClipLength, SidewaysConv3d, StreamClock, _Stream
+from .engine import Engine, _StageTimer
+from .graph import SOURCE, ChainNode, ConvNode, LocalNode, Node, StreamGraph, balance, cut_points
+from .nn import SidewaysConv3d
+from .schedule import Schedule
+from .trace import StreamingError, trace_model
 
-__all__ = ["SidewaysPipeline", "ClipResult", "NonFiniteError", "split_sequential", "streaming_problem"]
+__all__ = ["SidewaysPipeline", "ClipResult", "NonFiniteError", "StreamingError", "GraphStage", "split_sequential",
+           "streaming_problem", "frame_logits"]
 
 Frames = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -34,7 +42,8 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 class ClipResult(NamedTuple):
     loss: torch.Tensor  # the clip loss: mean over output frames of loss_fn(frame logits, target), detached
-    outputs: torch.Tensor  # the top stage's per-frame outputs stacked in time: [B, C', T_out, H', W']
+    outputs: Optional[torch.Tensor]  # the per-frame outputs stacked in time at dim 2 (None on ranks without the top)
+    logits: Optional[torch.Tensor] = None  # the clip's prediction: the mean of the frame logits [B, K]
 
 
 def _triple(v):
@@ -46,8 +55,8 @@ _MIXES_TIME = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer, nn.Transformer
 
 
 def streaming_problem(module: nn.Module) -> Optional[str]:
-    """Why ``module``, applied one frame ``[B, C, 1, H, W]`` at a time, would not give what it
-    gives on the whole clip — or None when it streams exactly."""
+    """Why ``module``, applied one frame ``[B, C, 1, H, W]`` at a time inside a stage module,
+    would not give what it gives on the whole clip — or None when it streams exactly."""
     if isinstance(module, SidewaysConv3d):
         return module.streaming_problem()
     if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
@@ -58,12 +67,14 @@ def streaming_problem(module: nn.Module) -> Optional[str]:
     if isinstance(module, (nn.MaxPool3d, nn.AvgPool3d)):
         k, s = _triple(module.kernel_size), _triple(module.stride or module.kernel_size)
         if k[0] != 1 or s[0] != 1 or _triple(module.padding)[0] != 0:
-            return "temporal pooling (kernel/stride/padding over time); pool over space only: kernel (1, kh, kw)"
+            return ("temporal pooling (kernel/stride/padding over time) inside a stage module; pool over space only "
+                    "(kernel (1, kh, kw)), or build the pipeline with SidewaysPipeline.from_model")
     if isinstance(module, (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)) and _triple(module.output_size)[0] is not None:
-        return "adaptive pooling to a fixed number of frames; use output_size=(None, h, w)"
+        return ("adaptive pooling to a fixed number of frames; use output_size=(None, h, w), or "
+                "SidewaysPipeline.from_model, which makes a pool over all frames a per-frame head")
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not module.track_running_stats):
-        return ("batch statistics over (B, T, H, W) normalise over time; "
-                "put it in eval mode (running statistics) or normalise per frame")
+        return ("batch statistics over (B, T, H, W) normalise over time; put it in eval mode (running statistics), "
+                "or use SidewaysPipeline.from_model(..., batchnorm='frame' or 'frozen')")
     if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
         return "normalisation over (T, H, W) mixes frames"
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) >= 3:
@@ -89,21 +100,66 @@ def split_sequential(model: nn.Sequential, cuts: Sequence[int]) -> list[nn.Seque
 
 
 def frame_logits(out: torch.Tensor) -> torch.Tensor:
-    """One frame's output ``[B, K, 1, H, W]`` as ``loss_fn`` sees it: the time axis removed,
-    and ``[B, K]`` when the spatial extent is 1×1 (a per-frame classifier)."""
+    """One frame's output as ``loss_fn`` sees it: a frame ``[B, K, 1, H, W]`` loses its time
+    axis and becomes ``[B, K]`` when the spatial extent is 1×1 (a per-frame classifier); a
+    per-frame head's output (no time axis, e.g. ``[B, K]``) is taken as it is."""
+    if out.dim() != 5:
+        return out
     out = out.squeeze(2)
     return out.flatten(1) if out.shape[-2:] == (1, 1) else out
 
 
+class _Traced:
+    """A model traced by from_model: the graph, the BatchNorms it streams and their policy."""
+
+    def __init__(self, model: nn.Module, graph: StreamGraph, batchnorms: list, policy: Optional[str]):
+        self.model, self.graph, self.batchnorms, self.policy = model, graph, batchnorms, policy
+
+
+class GraphStage(nn.Module):
+    """Stage ``index`` of a model traced by :meth:`SidewaysPipeline.from_model`: the nodes
+    ``nodes`` of its streaming graph. Its ``layers`` are the model's own modules (shared, so
+    ``stage.to(device)`` moves them); called on a clip it runs its part of the model offline."""
+
+    def __init__(self, traced: _Traced, index: int, nodes: Sequence[int]):
+        super().__init__()
+        object.__setattr__(self, "traced", traced)  # not a submodule: the model is the user's
+        self.index, self.nodes = index, list(nodes)
+        graph = traced.graph
+        seen, layers = set(), []
+        for i in self.nodes:
+            for m in graph.nodes[i].modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    layers.append(m)
+        self.layers = nn.ModuleList(layers)
+        after = {p for i in range(self.nodes[-1] + 1, len(graph.nodes)) for p in graph.nodes[i].inputs}
+        self.output = graph.output if graph.output in self.nodes else next(i for i in self.nodes if i in after)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This stage's part of the model on a whole clip (its input: what crosses into it)."""
+        graph = self.traced.graph
+        first = self.nodes[0]
+        values = {p: x for i in self.nodes for p in graph.nodes[i].inputs if p < first}
+        for i in self.nodes:
+            node = graph.nodes[i]
+            values[i] = node.offline(*[values[p] for p in node.inputs])
+        return values[self.output]
+
+    def extra_repr(self) -> str:
+        names = [self.traced.graph.nodes[i].name for i in self.nodes]
+        return f"index={self.index}, nodes={names[0]!r} .. {names[-1]!r} ({len(names)})"
+
+
 class SidewaysPipeline:
-    """Trains a chain of stages depth-parallel with Sideways, or with exact backprop.
+    """Trains a network cut into stages depth-parallel with Sideways, or with exact backprop.
 
     Args:
-        stages: the network cut into a list of ``nn.Module``s; each maps one frame
-            ``[B, C, 1, H, W]`` to ``[B, C', 1, H', W']``. Temporal layers must be
-            :class:`SidewaysConv3d` (see :func:`~sideways_kernels.convert`); layers that mix
-            frames otherwise are refused, naming the module and why. Within a stage, the
-            SidewaysConv3d layers are applied one after the other (a chain).
+        stages: a list of stage modules, each mapping one frame ``[B, C, 1, H, W]`` to
+            ``[B, C', 1, H', W']`` (a chain; temporal layers must be :class:`SidewaysConv3d`,
+            see :func:`~sideways_kernels.convert`, applied one after the other inside a stage;
+            layers that mix frames otherwise are refused, naming the module and why) — or the
+            stages :meth:`from_model` cut from any traceable network.
         loss_fn: ``loss_fn(frame_logits, target) -> scalar``; default cross-entropy.
         mode: ``"sideways"`` (the approximation) or ``"bp"`` (exact backprop of the clip loss).
         update: ``"clip"`` (default: gradients accumulate in ``.grad`` over the clip, step your
@@ -116,16 +172,15 @@ class SidewaysPipeline:
         backend: ``"torch" | "cpp" | "triton" | "cuda"``, else ``SIDEWAYS_BACKEND`` or the
             fastest one built for each stage's device.
         cuda_graph: in :meth:`backward_clip` (Sideways mode, every stage on one CUDA device),
-            replay each steady-state tick — all stages' forward and Sideways backward, the
-            gradient accumulation or per-tick update, the buffer swap — from a CUDA graph
-            captured once per phase and input shape (:mod:`sideways_kernels.cuda_graphs`); where
-            that is impossible it warns once and ticks eagerly. The loss function must then be
-            capturable (no host syncs), and every trainable parameter gets a ``.grad``.
+            replay each steady-state tick from a CUDA graph captured once per phase
+            (:mod:`sideways_kernels.cuda_graphs`); where that is impossible it warns once and
+            ticks eagerly. The loss function must then be capturable (no host syncs), and every
+            trainable parameter gets a ``.grad``.
 
     The clip loss is the mean, over the frames the clip forward outputs, of
-    ``loss_fn(logits of frame t, target)`` (DESIGN.md §1): buffers start at zero (the clip's
-    start padding), zero frames follow the clip while a layer's end padding needs them, and
-    the pipeline keeps ticking until every frame's error has reached the bottom stage.
+    ``loss_fn(logits of frame t, target)`` (DESIGN.md §1): rings start at zero (the clip's
+    start padding), the layers that pad the clip's end get zero frames after it, and the
+    pipeline keeps ticking until every frame's error has reached the bottom stage.
     """
 
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Optional[Callable] = None, mode: str = "sideways", *,
@@ -137,10 +192,7 @@ class SidewaysPipeline:
             raise TypeError("stages must be a non-empty sequence of nn.Module")
         self.stages = nn.ModuleList(stages)
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-        self.mode = mode
-        self.update = update
-        self.optimizer = optimizer
-        self.backend = backend
+        self.mode, self.update, self.optimizer, self.backend = mode, update, optimizer, backend
         if backend is not None and backend not in _backend.NAMES:
             raise ValueError(f"backend must be one of {_backend.NAMES} or None, got {backend!r}")
         if devices is not None:
@@ -149,23 +201,73 @@ class SidewaysPipeline:
             for stage, device in zip(self.stages, devices):
                 stage.to(device)
         self.devices = [torch.device(d) for d in devices] if devices is not None else None
-        self._layers = [[m for m in stage.modules() if isinstance(m, SidewaysConv3d)] for stage in self.stages]
-        seen = set()
-        for layer in itertools.chain(*self._layers):
-            if id(layer) in seen:
-                raise ValueError("a SidewaysConv3d appears twice in the stages; a layer streams in one place only")
-            seen.add(id(layer))
-        self._buffers: dict = {}
-        self._streams: Optional[list] = None  # per-stage CUDA streams, made on first use
-        # The stages this process runs, and how it exchanges with the processes running the
-        # others (sideways_kernels.distributed); one process runs them all by default.
-        self._lo, self._hi = 0, len(self.stages)
-        self._boundary = None
-        self._timer: Optional[_StageTimer] = None  # set while stage_times() measures
+        self._traced = self._graph_of(stages)
+        self.engine = Engine(self.graph, self._node_lists, self._device)
         self.cuda_graph = cuda_graph
         self._graphs: Optional[TickGraphs] = None
         self.last_ticks = 0  # ticks the last run took
+        self._schedules: dict = {}
         self._check_config()
+
+    def _graph_of(self, stages: list) -> Optional[_Traced]:
+        """The streaming graph: the traced model's, or a chain of the stage modules."""
+        graph_stages = [isinstance(s, GraphStage) for s in stages]
+        if any(graph_stages):
+            if not all(graph_stages) or any(s.traced is not stages[0].traced for s in stages) or \
+                    [s.index for s in stages] != list(range(len(stages))):
+                raise ValueError("stages made by from_model must all come from one call, in order")
+            self.graph = stages[0].traced.graph
+            self._node_lists = [s.nodes for s in stages]
+            return stages[0].traced
+        nodes = [ChainNode(f"stage {i}", [i - 1 if i else SOURCE], stage) for i, stage in enumerate(stages)]
+        self.graph = StreamGraph(nodes, len(nodes) - 1)
+        self._node_lists = [[i] for i in range(len(nodes))]
+        seen = set()
+        for layer in itertools.chain(*(n.layers for n in nodes)):
+            if id(layer) in seen:
+                raise ValueError("a SidewaysConv3d appears twice in the stages; a layer streams in one place only")
+            seen.add(id(layer))
+        return None
+
+    # --- from a whole network ------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model: nn.Module, stages: int = 1, loss_fn: Optional[Callable] = None,
+                   mode: str = "sideways", *, batchnorm: Optional[str] = None,
+                   example: Optional[torch.Tensor] = None, balance_by: str = "flops", **kwargs) -> "SidewaysPipeline":
+        """A pipeline for any traceable video network: its ``nn.Conv3d`` layers become
+        :class:`SidewaysConv3d` in place (the parameters, optimizer and state dict keep working),
+        torch.fx traces it into a streaming graph, and the graph is cut into ``stages`` stages
+        where a single tensor crosses, balanced by cost.
+
+        Args:
+            batchnorm: what BatchNorm does in training mode, where batch statistics over
+                ``(B, T, H, W)`` cannot stream: ``"frame"`` normalises each frame by its own batch
+                statistics over ``(B, H, W)`` (the running buffers updated once per frame), or
+                ``"frozen"`` uses the running statistics (its affine parameters still train).
+                Both modes (bp and sideways) use the same policy. Default None: a BatchNorm in
+                training mode is refused, naming this option. Eval mode streams exactly.
+            example: a clip ``[B, C, T, H, W]`` to measure the nodes' cost on (default: one of
+                112×112, else 224×224, frames with the first conv's channels).
+            balance_by: ``"flops"`` (default) or ``"time"`` (measured on ``example``).
+            kwargs: as for the constructor (``update``, ``optimizer``, ``devices``, ...).
+        """
+        graph, batchnorms = trace_model(model, batchnorm)
+        convs = [n.module for n in graph.nodes if isinstance(n, ConvNode)]
+        if len({id(c) for c in convs}) != len(convs):
+            raise StreamingError("a Conv3d module is called at two places; each call needs its own ring, so give "
+                                 "each place its own module")
+        traced = _Traced(model, graph, batchnorms, batchnorm)
+        if not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"stages must be a positive int, got {stages!r}")
+        if balance_by not in ("flops", "time"):
+            raise ValueError(f"balance_by must be 'flops' or 'time', got {balance_by!r}")
+        costs, produced = _probe(graph, model, example, batchnorms, by=balance_by)
+        points = [i for i in cut_points(graph) if produced[_crossing_after(graph, i)]]
+        ends = balance(costs, points, stages)
+        bounds = [-1, *ends, len(graph.nodes) - 1]
+        lists = [list(range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
+        return cls([GraphStage(traced, k, nodes) for k, nodes in enumerate(lists)], loss_fn, mode, **kwargs)
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -182,12 +284,25 @@ class SidewaysPipeline:
                                 f"{type(self.optimizer).__name__}")
             if any(g.get("maximize") or isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups):
                 raise ValueError("update='tick' supports SGD groups with maximize=False and a float lr")
-        for i, stage in enumerate(self.stages):
-            for name, module in stage.named_modules():
-                why = streaming_problem(module)
-                if why is not None:
-                    where = f"stage {i}" + (f", module '{name}'" if name else "")
-                    raise ValueError(f"{where} ({type(module).__name__}) cannot stream: {why}")
+        if self._traced is None:
+            for i, stage in enumerate(self.stages):
+                for name, module in stage.named_modules():
+                    why = streaming_problem(module)
+                    if why is not None:
+                        where = f"stage {i}" + (f", module '{name}'" if name else "")
+                        raise ValueError(f"{where} ({type(module).__name__}) cannot stream: {why}")
+            return
+        policy = self._traced.policy
+        for bn, name in self._traced.batchnorms:
+            batch_stats = bn.training or not bn.track_running_stats
+            if batch_stats and policy is None:
+                raise StreamingError(f"module '{name}' ({type(bn).__name__}) is in training mode: its batch statistics "
+                                     "over (B, T, H, W) include future frames, so it cannot stream; pass "
+                                     "batchnorm='frame' (per-frame batch statistics) or batchnorm='frozen' (running "
+                                     "statistics) to from_model, or put it in eval mode")
+            if policy == "frozen" and not bn.track_running_stats:
+                raise StreamingError(f"module '{name}' ({type(bn).__name__}) has no running statistics to freeze "
+                                     "(track_running_stats=False); use batchnorm='frame'")
 
     def _device(self, i: int) -> torch.device:
         if self.devices is not None:
@@ -200,15 +315,29 @@ class SidewaysPipeline:
 
     def min_clip_length(self) -> int:
         """The fewest frames a clip needs so that every layer outputs at least one frame."""
-        change, need = 0, 1
-        for layer in itertools.chain(*self._layers):
-            change += layer.length_change
-            need = max(need, 1 - change)
-        return need
+        if self._traced is None:  # a chain: each stage in turn
+            need, change = 1, 0
+            for node in self.graph.nodes:
+                need = max(need, node.min_input() - change)
+                change += node.change
+            return need
+        return self.graph.min_clip_length()
 
     def output_length(self, frames: int) -> int:
         """Frames the clip forward outputs for a clip of ``frames`` frames."""
-        return frames + sum(layer.length_change for layer in itertools.chain(*self._layers))
+        return int(self.graph.lengths(frames)[self.graph.output])
+
+    def total_ticks(self, frames: int, mode: str) -> int:
+        """Ticks a clip of ``frames`` frames takes in ``mode`` ("sideways", "bp" or "infer")."""
+        return self._schedule(frames, mode, mode != "infer").total_ticks()
+
+    def _schedule(self, frames: float, mode: str, training: bool) -> Schedule:
+        if frames == math.inf:
+            return Schedule(self.graph, self._node_lists, frames, mode, training)
+        key = (frames, mode, training)
+        if key not in self._schedules:
+            self._schedules[key] = Schedule(self.graph, self._node_lists, frames, mode, training)
+        return self._schedules[key]
 
     # --- public entry points ---------------------------------------------------------------
 
@@ -219,7 +348,7 @@ class SidewaysPipeline:
         ``video``: ``[B, C, T, H, W]`` or a sequence of frames ``[B, C, H, W]``. ``target``: what
         ``loss_fn`` takes for a frame; with ``per_frame_target`` (default: an integer tensor
         ``[B, T_out]``) frame ``t`` gets ``target[:, t]``. On any error (bad input, a
-        non-finite loss) every ``.grad``, weight and optimizer state is left as it was.
+        non-finite loss) every ``.grad``, weight, buffer and optimizer state is left as it was.
         """
         self._check_config()
         frames, length, finite = self._frames(video, need_length=True)
@@ -252,14 +381,16 @@ class SidewaysPipeline:
         stashed = [p.grad for p in params]
         for p in params:
             p.grad = None
-        snapshot = self._snapshot(params) if self.update == "tick" else None
+        snapshot = self._snapshot(params)
         try:
             if graphs is not None:
                 if self.update == "clip":
                     graphs.grad_buffers(params)
                 graphs.begin_clip(self._clip_signature(params, out_len, per_frame_target))
             losses: list[torch.Tensor] = []
-            outputs = list(self._run(frames, length, finite, self.mode, frame_loss, losses, graphs, stage_target))
+            schedule = self._schedule(length, self.mode, True)
+            outputs = list(self._run(schedule, frames, self.mode, frame_loss, losses, graphs, stage_target))
+            finite.check()
             self._check_losses(losses)
             if self.mode == "bp":
                 self._backward_bp(losses)
@@ -267,8 +398,7 @@ class SidewaysPipeline:
         except BaseException:
             for p, g in zip(params, stashed):
                 p.grad = g
-            if snapshot is not None:
-                self._restore(params, snapshot)
+            self._restore(params, snapshot)
             raise
         for p, g in zip(params, stashed):
             if g is not None:
@@ -277,7 +407,9 @@ class SidewaysPipeline:
                 p.grad = g
             elif graphs is not None and p.grad is not None:
                 p.grad = p.grad.clone()  # the buffer stays the graphs'
-        return ClipResult(self._clip_loss(losses), torch.cat(outputs, dim=2) if outputs else None)
+        stacked = _stack(outputs, self._timed_output()) if outputs else None
+        logits = torch.stack([frame_logits(o) for o in outputs]).mean(0) if outputs else None
+        return ClipResult(self._clip_loss(losses), stacked, logits)
 
     def _check_losses(self, losses: list) -> None:
         """One look at every frame's loss (one host sync a clip, not one a tick)."""
@@ -294,7 +426,7 @@ class SidewaysPipeline:
         if self._graphs is None:
             self._graphs = TickGraphs()
         why = self._graphs.why_not([self._device(i) for i in range(len(self.stages))], self.mode,
-                                   self._boundary is not None, target)
+                                   self.engine.boundary is not None, target)
         if why is not None:
             self._graphs.warn(why)
             return None
@@ -326,66 +458,119 @@ class SidewaysPipeline:
     def stage_times(self, video: Frames, target, **kwargs) -> list[float]:
         """Seconds per tick each stage's work takes (its forward, plus its backward in Sideways
         mode), measured on one clip run as :meth:`backward_clip` runs it (same arguments) and
-        averaged over the ticks the stage worked. Gradients, weights and optimizer state are
-        left as they were. On CUDA the device is synchronised around every stage while
+        averaged over the ticks the stage worked. Gradients, weights, buffers and optimizer state
+        are left as they were. On CUDA the device is synchronised around every stage while
         measuring. ``balanced_placement(n, world, costs=pipe.stage_times(...))`` balances ranks
         (:mod:`sideways_kernels.distributed`)."""
         params = [p for p in self.stages.parameters() if p.requires_grad]
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        snapshot = self._snapshot(params) if self.update == "tick" else None
-        self._timer = _StageTimer([self._device(i) for i in range(len(self.stages))])
+        snapshot = self._snapshot(params)
+        self.engine.timer = _StageTimer([self._device(i) for i in range(len(self.stages))])
         graphs, self.cuda_graph = self.cuda_graph, False  # eager ticks: a timer cannot run inside a capture
         try:
             self.backward_clip(video, target, **kwargs)
-            return self._timer.per_tick()
+            return self.engine.timer.per_tick()
         finally:
-            self._timer, self.cuda_graph = None, graphs
+            self.engine.timer, self.cuda_graph = None, graphs
             for p, g in zip(params, grads):
                 p.grad = g
-            if snapshot is not None:
-                self._restore(params, snapshot)
+            self._restore(params, snapshot)
 
     def stream(self, frames: Frames) -> Iterator[torch.Tensor]:
-        """Inference, one frame a tick: yields the top stage's output of each frame as a frame,
-        ``[B, C', H', W']``, in frame order, as soon as it is out: the k-th yielded tensor is the
-        clip forward's frame k, so ``torch.stack(list(pipe.stream(clip)), dim=2) == net(clip)``.
-        ``frames``: a clip ``[B, C, T, H, W]``, one frame ``[B, C, H, W]``, or any iterable of
-        frames (read lazily, so a live source works)."""
+        """Inference, one frame a tick: yields the output of each frame as soon as it is out, in
+        frame order — a frame ``[B, C', H', W']`` (the k-th is the clip forward's frame k, so
+        ``torch.stack(list(pipe.stream(clip)), dim=2) == net(clip)``), or a per-frame head's
+        logits. ``frames``: a clip ``[B, C, T, H, W]``, one frame ``[B, C, H, W]``, or any iterable
+        of frames (read lazily, so a live source works)."""
         self._check_config()
         frames, length, finite = self._frames(frames, need_length=False)
-        return (out.squeeze(2) for out in self._run(frames, length, finite, "infer", None, None))
+        schedule = self._schedule(math.inf if length is None else length, "infer", False)
+        for out in self._run(schedule, frames, "infer", None, None):
+            yield out.squeeze(2) if out.dim() == 5 else out
+        finite.check()
+
+    @torch.no_grad()
+    def predict(self, video: Frames) -> torch.Tensor:
+        """What the model returns for ``video``, computed by streaming it: a network whose
+        output keeps the time axis gives its frames stacked (``[B, K, T', H', W']``); one with a
+        head that pools over all frames gets that pool accumulated over the streamed frames and
+        the head applied once — exactly ``model(video)``, in eval and in training mode."""
+        self._check_config()
+        frames, length, finite = self._frames(video, need_length=True)
+        heads = {i: node for i, node in enumerate(self.graph.nodes) if isinstance(node, LocalNode) and node.head}
+        self.engine.heads = {i: [None, 0] for i in heads}
+        try:
+            outputs = list(self._run(self._schedule(length, "infer", False), frames, "infer", None, None))
+            accumulated = dict(self.engine.heads)
+        finally:
+            self.engine.heads = None
+        finite.check()
+        if not heads:
+            return _stack(outputs, self._timed_output())
+        values = {i: (acc / count if heads[i].head == "mean" else acc) for i, (acc, count) in accumulated.items()}
+        stage_of = {i: k for k, nodes in enumerate(self._node_lists) for i in nodes}
+        for node in self.graph.nodes:
+            if node.index in values or node.timed:
+                continue
+            device = self._device(stage_of[node.index])
+            ins = [values[p].to(device) if isinstance(values[p], torch.Tensor) else values[p] for p in node.inputs]
+            values[node.index] = node.offline(*ins)
+        return values[self.graph.output]
+
+    def _timed_output(self) -> bool:
+        return self.graph.nodes[self.graph.output].timed
 
     # --- the engine --------------------------------------------------------------------------
 
+    def _run(self, schedule, frames, mode, frame_loss, losses, graphs=None, stage_target=None):
+        key = None
+        if graphs is not None:
+            key = lambda plan: (plan.phase(self.engine.lo, self.engine.hi), plan.tick % 2, self.engine.addresses())
+        yield from self.engine.run(schedule, frames, mode, frame_loss, losses, backend=self.backend,
+                                   optimizer=self.optimizer, update=self.update, graphs=graphs,
+                                   stage_target=stage_target, phase_key=key)
+        self.last_ticks = self.engine.last_ticks
+
     def _frames(self, video: Frames, need_length: bool):
-        """(iterator of frames [B, C, 1, H, W], T or None, whether they are known finite). A
-        clip tensor is checked for NaN/inf here, once: one host sync, not one a tick."""
+        """(iterator of checked frames [B, C, 1, H, W] on stage 0's device, T or None, a check
+        of their finiteness made once the clip has run: one host sync a clip)."""
+        finite = _Finite(eager=not need_length)
         if isinstance(video, torch.Tensor):
             if video.dim() == 4 and not need_length:  # stream() of one frame [B, C, H, W]
                 video = video.unsqueeze(2)
             if video.dim() != 5:
                 raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
+            if not video.is_floating_point():
+                raise TypeError(f"video must be a floating tensor, got {video.dtype}")
             length = video.shape[2]
             self._check_length(length)
-            if video.is_floating_point() and not torch.isfinite(video).all():
-                t = int((~torch.isfinite(video)).transpose(0, 2).flatten(1).any(1).nonzero()[0])
-                raise NonFiniteError(f"frame {t} of the video contains NaN or inf")
-            return (video[:, :, t:t + 1] for t in range(length)), length, True
-        if need_length:
-            video = list(video)
-            self._check_length(len(video))
-            return iter(video), len(video), False
-        return iter(video), None, False
+            clip = (video[:, :, t:t + 1] for t in range(length))
+        elif need_length:
+            clip = list(video)
+            length = len(clip)
+            self._check_length(length)
+        else:
+            clip, length = video, None
+        return self._checked(iter(clip), finite), length, finite
+
+    def _checked(self, frames: Iterator, finite: "_Finite") -> Iterator[torch.Tensor]:
+        first = None
+        for t, f in enumerate(frames):
+            first = self._check_frame(f, t, first)
+            finite.add(first)
+            yield first
+        if first is None or t + 1 < self.min_clip_length():
+            self._check_length(0 if first is None else t + 1)
 
     def _check_length(self, length: int) -> None:
         need = self.min_clip_length()
         if length < need:
             raise ValueError(f"the clip has {length} frame(s) but this pipeline needs at least {need} "
-                             f"(its temporal convolutions output {self.output_length(length)} frames for it)")
+                             f"(its temporal layers output {max(self.output_length(length), 0)} frames for it)")
 
-    def _check_frame(self, f, t: int, first: Optional[torch.Tensor], finite: bool) -> torch.Tensor:
+    def _check_frame(self, f, t: int, first: Optional[torch.Tensor]) -> torch.Tensor:
         if not isinstance(f, torch.Tensor):
             raise TypeError(f"frame {t} must be a tensor, got {type(f).__name__}")
         if f.dim() == 4:
@@ -397,319 +582,109 @@ class SidewaysPipeline:
         if first is not None and (f.shape != first.shape or f.dtype != first.dtype):
             raise ValueError(f"frame {t} is {tuple(f.shape)} {f.dtype} but frame 0 was {tuple(first.shape)} "
                              f"{first.dtype}: a video's shape cannot change mid-clip")
-        if not finite and not torch.isfinite(f).all():
-            raise NonFiniteError(f"frame {t} of the video contains NaN or inf")
         return f.to(self._device(0))
 
-    def _check_output(self, i: int, out) -> None:
-        if not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[2] != 1:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"stage {i} ({type(self.stages[i]).__name__}) returned {shape}; a stage must map a "
-                             "frame [B, C, 1, H, W] to [B, C', 1, H', W']")
-
-    def _carry(self, kind: str, parity: int, i: int, value: torch.Tensor) -> torch.Tensor:
-        """Copy ``value`` into the preallocated double buffer (kind, parity) of stage ``i``, on
-        that stage's device: written at tick τ, read at τ+1. Reallocated only when the shape
-        changes."""
-        key = (kind, parity, i)
-        buf = self._buffers.get(key)
-        device = self._device(i)
-        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device \
-                or buf.stride() != value.stride():
-            # Same memory layout as the value: a channels-last activation meeting a contiguous
-            # gradient makes every elementwise backward take a slow strided path.
-            buf = self._buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
-        return buf.copy_(value, non_blocking=True)
-
-    @contextlib.contextmanager
-    def _streaming(self, mode: str, clocks: list[StreamClock]):
-        optimizer = self.optimizer if (mode == "sideways" and self.update == "tick") else None
-        try:
-            for i, layers in enumerate(self._layers):
-                kernels = _backend.kernels(_backend.resolve(self._device(i), self.backend))
-                for layer in layers:
-                    layer._stream = _Stream(clock=clocks[i], mode=mode, kernels=kernels, optimizer=optimizer)
-            yield
-        finally:
-            for layer in itertools.chain(*self._layers):
-                layer._stream = None
-
-    def _run(self, frames: Iterator, length: Optional[int], finite: bool, mode: str, frame_loss, losses,
-             graphs: Optional[TickGraphs] = None, stage_target=None) -> Iterator[torch.Tensor]:
-        """Tick until every output frame is out (and, in Sideways mode, every error has reached
-        the bottom); yields the top stage's valid outputs in frame order. With ``graphs``, the
-        steady-state ticks are CUDA-graph replays (cuda_graphs.py); ``stage_target(t)`` then puts
-        frame t's target where the loss reads it."""
-        n_stages = len(self.stages)
-        top = n_stages - 1
-        lo, boundary = self._lo, self._boundary
-        clip = ClipLength(math.inf if length is None else length)
-        clocks = self._clocks = [StreamClock(clip) for _ in range(n_stages)]  # the layers' clocks this run
-        change = self.output_length(0)
-        acts: list = [None] * n_stages  # (input tensor, frame index, length offset) of each stage
-        errs: list = [None] * n_stages  # gradient w.r.t. each stage's output, sent last tick
-        first = zeros = None
-        emitted = 0
-        training = frame_loss is not None
-        drain_bound = self._drain_bound()
-        ticks = self.total_ticks(clip.frames, mode) if boundary is not None else None  # the length is known then
-        if boundary is not None:
-            boundary.start()
-        with self._streaming(mode, clocks):
-            for tick in itertools.count():
-                if lo > 0:
-                    pass  # this process's first stage is fed by the process below (acts[lo])
-                elif clip.frames == math.inf or tick < clip.frames:
-                    f = next(frames, None)
-                    if f is None:  # an iterable stream just ended
-                        self._check_length(tick)
-                        clip.frames = tick
-                    else:
-                        first = self._check_frame(f, tick, first, finite)
-                        acts[0] = (first if graphs is None else graphs.stage("frame", first, first.device), tick, 0)
-                if lo == 0 and tick >= clip.frames:  # drain: zero frames, which layers use only as end padding
-                    zeros = torch.zeros_like(first) if zeros is None else zeros
-                    acts[0] = (zeros, tick, 0)
-                if tick > clip.frames + drain_bound:
-                    raise RuntimeError(f"pipeline did not drain after {tick} ticks; a stage mixes SidewaysConv3d "
-                                       "branches with different delays (only chains stream)")
-                if training and stage_target is not None and acts[top] is not None:
-                    t_out = acts[top][1] - self._shift[top][0]
-                    if 0 <= t_out < clip.frames + acts[top][2] + self._shift[top][1]:
-                        stage_target(t_out)
-                phase = self._phase(tick, acts, errs, clip) if graphs is not None else None
-                if phase is None:
-                    new_acts, new_errs, done, tick_losses = self._tick(tick, acts, errs, clocks, mode, frame_loss)
-                else:  # a steady-state tick: its graph does the tensors, the Python side is done here
-                    # What a capture bakes in, bound now (the emulation's replay re-runs it).
-                    tick_fn = functools.partial(self._tick, tick, list(acts), list(errs), mode=mode,
-                                                frame_loss=frame_loss)
-                    new_acts, new_errs, done, tick_losses = graphs.run(
-                        phase, lambda f=tick_fn: f(clocks=self._clocks), self._python_state, self._advance_slots)
-                    new_acts = [None] + [(new_acts[i + 1][0], acts[i][1] - self._shift[i][0],
-                                          acts[i][2] + self._shift[i][1]) for i in range(top)]
-                    done, tick_losses = [o.clone() for o in done], [l.clone() for l in tick_losses]
-                emitted += len(done)
-                if training:
-                    losses.extend(tick_losses)
-                if boundary is not None:
-                    boundary.end_tick(tick, mode)
-                yield from done
-                acts[lo + 1:self._hi] = new_acts[lo + 1:self._hi]
-                errs = new_errs
-                if boundary is not None:
-                    if tick + 1 == ticks:
-                        boundary.finish(tick, mode)
-                        self.last_ticks = tick + 1
-                        return
-                elif emitted >= clip.frames + change and all(e is None for e in errs):
-                    self.last_ticks = tick + 1
-                    return
-
-    def _tick(self, tick: int, acts: list, errs: list, clocks: list, mode: str, frame_loss):
-        """One tick of this process's stages: every stage with an input runs its forward and, in
-        Sideways mode, pushes the error it got last tick back through it; then the per-tick
-        optimizer step. Returns (next tick's acts, next tick's errs, the top's valid outputs,
-        their losses), all tensors that live across ticks or fresh ones — nothing else changes
-        but the layers' slots, the clocks, the gradients and the optimizer's state."""
-        n_stages = len(self.stages)
-        top = n_stages - 1
-        lo, hi, boundary = self._lo, self._hi, self._boundary
-        remote_below = boundary is not None and lo > 0  # stage lo's input comes from the process below
-        remote_above = boundary is not None and hi < n_stages  # stage hi-1's error comes from the one above
-        training = frame_loss is not None
-        parity = tick % 2
-        new_acts: list = [None] * n_stages
-        new_errs: list = [None] * n_stages
-        done: list = []  # this tick's valid top outputs, handed out once the tick is joined
-        losses: list = []
-        stepped = False
-        streams = self._fork()
-        try:
-            for i in range(lo, hi):
-                stage = self.stages[i]
-                if i == lo and remote_below:  # waited for only now: it arrived during our last tick
-                    acts[i] = boundary.receive("act", tick, mode)
-                if acts[i] is None:
-                    continue  # nothing has reached this stage yet
-                if self._timer is not None:
-                    self._timer.start(i)
-                if streams[i] is not None:  # the stage's work goes on its own CUDA stream
-                    torch.cuda.set_stream(streams[i])
-                x, clocks[i].frame, clocks[i].offset = acts[i]
-                err = errs[i]
-                err_from_above = remote_above and i == hi - 1
-                if mode == "sideways":
-                    # Whether an error comes from above is known only once it has come, after
-                    # this forward: be ready for one.
-                    backward = err is not None or (i == top or err_from_above) and training
-                    xin = x.detach().requires_grad_(backward and i > 0)
-                    with torch.set_grad_enabled(backward):
-                        out = stage(xin)
-                elif mode == "bp":
-                    xin = x
-                    with torch.enable_grad():
-                        out = stage(x)
-                else:
-                    with torch.no_grad():
-                        out = stage(x)
-                self._check_output(i, out)
-                t = clocks[i].frame
-                if i == top:
-                    if not clocks[i].valid():
-                        continue
-                    done.append(out.detach())
-                    if not training:
-                        continue
-                    loss = frame_loss(out, t)
-                    # bp keeps the graph for the end; Sideways must not, or every frame's loss
-                    # would pin its graph's leaves (memory growing with T).
-                    losses.append(loss if mode == "bp" else loss.detach())
-                    if mode != "sideways":
-                        continue
-                    loss.backward()
-                else:
-                    if i + 1 == hi:  # the next stage lives in another process: send now, so the
-                        # transfer overlaps this stage's backward
-                        boundary.send("up", tick, out if mode == "bp" else out.detach(), t, clocks[i].offset, mode)
-                    else:
-                        nxt = out if mode == "bp" else self._carry("act", parity, i + 1, out.detach())
-                        new_acts[i + 1] = (nxt.to(self._device(i + 1)), t, clocks[i].offset)
-                    if err_from_above:
-                        err = boundary.receive("err", tick, mode)
-                    if mode != "sideways" or err is None:
-                        continue
-                    if out.requires_grad:
-                        torch.autograd.backward(out, err)
-                stepped = True
-                if i > 0 and xin.grad is not None:
-                    if i == lo:  # the stage below lives in another process
-                        boundary.send("down", tick, xin.grad, mode=mode)
-                    else:
-                        new_errs[i - 1] = self._carry("err", parity, i - 1, xin.grad)
-        finally:
-            self._join(streams)
-            if self._timer is not None:
-                self._timer.stop()
-        if stepped and self.update == "tick" and mode == "sideways":
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return new_acts, new_errs, done, losses
-
-    # --- CUDA-graph ticks (cuda_graphs.py) -----------------------------------------------------
-
-    @functools.cached_property
-    def _shift(self) -> list[tuple[int, int]]:
-        """Per stage: (frames its layers delay a frame by, frames they add to the stream)."""
-        return [(sum(l.stream_delay for l in layers), sum(l.length_change for l in layers)) for layers in self._layers]
-
-    def _phase(self, tick: int, acts: list, errs: list, clip: ClipLength) -> Optional[tuple]:
-        """The phase (parity, every layer's ring slot) of a steady-state tick — every stage has
-        an input and (below the top) an error, every layer takes a real frame, the top emits a
-        valid one — or None for a fill or drain tick."""
-        n_stages = len(self.stages)
-        if tick >= clip.frames or any(a is None for a in acts) or any(e is None for e in errs[:n_stages - 1]):
-            return None
-        slots = []
-        for (_, frame, offset), layers in zip(acts, self._layers):
-            for layer in layers:
-                if not 0 <= frame < clip.frames + offset or layer._stream.slot < 0:
-                    return None
-                slots.append(layer._stream.slot)
-                frame, offset = frame - layer.stream_delay, offset + layer.length_change
-        if not 0 <= frame < clip.frames + offset:  # the top stage's output
-            return None
-        # The buffers' addresses too: a graph is only valid for the storage it was captured on.
-        rings = tuple(l._ring.data_ptr() for l in itertools.chain(*self._layers))
-        return tick % 2, tuple(slots), rings, tuple(b.data_ptr() for b in self._buffers.values())
-
-    def _advance_slots(self) -> None:
-        """What a replayed steady-state tick leaves undone: every layer pushed one frame."""
-        for layer in itertools.chain(*self._layers):
-            layer._stream.slot = (layer._stream.slot + 1) % layer.span
-
-    def _python_state(self, state=None):
-        """The Python state a tick changes (ring slots, gradient references), or set it."""
-        layers = list(itertools.chain(*self._layers))
-        params = list(self.stages.parameters())
-        if state is None:
-            return [l._stream.slot for l in layers], [p.grad for p in params]
-        for layer, slot in zip(layers, state[0]):
-            layer._stream.slot = slot
-        for p, g in zip(params, state[1]):
-            p.grad = g
-
-    def total_ticks(self, frames: int, mode: str) -> int:
-        """Ticks a clip of ``frames`` frames takes: its last output frame leaves the top stage
-        after every layer's delay and one tick per stage boundary; in Sideways mode its error
-        then needs one more tick per boundary to reach the bottom stage."""
-        delay = sum(layer.stream_delay for layer in itertools.chain(*self._layers))
-        boundaries = len(self.stages) - 1
-        last_out = self.output_length(frames) - 1 + delay + boundaries
-        return last_out + 1 + (boundaries if mode == "sideways" else 0)
-
-    def _fork(self) -> list:
-        """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything
-        issued so far on its device's current stream (the caller's, or a graph's capture
-        stream): the last tick's work and buffers."""
-        if self._streams is None:
-            self._streams = [torch.cuda.Stream(self._device(i)) if self._device(i).type == "cuda" else None
-                             for i in range(len(self.stages))]
-        self._home = {s.device: torch.cuda.current_stream(s.device) for s in self._streams if s is not None}
-        for s in self._streams:
-            if s is not None:
-                s.wait_stream(self._home[s.device])
-        return self._streams
-
-    def _join(self, streams: list) -> None:
-        """End of a tick: every stage's stream joins back into its device's current stream, so
-        the next tick (and the caller) sees all of this tick's results."""
-        for s in streams:
-            if s is not None:
-                self._home[s.device].wait_stream(s)
-                torch.cuda.set_stream(self._home[s.device])
-
-    def _drain_bound(self) -> int:
-        """Ticks after the last frame within which a chain pipeline has drained."""
-        layers = list(itertools.chain(*self._layers))
-        return sum(l.stream_delay + l.temporal_padding[1] for l in layers) + 2 * len(self.stages) + 2
-
     def _snapshot(self, params):
-        """What per-tick updates change (weights, optimizer state), to undo a failed clip."""
-        return [p.detach().clone() for p in params], copy.deepcopy(self.optimizer.state_dict())
+        """What a clip changes besides .grad (weights and optimizer state with per-tick updates,
+        BatchNorm running buffers), to undo a failed clip."""
+        weights = [p.detach().clone() for p in params] if self.update == "tick" else None
+        state = copy.deepcopy(self.optimizer.state_dict()) if self.update == "tick" else None
+        buffers = [b for m in self.stages.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for b in m.buffers()]
+        return weights, state, [(b, b.clone()) for b in buffers]
 
     def _restore(self, params, snapshot) -> None:
-        weights, state = snapshot
+        weights, state, buffers = snapshot
         with torch.no_grad():
-            for p, saved in zip(params, weights):
-                p.copy_(saved)
-        self.optimizer.load_state_dict(state)
+            if weights is not None:
+                for p, saved in zip(params, weights):
+                    p.copy_(saved)
+            for b, saved in buffers:
+                b.copy_(saved)
+        if state is not None:
+            self.optimizer.load_state_dict(state)
 
 
-class _StageTimer:
-    """Wall time of each stage's work within the ticks (stage_times())."""
+class _Finite:
+    """Per-frame finiteness flags kept on the device, looked at once (one host sync a clip);
+    ``eager``: each frame looked at as it comes (a live stream's outputs go out at once)."""
 
-    def __init__(self, devices: list):
-        self.devices = devices
-        self.total = [0.0] * len(devices)
-        self.ticks = [0] * len(devices)
-        self._current: Optional[tuple] = None
+    def __init__(self, eager: bool = False):
+        self.flags: list = []
+        self.eager = eager
 
-    def _now(self, i: int) -> float:
-        if self.devices[i].type == "cuda":
-            torch.cuda.synchronize(self.devices[i])
-        return time.perf_counter()
+    def add(self, frame: torch.Tensor) -> None:
+        self.flags.append(torch.isfinite(frame).all())
+        if self.eager:
+            self.check()
 
-    def start(self, i: int) -> None:
-        self.stop()
-        self.ticks[i] += 1
-        self._current = (i, self._now(i))
+    def check(self) -> None:
+        if self.flags and not bool(torch.stack(self.flags).all()):
+            t = next(t for t, ok in enumerate(self.flags) if not bool(ok))
+            raise NonFiniteError(f"frame {t} of the video contains NaN or inf")
 
-    def stop(self) -> None:
-        if self._current is not None:
-            i, began = self._current
-            self.total[i] += self._now(i) - began
-            self._current = None
 
-    def per_tick(self) -> list[float]:
-        return [t / max(n, 1) for t, n in zip(self.total, self.ticks)]
+def _stack(outputs: list, timed: bool) -> torch.Tensor:
+    """Per-frame outputs in time: frames [B, C, 1, H, W] concatenated at dim 2 (the clip
+    forward's output), a per-frame head's outputs [B, K, ...] stacked at dim 2."""
+    return torch.cat(outputs, dim=2) if timed else torch.stack(outputs, dim=2)
+
+
+def _crossing_after(graph: StreamGraph, i: int) -> int:
+    live = {p for j in range(i + 1, len(graph.nodes)) for p in graph.nodes[j].inputs if p <= i}
+    return live.pop()
+
+
+def _probe(graph: StreamGraph, model: nn.Module, example, batchnorms, by: str):
+    """Each node's cost per tick (FLOPs of one emission over its rate divisor, or measured
+    seconds), and whether it yields a tensor — from one clip streamed through the graph as
+    a single stage, nothing changed (eval mode, no gradients)."""
+    import time
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else torch.device("cpu")
+    first_conv = next((n.module for n in graph.nodes if isinstance(n, ConvNode)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
+    frames = graph.min_clip_length()
+    candidates = [example] if example is not None else [
+        torch.zeros(1, channels, frames, s, s, dtype=dtype, device=device) for s in (112, 224)]
+    flops = [0.0] * len(graph.nodes)
+    seconds = [0.0] * len(graph.nodes)
+    produced = [False] * len(graph.nodes)
+    engine = Engine(graph, [list(range(len(graph.nodes)))], lambda k: device)
+    modes = {m: m.training for m in model.modules()}
+    error = None
+    for clip in candidates:
+        if not isinstance(clip, torch.Tensor) or clip.dim() != 5:
+            raise ValueError(f"example must be a clip [B, C, T, H, W], got {type(clip).__name__}")
+
+        def observe(node: Node, inputs, out, took):
+            if out is None:
+                return
+            produced[node.index] = produced[node.index] or isinstance(out, torch.Tensor)
+            tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+            flops[node.index] = max(flops[node.index], node.flops(tensors, out) if isinstance(out, torch.Tensor) else 0)
+            seconds[node.index] += took
+        engine.observer = observe
+        model.eval()
+        try:
+            with torch.no_grad():
+                schedule = Schedule(graph, engine.stages, clip.shape[2], "infer", False)
+                frames_in = (clip[:, :, t:t + 1] for t in range(clip.shape[2]))
+                for _ in engine.run(schedule, frames_in, "infer", None, None):
+                    pass
+            error = None
+            break
+        except (RuntimeError, ValueError) as exc:  # e.g. frames too small for a fixed-size pool
+            error = exc
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+            engine.observer = None
+    if error is not None:
+        raise ValueError(f"from_model could not stream a probe clip through the model to measure its layers "
+                         f"({error}); pass example=<a clip [B, C, T, H, W] the model takes>") from None
+    rate = graph.rate
+    if by == "time":
+        return seconds, produced
+    return [(f + 2e5) / r for f, r in zip(flops, rate)], produced

@@ -1,0 +1,413 @@
+"""The tick executor: carries out a :class:`~sideways_kernels.schedule.Schedule` on tensors.
+
+Data flows one way through a tick: each stage takes the sample that arrived from below (the
+video for stage 0) and the error that arrived from above, both written last tick into double
+buffers; runs the steps its plan lists (rings, FIFOs and layers do their part); computes the
+top frame's loss; back-propagates what is due; and writes the other half of the double buffers.
+
+Modes: ``"sideways"`` back-propagates every tick through that tick's graph only (held samples
+hand their gradient on as the schedule describes); ``"bp"`` keeps every sample in the autograd
+graph (rings become lists of graph-connected frames) so the clip loss's backward at the end is
+exact backprop; ``"infer"`` runs forward only.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import time
+from typing import Callable, Optional
+
+import torch
+
+from . import backend as _backend
+from .graph import SOURCE, ChainNode, ConvNode, PoolNode, StreamGraph, substitute
+from .nn import SidewaysConv3d, _Stream
+from .schedule import Schedule, StagePlan, TickPlan
+
+__all__ = ["Engine"]
+
+
+class _Catch(torch.autograd.Function):
+    """Forward: ``value``. Backward: its gradient is handed to ``sink`` (a held sample whose
+    producer fires later: the error waits there)."""
+
+    @staticmethod
+    def forward(ctx, value, anchor, sink):
+        ctx.sink = sink
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink(grad)
+        return None, None, None
+
+
+class Engine:
+    """Runs ticks for stages ``[lo, hi)`` of ``graph`` cut into ``stages`` (node lists).
+    ``device(k)``: stage k's device. ``boundary``: the exchange with other processes
+    (sideways_kernels.distributed) or None."""
+
+    def __init__(self, graph: StreamGraph, stages: list[list[int]], device: Callable[[int], torch.device]):
+        self.graph, self.stages, self.device = graph, stages, device
+        self.lo, self.hi = 0, len(stages)
+        self.boundary = None
+        self.timer: Optional[_StageTimer] = None
+        self.buffers: dict = {}  # (kind, parity, stage) -> double buffer
+        self.fifo: dict = {}  # (node, input) -> {slot: held sample}
+        self.queue: dict = {}  # producer -> buffer of the error waiting for its next firing
+        self._streams: Optional[list] = None
+        self._anchor = torch.zeros(0, requires_grad=True)
+        self.inputs = self.outputs = None  # producer entering / leaving each stage, from the schedule
+        self.heads: Optional[dict] = None  # predict(): head pool -> [accumulated output, frames]
+        self.observer: Optional[Callable] = None  # observer(node, inputs, output, seconds): the cost probe
+
+    # --- a run -------------------------------------------------------------------------------
+
+    def run(self, schedule: Schedule, frames, mode: str, frame_loss, losses: Optional[list], *, backend=None,
+            optimizer=None, update: str = "clip", graphs=None, stage_target=None, phase_key=None):
+        """Tick until the schedule ends; yields the top stage's valid outputs in frame order.
+        ``frames``: an iterator of checked frames [B, C, 1, H, W] (stage 0's process only)."""
+        self.inputs, self.outputs = schedule.inputs, schedule.outputs
+        self.schedule, self.mode = schedule, mode
+        self.frame_loss, self.losses = frame_loss, losses
+        self.tick_optimizer = optimizer if (mode == "sideways" and update == "tick") else None
+        up: list = [None] * len(self.stages)  # sample arriving at each stage
+        down: list = [None] * len(self.stages)  # error arriving at each stage's output
+        plans = iter(schedule)
+        last = None
+        boundary = self.boundary
+        if boundary is not None:
+            boundary.start()
+        tick = -1
+        with self._streaming(mode, backend, optimizer if (mode == "sideways" and update == "tick") else None):
+            for tick in itertools.count():
+                x0 = None
+                if self.lo == 0:
+                    if tick < schedule.frames:
+                        f = next(frames, None)
+                        if f is None:  # a live stream just ended
+                            schedule.end(tick)
+                        else:
+                            last = f
+                    x0 = last  # after the clip: the last frame, held
+                plan = next(plans, None)
+                if plan is None:
+                    break
+                if self.lo == 0 and x0 is not None and graphs is not None:
+                    x0 = graphs.stage("frame", x0, x0.device)
+                if stage_target is not None and self.hi == len(self.stages) and plan.stages[-1].loss is not None:
+                    stage_target(plan.stages[-1].loss)
+                key = phase_key(plan) if graphs is not None and plan.steady else None
+                if key is None:
+                    up, down, done, tick_losses = self._tick(plan, x0, up, down)
+                else:  # its graph does the tensors; the plan has already said the rest
+                    fn = functools.partial(self._tick, plan, x0, list(up), list(down))
+                    up, down, done, tick_losses = graphs.run(key, fn, self._python_state)
+                    done, tick_losses = [o.clone() for o in done], [l.clone() for l in tick_losses]
+                if losses is not None:
+                    losses.extend(tick_losses)
+                if boundary is not None:
+                    boundary.end_tick(tick, mode)
+                yield from done
+        if boundary is not None:
+            boundary.finish(tick - 1, mode)
+        self.last_ticks = tick
+
+    def _python_state(self, state=None):
+        """What a tick changes on the Python side and a graph replay would not: gradient
+        references (a tick may create a .grad)."""
+        params = [p for k in range(self.lo, self.hi) for m in self._stage_modules(k) for p in m.parameters()]
+        if state is None:
+            return [p.grad for p in params]
+        for p, g in zip(params, state):
+            p.grad = g
+
+    def _stage_modules(self, k: int) -> list:
+        return [m for i in self.stages[k] for m in self.graph.nodes[i].modules()]
+
+    # --- a tick ------------------------------------------------------------------------------
+
+    def _tick(self, plan: TickPlan, x0, up: list, down: list):
+        """Every local stage's part of one tick; then the per-tick optimizer step. Returns
+        (next tick's arrivals, next tick's errors, the top's valid outputs, their losses)."""
+        n_stages = len(self.stages)
+        new_up: list = [None] * n_stages
+        new_down: list = [None] * n_stages
+        done, losses = [], []
+        parity = plan.tick % 2
+        boundary = self.boundary
+        stepped = False
+        streams = self._fork()
+        try:
+            for k in range(self.lo, self.hi):
+                sp = plan.stages[k]
+                if k == 0:
+                    x_in = x0 if sp.arrive is not None else None
+                elif k == self.lo:  # waited for only now: it arrived during our last tick
+                    got = boundary.receive("act", plan.tick, self.mode)
+                    x_in = None if got is None else got[0]
+                else:
+                    x_in = up[k]
+                if sp.arrive is not None and x_in is None:
+                    raise RuntimeError(f"stage {k} expected a sample at tick {plan.tick} and got none")
+                if not sp.steps and not sp.takes_error and not sp.queued:
+                    continue
+                if self.timer is not None:
+                    self.timer.start(k)
+                if streams[k] is not None:  # the stage's work goes on its own CUDA stream
+                    torch.cuda.set_stream(streams[k])
+                err_in = down[k] if k < self.hi - 1 else None
+                above = boundary is not None and k == self.hi - 1 and k < n_stages - 1
+                out, err, loss = self._stage(k, sp, x_in, err_in, above, plan.tick, done)
+                stepped = stepped or sp.backward
+                if loss is not None:
+                    losses.append(loss)
+                if sp.out is not None and k < n_stages - 1:
+                    if k == self.hi - 1:  # the next stage lives in another process
+                        pass  # sent by _stage right after the forward
+                    else:
+                        nxt = out if self.mode == "bp" else self._carry("act", parity, k + 1, out.detach())
+                        new_up[k + 1] = nxt.to(self.device(k + 1)) if self.mode == "bp" else nxt
+                if err is not None:
+                    if k == self.lo and k > 0 and boundary is not None:
+                        boundary.send("down", plan.tick, err, mode=self.mode)
+                    elif k > 0:
+                        new_down[k - 1] = self._carry("err", parity, k - 1, err)
+        finally:
+            self._join(streams)
+            if self.timer is not None:
+                self.timer.stop()
+        if stepped and self.tick_optimizer is not None:
+            self.tick_optimizer.step()
+            self.tick_optimizer.zero_grad(set_to_none=True)
+        return new_up, new_down, done, losses
+
+    def _stage(self, k: int, sp: StagePlan, x_in, err_in, above: bool, tick: int, done: list):
+        """One stage's tick: its steps, the top's loss, the Sideways backward of what is due.
+        Returns (its output sample or None, the error for the stage below or None, the loss)."""
+        nodes, mode = self.graph.nodes, self.mode
+        backward = mode == "sideways" and sp.backward
+        source = self.inputs[k]
+        values: dict = {}
+        leaf = None
+        if x_in is not None:
+            if backward and k > 0:
+                leaf = x_in.detach().requires_grad_()
+                values[source] = leaf
+            else:
+                values[source] = x_in
+        flags = set(sp.queued)
+        caught: list = []  # errors of held stage-input samples: they go down with the input's
+        with torch.set_grad_enabled(mode == "bp" or backward):
+            for step in sp.steps:
+                node = nodes[step.node]
+                for pos, slot in step.stores:
+                    self._store(node.index, pos, slot, values[node.inputs[pos]])
+                if not step.fire:
+                    continue
+                inputs = [self._input(node, pos, how, values, source, backward, flags, caught)
+                          for pos, how in enumerate(step.inputs)]
+                out = self._fire(node, step, inputs, backward)
+                if step.emit is not None:
+                    values[node.index] = out
+        out_node = self.outputs[k]
+        out = values.get(out_node) if sp.out is not None else None
+        loss = None
+        if k == len(self.stages) - 1 and sp.out is not None and sp.out[1]:  # a frame of the clip's output
+            done.append(out.detach())
+            if self.frame_loss is not None:
+                loss = self.frame_loss(out, sp.out[0])
+        if above and sp.out is not None:  # sent now, so the transfer overlaps this stage's backward
+            self.boundary.send("up", tick, out if mode == "bp" else out.detach(), sp.out[0], 0, mode)
+        if above and mode == "sideways" and self.frame_loss is not None:
+            got = self.boundary.receive("err", tick, mode)
+            err_in = got
+            if sp.takes_error and got is None:
+                raise RuntimeError(f"stage {k} expected an error from above at tick {tick} and got none")
+        err = None
+        if backward:
+            tensors, grads = [], []
+            if loss is not None:
+                tensors.append(loss)
+                grads.append(None)
+            incoming = err_in if sp.takes_error else None
+            for p in sp.roots:
+                g = self.queue[p] if p in flags else None
+                if p == out_node and incoming is not None:
+                    g = incoming if g is None else g + incoming
+                    incoming = None
+                if g is None:  # the error did not connect to anything: nothing to push
+                    continue
+                tensors.append(values[p])
+                grads.append(g)
+            flags.difference_update(sp.roots)
+            if incoming is not None:
+                self._queue_add(out_node, incoming, flags)
+            tensors = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
+            if tensors:
+                torch.autograd.backward([t for t, _ in tensors], [g for _, g in tensors])
+            if sp.sends_error:
+                parts = ([leaf.grad] if leaf is not None and leaf.grad is not None else []) + caught
+                err = functools.reduce(torch.add, parts) if parts else torch.zeros_like(x_in)
+        elif mode == "sideways" and sp.takes_error and err_in is not None:
+            self._queue_add(out_node, err_in, flags)
+        return out, err, (loss if mode == "bp" else None if loss is None else loss.detach())
+
+    def _input(self, node, pos: int, how, values: dict, source: int, backward: bool, flags: set, caught: list):
+        p = node.inputs[pos]
+        if how == "new":
+            return values[p]
+        _, slot, now = how
+        held = self.fifo[(node.index, pos)][slot]
+        if not backward or not isinstance(held, torch.Tensor) or not held.is_floating_point():
+            return held
+        if now:  # its producer fired now: the error goes to that fresh sample
+            return substitute(held, values[p])
+        if p == source:
+            return _Catch.apply(held, self._anchor, caught.append)
+        return _Catch.apply(held, self._anchor, functools.partial(self._queue_add, p, flags=flags))
+
+    def _store(self, node: int, pos: int, slot: int, value) -> None:
+        """A join's input held for a later firing: a reference in bp mode (it stays in the graph),
+        else a copy into a fixed slot (the arriving tensor's buffer is written again)."""
+        held = self.fifo.setdefault((node, pos), {})
+        if self.mode == "bp" or not isinstance(value, torch.Tensor):
+            held[slot] = value
+            return
+        buf = held.get(slot)
+        value = value.detach()
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+            buf = held[slot] = torch.empty_like(value, memory_format=torch.preserve_format)
+        buf.copy_(value)
+
+    def _queue_add(self, p: int, g: torch.Tensor, flags: set) -> None:
+        buf = self.queue.get(p)
+        if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+            buf = self.queue[p] = torch.empty_like(g, memory_format=torch.preserve_format)
+            flags.discard(p)
+        if p in flags:
+            buf.add_(g)
+        else:
+            buf.copy_(g)
+            flags.add(p)
+
+    def _fire(self, node, step, inputs: list, backward: bool):
+        if self.observer is not None:
+            began = time.perf_counter()
+            out = self._compute(node, step, inputs, backward)
+            self.observer(node, inputs, out, time.perf_counter() - began)
+        else:
+            out = self._compute(node, step, inputs, backward)
+        if self.heads is not None and node.index in self.heads and step.valid:
+            acc = self.heads[node.index]
+            acc[0] = out.clone() if acc[0] is None else acc[0] + out if node.head == "mean" else \
+                torch.maximum(acc[0], out)
+            acc[1] += 1
+        return out
+
+    def _compute(self, node, step, inputs: list, backward: bool):
+        if isinstance(node, ChainNode):
+            out = node.run(inputs[0], step.m, self.schedule.length(node.inputs[0]))
+            return out if step.emit is not None else None
+        if isinstance(node, ConvNode):
+            return node.run(inputs[0], step.work)
+        if isinstance(node, PoolNode):
+            return node.run(inputs[0], step.work, backward)
+        return node.run(inputs, step.valid)
+
+    def _carry(self, kind: str, parity: int, i: int, value: torch.Tensor) -> torch.Tensor:
+        """Copy ``value`` into the preallocated double buffer (kind, parity) of stage ``i``, on
+        that stage's device: written at tick τ, read at τ+1. Reallocated only when the shape
+        changes."""
+        key = (kind, parity, i)
+        buf = self.buffers.get(key)
+        device = self.device(i)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device \
+                or buf.stride() != value.stride():
+            # Same memory layout as the value: a channels-last activation meeting a contiguous
+            # gradient makes every elementwise backward take a slow strided path.
+            buf = self.buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
+        return buf.copy_(value, non_blocking=True)
+
+    def addresses(self) -> tuple:
+        """Where every tensor that lives across ticks is: a graph is valid only on these."""
+        rings = [m._ring for k in range(self.lo, self.hi) for m in self._stage_modules(k)
+                 if isinstance(m, SidewaysConv3d) and m._ring is not None]
+        rings += [n._ring for k in range(self.lo, self.hi) for n in (self.graph.nodes[i] for i in self.stages[k])
+                  if isinstance(n, PoolNode) and n._ring is not None]
+        held = [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)]
+        return tuple(t.data_ptr() for t in itertools.chain(rings, held, self.queue.values(), self.buffers.values()))
+
+    # --- streaming state, streams, timing ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _streaming(self, mode: str, backend, optimizer):
+        layers = []
+        try:
+            for k in range(self.lo, self.hi):
+                kernels = _backend.kernels(_backend.resolve(self.device(k), backend))
+                for i in self.stages[k]:
+                    node = self.graph.nodes[i]
+                    node.begin(mode)
+                    if isinstance(node, ChainNode):
+                        for layer in node.layers:
+                            layer._stream = _Stream(mode, kernels, optimizer, clock=node.clock)
+                            layers.append(layer)
+                    elif isinstance(node, ConvNode):
+                        node.module._stream = _Stream(mode, kernels, optimizer)
+                        layers.append(node.module)
+            yield
+        finally:
+            for layer in layers:
+                layer._stream = None
+
+    def _fork(self) -> list:
+        """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything
+        issued so far on its device's current stream (the caller's, or a graph's capture
+        stream): the last tick's work and buffers."""
+        if self._streams is None:
+            self._streams = [torch.cuda.Stream(self.device(i)) if self.device(i).type == "cuda" else None
+                             for i in range(len(self.stages))]
+        self._home = {s.device: torch.cuda.current_stream(s.device) for s in self._streams if s is not None}
+        for s in self._streams:
+            if s is not None:
+                s.wait_stream(self._home[s.device])
+        return self._streams
+
+    def _join(self, streams: list) -> None:
+        """End of a tick: every stage's stream joins back into its device's current stream, so
+        the next tick (and the caller) sees all of this tick's results."""
+        for s in streams:
+            if s is not None:
+                self._home[s.device].wait_stream(s)
+                torch.cuda.set_stream(self._home[s.device])
+
+
+class _StageTimer:
+    """Wall time of each stage's work within the ticks (stage_times())."""
+
+    def __init__(self, devices: list):
+        self.devices = devices
+        self.total = [0.0] * len(devices)
+        self.ticks = [0] * len(devices)
+        self._current: Optional[tuple] = None
+
+    def _now(self, i: int) -> float:
+        if self.devices[i].type == "cuda":
+            torch.cuda.synchronize(self.devices[i])
+        return time.perf_counter()
+
+    def start(self, i: int) -> None:
+        self.stop()
+        self.ticks[i] += 1
+        self._current = (i, self._now(i))
+
+    def stop(self) -> None:
+        if self._current is not None:
+            i, began = self._current
+            self.total[i] += self._now(i) - began
+            self._current = None
+
+    def per_tick(self) -> list[float]:
+        return [t / max(n, 1) for t, n in zip(self.total, self.ticks)]
