@@ -54,7 +54,8 @@ class Engine:
         self.boundary = None
         self.timer: Optional[_StageTimer] = None
         self.buffers: dict = {}  # (kind, parity, stage) -> double buffer
-        self.fifo: dict = {}  # (node, input) -> {slot: held sample}
+        self.fifo: dict = {}  # (node, input) -> {slot: fixed buffer of a held sample}
+        self.held: dict = {}  # bp mode, per run: (node, input) -> {slot: held sample, in the graph}
         self.queue: dict = {}  # producer -> buffer of the error waiting for its next firing
         self._streams: Optional[list] = None
         self._anchor = torch.zeros(0, requires_grad=True)
@@ -76,6 +77,7 @@ class Engine:
         down: list = [None] * len(self.stages)  # error arriving at each stage's output
         plans = iter(schedule)
         last = None
+        self.held = {}
         boundary = self.boundary
         if boundary is not None:
             boundary.start()
@@ -259,7 +261,7 @@ class Engine:
         if how == "new":
             return values[p]
         _, slot, now = how
-        held = self.fifo[(node.index, pos)][slot]
+        held = (self.held if self.mode == "bp" else self.fifo)[(node.index, pos)][slot]
         if not backward or not isinstance(held, torch.Tensor) or not held.is_floating_point():
             return held
         if now:  # its producer fired now: the error goes to that fresh sample
@@ -271,8 +273,11 @@ class Engine:
     def _store(self, node: int, pos: int, slot: int, value) -> None:
         """A join's input held for a later firing: a reference in bp mode (it stays in the graph),
         else a copy into a fixed slot (the arriving tensor's buffer is written again)."""
+        if self.mode == "bp":
+            self.held.setdefault((node, pos), {})[slot] = value
+            return
         held = self.fifo.setdefault((node, pos), {})
-        if self.mode == "bp" or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):  # a size
             held[slot] = value
             return
         buf = held.get(slot)

@@ -311,7 +311,8 @@ class LocalNode(Node):
 
     def out_length(self, lengths):
         if len(set(lengths)) > 1:
-            raise ValueError(f"'{self.name}' joins inputs of different lengths {lengths} (in frames at its rate)")
+            raise ValueError(f"'{self.name}' joins inputs of {' and '.join(str(int(n)) for n in lengths)} frames (at its "
+                             "rate): the model itself cannot take a clip of this length")
         return lengths[0]
 
     def emits(self, m):
@@ -372,10 +373,14 @@ class StreamGraph:
         return out
 
     def min_clip_length(self, limit: int = 4096) -> int:
-        """The fewest frames for which every node outputs at least one sample."""
+        """The fewest frames for which every node outputs at least one sample (and every join's
+        inputs have equal lengths)."""
         for frames in range(1, limit + 1):
-            if min(self.lengths(frames)) >= 1:
-                return frames
+            try:
+                if min(self.lengths(frames)) >= 1:
+                    return frames
+            except ValueError:
+                continue
         raise ValueError(f"no clip of up to {limit} frames gives every node an output")
 
     def modules(self) -> list[nn.Module]:

@@ -192,11 +192,13 @@ class SidewaysConv3d(nn.Conv3d):
                 self._ring.zero_()
             s.fresh = False
         if action == ZEROS:
-            self._ring[slot].zero_()
+            with torch.no_grad():
+                self._ring[slot].zero_()
         push = frame if action == PUSH else None
-        if not emit:
-            if push is not None:
-                self._ring[slot].copy_(push)
+        if not emit:  # a strided layer between outputs: the frame only goes into the ring (Sideways
+            with torch.no_grad():  # hands an error to the frame that completes a window)
+                if push is not None:
+                    self._ring[slot].copy_(push)
             return None
         if s.mode == "infer" or not torch.is_grad_enabled():
             out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *self.conv2d_args(padding))

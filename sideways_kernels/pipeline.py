@@ -565,6 +565,10 @@ class SidewaysPipeline:
             self._check_length(0 if first is None else t + 1)
 
     def _check_length(self, length: int) -> None:
+        try:
+            self.graph.lengths(length)
+        except ValueError as exc:
+            raise ValueError(f"a clip of {length} frames does not fit this network: {exc}") from None
         need = self.min_clip_length()
         if length < need:
             raise ValueError(f"the clip has {length} frame(s) but this pipeline needs at least {need} "

@@ -241,8 +241,8 @@ class Schedule:
         for pos, p in enumerate(node.inputs):
             queue = fifo.get((c, pos), [])
             keep = queue[1:] if ready else queue
-            if measure:
-                depth[(c, pos)] = max(depth.get((c, pos), 0), len(keep))
+            if measure:  # a sample read now and one stored now live in the FIFO together
+                depth[(c, pos)] = max(depth.get((c, pos), 0), len(queue))
             d = depth.get((c, pos), 1)
             if pos in arrived and arrived[pos] in keep:
                 stores.append((pos, arrived[pos] % d))
