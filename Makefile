@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# Tests run torchvision's own video models (pure-Python files; --no-deps keeps the CPU torch).
+TORCHVISION_PIN ?= torchvision==0.28.0
 NVCC ?= nvcc
 CUDA_HOME ?= /usr/local/cuda
 NVCC_FLAGS := -c -std=c++17 -Xptxas -v
@@ -21,6 +23,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.*)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton,train]"
+	$(PY) -m pip install -q --no-deps "$(TORCHVISION_PIN)"
 	touch $@
 
 test: install

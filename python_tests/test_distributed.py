@@ -34,8 +34,16 @@ def _net():
     return classifier_net(TEMPORAL)
 
 
+def _r3d():
+    """A converted r3d_18 (small width, float64, eval mode with random BatchNorm statistics)."""
+    from graphs import randomize_norms
+    from sideways_kernels import models
+    torch.manual_seed(5)
+    return randomize_norms(models.r3d_18(num_classes=7, width=4).to(DT)).eval()
+
+
 def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeout=60, stall=False, replicas=1,
-            nan_at=None, update="clip"):
+            nan_at=None, update="clip", model="chain"):
     if isinstance(placement, dict):  # a placement per rank, to test a mismatch
         placement = placement[rank]
     sys.path.insert(0, HERE)
@@ -43,8 +51,8 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeo
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=__import__("datetime").timedelta(seconds=timeout))
         from sideways_kernels.distributed import DistributedSidewaysPipeline
-        net = _net()
-        stages = stages_of(net, 4)
+        net = _net() if model == "chain" else _r3d()
+        stages = stages_of(net, 4) if model == "chain" else None
         if die_at_tick is not None and rank == world - 1:
             calls = iter(range(10**6))
             fail = (lambda: time.sleep(3600)) if stall else (lambda: os._exit(3))
@@ -56,8 +64,12 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeo
             loss_fn = lambda y, t: torch.nn.functional.cross_entropy(y, t) * (float("nan") if next(frames) == nan_at
                                                                              else 1.0)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3) if update == "tick" else None
-        pipe = DistributedSidewaysPipeline(stages, loss_fn, mode=mode, placement=placement, timeout=timeout,
-                                           replicas=replicas, sample=(video, target), update=update, optimizer=opt)
+        options = dict(mode=mode, placement=placement, timeout=timeout, replicas=replicas, sample=(video, target),
+                       update=update, optimizer=opt)
+        if stages is None:  # a whole network, cut by from_model
+            pipe = DistributedSidewaysPipeline.from_model(net, stages=4, loss_fn=loss_fn, **options)
+        else:
+            pipe = DistributedSidewaysPipeline(stages, loss_fn, **options)
         if replicas > 1:  # replica k trains on its share of the batch (of 3: shares of 2 and 1)
             video, target = (torch.tensor_split(x, replicas)[pipe.replica] for x in (video, target))
         try:
@@ -106,15 +118,21 @@ def _spawn(world, mode, placement, out_dir, **options):
 
 
 @pytest.mark.parametrize("mode", ["sideways", "bp"])
-@pytest.mark.parametrize("world,placement", [(2, [2, 2]), (3, [1, 2, 1])], ids=["2ranks", "3ranks"])
-def test_distributed_equals_single_process(tmp_path, world, placement, mode):
-    net = _net()
-    video, target = _clip()
-    expected = torch.nn.ModuleList(stages_of(net, 4))
+@pytest.mark.parametrize("world,placement,model", [(2, [2, 2], "chain"), (3, [1, 2, 1], "chain"), (2, [2, 2], "r3d_18")],
+                         ids=["2ranks", "3ranks", "r3d_18-2ranks"])
+def test_distributed_equals_single_process(tmp_path, world, placement, model, mode):
+    """Chains, and a converted r3d_18 (residuals, strides, BatchNorm, a pooled head) cut into
+    four stages by from_model."""
     from sideways_kernels import SidewaysPipeline
-    ref = SidewaysPipeline(list(expected), mode=mode).backward_clip(video, target)
+    video, target = _clip()
+    if model == "chain":
+        net = _net()
+        ref = SidewaysPipeline(stages_of(net, 4), mode=mode).backward_clip(video, target)
+    else:
+        net = _r3d()
+        ref = SidewaysPipeline.from_model(net, stages=4, mode=mode).backward_clip(video, target)
     ref_grads = dict(net.named_parameters())
-    procs = _spawn(world, mode, placement, tmp_path)
+    procs = _spawn(world, mode, placement, tmp_path, model="chain" if model == "chain" else "r3d")
     errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.endswith(".err")]
     assert not errors and all(p.exitcode == 0 for p in procs), errors
     seen = set()

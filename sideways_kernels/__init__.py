@@ -7,11 +7,13 @@ from ._loader import backends, cpp_available
 from . import ops, reference
 from .backend import set_backend
 from .nn import SidewaysConv3d, convert
-from .pipeline import ClipResult, NonFiniteError, SidewaysPipeline, frame_logits, split_sequential, streaming_problem
+from .pipeline import (ClipResult, GraphStage, NonFiniteError, SidewaysPipeline, StreamingError, frame_logits,
+                       split_sequential, streaming_problem)
 
 __all__ = [
     "backends", "cpp_available", "ops", "reference", "set_backend",
     "SidewaysConv3d", "convert",
-    "SidewaysPipeline", "ClipResult", "NonFiniteError", "frame_logits", "split_sequential", "streaming_problem",
+    "SidewaysPipeline", "ClipResult", "NonFiniteError", "StreamingError", "GraphStage", "frame_logits",
+    "split_sequential", "streaming_problem", "models",
 ]
 __version__ = "0.1.0"

@@ -279,8 +279,9 @@ class PoolNode(Node):
                 frames = [substitute(f, pooled) for f in frames]
         if not emit:
             return None
-        if not frames:
-            raise RuntimeError(f"{self.name}: a pooling window without frames")
+        if not frames:  # a dilated window that falls on padding only: PyTorch's empty max and sum
+            empty = torch.full_like(pooled, -math.inf) if self.reduce == "max" else torch.zeros_like(pooled)
+            return (empty if self.reduce == "max" else empty / emit[1]).unsqueeze(2)
         stack = torch.stack(frames, dim=2)
         if self.reduce == "max":  # max_pool3d over time keeps PyTorch's tie and NaN rules
             out = F.max_pool3d(stack, (stack.shape[2], 1, 1))

@@ -1,0 +1,552 @@
+"""Real video networks through SidewaysPipeline.from_model, against the oracles of DESIGN.md
+§2 (float64): streaming == the model (predict), bp == autograd of the per-frame objective,
+Sideways exact on a static video where no layer pads time and different from bp on a moving
+one; refusals that name what they refused. torchvision's own model code and ours."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sideways_kernels import SidewaysPipeline, StreamingError, models
+from sideways_kernels.cuda_graphs import TickGraphs
+from graphs import (DT, Branches, NoPadding, Pools, Residuals, objective, randomize_norms, s3d_frames,
+                    video_resnet_frames)
+from nets import rel_error
+from tv import video_models
+
+TORCHVISION = ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"]
+
+
+def _torchvision(name: str, classes: int = 5) -> nn.Module:
+    """torchvision's model, float64, eval mode with random BatchNorm statistics; S3D's final
+    7x7 pool made 1x1 so 32x32 frames fit (its own code otherwise)."""
+    model = getattr(video_models(), name)(num_classes=classes).to(DT)
+    if name == "s3d":
+        model.avgpool = nn.AvgPool3d((2, 1, 1), stride=1)
+    return randomize_norms(model).eval()
+
+
+def _frames_of(name: str):
+    return s3d_frames if name == "s3d" else video_resnet_frames
+
+
+def _grads(model):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _global_rel(a, b) -> float:
+    """max |a - b| over all tensors / max |b|: for gradients that are exactly zero in truth
+    (a conv bias before a BatchNorm in training mode), where a per-tensor ratio is noise/noise."""
+    return max((x - y).abs().max().item() for x, y in zip(a, b)) / max(y.abs().max().item() for y in b)
+
+
+def _clip(B, T, H, W, C=3):
+    return torch.randn(B, C, T, H, W, dtype=DT)
+
+
+# --- streaming forward: predict == model ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_stream_exactly(name):
+    model = _torchvision(name)
+    video = _clip(2, 19 if name != "s3d" else 26, 28, 20)  # lengths and sizes that strides do not divide
+    with torch.no_grad():
+        expected = model(video)
+    pipe = SidewaysPipeline.from_model(model, stages=3, example=video[:1])
+    assert len(pipe.stages) == 3
+    got = pipe.predict(video)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # the head is affine, so the mean of the streamed per-frame logits is the prediction too
+    frames = list(pipe.stream(video))
+    assert len(frames) == pipe.output_length(video.shape[2]) >= 2
+    torch.testing.assert_close(torch.stack(frames).mean(0), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_cls,lengths", [(Branches, [7, 10]), (Residuals, [9, 12, 13]), (Pools, [6, 9, 11]),
+                                               (NoPadding, [12, 16])], ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_odd_topologies_stream_exactly(model_cls, lengths, n_stages):
+    model = randomize_norms(model_cls().to(DT)).eval()
+    for T in lengths:
+        video = _clip(2, T, 9, 7)
+        pipe = SidewaysPipeline.from_model(model, stages=n_stages, example=video[:1])
+        with torch.no_grad():
+            expected = model(video)
+        torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
+        # frames one by one from an iterable whose end is not known in advance give the same
+        lazy = list(pipe.stream(video[:, :, t] for t in range(T)))
+        torch.testing.assert_close(torch.stack(lazy), torch.stack(list(pipe.stream(video))), rtol=0, atol=0)
+
+
+def test_our_models_are_torchvision_key_for_key():
+    """Same state dict keys (in order) and shapes; torchvision's weights load strictly and give
+    the same outputs (S3D at 32x32, its final pool window scaled as ours does)."""
+    tv = video_models()
+    for name in TORCHVISION:
+        torch.manual_seed(0)
+        theirs = randomize_norms(getattr(tv, name)(num_classes=9)).eval()
+        ours = getattr(models, name)(num_classes=9, **({"frame_size": 32} if name == "s3d" else {})).eval()
+        if name == "s3d":
+            theirs.avgpool = nn.AvgPool3d((2, 1, 1), stride=1)
+        a, b = theirs.state_dict(), ours.state_dict()
+        assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a), name
+        ours.load_state_dict(a, strict=True)
+        x = torch.randn(1, 3, 16, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18"])
+def test_our_small_models_stream_exactly(name):
+    model = randomize_norms(getattr(models, name)(num_classes=4, width=8).to(DT)).eval()
+    video = _clip(3, 11, 20, 24)
+    pipe = SidewaysPipeline.from_model(model, stages=4, example=video[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.predict(video), model(video), rtol=1e-10, atol=1e-12)
+
+
+# --- bp mode == autograd of the per-frame objective ----------------------------------------------
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_bp_mode_is_autograd_on_torchvision_models(name):
+    model = _torchvision(name)
+    video, target = _clip(2, 17, 28, 24), torch.randint(0, 5, (2,))
+    model.zero_grad()
+    loss = objective(_frames_of(name)(model, video), target)
+    loss.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    pipe = SidewaysPipeline.from_model(model, stages=3, mode="bp", example=video[:1])
+    result = pipe.backward_clip(video, target)
+    assert abs(result.loss.item() - loss.item()) <= 1e-9 * abs(loss.item())
+    assert rel_error(_grads(model), expected) <= 1e-9
+
+
+@pytest.mark.parametrize("model_cls", [Branches, Residuals, Pools, NoPadding], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("n_stages", [1, 3])
+def test_bp_mode_is_autograd_on_odd_topologies(model_cls, n_stages):
+    model = randomize_norms(model_cls().to(DT)).eval()
+    video = _clip(2, 13 if model_cls is not NoPadding else 12, 8, 9)
+    frames = model.frames(video)
+    target = torch.randint(0, frames[0].shape[1], (2, len(frames)))  # a per-frame target
+    model.zero_grad()
+    objective(frames, target, per_frame=True).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    pipe = SidewaysPipeline.from_model(model, stages=n_stages, mode="bp", example=video[:1])
+    pipe.backward_clip(video, target)
+    assert rel_error(_grads(model), expected) <= 1e-9
+
+
+# --- Sideways -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
+def test_sideways_is_exact_on_a_static_video_without_temporal_padding(n_stages):
+    """Oracle 4 with equal-lag branches, a strided residual whose branches emit on different
+    ticks (the shortcut's error waits for its next firing), temporal max-pool and a pooled head;
+    a moving video must then differ (Sideways is not silently BP)."""
+    model = randomize_norms(NoPadding().to(DT)).eval()
+    target = torch.randint(0, 7, (2,))
+    static = torch.randn(2, 3, 1, 9, 10, dtype=DT).expand(-1, -1, 16, -1, -1)
+    moving = _clip(2, 16, 9, 10)
+    pipe = SidewaysPipeline.from_model(model, stages=n_stages, example=static[:1])
+    gaps = []
+    for video in (static, moving):
+        g = {}
+        for mode in ("bp", "sideways"):
+            model.zero_grad()
+            pipe.mode = mode
+            pipe.backward_clip(video, target)
+            g[mode] = _grads(model)
+        gaps.append(rel_error(g["sideways"], g["bp"]))
+    assert gaps[0] <= 1e-9, gaps
+    assert gaps[1] > 1e-3, gaps
+
+
+def test_sideways_gap_grows_with_the_drift_rate_on_a_graph():
+    """Oracle 5 through a stride, a phase-offset residual and a pool: frame t = A + s·t·D (an
+    average pool: a max-pool's argmax flips make the gap jumpy, as ReLU masks do)."""
+    model = randomize_norms(NoPadding(pool="avg").to(DT)).eval()
+    pipe = SidewaysPipeline.from_model(model, stages=3)
+    A, D = torch.randn(2, 3, 1, 9, 10, dtype=DT), torch.randn(2, 3, 1, 9, 10, dtype=DT)
+    target = torch.randint(0, 7, (2,))
+    gaps = []
+    for s in (0.0, 0.01, 0.02, 0.04, 0.08):
+        video = A + s * torch.arange(16, dtype=DT).view(1, 1, 16, 1, 1) * D
+        g = {}
+        for mode in ("bp", "sideways"):
+            model.zero_grad()
+            pipe.mode = mode
+            pipe.backward_clip(video, target)
+            g[mode] = torch.cat([x.flatten() for x in _grads(model)])
+        gaps.append(((g["sideways"] - g["bp"]).norm() / g["bp"].norm()).item())
+    assert gaps[0] <= 1e-9 and gaps[1] > 1e-5, gaps
+    assert all(b > a for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] >= 4 * gaps[1], gaps
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_sideways_runs_on_torchvision_models(name):
+    model = _torchvision(name)
+    video, target = _clip(2, 16, 24, 24), torch.randint(0, 5, (2,))
+    pipe = SidewaysPipeline.from_model(model, stages=3, example=video[:1])
+    model.zero_grad()
+    result = pipe.backward_clip(video, target)
+    sideways = _grads(model)
+    assert all(torch.isfinite(g).all() for g in sideways) and any(g.abs().sum() > 0 for g in sideways)
+    model.zero_grad()
+    pipe.mode = "bp"
+    torch.testing.assert_close(pipe.backward_clip(video, target).loss, result.loss, rtol=1e-12, atol=0)  # one forward
+    assert rel_error(sideways, _grads(model)) > 1e-3  # a moving video: not BP
+    assert pipe.last_ticks == pipe.total_ticks(16, "bp")
+
+
+def test_single_stage_whose_only_temporal_layer_is_first_is_exact():
+    """Oracle 4's other case, now with a residual of frame-local layers, BatchNorm and a pooled
+    head after the one temporal conv: exact even on a moving video."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Conv3d(3, 4, (3, 3, 3), padding=(2, 1, 1))
+            self.a, self.b = nn.Conv3d(4, 4, 1), nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+            self.bn = nn.BatchNorm3d(4)
+            self.fc = nn.Linear(4, 5)
+
+        def trunk(self, x):
+            x = torch.tanh(self.t(x))
+            return torch.tanh(self.bn(self.b(torch.tanh(self.a(x)))) + x)
+
+        def forward(self, x):
+            return self.fc(self.trunk(x).mean((2, 3, 4)))
+
+        def frames(self, x):
+            f = self.trunk(x)
+            return [self.fc(f[:, :, t].mean((2, 3))) for t in range(f.shape[2])]
+    model = randomize_norms(Net().to(DT)).eval()
+    video, target = _clip(2, 7, 6, 5), torch.randint(0, 5, (2,))
+    model.zero_grad()
+    objective(model.frames(video), target).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    SidewaysPipeline.from_model(model).backward_clip(video, target)
+    assert rel_error(_grads(model), expected) <= 1e-9
+
+
+# --- BatchNorm in training mode -------------------------------------------------------------------
+
+class _FrameBN(nn.Module):
+    """The 'frame' policy offline: the BatchNorm applied to each frame on its own."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        return torch.cat([self.bn(x[:, :, t:t + 1]) for t in range(x.shape[2])], dim=2)
+
+
+def _swap_norms(model, wrap):
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm3d):
+            setattr(model, name, wrap(child))
+        else:
+            _swap_norms(child, wrap)
+
+
+@pytest.mark.parametrize("mode", ["bp", "sideways"])
+def test_batchnorm_frame_policy(mode):
+    """Per-frame batch statistics over (B, H, W): bp is autograd of the model whose BatchNorms
+    normalise each frame alone (running buffers updated once per frame, in order), and Sideways
+    updates the running buffers exactly as bp does (the drain's held samples update nothing)."""
+    torch.manual_seed(torch.initial_seed() % 1000)
+    model = randomize_norms(Residuals().to(DT)).train()
+    reference = randomize_norms(Residuals().to(DT)).train()
+    reference.load_state_dict(model.state_dict())
+    _swap_norms(reference, _FrameBN)
+    video, target = _clip(3, 11, 8, 7), torch.randint(0, 6, (3,))
+    pipe = SidewaysPipeline.from_model(model, stages=2, mode=mode, batchnorm="frame", example=video[:1])
+    for m in model.modules():  # the probe must not have touched the running statistics
+        if isinstance(m, nn.BatchNorm3d):
+            assert not torch.equal(m.running_var, torch.ones_like(m.running_var))
+    buffers_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    reference.zero_grad()
+    objective(reference.frames(video), target).backward()
+    model.zero_grad()
+    pipe.backward_clip(video, target)
+    expected = {k.replace(".bn.", "."): v for k, v in reference.state_dict().items() if "running" in k}
+    for k, v in model.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, expected[k], rtol=1e-12, atol=1e-12)
+            assert not torch.equal(v, buffers_before[k])
+    if mode == "bp":
+        assert _global_rel(_grads(model), _grads(reference)) <= 1e-9
+
+
+def test_batchnorm_frozen_policy_and_refusal():
+    model = randomize_norms(Residuals().to(DT)).train()
+    video, target = _clip(2, 9, 8, 7), torch.randint(0, 6, (2,))
+    with pytest.raises(StreamingError, match=r"module 'bn1' \(BatchNorm3d\).*batchnorm='frame'.*'frozen'"):
+        SidewaysPipeline.from_model(model, stages=2, example=video[:1])
+    # built in eval mode, then switched to training: refused at the next clip, nothing changed
+    model.eval()
+    pipe = SidewaysPipeline.from_model(model, stages=2, example=video[:1])
+    model.train()
+    with pytest.raises(StreamingError, match="training mode"):
+        pipe.backward_clip(video, target)
+    # frozen: running statistics, unchanged, the affine parameters trained: the eval-mode objective
+    frozen = SidewaysPipeline.from_model(model, stages=2, mode="bp", batchnorm="frozen", example=video[:1])
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.zero_grad()
+    frozen.backward_clip(video, target)
+    got = _grads(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    model.eval()
+    model.zero_grad()
+    objective(model.frames(video), target).backward()
+    assert rel_error(got, _grads(model)) <= 1e-9
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+class _Op(nn.Module):
+    def __init__(self, fn, extra=None):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, (3, 3, 3), padding=1)
+        self.extra = extra
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self, self.conv(x))
+
+
+class _SE(nn.Module):
+    """Squeeze-excitation over (T, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 1)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Conv3d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.sigmoid(self.fc(self.pool(y)))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 1)
+        self.layer = layer
+
+    def forward(self, x):
+        y = self.conv(x).mean((3, 4)).permute(0, 2, 1)  # [B, T, C]
+        out = self.layer(y, y, y) if isinstance(self.layer, nn.MultiheadAttention) else self.layer(y)
+        return out[0]
+
+
+@pytest.mark.parametrize("model,words", [
+    (_Op(lambda m, y: y.flip(2)), r"node 'flip' \(method .flip\): flip along the time axis"),
+    (_Op(lambda m, y: torch.cumsum(y, dim=2)), r"cumsum.*cannot prove it frame-local"),
+    (_Op(lambda m, y: y[:, :, 1:]), r"indexes the time axis"),
+    (_Op(lambda m, y: y.reshape(y.shape[0], y.shape[2], -1)), r"reads the number of frames"),
+    (_Op(lambda m, y: y.reshape(y.shape[0], -1)), r"reshape of a tensor with a time axis"),
+    (_Op(lambda m, y: y.view(2, -1, 4)), r"view of a tensor with a time axis"),
+    (_Op(lambda m, y: y.sum(2)), r"sum over the time axis"),
+    (_Op(lambda m, y: y * y.size(2)), r"reads the number of frames"),
+    (_Op(lambda m, y: m.extra(y), nn.AdaptiveAvgPool3d((2, 1, 1))), r"module 'extra'.*adaptive pooling to 2 frames"),
+    (_Op(lambda m, y: m.extra(y), nn.Dropout3d()), r"module 'extra' \(Dropout3d\).*every frame at once"),
+    (_Op(lambda m, y: m.extra(y), nn.GroupNorm(2, 4)), r"module 'extra' \(GroupNorm\).*mixes frames"),
+    (_Op(lambda m, y: y.flatten(1)), r"flattens the time axis"),
+    (_SE(), r"node 'mul'.*'pool', which pools over all frames.*squeeze-excitation"),
+    (_Recurrent(nn.LSTM(4, 4, batch_first=True)), r"module 'layer' \(LSTM\).*recurrent or attention"),
+    (_Recurrent(nn.MultiheadAttention(4, 2, batch_first=True)), r"module 'layer' \(MultiheadAttention\)"),
+], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+def test_what_cannot_stream_is_refused_by_name(model, words):
+    with pytest.raises(StreamingError, match=words):
+        SidewaysPipeline.from_model(model.to(DT), example=_clip(1, 4, 5, 5))
+
+
+def test_other_refusals():
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x + y
+    with pytest.raises(StreamingError, match="one video tensor"):
+        SidewaysPipeline.from_model(TwoInputs())
+
+    class Tuple(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x), x
+    with pytest.raises(StreamingError, match="one tensor"):
+        SidewaysPipeline.from_model(Tuple())
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(3, 3, (3, 1, 1), padding=(1, 0, 0))
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+    with pytest.raises(StreamingError, match="called at two places"):
+        SidewaysPipeline.from_model(Twice())
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+    with pytest.raises(StreamingError, match="could not trace Branchy"):
+        SidewaysPipeline.from_model(Branchy())
+    with pytest.raises(ValueError, match="at most 1 stages"):
+        SidewaysPipeline.from_model(nn.Sequential(nn.Conv3d(3, 3, 1)), stages=2)
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        SidewaysPipeline.from_model(Residuals(), batchnorm="per-frame")
+
+
+def test_clip_lengths_a_join_cannot_take_and_too_short_clips():
+    model = randomize_norms(NoPadding().to(DT)).eval()
+    pipe = SidewaysPipeline.from_model(model, stages=2)
+    with pytest.raises(ValueError, match="does not fit this network.*'add' joins inputs of 5 and 6 frames"):
+        pipe.backward_clip(_clip(2, 13, 9, 10), torch.randint(0, 7, (2,)))
+    need = pipe.min_clip_length()
+    with pytest.raises(ValueError, match=f"needs at least {need}"):
+        pipe.predict(_clip(1, need - 2, 9, 10))
+    pipe.predict(_clip(1, need, 9, 10))
+
+
+# --- everything that works on chains works on graphs ----------------------------------------------
+
+def test_parameters_optimizer_and_state_dict_stay_the_models():
+    model = randomize_norms(Residuals().to(DT)).eval()
+    keys = list(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = SidewaysPipeline.from_model(model, stages=3)
+    assert list(model.state_dict()) == keys
+    assert {id(p) for p in pipe.parameters()} == {id(p) for p in model.parameters()}
+    video = _clip(2, 9, 8, 7)
+    with torch.no_grad():
+        composed = video
+        for stage in pipe.stages:  # a stage called on a clip is its part of the model
+            composed = stage(composed)
+        torch.testing.assert_close(composed, model(video), rtol=1e-12, atol=1e-12)
+    before = [p.detach().clone() for p in model.parameters()]
+    pipe.backward_clip(video, torch.randint(0, 6, (2,)))
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_tick_update_on_a_graph_equals_sgd_after_every_frame():
+    """One stage whose only temporal layer is first (exact pairing): per-tick SGD through a
+    residual, BatchNorm and a pooled head equals, frame by frame, the offline per-frame loss and
+    torch.optim.SGD.step (the conv's gradient never materialised)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Conv3d(3, 4, (2, 3, 3), padding=(1, 1, 1))
+            self.a = nn.Conv3d(4, 4, 1)
+            self.fc = nn.Linear(4, 5)
+
+        def trunk(self, x):
+            x = torch.tanh(self.t(x))
+            return torch.tanh(self.a(x)) + x
+
+        def forward(self, x):
+            return self.fc(self.trunk(x).mean((2, 3, 4)))
+    torch.manual_seed(torch.initial_seed() % 1000)
+    model, ref = Net().to(DT), Net().to(DT)
+    ref.load_state_dict(model.state_dict())
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt, opt_ref = torch.optim.SGD(model.parameters(), **hyper), torch.optim.SGD(ref.parameters(), **hyper)
+    video, target = _clip(2, 6, 5, 6), torch.randint(0, 5, (2,))
+    T_out = ref.trunk(video).shape[2]
+    for t in range(T_out):
+        opt_ref.zero_grad()
+        (F.cross_entropy(ref.fc(ref.trunk(video)[:, :, t].mean((2, 3))), target) / T_out).backward()
+        opt_ref.step()
+    SidewaysPipeline.from_model(model, update="tick", optimizer=opt).backward_clip(video, target)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert model.t.weight.grad is None
+
+
+@pytest.mark.parametrize("update", ["clip", "tick"])
+def test_graph_ticks_equal_eager_ticks_on_a_multirate_graph(update):
+    """CUDA-graph ticks (emulated, as in test_cuda_graphs) through strides, phase-offset joins
+    whose errors wait, pools and a head: losses, outputs, gradients and weights bit-equal."""
+    results = {}
+    for graphs in (False, True):
+        torch.manual_seed(3)
+        model = randomize_norms(Residuals().to(DT)).eval()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        pipe = SidewaysPipeline.from_model(model, stages=3, update=update, optimizer=opt if update == "tick" else None,
+                                           cuda_graph=graphs)
+        if graphs:
+            pipe._graphs = TickGraphs(emulate=True)
+        g = torch.Generator().manual_seed(1)
+        rows = []
+        for _ in range(4):
+            video = torch.randn(2, 3, 21, 8, 7, dtype=DT, generator=g)
+            target = torch.randint(0, 6, (2,), generator=g)
+            r = pipe.backward_clip(video, target)
+            rows.append((r.loss, r.outputs, _grads(model), [p.detach().clone() for p in model.parameters()]))
+            if update == "clip":
+                opt.step()
+                opt.zero_grad()
+        if graphs:
+            assert pipe._graphs.captures >= 2 and pipe._graphs.replays >= pipe._graphs.captures
+        results[graphs] = rows
+    for (la, oa, ga, wa), (lb, ob, gb, wb) in zip(results[False], results[True]):
+        assert torch.equal(la, lb) and torch.equal(oa, ob)
+        assert all(torch.equal(x, y) for x, y in zip(ga, gb)) and all(torch.equal(x, y) for x, y in zip(wa, wb))
+
+
+def test_backends_devices_and_stage_times_on_a_graph():
+    model = randomize_norms(Residuals().to(DT)).eval()
+    video, target = _clip(2, 11, 8, 7), torch.randint(0, 6, (2,))
+    grads = {}
+    for backend in ("cpp", "torch"):
+        pipe = SidewaysPipeline.from_model(model, stages=2, backend=backend, devices=["cpu", "cpu"])
+        model.zero_grad()
+        pipe.backward_clip(video, target)
+        grads[backend] = _grads(model)
+    assert rel_error(grads["cpp"], grads["torch"]) <= 1e-10
+    before = _grads(model)
+    times = pipe.stage_times(video, target)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert all(torch.equal(a, b) for a, b in zip(before, _grads(model)))
+
+
+@pytest.mark.parametrize("model_cls", [Residuals, Pools, Branches], ids=lambda c: c.__name__)
+def test_tick_count_is_known_in_advance_on_graphs(model_cls):
+    model = randomize_norms(model_cls().to(DT)).eval()
+    pipe = SidewaysPipeline.from_model(model, stages=3)
+    video = _clip(2, 12, 8, 7)
+    n_out = pipe.output_length(12)
+    target = torch.randint(0, 4, (2,))
+    for mode in ("sideways", "bp"):
+        pipe.mode = mode
+        pipe.backward_clip(video, target)
+        assert pipe.last_ticks == pipe.total_ticks(12, mode), mode
+    outs = list(pipe.stream(video))
+    assert len(outs) == n_out and pipe.last_ticks == pipe.total_ticks(12, "infer")
+
+
+def test_balanced_cuts_by_flops_and_by_time():
+    model = randomize_norms(models.r3d_18(num_classes=4, width=8).to(DT)).eval()
+    example = _clip(1, 8, 32, 32)
+    by_flops = SidewaysPipeline.from_model(model, stages=4, example=example)
+    sizes = [len(s.nodes) for s in by_flops.stages]
+    assert len(sizes) == 4 and all(n > 0 for n in sizes) and sum(sizes) == len(by_flops.graph.nodes)
+    by_time = SidewaysPipeline.from_model(model, stages=4, example=example, balance_by="time")
+    assert len(by_time.stages) == 4
+    with pytest.raises(ValueError, match="example must be a clip"):
+        SidewaysPipeline.from_model(model, example=torch.randn(3, 4))
