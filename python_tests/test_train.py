@@ -199,6 +199,10 @@ def test_bad_data_is_a_one_line_error(tmp_path, case):
     (["--resume", "/nonexistent/last.pt"], "no checkpoint"),
     (["--replicas", "2", "--update", "tick"], "--replicas needs --update clip"),
     (["--replicas", "2"], "--replicas 2 needs torchrun"),
+    (["--model", "s3d", "--size", "16"], "--model s3d cannot take clips of 8 frames of 16x16"),
+    (["--model", "s3d", "--size", "32", "--clip-len", "8"], "cannot take clips of 8 frames of 32x32 (--clip-len, --size)"),
+    (["--model", "r3d_18", "--stages", "40"], "at most"),
+    (["--model", "c3d", "--pretrained", "x.pth"], "--pretrained needs one of the standard networks"),
 ])
 def test_bad_options_are_clean_errors(tmp_path, args, words):
     result = _cli(*args, "--out", str(tmp_path / "out"))
@@ -211,3 +215,103 @@ def test_help_documents_every_option():
                    "--frame-stride", "--lr", "--optimizer", "--update", "--seed", "--device", "--backend", "--out",
                    "--resume", "--data", "--workers", "--distributed", "--replicas"):
         assert option in text
+
+
+# --- the standard networks ------------------------------------------------------------------------
+
+STANDARD = ["--train-videos", "8", "--val-videos", "4", "--batch-size", "4", "--size", "16", "--width", "4",
+            "--stages", "3", "--clip-len", "13", "--log-every", "1", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("model", ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"])
+def test_standard_networks_train_cut_automatically(tmp_path, model):
+    out = str(tmp_path / model)
+    size = ["--size", "32"] if model == "s3d" else []  # its trunk has stride 32
+    assert train.main([*STANDARD, "--model", model, "--out", out, *size]) == 0
+    (epoch,) = _records(out)
+    assert np.isfinite(epoch["train_loss"])
+    ckpt = train.load_weights(os.path.join(out, "last.pt"), "test")  # tensors and plain types only
+    net = train.build_model(ckpt["config"], len(ckpt["classes"]))
+    net.load_state_dict(ckpt["model"])  # the plain network's keys (torchvision's layout)
+    assert not any(type(m).__name__ == "SidewaysConv3d" for m in net.modules())
+
+
+def test_pretrained_weights_start_the_run_with_a_new_classifier(tmp_path, capsys):
+    from sideways_kernels import models
+    torch.manual_seed(0)
+    source = models.r3d_18(num_classes=400, width=4)  # e.g. Kinetics-400 weights, saved as a state dict
+    path = str(tmp_path / "k400.pth")
+    torch.save(source.state_dict(), path)
+    out = str(tmp_path / "run")
+    assert train.main([*STANDARD, "--model", "r3d_18", "--pretrained", path, "--out", out, "--max-steps", "1",
+                       "--lr", "1e-9"]) == 0
+    assert "new classifier (fc.weight, fc.bias)" in capsys.readouterr().err
+    got = train.load_weights(os.path.join(out, "last.pt"), "test")["model"]
+    for key, value in source.state_dict().items():
+        if "fc." not in key and "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)  # lr 1e-9: barely moved
+    assert got["fc.weight"].shape == (10, 32)
+    other = str(tmp_path / "other.pth")
+    torch.save(models.mc3_18(num_classes=400, width=8).state_dict(), other)
+    result = _cli(*STANDARD, "--model", "r3d_18", "--pretrained", other, "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "does not fit this network" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["garbage", "truncated", "runs code", "another model", "not a checkpoint"])
+def test_resume_of_a_bad_checkpoint_is_one_clear_line(tmp_path, case):
+    """Never a traceback, never code run: a pickle that would call os.system is refused before
+    anything in it is built (weights_only=True)."""
+    code, out = _run(tmp_path, "--epochs", "1")
+    assert code == 0
+    good = os.path.join(out, "last.pt")
+    bad = str(tmp_path / "bad.pt")
+    marker = tmp_path / "PWNED"
+    if case == "garbage":
+        open(bad, "w").write("not a checkpoint at all\n")
+    elif case == "truncated":
+        open(bad, "wb").write(open(good, "rb").read()[:4000])
+    elif case == "runs code":
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+        ckpt = torch.load(good, weights_only=True)
+        ckpt["state"] = Evil()
+        torch.save(ckpt, bad)
+    elif case == "another model":
+        ckpt = torch.load(good, weights_only=True)
+        ckpt["config"] = dict(ckpt["config"], width=8)
+        torch.save(ckpt, bad)
+    else:
+        torch.save({"weights": torch.zeros(3)}, bad)
+    result = _cli("--resume", bad)
+    lines = [l for l in result.stderr.splitlines() if l.startswith("sideways-train: error")]
+    assert result.returncode == train.EXIT_DATA and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert bad in lines[0]
+    words = {"garbage": "not a PyTorch checkpoint", "truncated": "truncated or corrupt",
+             "runs code": "refused.*posix.system.*could run code", "another model": "does not fit",
+             "not a checkpoint": "not a sideways-train checkpoint"}[case]
+    import re
+    assert re.search(words, lines[0]), lines[0]
+    assert not marker.exists()
+
+
+def test_an_interrupted_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A save cut short (Ctrl-C, a full disk) leaves the previous checkpoint whole and no
+    temporary file behind."""
+    code, out = _run(tmp_path, "--epochs", "1")
+    path = os.path.join(out, "last.pt")
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def cut_short(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)  # half written...
+        raise KeyboardInterrupt  # ...then interrupted
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"model": {}}, path)
+    assert open(path, "rb").read() == before
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.main(["--resume", path, "--epochs", "2"]) == 0

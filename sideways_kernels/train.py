@@ -9,13 +9,18 @@ same pipeline) on the embedded procedural data or on a folder of your own videos
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 import time
+import warnings
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -53,11 +58,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="apply the optimizer once per clip, or every tick (SGD only, fused into the weight update)")
     g.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=sorted(models.MODELS), default="c3d")
-    m.add_argument("--width", type=pos(int), default=16, help="channels of the first block (doubling per block)")
-    m.add_argument("--depth", type=pos(int), default=3, help="number of blocks")
-    m.add_argument("--temporal-kernel", type=pos(int), default=3)
-    m.add_argument("--stages", type=pos(int), default=3, help="pipeline stages the network is cut into (<= --depth)")
+    m.add_argument("--model", choices=list(models.MODELS), default="c3d",
+                   help="c3d, r2plus1d: small chains cut at their blocks; r3d_18, mc3_18, r2plus1d_18, s3d: the "
+                        "standard networks (torchvision's layouts), cut automatically by SidewaysPipeline.from_model")
+    m.add_argument("--width", type=pos(int), default=16,
+                   help="channels of the first block (doubling per block); the standard networks are torchvision's "
+                        "at --width 64")
+    m.add_argument("--depth", type=pos(int), default=3, help="number of blocks (c3d, r2plus1d)")
+    m.add_argument("--temporal-kernel", type=pos(int), default=3, help="(c3d, r2plus1d)")
+    m.add_argument("--stages", type=pos(int), default=3,
+                   help="pipeline stages the network is cut into (c3d, r2plus1d: <= --depth)")
+    m.add_argument("--batchnorm", choices=["frame", "frozen"], default="frame",
+                   help="BatchNorm while training (standard networks): per-frame batch statistics, or the running "
+                        "statistics frozen")
+    m.add_argument("--pretrained", default=None,
+                   help="a state dict of the standard network (e.g. Kinetics-400 weights saved from torchvision, "
+                        "--width 64) to start from; a new classifier when the class count differs")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors; "
                                                 "default: the embedded procedural dataset")
@@ -90,8 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--replicas needs --update clip (replicas average their gradients once per clip)")
     if args.update == "tick" and args.mode != "sideways":
         p.error("--update tick needs --mode sideways")
-    if args.stages > args.depth:
+    if args.model in models.CHAINS and args.stages > args.depth:
         p.error(f"--stages {args.stages} exceeds the network's {args.depth} blocks (--depth; the head joins the last)")
+    if args.pretrained is not None and args.model in models.CHAINS:
+        p.error(f"--pretrained needs one of the standard networks ({', '.join(models.GRAPHS)}), not --model {args.model}")
     if args.workers < 0:
         p.error("--workers must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -111,13 +129,67 @@ def _positive(text: str, kind):
 
 # --- pieces ---------------------------------------------------------------------------
 
-def build_model(cfg: dict, num_classes: int, conv=None) -> nn.Sequential:
-    """The network of a run's config (``conv=nn.Conv3d`` gives the plain-PyTorch twin)."""
+def build_model(cfg: dict, num_classes: int, conv=None) -> nn.Module:
+    """The network of a run's config (``conv=nn.Conv3d`` gives a chain's plain-PyTorch twin; the
+    standard networks are built with nn.Conv3d and converted by from_model)."""
+    name = cfg["model"]
+    if name in models.GRAPHS:
+        if name == "s3d":
+            return models.s3d(num_classes, width_mult=cfg["width"] / 64, frame_size=cfg["size"])
+        return models.GRAPHS[name](num_classes, width=cfg["width"])
     widths = [cfg["width"] * 2 ** i for i in range(cfg["depth"])]
     kwargs = dict(widths=widths, temporal_kernel=cfg["temporal_kernel"])
     if conv is not None:
         kwargs["conv"] = conv
-    return models.MODELS[cfg["model"]](num_classes, **kwargs)
+    return models.CHAINS[name](num_classes, **kwargs)
+
+
+def load_weights(path: str, what: str) -> dict:
+    """A checkpoint or state dict from a user, read as tensors and plain types only
+    (``weights_only=True``: a pickle that would build other objects, or run code, is refused).
+    Every failure is a DataError naming the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what}: no file at {path!r}")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:  # a pickle that builds something other than tensors and plain types
+            raise DataError(f"{what}: refused {path!r}: it would build {found.group(1)}, which is not a tensor or a "
+                            "plain type, and loading it could run code; only files of tensors, numbers, strings, "
+                            "lists and dicts load") from None
+        raise DataError(f"{what}: {path!r} is not a PyTorch checkpoint (not a file torch.save wrote)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{what}: {path!r} is not a readable checkpoint: truncated or corrupt "
+                        f"({type(exc).__name__}: {first.split('. ')[0][:120]})") from None
+
+
+def load_pretrained(net: nn.Module, path: str) -> None:
+    """Start from a state dict of the same network; a classifier of another class count is
+    left as built (new)."""
+    state = load_weights(path, "--pretrained")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a sideways-train checkpoint
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"--pretrained: {path!r} is not a state dict (a dict of tensors)")
+    own = net.state_dict()
+    fresh = [k for k in own if k in state and state[k].shape != own[k].shape and
+             k.split(".")[0] in ("fc", "classifier")]
+    for k in fresh:
+        del state[k]
+    missing, unexpected = [k for k in own if k not in state and k not in fresh], [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(f"--pretrained: {path!r} does not fit this network (--model/--width): "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped entries, e.g. "
+                        f"{(missing + unexpected + wrong)[:3]}")
+    net.load_state_dict(state, strict=False)
+    if fresh:
+        print(f"sideways-train: --pretrained: new classifier ({', '.join(fresh)}) for this class count",
+              file=sys.stderr)
 
 
 def build_data(cfg: dict):
@@ -136,34 +208,54 @@ def build_optimizer(cfg: dict, params):
 
 
 def rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """The random generators' states as tensors and plain types (a checkpoint loads with
+    weights_only=True)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=[kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    cached], python=random.getstate())
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
 def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file and rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, flush it to disk and rename: a crash or an interrupt never
+    leaves a half-written checkpoint, and the previous one stays until the new one is whole."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, device) -> tuple[float, float]:
-    """(mean loss, accuracy): the clip forward (which the streamed pipeline equals, oracle 2),
-    per-frame losses averaged, the clip's class from its frames' mean logits."""
+    """(mean loss, accuracy): the clip forward (which the streamed pipeline equals, oracle 2).
+    A per-frame network: per-frame losses averaged, the clip's class from its frames' mean
+    logits; a network with a pooled head: its clip logits."""
     was_training = net.training
     net.eval()
     total_loss, correct, count = 0.0, 0, 0
     for video, label in loader:
         video, label = video.to(device), label.to(device)
-        logits = net(video).flatten(3).mean(3)  # [B, K, T]
-        total_loss += F.cross_entropy(logits, label[:, None].expand(-1, logits.shape[2]), reduction="mean").item() * len(label)
-        correct += (logits.mean(2).argmax(1) == label).sum().item()
+        out = net(video)
+        if out.dim() == 2:  # a pooled head: [B, K]
+            total_loss += F.cross_entropy(out, label).item() * len(label)
+            correct += (out.argmax(1) == label).sum().item()
+        else:
+            logits = out.flatten(3).mean(3)  # [B, K, T]
+            total_loss += F.cross_entropy(logits, label[:, None].expand(-1, logits.shape[2]),
+                                          reduction="mean").item() * len(label)
+            correct += (logits.mean(2).argmax(1) == label).sum().item()
         count += len(label)
     net.train(was_training)
     return total_loss / count, correct / count
@@ -223,12 +315,31 @@ class _Cluster:
     def main(self) -> bool:
         return self.rank == 0
 
-    def pipeline(self, stages, mode, update, optimizer):
-        if not self.distributed:
-            return SidewaysPipeline(stages, F.cross_entropy, mode, update=update, optimizer=optimizer)
-        from .distributed import DistributedSidewaysPipeline
-        return DistributedSidewaysPipeline(stages, F.cross_entropy, mode, update=update, optimizer=optimizer,
-                                           device=self.device, replicas=self.replicas)
+    def pipeline(self, net: nn.Module, cfg: dict, optimizer, example: torch.Tensor):
+        """The chains cut at their blocks; the standard networks by from_model."""
+        kind = SidewaysPipeline
+        kwargs = dict(update=cfg["update"], optimizer=optimizer)
+        if self.distributed:
+            from .distributed import DistributedSidewaysPipeline
+            kind = DistributedSidewaysPipeline
+            kwargs.update(device=self.device, replicas=self.replicas)
+        if cfg["model"] in models.CHAINS:
+            return kind(models.stages(net, cfg["stages"]), F.cross_entropy, cfg["mode"], **kwargs)
+        was_training = net.training
+        try:  # the network itself must take the clips
+            with torch.no_grad():
+                net.eval()(example)
+        except RuntimeError as exc:
+            raise DataError(f"--model {cfg['model']} cannot take clips of {cfg['clip_len']} frames of "
+                            f"{cfg['size']}x{cfg['size']} (--clip-len, --size): {str(exc).splitlines()[0][:160]}") \
+                from None
+        finally:
+            net.train(was_training)
+        try:
+            return kind.from_model(net, cfg["stages"], F.cross_entropy, cfg["mode"], batchnorm=cfg["batchnorm"],
+                                   example=example, **kwargs)
+        except ValueError as exc:  # too many stages, a clip its strides cannot take, ...
+            raise DataError(f"--model {cfg['model']}: {exc}") from None
 
     def share(self, pipe, batch: torch.Tensor) -> torch.Tensor:
         """This replica's share of a batch (all of it without replicas)."""
@@ -259,7 +370,7 @@ class _Cluster:
         the optimizer state of all ranks merged, as one process would have it."""
         if not self.distributed:
             return optimizer.state_dict()
-        mine = {id(p) for stage in pipe.local_stages() for p in stage.parameters()}
+        mine = {id(t) for stage in pipe.local_stages() for t in itertools.chain(stage.parameters(), stage.buffers())}
         local = {k: v.detach().cpu() for k, v in net.state_dict(keep_vars=True).items() if id(v) in mine}
         everyone = [None] * self.world
         self.dist.all_gather_object(everyone, (local, optimizer.state_dict()))
@@ -281,10 +392,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if not os.path.isfile(args.resume):
             raise DataError(f"--resume: no checkpoint at {args.resume!r}")
-        resume = torch.load(args.resume, map_location="cpu", weights_only=False)
+        resume = load_weights(args.resume, "--resume")
+        if not isinstance(resume, dict) or not {"model", "optimizer", "scheduler", "state", "rng", "config",
+                                                   "classes"} <= set(resume):
+            raise DataError(f"--resume: {args.resume!r} is not a sideways-train checkpoint (it lacks "
+                            f"{sorted({'model', 'optimizer', 'state', 'config'} - set(resume or {}))})")
         cfg = dict(resume["config"])
         cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
         cfg.setdefault("replicas", 1)
+        for key, default in dict(batchnorm="frame", pretrained=None).items():  # options newer than the checkpoint
+            cfg.setdefault(key, default)
+        cfg["pretrained"] = None  # the checkpoint's weights are where the run goes on from
         for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas"):  # may change on resume
             if key in args.given:
                 cfg[key] = getattr(args, key)
@@ -316,22 +434,33 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
         if getattr(ds, "skipped", None):
             print(f"sideways-train: skipped {len(ds.skipped)} unreadable file(s)", file=sys.stderr)
     classes = len(train_set.classes)
-    net = build_model(cfg, classes).to(device)
+    net = build_model(cfg, classes)
+    if cfg.get("pretrained"):
+        load_pretrained(net, cfg["pretrained"])
+    net = net.to(device)
     optimizer = build_optimizer(cfg, net.parameters())
     steps_per_epoch = math.ceil(len(train_set) / cfg["batch_size"])
     total_steps = cfg["epochs"] * steps_per_epoch  # not --max-steps: a cut run is a prefix of the full one
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
-    pipe = cluster.pipeline(models.stages(net, cfg["stages"]), cfg["mode"], cfg["update"],
-                            optimizer if cfg["update"] == "tick" else None)
+    example = train_set[0][0].unsqueeze(0).to(device)
+    pipe = cluster.pipeline(net, cfg, optimizer if cfg["update"] == "tick" else None, example)
+    if pipe.min_clip_length() > cfg["clip_len"]:
+        raise DataError(f"--clip-len {cfg['clip_len']} is too short for --model {cfg['model']}: its temporal layers "
+                        f"need at least {pipe.min_clip_length()} frames")
     # batch: batches of `epoch` done; sums: (videos, correct, loss*videos) of those, for the epoch record
     state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0], best_val_acc=-1.0, wall=0.0)
     if resume is not None:
-        net.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        state.update(resume["state"])
-        set_rng_state(resume["rng"])
+        try:
+            net.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            state.update(resume["state"])
+            set_rng_state(resume["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"--resume: {args.resume!r} does not fit the network and options it names "
+                            f"({type(exc).__name__}: {first[:200]})") from None
     if cluster.main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
@@ -395,8 +524,8 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                     state["step"] += 1
                     state["batch"] = batch_index + 1
                     elapsed = time.time() - tick
-                    hits = 0 if result.outputs is None else \
-                        (result.outputs.flatten(3).mean((2, 3)).argmax(1) == cluster.share(pipe, label)).sum().item()
+                    hits = 0 if result.logits is None else \
+                        (result.logits.argmax(1) == cluster.share(pipe, label)).sum().item()
                     hits = int(cluster.total(hits))
                     sums = state["sums"]
                     sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + result.loss.item() * len(label)
