@@ -151,6 +151,10 @@ class Engine:
                     x_in = None if got is None else got[0]
                 else:
                     x_in = up[k]
+                if sp.keep_arrival:  # the last sample of the clip from below: held samples are copies of it
+                    self._carry("held", 0, k, x_in.detach())
+                if k > 0 and sp.arrive is not None and not sp.arrive_real:
+                    x_in = self.buffers.get(("held", 0, k))
                 if sp.arrive is not None and x_in is None:
                     raise RuntimeError(f"stage {k} expected a sample at tick {plan.tick} and got none")
                 if not sp.steps and not sp.takes_error and not sp.queued:
@@ -342,7 +346,8 @@ class Engine:
         rings += [n._ring for k in range(self.lo, self.hi) for n in (self.graph.nodes[i] for i in self.stages[k])
                   if isinstance(n, PoolNode) and n._ring is not None]
         held = [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)]
-        return tuple(t.data_ptr() for t in itertools.chain(rings, held, self.queue.values(), self.buffers.values()))
+        carried = [b for key, b in self.buffers.items() if key[0] != "held"]  # held samples: drain ticks only
+        return tuple(t.data_ptr() for t in itertools.chain(rings, held, self.queue.values(), carried))
 
     # --- streaming state, streams, timing ----------------------------------------------------
 

@@ -26,6 +26,7 @@ import math
 from typing import Iterator, Optional, Sequence
 
 from .graph import SOURCE, ChainNode, ConvNode, PoolNode, StreamGraph
+from .nn import ZEROS
 
 __all__ = ["Step", "StagePlan", "TickPlan", "Schedule"]
 
@@ -49,6 +50,7 @@ class Step:
     work: object = None
     inputs: tuple = ()
     stores: tuple = ()
+    stored: tuple = ()  # the sample index of each store (the schedule's bookkeeping, not part of the phase)
 
     def phase(self) -> tuple:
         return (self.node, self.fire, self.emit is not None, self.valid, self.work, self.inputs, self.stores)
@@ -60,7 +62,9 @@ class StagePlan:
     source); ``steps``; ``out``: the output sample it sends up (index, valid) or None;
     ``loss``: the output frame whose loss it computes (top stage); ``takes_error``: an error
     from above arrives; ``roots``: producers whose waiting error goes through them now;
-    ``backward``: it back-propagates this tick; ``sends_error``: an error goes down."""
+    ``backward``: it back-propagates this tick; ``sends_error``: an error goes down.
+    ``arrive_real``: the arriving sample is one of the clip's (else a held one: the stage uses
+    its own copy of the last real one, kept when ``keep_arrival``)."""
     arrive: Optional[int]
     steps: tuple
     out: Optional[tuple]
@@ -70,11 +74,14 @@ class StagePlan:
     backward: bool = False
     sends_error: bool = False
     queued: tuple = ()  # producers of this stage with an error waiting from an earlier tick
+    arrive_real: bool = False
+    keep_arrival: bool = False
+    traversed: frozenset = frozenset()  # nodes the backward goes through (bookkeeping, not in the phase)
 
     def phase(self) -> tuple:
         return (self.arrive is not None, tuple(s.phase() for s in self.steps),
                 None if self.out is None else self.out[1], self.loss is not None, self.takes_error, self.roots,
-                self.backward, self.sends_error, self.queued)
+                self.backward, self.sends_error, self.queued, self.arrive_real, self.keep_arrival)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +108,7 @@ class Schedule:
         self.inputs = [SOURCE] + [self._crossing(k) for k in range(1, len(self.stages))]
         self.outputs = [self.inputs[k + 1] for k in range(len(self.stages) - 1)] + [graph.output]
         self.depth: dict = {}  # (node, input) -> FIFO slots, from a dry run
+        self._plans, self._plans_for = None, None
         self._lengths = graph.lengths(frames)
         self.depth = self._measure_depths()
 
@@ -139,7 +147,12 @@ class Schedule:
         return {key: max(d, 1) for key, d in depth.items()}
 
     def __iter__(self) -> Iterator[TickPlan]:
-        return self._simulate(self.depth, measure=False)
+        if self.frames == INF:  # a live stream: planned tick by tick (forward only: nothing to prune)
+            return self._simulate(self.depth, measure=False)
+        if self._plans is None or self._plans_for != self.frames:
+            self._plans = self._prune(list(self._simulate(self.depth, measure=False)))
+            self._plans_for = self.frames
+        return iter(self._plans)
 
     def total_ticks(self) -> int:
         return sum(1 for _ in self)
@@ -180,12 +193,13 @@ class Schedule:
                         m, inputs, stores = arrivals[0][1], ("new",), ()
                     else:
                         m, inputs, stores = self._join(c, node, arrivals, emitted, fifo, expected, depth, measure)
+                    stored = tuple(dict(arrivals)[pos] for pos, _ in stores)
                     if m is None:
-                        steps.append(Step(c, False, stores=stores))
+                        steps.append(Step(c, False, stores=stores, stored=stored))
                         continue
                     n = node.emits(m)
                     valid = n is not None and n < self.length(c)
-                    steps.append(Step(c, True, m, n, valid, self._work(node, m), inputs, stores))
+                    steps.append(Step(c, True, m, n, valid, self._work(node, m), inputs, stores, stored))
                     held_from[c] = inputs
                     if n is not None:
                         emitted[c] = n
@@ -199,7 +213,7 @@ class Schedule:
                 if k < top and out is not None:
                     next_up[k + 1] = out[0]
                 takes = errors_down[k]
-                roots, backward, sends = (), False, False
+                roots, backward, sends, traversed = (), False, False, frozenset()
                 waiting = tuple(sorted(p for p in queued if self.stage_of.get(p) == k))
                 if sideways:
                     if takes:
@@ -208,15 +222,19 @@ class Schedule:
                     queued.difference_update(roots)
                     if roots or loss is not None:
                         backward = True
-                        sends = self._backward(k, [out_node] if loss is not None else [], roots, emitted,
-                                               held_from, queued)
+                        sends, traversed = self._backward(k, [out_node] if loss is not None else [], roots, emitted,
+                                                          held_from, queued)
                     if sends and k > 0:
                         next_down[k - 1] = True
+                crossing = self.inputs[k]
+                real = arrive is not None and arrive < self.length(crossing)
+                last_real = real and arrive == self.length(crossing) - 1
                 plans.append(StagePlan(arrive, tuple(steps), out, loss, takes, roots, backward, sends and k > 0,
-                                       waiting))
+                                       waiting, real, last_real and k > 0, traversed))
             if warm is None and all(seen) and (not sideways or plans[0].backward):
                 warm = tick
-            plan = TickPlan(tick, tuple(plans), steady=warm is not None and tick < self.frames)
+            drain = any(sp.arrive is not None and not sp.arrive_real or sp.keep_arrival for sp in plans[1:])
+            plan = TickPlan(tick, tuple(plans), steady=warm is not None and tick < self.frames and not drain)
             yield plan
             sent_up, errors_down = next_up, next_down
             out_total = self.out_frames()
@@ -258,6 +276,54 @@ class Schedule:
         expected[c] = m + 1
         return m, tuple(inputs), tuple(stores)
 
+    def _prune(self, plans: list) -> list:
+        """Drop the firings on held samples (after the clip) that nothing uses: kept are the
+        firings on the clip's samples, those that push end padding or emit a frame of the output,
+        those the tick's backward goes through, and whatever those read (same tick, or a FIFO
+        sample stored earlier). Held samples never cross a stage boundary: a stage reads its own
+        copy of the last real sample it got. Same results, far less work in the drain."""
+        graph = self.graph
+        need_store: set = set()  # (node, input, sample index) read later by a kept firing
+        out = []
+        for plan in reversed(plans):
+            stages = []
+            for k, sp in enumerate(plan.stages):
+                needed = set(sp.traversed)
+                steps = []
+                for step in reversed(sp.steps):
+                    node = graph.nodes[step.node]
+                    fire = step.fire and (step.node in needed or self._essential(node, step))
+                    stores = tuple(st for st, idx in zip(step.stores, step.stored)
+                                   if (step.node, st[0], idx) in need_store)
+                    for pos, _ in stores:
+                        needed.add(node.inputs[pos])
+                    if fire:
+                        for pos, (p, how) in enumerate(zip(node.inputs, step.inputs)):
+                            if how == "new":
+                                needed.add(p)
+                            else:
+                                need_store.add((step.node, pos, step.m))
+                    if fire or stores:
+                        steps.append(dataclasses.replace(step, fire=fire, stores=stores,
+                                                         stored=tuple(i for st, i in zip(step.stores, step.stored)
+                                                                      if st in stores)))
+                out_sent = sp.out if sp.out is not None and sp.out[1] else None
+                stages.append(dataclasses.replace(sp, steps=tuple(reversed(steps)), out=out_sent))
+            out.append(dataclasses.replace(plan, stages=tuple(stages)))
+        return out[::-1]
+
+    def _essential(self, node, step: Step) -> bool:
+        """A firing that changes what comes later: on a clip sample, pushing end padding, or
+        emitting an output frame."""
+        if step.valid or step.m < self.length(node.inputs[0]):
+            return True
+        work = step.work
+        if isinstance(node, ConvNode):
+            return work[0] == ZEROS
+        if isinstance(node, ChainNode):
+            return any(action == ZEROS for action, _ in work)
+        return False
+
     def _work(self, node, m: int):
         length = self.length(node.inputs[0]) if node.inputs else self.frames
         if isinstance(node, ConvNode):
@@ -268,9 +334,10 @@ class Schedule:
             return node.steps(m, length)
         return None
 
-    def _backward(self, k, loss_roots, roots, emitted, held_from, queued) -> bool:
+    def _backward(self, k, loss_roots, roots, emitted, held_from, queued) -> tuple[bool, frozenset]:
         """Follow this tick's graph from the roots: a held input whose producer did not fire
-        queues the error there; reaching the stage's input sends it down."""
+        queues the error there; reaching the stage's input sends it down. Returns (whether an
+        error goes down, the nodes it went through)."""
         frontier = list(loss_roots) + list(roots)
         seen, sends = set(), False
         source = self.inputs[k]
@@ -289,7 +356,7 @@ class Schedule:
                     sends = True
                 else:
                     queued.add(p)
-        return sends
+        return sends, frozenset(seen - {source})
 
     def _drain_bound(self) -> int:
         g = self.graph
