@@ -49,7 +49,8 @@ class Engine:
     (sideways_kernels.distributed) or None."""
 
     def __init__(self, graph: StreamGraph, stages: list[list[int]], device: Callable[[int], torch.device]):
-        self.graph, self.stages, self.device = graph, stages, device
+        self.graph, self.stages, self._device_of = graph, stages, device
+        self._devices: Optional[list] = None  # each stage's device, looked up once a run
         self.lo, self.hi = 0, len(stages)
         self.boundary = None
         self.timer: Optional[_StageTimer] = None
@@ -71,6 +72,7 @@ class Engine:
         ``frames``: an iterator of checked frames [B, C, 1, H, W] (stage 0's process only)."""
         self.inputs, self.outputs = schedule.inputs, schedule.outputs
         self.schedule, self.mode = schedule, mode
+        self._devices = [self._device_of(k) for k in range(len(self.stages))]
         self.frame_loss, self.losses = frame_loss, losses
         self.tick_optimizer = optimizer if (mode == "sideways" and update == "tick") else None
         up: list = [None] * len(self.stages)  # sample arriving at each stage
@@ -115,6 +117,9 @@ class Engine:
         if boundary is not None:
             boundary.finish(tick - 1, mode)
         self.last_ticks = tick
+
+    def device(self, k: int) -> torch.device:
+        return self._devices[k] if self._devices is not None else self._device_of(k)
 
     def _python_state(self, state=None):
         """What a tick changes on the Python side and a graph replay would not: gradient
@@ -379,6 +384,8 @@ class Engine:
         if self._streams is None:
             self._streams = [torch.cuda.Stream(self.device(i)) if self.device(i).type == "cuda" else None
                              for i in range(len(self.stages))]
+        if not any(s is not None for s in self._streams):
+            return self._streams
         self._home = {s.device: torch.cuda.current_stream(s.device) for s in self._streams if s is not None}
         for s in self._streams:
             if s is not None:

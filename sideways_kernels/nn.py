@@ -47,6 +47,7 @@ class _Stream:
     clock: Optional[StreamClock] = None  # chain stages: the layer works its step out from it
     window: Optional[collections.deque] = None  # bp mode: the last `span` frames, in the graph
     fresh: bool = True  # the ring is zeroed (the clip's start padding) at the run's first step
+    geometry: Optional[tuple] = None  # (op padding, F.pad args or None, conv2d args): fixed for the run
 
 
 class SidewaysConv3d(nn.Conv3d):
@@ -177,7 +178,10 @@ class SidewaysConv3d(nn.Conv3d):
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}")
-        padding, pre_pad = self._spatial_padding()
+        if s.geometry is None:
+            padding, pre_pad = self._spatial_padding()
+            s.geometry = (padding, pre_pad, self.conv2d_args(padding))
+        padding, pre_pad, args = s.geometry
         frame = x.squeeze(2)
         if pre_pad is not None:
             frame = F.pad(frame, *pre_pad)
@@ -201,7 +205,7 @@ class SidewaysConv3d(nn.Conv3d):
                     self._ring[slot].copy_(push)
             return None
         if s.mode == "infer" or not torch.is_grad_enabled():
-            out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *self.conv2d_args(padding))
+            out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *args)
         else:
             out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, padding, slot)
             # Not a view: an in-place layer next (ReLU(inplace=True)) would otherwise make autograd
@@ -238,13 +242,13 @@ class _SidewaysTick(torch.autograd.Function):
         # Everything the backward needs, as of this tick (it may run after the run ended).
         ctx.layer, ctx.stream, ctx.ring, ctx.padding, ctx.slot = layer, s, layer._ring, padding, slot
         ctx.input_hw = list(frame.shape[-2:])
-        return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *layer.conv2d_args(padding))
+        return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[2])
 
     @staticmethod
     def backward(ctx, grad_out):
         layer: SidewaysConv3d = ctx.layer
         s, ring = ctx.stream, ctx.ring
-        args = layer.conv2d_args(ctx.padding)
+        args = s.geometry[2]
         grad_out = grad_out.contiguous()
         grad_frame = None
         if ctx.needs_input_grad[0]:
