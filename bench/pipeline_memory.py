@@ -1,15 +1,22 @@
 """Peak memory of one training clip, Sideways pipeline vs clip-level BP (nn.Conv3d +
-autograd), on a 4-stage C3D-like network, batch 4, 56x56, for T = 8..64 frames.
+autograd), for growing clip lengths T, on two networks:
 
-Each figure is measured in a fresh process: one warm-up clip of 4 frames (so one-time
-library start-up, e.g. oneDNN's, is not counted), then the peak-RSS mark is reset
-(/proc/self/clear_refs) and the measured clip's peak RSS growth is read from VmHWM.
-Alongside it, the bytes each method holds by construction: Sideways' rings and double
-buffers, BP's tensors saved for backward (counted with saved_tensors_hooks). Writes
-bench/memory_vs_T.png and a markdown table.
+- ``c3d``: the 4-stage C3D-like chain (widths 16/32/64/128), batch 4, 56x56, T = 8..256;
+- ``r2plus1d_18``: the standard R(2+1)D-18 (residuals, temporal strides, BatchNorm per frame, a
+  pooled head) at width 8, converted and cut into 4 stages by ``SidewaysPipeline.from_model``,
+  batch 2, 32x32, T = 16..128.
 
-    python bench/pipeline_memory.py            # all T, both methods, plot + table
-    python bench/pipeline_memory.py --child sideways 16   # one measurement, JSON
+Each figure is measured in a fresh process: one warm-up clip of the same length (so one-time
+costs are not counted: library start-up, e.g. oneDNN's, and the pipeline's tick plans, which it
+builds once per clip length and keeps, about 4 KB a tick), then the peak-RSS mark is reset
+(/proc/self/clear_refs) and the measured clip's peak RSS growth is read from VmHWM; the clip
+itself exists before the reset.
+Alongside it, the bytes each method holds by construction: Sideways' rings, FIFO slots, waiting
+errors and double buffers (``Engine.held_bytes``), BP's tensors saved for backward (counted
+with saved_tensors_hooks). Writes bench/memory_vs_T.png and markdown tables.
+
+    python bench/pipeline_memory.py                      # both networks, plot + tables
+    python bench/pipeline_memory.py --child c3d sideways 16   # one measurement, JSON
 """
 from __future__ import annotations
 
@@ -18,8 +25,11 @@ import os
 import subprocess
 import sys
 
-BATCH, HW, STAGES, CLASSES = 4, 56, 4, 10
-T_VALUES = (8, 16, 32, 64)
+NETWORKS = {  # name: (batch, frame size, T values)
+    "c3d": (4, 56, (8, 16, 32, 64, 128, 256)),
+    "r2plus1d_18": (2, 32, (16, 32, 64, 128)),
+}
+STAGES, CLASSES = 4, 10
 
 
 def _status_bytes(field: str) -> int:
@@ -35,21 +45,33 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def child(method: str, frames: int) -> dict:
-    import torch
+def _network(name: str, sideways: bool):
     import torch.nn as nn
+
+    from sideways_kernels import SidewaysConv3d, models
+    if name == "c3d":
+        return models.c3d(CLASSES, widths=(16, 32, 64, 128), conv=SidewaysConv3d if sideways else nn.Conv3d)
+    return models.r2plus1d_18(CLASSES, width=8)
+
+
+def child(name: str, method: str, frames: int) -> dict:
+    import torch
     import torch.nn.functional as F
 
-    from sideways_kernels import SidewaysConv3d, SidewaysPipeline, models
+    from sideways_kernels import SidewaysPipeline, models
 
     torch.manual_seed(0)
-    conv = nn.Conv3d if method == "bp" else SidewaysConv3d
-    net = models.c3d(CLASSES, widths=(16, 32, 64, 128), conv=conv)
-    target = torch.randint(0, CLASSES, (BATCH,))
-    pipe = SidewaysPipeline(models.stages(net, STAGES)) if method == "sideways" else None
+    batch, hw, _ = NETWORKS[name]
+    net = _network(name, method == "sideways")
+    target = torch.randint(0, CLASSES, (batch,))
+    pipe = None
+    if method == "sideways":
+        pipe = SidewaysPipeline(models.stages(net, STAGES)) if name == "c3d" else \
+            SidewaysPipeline.from_model(net, stages=STAGES, batchnorm="frame")
     held = 0
 
     def bp_clip(video, count_saved=False):
+        nonlocal held
         seen = set()
 
         def pack(t):
@@ -62,58 +84,66 @@ def child(method: str, frames: int) -> dict:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = net(video)
-            loss = sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(out.shape[2])) / out.shape[2]
+            if out.dim() == 2:  # a pooled head
+                loss = F.cross_entropy(out, target)
+            else:
+                loss = sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(out.shape[2])) / out.shape[2]
         loss.backward()
 
     run = (lambda v, **kw: pipe.backward_clip(v, target)) if pipe else bp_clip
-    run(torch.randn(BATCH, 3, 4, HW, HW))  # warm-up: library start-up, rings, buffers
+    video = torch.randn(batch, 3, frames, hw, hw)
+    run(video)  # warm-up: library start-up, rings, buffers, tick plans
     net.zero_grad(set_to_none=False)
-    video = torch.randn(BATCH, 3, frames, HW, HW)
     _reset_peak()
     before = _status_bytes("VmRSS")
     run(video, count_saved=True)
     peak = _status_bytes("VmHWM")
     if pipe:
-        rings = sum(m._ring.untyped_storage().nbytes() for m in net.modules() if isinstance(m, SidewaysConv3d))
-        held = rings + sum(b.untyped_storage().nbytes() for b in pipe.engine.buffers.values())
-    return dict(method=method, frames=frames, peak_rss_growth=max(0, peak - before), held_bytes=held)
+        held = pipe.engine.held_bytes()
+    return dict(network=name, method=method, frames=frames, peak_rss_growth=max(0, peak - before), held_bytes=held,
+                clip_bytes=video.numel() * video.element_size())
 
 
-def measure(method: str, frames: int) -> dict:
+def measure(name: str, method: str, frames: int) -> dict:
     # glibc keeps freed heap blocks in RSS (its mmap threshold grows with use); these
     # settings make it return them, so RSS follows the bytes actually live.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method, str(frames)],
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, method, str(frames)],
                          check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    rows = [measure(m, t) for t in T_VALUES for m in ("sideways", "bp")]
     mib = lambda b: b / 2**20
-    lines = ["| T | Sideways peak RSS growth (MiB) | Sideways rings+buffers (MiB) | BP peak RSS growth (MiB) | BP saved activations (MiB) |",
-             "|---|---|---|---|---|"]
-    by = {(r["method"], r["frames"]): r for r in rows}
-    for t in T_VALUES:
-        s, b = by[("sideways", t)], by[("bp", t)]
-        lines.append(f"| {t} | {mib(s['peak_rss_growth']):.1f} | {mib(s['held_bytes']):.2f} | "
-                     f"{mib(b['peak_rss_growth']):.1f} | {mib(b['held_bytes']):.1f} |")
-    print("\n".join(lines))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, label in (("sideways", "Sideways pipeline"), ("bp", "clip BP (nn.Conv3d + autograd)")):
-        ax.plot(T_VALUES, [mib(by[(method, t)]["peak_rss_growth"]) for t in T_VALUES], "o-", label=f"{label}: peak RSS growth")
-        ax.plot(T_VALUES, [mib(by[(method, t)]["held_bytes"]) for t in T_VALUES], "x--",
-                label=f"{label}: {'rings+buffers' if method == 'sideways' else 'saved activations'}")
-    ax.set_xlabel("clip length T (frames)")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"Memory of one training clip, 4-stage C3D-like, B={BATCH}, {HW}x{HW}, CPU")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(NETWORKS), figsize=(11, 4))
+    for ax, (name, (batch, hw, t_values)) in zip(axes, NETWORKS.items()):
+        by = {(m, t): measure(name, m, t) for t in t_values for m in ("sideways", "bp")}
+        print(f"\n{name}, batch {batch}, {hw}x{hw}, {STAGES} stages")
+        print("| T | clip (MiB) | Sideways peak RSS growth (MiB) | Sideways held by construction (MiB) | "
+              "BP peak RSS growth (MiB) | BP saved activations (MiB) |")
+        print("|---|---|---|---|---|---|")
+        for t in t_values:
+            s, b = by[("sideways", t)], by[("bp", t)]
+            print(f"| {t} | {mib(s['clip_bytes']):.1f} | {mib(s['peak_rss_growth']):.1f} | {mib(s['held_bytes']):.2f} | "
+                  f"{mib(b['peak_rss_growth']):.1f} | {mib(b['held_bytes']):.1f} |")
+        for method, label in (("sideways", "Sideways"), ("bp", "clip BP (nn.Conv3d + autograd)")):
+            ax.plot(t_values, [mib(by[(method, t)]["peak_rss_growth"]) for t in t_values], "o-",
+                    label=f"{label}: peak RSS growth")
+            ax.plot(t_values, [mib(by[(method, t)]["held_bytes"]) for t in t_values], "x--",
+                    label=f"{label}: {'held by construction' if method == 'sideways' else 'saved activations'}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("clip length T (frames)")
+        ax.set_ylabel("MiB")
+        ax.set_title(f"{name}, B={batch}, {hw}x{hw}, CPU", fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Memory of one training clip (the clip itself not counted)", fontsize=10)
     fig.tight_layout()
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_vs_T.png")
     fig.savefig(path, dpi=120)
@@ -121,7 +151,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], int(sys.argv[3]))))
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
     else:
         main()

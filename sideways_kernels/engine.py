@@ -344,15 +344,30 @@ class Engine:
             buf = self.buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
         return buf.copy_(value, non_blocking=True)
 
-    def addresses(self) -> tuple:
-        """Where every tensor that lives across ticks is: a graph is valid only on these."""
-        rings = [m._ring for k in range(self.lo, self.hi) for m in self._stage_modules(k)
+    def held_bytes(self) -> int:
+        """Bytes this engine keeps across ticks by construction: rings, FIFO slots, waiting
+        errors, double buffers (constant in the clip length)."""
+        seen, total = set(), 0
+        for t in self._persistent():
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def _persistent(self) -> list:
+        rings = [m._ring for k in range(self.lo, self.hi) for top in self._stage_modules(k) for m in top.modules()
                  if isinstance(m, SidewaysConv3d) and m._ring is not None]
         rings += [n._ring for k in range(self.lo, self.hi) for n in (self.graph.nodes[i] for i in self.stages[k])
                   if isinstance(n, PoolNode) and n._ring is not None]
         held = [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)]
-        carried = [b for key, b in self.buffers.items() if key[0] != "held"]  # held samples: drain ticks only
-        return tuple(t.data_ptr() for t in itertools.chain(rings, held, self.queue.values(), carried))
+        return rings + held + list(self.queue.values()) + list(self.buffers.values())
+
+    def addresses(self) -> tuple:
+        """Where every tensor that lives across ticks is: a graph is valid only on these (the
+        copies of held samples are touched in drain ticks only, never captured)."""
+        drain_only = {id(b) for key, b in self.buffers.items() if key[0] == "held"}
+        return tuple(t.data_ptr() for t in self._persistent() if id(t) not in drain_only)
 
     # --- streaming state, streams, timing ----------------------------------------------------
 
