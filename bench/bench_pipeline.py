@@ -60,3 +60,46 @@ def test_pipeline(benchmark, clip, mode):
     _report(benchmark, net, video)
     benchmark.pedantic(pipe.backward_clip, (video, target), rounds=5, warmup_rounds=1)
     _frames_per_second(benchmark)
+
+
+# --- a converted standard network: R(2+1)D-18 (residuals, temporal strides, BatchNorm, pooled head) ---
+
+R2_B, R2_HW, R2_T, R2_WIDTH = 4, 32, 16, 16
+
+
+@pytest.fixture(scope="module")
+def r2_clip():
+    torch.manual_seed(0)
+    return torch.randn(R2_B, 3, R2_T, R2_HW, R2_HW), torch.randint(0, CLASSES, (R2_B,))
+
+
+def _r2_report(benchmark):
+    benchmark.extra_info.update(frames_per_clip=R2_T * R2_B, threads=torch.get_num_threads(),
+                                shape=f"B{R2_B} 3x{R2_T}x{R2_HW}x{R2_HW} r2plus1d_18(width {R2_WIDTH}) {STAGES} stages")
+
+
+@pytest.mark.benchmark(group="train-clip-r2plus1d_18")
+def test_r2plus1d_18_clip_bp_nn_conv3d(benchmark, r2_clip):
+    torch.manual_seed(1)
+    net = models.r2plus1d_18(CLASSES, width=R2_WIDTH)
+    video, target = r2_clip
+
+    def step():
+        F.cross_entropy(net(video), target).backward()
+
+    _r2_report(benchmark)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["frames_per_s"] = R2_B * R2_T / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("mode", ["sideways", "bp"])
+@pytest.mark.benchmark(group="train-clip-r2plus1d_18")
+def test_r2plus1d_18_pipeline(benchmark, r2_clip, mode):
+    torch.manual_seed(1)
+    net = models.r2plus1d_18(CLASSES, width=R2_WIDTH)
+    video, target = r2_clip
+    pipe = SidewaysPipeline.from_model(net, stages=STAGES, mode=mode, batchnorm="frame", example=video[:1])
+    _r2_report(benchmark)
+    benchmark.pedantic(pipe.backward_clip, (video, target), rounds=5, warmup_rounds=1)
+    benchmark.extra_info["frames_per_s"] = R2_B * R2_T / benchmark.stats.stats.median
+    benchmark.extra_info["ticks"] = pipe.last_ticks
