@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import sideways_kernels.triton as T  # noqa: E402
 from sideways_kernels import SidewaysPipeline, reference as ref  # noqa: E402
+from graphs import Residuals, randomize_norms  # noqa: E402
 from nets import classifier_net, grads, rel_error, stages_of  # noqa: E402
 from samples import GEOMETRIES, geometry_id, make  # noqa: E402
 
@@ -95,6 +96,22 @@ def test_pipeline_really_runs_triton_and_matches_the_torch_backend(mode):
     assert results["torch"][2] == 0
     if mode == "sideways":  # bp mode runs the graph-connected window, not the ring ops
         assert results["triton"][2] > 0, "the Triton backend launched no Triton kernel"
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
+
+
+def test_a_converted_graph_runs_triton_and_matches_the_torch_backend():
+    """Strides, a phase-offset residual, BatchNorm and a pooled head (from_model), Sideways mode."""
+    torch.manual_seed(0)
+    net = randomize_norms(Residuals()).eval()
+    video, target = torch.randn(2, 3, 9, 8, 7), torch.randint(0, 6, (2,))
+    results = {}
+    for backend in ("torch", "triton"):
+        T.launches.clear()
+        net.zero_grad()
+        out = SidewaysPipeline.from_model(net, stages=2, backend=backend).backward_clip(video, target)
+        results[backend] = (out.loss, grads(net), sum(T.launches.values()))
+    assert results["torch"][2] == 0 and results["triton"][2] > 0
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
 
