@@ -37,21 +37,22 @@ bench: install
 
 # The same op library through CMake's find_package(Torch), loaded and run once.
 cmake-check: install
-	cmake -S . -B build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
-	cmake --build build-cmake -j2 >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	mkdir -p build
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	cmake --build build-cmake -j2 >> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	$(PY) bench/cmake_smoke.py build-cmake/libsideways_ops.so
 
-# Every CUDA kernel compiles for Hopper (sm_90a) and Ampere (sm_80); registers and spills in nvcc.log.
+# Every CUDA kernel compiles for Hopper (sm_90a) and Ampere (sm_80); registers and spills in build/nvcc.log.
 nvcc-check: install
 	@if command -v $(NVCC) > /dev/null; then \
-	  rm -f nvcc.log; \
+	  mkdir -p build; rm -f build/nvcc.log; \
 	  for f in $(CU_SOURCES); do \
 	    for arch in "compute_90a,code=sm_90a" "compute_80,code=sm_80"; do \
 	      echo "nvcc $$f ($$arch)"; \
-	      $(NVCC) $(NVCC_FLAGS) -gencode=arch=$$arch $$f -o /tmp/sideways_nvcc.o >> nvcc.log 2>&1 || { cat nvcc.log; exit 1; }; \
+	      $(NVCC) $(NVCC_FLAGS) -gencode=arch=$$arch $$f -o /tmp/sideways_nvcc.o >> build/nvcc.log 2>&1 || { cat build/nvcc.log; exit 1; }; \
 	    done; \
 	  done; \
-	  grep -E "registers|spill" nvcc.log | sort | uniq -c; \
+	  grep -E "registers|spill" build/nvcc.log | sort | uniq -c; \
 	  echo "g++ -fsyntax-only csrc/cuda/*.cpp (the torch bindings, against torch's and CUDA's headers)"; \
 	  for f in $(wildcard csrc/cuda/*.cpp); do \
 	    $(CXX) -fsyntax-only -std=c++20 $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \
@@ -60,4 +61,4 @@ nvcc-check: install
 	else echo "nvcc not found: CUDA sources not compiled"; fi
 
 clean:
-	rm -rf build build-cmake build-cmake.log nvcc.log *.egg-info sideways_kernels/*.so
+	rm -rf build build-cmake *.egg-info sideways_kernels/*.so

@@ -8,10 +8,15 @@ ninja's parallel compiles.
 import glob
 import os
 import shutil
+import sys
 
-import torch
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pip's default build isolation hides the torch you installed
+    sys.exit("sideways-kernels builds against the torch already installed: install torch first "
+             "(pip install torch==2.13.0, any 2.11-2.13), then pip install --no-build-isolation .")
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -304,13 +304,14 @@ def test_distributed_training_under_torchrun_equals_one_process(tmp_path):
 
 
 def test_distributed_training_with_replicas_follows_one_process(tmp_path):
-    """sideways-train under torchrun with 2 replicas of a 2-rank pipeline: every batch is
-    shared between the replicas, so the run follows the single-process one (up to the float32
-    rounding of summing two half-batches) and writes the same kind of checkpoint."""
-    args = ["--train-videos", "16", "--val-videos", "8", "--batch-size", "6", "--size", "16", "--width", "4",
+    """sideways-train under torchrun with 2 replicas of a 2-rank pipeline: every batch of 5 is
+    shared 3 + 2 between the replicas and their gradients weighted by those shares, so the run
+    follows the single-process one (up to the float32 rounding of summing two part-batches) and
+    writes the same kind of checkpoint."""
+    args = ["--train-videos", "15", "--val-videos", "8", "--batch-size", "5", "--size", "16", "--width", "4",
             "--depth", "4", "--stages", "4", "--clip-len", "5", "--epochs", "1", "--log-every", "1"]
     runs = _train_runs(tmp_path, args, 4, "--replicas", "2")
-    assert len(runs["torchrun"]) == len(runs["one"]) == 4  # 3 steps (6 + 6 + 4 videos) and the epoch
+    assert len(runs["torchrun"]) == len(runs["one"]) == 4  # 3 steps (5 + 5 + 5 videos) and the epoch
     for a, b in zip(runs["torchrun"], runs["one"]):
         for key in ("loss", "train_loss", "val_loss", "train_acc", "val_acc"):
             if key in b:

@@ -125,6 +125,39 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, dtype):
             _close(buf_w, opt.state[w_opt]["momentum_buffer"], dtype, f"momentum buffer after tick {tick}")
 
 
+@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()))
+@pytest.mark.parametrize("geom", GEOMETRIES[1:6], ids=geometry_id)
+def test_reference_sgd_tick_update_is_torch_optim_sgd_on_the_autograd_gradient(geom, hyper):
+    """The oracle itself: reference.sgd_tick_update (what every kernel is tested against)
+    equals torch.optim.SGD.step on the gradient autograd gives for conv3d of the window, the
+    window built tap by tap from reference.tap_slots at a random slot each tick (float64)."""
+    t = make(geom, torch.float64)
+    stride, padding, dilation = geom.conv_args
+    w_opt = t["weight"].detach().clone().requires_grad_()
+    b_opt = t["bias"].detach().clone().requires_grad_()
+    opt = torch.optim.SGD([w_opt, b_opt], **hyper)
+    w, b = t["weight"].clone(), t["bias"].clone()
+    momentum = hyper.get("momentum", 0.0)
+    buf_w = torch.full_like(w, float("nan")) if momentum else None
+    buf_b = torch.full_like(b, float("nan")) if momentum else None
+    for tick in range(3):
+        ring, grad_out = torch.randn_like(t["ring"]), torch.randn_like(t["grad_out"])
+        slot = int(torch.randint(0, geom.span, ()))
+        taps = ref.tap_slots(slot, geom.span, geom.k_t, geom.dilation_t)
+        assert taps == [(slot - (geom.k_t - 1 - j) * geom.dilation_t) % geom.span for j in range(geom.k_t)]
+        window = torch.stack([ring[s] for s in taps], dim=2)  # the taps in order: temporal dilation 1 now
+        out = torch.nn.functional.conv3d(window, w_opt, b_opt, (1, *stride), (0, *padding), (1, *dilation),
+                                         geom.groups)
+        opt.zero_grad()
+        (out.squeeze(2) * grad_out).sum().backward()
+        opt.step()
+        h = dict(dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False), **hyper)
+        ref.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, slot, *_args(t, geom), h["lr"], h["momentum"],
+                            h["dampening"], h["weight_decay"], h["nesterov"], tick == 0)
+        _close(w, w_opt.detach(), torch.float64, f"weight after tick {tick}")
+        _close(b, b_opt.detach(), torch.float64, f"bias after tick {tick}")
+
+
 def test_sgd_tick_update_mixed_precision_master_weights():
     """bf16 activations, fp32 master weight and buffer: matches the fp32 reference."""
     g = GEOMETRIES[5]

@@ -1,4 +1,5 @@
 """The scheduler against the oracles of DESIGN.md §2 (2-5), plus its error handling."""
+import copy
 import itertools
 
 import pytest
@@ -171,9 +172,11 @@ def test_oracle5_gap_to_bp_grows_with_the_drift_rate(temporal, n_stages, backend
     assert gaps[-1] >= 4 * gaps[1], f"gap not growing about linearly (8x rate): {gaps}"
 
 
-def test_tick_update_equals_sgd_after_every_frame():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tick_update_equals_sgd_after_every_frame(backend):
     """One stage whose only temporal layer is first: per-tick updates equal, frame by frame,
-    the clip forward with the current weights, the frame's loss, and torch.optim.SGD.step."""
+    the clip forward with the current weights, the frame's loss, and torch.optim.SGD.step —
+    through the compiled fused op and through the torch backend's (the reference)."""
     torch.manual_seed(torch.initial_seed() % 1000)
     net = classifier_net([(3, 1, 1), (1, 0, 1)])
     ref = classifier_net([(3, 1, 1), (1, 0, 1)])
@@ -187,7 +190,7 @@ def test_tick_update_equals_sgd_after_every_frame():
         opt_ref.zero_grad()
         (F.cross_entropy(ref(video)[:, :, t].flatten(1), target) / T_out).backward()
         opt_ref.step()
-    SidewaysPipeline([net], mode="sideways", update="tick", optimizer=opt).backward_clip(video, target)
+    SidewaysPipeline([net], mode="sideways", update="tick", optimizer=opt, backend=backend).backward_clip(video, target)
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
         assert p.grad is None  # the fused op never materialised the gradient
@@ -196,11 +199,20 @@ def test_tick_update_equals_sgd_after_every_frame():
 
 
 def test_tick_update_multi_stage_trains_and_differs_from_clip_update():
-    net = classifier_net(TEMPORAL[3])
+    """Per-tick SGD over 3 stages moves every weight, and not to where one SGD step on the
+    clip's Sideways gradient moves it (the steps happen between frames)."""
+    net, twin = classifier_net(TEMPORAL[3]), classifier_net(TEMPORAL[3])
+    twin.load_state_dict(net.state_dict())
     before = [p.detach().clone() for p in net.parameters()]
+    video, target = _video(T=8), torch.randint(0, 7, (2,))
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
-    SidewaysPipeline(stages_of(net, 3), update="tick", optimizer=opt).backward_clip(_video(T=8), torch.randint(0, 7, (2,)))
-    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    SidewaysPipeline(stages_of(net, 3), update="tick", optimizer=opt).backward_clip(video, target)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5)
+    SidewaysPipeline(stages_of(twin, 3), update="clip").backward_clip(video, target)
+    opt_twin.step()
+    for a, p, q in zip(before, net.parameters(), twin.parameters()):
+        assert not torch.equal(a, p) and not torch.equal(a, q)  # both trained
+        assert (p - q).abs().max() > 1e-6 * (q - a).abs().max()  # ... differently
 
 
 def test_backends_agree_in_sideways_mode():
@@ -227,11 +239,23 @@ def test_buffers_are_allocated_once_per_input_shape():
 
 
 def test_devices_and_layers_outside_a_pipeline():
+    """Stages on devices stream the clip forward; after the run the layers are plain convs again:
+    the network gives what the same weights give as nn.Conv3d."""
     net = classifier_net(TEMPORAL[0])
+    plain = copy.deepcopy(net)
+    for name, m in list(plain.named_modules()):
+        if isinstance(m, SidewaysConv3d):
+            conv = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                             m.bias is not None, m.padding_mode, dtype=DT)
+            conv.load_state_dict(m.state_dict())
+            setattr(plain, name, conv)
     pipe = SidewaysPipeline(stages_of(net, 2), devices=["cpu", "cpu"])
     video = _video(T=5)
-    list(pipe.stream(video))
-    torch.testing.assert_close(net(video), net(video))  # back to plain nn.Conv3d after the run
+    with torch.no_grad():
+        expected = plain(video)
+        streamed = torch.stack(list(pipe.stream(video)), dim=2)
+        torch.testing.assert_close(streamed, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(net(video), expected, rtol=0, atol=0)
     assert all(m._stream is None for m in net.modules() if isinstance(m, SidewaysConv3d))
 
 
@@ -338,8 +362,13 @@ def test_modules_that_cannot_stream_are_refused_by_name(module, words):
 
 def test_frozen_batchnorm_is_accepted_but_training_batchnorm_is_refused_at_run_time():
     bn = nn.BatchNorm3d(3).eval()
-    pipe = SidewaysPipeline([nn.Sequential(SidewaysConv3d(3, 3, (2, 1, 1)), bn)])
-    list(pipe.stream(torch.randn(1, 3, 4, 5, 5)))
+    with torch.no_grad():  # running statistics that are not an identity
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    net = nn.Sequential(SidewaysConv3d(3, 3, (2, 1, 1)), bn)
+    pipe = SidewaysPipeline([net])
+    video = torch.randn(1, 3, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(list(pipe.stream(video)), dim=2), net(video))
     bn.train()
     with pytest.raises(ValueError, match="BatchNorm3d"):
         list(pipe.stream(torch.randn(1, 3, 4, 5, 5)))

@@ -160,16 +160,43 @@ def test_video_folder_with_a_corrupt_file_is_trained_on_and_the_file_named(tmp_p
 
 
 def test_tensor_folder_trains(tmp_path):
+    """.npy and .pt tensors whose class is their brightness: the run learns it (the labels reach
+    the model as the folders say)."""
     root = tmp_path / "tensors"
-    for c in ("a", "b"):
+    rng = np.random.default_rng(0)
+    for label, c in enumerate(("dark", "light")):
         (root / c).mkdir(parents=True)
-        for i in range(6):
-            arr = np.random.rand(7, 18, 20, 3).astype(np.float32)
+        for i in range(10):
+            arr = (rng.random((7, 18, 20, 3)) * 0.2 + (0.7 if label else -0.9)).astype(np.float32)
             if i % 2:
                 np.save(root / c / f"{i}.npy", arr)
             else:
                 torch.save(torch.from_numpy(arr), root / c / f"{i}.pt")
-    assert train.main(["--data", str(root), "--out", str(tmp_path / "out"), *VIDEO_ARGS[:-2]]) == 0
+    out = str(tmp_path / "out")
+    assert train.main(["--data", str(root), "--out", out, *VIDEO_ARGS[:-4], "--epochs", "6", "--lr", "0.1"]) == 0
+    epochs = _records(out)
+    assert epochs[-1]["val_acc"] == 1.0 and epochs[-1]["train_loss"] < epochs[0]["train_loss"], epochs
+
+
+def test_video_folder_labels_are_the_folders_in_both_splits(tmp_path):
+    """Every video's label is its folder's index in the one class list both splits share, also
+    when a split holds no video of some class."""
+    from sideways_kernels.data import VideoFolder
+    root = tmp_path / "tensors"
+    names = ("apple", "banana", "cherry")
+    for c in names:
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            np.save(root / c / f"{c}{i}.npy", np.zeros((5, 8, 8, 3), np.float32))
+    # the official split: no apple in the test split
+    (root / "trainlist01.txt").write_text("\n".join(f"{c}/{c}{i}.npy" for c in names for i in range(3)))
+    (root / "testlist01.txt").write_text("\n".join(f"{c}/{c}3.npy" for c in names[1:]))
+    for split in ("train", "test"):
+        ds = VideoFolder(str(root), split, clip_len=4)
+        assert ds.classes == list(names)
+        assert ds.items and all(label == names.index(os.path.basename(os.path.dirname(path)))
+                                for path, label, _ in ds.items), (split, ds.items)
+        assert {label for _, label, _ in ds.items} == ({0, 1, 2} if split == "train" else {1, 2})
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "one class", "too short"])
