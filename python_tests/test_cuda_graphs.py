@@ -117,6 +117,10 @@ def test_cuda_graph_falls_back_with_a_warning_where_it_cannot_capture():
     bp._graphs = TickGraphs(emulate=True)
     with pytest.warns(RuntimeWarning, match="mode='bp'"):
         bp.backward_clip(video, target)
+    pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=True, smoothing=2)
+    pipe._graphs = TickGraphs(emulate=True)
+    with pytest.warns(RuntimeWarning, match="smoothing > 1"):
+        pipe.backward_clip(video, target)
     pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=True)
     pipe._graphs = TickGraphs(emulate=True)
     with pytest.warns(RuntimeWarning, match="not a tensor"):

@@ -450,3 +450,73 @@ def test_stage_times_measure_each_stage_and_change_nothing():
     for p, (w, g) in zip(net.parameters(), before):
         assert torch.equal(p, w) and torch.equal(p.grad, g)
     assert not opt.state
+
+
+# --- smoothing: averaged errors and activations in the weight update ---------------------------
+
+def test_smoothing_pairs_the_mean_of_the_last_k_errors_with_the_mean_of_their_windows():
+    """One stage, one temporal conv (so each tick's error is exactly that frame's): with
+    smoothing=k the weight gradient is the sum over ticks of conv3d_weight(mean of the last k
+    windows, mean of the last k errors), fewer at the start — computed here by hand."""
+    torch.manual_seed(torch.initial_seed() % 1000)
+    k = 3
+    conv = SidewaysConv3d(3, 4, (2, 3, 3), padding=(0, 1, 0), dtype=DT)
+    net = nn.Sequential(conv, nn.AdaptiveAvgPool3d((None, 1, 1)))
+    video, target = _video(T=7), torch.randint(0, 4, (2,))
+    T_out = 6
+    errors, windows = [], []
+    for t in range(T_out):  # frame t's error on the conv's output, and the window it meets
+        out = conv(video[:, :, t:t + 2]).detach().requires_grad_()
+        (F.cross_entropy(out.mean((3, 4)).flatten(1), target) / T_out).backward()
+        errors.append(out.grad)
+        windows.append(video[:, :, t:t + 2])
+    expected_w, expected_b = torch.zeros_like(conv.weight), torch.zeros_like(conv.bias)
+    for t in range(T_out):
+        e = sum(errors[max(0, t - k + 1):t + 1]) / len(errors[max(0, t - k + 1):t + 1])
+        w = sum(windows[max(0, t - k + 1):t + 1]) / len(windows[max(0, t - k + 1):t + 1])
+        expected_w += torch.nn.grad.conv3d_weight(w, conv.weight.shape, e, padding=(0, 1, 0))
+        expected_b += e.sum((0, 2, 3, 4))
+    net.zero_grad()
+    SidewaysPipeline([net], smoothing=k).backward_clip(video, target)
+    torch.testing.assert_close(conv.weight.grad, expected_w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(conv.bias.grad, expected_b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("update", ["clip", "tick"])
+def test_smoothing_one_is_sideways_bit_for_bit_and_bp_ignores_it(update):
+    results = {}
+    for mode, k in (("sideways", None), ("sideways", 1), ("sideways", 3), ("bp", 1), ("bp", 3)):
+        if mode == "bp" and update == "tick":
+            continue
+        torch.manual_seed(7)
+        net = classifier_net(TEMPORAL[3])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        kwargs = {} if k is None else dict(smoothing=k)
+        pipe = SidewaysPipeline(stages_of(net, 3), mode=mode, update=update, optimizer=opt if update == "tick" else None,
+                                **kwargs)
+        pipe.backward_clip(_video(T=9), torch.randint(0, 7, (2,)))
+        results[(mode, k)] = [p.detach().clone() for p in net.parameters()] + grads_or_none(net)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(results[a], results[b]))
+    assert same(("sideways", None), ("sideways", 1))
+    assert not same(("sideways", 1), ("sideways", 3))
+    if update == "clip":
+        assert same(("bp", 1), ("bp", 3))
+
+
+def grads_or_none(net):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+
+
+def test_smoothing_keeps_oracle_4():
+    """On a static video every window and every error in the history are the same: still exact."""
+    net = classifier_net(NO_PAD[2])
+    static = torch.randn(2, 3, 1, 8, 7, dtype=DT).expand(-1, -1, 10, -1, -1)
+    target = torch.randint(0, 7, (2,))
+    out = {}
+    for mode, k in (("bp", 1), ("sideways", 4)):
+        net.zero_grad()
+        SidewaysPipeline(stages_of(net, 3), mode=mode, smoothing=k).backward_clip(static, target)
+        out[mode] = grads(net)
+    assert rel_error(out["sideways"], out["bp"]) <= 1e-9
+    with pytest.raises(ValueError, match="smoothing must be an int >= 1"):
+        SidewaysPipeline(stages_of(net, 3), smoothing=0)

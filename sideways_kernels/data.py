@@ -1,10 +1,12 @@
 """Data for sideways-train: an embedded procedural dataset whose classes are motions
-(no download), and a user's own videos in the UCF101/HMDB51 folder layout.
+(no download), moving handwritten digits made from the real digits scikit-learn ships (no
+download), and a user's own videos in the UCF101/HMDB51 folder layout.
 
 Both yield ``(clip, label)`` with ``clip`` a float tensor ``[C, T, H, W]`` in about [-1, 1].
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import zlib
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DataError", "MovingTextures", "VideoFolder", "MOTIONS"]
+__all__ = ["DataError", "MovingTextures", "MovingDigits", "ShuffledFrames", "VideoFolder", "MOTIONS"]
 
 
 class DataError(ValueError):
@@ -84,6 +86,105 @@ class MovingTextures(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.videos[i].float(), int(self.labels[i])
+
+
+# --- moving handwritten digits --------------------------------------------------------------
+
+_DIGIT_SPLIT_SEED = 20260101  # fixed: which digit images are for validation never changes
+
+
+def _digit_images():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("--dataset digits needs scikit-learn (it ships the 1,797 digits): pip install scikit-learn") \
+            from None
+    d = load_digits()
+    return torch.from_numpy(d.images).float() / 16.0, torch.from_numpy(d.target).long()
+
+
+class MovingDigits(torch.utils.data.Dataset):
+    """Moving-MNIST-style videos of real handwriting: one of the 1,797 8x8 digits scikit-learn
+    ships (``sklearn.datasets.load_digits``), upscaled, bouncing off the edges of a canvas with
+    a random velocity, on an optional static clutter of random strokes. The class is the digit:
+    appearance is the signal, motion a nuisance. The digit images are split once, by a fixed
+    permutation, 80% for training and 20% for validation, so validation digits were never seen
+    in training; the videos (which image, start, velocity) follow from ``seed``. Clips are
+    ``[3, T, size, size]`` in [-1, 1] (gray, three channels)."""
+
+    def __init__(self, num_videos: int, split: str = "train", clip_len: int = 8, frame_stride: int = 1,
+                 size: int = 32, seed: int = 0, clutter: float = 0.0, speed: float = 1.5):
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        if num_videos < 1 or clip_len < 1 or frame_stride < 1 or size < 12:
+            raise DataError(f"digits need num_videos, clip_len, frame_stride >= 1 and size >= 12, got "
+                            f"{num_videos}, {clip_len}, {frame_stride}, {size}")
+        images, targets = _digit_images()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(_DIGIT_SPLIT_SEED))
+        cut = int(0.8 * len(images))
+        pool = order[:cut] if split == "train" else order[cut:]
+        self.classes = [str(d) for d in range(10)]
+        self.pool = pool  # indices into load_digits(): which real digits this split may show
+        g = torch.Generator().manual_seed(seed)
+        n = num_videos
+        which = pool[torch.randint(0, len(pool), (n,), generator=g)]
+        self.labels = targets[which]
+        digit = max(8, round(size * 0.4))
+        glyphs = F.interpolate(images[which][:, None], size=(digit, digit), mode="bilinear", align_corners=False)
+        room = size - digit
+        start = torch.rand(n, 2, generator=g) * room
+        angle = torch.rand(n, generator=g) * 2 * math.pi
+        velocity = torch.stack([torch.cos(angle), torch.sin(angle)], 1) * speed * (0.6 + 0.8 * torch.rand(n, 1,
+                                                                                                            generator=g))
+        steps = torch.arange(0, clip_len * frame_stride, frame_stride, dtype=torch.float32)
+        # bouncing: position on a line folded into [0, room] (a triangle wave)
+        travel = start[:, None] + velocity[:, None] * steps[None, :, None]  # [n, T, 2]
+        folded = torch.remainder(travel, 2 * room)
+        pos = torch.where(folded > room, 2 * room - folded, folded).round().long()  # [n, T, 2] (x, y)
+        video = torch.zeros(n, clip_len, size, size)
+        rows = torch.arange(digit)
+        for t in range(clip_len):
+            ys = pos[:, t, 1, None] + rows  # [n, digit]
+            xs = pos[:, t, 0, None] + rows
+            video[torch.arange(n)[:, None, None], t, ys[:, :, None], xs[:, None, :]] = glyphs[:, 0]
+        if clutter > 0:  # static strokes: fragments of other digits, faint
+            strokes = images[pool[torch.randint(0, len(pool), (n, 3), generator=g)]]
+            background = F.interpolate(strokes.reshape(n * 3, 1, 8, 8), size=(size // 2, size // 2), mode="bilinear",
+                                       align_corners=False).reshape(n, 3, size // 2, size // 2)
+            canvas = torch.zeros(n, size, size)
+            for j, (oy, ox) in enumerate([(0, 0), (size // 2, 0), (0, size // 2)]):
+                canvas[:, oy:oy + size // 2, ox:ox + size // 2] += background[:, j]
+            video = torch.maximum(video, clutter * canvas[:, None])
+        self.videos = (video * 2 - 1).clamp(-1, 1).to(torch.float16)[:, None]  # [n, 1, T, H, W]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.videos[i].float().expand(3, -1, -1, -1), int(self.labels[i])
+
+
+class ShuffledFrames(torch.utils.data.Dataset):
+    """The frames of every clip of ``dataset`` in a random order (a control: Sideways pairs
+    errors with activations from other frames, so it relies on smooth, correlated frames). The
+    order follows from (seed, epoch, index), so a resumed run sees the same clips."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.classes = dataset.classes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        clip, label = self.dataset[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+        return clip[:, torch.randperm(clip.shape[1], generator=g)], label
 
 
 # --- a user's own videos -------------------------------------------------------------------

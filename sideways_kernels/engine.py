@@ -67,7 +67,7 @@ class Engine:
     # --- a run -------------------------------------------------------------------------------
 
     def run(self, schedule: Schedule, frames, mode: str, frame_loss, losses: Optional[list], *, backend=None,
-            optimizer=None, update: str = "clip", graphs=None, stage_target=None, phase_key=None):
+            optimizer=None, update: str = "clip", graphs=None, stage_target=None, phase_key=None, smoothing: int = 1):
         """Tick until the schedule ends; yields the top stage's valid outputs in frame order.
         ``frames``: an iterator of checked frames [B, C, 1, H, W] (stage 0's process only)."""
         self.inputs, self.outputs = schedule.inputs, schedule.outputs
@@ -84,7 +84,7 @@ class Engine:
         if boundary is not None:
             boundary.start()
         tick = -1
-        with self._streaming(mode, backend, optimizer if (mode == "sideways" and update == "tick") else None):
+        with self._streaming(mode, backend, optimizer if (mode == "sideways" and update == "tick") else None, smoothing):
             for tick in itertools.count():
                 x0 = None
                 if self.lo == 0:
@@ -372,7 +372,7 @@ class Engine:
     # --- streaming state, streams, timing ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _streaming(self, mode: str, backend, optimizer):
+    def _streaming(self, mode: str, backend, optimizer, smoothing: int = 1):
         layers = []
         try:
             for k in range(self.lo, self.hi):
@@ -382,10 +382,10 @@ class Engine:
                     node.begin(mode)
                     if isinstance(node, ChainNode):
                         for layer in node.layers:
-                            layer._stream = _Stream(mode, kernels, optimizer, clock=node.clock)
+                            layer._stream = _Stream(mode, kernels, optimizer, clock=node.clock, smoothing=smoothing)
                             layers.append(layer)
                     elif isinstance(node, ConvNode):
-                        node.module._stream = _Stream(mode, kernels, optimizer)
+                        node.module._stream = _Stream(mode, kernels, optimizer, smoothing=smoothing)
                         layers.append(node.module)
             yield
         finally:

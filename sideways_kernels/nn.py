@@ -48,6 +48,8 @@ class _Stream:
     window: Optional[collections.deque] = None  # bp mode: the last `span` frames, in the graph
     fresh: bool = True  # the ring is zeroed (the clip's start padding) at the run's first step
     geometry: Optional[tuple] = None  # (op padding, F.pad args or None, conv2d args): fixed for the run
+    smoothing: int = 1  # weight updates pair the mean of the last k windows with the mean of the last k errors
+    history: Optional[collections.deque] = None  # smoothing > 1: (window in time order, error) of the last k
 
 
 class SidewaysConv3d(nn.Conv3d):
@@ -257,9 +259,12 @@ class _SidewaysTick(torch.autograd.Function):
                                                      dilation, groups)
         train_w = ctx.needs_input_grad[2]
         train_b = layer.bias is not None and ctx.needs_input_grad[3]
+        slot = ctx.slot
+        if s.smoothing > 1 and (train_w or train_b):
+            ring, grad_out, slot = _smoothed(s, ring, grad_out, slot)
         with torch.no_grad():
             if s.optimizer is not None and train_w and _group_of(s.optimizer, layer.weight) is not None:
-                _fused_sgd(s, layer, ring, grad_out, ctx.slot, args, train_b)
+                _fused_sgd(s, layer, ring, grad_out, slot, args, train_b)
             else:
                 if train_w:
                     if layer.weight.grad is None:
@@ -269,10 +274,24 @@ class _SidewaysTick(torch.autograd.Function):
                         if layer.bias.grad is None:
                             layer.bias.grad = torch.zeros_like(layer.bias)
                         grad_b = layer.bias.grad
-                    s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, ctx.slot, *args)
+                    s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, slot, *args)
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3)))
         return grad_frame, None, None, None, None, None, None
+
+
+def _smoothed(s: _Stream, ring: torch.Tensor, grad_out: torch.Tensor, slot: int) -> tuple:
+    """smoothing = k: this update's (window, error) joins the last k; returns the mean window (in
+    time order, newest in the last slot) and the mean error, to pair in the weight update."""
+    if s.history is None:
+        s.history = collections.deque(maxlen=s.smoothing)
+    span = ring.shape[0]
+    window = torch.stack([ring[(slot + 1 + i) % span] for i in range(span)])
+    s.history.append((window, grad_out.clone()))
+    n = len(s.history)
+    mean_window = sum(w for w, _ in s.history) / n
+    mean_error = (sum(e for _, e in s.history) / n).contiguous()
+    return mean_window, mean_error, span - 1
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:

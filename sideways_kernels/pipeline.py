@@ -176,6 +176,12 @@ class SidewaysPipeline:
             (:mod:`sideways_kernels.cuda_graphs`); where that is impossible it warns once and
             ticks eagerly. The loss function must then be capturable (no host syncs), and every
             trainable parameter gets a ``.grad``.
+        smoothing: ``k >= 1``. Sideways pairs each arriving error with the activation as it is
+            now; with ``k > 1`` every SidewaysConv3d's weight update (accumulated or per-tick)
+            pairs instead the mean of the last ``k`` errors it received with the mean of the
+            last ``k`` input windows they met (fewer at the clip's start). The error sent down is
+            unchanged, and so are bp mode and parameters of other layers. ``k = 1`` (default)
+            is Sideways as it is.
 
     The clip loss is the mean, over the frames the clip forward outputs, of
     ``loss_fn(logits of frame t, target)`` (DESIGN.md §1): rings start at zero (the clip's
@@ -186,13 +192,14 @@ class SidewaysPipeline:
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Optional[Callable] = None, mode: str = "sideways", *,
                  update: str = "clip", optimizer: Optional[torch.optim.Optimizer] = None,
                  devices: Optional[Sequence[Union[str, torch.device]]] = None, backend: Optional[str] = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, smoothing: int = 1):
         stages = list(stages) if not isinstance(stages, nn.Module) else [stages]
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
             raise TypeError("stages must be a non-empty sequence of nn.Module")
         self.stages = nn.ModuleList(stages)
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.mode, self.update, self.optimizer, self.backend = mode, update, optimizer, backend
+        self.smoothing = smoothing
         if backend is not None and backend not in _backend.NAMES:
             raise ValueError(f"backend must be one of {_backend.NAMES} or None, got {backend!r}")
         if devices is not None:
@@ -276,6 +283,8 @@ class SidewaysPipeline:
             raise ValueError(f"mode must be 'sideways' or 'bp', got {self.mode!r}")
         if self.update not in ("clip", "tick"):
             raise ValueError(f"update must be 'clip' or 'tick', got {self.update!r}")
+        if not isinstance(self.smoothing, int) or isinstance(self.smoothing, bool) or self.smoothing < 1:
+            raise ValueError(f"smoothing must be an int >= 1 (1: Sideways as it is), got {self.smoothing!r}")
         if self.update == "tick":
             if self.mode != "sideways":
                 raise ValueError("update='tick' applies the optimizer every tick, which only mode='sideways' does")
@@ -427,6 +436,8 @@ class SidewaysPipeline:
             self._graphs = TickGraphs()
         why = self._graphs.why_not([self._device(i) for i in range(len(self.stages))], self.mode,
                                    self.engine.boundary is not None, target)
+        if why is None and self.smoothing > 1:
+            why = "smoothing > 1 keeps each layer's last errors and windows on the Python side"
         if why is not None:
             self._graphs.warn(why)
             return None
@@ -530,7 +541,7 @@ class SidewaysPipeline:
             key = lambda plan: (plan.phase(self.engine.lo, self.engine.hi), plan.tick % 2, self.engine.addresses())
         yield from self.engine.run(schedule, frames, mode, frame_loss, losses, backend=self.backend,
                                    optimizer=self.optimizer, update=self.update, graphs=graphs,
-                                   stage_target=stage_target, phase_key=key)
+                                   stage_target=stage_target, phase_key=key, smoothing=self.smoothing)
         self.last_ticks = self.engine.last_ticks
 
     def _frames(self, video: Frames, need_length: bool):
