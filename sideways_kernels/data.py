@@ -110,7 +110,7 @@ class MovingDigits(torch.utils.data.Dataset):
     appearance is the signal, motion a nuisance. The digit images are split once, by a fixed
     permutation, 80% for training and 20% for validation, so validation digits were never seen
     in training; the videos (which image, start, velocity) follow from ``seed``. Clips are
-    ``[3, T, size, size]`` in [-1, 1] (gray, three channels)."""
+    ``[3, T, size, size]`` in [0, 1]: ink on a zero background (gray, three channels)."""
 
     def __init__(self, num_videos: int, split: str = "train", clip_len: int = 8, frame_stride: int = 1,
                  size: int = 32, seed: int = 0, clutter: float = 0.0, speed: float = 1.5):
@@ -155,7 +155,7 @@ class MovingDigits(torch.utils.data.Dataset):
             for j, (oy, ox) in enumerate([(0, 0), (size // 2, 0), (0, size // 2)]):
                 canvas[:, oy:oy + size // 2, ox:ox + size // 2] += background[:, j]
             video = torch.maximum(video, clutter * canvas[:, None])
-        self.videos = (video * 2 - 1).clamp(-1, 1).to(torch.float16)[:, None]  # [n, 1, T, H, W]
+        self.videos = video.clamp(0, 1).to(torch.float16)[:, None]  # [n, 1, T, H, W]: ink on a zero background
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -24,24 +24,25 @@ from .pipeline import split_sequential
 __all__ = ["c3d", "r2plus1d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "stages", "MODELS", "CHAINS", "GRAPHS"]
 
 
-def _head(channels: int, num_classes: int, conv: Type[nn.Conv3d]) -> nn.Sequential:
-    """Per-frame classifier: spatial average, then a 1x1x1 conv (logits per frame)."""
-    return nn.Sequential(nn.AdaptiveAvgPool3d((None, 1, 1)), conv(channels, num_classes, 1))
+def _head(channels: int, num_classes: int, conv: Type[nn.Conv3d], dropout: float = 0.0) -> nn.Sequential:
+    """Per-frame classifier: spatial average, (dropout,) then a 1x1x1 conv (logits per frame)."""
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []  # only then: the state dict keys stay the same
+    return nn.Sequential(nn.AdaptiveAvgPool3d((None, 1, 1)), *drop, conv(channels, num_classes, 1))
 
 
 def c3d(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64, 128),
-        temporal_kernel: int = 3, conv: Type[nn.Conv3d] = SidewaysConv3d) -> nn.Sequential:
+        temporal_kernel: int = 3, conv: Type[nn.Conv3d] = SidewaysConv3d, dropout: float = 0.0) -> nn.Sequential:
     """C3D-like: per block a k_t x 3 x 3 conv ('same' padding), ReLU, 1x2x2 spatial max-pool."""
     blocks, c = [], in_channels
     for w in widths:
         blocks.append(nn.Sequential(conv(c, w, (temporal_kernel, 3, 3), padding=(temporal_kernel // 2, 1, 1)),
                                     nn.ReLU(inplace=True), nn.MaxPool3d((1, 2, 2))))
         c = w
-    return nn.Sequential(*blocks, _head(c, num_classes, conv))
+    return nn.Sequential(*blocks, _head(c, num_classes, conv, dropout))
 
 
 def r2plus1d(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64, 128),
-             temporal_kernel: int = 3, conv: Type[nn.Conv3d] = SidewaysConv3d) -> nn.Sequential:
+             temporal_kernel: int = 3, conv: Type[nn.Conv3d] = SidewaysConv3d, dropout: float = 0.0) -> nn.Sequential:
     """R(2+1)D-like: per block a 1x3x3 spatial conv, ReLU, a k_t x 1 x 1 temporal conv, ReLU,
     1x2x2 spatial max-pool (no residual: a skip around a delayed temporal conv cannot stream)."""
     blocks, c = [], in_channels
@@ -51,7 +52,7 @@ def r2plus1d(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] 
                                     conv(mid, w, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0)),
                                     nn.ReLU(inplace=True), nn.MaxPool3d((1, 2, 2))))
         c = w
-    return nn.Sequential(*blocks, _head(c, num_classes, conv))
+    return nn.Sequential(*blocks, _head(c, num_classes, conv, dropout))
 
 
 # --- the standard networks (torchvision.models.video's layouts) ----------------------------------
@@ -119,8 +120,9 @@ class VideoResNet(nn.Module):
     pixels, and a linear classifier."""
 
     def __init__(self, convs: Sequence[Callable], stem: str, num_classes: int = 400, width: int = 64,
-                 blocks: Sequence[int] = (2, 2, 2, 2)):
+                 blocks: Sequence[int] = (2, 2, 2, 2), dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)  # before the classifier; no state, so torchvision's keys stay
         if stem == "r2plus1d":
             mid = max(1, 45 * width // 64)
             self.stem = nn.Sequential(
@@ -160,23 +162,23 @@ class VideoResNet(nn.Module):
 
     def forward(self, x):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-        return self.fc(self.avgpool(x).flatten(1))
+        return self.fc(self.dropout(self.avgpool(x).flatten(1)))
 
 
-def r3d_18(num_classes: int = 400, width: int = 64) -> VideoResNet:
+def r3d_18(num_classes: int = 400, width: int = 64, dropout: float = 0.0) -> VideoResNet:
     """ResNet-3D 18 (3x3x3 convs throughout); torchvision's r3d_18 at ``width=64``."""
-    return VideoResNet([_Conv3DSimple] * 4, "basic", num_classes, width)
+    return VideoResNet([_Conv3DSimple] * 4, "basic", num_classes, width, dropout=dropout)
 
 
-def mc3_18(num_classes: int = 400, width: int = 64) -> VideoResNet:
+def mc3_18(num_classes: int = 400, width: int = 64, dropout: float = 0.0) -> VideoResNet:
     """Mixed convolutions: 3x3x3 in layer1, 1x3x3 after; torchvision's mc3_18 at ``width=64``."""
-    return VideoResNet([_Conv3DSimple] + [_Conv3DNoTemporal] * 3, "basic", num_classes, width)
+    return VideoResNet([_Conv3DSimple] + [_Conv3DNoTemporal] * 3, "basic", num_classes, width, dropout=dropout)
 
 
-def r2plus1d_18(num_classes: int = 400, width: int = 64) -> VideoResNet:
+def r2plus1d_18(num_classes: int = 400, width: int = 64, dropout: float = 0.0) -> VideoResNet:
     """(2+1)D: every 3x3x3 conv factorised into 1x3x3 then 3x1x1; torchvision's r2plus1d_18 at
     ``width=64``."""
-    return VideoResNet([_Conv2Plus1D] * 4, "r2plus1d", num_classes, width)
+    return VideoResNet([_Conv2Plus1D] * 4, "r2plus1d", num_classes, width, dropout=dropout)
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel, stride=1, padding=0, norm=nn.BatchNorm3d) -> nn.Sequential:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import models
 from .backend import NAMES as BACKENDS, set_backend
-from .data import DataError, MovingTextures, VideoFolder
+from .data import DataError, MovingDigits, MovingTextures, ShuffledFrames, VideoFolder
 from .pipeline import NonFiniteError, SidewaysPipeline
 
 __all__ = ["main", "parse_args"]
@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--update", choices=["clip", "tick"], default="clip",
                    help="apply the optimizer once per clip, or every tick (SGD only, fused into the weight update)")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout before the classifier (c3d, r2plus1d, the standard networks)")
+    g.add_argument("--smoothing", type=pos(int), default=1,
+                   help="Sideways weight updates pair the mean of the last k errors with the mean of the last k "
+                        "activation windows (1: plain Sideways)")
     g.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=list(models.MODELS), default="c3d",
@@ -75,8 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a state dict of the standard network (e.g. Kinetics-400 weights saved from torchvision, "
                         "--width 64) to start from; a new classifier when the class count differs")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors; "
-                                                "default: the embedded procedural dataset")
+    d.add_argument("--dataset", choices=["motion", "digits"], default="motion",
+                   help="embedded data: procedural textures whose class is their motion, or moving handwritten digits "
+                        "(real 8x8 digits from scikit-learn) whose class is the digit")
+    d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors "
+                                                "(instead of --dataset)")
+    d.add_argument("--clutter", type=float, default=0.0, help="digits: brightness of static stroke clutter (0-1)")
+    d.add_argument("--shuffle-frames", action="store_true",
+                   help="every clip's frames in random order (a control: destroys temporal smoothness)")
     d.add_argument("--clip-len", type=pos(int), default=8, help="frames per clip")
     d.add_argument("--frame-stride", type=pos(int), default=1, help="keep every s-th frame (faster change per tick)")
     d.add_argument("--size", type=pos(int), default=32, help="frames are resized and cropped to size x size")
@@ -112,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pretrained needs one of the standard networks ({', '.join(models.GRAPHS)}), not --model {args.model}")
     if args.workers < 0:
         p.error("--workers must be >= 0")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.clutter <= 1:
+        p.error(f"--clutter must be in [0, 1], got {args.clutter}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     return args
@@ -133,12 +148,13 @@ def build_model(cfg: dict, num_classes: int, conv=None) -> nn.Module:
     """The network of a run's config (``conv=nn.Conv3d`` gives a chain's plain-PyTorch twin; the
     standard networks are built with nn.Conv3d and converted by from_model)."""
     name = cfg["model"]
+    dropout = cfg.get("dropout", 0.0)
     if name in models.GRAPHS:
         if name == "s3d":
-            return models.s3d(num_classes, width_mult=cfg["width"] / 64, frame_size=cfg["size"])
-        return models.GRAPHS[name](num_classes, width=cfg["width"])
+            return models.s3d(num_classes, width_mult=cfg["width"] / 64, frame_size=cfg["size"], dropout=dropout)
+        return models.GRAPHS[name](num_classes, width=cfg["width"], dropout=dropout)
     widths = [cfg["width"] * 2 ** i for i in range(cfg["depth"])]
-    kwargs = dict(widths=widths, temporal_kernel=cfg["temporal_kernel"])
+    kwargs = dict(widths=widths, temporal_kernel=cfg["temporal_kernel"], dropout=dropout)
     if conv is not None:
         kwargs["conv"] = conv
     return models.CHAINS[name](num_classes, **kwargs)
@@ -193,12 +209,19 @@ def load_pretrained(net: nn.Module, path: str) -> None:
 
 
 def build_data(cfg: dict):
-    if cfg["data"] is None:
-        common = dict(clip_len=cfg["clip_len"], frame_stride=cfg["frame_stride"], size=cfg["size"])
-        return (MovingTextures(cfg["train_videos"], seed=cfg["seed"] * 2 + 1000, **common),
+    common = dict(clip_len=cfg["clip_len"], frame_stride=cfg["frame_stride"], size=cfg["size"])
+    if cfg["data"] is not None:
+        sets = (VideoFolder(cfg["data"], "train", seed=cfg["seed"], **common),
+                VideoFolder(cfg["data"], "test", seed=cfg["seed"], **common))
+    elif cfg.get("dataset", "motion") == "digits":
+        sets = (MovingDigits(cfg["train_videos"], "train", seed=cfg["seed"] * 2 + 1000, clutter=cfg["clutter"], **common),
+                MovingDigits(cfg["val_videos"], "val", seed=cfg["seed"] * 2 + 1001, clutter=cfg["clutter"], **common))
+    else:
+        sets = (MovingTextures(cfg["train_videos"], seed=cfg["seed"] * 2 + 1000, **common),
                 MovingTextures(cfg["val_videos"], seed=cfg["seed"] * 2 + 1001, **common))
-    common = dict(clip_len=cfg["clip_len"], frame_stride=cfg["frame_stride"], size=cfg["size"], seed=cfg["seed"])
-    return VideoFolder(cfg["data"], "train", **common), VideoFolder(cfg["data"], "test", **common)
+    if cfg.get("shuffle_frames"):
+        sets = tuple(ShuffledFrames(d, seed=cfg["seed"] * 2 + k) for k, d in enumerate(sets))
+    return sets
 
 
 def build_optimizer(cfg: dict, params):
@@ -237,28 +260,52 @@ def save_atomic(obj, path: str) -> None:
         raise
 
 
+CALIBRATION_BINS = 15
+
+
 @torch.no_grad()
-def evaluate(net: nn.Module, loader, device) -> tuple[float, float]:
-    """(mean loss, accuracy): the clip forward (which the streamed pipeline equals, oracle 2).
-    A per-frame network: per-frame losses averaged, the clip's class from its frames' mean
-    logits; a network with a pooled head: its clip logits."""
+def evaluate(net: nn.Module, loader, device) -> dict:
+    """The clip forward (which the streamed pipeline equals, oracle 2) over ``loader``:
+    ``loss`` (a per-frame network: its frames' losses averaged; a pooled head: the clip's),
+    ``acc``, and the calibration of the clip prediction (the mean of the frame logits, or the
+    pooled head's): ``nll``, ``ece`` (expected calibration error over 15 equal-width confidence
+    bins), ``conf``, ``conf_wrong`` (mean confidence on wrong predictions; None if none) and the
+    reliability diagram ``bins`` ([count, accuracy, confidence] per bin)."""
     was_training = net.training
     net.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, count = 0.0, 0
+    clip_logits, labels = [], []
     for video, label in loader:
         video, label = video.to(device), label.to(device)
         out = net(video)
         if out.dim() == 2:  # a pooled head: [B, K]
+            logits = out
             total_loss += F.cross_entropy(out, label).item() * len(label)
-            correct += (out.argmax(1) == label).sum().item()
         else:
-            logits = out.flatten(3).mean(3)  # [B, K, T]
-            total_loss += F.cross_entropy(logits, label[:, None].expand(-1, logits.shape[2]),
+            frames = out.flatten(3).mean(3)  # [B, K, T]
+            total_loss += F.cross_entropy(frames, label[:, None].expand(-1, frames.shape[2]),
                                           reduction="mean").item() * len(label)
-            correct += (logits.mean(2).argmax(1) == label).sum().item()
+            logits = frames.mean(2)
+        clip_logits.append(logits.float().cpu())
+        labels.append(label.cpu())
         count += len(label)
     net.train(was_training)
-    return total_loss / count, correct / count
+    logits, labels = torch.cat(clip_logits), torch.cat(labels)
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    right = pred == labels
+    bins, ece = [], 0.0
+    edges = torch.linspace(0, 1, CALIBRATION_BINS + 1)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        n = int(inside.sum())
+        acc_b = right[inside].float().mean().item() if n else 0.0
+        conf_b = conf[inside].mean().item() if n else 0.0
+        bins.append([n, acc_b, conf_b])
+        ece += n / len(labels) * abs(acc_b - conf_b)
+    return dict(loss=total_loss / count, acc=right.float().mean().item(),
+                nll=F.cross_entropy(logits, labels).item(), ece=ece, conf=conf.mean().item(),
+                conf_wrong=conf[~right].mean().item() if (~right).any() else None, bins=bins)
 
 
 class _Stop:
@@ -318,7 +365,7 @@ class _Cluster:
     def pipeline(self, net: nn.Module, cfg: dict, optimizer, example: torch.Tensor):
         """The chains cut at their blocks; the standard networks by from_model."""
         kind = SidewaysPipeline
-        kwargs = dict(update=cfg["update"], optimizer=optimizer)
+        kwargs = dict(update=cfg["update"], optimizer=optimizer, smoothing=cfg.get("smoothing", 1))
         if self.distributed:
             from .distributed import DistributedSidewaysPipeline
             kind = DistributedSidewaysPipeline
@@ -448,8 +495,9 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
     if pipe.min_clip_length() > cfg["clip_len"]:
         raise DataError(f"--clip-len {cfg['clip_len']} is too short for --model {cfg['model']}: its temporal layers "
                         f"need at least {pipe.min_clip_length()} frames")
-    # batch: batches of `epoch` done; sums: (videos, correct, loss*videos) of those, for the epoch record
-    state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0], best_val_acc=-1.0, wall=0.0)
+    # batch: batches of `epoch` done; sums: (videos, correct, loss*videos, steps, loss², loss) of those,
+    # for the epoch record
+    state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0], best_val_acc=-1.0, wall=0.0)
     if resume is not None:
         try:
             net.load_state_dict(resume["model"])
@@ -528,7 +576,10 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                         (result.logits.argmax(1) == cluster.share(pipe, label)).sum().item()
                     hits = int(cluster.total(hits))
                     sums = state["sums"]
-                    sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + result.loss.item() * len(label)
+                    sums.extend([0, 0.0, 0.0][len(sums) - 3:])  # a checkpoint from before the spread was kept
+                    step_loss = result.loss.item()
+                    sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + step_loss * len(label)
+                    sums[3], sums[4], sums[5] = sums[3] + 1, sums[4] + step_loss ** 2, sums[5] + step_loss
                     fps = video.shape[0] * video.shape[2] / elapsed
                     bar.update(1, loss=result.loss.item(), acc=sums[1] / sums[0], fps=fps)
                     if state["step"] % cfg["log_every"] == 0:
@@ -549,12 +600,17 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                     say(f"sideways-train: stopped at --max-steps {cfg['max_steps']} in epoch {epoch + 1}; "
                           f"resume with --resume {os.path.join(out, 'last.pt')}", file=sys.stderr)
                     break
-                seen, correct, loss_sum = state["sums"]
-                state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0])
+                seen, correct, loss_sum, n_steps, loss_sq, loss_plain = (list(state["sums"]) + [0, 0.0, 0.0])[:6]
+                state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0])
                 optimizer_state = cluster.sync(net, pipe, optimizer)  # every rank evaluates the whole model
-                val_loss, val_acc = evaluate(net, val_loader, device)
+                val = evaluate(net, val_loader, device)
+                val_loss, val_acc = val["loss"], val["acc"]
+                mean_step = loss_plain / max(n_steps, 1)
                 record = dict(kind="epoch", step=state["step"], epoch=epoch + 1, train_loss=loss_sum / seen,
-                              train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
+                              train_acc=correct / seen, train_loss_sd=math.sqrt(max(loss_sq / max(n_steps, 1)
+                                                                                    - mean_step ** 2, 0.0)),
+                              val_loss=val_loss, val_acc=val_acc, val_nll=val["nll"], val_ece=val["ece"],
+                              val_conf=val["conf"], val_conf_wrong=val["conf_wrong"], val_bins=val["bins"],
                               lr=scheduler.get_last_lr()[0], wall=time.time() - started)
                 _log(metrics, **record)
                 say(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f} | "
@@ -606,7 +662,8 @@ def _progress(total: int, desc: str, interactive: bool):
 
 
 def _plot(out: str) -> None:
-    """curves.png: training loss per logged step, train/val accuracy per epoch."""
+    """curves.png: training loss per logged step; train/val accuracy, validation NLL and
+    calibration error per epoch."""
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -617,16 +674,21 @@ def _plot(out: str) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.6))
     a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
     a.set_xlabel("step")
     a.set_ylabel("training clip loss")
-    b.plot([r["epoch"] for r in epochs], [r["train_acc"] for r in epochs], "o-", label="train")
-    b.plot([r["epoch"] for r in epochs], [r["val_acc"] for r in epochs], "o-", label="validation")
+    ep = [r["epoch"] for r in epochs]
+    b.plot(ep, [r["train_acc"] for r in epochs], "o-", label="train")
+    b.plot(ep, [r["val_acc"] for r in epochs], "o-", label="validation")
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy")
     b.legend()
-    for ax in (a, b):
+    c.plot(ep, [r.get("val_nll", float("nan")) for r in epochs], "o-", label="validation NLL")
+    c.plot(ep, [r.get("val_ece", float("nan")) for r in epochs], "s-", label="validation ECE (15 bins)")
+    c.set_xlabel("epoch")
+    c.legend()
+    for ax in (a, b, c):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)
