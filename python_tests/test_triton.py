@@ -127,6 +127,77 @@ def test_pipeline_streams_with_triton_and_env_var_selects_it(monkeypatch):
         torch.testing.assert_close(streamed, net(video), rtol=1e-4, atol=1e-5)
 
 
+from sideways_kernels.triton.configs import CONFIGS, DEFAULT, Config, prune, split_k  # noqa: E402
+
+EVERY_CONFIG = sorted({c for cs in CONFIGS.values() for c in cs}) + [DEFAULT]
+
+
+@pytest.mark.parametrize("cfg", EVERY_CONFIG, ids=lambda c: c.name)
+def test_every_config_matches_the_reference_with_split_k(cfg):
+    """Whatever the autotuner picks on a GPU was checked here first: each config of every
+    architecture's list, on a problem with tails in every GEMM axis (forward M = 2·5·7 = 70,
+    N = 5; weight update M = 5, N = 3·2·3·3 = 54, K = 70), the weight update split over 1 and 3
+    programs per tile, twice in a row (the per-tile counters must be back at zero)."""
+    from samples import Geometry
+    g = Geometry(batch=2, channels=3, out_channels=5, height=5, width=7, k_t=2, k_hw=(3, 3), padding=(1, 1))
+    t = make(g, torch.float32)
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    with T.using(cfg, split=1):
+        ring = t["ring"].clone()
+        out = S.ring_conv_forward(ring, t["frame"], t["slot"], t["weight"], t["bias"], *a)
+        expected_ring = t["ring"].double().clone()
+        _close(out, ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a),
+               torch.float32)
+        down = S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], g.groups)
+        _close(down, ref.window_input_grad(d(t["grad_out"]), d(t["weight"]), [g.height, g.width], *a[:3], g.groups),
+               torch.float32)
+    for split in (1, 3):
+        with T.using(cfg, split=split):
+            grad_w = torch.randn_like(t["weight"])
+            expected = grad_w.double()
+            for _ in range(2):  # twice: the second call finds the counters reset
+                S.weight_grad_accumulate(grad_w, None, t["grad_out"], ring, t["slot"], *a)
+                ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(ring), t["slot"], *a)
+            _close(grad_w, expected, torch.float32)
+            w, buf = t["weight"].clone(), torch.full_like(t["weight"], float("nan"))
+            w_ref, buf_ref = t["weight"].double(), torch.zeros_like(t["weight"]).double()
+            for step in range(2):
+                S.sgd_tick_update(w, buf, None, None, t["grad_out"], ring, t["slot"], *a, 0.05, 0.9, 0.0, 1e-2, True,
+                                  step == 0)
+                ref.sgd_tick_update(w_ref, buf_ref, None, None, d(t["grad_out"]), d(ring), t["slot"], *a, 0.05, 0.9,
+                                    0.0, 1e-2, True, step == 0)
+            _close(w, w_ref, torch.float32)
+            _close(buf, buf_ref, torch.float32)
+
+
+def test_split_k_is_deterministic_whatever_the_arrival_order():
+    """The last program sums the partials in split order: the same bits whichever finished last.
+    Under the interpreter programs run in order, so flip the split axis's order by running the
+    reduction reversed: summing the partials in a fixed order must give the same bits as before."""
+    from samples import Geometry
+    g = Geometry(batch=3, channels=4, out_channels=6, height=6, width=5, k_t=3, k_hw=(3, 3), padding=(1, 1))
+    t = make(g, torch.float32)
+    results = []
+    for _ in range(2):
+        with T.using(DEFAULT, split=4):
+            grad_w = torch.zeros_like(t["weight"])
+            S.weight_grad_accumulate(grad_w, None, t["grad_out"], t["ring"], t["slot"], *_a(g))
+        results.append(grad_w)
+    assert torch.equal(results[0], results[1])
+
+
+def test_split_factor_and_pruning():
+    assert split_k(tiles=200, k=10_000, block_k=64, sms=132) == 1  # enough tiles: no split
+    assert split_k(tiles=14, k=25_088, block_k=64, sms=132) == 10  # 64->128, B8, 56x56 on an H100
+    assert split_k(tiles=14, k=256, block_k=64, sms=132) == 1  # too short a reduction to share
+    big = Config(128, 256, 64, 3, 8)
+    assert big not in prune(CONFIGS[90], m=16, n=30, element_size=2, capability=90)  # masked-off work
+    assert big in prune(CONFIGS[90], m=4096, n=4096, element_size=2, capability=90)
+    # shared memory: 128x256x64 in 3 stages of fp32 is 288 KiB, over an A100's limit
+    assert Config(128, 256, 64, 3, 8) not in prune([Config(128, 256, 64, 3, 8)] + CONFIGS[80][-1:], 4096, 4096, 4, 80)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                          reason="needs a CUDA GPU: torch.compile and opcheck trace Triton kernels through wrap_triton, "
                                 "which under TRITON_INTERPRET cannot run on fake tensors")
@@ -151,3 +222,23 @@ def test_triton_opcheck_and_compile_on_gpu(g):
     eager = [x.clone() for x in ins]
     torch.testing.assert_close(torch.compile(tick, fullgraph=True)(*ins), tick(*eager))
     torch.testing.assert_close(ins[2], eager[2])
+
+
+def test_summed_weight_is_recomputed_for_a_new_or_updated_weight():
+    """The input gradient's cached tap sum follows the weight: a new weight at a freed one's
+    address, an optimizer step, and the fused SGD op each give fresh sums."""
+    from samples import Geometry
+    g = Geometry(batch=2, channels=3, out_channels=4, height=5, width=6, k_t=2, k_hw=(3, 3), padding=(1, 1))
+    a = _a(g)
+    for _ in range(3):  # new weights, often at the address the last one had
+        t = make(g, torch.float32)
+        got = S.window_input_grad(t["grad_out"], t["weight"], [5, 6], *a[:3], 1)
+        _close(got, ref.window_input_grad(t["grad_out"], t["weight"], [5, 6], *a[:3], 1), torch.float32)
+    w = t["weight"]
+    with torch.no_grad():
+        w.add_(1.0)  # as an optimizer step would
+    _close(S.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1),
+           ref.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1), torch.float32)
+    S.sgd_tick_update(w, None, None, None, t["grad_out"], t["ring"], t["slot"], *a, 0.5, 0.0, 0.0, 0.0, False, True)
+    _close(S.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1),
+           ref.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1), torch.float32)

@@ -3,11 +3,21 @@
 ``torch.compile`` can trace them on a GPU. On CPU tensors they run under the Triton
 interpreter: set ``TRITON_INTERPRET=1`` before this module is imported.
 
+Tiles: on a GPU, ``triton.autotune`` picks each kernel's config from its architecture's list
+(:mod:`.configs`, pruned by shared memory and the problem's size), keyed on the problem's shape
+and dtype, restoring every in-place output between trials; under the interpreter one config
+runs (:func:`using` chooses it: the tests run every config of every list). The weight update
+splits its reduction over several programs per tile when the tiles alone would not fill the
+SMs, with a deterministic last-program epilogue (kernels.py).
+
 ``launches`` counts kernel launches per op: proof that a pipeline really ran Triton.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import weakref
 from typing import List, Optional
 
 import torch
@@ -15,14 +25,85 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from . import kernels as K
+from .configs import DEFAULT, Config, configs_for, prune, split_k
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
-__all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update", "launches"]
+__all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update", "launches",
+           "using"]
 
 launches: collections.Counter = collections.Counter()
-BLOCK = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_chosen: dict = {"config": None, "split": None}  # set by using()
+_autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
+_summed: dict = {}  # id(weight) -> (weak reference to it, version, dtype, its taps' sum)
+
+
+@contextlib.contextmanager
+def using(config: Optional[Config] = None, split: Optional[int] = None):
+    """Run every kernel with ``config`` (instead of the autotuner's or the interpreter's default)
+    and the weight update with ``split`` programs per tile (instead of the SM-based choice)."""
+    before = dict(_chosen)
+    _chosen.update(config=config, split=split)
+    try:
+        yield
+    finally:
+        _chosen.update(before)
+
+
+def _capability(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+# Each kernel's GEMM (M, N) and element size from its arguments: what the autotuner keys and
+# prunes on (it sees only the kernel's own arguments).
+_PROBLEM = {
+    "ring_conv_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"] // a["groups"], a["ring"]),
+    "window_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"] // a["groups"], a["grad_out"]),
+    "weight_update": lambda a: (a["C_OUT"] // a["groups"], a["C"] // a["groups"] * a["KT"] * a["KH"] * a["KW"],
+                                a["ring"]),
+}
+_KEYS = {
+    "ring_conv_forward": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
+    "window_input_grad": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
+    "weight_update": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
+}
+
+
+def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tuple = ()):
+    """One launch of ``kernel``: with the chosen config, the interpreter's default, or the
+    autotuner's pick over the architecture's list pruned for the problem. ``grid(config)``."""
+    cfg = _chosen["config"]
+    if cfg is None and (INTERPRET or device.type != "cuda"):
+        cfg = DEFAULT
+    if cfg is not None:
+        wrap_triton(kernel)[grid(cfg)](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
+                                       num_stages=cfg.num_stages)
+        return
+    capability = _capability(device)
+    key = (name, capability)
+    kind = name.split(":")[0]  # "weight_update:sgd" restores the momentum buffer too: its own autotuner
+    if key not in _autotuned:
+        def early_prune(configs, named_args, **kwargs):
+            m, n, tensor = _PROBLEM[kind]({**named_args, **kwargs})
+            ours = [Config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+                    for c in configs]
+            keep = {c.name for c in prune(ours, m, n, tensor.element_size(), capability)}
+            return [c for c, o in zip(configs, ours) if o.name in keep]
+        configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in configs_for(capability)]
+        _autotuned[key] = triton.autotune(configs, key=_KEYS[kind], restore_value=list(restore),
+                                          prune_configs_by={"early_config_prune": early_prune})(kernel)
+    wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0))](
+        *args, **meta)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -74,11 +155,12 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
     if bias is not None:
         _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
     out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
-    grid = (triton.cdiv(B * h_out * w_out, BLOCK["BLOCK_M"]), triton.cdiv(c_out // groups, BLOCK["BLOCK_N"]), groups)
-    wrap_triton(K._ring_conv_forward_kernel)[grid](
-        ring, weight, bias if bias is not None else weight, out, *ring.stride(), *weight.stride(), *out.stride(),
-        B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups,
-        KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype), **BLOCK)
+    M, N = B * h_out * w_out, c_out // groups
+    _launch(K._ring_conv_forward_kernel, "ring_conv_forward",
+            lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
+            [ring, weight, bias if bias is not None else weight, out, *ring.stride(), *weight.stride(), *out.stride(),
+             B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups],
+            dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype)), ring.device)
     launches["ring_conv_forward"] += 1
     return out
 
@@ -96,16 +178,36 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
            and conv_output_size(W, k_w, stride[1], padding[1], dilation[1]) == w_out,
            f"grad_out's {h_out}x{w_out} is not the conv output size for input_size {input_size}")
     cg = weight.shape[1]
-    summed = weight.sum(2).to(grad_out.dtype)
+    summed = _summed_weight(weight, grad_out.dtype)
     grad_in = torch.empty((B, cg * groups, H, W), dtype=grad_out.dtype, device=grad_out.device,
                           memory_format=torch.channels_last)
-    grid = (triton.cdiv(B * H * W, BLOCK["BLOCK_M"]), triton.cdiv(cg, BLOCK["BLOCK_N"]), groups)
-    wrap_triton(K._window_input_grad_kernel)[grid](
-        grad_out, summed, grad_in, *grad_out.stride(), *summed.stride(), *grad_in.stride(),
-        B, cg * groups, H, W, c_out, h_out, w_out, *stride, *padding, *dilation, groups,
-        KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), **BLOCK)
+    M, N = B * H * W, cg
+    _launch(K._window_input_grad_kernel, "window_input_grad",
+            lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
+            [grad_out, summed, grad_in, *grad_out.stride(), *summed.stride(), *grad_in.stride(),
+             B, cg * groups, H, W, c_out, h_out, w_out, *stride, *padding, *dilation, groups],
+            dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype)), grad_out.device)
     launches["window_input_grad"] += 1
     return grad_in
+
+
+def _summed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The taps' summed weight [C_out, C/groups, k_h, k_w], computed once per version of that
+    weight tensor (every in-place update bumps ``_version``, this module's fused SGD op too: a
+    triton_op bumps the arguments it declares mutated).
+    Inside a CUDA-graph capture or a compile it is always computed, so a replay recomputes it."""
+    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
+        return weight.sum(2).to(dtype)
+    cached = _summed.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version and cached[2] == dtype:
+        return cached[3]
+    summed = weight.sum(2).to(dtype)
+    if len(_summed) > 256:  # forget the weights that are gone
+        for key in [k for k, v in _summed.items() if v[0]() is None]:
+            del _summed[key]
+    _summed[id(weight)] = (weakref.ref(weight), weight._version, dtype, summed)
+    return summed
 
 
 def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups,
@@ -116,13 +218,33 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
     if buffer is not None:
         _check(buffer.shape == target.shape and buffer.stride() == target.stride() and buffer.dtype == target.dtype,
                "momentum_buffer must match the weight's shape, layout and dtype")
-    n_cols = (C // groups) * k_t * k_h * k_w
-    grid = (triton.cdiv(c_out // groups, BLOCK["BLOCK_M"]), triton.cdiv(n_cols, BLOCK["BLOCK_N"]), groups)
-    wrap_triton(K._weight_update_kernel)[grid](
-        grad_out, ring, target, buffer if buffer is not None else target, *grad_out.stride(), *ring.stride(),
-        *target.stride(), B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups,
-        *hyper, KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
-        FIRST_STEP=first_step, PRECISION=_precision(ring.dtype), **BLOCK)
+    M, N, K_total = c_out // groups, (C // groups) * k_t * k_h * k_w, B * h_out * w_out
+    device = ring.device
+    sms = _sms(device)
+
+    def splits(cfg: Config) -> int:
+        tiles = groups * triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+        return _chosen["split"] or split_k(tiles, K_total, cfg.BLOCK_K, sms)
+
+    def grid(cfg: Config):
+        return triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), splits(cfg), groups
+
+    # fp32 partials and one counter per tile, sized for the largest any config may ask (a fresh
+    # allocation per call: two streams' updates never share them)
+    candidates = [_chosen["config"]] if _chosen["config"] else \
+        ([DEFAULT] if INTERPRET or device.type != "cuda" else configs_for(_capability(device)))
+    work = max(groups * triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N) * splits(c) * c.BLOCK_M * c.BLOCK_N
+               for c in candidates)
+    tiles = max(groups * triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N) for c in candidates)
+    partials = torch.empty(work, dtype=torch.float32, device=device)
+    counters = torch.zeros(tiles, dtype=torch.int32, device=device)
+    restore = ("target", "momentum_buffer") if sgd else ("target",)
+    _launch(K._weight_update_kernel, "weight_update:sgd" if sgd else "weight_update", grid,
+            [grad_out, ring, target, buffer if buffer is not None else target, partials, counters,
+             *grad_out.stride(), *ring.stride(), *target.stride(), B, C, H, W, c_out, h_out, w_out, R, slot,
+             *stride, *padding, *dilation, dilation_t, groups, *hyper],
+            dict(KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
+                 FIRST_STEP=first_step, PRECISION=_precision(ring.dtype)), device, restore)
 
 
 @triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})

@@ -92,45 +92,10 @@ def _window_input_grad_kernel(
 
 
 @triton.jit
-def _weight_update_kernel(
-        grad_out, ring, target, momentum_buffer,
-        g_b, g_c, g_h, g_w,  # grad_out strides
-        s_r, s_b, s_c, s_h, s_w,  # ring strides
-        t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
-        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
-        lr, momentum, dampening, weight_decay,
-        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
-        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The weight gradient of one frame pair, dW[m, n] = sum over (b, oy, ox) of grad_out x ring[tap j],
-    M = C_OUT/groups, N = C/groups*KT*KH*KW, K = B*H_OUT*W_OUT, kept in registers: the epilogue
-    either adds it to grad_weight (target) or applies torch.optim.SGD's step to the weight."""
-    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cg, mg = C // groups, C_OUT // groups
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_total = cg * KT * KH * KW
-    m_ok, n_ok = m < mg, n < n_total
-    c, rest = n // (KT * KH * KW), n % (KT * KH * KW)
-    j, kh, kw = rest // (KH * KW), (rest // KW) % KH, rest % KW
-    s = _tap_slot(slot, j, KT, dil_t, R)
-    k_total = B * H_OUT * W_OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_total, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_total
-        b, oy, ox = k // (H_OUT * W_OUT), (k // W_OUT) % H_OUT, k % W_OUT
-        e = tl.load(grad_out + b[None, :] * g_b + (g * mg + m)[:, None] * g_c + oy[None, :] * g_h + ox[None, :] * g_w,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        y = oy[:, None] * stride_h - pad_h + kh[None, :] * dil_h
-        x = ox[:, None] * stride_w - pad_w + kw[None, :] * dil_w
-        a_ok = k_ok[:, None] & n_ok[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        a = tl.load(ring + s[None, :] * s_r + b[:, None] * s_b + (g * cg + c)[None, :] * s_c + y * s_h + x * s_w,
-                    mask=a_ok, other=0.0)
-        acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
-    offs = (g * mg + m)[:, None] * t_o + c[None, :] * t_c + j[None, :] * t_t + kh[None, :] * t_h + kw[None, :] * t_w
-    ok = m_ok[:, None] & n_ok[None, :]
+def _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
+                     SGD: tl.constexpr, HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
+    """Add the tile's weight gradient ``acc`` to grad_weight (``target``), or apply
+    torch.optim.SGD's step with it to the weight."""
     p = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
     if SGD:
         d = acc + weight_decay * p
@@ -148,3 +113,73 @@ def _weight_update_kernel(
     else:
         p = p + acc
     tl.store(target + offs, p.to(target.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _weight_update_kernel(
+        grad_out, ring, target, momentum_buffer, partials, counters,
+        g_b, g_c, g_h, g_w,  # grad_out strides
+        s_r, s_b, s_c, s_h, s_w,  # ring strides
+        t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
+        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
+        lr, momentum, dampening, weight_decay,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
+        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight gradient of one frame pair, dW[m, n] = sum over (b, oy, ox) of grad_out x ring[tap j],
+    M = C_OUT/groups, N = C/groups*KT*KH*KW, K = B*H_OUT*W_OUT. Grid: (output tiles, splits, groups).
+
+    Split-K: the programs of axis 1 share a tile's reduction, each over its own range of K, and
+    leave fp32 partials in ``partials``; an atomic counter per tile tells the program that
+    finishes last, which sums the partials in split order (deterministic, whoever is last) and
+    runs the epilogue — accumulate into grad_weight, or the whole SGD step — then resets the
+    counter. No program waits for another, so it is also right under the interpreter, which runs
+    programs one after another. With one split the tile goes straight to the epilogue."""
+    pid_tile, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(1)
+    cg, mg = C // groups, C_OUT // groups
+    n_total = cg * KT * KH * KW
+    tiles_n = tl.cdiv(n_total, BLOCK_N)
+    pid_m, pid_n = pid_tile // tiles_n, pid_tile % tiles_n
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < mg, n < n_total
+    c, rest = n // (KT * KH * KW), n % (KT * KH * KW)
+    j, kh, kw = rest // (KH * KW), (rest // KW) % KH, rest % KW
+    s = _tap_slot(slot, j, KT, dil_t, R)
+    k_total = B * H_OUT * W_OUT
+    chunk = tl.cdiv(tl.cdiv(k_total, BLOCK_K), splits) * BLOCK_K
+    k_lo = split * chunk
+    k_hi = tl.minimum(k_lo + chunk, k_total)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        b, oy, ox = k // (H_OUT * W_OUT), (k // W_OUT) % H_OUT, k % W_OUT
+        e = tl.load(grad_out + b[None, :] * g_b + (g * mg + m)[:, None] * g_c + oy[None, :] * g_h + ox[None, :] * g_w,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        y = oy[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+        x = ox[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+        a_ok = k_ok[:, None] & n_ok[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        a = tl.load(ring + s[None, :] * s_r + b[:, None] * s_b + (g * cg + c)[None, :] * s_c + y * s_h + x * s_w,
+                    mask=a_ok, other=0.0)
+        acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
+    offs = (g * mg + m)[:, None] * t_o + c[None, :] * t_c + j[None, :] * t_t + kh[None, :] * t_h + kw[None, :] * t_w
+    ok = m_ok[:, None] & n_ok[None, :]
+    if splits == 1:
+        _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
+                         SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
+    else:
+        tile = g * tl.num_programs(0) + pid_tile
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(partials + (tile * splits + split) * (BLOCK_M * BLOCK_N) + cell, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+        if arrived == splits - 1:  # the last of this tile's programs: the others' partials are all in
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in range(0, splits):  # in split order, whichever program came last
+                total += tl.load(partials + (tile * splits + part) * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
+            _weight_epilogue(total, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
+                             SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
+            tl.atomic_xchg(counters + tile, 0)  # ready for the next launch

@@ -1,0 +1,105 @@
+"""The embedded datasets and the evaluation metrics: moving handwritten digits (real digits,
+validation digits never seen in training, labels drawn as they say), shuffled frames, and the
+calibration figures of evaluate()."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sideways_kernels import train
+from sideways_kernels.data import MovingDigits, ShuffledFrames
+
+
+def test_digits_are_real_handwriting_split_once_and_drawn_as_labelled():
+    from sklearn.datasets import load_digits
+    images = torch.from_numpy(load_digits().images).float() / 16
+    train_set = MovingDigits(40, "train", clip_len=6, size=24, seed=3)
+    val_set = MovingDigits(40, "val", clip_len=6, size=24, seed=4)
+    assert not set(train_set.pool.tolist()) & set(val_set.pool.tolist())  # validation digits never trained on
+    assert len(train_set.pool) + len(val_set.pool) == len(images)
+    assert MovingDigits(40, "train", clip_len=6, size=24, seed=99).pool.tolist() == train_set.pool.tolist()
+    again = MovingDigits(40, "train", clip_len=6, size=24, seed=3)
+    assert torch.equal(again.videos, train_set.videos) and torch.equal(again.labels, train_set.labels)
+    clip, label = train_set[5]
+    assert clip.shape == (3, 6, 24, 24) and 0 <= clip.min() and clip.max() <= 1 and label == int(train_set.labels[5])
+    # every frame shows one of the train pool's images of that label, upscaled, somewhere
+    digit = max(8, round(24 * 0.4))
+    candidates = F.interpolate(images[train_set.pool][:, None], size=(digit, digit), mode="bilinear",
+                               align_corners=False)[:, 0]
+    labels = torch.from_numpy(load_digits().target)[train_set.pool]
+    frame = clip[0, 2]
+    windows = frame.unfold(0, digit, 1).unfold(1, digit, 1).reshape(-1, digit, digit)
+    matches = [(windows - c).abs().amax((1, 2)).min() < 2e-3 for c in candidates]  # float16 storage
+    assert any(matches) and {int(labels[i]) for i, m in enumerate(matches) if m} == {label}
+    # and they move
+    assert not torch.equal(clip[0, 0], clip[0, 5])
+
+
+def test_clutter_and_bad_arguments():
+    plain = MovingDigits(8, "val", size=20, seed=1)
+    cluttered = MovingDigits(8, "val", size=20, seed=1, clutter=0.4)
+    assert (cluttered.videos.float() >= plain.videos.float()).all() and cluttered.videos.float().sum() > \
+        plain.videos.float().sum()
+    from sideways_kernels.data import DataError
+    with pytest.raises(DataError, match="split"):
+        MovingDigits(8, "test")
+    with pytest.raises(DataError, match="size >= 12"):
+        MovingDigits(8, size=10)
+
+
+def test_shuffled_frames_permute_each_clip_reproducibly():
+    base = MovingDigits(6, "train", clip_len=7, size=16, seed=0)
+    shuffled = ShuffledFrames(base, seed=5)
+    clip, label = shuffled[2]
+    original, original_label = base[2]
+    assert label == original_label
+    assert not torch.equal(clip, original)
+    assert sorted(clip[0].flatten(1).sum(1).tolist()) == sorted(original[0].flatten(1).sum(1).tolist())
+    assert torch.equal(shuffled[2][0], clip)  # the same clip again within an epoch...
+    shuffled.set_epoch(1)
+    assert not torch.equal(shuffled[2][0], clip)  # ...another order the next
+
+
+class _Fixed(nn.Module):
+    """Returns given clip logits [B, K] whatever the video (the video carries the row index)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, video):
+        return self.logits[video[:, 0, 0, 0, 0].long()]
+
+
+def test_evaluate_measures_nll_ece_and_confidence_when_wrong():
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.57, 0.43], [0.3, 0.7], [0.55, 0.45]]))
+    labels = torch.tensor([0, 1, 1, 0])  # right (0.9), wrong (0.57), right (0.7), right (0.55)
+    videos = torch.arange(4.0).view(4, 1, 1, 1, 1)
+    loader = [(videos, labels)]
+    got = train.evaluate(_Fixed(logits), loader, torch.device("cpu"))
+    probs = logits.softmax(1)
+    assert got["acc"] == pytest.approx(0.75)
+    assert got["nll"] == pytest.approx(-torch.log(probs[torch.arange(4), labels]).mean().item(), rel=1e-6)
+    assert got["conf_wrong"] == pytest.approx(0.57, rel=1e-6)
+    # 15 equal bins: 0.55 and 0.57 share (8/15, 9/15]; 0.7 is in (10/15, 11/15]; 0.9 in (13/15, 14/15]
+    expected_ece = (2 / 4) * abs(0.5 - 0.56) + (1 / 4) * abs(1 - 0.7) + (1 / 4) * abs(1 - 0.9)
+    assert got["ece"] == pytest.approx(expected_ece, rel=1e-5)
+    assert sum(b[0] for b in got["bins"]) == 4 and len(got["bins"]) == train.CALIBRATION_BINS
+
+
+def test_digits_run_records_the_new_metrics(tmp_path):
+    out = str(tmp_path / "run")
+    assert train.main(["--dataset", "digits", "--train-videos", "16", "--val-videos", "8", "--batch-size", "8",
+                       "--size", "16", "--width", "4", "--depth", "2", "--stages", "2", "--clip-len", "5",
+                       "--epochs", "1", "--dropout", "0.3", "--smoothing", "2", "--shuffle-frames",
+                       "--clutter", "0.2", "--out", out]) == 0
+    import json
+    import os
+    (epoch,) = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "epoch"]
+    for key in ("val_nll", "val_ece", "val_conf", "val_conf_wrong", "val_bins", "train_loss_sd"):
+        assert key in epoch
+    assert math.isfinite(epoch["val_nll"]) and 0 <= epoch["val_ece"] <= 1
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["dataset"] == "digits" and config["smoothing"] == 2 and config["shuffle_frames"]
