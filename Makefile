@@ -13,7 +13,7 @@ NVCC_FLAGS := -c -std=c++17 -Xptxas -v
 CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 STAMP := $(VENV)/.sideways-installed
 
-.PHONY: install test train bench cmake-check nvcc-check clean
+.PHONY: install test train bench cmake-check nvcc-check gpu-check clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ nvcc-check: install
 	      -I$(CUDA_HOME)/include -Icsrc/cuda $$f || exit 1; \
 	  done; \
 	else echo "nvcc not found: CUDA sources not compiled"; fi
+
+# Every Triton kernel x config compiled for sm_90a and sm_80 without a GPU: fails on a spill,
+# shared memory over the limit, or 16-bit Hopper code without wgmma (bench/gpu_check.py).
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf build build-cmake *.egg-info sideways_kernels/*.so

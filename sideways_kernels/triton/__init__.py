@@ -68,8 +68,7 @@ def _sms(device: torch.device) -> int:
 _PROBLEM = {
     "ring_conv_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"] // a["groups"], a["ring"]),
     "window_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"] // a["groups"], a["grad_out"]),
-    "weight_update": lambda a: (a["C_OUT"] // a["groups"], a["C"] // a["groups"] * a["KT"] * a["KH"] * a["KW"],
-                                a["ring"]),
+    "weight_update": lambda a: (a["C_OUT"] // a["groups"], a["C"] // a["groups"], a["ring"]),  # a tile: one tap
 }
 _KEYS = {
     "ring_conv_forward": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
@@ -78,9 +77,14 @@ _KEYS = {
 }
 
 
-def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tuple = ()):
+_KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
+         "weight_update:sgd": "weight_update:sgd"}
+
+
+def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tuple = (), element_size: int = 2):
     """One launch of ``kernel``: with the chosen config, the interpreter's default, or the
-    autotuner's pick over the architecture's list pruned for the problem. ``grid(config)``."""
+    autotuner's pick over its kind's list for the architecture and activation size, pruned for
+    the problem. ``grid(config)``."""
     cfg = _chosen["config"]
     if cfg is None and (INTERPRET or device.type != "cuda"):
         cfg = DEFAULT
@@ -89,7 +93,7 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tu
                                        num_stages=cfg.num_stages)
         return
     capability = _capability(device)
-    key = (name, capability)
+    key = (name, capability, element_size)
     kind = name.split(":")[0]  # "weight_update:sgd" restores the momentum buffer too: its own autotuner
     if key not in _autotuned:
         def early_prune(configs, named_args, **kwargs):
@@ -99,7 +103,7 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tu
             keep = {c.name for c in prune(ours, m, n, tensor.element_size(), capability)}
             return [c for c, o in zip(configs, ours) if o.name in keep]
         configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in configs_for(capability)]
+                   for c in configs_for(_KIND[name], capability, element_size)]
         _autotuned[key] = triton.autotune(configs, key=_KEYS[kind], restore_value=list(restore),
                                           prune_configs_by={"early_config_prune": early_prune})(kernel)
     wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0))](
@@ -160,7 +164,8 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
             [ring, weight, bias if bias is not None else weight, out, *ring.stride(), *weight.stride(), *out.stride(),
              B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups],
-            dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype)), ring.device)
+            dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype),
+                 ONE_GROUP=groups == 1), ring.device, element_size=ring.element_size())
     launches["ring_conv_forward"] += 1
     return out
 
@@ -186,7 +191,8 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
             [grad_out, summed, grad_in, *grad_out.stride(), *summed.stride(), *grad_in.stride(),
              B, cg * groups, H, W, c_out, h_out, w_out, *stride, *padding, *dilation, groups],
-            dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype)), grad_out.device)
+            dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), ONE_GROUP=groups == 1), grad_out.device,
+            element_size=grad_out.element_size())
     launches["window_input_grad"] += 1
     return grad_in
 
@@ -218,24 +224,25 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
     if buffer is not None:
         _check(buffer.shape == target.shape and buffer.stride() == target.stride() and buffer.dtype == target.dtype,
                "momentum_buffer must match the weight's shape, layout and dtype")
-    M, N, K_total = c_out // groups, (C // groups) * k_t * k_h * k_w, B * h_out * w_out
+    # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
+    M, N, taps, K_total = c_out // groups, C // groups, k_t * k_h * k_w, B * h_out * w_out
     device = ring.device
     sms = _sms(device)
+    tiles_of = lambda cfg: triton.cdiv(M, cfg.BLOCK_M) * taps * triton.cdiv(N, cfg.BLOCK_N)
 
     def splits(cfg: Config) -> int:
-        tiles = groups * triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-        return _chosen["split"] or split_k(tiles, K_total, cfg.BLOCK_K, sms)
+        return _chosen["split"] or split_k(groups * tiles_of(cfg), K_total, cfg.BLOCK_K, sms)
 
     def grid(cfg: Config):
-        return triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), splits(cfg), groups
+        return tiles_of(cfg), splits(cfg), groups
 
     # fp32 partials and one counter per tile, sized for the largest any config may ask (a fresh
     # allocation per call: two streams' updates never share them)
     candidates = [_chosen["config"]] if _chosen["config"] else \
-        ([DEFAULT] if INTERPRET or device.type != "cuda" else configs_for(_capability(device)))
-    work = max(groups * triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N) * splits(c) * c.BLOCK_M * c.BLOCK_N
-               for c in candidates)
-    tiles = max(groups * triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N) for c in candidates)
+        ([DEFAULT] if INTERPRET or device.type != "cuda" else
+         configs_for("weight_update:sgd" if sgd else "weight_update", _capability(device), ring.element_size()))
+    work = max(groups * tiles_of(c) * splits(c) * c.BLOCK_M * c.BLOCK_N for c in candidates)
+    tiles = max(groups * tiles_of(c) for c in candidates)
     partials = torch.empty(work, dtype=torch.float32, device=device)
     counters = torch.zeros(tiles, dtype=torch.int32, device=device)
     restore = ("target", "momentum_buffer") if sgd else ("target",)
@@ -244,7 +251,8 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
              *grad_out.stride(), *ring.stride(), *target.stride(), B, C, H, W, c_out, h_out, w_out, R, slot,
              *stride, *padding, *dilation, dilation_t, groups, *hyper],
             dict(KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
-                 FIRST_STEP=first_step, PRECISION=_precision(ring.dtype)), device, restore)
+                 FIRST_STEP=first_step, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1), device, restore,
+            ring.element_size())
 
 
 @triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["Config", "CONFIGS", "SHARED_MEMORY", "configs_for", "prune", "split_k", "DEFAULT"]
+__all__ = ["Config", "CONFIGS", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "split_k", "DEFAULT"]
 
 
 class Config(NamedTuple):
@@ -33,19 +33,46 @@ class Config(NamedTuple):
         return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
 
 
+C = Config
+# Per kernel kind and architecture, 16-bit activations (tensor cores: wgmma on sm_90a, mma on sm_80).
+# Started from public Hopper/Ampere GEMM and conv lists (Triton's tutorials, torch inductor's mm
+# and conv configs) and kept to what `make gpu-check` compiles without a spill for every kernel
+# of the kind: the weight update's SGD epilogue holds the weight and momentum tiles beside the
+# accumulator, so it needs smaller tiles per thread than the accumulating one.
 CONFIGS = {
-    90: [Config(128, 256, 64, 3, 8), Config(128, 128, 64, 4, 8), Config(128, 128, 128, 3, 8), Config(64, 256, 64, 4, 4),
-         Config(128, 64, 64, 4, 4), Config(64, 128, 64, 4, 4), Config(64, 64, 64, 5, 4)],
-    80: [Config(128, 256, 32, 3, 8), Config(128, 128, 32, 4, 8), Config(256, 64, 32, 3, 8), Config(64, 256, 32, 4, 4),
-         Config(128, 64, 32, 4, 4), Config(64, 128, 32, 4, 4), Config(64, 64, 32, 5, 4)],
+    "gemm": {  # ring_conv_forward and window_input_grad
+        90: [C(128, 128, 64, 4, 8), C(128, 64, 64, 4, 4), C(64, 128, 64, 4, 4), C(64, 64, 64, 5, 4)],
+        80: [C(128, 256, 32, 3, 8), C(128, 128, 32, 4, 8), C(256, 64, 32, 3, 8), C(128, 64, 32, 4, 4),
+             C(64, 128, 32, 4, 4), C(64, 64, 32, 5, 4)],
+    },
+    "weight_update": {
+        90: [C(128, 128, 64, 3, 8), C(128, 64, 64, 4, 8), C(64, 128, 64, 4, 8), C(64, 64, 64, 4, 8), C(64, 64, 64, 5, 4)],
+        80: [C(128, 128, 32, 3, 8), C(256, 64, 32, 3, 8), C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8),
+             C(64, 64, 32, 5, 4)],
+    },
+    "weight_update:sgd": {
+        90: [C(128, 64, 64, 4, 8), C(64, 128, 64, 4, 8), C(128, 64, 64, 3, 8), C(64, 64, 64, 4, 8)],
+        80: [C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8), C(64, 64, 32, 5, 4)],
+    },
 }
+# fp32 activations run exact fp32 FMA (no tensor cores): small tiles, the same for every kernel.
+FP32 = {90: [C(64, 32, 32, 3, 4), C(32, 64, 32, 3, 4)], 80: [C(64, 32, 32, 3, 4), C(32, 64, 32, 3, 4)]}
 SHARED_MEMORY = {90: 227 * 1024, 80: 163 * 1024}  # the opt-in maximum per block (H100, A100)
-DEFAULT = Config(32, 32, 32, 1, 4)  # the interpreter's, when a test does not name one
+# The interpreter's, when a test does not name one: large tiles, since the interpreter's time goes
+# with programs x loop steps (the tests run every listed config too).
+DEFAULT = Config(128, 128, 64, 1, 4)
 
 
-def configs_for(capability: int) -> list[Config]:
-    """The list of the nearest architecture at or below ``capability`` (e.g. 89 -> sm_80's)."""
-    return CONFIGS[max((c for c in CONFIGS if c <= capability), default=min(CONFIGS))]
+def configs_for(kind: str, capability: int, element_size: int = 2) -> list[Config]:
+    """The list for a kernel kind ("gemm", "weight_update", "weight_update:sgd"), the nearest
+    architecture at or below ``capability`` (e.g. 89 -> sm_80's), and the activations' size."""
+    arch = max((c for c in SHARED_MEMORY if c <= capability), default=min(SHARED_MEMORY))
+    return FP32[arch] if element_size == 4 else CONFIGS[kind][arch]
+
+
+def every_config() -> list[Config]:
+    """All configs of all lists (the interpreter tests run each)."""
+    return sorted({c for lists in (*CONFIGS.values(), FP32) for cs in lists.values() for c in cs} | {DEFAULT})
 
 
 def shared_bytes(cfg: Config, element_size: int) -> int:

@@ -22,34 +22,41 @@ def _ring_conv_forward_kernel(
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b, g*Mg+n, oy, ox] = sum over (c, j, kh, kw) of ring[tap j] x weight; M = B*H_OUT*W_OUT
-    output pixels, N = C_OUT/groups output channels, K = C/groups * KT*KH*KW."""
+        ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b, g*Mg+n, oy, ox] = sum over taps (j, kh, kw) and channels c of ring[tap j] x weight;
+    M = B*H_OUT*W_OUT output pixels, N = C_OUT/groups output channels, K = taps x C/groups.
+
+    Tap-major: one loop over (tap, channel block); for a fixed tap the ring operand is a dense
+    2-D slice [pixels, channels] of the channels-last frame, addressed as a per-pixel row offset
+    plus a per-channel offset (as a plain GEMM), so index math stays on [BLOCK_M] vectors.
+    ``ONE_GROUP``: no group offsets, so Triton sees the channel vectors' alignment and vectorises
+    the loads (a runtime offset hides it)."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cg, mg = C // groups, C_OUT // groups
+    gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b, oy, ox = m // (H_OUT * W_OUT), (m // W_OUT) % H_OUT, m % W_OUT
     m_ok, n_ok = m < B * H_OUT * W_OUT, n < mg
-    k_total = cg * KT * KH * KW
+    rk = tl.arange(0, BLOCK_K)
+    c_blocks = tl.cdiv(cg, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_total, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_total
-        c, rest = k // (KT * KH * KW), k % (KT * KH * KW)
-        j, kh, kw = rest // (KH * KW), (rest // KW) % KH, rest % KW
-        s = _tap_slot(slot, j, KT, dil_t, R)
-        y = oy[:, None] * stride_h - pad_h + kh[None, :] * dil_h
-        x = ox[:, None] * stride_w - pad_w + kw[None, :] * dil_w
-        a_ok = m_ok[:, None] & k_ok[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        a = tl.load(ring + s[None, :] * s_r + b[:, None] * s_b + (g * cg + c)[None, :] * s_c + y * s_h + x * s_w,
-                    mask=a_ok, other=0.0)
-        w = tl.load(weight + (g * mg + n)[None, :] * w_o + c[:, None] * w_c + j[:, None] * w_t + kh[:, None] * w_h
-                    + kw[:, None] * w_w, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    for kk in range(0, KT * KH * KW * c_blocks):
+        tap = kk // c_blocks
+        c = (kk % c_blocks) * BLOCK_K + rk
+        j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
+        y = oy * stride_h - pad_h + kh * dil_h
+        x = ox * stride_w - pad_w + kw * dil_w
+        row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        row = _tap_slot(slot, j, KT, dil_t, R) * s_r + b.to(tl.int64) * s_b + y * s_h + x * s_w
+        c_ok = c < cg
+        a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(weight + (gm + n)[None, :] * w_o + c[:, None] * w_c + (j * w_t + kh * w_h + kw * w_w),
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias + g * mg + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out + b[:, None] * o_b + (g * mg + n)[None, :] * o_c + oy[:, None] * o_h + ox[:, None] * o_w,
+        acc += tl.load(bias + gm + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out + b.to(tl.int64)[:, None] * o_b + (gm + n)[None, :] * o_c + oy[:, None] * o_h + ox[:, None] * o_w,
              acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -61,41 +68,49 @@ def _window_input_grad_kernel(
         i_b, i_c, i_h, i_w,  # grad_in strides
         B, C, H, W, C_OUT, H_OUT, W_OUT,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
-        KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad_in[b, g*Cg+n, y, x] = sum over (co, kh, kw) of grad_out[b, co, oy, ox] * wsum[co, n, kh, kw]
-    where oy*stride = y + pad - kh*dil: the transposed conv with the taps' weights summed."""
+    """grad_in[b, g*Cg+n, y, x] = sum over (kh, kw) and co of grad_out[b, co, oy, ox] * wsum[co, n, kh, kw]
+    where oy*stride = y + pad - kh*dil: the transposed conv with the taps' weights summed.
+    Tap-major like the forward: per (kh, kw) a dense [pixels, output channels] slice of grad_out."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cg, mg = C // groups, C_OUT // groups
+    gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b, y, x = m // (H * W), (m // W) % H, m % W
     m_ok, n_ok = m < B * H * W, n < cg
-    k_total = mg * KH * KW
+    rk = tl.arange(0, BLOCK_K)
+    co_blocks = tl.cdiv(mg, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_total, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_total
-        co, kh, kw = k // (KH * KW), (k // KW) % KH, k % KW
-        ty = y[:, None] + pad_h - kh[None, :] * dil_h
-        tx = x[:, None] + pad_w - kw[None, :] * dil_w
+    for kk in range(0, KH * KW * co_blocks):
+        tap = kk // co_blocks
+        co = (kk % co_blocks) * BLOCK_K + rk
+        kh, kw = tap // KW, tap % KW
+        ty = y + pad_h - kh * dil_h
+        tx = x + pad_w - kw * dil_w
         oy, ox = ty // stride_h, tx // stride_w
-        a_ok = (m_ok[:, None] & k_ok[None, :] & (ty >= 0) & (tx >= 0) & (ty % stride_h == 0) & (tx % stride_w == 0)
-                & (oy < H_OUT) & (ox < W_OUT))
-        a = tl.load(grad_out + b[:, None] * g_b + (g * mg + co)[None, :] * g_c + oy * g_h + ox * g_w, mask=a_ok,
+        row_ok = (m_ok & (ty >= 0) & (tx >= 0) & (ty % stride_h == 0) & (tx % stride_w == 0) & (oy < H_OUT)
+                  & (ox < W_OUT))
+        row = b.to(tl.int64) * g_b + oy * g_h + ox * g_w
+        co_ok = co < mg
+        a = tl.load(grad_out + row[:, None] + (gm + co)[None, :] * g_c, mask=row_ok[:, None] & co_ok[None, :],
                     other=0.0)
-        w = tl.load(wsum + (g * mg + co)[:, None] * w_o + n[None, :] * w_c + kh[:, None] * w_h + kw[:, None] * w_w,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(wsum + (gm + co)[:, None] * w_o + n[None, :] * w_c + (kh * w_h + kw * w_w),
+                    mask=co_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
-    tl.store(grad_in + b[:, None] * i_b + (g * cg + n)[None, :] * i_c + y[:, None] * i_h + x[:, None] * i_w,
-             acc.to(grad_in.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(grad_in + b.to(tl.int64)[:, None] * i_b + (gc + n)[None, :] * i_c + y[:, None] * i_h
+             + x[:, None] * i_w, acc.to(grad_in.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
+def _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, momentum, dampening, weight_decay,
                      SGD: tl.constexpr, HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
     """Add the tile's weight gradient ``acc`` to grad_weight (``target``), or apply
-    torch.optim.SGD's step with it to the weight."""
+    torch.optim.SGD's step with it to the weight. ``rows``/``cols``: (offsets, in range) of the
+    tile's output and input channels; the [BM, BN] offsets are made here, not kept live before."""
+    offs = rows[0][:, None] + cols[0][None, :] + tap_offset
+    ok = rows[1][:, None] & cols[1][None, :]
     p = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
     if SGD:
         d = acc + weight_decay * p
@@ -125,10 +140,12 @@ def _weight_update_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
         lr, momentum, dampening, weight_decay,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
-        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, PRECISION: tl.constexpr,
+        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The weight gradient of one frame pair, dW[m, n] = sum over (b, oy, ox) of grad_out x ring[tap j],
-    M = C_OUT/groups, N = C/groups*KT*KH*KW, K = B*H_OUT*W_OUT. Grid: (output tiles, splits, groups).
+    """The weight gradient of one frame pair, dW[m, c, tap] = sum over (b, oy, ox) of grad_out x ring[tap],
+    M = C_OUT/groups, K = B*H_OUT*W_OUT. Grid: (output tiles, splits, groups); an output tile is
+    BLOCK_M output channels x BLOCK_N input channels of one tap (tap-major: per tap the ring
+    operand is a dense [pixels, channels] slice, so the index math stays on [BLOCK_K] vectors).
 
     Split-K: the programs of axis 1 share a tile's reduction, each over its own range of K, and
     leave fp32 partials in ``partials``; an atomic counter per tile tells the program that
@@ -139,15 +156,16 @@ def _weight_update_kernel(
     pid_tile, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
     cg, mg = C // groups, C_OUT // groups
-    n_total = cg * KT * KH * KW
-    tiles_n = tl.cdiv(n_total, BLOCK_N)
+    gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
+    c_tiles = tl.cdiv(cg, BLOCK_N)
+    tiles_n = KT * KH * KW * c_tiles
     pid_m, pid_n = pid_tile // tiles_n, pid_tile % tiles_n
+    tap, c_tile = pid_n // c_tiles, pid_n % c_tiles
+    j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = m < mg, n < n_total
-    c, rest = n // (KT * KH * KW), n % (KT * KH * KW)
-    j, kh, kw = rest // (KH * KW), (rest // KW) % KH, rest % KW
-    s = _tap_slot(slot, j, KT, dil_t, R)
+    c = c_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, c_ok = m < mg, c < cg
+    tap_base = _tap_slot(slot, j, KT, dil_t, R) * s_r
     k_total = B * H_OUT * W_OUT
     chunk = tl.cdiv(tl.cdiv(k_total, BLOCK_K), splits) * BLOCK_K
     k_lo = split * chunk
@@ -157,18 +175,17 @@ def _weight_update_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
         b, oy, ox = k // (H_OUT * W_OUT), (k // W_OUT) % H_OUT, k % W_OUT
-        e = tl.load(grad_out + b[None, :] * g_b + (g * mg + m)[:, None] * g_c + oy[None, :] * g_h + ox[None, :] * g_w,
+        e = tl.load(grad_out + (b.to(tl.int64) * g_b + oy * g_h + ox * g_w)[None, :] + (gm + m)[:, None] * g_c,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        y = oy[:, None] * stride_h - pad_h + kh[None, :] * dil_h
-        x = ox[:, None] * stride_w - pad_w + kw[None, :] * dil_w
-        a_ok = k_ok[:, None] & n_ok[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        a = tl.load(ring + s[None, :] * s_r + b[:, None] * s_b + (g * cg + c)[None, :] * s_c + y * s_h + x * s_w,
-                    mask=a_ok, other=0.0)
+        y = oy * stride_h - pad_h + kh * dil_h
+        x = ox * stride_w - pad_w + kw * dil_w
+        row_ok = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        row = tap_base + b.to(tl.int64) * s_b + y * s_h + x * s_w
+        a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
-    offs = (g * mg + m)[:, None] * t_o + c[None, :] * t_c + j[None, :] * t_t + kh[None, :] * t_h + kw[None, :] * t_w
-    ok = m_ok[:, None] & n_ok[None, :]
+    rows, cols, tap_offset = ((gm + m) * t_o, m_ok), (c * t_c, c_ok), j * t_t + kh * t_h + kw * t_w
     if splits == 1:
-        _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
+        _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, momentum, dampening, weight_decay,
                          SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
     else:
         tile = g * tl.num_programs(0) + pid_tile
@@ -177,9 +194,9 @@ def _weight_update_kernel(
         tl.debug_barrier()  # every thread's partial is written before the counter moves
         arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
         if arrived == splits - 1:  # the last of this tile's programs: the others' partials are all in
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for part in range(0, splits):  # in split order, whichever program came last
-                total += tl.load(partials + (tile * splits + part) * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
-            _weight_epilogue(total, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
-                             SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
+                acc += tl.load(partials + (tile * splits + part) * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
+            _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, momentum, dampening,
+                             weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
             tl.atomic_xchg(counters + tile, 0)  # ready for the next launch
