@@ -47,3 +47,23 @@ TORCH_LIBRARY(sideways, m) {
       "int[2] padding, int[2] dilation, int dilation_t, int groups, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool first_step) -> ()");
 }
+
+// Autocast: the ops compute in the dtypes they are given (a float16/bfloat16 ring with
+// float32 master weights is the mixed-precision case; SidewaysConv3d casts its frames to
+// the autocast dtype before they reach the ring). Without this, autocast would stay on
+// inside the ATen path and re-cast its convolutions, so an op's result dtype would depend
+// on the backend. The boxed kernel turns autocast off and calls the op again below it.
+namespace {
+void autocast_neutral(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+}  // namespace
+
+#define SIDEWAYS_AUTOCAST_NEUTRAL(m)                                                           \
+  for (const char* name :                                                                      \
+       {"ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update"}) \
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autocast_neutral>());
+
+TORCH_LIBRARY_IMPL(sideways, AutocastCPU, m) { SIDEWAYS_AUTOCAST_NEUTRAL(m) }
+TORCH_LIBRARY_IMPL(sideways, AutocastCUDA, m) { SIDEWAYS_AUTOCAST_NEUTRAL(m) }

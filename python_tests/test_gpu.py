@@ -78,8 +78,28 @@ def test_cuda_pipeline_matches_the_torch_backend(mode):
     assert rel_error(out["cuda"], out["torch"]) < 1e-3
 
 
-@pytest.mark.parametrize("update", ["clip", "tick"])
-def test_cuda_graph_ticks_equal_eager_ticks(update):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_autocast_pipeline_matches_the_torch_backend(backend, dtype):
+    """CUDA autocast: 16-bit rings and errors, float32 masters; the fused kernels (tensor cores)
+    against the torch backend under the same autocast."""
+    if backend == "triton" and not sk.backends()["triton"]:
+        pytest.skip("triton is not installed")
+    net = classifier_net([(3, 1, 1), (2, 0, 2), (3, 0, 1)], channels=(3, 16, 32, 16), dtype=torch.float32,
+                         act=torch.nn.Tanh).cuda()
+    video, target = torch.randn(4, 3, 9, 12, 11, device="cuda"), torch.randint(0, 7, (4,), device="cuda")
+    out = {}
+    for b in ("torch", backend):
+        net.zero_grad()
+        with torch.autocast("cuda", dtype):
+            SidewaysPipeline(stages_of(net, 3), backend=b).backward_clip(video, target)
+        out[b] = grads(net)
+    assert all(g.dtype == torch.float32 for g in out[backend])
+    assert rel_error(out[backend], out["torch"]) < (3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("update,amp", [("clip", False), ("tick", False), ("clip", True)])
+def test_cuda_graph_ticks_equal_eager_ticks(update, amp):
     """Real capture and replay (the CPU tests use an emulated graph): three clips, so phases
     are warmed up, captured and replayed; same losses, outputs, gradients and weights as eager
     ticks, on the same device and backend."""
@@ -95,7 +115,8 @@ def test_cuda_graph_ticks_equal_eager_ticks(update):
         for _ in range(3):
             video = torch.randn(2, 3, 13, 10, 9, device="cuda", generator=g)
             target = torch.randint(0, 7, (2,), device="cuda", generator=g)
-            r = pipe.backward_clip(video, target)
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):  # captures without autocast's cast cache
+                r = pipe.backward_clip(video, target)
             rows.append((r.loss, r.outputs, [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                                              for p in net.parameters()],
                          [p.detach().clone() for p in net.parameters()]))

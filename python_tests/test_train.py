@@ -76,6 +76,29 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_keep_float32_masters_and_resume_exactly(tmp_path, amp):
+    """--amp: the logged losses are the unscaled ones, the weights and optimizer state stay
+    float32, fp16's GradScaler state is checkpointed, and a cut run resumes to the uncut one."""
+    code, full = _run(tmp_path, "--epochs", "2", "--amp", amp, name="full")
+    assert code == 0
+    code, cut = _run(tmp_path, "--epochs", "2", "--max-steps", "4", "--amp", amp, name="cut")
+    assert code == 0 and train.main(["--resume", os.path.join(cut, "last.pt")]) == 0
+    a, b = _records(full), _records(cut)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert 0 < ra["train_loss"] < 5 and np.isfinite(ra["val_loss"])  # ln(4 classes) = 1.4, not 65536x
+        for key in ("step", "train_loss", "train_acc", "val_loss", "val_acc"):
+            assert ra[key] == rb[key], (key, ra, rb)
+    ckpt = train.load_weights(os.path.join(full, "last.pt"), "test")
+    assert ckpt["config"]["amp"] == amp and ("scaler" in ckpt) == (amp == "fp16")
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for st in ckpt["optimizer"]["state"].values() for v in st.values()
+               if torch.is_tensor(v) and v.is_floating_point())
+    wb = train.load_weights(os.path.join(cut, "last.pt"), "test")["model"]
+    assert all(torch.equal(ckpt["model"][k], wb[k]) for k in wb)
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
     code, out = _run(tmp_path, "--epochs", "1")
     before = os.path.getmtime(os.path.join(out, "last.pt"))
@@ -230,6 +253,8 @@ def test_bad_data_is_a_one_line_error(tmp_path, case):
     (["--model", "s3d", "--size", "32", "--clip-len", "8"], "cannot take clips of 8 frames of 32x32 (--clip-len, --size)"),
     (["--model", "r3d_18", "--stages", "40"], "at most"),
     (["--model", "c3d", "--pretrained", "x.pth"], "--pretrained needs one of the standard networks"),
+    (["--amp", "fp16", "--update", "tick"], "--amp fp16 needs --update clip"),
+    (["--amp", "fp8"], "invalid choice"),
 ])
 def test_bad_options_are_clean_errors(tmp_path, args, words):
     result = _cli(*args, "--out", str(tmp_path / "out"))
@@ -240,7 +265,7 @@ def test_help_documents_every_option():
     text = _cli("--help").stdout
     for option in ("--mode", "--model", "--stages", "--epochs", "--max-steps", "--batch-size", "--clip-len",
                    "--frame-stride", "--lr", "--optimizer", "--update", "--seed", "--device", "--backend", "--out",
-                   "--resume", "--data", "--workers", "--distributed", "--replicas"):
+                   "--resume", "--data", "--workers", "--distributed", "--replicas", "--amp"):
         assert option in text
 
 

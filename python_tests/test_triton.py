@@ -120,6 +120,24 @@ def test_a_converted_graph_runs_triton_and_matches_the_torch_backend():
     assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
 
 
+def test_sideways_under_autocast_runs_triton_on_16_bit_rings_with_float32_masters():
+    """CPU autocast float16 (bfloat16 is wrong in the interpreter): the ring, the errors and the
+    cached cast of the weight are float16, gradients float32, and the result is the torch
+    backend's under the same autocast."""
+    net = classifier_net([(3, 1, 1), (2, 0, 2)], dtype=torch.float32, act=torch.nn.Tanh)
+    video, target = torch.randn(2, 3, 7, 8, 7), torch.randint(0, 7, (2,))
+    results = {}
+    for backend in ("torch", "triton"):
+        T.launches.clear()
+        net.zero_grad()
+        with torch.autocast("cpu", torch.float16):
+            out = SidewaysPipeline(stages_of(net, 2), backend=backend).backward_clip(video, target)
+        results[backend] = (out.loss, grads(net), T.launches["weight_grad_accumulate"])
+    assert results["triton"][2] > 0 and all(g.dtype == torch.float32 for g in results["triton"][1])
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=2e-3, atol=2e-3)
+    assert rel_error(results["triton"][1], results["torch"][1]) < 5e-3
+
+
 def test_pipeline_streams_with_triton_and_env_var_selects_it(monkeypatch):
     net = classifier_net([(3, 1, 1), (3, 0, 1)], dtype=torch.float32)
     video = torch.randn(1, 3, 8, 8, 7)
@@ -230,21 +248,27 @@ def test_triton_opcheck_and_compile_on_gpu(g):
     torch.testing.assert_close(ins[2], eager[2])
 
 
-def test_summed_weight_is_recomputed_for_a_new_or_updated_weight():
-    """The input gradient's cached tap sum follows the weight: a new weight at a freed one's
-    address, an optimizer step, and the fused SGD op each give fresh sums."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_summed_and_cast_weights_are_recomputed_for_a_new_or_updated_weight(dtype):
+    """The cached tap sum (input gradient) and 16-bit cast (forward) of float32 master weights
+    follow the weight: a new weight at a freed one's address, an optimizer step, and the fused
+    SGD op each give fresh ones."""
     from samples import Geometry
     g = Geometry(batch=2, channels=3, out_channels=4, height=5, width=6, k_t=2, k_hw=(3, 3), padding=(1, 1))
     a = _a(g)
+
+    def check(t, w):
+        _close(S.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1),
+               ref.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1), dtype)
+        _close(S.ring_conv_forward(t["ring"], None, t["slot"], w, None, *a),
+               ref.ring_conv_forward(t["ring"], None, t["slot"], w, None, *a), dtype)
+
     for _ in range(3):  # new weights, often at the address the last one had
-        t = make(g, torch.float32)
-        got = S.window_input_grad(t["grad_out"], t["weight"], [5, 6], *a[:3], 1)
-        _close(got, ref.window_input_grad(t["grad_out"], t["weight"], [5, 6], *a[:3], 1), torch.float32)
+        t = make(g, dtype, param_dtype=torch.float32)
+        check(t, t["weight"])
     w = t["weight"]
     with torch.no_grad():
         w.add_(1.0)  # as an optimizer step would
-    _close(S.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1),
-           ref.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1), torch.float32)
+    check(t, w)
     S.sgd_tick_update(w, None, None, None, t["grad_out"], t["ring"], t["slot"], *a, 0.5, 0.0, 0.0, 0.0, False, True)
-    _close(S.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1),
-           ref.window_input_grad(t["grad_out"], w, [5, 6], *a[:3], 1), torch.float32)
+    check(t, w)

@@ -3,6 +3,7 @@ decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda`` or :func:`set_backend`
 chooses; the default is the fastest one built for the tensors' device."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import types
@@ -63,9 +64,25 @@ OPS = ("ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_
 def kernels(name: str) -> types.SimpleNamespace:
     """The op functions of backend ``name``, with the signatures of ``torch.ops.sideways``.
     ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel)."""
+    if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
+        return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS})
     if name == "triton":
         importlib.import_module("sideways_kernels.triton")  # registers torch.ops.sideways_triton
-        source = torch.ops.sideways_triton
-    else:
-        source = reference if name == "torch" else torch.ops.sideways
-    return types.SimpleNamespace(**{op: getattr(source, op) for op in OPS})
+    source = torch.ops.sideways_triton if name == "triton" else reference
+    return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS})
+
+
+def _autocast_neutral(fn):
+    """``fn`` computing in the dtypes it is given, as the C++ ops do: under autocast the torch
+    calls inside it would otherwise re-cast (a float32 ring would give a bfloat16 output)."""
+    def call(*args, **kwargs):
+        on = [t for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
+        if not on:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as off:
+            for device_type in on:
+                off.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "op")
+    call.__wrapped__ = fn
+    return call

@@ -19,6 +19,7 @@ target that is not a tensor, a capture that fails) the pipeline warns once and t
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional
 
@@ -66,6 +67,18 @@ class _EmulatedGraph:
             return self.fn()
         finally:
             restore(now)
+
+
+def _no_cast_cache():
+    """Autocast as it is, minus its cache of cast weights: a capture must record the casts (the
+    cache would bake in a copy made before the capture, stale once the weights change, and
+    freed when the outermost autocast exits)."""
+    on = [t for t in ("cuda", "cpu") if torch.is_autocast_enabled(t)]
+    stack = contextlib.ExitStack()
+    for device_type in on:
+        stack.enter_context(torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                                           cache_enabled=False))
+    return stack
 
 
 class TickGraphs:
@@ -145,7 +158,8 @@ class TickGraphs:
         graph = _EmulatedGraph() if self.emulate else _CudaGraph()
         before = python_state()
         try:
-            out = graph.capture(fn, python_state)
+            with _no_cast_cache():
+                out = graph.capture(fn, python_state)
         except Exception as exc:  # e.g. a kernel that syncs with the host; nothing ran yet
             python_state(before)
             self.failed = f"capturing a tick failed ({type(exc).__name__}: {exc})"

@@ -187,8 +187,9 @@ class SidewaysConv3d(nn.Conv3d):
         frame = x.squeeze(2)
         if pre_pad is not None:
             frame = F.pad(frame, *pre_pad)
-        if s.mode == "bp":
+        if s.mode == "bp":  # F.conv3d: autocast applies as to any conv
             return self._window_forward(frame, action, padding, emit)
+        frame = _autocast(frame)
         if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
             shape = (self.span, *frame.shape)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
@@ -276,8 +277,18 @@ class _SidewaysTick(torch.autograd.Function):
                         grad_b = layer.bias.grad
                     s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, slot, *args)
                 elif train_b:
-                    _accumulate(layer.bias, grad_out.sum((0, 2, 3)))
+                    _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
         return grad_frame, None, None, None, None, None, None
+
+
+def _autocast(frame: torch.Tensor) -> torch.Tensor:
+    """The frame in the autocast dtype where autocast is on, as ``nn.Conv3d`` would cast it: the
+    ring, the output and the errors are then 16-bit while the weights stay float32 masters
+    (the ops take both; autocast itself stays out of the ops)."""
+    device_type = frame.device.type
+    if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
+        return frame.to(torch.get_autocast_dtype(device_type))
+    return frame
 
 
 def _smoothed(s: _Stream, ring: torch.Tensor, grad_out: torch.Tensor, slot: int) -> tuple:
@@ -341,7 +352,7 @@ def _fused_sgd(s: _Stream, layer: SidewaysConv3d, ring, grad_out, slot, args, tr
     bias, bias_buf = (layer.bias, _momentum_buffer(opt, layer.bias, momentum)[0]) if together else (None, None)
     s.kernels.sgd_tick_update(layer.weight, buf, bias, bias_buf, grad_out, ring, slot, *args, *hyper, first)
     if train_b and not together:
-        grad_b = grad_out.sum((0, 2, 3))
+        grad_b = grad_out.sum((0, 2, 3), dtype=layer.bias.dtype)
         if bias_group is None:
             _accumulate(layer.bias, grad_b)
         else:

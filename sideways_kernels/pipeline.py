@@ -453,7 +453,8 @@ class SidewaysPipeline:
                            if s.get("momentum_buffer") is not None)
         return (out_len, per_frame_target, self.loss_fn, self.update, hyper, tuple(p.data_ptr() for p in params),
                 tuple(m.training for m in self.stages.modules()),
-                tuple(_backend.resolve(self._device(i), self.backend) for i in range(len(self.stages))))
+                tuple(_backend.resolve(self._device(i), self.backend) for i in range(len(self.stages))),
+                _autocast_state(self._device(0).type))
 
     def _reduce_gradients(self, params: list) -> None:
         """After a clip, before earlier gradients are added back: nothing in one process
@@ -618,6 +619,12 @@ class SidewaysPipeline:
                 b.copy_(saved)
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+
+def _autocast_state(device_type: str) -> tuple:
+    """(on, dtype) of autocast for ``device_type``: what a captured tick casts to."""
+    on = torch.is_autocast_enabled(device_type)
+    return on, torch.get_autocast_dtype(device_type) if on else None
 
 
 class _Finite:

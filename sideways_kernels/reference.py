@@ -100,4 +100,4 @@ def sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_ou
     hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step)
     sgd_step(weight, momentum_buffer, gw, *hyper)
     if bias is not None:
-        sgd_step(bias, bias_momentum_buffer, grad_out.sum((0, 2, 3)), *hyper)
+        sgd_step(bias, bias_momentum_buffer, grad_out.sum((0, 2, 3), dtype=bias.dtype), *hyper)

@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="under torchrun: data-parallel copies of the pipeline (the ranks are replicas x stage "
                         "groups); each trains on its share of every batch, gradients averaged once per clip")
     r.add_argument("--backend", choices=BACKENDS, default=None, help="op backend (default: fastest built)")
+    r.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="mixed precision: torch.autocast in that dtype (activations, rings and errors 16-bit; weights, "
+                        "gradients and optimizer state float32); fp16 scales the loss with a GradScaler")
     r.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<time>)")
     r.add_argument("--resume", default=None, help="a checkpoint (last.pt) to continue from; its run directory is reused")
     r.add_argument("--log-every", type=pos(int), default=10, help="steps between metric lines")
@@ -117,6 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--replicas needs --update clip (replicas average their gradients once per clip)")
     if args.update == "tick" and args.mode != "sideways":
         p.error("--update tick needs --mode sideways")
+    if args.amp == "fp16" and args.update == "tick":
+        p.error("--amp fp16 needs --update clip (its GradScaler unscales a clip's gradients before the step; the "
+                "per-tick update has no such step): use --amp bf16")
+    if args.amp == "fp16" and (args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        p.error("--amp fp16 runs in one process (each rank's loss scale would drift apart): use --amp bf16")
     if args.model in models.CHAINS and args.stages > args.depth:
         p.error(f"--stages {args.stages} exceeds the network's {args.depth} blocks (--depth; the head joins the last)")
     if args.pretrained is not None and args.model in models.CHAINS:
@@ -308,6 +316,41 @@ def evaluate(net: nn.Module, loader, device) -> dict:
                 conf_wrong=conf[~right].mean().item() if (~right).any() else None, bins=bins)
 
 
+class _Precision:
+    """--amp: the autocast every forward runs under and, for fp16, the GradScaler. The pipeline
+    back-propagates inside backward_clip, so the loss function itself carries the scale."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.scale = None  # this step's loss scale, a tensor (no host sync)
+        if self.scaler is not None:  # a step skipped for overflow is the scaler's normal working
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
+
+    def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, target)
+        return loss if self.scale is None else loss * self.scale
+
+    def begin_step(self) -> None:
+        if self.scaler is not None:
+            self.scale = self.scaler.scale(torch.ones((), device=self.device))
+
+    def unscaled(self, loss: torch.Tensor) -> float:
+        return loss.item() if self.scale is None else (loss / self.scale).item()
+
+    def step(self, optimizer) -> None:
+        """The clip's optimizer step; fp16 skips it where a gradient overflowed (and lowers the scale)."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
 class _Stop:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits after the current step."""
 
@@ -362,7 +405,7 @@ class _Cluster:
     def main(self) -> bool:
         return self.rank == 0
 
-    def pipeline(self, net: nn.Module, cfg: dict, optimizer, example: torch.Tensor):
+    def pipeline(self, net: nn.Module, cfg: dict, optimizer, example: torch.Tensor, loss_fn=F.cross_entropy):
         """The chains cut at their blocks; the standard networks by from_model."""
         kind = SidewaysPipeline
         kwargs = dict(update=cfg["update"], optimizer=optimizer, smoothing=cfg.get("smoothing", 1))
@@ -371,7 +414,7 @@ class _Cluster:
             kind = DistributedSidewaysPipeline
             kwargs.update(device=self.device, replicas=self.replicas)
         if cfg["model"] in models.CHAINS:
-            return kind(models.stages(net, cfg["stages"]), F.cross_entropy, cfg["mode"], **kwargs)
+            return kind(models.stages(net, cfg["stages"]), loss_fn, cfg["mode"], **kwargs)
         was_training = net.training
         try:  # the network itself must take the clips
             with torch.no_grad():
@@ -383,7 +426,7 @@ class _Cluster:
         finally:
             net.train(was_training)
         try:
-            return kind.from_model(net, cfg["stages"], F.cross_entropy, cfg["mode"], batchnorm=cfg["batchnorm"],
+            return kind.from_model(net, cfg["stages"], loss_fn, cfg["mode"], batchnorm=cfg["batchnorm"],
                                    example=example, **kwargs)
         except ValueError as exc:  # too many stages, a clip its strides cannot take, ...
             raise DataError(f"--model {cfg['model']}: {exc}") from None
@@ -447,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = dict(resume["config"])
         cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
         cfg.setdefault("replicas", 1)
-        for key, default in dict(batchnorm="frame", pretrained=None).items():  # options newer than the checkpoint
+        for key, default in dict(batchnorm="frame", pretrained=None, amp="off").items():  # newer than the checkpoint
             cfg.setdefault(key, default)
         cfg["pretrained"] = None  # the checkpoint's weights are where the run goes on from
         for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas"):  # may change on resume
@@ -491,7 +534,8 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
     example = train_set[0][0].unsqueeze(0).to(device)
-    pipe = cluster.pipeline(net, cfg, optimizer if cfg["update"] == "tick" else None, example)
+    precision = _Precision(cfg["amp"], device)
+    pipe = cluster.pipeline(net, cfg, optimizer if cfg["update"] == "tick" else None, example, precision.loss_fn)
     if pipe.min_clip_length() > cfg["clip_len"]:
         raise DataError(f"--clip-len {cfg['clip_len']} is too short for --model {cfg['model']}: its temporal layers "
                         f"need at least {pipe.min_clip_length()} frames")
@@ -505,6 +549,8 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
             scheduler.load_state_dict(resume["scheduler"])
             state.update(resume["state"])
             set_rng_state(resume["rng"])
+            if precision.scaler is not None and "scaler" in resume:
+                precision.scaler.load_state_dict(resume["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"--resume: {args.resume!r} does not fit the network and options it names "
@@ -520,8 +566,9 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
         if optimizer_state is None:
             optimizer_state = cluster.sync(net, pipe, optimizer)
         if cluster.main:
+            extra = dict(scaler=precision.scaler.state_dict()) if precision.scaler is not None else {}
             save_atomic(dict(model=net.state_dict(), optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                             state=dict(state), rng=rng_state(), config=cfg, classes=train_set.classes), path)
+                             state=dict(state), rng=rng_state(), config=cfg, classes=train_set.classes, **extra), path)
         return path
 
     loader_kw = dict(batch_size=cfg["batch_size"], num_workers=cfg["workers"], drop_last=False,
@@ -551,8 +598,10 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                         continue
                     tick = time.time()
                     video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
+                    precision.begin_step()
                     try:
-                        result = pipe.backward_clip(cluster.share(pipe, video), cluster.share(pipe, label))
+                        with precision.autocast():
+                            result = pipe.backward_clip(cluster.share(pipe, video), cluster.share(pipe, label))
                     except RuntimeError as exc:  # under torchrun: another rank stopped (it said why)
                         if not cluster.distributed:
                             raise
@@ -566,7 +615,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                               file=sys.stderr)
                         return EXIT_NON_FINITE
                     if cfg["update"] == "clip":
-                        optimizer.step()
+                        precision.step(optimizer)
                         optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     state["step"] += 1
@@ -577,13 +626,13 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                     hits = int(cluster.total(hits))
                     sums = state["sums"]
                     sums.extend([0, 0.0, 0.0][len(sums) - 3:])  # a checkpoint from before the spread was kept
-                    step_loss = result.loss.item()
+                    step_loss = precision.unscaled(result.loss)
                     sums[0], sums[1], sums[2] = sums[0] + len(label), sums[1] + hits, sums[2] + step_loss * len(label)
                     sums[3], sums[4], sums[5] = sums[3] + 1, sums[4] + step_loss ** 2, sums[5] + step_loss
                     fps = video.shape[0] * video.shape[2] / elapsed
-                    bar.update(1, loss=result.loss.item(), acc=sums[1] / sums[0], fps=fps)
+                    bar.update(1, loss=step_loss, acc=sums[1] / sums[0], fps=fps)
                     if state["step"] % cfg["log_every"] == 0:
-                        _log(metrics, kind="step", step=state["step"], epoch=epoch + 1, loss=result.loss.item(),
+                        _log(metrics, kind="step", step=state["step"], epoch=epoch + 1, loss=step_loss,
                              train_acc=sums[1] / sums[0], frames_per_s=fps, lr=scheduler.get_last_lr()[0],
                              wall=time.time() - started)
                     state["wall"] = time.time() - started
@@ -603,7 +652,8 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                 seen, correct, loss_sum, n_steps, loss_sq, loss_plain = (list(state["sums"]) + [0, 0.0, 0.0])[:6]
                 state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0])
                 optimizer_state = cluster.sync(net, pipe, optimizer)  # every rank evaluates the whole model
-                val = evaluate(net, val_loader, device)
+                with precision.autocast():
+                    val = evaluate(net, val_loader, device)
                 val_loss, val_acc = val["loss"], val["acc"]
                 mean_step = loss_plain / max(n_steps, 1)
                 record = dict(kind="epoch", step=state["step"], epoch=epoch + 1, train_loss=loss_sum / seen,

@@ -37,7 +37,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _chosen: dict = {"config": None, "split": None}  # set by using()
 _autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
-_summed: dict = {}  # id(weight) -> (weak reference to it, version, dtype, its taps' sum)
+_derived: dict = {}  # (id(weight), summed) -> (weak reference to it, version, dtype, the weight cast or summed)
 
 
 @contextlib.contextmanager
@@ -159,6 +159,7 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
     if bias is not None:
         _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
     out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
+    weight = _weight_as(weight, ring.dtype)
     M, N = B * h_out * w_out, c_out // groups
     _launch(K._ring_conv_forward_kernel, "ring_conv_forward",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
@@ -183,7 +184,7 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
            and conv_output_size(W, k_w, stride[1], padding[1], dilation[1]) == w_out,
            f"grad_out's {h_out}x{w_out} is not the conv output size for input_size {input_size}")
     cg = weight.shape[1]
-    summed = _summed_weight(weight, grad_out.dtype)
+    summed = _weight_as(weight, grad_out.dtype, summed=True)
     grad_in = torch.empty((B, cg * groups, H, W), dtype=grad_out.dtype, device=grad_out.device,
                           memory_format=torch.channels_last)
     M, N = B * H * W, cg
@@ -197,23 +198,28 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
     return grad_in
 
 
-def _summed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The taps' summed weight [C_out, C/groups, k_h, k_w], computed once per version of that
-    weight tensor (every in-place update bumps ``_version``, this module's fused SGD op too: a
-    triton_op bumps the arguments it declares mutated).
+def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False) -> torch.Tensor:
+    """The weight in the activations' dtype (float32 masters meet 16-bit activations as autocast
+    rounds them, and the GEMM reads 16-bit operands), summed over the taps when ``summed``; made
+    once per version of that weight tensor (every in-place update bumps ``_version``, this
+    module's fused SGD op too: a triton_op bumps the arguments it declares mutated).
     Inside a CUDA-graph capture or a compile it is always computed, so a replay recomputes it."""
+    if not summed and weight.dtype == dtype:
+        return weight
+    make = lambda: (weight.sum(2) if summed else weight).to(dtype)
     capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing:
-        return weight.sum(2).to(dtype)
-    cached = _summed.get(id(weight))
+        return make()
+    key = (id(weight), summed)
+    cached = _derived.get(key)
     if cached is not None and cached[0]() is weight and cached[1] == weight._version and cached[2] == dtype:
         return cached[3]
-    summed = weight.sum(2).to(dtype)
-    if len(_summed) > 256:  # forget the weights that are gone
-        for key in [k for k, v in _summed.items() if v[0]() is None]:
-            del _summed[key]
-    _summed[id(weight)] = (weakref.ref(weight), weight._version, dtype, summed)
-    return summed
+    result = make()
+    if len(_derived) > 256:  # forget the weights that are gone
+        for k in [k for k, v in _derived.items() if v[0]() is None]:
+            del _derived[k]
+    _derived[key] = (weakref.ref(weight), weight._version, dtype, result)
+    return result
 
 
 def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups,
@@ -278,8 +284,8 @@ def sgd_tick_update(weight: torch.Tensor, momentum_buffer: Optional[torch.Tensor
                           dilation, dilation_t, groups, (lr, momentum, dampening, weight_decay), sgd=True,
                           nesterov=nesterov, first_step=first_step)
     if bias is not None:  # a vector: one torch pass, not worth a kernel
-        sgd_step(bias, bias_momentum_buffer if momentum != 0 else None, grad_out.sum((0, 2, 3)), lr, momentum,
-                 dampening, weight_decay, nesterov, first_step)
+        sgd_step(bias, bias_momentum_buffer if momentum != 0 else None, grad_out.sum((0, 2, 3), dtype=bias.dtype), lr,
+                 momentum, dampening, weight_decay, nesterov, first_step)
     launches["sgd_tick_update"] += 1
 
 
