@@ -336,7 +336,7 @@ def page(results: dict) -> str:
         "validation procedural videos whose class is their motion, 8-frame clips of 32×32, 20 epochs), at frame "
         "strides 1, 2 and 4 (every s-th frame kept: the video changes s times faster per tick).",
         "",
-        "| mode | frame stride | final val acc | best val acc | train − val gap | val ECE | frames/s (1 thread) |",
+        "| mode | frame stride | final val acc | best val acc | train − val gap | val ECE | frames/s (1 thread, shared machine) |",
         "|---|---|---|---|---|---|---|",
     ]
     for k in (1, 2, 4):

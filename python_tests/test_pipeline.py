@@ -1,6 +1,7 @@
 """The scheduler against the oracles of DESIGN.md §2 (2-5), plus its error handling."""
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -275,6 +276,21 @@ def test_clip_shorter_than_the_pipeline_needs():
     with pytest.raises(ValueError, match="needs at least"):
         list(pipe.stream(iter([_video(T=1)[:, :, 0]] * 2)))
     pipe.backward_clip(_video(T=need), torch.randint(0, 7, (2,)))
+
+
+def test_a_clip_no_longer_than_the_lag_is_warned_about_in_sideways_mode():
+    """Each padded 3-tap conv delays by one frame: lag 4. Sideways on a clip of <= 4 frames pairs
+    errors mostly with end padding (the warning says so); bp mode is exact at any length."""
+    net = classifier_net([(3, 1, 1)] * 4)
+    pipe = SidewaysPipeline(stages_of(net, 2))
+    assert pipe.lag == 4
+    with pytest.warns(UserWarning, match="no longer than the pipeline's lag of 4 frames"):
+        pipe.backward_clip(_video(T=4), torch.randint(0, 7, (2,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.backward_clip(_video(T=5), torch.randint(0, 7, (2,)))
+        pipe.mode = "bp"
+        pipe.backward_clip(_video(T=3), torch.randint(0, 7, (2,)))
 
 
 def test_video_whose_shape_changes_mid_clip():

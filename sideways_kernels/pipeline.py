@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -332,6 +333,14 @@ class SidewaysPipeline:
             return need
         return self.graph.min_clip_length()
 
+    @property
+    def lag(self) -> int:
+        """Input frames between a frame entering the pipeline and the output it completes leaving
+        it (the temporal receptive field's future side plus the strides' waits). Sideways pairs
+        an error with activations about that many frames newer, so it needs clips several
+        times longer; shorter clips are warned about."""
+        return int(self.graph.lag[self.graph.output])
+
     def output_length(self, frames: int) -> int:
         """Frames the clip forward outputs for a clip of ``frames`` frames."""
         return int(self.graph.lengths(frames)[self.graph.output])
@@ -362,6 +371,11 @@ class SidewaysPipeline:
         self._check_config()
         frames, length, finite = self._frames(video, need_length=True)
         out_len = self.output_length(length)
+        if self.mode == "sideways" and length <= self.lag:
+            warnings.warn(f"a clip of {length} frames is no longer than the pipeline's lag of {self.lag} frames: "
+                          "Sideways pairs most errors with activations of the clip's end padding and learns little; "
+                          "use clips several times the lag, fewer temporal strides, or mode='bp'", UserWarning,
+                          stacklevel=2)
         if per_frame_target is None:
             per_frame_target = (isinstance(target, torch.Tensor) and target.dim() == 2 and not target.is_floating_point()
                                 and target.shape[1] == out_len)
