@@ -3,12 +3,14 @@
 Every kernel (forward, input gradient, weight update: accumulate and the SGD epilogue) x every
 config of its list for the architecture and activation type (sideways_kernels/triton/configs.py)
 x {fp32, bf16} activations is compiled with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` for
-sm_90a and sm_80; one line each: registers, stack (spills), shared memory, and the tensor-core
-instruction family in the PTX (``wgmma`` on sm_90a, ``mma`` on sm_80, ``fma`` without).
+sm_90a and sm_80; one line each: registers, stack (spills), shared memory, the tensor-core
+instruction family in the PTX (``wgmma`` on sm_90a, ``mma`` on sm_80, ``fma`` without), and
+whether the loads are software-pipelined (async copies: ``num_stages`` at work).
 
-Fails on a spill, on shared memory over the device's limit, or on a 16-bit sm_90a kernel
-without wgmma. A config that spills is one the autotuner must never pick: the list is the place
-to fix.
+Fails on a spill, on shared memory over the device's limit, on a 16-bit sm_90a kernel without
+wgmma, or on a 16-bit kernel whose loads are not pipelined. A config that spills is one the
+autotuner must never pick: the list is the place to fix. The specialisation compiled here (which
+strides are 1) is the one real launches make: test_triton.py checks that against the ops.
 
     python bench/gpu_check.py            # everything, two compiles at a time
     python bench/gpu_check.py --arch 90 --kernel weight_update_sgd
@@ -79,6 +81,7 @@ def check(job: tuple) -> dict:
         return dict(job=job, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     ptx = compiled.asm["ptx"]
     family = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+    pipelined = "async_copy" in compiled.asm["ttgir"] or "async_tma" in compiled.asm["ttgir"]
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
@@ -88,7 +91,7 @@ def check(job: tuple) -> dict:
     stack = re.search(r"STACK:(\d+)", usage)
     shared = compiled.metadata.shared
     result = dict(job=job, regs=int(reg.group(1)) if reg else -1, stack=int(stack.group(1)) if stack else -1,
-                  shared=shared, family=family)
+                  shared=shared, family=family, pipelined=pipelined)
     problems = []
     if result["stack"] > 0:
         problems.append(f"spills ({result['stack']} B of stack)")
@@ -96,6 +99,8 @@ def check(job: tuple) -> dict:
         problems.append(f"shared memory {shared} B over the limit {SHARED_MEMORY[arch]} B")
     if arch == 90 and dtype != "fp32" and family != "wgmma":
         problems.append("16-bit on sm_90a without wgmma")
+    if dtype != "fp32" and not pipelined:  # e.g. a mask or offset whose alignment Triton cannot see
+        problems.append("16-bit loads not software-pipelined (no async copies): num_stages has no effect")
     result["problems"] = problems
     return result
 
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
                 continue
             split = " split-K" if kernel.startswith("weight_update") else ""
             line = (f"{head} regs {r['regs']:3d} stack {r['stack']:5d} B shared {r['shared'] // 1024:3d} KiB "
-                    f"{r['family']:<5}{split}")
+                    f"{r['family']:<5}{' pipelined' if r['pipelined'] else ''}{split}")
             if r["problems"]:
                 failed += 1
                 line += "  FAIL: " + "; ".join(r["problems"])

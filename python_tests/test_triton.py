@@ -272,3 +272,32 @@ def test_summed_and_cast_weights_are_recomputed_for_a_new_or_updated_weight(dtyp
     check(t, w)
     S.sgd_tick_update(w, None, None, None, t["grad_out"], t["ring"], t["slot"], *a, 0.5, 0.0, 0.0, 0.0, False, True)
     check(t, w)
+
+
+def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(monkeypatch):
+    """bench/gpu_check.py compiles every kernel with its UNIT strides as the constant 1 (channels
+    innermost: what lets Triton vectorise and pipeline the loads). Real pipelines must launch
+    them so: a ring from the pipeline, errors from autograd, float32 master weights."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    seen = {}
+    original = T._launch
+
+    def spy(kernel, name, grid, args, meta, device, *rest, **kw):
+        seen.setdefault(name.split(":")[0], []).append(dict(zip(kernel.arg_names, args)))
+        return original(kernel, name, grid, args, meta, device, *rest, **kw)
+    monkeypatch.setattr(T, "_launch", spy)
+    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    video, target = torch.randn(2, 3, 5, 6, 7), torch.randint(0, 7, (2,))
+    with torch.autocast("cpu", torch.float16):
+        SidewaysPipeline(stages_of(net, 2), backend="triton").backward_clip(video, target)
+        SidewaysPipeline(stages_of(net, 2), backend="triton", update="tick", optimizer=opt).backward_clip(video, target)
+    assert set(seen) == set(gpu_check.UNIT)
+    for kernel, names in gpu_check.UNIT.items():
+        for launch in seen[kernel]:  # every layer's
+            assert all(launch[n] == 1 for n in names), (kernel, {n: launch[n] for n in names})

@@ -252,7 +252,8 @@ class _SidewaysTick(torch.autograd.Function):
         layer: SidewaysConv3d = ctx.layer
         s, ring = ctx.stream, ctx.ring
         args = s.geometry[2]
-        grad_out = grad_out.contiguous()
+        if not grad_out.is_contiguous(memory_format=torch.channels_last):  # the layout every backend reads best
+            grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_frame = None
         if ctx.needs_input_grad[0]:
             stride, padding, dilation, _, groups = args
@@ -301,7 +302,7 @@ def _smoothed(s: _Stream, ring: torch.Tensor, grad_out: torch.Tensor, slot: int)
     s.history.append((window, grad_out.clone()))
     n = len(s.history)
     mean_window = sum(w for w, _ in s.history) / n
-    mean_error = (sum(e for _, e in s.history) / n).contiguous()
+    mean_error = (sum(e for _, e in s.history) / n).contiguous(memory_format=torch.channels_last)
     return mean_window, mean_error, span - 1
 
 

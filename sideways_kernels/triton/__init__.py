@@ -30,7 +30,7 @@ from ..ops import conv_output_size
 from ..reference import sgd_step
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update", "launches",
-           "using"]
+           "using", "picked"]
 
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,6 +108,17 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tu
                                           prune_configs_by={"early_config_prune": early_prune})(kernel)
     wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0))](
         *args, **meta)
+
+
+def picked(name: str, device: torch.device, element_size: int = 2) -> Optional[str]:
+    """The config the autotuner last chose for kernel ``name`` (``"ring_conv_forward"``,
+    ``"window_input_grad"``, ``"weight_update"`` or ``"weight_update:sgd"``) on ``device``, or
+    None before it has run there."""
+    best = getattr(_autotuned.get((name, _capability(device), element_size)), "best_config", None)
+    if best is None:
+        return None
+    k = best.kwargs
+    return Config(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], best.num_stages, best.num_warps).name
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -199,14 +210,19 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
 
 
 def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False) -> torch.Tensor:
-    """The weight in the activations' dtype (float32 masters meet 16-bit activations as autocast
-    rounds them, and the GEMM reads 16-bit operands), summed over the taps when ``summed``; made
-    once per version of that weight tensor (every in-place update bumps ``_version``, this
-    module's fused SGD op too: a triton_op bumps the arguments it declares mutated).
-    Inside a CUDA-graph capture or a compile it is always computed, so a replay recomputes it."""
-    if not summed and weight.dtype == dtype:
-        return weight
-    make = lambda: (weight.sum(2) if summed else weight).to(dtype)
+    """The weight as the GEMMs read it: in the activations' dtype (float32 masters meet 16-bit
+    activations as autocast rounds them, and the tensor cores read 16-bit operands), laid out so
+    that for each tap the [reduction, N] operand is dense with N innermost (output channels for
+    the forward: memory [k_t, k_h, k_w, C/groups, C_out]; input channels for the input gradient,
+    whose operand is the taps' sum: memory [k_h, k_w, C_out, C/groups]) — unit-stride vectors
+    Triton can load 16 bytes at a time and pipeline. Same shape and indexing as the weight.
+    Made once per version of that weight tensor (every in-place update bumps ``_version``, this
+    module's fused SGD op too: a triton_op bumps the arguments it declares mutated). Inside a
+    CUDA-graph capture or a compile it is always computed, so a replay recomputes it."""
+    def make():
+        if summed:  # [C_out, C/groups, k_h, k_w], memory [k_h, k_w, C_out, C/groups]
+            return weight.sum(2).to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+        return weight.to(dtype).permute(2, 3, 4, 1, 0).contiguous().permute(4, 3, 0, 1, 2)
     capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing:
         return make()

@@ -32,7 +32,7 @@ def _ring_conv_forward_kernel(
     ``ONE_GROUP``: no group offsets, so Triton sees the channel vectors' alignment and vectorises
     the loads (a runtime offset hides it)."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cg, mg = C // groups, C_OUT // groups
+    cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
     gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,7 +74,7 @@ def _window_input_grad_kernel(
     where oy*stride = y + pad - kh*dil: the transposed conv with the taps' weights summed.
     Tap-major like the forward: per (kh, kw) a dense [pixels, output channels] slice of grad_out."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cg, mg = C // groups, C_OUT // groups
+    cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
     gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,7 +155,7 @@ def _weight_update_kernel(
     programs one after another. With one split the tile goes straight to the epilogue."""
     pid_tile, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
-    cg, mg = C // groups, C_OUT // groups
+    cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
     gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
     c_tiles = tl.cdiv(cg, BLOCK_N)
     tiles_n = KT * KH * KW * c_tiles
