@@ -1,10 +1,14 @@
 """Which implementation of the sideways ops the layers call: the one place that
 decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda`` or :func:`set_backend`
-chooses; the default is the fastest one built for the tensors' device."""
+chooses; the default is the fastest one built for the tensors' device. On CUDA with both the
+CUDA kernels and Triton, that is ``auto``: per op and activation dtype, the backend
+``dispatch.json`` names for the GPU's architecture (written from a GPU run's side-by-side timings
+by ``bench/gpu_report.py``; until an architecture is measured: Triton for 16-bit, CUDA for fp32)."""
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import types
 from typing import Optional
@@ -40,8 +44,10 @@ def resolve(device: torch.device, name: Optional[str] = None) -> str:
     have = backends()
     name = name or requested()
     if name is None:
-        if device.type == "cuda" and have["cuda"]:
-            return "cuda"
+        if device.type == "cuda":
+            if have["cuda"]:
+                return "auto" if have["triton"] else "cuda"
+            return "triton" if have["triton"] else "torch"
         return "cpp" if have["cpp"] else "torch"
     if name == "cpp" and not have["cpp"]:
         raise RuntimeError(f"backend 'cpp' requested but the compiled library is not loaded: {have.get('cpp_error')}")
@@ -64,6 +70,8 @@ OPS = ("ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_
 def kernels(name: str) -> types.SimpleNamespace:
     """The op functions of backend ``name``, with the signatures of ``torch.ops.sideways``.
     ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel)."""
+    if name == "auto":
+        return types.SimpleNamespace(**{op: _dispatched(op) for op in OPS})
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS})
     if name == "triton":
@@ -85,4 +93,48 @@ def _autocast_neutral(fn):
             return fn(*args, **kwargs)
     call.__name__ = call.__qualname__ = getattr(fn, "__name__", "op")
     call.__wrapped__ = fn
+    return call
+
+
+# --- the default on CUDA: per op and dtype, from dispatch.json ---------------------------------
+
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
+_table: Optional[dict] = None
+_chosen: dict = {}  # (op, dtype, device index) -> backend name
+# the argument whose dtype is the activations' (ring, grad_out, grad_out, grad_out)
+_ACTIVATION_ARG = {"ring_conv_forward": 0, "window_input_grad": 0, "weight_grad_accumulate": 2, "sgd_tick_update": 4}
+
+
+def table() -> dict:
+    """dispatch.json: ``unmeasured`` (dtype -> backend) and ``measured`` (``sm_XY`` -> its device,
+    date and ``ops``: op -> dtype -> backend)."""
+    global _table
+    if _table is None:
+        with open(TABLE_PATH) as f:
+            _table = json.load(f)
+    return _table
+
+
+def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = None) -> str:
+    """``"cuda"`` or ``"triton"`` for ``op`` on activations of ``dtype`` on a GPU of ``arch``
+    (e.g. ``"sm_90"``): the measured choice for that architecture, else the unmeasured default."""
+    dispatch = dispatch or table()
+    name = str(dtype).replace("torch.", "")
+    measured = dispatch.get("measured", {}).get(arch, {}).get("ops", {}).get(op, {}).get(name)
+    return measured or dispatch["unmeasured"][name]
+
+
+def _dispatched(op: str):
+    kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton")}
+    arg = _ACTIVATION_ARG[op]
+
+    def call(*args, **kwargs):
+        t = args[arg]
+        key = (op, t.dtype, t.device.index)
+        name = _chosen.get(key)
+        if name is None:
+            major, minor = torch.cuda.get_device_capability(t.device)
+            name = _chosen[key] = choose(op, t.dtype, f"sm_{major}{minor}")
+        return kernels_of[name](*args, **kwargs)
+    call.__name__ = call.__qualname__ = op
     return call

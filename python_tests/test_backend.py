@@ -1,0 +1,106 @@
+"""Which backend runs the ops: the default per device and what is built, the per-op, per-dtype
+dispatch on CUDA from dispatch.json, and the overrides."""
+import json
+import types
+
+import pytest
+import torch
+
+from sideways_kernels import backend
+
+BUILT = [  # (cuda kernels, triton) -> default on a CUDA device
+    ((True, True), "auto"), ((True, False), "cuda"), ((False, True), "triton"), ((False, False), "torch")]
+
+
+@pytest.mark.parametrize("built,expected", BUILT, ids=str)
+def test_default_backend_follows_what_is_built(monkeypatch, built, expected):
+    cuda, triton = built
+    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=cuda, triton=triton))
+    monkeypatch.delenv("SIDEWAYS_BACKEND", raising=False)
+    assert backend.resolve(torch.device("cuda", 0)) == expected
+    assert backend.resolve(torch.device("cpu")) == "cpp"
+    monkeypatch.setenv("SIDEWAYS_BACKEND", "torch")
+    assert backend.resolve(torch.device("cuda", 0)) == "torch"
+
+
+def test_the_shipped_dispatch_table_names_a_backend_for_every_case():
+    with open(backend.TABLE_PATH) as f:
+        table = json.load(f)
+    dtypes = {"float32", "float16", "bfloat16", "float64"}
+    assert set(table["unmeasured"]) == dtypes and set(table["unmeasured"].values()) <= {"cuda", "triton"}
+    assert table["unmeasured"]["float16"] == table["unmeasured"]["bfloat16"] == "triton"  # until measured
+    for arch, entry in table["measured"].items():
+        assert arch.startswith("sm_") and entry["device"] and entry["date"]
+        for op, by_dtype in entry["ops"].items():
+            assert op in backend.OPS and set(by_dtype) <= dtypes and set(by_dtype.values()) <= {"cuda", "triton"}
+
+
+def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
+    table = dict(unmeasured=dict(float32="cuda", float16="triton", bfloat16="triton", float64="cuda"),
+                 measured={"sm_90": dict(device="H100", date="2026-01-01",
+                                         ops={"weight_grad_accumulate": {"bfloat16": "cuda"}})})
+    assert backend.choose("weight_grad_accumulate", torch.bfloat16, "sm_90", table) == "cuda"
+    assert backend.choose("weight_grad_accumulate", torch.float16, "sm_90", table) == "triton"  # not measured
+    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "triton"
+    assert backend.choose("weight_grad_accumulate", torch.bfloat16, "sm_80", table) == "triton"
+    assert backend.choose("weight_grad_accumulate", torch.float32, "sm_90", table) == "cuda"
+
+
+def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
+    calls = []
+    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
+                                           for op in backend.OPS}) for name in ("cuda", "triton")}
+    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: fake[name] if name in fake
+                        else _real(name))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backend, "_table", dict(
+        unmeasured=dict(float32="cuda", float16="triton", bfloat16="triton", float64="cuda"),
+        measured={"sm_90": dict(device="H100", date="2026-01-01", ops={"window_input_grad": {"bfloat16": "cuda"}})}))
+    monkeypatch.setattr(backend, "_chosen", {})
+    auto = types.SimpleNamespace(**{op: backend._dispatched(op) for op in backend.OPS})
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    auto.ring_conv_forward(bf16, None, 0)
+    auto.ring_conv_forward(fp32, None, 0)
+    auto.window_input_grad(bf16, None)
+    auto.weight_grad_accumulate(None, None, bf16)
+    auto.sgd_tick_update(None, None, None, None, fp32)
+    assert calls == [("ring_conv_forward", "triton"), ("ring_conv_forward", "cuda"), ("window_input_grad", "cuda"),
+                     ("weight_grad_accumulate", "triton"), ("sgd_tick_update", "cuda")]
+
+
+def _gpu_report():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_report.py")
+    spec = importlib.util.spec_from_file_location("gpu_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(tmp_path):
+    """bench/gpu_report.py on the rows a (cut short) GPU run leaves: the faster kernel per op by
+    geometric mean over the shapes both ran, ratios against the faster cuDNN layout."""
+    report = _gpu_report()
+    rows = [dict(kind="ceiling", tflops=800.0)]
+    times = {("weight_sgd", "cuda"): [2.0, 4.0], ("weight_sgd", "triton"): [1.0, 5.0],  # geomean 2.83 vs 2.24
+             ("forward", "cuda"): [1.0, 1.0], ("forward", "triton"): [3.0, 3.0]}
+    for (op, impl), ms in times.items():
+        for shape, t in zip(([64, 128, 8, 56], [128, 256, 16, 28]), ms):
+            rows.append(dict(kind="op", op=op, shape=shape, impl=impl, median_s=t / 1e3, tflops=100.0 / t))
+    rows += [dict(kind="op", op="forward", shape=[64, 128, 8, 56], impl=i, median_s=t / 1e3, tflops=1.0)
+             for i, t in (("cudnn_ncdhw", 2.0), ("cudnn_cl", 1.5))]
+    rows.append(dict(kind="op", op="input_grad", shape=[64, 128, 8, 56], impl="cuda", median_s=1e-3, tflops=1.0))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "op", "op": "forw')  # cut mid-line
+    loaded = report.load(str(path))
+    assert len(loaded) == len(rows)
+    text = "\n".join(report.tables(loaded, "H100"))
+    assert "| forward | 64→128, B8, 56 | cuda | 1.000 | 100.0 | 12% | 1.50× |" in text
+    table = report.dispatch(loaded, "H100", "sm_90", backend.table())
+    ops = table["measured"]["sm_90"]["ops"]
+    assert ops == {"sgd_tick_update": {"bfloat16": "triton"}, "ring_conv_forward": {"bfloat16": "cuda"}}
+    assert backend.choose("sgd_tick_update", torch.bfloat16, "sm_90", table) == "triton"
+    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "cuda"
+    assert backend.choose("window_input_grad", torch.bfloat16, "sm_90", table) == "triton"  # triton never ran
+    assert table["unmeasured"] == backend.table()["unmeasured"]
