@@ -1,104 +1,238 @@
-"""GPU benchmarks (skipped without a GPU), all ratios side by side in one run:
-the fused Sideways weight update (accumulate, and the per-tick SGD step) vs the unfused
-cuDNN path (aten.convolution_backward for the weight + add_ + torch.optim.SGD(fused=True))
-at C3D shapes in bf16 activations with fp32 master weights; end-to-end frames/s of a
-Sideways pipeline vs clip-level BP with nn.Conv3d.
+"""GPU benchmarks (skipped without a GPU), every ratio side by side in one run.
 
-    pytest bench/bench_gpu.py --benchmark-only    (bench/run_gpu.sh runs it)
+In the order they run (the important ones first, so a run cut short still has them):
+1. the bf16 matmul ceiling of this GPU (a large ``torch.matmul``), measured here;
+2. per op and C3D shape, bf16 activations and fp32 master weights: our CUDA and Triton kernels
+   (Triton autotuned; the picked config recorded) against the cuDNN path a plain-PyTorch user
+   would write — ``F.conv3d`` of the window (forward), ``aten.convolution_backward`` summed over
+   the window (input gradient) or for the weight + ``add_`` (accumulate) + ``SGD(fused=True)``
+   (per-tick SGD) — with ``cudnn.benchmark`` on, on NCDHW and on channels_last_3d frames (the
+   faster counts). Every implementation's result is first checked against reference.py in
+   float64 (bf16 cuDNN convolutions have had wrong-result bugs);
+3. a pipeline tick at batch 8, eager vs replayed from CUDA graphs;
+4. end-to-end frames/s and peak memory vs clip length, Sideways pipeline vs clip BP, under bf16
+   autocast; Sideways at clip BP's memory.
+
+Each benchmark appends its row (JSON) to ``$SIDEWAYS_BENCH_ROWS`` as soon as it is measured;
+``bench/gpu_report.py`` turns the rows into RESULTS.md lines and a dispatch table.
+
+    SIDEWAYS_BENCH_ROWS=rows.jsonl pytest bench/bench_gpu.py --benchmark-only    (bench/run_gpu.sh)
 """
+import json
+import os
+import time
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sideways_kernels import SidewaysConv3d, SidewaysPipeline, models, ops
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, models, ops, reference as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# (C_in, C_out, batch, spatial) C3D layers; 3x3x3 kernels, 'same' padding
+# (C_in, C_out, batch, spatial) of C3D layers; 3x3x3 kernels, 'same' spatial padding
 SHAPES = [(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14)]
-ARGS = ([1, 1], [1, 1], [1, 1], 1, 1)
+SHAPE_IDS = [f"{s[0]}to{s[1]}-B{s[2]}-{s[3]}" for s in SHAPES]
+ARGS = ([1, 1], [1, 1], [1, 1], 1, 1)  # stride, padding, dilation, dilation_t, groups
 HYPER = dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False)
+IMPLS = ["cudnn_ncdhw", "cudnn_cl", "cuda", "triton"]
+OP_NAMES = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
+            "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
+TRITON_KERNEL = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
+                 "weight_accumulate": "weight_update", "weight_sgd": "weight_update:sgd"}
+SLOT = 2  # the newest frame: tap j reads ring slot j
 
 
-def _timed(benchmark, fn, flops):
+def _row(**fields) -> None:
+    path = os.environ.get("SIDEWAYS_BENCH_ROWS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(time=time.strftime("%H:%M:%S"), **fields)) + "\n")
+
+
+def _timed(benchmark, fn, rounds=20, warmup=2) -> float:
     def run():
         fn()
         torch.cuda.synchronize()  # the timed call includes the GPU work
 
-    for _ in range(3):
-        run()
+    run()
     torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(run, rounds=20, warmup_rounds=2)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(tflops=flops / median / 1e12, peak_mib=torch.cuda.max_memory_allocated() / 2**20)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
 
 
-def _layer(c_in, c_out, batch, hw):
-    torch.manual_seed(0)
-    ring = ops.empty_ring(3, batch, c_in, hw, hw, dtype=torch.bfloat16, device="cuda").copy_(
-        torch.randn(3, batch, c_in, hw, hw))
-    weight = torch.randn(c_out, c_in, 3, 3, 3, device="cuda") * 0.02
-    grad_out = torch.randn(batch, c_out, hw, hw, device="cuda", dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    flops = 2 * batch * hw * hw * c_out * c_in * 27
-    return ring, weight, grad_out, flops
+@pytest.fixture(scope="module", autouse=True)
+def _cudnn_benchmark():
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    yield
+    torch.backends.cudnn.benchmark = before
 
 
-def _unfused(ring, weight, grad_out, grad):
-    for j in range(3):  # slot 2 is newest: tap j reads slot j
-        g = torch.ops.aten.convolution_backward(grad_out, ring[j], weight[:, :, j].to(ring.dtype), None, [1, 1], [1, 1],
-                                                [1, 1], False, [0, 0], 1, [False, True, False])[1]
-        grad[:, :, j].add_(g)
+# --- 1. the ceiling -----------------------------------------------------------------------------
+
+CEILING = {}
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}-B{s[2]}-{s[3]}")
-@pytest.mark.parametrize("impl", ["unfused", "fused"])
-def test_tick_update(benchmark, shape, impl):
-    ring, weight, grad_out, flops = _layer(*shape)
-    benchmark.group = f"gpu-tick-update-{shape}"
-    benchmark.extra_info["shape"] = f"{shape[0]}->{shape[1]} k3 B{shape[2]} {shape[3]}^2 bf16 act, fp32 master"
-    if impl == "fused":
-        buf = torch.zeros_like(weight)
-        _timed(benchmark, lambda: ops.sgd_tick_update(weight, buf, None, None, grad_out, ring, 2, *ARGS, **HYPER), flops)
-    else:
-        w = weight.clone().requires_grad_()
+def test_bf16_matmul_ceiling(benchmark):
+    benchmark.group = "gpu-ceiling"
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    median = _timed(benchmark, lambda: a @ b, rounds=20)
+    CEILING["tflops"] = 2 * n ** 3 / median / 1e12
+    benchmark.extra_info.update(tflops=CEILING["tflops"], shape=f"bf16 matmul {n}^3")
+    _row(kind="ceiling", tflops=CEILING["tflops"], device=torch.cuda.get_device_name())
+
+
+# --- 2. the ops against cuDNN -------------------------------------------------------------------
+
+class _Layer:
+    """One C3D layer's tensors: a bf16 ring in the ops' layout, its window as a clip in both
+    layouts, fp32 master weight and bias, a bf16 error."""
+
+    def __init__(self, c_in, c_out, batch, hw, device="cuda"):
+        g = torch.Generator(device=device).manual_seed(0)
+        self.ring = ops.empty_ring(3, batch, c_in, hw, hw, dtype=torch.bfloat16, device=device)
+        self.ring.copy_(torch.randn(3, batch, c_in, hw, hw, device=device, generator=g))
+        self.weight = torch.randn(c_out, c_in, 3, 3, 3, device=device, generator=g) * (c_in * 27) ** -0.5
+        self.bias = torch.randn(c_out, device=device, generator=g) * 0.1
+        self.grad_out = torch.randn(batch, c_out, hw, hw, device=device, generator=g).to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        clip = ref.window(self.ring, SLOT)  # [B, C, 3, H, W], oldest first
+        self.clips = {"cudnn_ncdhw": clip.contiguous(), "cudnn_cl": clip.contiguous(memory_format=torch.channels_last_3d)}
+        self.hw = [hw, hw]
+        self.flops = 2 * batch * hw * hw * c_out * c_in * 27
+
+
+_EXPECTED = {}  # (op, shape) -> float64 reference
+
+
+def _expected(op, shape, layer: _Layer):
+    key = (op, shape)
+    if key not in _EXPECTED:
+        d = lambda t: t.double()
+        if op == "forward":
+            out = ref.ring_conv_forward(d(layer.ring), None, SLOT, d(layer.weight), d(layer.bias), *ARGS)
+        elif op == "input_grad":
+            out = ref.window_input_grad(d(layer.grad_out), d(layer.weight), layer.hw, *ARGS[:3], 1)
+        else:
+            out = torch.zeros_like(layer.weight, dtype=torch.float64)
+            ref.weight_grad_accumulate(out, None, d(layer.grad_out), d(layer.ring), SLOT, *ARGS)
+            if op == "weight_sgd":  # the weight after one SGD step from a fresh momentum buffer
+                w = d(layer.weight).clone()
+                ref.sgd_step(w, torch.empty_like(w), out, **HYPER, first_step=True)
+                out = w
+        _EXPECTED[key] = out
+    return _EXPECTED[key]
+
+
+def _implementation(op: str, impl: str, L: _Layer):
+    """(the timed call, a call returning the result to check) for one op and implementation."""
+    w16 = L.weight.to(torch.bfloat16)
+    if impl.startswith("cudnn"):
+        clip = L.clips[impl]
+        g5 = L.grad_out.unsqueeze(2)
+        if impl == "cudnn_ncdhw":
+            g5 = g5.contiguous()
+        else:
+            g5 = g5.contiguous(memory_format=torch.channels_last_3d)
+        backward = lambda mask: torch.ops.aten.convolution_backward(
+            g5, clip, w16, None, [1, 1, 1], [0, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, mask)
+        if op == "forward":
+            b16 = L.bias.to(torch.bfloat16)
+            fn = lambda: F.conv3d(clip, w16, b16, padding=(0, 1, 1)).squeeze(2)
+            return fn, fn
+        if op == "input_grad":
+            fn = lambda: backward([True, False, False])[0].sum(2)
+            return fn, fn
+        grad = torch.zeros_like(L.weight)
+        if op == "weight_accumulate":
+            def fn():
+                grad.add_(backward([False, True, False])[1])
+            return fn, lambda: (grad.zero_(), fn(), grad)[2]
+        w = L.weight.clone().requires_grad_()
         opt = torch.optim.SGD([w], fused=True, **HYPER)
         w.grad = torch.zeros_like(w)
 
         def step():
-            _unfused(ring, w.detach(), grad_out, w.grad)
+            w.grad.add_(backward([False, True, False])[1])
             opt.step()
             w.grad.zero_()
 
-        _timed(benchmark, step, flops)
-
-
-@pytest.mark.parametrize("T", [8, 16, 32])
-@pytest.mark.parametrize("impl", ["clip_bp", "sideways"])
-def test_end_to_end(benchmark, impl, T):
-    """frames/s and peak memory (extra_info peak_mib) against the clip length."""
-    benchmark.group = f"gpu-train-clip-T{T}"
-    B, HW = 8, 112
-    video, target = torch.randn(B, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
-    net = models.c3d(10, widths=(64, 128, 256, 256), conv=nn.Conv3d if impl == "clip_bp" else SidewaysConv3d).cuda()
-    if impl == "clip_bp":
-        def step():
-            out = net(video)
-            (sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(T)) / T).backward()
+        def result():
+            with torch.no_grad():
+                w.copy_(L.weight)
+            opt.state.clear()
+            step()
+            return w.detach()
+        return step, result
+    if impl == "triton":
+        import sideways_kernels.triton  # noqa: F401  registers torch.ops.sideways_triton
+        k = torch.ops.sideways_triton
     else:
-        pipe = SidewaysPipeline(models.stages(net, 4))
-        step = lambda: pipe.backward_clip(video, target)
-    _timed(benchmark, step, 1)
-    benchmark.extra_info["frames_per_s"] = B * T / benchmark.stats.stats.median
-    benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{B} T{T} {HW}^2 fp32, 4 stages"
+        k = torch.ops.sideways
+    if op == "forward":
+        fn = lambda: k.ring_conv_forward(L.ring, None, SLOT, L.weight, L.bias, *ARGS)
+        return fn, fn
+    if op == "input_grad":
+        fn = lambda: k.window_input_grad(L.grad_out, L.weight, L.hw, *ARGS[:3], 1)
+        return fn, fn
+    grad = torch.zeros_like(L.weight)
+    if op == "weight_accumulate":
+        fn = lambda: k.weight_grad_accumulate(grad, None, L.grad_out, L.ring, SLOT, *ARGS)
+        return fn, lambda: (grad.zero_(), fn(), grad)[2]
+    w, buf = L.weight.clone(), torch.zeros_like(L.weight)
+    step = lambda first=False: k.sgd_tick_update(w, buf, None, None, L.grad_out, L.ring, SLOT, *ARGS, **HYPER,
+                                                 first_step=first)
+    return step, lambda: (w.copy_(L.weight), step(True), w)[2]
 
+
+def _op_case(benchmark, op, shape, impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    if impl == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("sideways::ring_conv_forward", "CUDA"):
+        pytest.skip("CUDA kernels not built")
+    L = _Layer(*shape)
+    timed, result = _implementation(op, impl, L)
+    got, expected = result().double(), _expected(op, shape, L)
+    if op == "weight_sgd":  # compare the step taken, not the weight
+        got, expected = got - L.weight.double(), expected - L.weight.double()
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert error < 2e-2, f"{impl} {op} {shape}: relative error {error:.3g} against reference.py"
+    benchmark.group = f"gpu-{op}-{'-'.join(map(str, shape))}"
+    median = _timed(benchmark, timed)
+    tflops = L.flops / median / 1e12
+    config = None
+    if impl == "triton":
+        from sideways_kernels.triton import picked
+        config = picked(TRITON_KERNEL[op], L.ring.device)
+    benchmark.extra_info.update(tflops=tflops, config=config, error=error,
+                                shape=f"{shape[0]}->{shape[1]} k3 B{shape[2]} {shape[3]}^2 bf16 act, fp32 master")
+    _row(kind="op", op=op, shape=list(shape), impl=impl, median_s=median, tflops=tflops,
+         ceiling_fraction=tflops / CEILING["tflops"] if CEILING else None, config=config, error=error)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("op", ["weight_sgd", "weight_accumulate"])
+def test_weight_update(benchmark, op, shape, impl):
+    _op_case(benchmark, op, shape, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("op", ["forward", "input_grad"])
+def test_forward_and_input_grad(benchmark, op, shape, impl):
+    _op_case(benchmark, op, shape, impl)
+
+
+# --- 3. CUDA-graph ticks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graph"])
 def test_tick(benchmark, graphs):
-    """Pipeline ticks at batch 8, eager vs replayed from CUDA graphs: a whole 64-frame clip
-    (of its ~80 ticks, all but the fill and drain ones are steady, i.e. replays) after the
-    warm-up clips, reported per tick."""
+    """Pipeline ticks at batch 8 under bf16 autocast, eager vs replayed from CUDA graphs: a whole
+    64-frame clip (all but its fill and drain ticks are replays) after the warm-up, per tick."""
     benchmark.group = "gpu-tick"
     B, T, HW = 8, 64, 56
     torch.manual_seed(0)
@@ -106,20 +240,62 @@ def test_tick(benchmark, graphs):
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     pipe = SidewaysPipeline(models.stages(net, 4), update="tick", optimizer=opt, cuda_graph=graphs)
     video, target = torch.randn(B, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
-    step = lambda: pipe.backward_clip(video, target)
-    _timed(benchmark, step, 1)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            pipe.backward_clip(video, target)
+    step()  # warm-up (and captures)
+    median = _timed(benchmark, step, rounds=5, warmup=1)
     if graphs:
         assert pipe._graphs.replays > 0 and not pipe._graphs.failed, pipe._graphs.failed
-    benchmark.extra_info["ms_per_tick"] = benchmark.stats.stats.median / pipe.last_ticks * 1e3
-    benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{B} T{T} {HW}^2 fp32, 4 stages, per-tick SGD"
+    ms = median / pipe.last_ticks * 1e3
+    benchmark.extra_info.update(ms_per_tick=ms, shape=f"c3d(64,128,256,256) B{B} T{T} {HW}^2 bf16 autocast, "
+                                                      "4 stages, per-tick SGD")
+    _row(kind="tick", graphs=graphs, ms_per_tick=ms, batch=B)
+
+
+# --- 4. end to end ------------------------------------------------------------------------------
+
+def _c3d(conv):
+    return models.c3d(10, widths=(64, 128, 256, 256), conv=conv).cuda()
+
+
+def _clip_bp(net, video, target):
+    with torch.autocast("cuda", torch.bfloat16):
+        out = net(video)
+        T = out.shape[2]
+        loss = sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(T)) / T
+    loss.backward()
+
+
+@pytest.mark.parametrize("T", [8, 16, 32])
+@pytest.mark.parametrize("impl", ["clip_bp", "sideways"])
+def test_end_to_end(benchmark, impl, T):
+    """frames/s and peak memory against the clip length (bf16 autocast)."""
+    benchmark.group = f"gpu-train-clip-T{T}"
+    B, HW = 8, 112
+    video, target = torch.randn(B, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
+    net = _c3d(nn.Conv3d if impl == "clip_bp" else SidewaysConv3d)
+    if impl == "clip_bp":
+        step = lambda: _clip_bp(net, video, target)
+    else:
+        pipe = SidewaysPipeline(models.stages(net, 4))
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16):
+                pipe.backward_clip(video, target)
+    median = _timed(benchmark, step, rounds=5, warmup=1)
+    fps, peak = B * T / median, torch.cuda.max_memory_allocated() / 2**20
+    benchmark.extra_info.update(frames_per_s=fps, peak_mib=peak,
+                                shape=f"c3d(64,128,256,256) B{B} T{T} {HW}^2 bf16 autocast, 4 stages")
+    _row(kind="end_to_end", impl=impl, T=T, batch=B, frames_per_s=fps, peak_mib=peak)
 
 
 def test_end_to_end_sideways_at_equal_memory(benchmark):
-    """Sideways at the largest batch whose peak memory stays within clip BP's at batch 8
-    (T = 16): frames/s at equal memory. Compare frames_per_s with gpu-train-clip-T16's clip_bp."""
+    """Sideways at the largest batch (doubling from 8) whose peak memory stays within clip BP's at
+    batch 8 (T = 16): frames/s at equal memory; compare with gpu-train-clip-T16's clip_bp."""
     benchmark.group = "gpu-train-clip-equal-memory"
     T, HW = 16, 112
-    make = lambda conv: models.c3d(10, widths=(64, 128, 256, 256), conv=conv).cuda()
 
     def peak(step):
         torch.cuda.synchronize()
@@ -128,24 +304,25 @@ def test_end_to_end_sideways_at_equal_memory(benchmark):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
 
-    net = make(nn.Conv3d)
+    net = _c3d(nn.Conv3d)
     video, target = torch.randn(8, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
-
-    def bp():
-        out = net(video)
-        (sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(T)) / T).backward()
-    bp()
-    budget = peak(bp)
+    _clip_bp(net, video, target)
+    budget = peak(lambda: _clip_bp(net, video, target))
     del net, video, target
-    sideways = make(SidewaysConv3d)
-    pipe = SidewaysPipeline(models.stages(sideways, 4))
+    pipe = SidewaysPipeline(models.stages(_c3d(SidewaysConv3d), 4))
+
+    def run(clip):
+        with torch.autocast("cuda", torch.bfloat16):
+            pipe.backward_clip(*clip)
     batch = 8
-    while True:  # double while it fits
+    while batch < 256:
         clip = (torch.randn(batch * 2, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (batch * 2,), device="cuda"))
-        if batch >= 512 or peak(lambda: pipe.backward_clip(*clip)) > budget:
+        if peak(lambda: run(clip)) > budget:
             break
         batch *= 2
-    video, target = torch.randn(batch, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
-    _timed(benchmark, lambda: pipe.backward_clip(video, target), 1)
-    benchmark.extra_info["frames_per_s"] = batch * T / benchmark.stats.stats.median
-    benchmark.extra_info["shape"] = f"c3d(64,128,256,256) B{batch} (BP's memory at B8: {budget / 2**20:.0f} MiB) T{T} {HW}^2"
+    clip = (torch.randn(batch, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (batch,), device="cuda"))
+    median = _timed(benchmark, lambda: run(clip), rounds=3, warmup=1)
+    fps = batch * T / median
+    benchmark.extra_info.update(frames_per_s=fps, shape=f"c3d(64,128,256,256) B{batch} (BP's memory at B8: "
+                                                        f"{budget / 2**20:.0f} MiB) T{T} {HW}^2 bf16 autocast")
+    _row(kind="equal_memory", batch=batch, frames_per_s=fps, budget_mib=budget / 2**20)

@@ -1,0 +1,131 @@
+"""Turns the rows bench/bench_gpu.py appended (JSON lines) into what a GPU run leaves behind:
+
+* markdown tables for bench/RESULTS.md — per op and shape: each implementation's time, TFLOP/s,
+  fraction of the bf16 matmul ceiling measured in the same run, ratio to the faster cuDNN layout
+  (NCDHW or channels_last_3d), the Triton config the autotuner picked; the graph tick vs the
+  eager one; end-to-end frames/s and peak memory vs clip length;
+* a dispatch table (sideways_kernels/dispatch.json plus this GPU's measured entry: per op, the
+  faster of the CUDA and Triton kernels by geometric mean over the shapes) to review and commit.
+
+Works on partial rows (a run cut short): what was measured is reported, the rest is absent.
+
+    python bench/gpu_report.py rows.jsonl --device "NVIDIA H100" [--dispatch out/dispatch.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OP_NAMES = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
+            "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
+GOALS = {"forward": 1.0, "input_grad": 1.0, "weight_accumulate": 1.3, "weight_sgd": 1.3}  # issue 12's targets
+
+
+def load(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a timeout
+                    pass
+    return rows
+
+
+def tables(rows: list[dict], device: str) -> list[str]:
+    date = datetime.date.today().isoformat()
+    ceiling = next((r["tflops"] for r in rows if r["kind"] == "ceiling"), None)
+    out = [f"### {device}, {date} (`bench/run_gpu.sh`)", ""]
+    out.append(f"bf16 matmul ceiling measured in this run: "
+               f"{f'{ceiling:.0f} TFLOP/s' if ceiling else 'not measured'}.")
+    out += ["", "| op | shape (C_in→C_out, B, H=W) | impl | ms | TFLOP/s | % of ceiling | vs best cuDNN "
+            "| goal | config |", "|---|---|---|---|---|---|---|---|---|"]
+    ops = [r for r in rows if r["kind"] == "op"]
+    for op in OP_NAMES:
+        for shape in sorted({tuple(r["shape"]) for r in ops if r["op"] == op}):
+            case = {r["impl"]: r for r in ops if r["op"] == op and tuple(r["shape"]) == shape}
+            base = min((case[i]["median_s"] for i in ("cudnn_ncdhw", "cudnn_cl") if i in case), default=None)
+            for impl in ("cudnn_ncdhw", "cudnn_cl", "cuda", "triton"):
+                r = case.get(impl)
+                if r is None:
+                    continue
+                ratio = f"{base / r['median_s']:.2f}×" if base else "–"
+                goal = f"≥ {GOALS[op]:.1f}×" if impl in ("cuda", "triton") else ""
+                frac = f"{100 * r['tflops'] / ceiling:.0f}%" if ceiling else "–"
+                out.append(f"| {op} | {shape[0]}→{shape[1]}, B{shape[2]}, {shape[3]} | {impl} | "
+                           f"{r['median_s'] * 1e3:.3f} | {r['tflops']:.1f} | {frac} | {ratio} | {goal} | "
+                           f"{r.get('config') or ''} |")
+    ticks = {r["graphs"]: r["ms_per_tick"] for r in rows if r["kind"] == "tick"}
+    if ticks:
+        out += ["", "| pipeline tick (c3d 64–256, B8, 56², bf16) | ms per tick | vs eager |", "|---|---|---|"]
+        for graphs in (False, True):
+            if graphs in ticks:
+                ratio = f"{ticks[False] / ticks[graphs]:.2f}× (goal ≥ 2×)" if False in ticks and graphs else ""
+                out.append(f"| {'CUDA graph' if graphs else 'eager'} | {ticks[graphs]:.3f} | {ratio} |")
+    e2e = [r for r in rows if r["kind"] == "end_to_end"]
+    if e2e:
+        out += ["", "| end to end (c3d 64–256, B8, 112², bf16 autocast) | T | frames/s | peak MiB |", "|---|---|---|---|"]
+        for r in sorted(e2e, key=lambda r: (r["impl"], r["T"])):
+            out.append(f"| {r['impl']} | {r['T']} | {r['frames_per_s']:.0f} | {r['peak_mib']:.0f} |")
+    for r in rows:
+        if r["kind"] == "equal_memory":
+            out.append(f"\nSideways at clip BP's memory (B8, T16: {r['budget_mib']:.0f} MiB): batch {r['batch']}, "
+                       f"{r['frames_per_s']:.0f} frames/s.")
+    return out
+
+
+def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
+    """``base`` with ``measured[arch]``: per op, the faster of cuda and triton (geometric mean
+    of their times over the shapes both ran)."""
+    ops = {}
+    for op, name in OP_NAMES.items():
+        times = {}
+        for impl in ("cuda", "triton"):
+            times[impl] = {tuple(r["shape"]): r["median_s"] for r in rows
+                           if r["kind"] == "op" and r["op"] == op and r["impl"] == impl}
+        shared = set(times["cuda"]) & set(times["triton"])
+        if not shared:
+            continue
+        geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in shared) / len(shared)) for impl in times}
+        ops[name] = {"bfloat16": min(geo, key=geo.get)}
+    table = json.loads(json.dumps(base))
+    if ops:
+        table.setdefault("measured", {})[arch] = dict(device=device, date=datetime.date.today().isoformat(), ops=ops)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("rows")
+    p.add_argument("--device", default="GPU")
+    p.add_argument("--arch", default=None, help="e.g. sm_90 (default: this machine's GPU)")
+    p.add_argument("--dispatch", default=None, help="write the dispatch table here")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.rows):
+        print(f"gpu_report: no rows at {args.rows} (nothing was measured)", file=sys.stderr)
+        return 1
+    rows = load(args.rows)
+    print("\n".join(tables(rows, args.device)))
+    if args.dispatch:
+        arch = args.arch
+        if arch is None:
+            import torch
+            major, minor = torch.cuda.get_device_capability()
+            arch = f"sm_{major}{minor}"
+        with open(os.path.join(HERE, "..", "sideways_kernels", "dispatch.json")) as f:
+            base = json.load(f)
+        with open(args.dispatch, "w") as f:
+            json.dump(dispatch(rows, args.device, arch, base), f, indent=1)
+            f.write("\n")
+        print(f"\ndispatch table for {arch}: {args.dispatch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
