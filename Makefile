@@ -42,7 +42,8 @@ cmake-check: install
 	cmake --build build-cmake -j2 >> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	$(PY) bench/cmake_smoke.py build-cmake/libsideways_ops.so
 
-# Every CUDA kernel compiles for Hopper (sm_90a) and Ampere (sm_80); registers and spills in build/nvcc.log.
+# Every CUDA kernel compiles for Hopper (sm_90a) and Ampere (sm_80); registers and spills in
+# build/nvcc.log. Fails on a spill, or on sm_90a code without cp.async copies or tensor-core mma.
 nvcc-check: install
 	@if command -v $(NVCC) > /dev/null; then \
 	  mkdir -p build; rm -f build/nvcc.log; \
@@ -51,8 +52,14 @@ nvcc-check: install
 	      echo "nvcc $$f ($$arch)"; \
 	      $(NVCC) $(NVCC_FLAGS) -gencode=arch=$$arch $$f -o /tmp/sideways_nvcc.o >> build/nvcc.log 2>&1 || { cat build/nvcc.log; exit 1; }; \
 	    done; \
+	    $(NVCC) -ptx -std=c++17 -gencode=arch=compute_90a,code=sm_90a $$f -o build/sideways_nvcc.ptx || exit 1; \
+	    for insn in cp.async mma; do \
+	      grep -q "$$insn" build/sideways_nvcc.ptx || { echo "$$f: no $$insn in its sm_90a PTX"; exit 1; }; \
+	      echo "  $$insn: $$(grep -c "$$insn" build/sideways_nvcc.ptx) PTX lines"; \
+	    done; \
 	  done; \
 	  grep -E "registers|spill" build/nvcc.log | sort | uniq -c; \
+	  if grep -qE "[1-9][0-9]* bytes spill" build/nvcc.log; then echo "a CUDA kernel spills registers"; exit 1; fi; \
 	  echo "g++ -fsyntax-only csrc/cuda/*.cpp (the torch bindings, against torch's and CUDA's headers)"; \
 	  for f in $(wildcard csrc/cuda/*.cpp); do \
 	    $(CXX) -fsyntax-only -std=c++20 $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \

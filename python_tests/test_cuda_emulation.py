@@ -4,8 +4,10 @@ against reference.py on tiny odd shapes. This verifies the kernels' indexing, ti
 barriers and epilogues without a GPU; their speed is measured only on a GPU. The fp16/bf16
 kernels' tensor-core GEMMs (wmma m16n16k16) run here through the header's emulation of
 the wmma calls (each lane holds the whole fragment), which checks the tiling, fragment
-placement and layouts; the tensor cores' own arithmetic is checked only on a GPU
-(test_gpu.py)."""
+placement and layouts; the cp.async pipeline's copies land at once here, so the stage
+bookkeeping is checked (every stage read was written, zero-filled where it must be) but not
+its timing; the tensor cores' own arithmetic and the copies' asynchrony are checked only on
+a GPU (test_gpu.py)."""
 import ctypes
 import os
 import shutil
@@ -32,16 +34,23 @@ def emulated(tmp_path_factory):
            os.path.join(CUDA, "kernels.cu"), "-x", "none", os.path.join(CUDA, "emulation", "emulated_ops.cpp"),
            "-shared", "-fPIC", "-pthread", "-o", lib]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return ctypes.CDLL(lib)
+    so = ctypes.CDLL(lib)
+    so.sideways_emulated_async_copies.restype = ctypes.c_int64
+    return so
 
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEOMS = [
     Geometry(2, 5, 7, 6, 5, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
     Geometry(1, 6, 9, 7, 6, 3, (3, 3), padding=(1, 1), dilation_t=2, groups=3),
-    Geometry(3, 3, 35, 5, 4, 1, (1, 3), padding=(0, 1)),  # C_out > one 32-wide tile
+    Geometry(3, 3, 131, 5, 4, 1, (1, 3), padding=(0, 1)),  # C_out > one 128-wide tile
     Geometry(2, 4, 3, 9, 8, 3, (3, 3), stride=(2, 2), padding=(1, 1)),  # K = B*H_out*W_out spans steps
+    # Channel counts the 16-byte copies take (8 per group): the vectorised loads, zero-filled
+    # in the padding, with strides, groups, tails and several K steps.
+    Geometry(2, 16, 16, 7, 6, 2, (3, 3), stride=(2, 1), padding=(1, 1), groups=2),
+    Geometry(3, 8, 24, 9, 7, 3, (3, 3), padding=(1, 1), dilation=(2, 1)),
 ]
+VECTORISED = GEOMS[4:]
 
 
 def _dims(g, slot):
@@ -62,10 +71,16 @@ def _ok(err):
 
 
 def _call(so, g, mode, grad_out, ring, slot, grad_weight=None, weight=None, buf=None, hyper=(0, 0, 0, 0),
-          nesterov=False, first_step=False):
-    _ok(so.sideways_emulated_weight_update(_dims(g, slot), _strides(ring, grad_out), mode, _ptr(grad_weight),
-                                           _ptr(weight), _ptr(buf), (ctypes.c_double * 4)(*hyper), int(nesterov),
-                                           int(first_step), DTYPE_CODE[grad_out.dtype], _ptr(grad_out), _ptr(ring)))
+          nesterov=False, first_step=False, split_k=0):
+    """The weight update with split_k forced (0: planned for the emulated H100); returns the factor taken."""
+    taken = ctypes.c_int64(0)
+    err = so.sideways_emulated_weight_update(_dims(g, slot), _strides(ring, grad_out), mode, _ptr(grad_weight),
+                                             _ptr(weight), _ptr(buf), (ctypes.c_double * 4)(*hyper), int(nesterov),
+                                             int(first_step), DTYPE_CODE[grad_out.dtype], _ptr(grad_out), _ptr(ring),
+                                             ctypes.c_int64(split_k), ctypes.byref(taken))
+    assert err != -1, "a split-K launch left a tile counter non-zero"
+    _ok(err)
+    return taken.value
 
 
 def _inputs(g, dtype):
@@ -93,6 +108,56 @@ def test_emulated_weight_grad_accumulate_matches_reference(emulated, g, dtype):
     ref.weight_grad_accumulate(expected, None, grad_out.double(), ring.double(), slot, list(g.stride),
                                list(g.padding), list(g.dilation), g.dilation_t, g.groups)
     torch.testing.assert_close(grad_w.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g", [Geometry(3, 5, 6, 8, 9, 2, (3, 3), padding=(1, 1)), GEOMS[5]], ids=geometry_id)
+def test_emulated_split_k_sums_the_splits_once_and_resets_its_counters(emulated, g, dtype):
+    """Split-K 1, 2 and 3 (each split >= one K step), twice in a row on the same buffers: the
+    last split of each tile applies the sum of every split's partial exactly once (partials
+    start as NaN, so one read before it is written shows), the tile counters end at zero, and
+    the result is the reference's. A split factor is never larger than the K steps."""
+    shape = (g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw)
+    for split_k in (1, 2, 3):
+        grad_w = torch.randn(shape)
+        expected = grad_w.double()
+        for _ in range(2):
+            ring, grad_out, slot = _inputs(g, dtype)
+            assert _call(emulated, g, 0, grad_out, ring, slot, grad_weight=grad_w, split_k=split_k) == split_k
+            ref.weight_grad_accumulate(expected, None, grad_out.double(), ring.double(), slot, list(g.stride),
+                                       list(g.padding), list(g.dilation), g.dilation_t, g.groups)
+        torch.testing.assert_close(grad_w.double(), expected, **TOL[dtype])
+    ring, grad_out, slot = _inputs(g, dtype)
+    steps = -(-g.batch * g.out_hw()[0] * g.out_hw()[1] // (16 if dtype == torch.float32 else 32))
+    assert _call(emulated, g, 0, grad_out, ring, slot, grad_weight=torch.zeros(shape), split_k=1000) == steps
+
+
+def test_emulated_split_k_plan_fills_the_sms_with_steps_to_spare(emulated):
+    """The planned factor for one output tile (fp32: 16-deep K steps): at most two waves over
+    the emulated H100's 132 SMs (264 blocks), at least four K steps per split, and no split
+    without a step: 32 steps -> 8 splits; 1280 steps -> 264 -> 5 steps each -> 256 splits."""
+    for width, splits in ((16, 8), (640, 256)):
+        g = Geometry(4, 8, 8, 8, width, 1, (1, 1))  # K = 4*8*width
+        ring, grad_out, slot = _inputs(g, torch.float32)
+        grad_w = torch.zeros(8, 8, 1, 1, 1)
+        assert _call(emulated, g, 0, grad_out, ring, slot, grad_weight=grad_w) == splits
+        expected = torch.zeros(8, 8, 1, 1, 1, dtype=torch.float64)
+        ref.weight_grad_accumulate(expected, None, grad_out.double(), ring.double(), slot, [1, 1], [0, 0], [1, 1], 1, 1)
+        # fp32 sums of up to 20480 products: rounding grows with the sum's size
+        torch.testing.assert_close(grad_w.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_loads_are_16_byte_copies_exactly_where_channels_allow(emulated, dtype):
+    """Channels per group a multiple of the 16-byte vector (and channels-last operands): the
+    ring and error tiles arrive as asynchronous 16-byte copies; 5 or 6 channels: element loads."""
+    for g, vectorised in ((GEOMS[4], True), (GEOMS[0], False)):
+        ring, grad_out, slot = _inputs(g, dtype)
+        emulated.sideways_emulated_async_copies()
+        _call(emulated, g, 0, grad_out, ring, slot, grad_weight=torch.zeros(g.out_channels, g.channels // g.groups,
+                                                                            g.k_t, *g.k_hw))
+        copies = emulated.sideways_emulated_async_copies()
+        assert (copies > 0) == vectorised, (g, copies)
 
 
 @pytest.mark.parametrize("hyper,nesterov", [((0.1, 0.0, 0.0, 0.0), False), ((0.05, 0.9, 0.1, 1e-2), False),

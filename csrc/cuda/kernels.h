@@ -29,12 +29,27 @@ struct InStrides {
 struct WeightUpdateArgs {
   ConvGeometry g;
   WeightUpdateMode mode;
+  // Split-K (see plan_weight_update): split_k programs share each output tile, writing fp32
+  // partials (split_k > 1 only) whose sum the last of them applies; counters, one per tile,
+  // are zero on entry and left zero.
+  int64_t split_k;
+  float* partials;
+  int* counters;
   float* grad_weight;      // kAccumulate: grad_weight += grad
   float* weight;           // kSgd: weight -= lr * step(grad)
   float* momentum_buffer;  // kSgd, null when momentum == 0
   float lr, momentum, dampening, weight_decay;
   bool nesterov, first_step;
 };
+
+// How weight_update splits its reduction: the caller allocates partial_floats fp32 values and
+// `counters` zeroed ints and passes them with split_k. split_k 0 picks the factor from the
+// tile count and the device's SM count (one or two waves of blocks); a positive one is
+// taken (clamped to the reduction's steps).
+struct WeightUpdatePlan {
+  int64_t split_k, partial_floats, counters;
+};
+cudaError_t plan_weight_update(const ConvGeometry& g, DType dtype, int64_t split_k, WeightUpdatePlan* plan);
 
 // The weight gradient of one frame pair for every tap, kept in registers and either
 // accumulated or applied as torch.optim.SGD's step (see WeightUpdateMode).

@@ -120,6 +120,16 @@ void launch_weight_update(cuda::WeightUpdateArgs a, const RingConv& g, int64_t s
                           const at::Tensor& grad_out) {
   const c10::DeviceGuard guard(ring.device());
   a.g = geometry(g, slot, ring, grad_out);
+  cuda::WeightUpdatePlan plan{};
+  check_launch(cuda::plan_weight_update(a.g, dtype_of(ring.scalar_type()), 0, &plan), "weight_update");
+  at::Tensor partials, counters;  // split-K workspace, from the caching allocator (and a graph's pool)
+  if (plan.split_k > 1) {
+    partials = at::empty({plan.partial_floats}, ring.options().dtype(at::kFloat));
+    counters = at::zeros({plan.counters}, ring.options().dtype(at::kInt));
+  }
+  a.split_k = plan.split_k;
+  a.partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
+  a.counters = counters.defined() ? counters.data_ptr<int>() : nullptr;
   check_launch(cuda::weight_update(a, dtype_of(ring.scalar_type()), grad_out.const_data_ptr(),
                                    ring.const_data_ptr(), current_stream(ring.device())),
                "weight_update");

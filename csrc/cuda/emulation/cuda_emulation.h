@@ -7,11 +7,13 @@
 // static, shared by the block's threads (and reused by the next block, as on a GPU
 // where shared memory is not initialised). Launch errors a GPU would report
 // (too many threads, grid too large) come back from cudaGetLastError().
-// Warp matrix multiply-accumulate (nvcuda::wmma, m16n16k16) is emulated below; TMA,
-// wgmma, warp shuffles and atomics are not: a kernel using them keeps a plain path for
-// this, and says so in its test.
+// Warp matrix multiply-accumulate (nvcuda::wmma, m16n16k16), the cp.async pipeline
+// primitives (a plain copy that has landed at once), dynamic shared memory, atomicAdd and
+// __threadfence are emulated below; TMA, wgmma and warp shuffles are not: a kernel using
+// them keeps a plain path for this, and says so in its test.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -26,6 +28,9 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(n)
+#define __grid_constant__
+#define SIDEWAYS_UNROLL
 
 struct dim3 {
   unsigned x, y, z;
@@ -61,16 +66,20 @@ inline thread_local dim3 thread_index, block_index;
 inline dim3 block_dim, grid_dim;
 inline Barrier* block_barrier = nullptr;
 inline cudaError_t last_error = cudaSuccess;
+inline std::vector<unsigned char> dynamic_shared;  // the launch's dynamic shared memory, block after block
+inline std::atomic<int64_t> async_copies{0};       // 16-byte cp.async copies issued (tests read it)
 
 // kernel<<<grid, block>>>(args) becomes launch(grid, block, [&] { kernel(args); }).
+// The dynamic shared memory must have been allowed (cudaFuncSetAttribute) up to an H100's 227 KiB.
 template <class Body>
-void launch(dim3 grid, dim3 block, Body body) {
+void launch(dim3 grid, dim3 block, size_t shared_bytes, Body body) {
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y > 65535 || grid.z > 65535 || grid.y == 0 ||
-      grid.z == 0) {
+      grid.z == 0 || shared_bytes > 227 * 1024) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  dynamic_shared.assign(shared_bytes, 0xff);  // not zeroed on a GPU either
   block_dim = block;
   grid_dim = grid;
   for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -101,14 +110,43 @@ void launch(dim3 grid, dim3 block, Body body) {
 
 inline void __syncthreads() { sideways_emu::block_barrier->wait(); }
 
+#define SIDEWAYS_DYNAMIC_SHARED(name) unsigned char* name = ::sideways_emu::dynamic_shared.data()
+
+// cp.async through the pipeline primitives (cuda_pipeline.h): copied at once, so every wait
+// finds it landed; __syncthreads() still orders it for the other threads, as on a GPU.
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes, size_t zero_fill = 0) {
+  std::memcpy(dst, src, bytes - zero_fill);
+  std::memset(static_cast<char*>(dst) + (bytes - zero_fill), 0, zero_fill);
+  ++sideways_emu::async_copies;
+}
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(size_t) {}
+
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
 // The device's limits, as an H100 reports them.
-enum cudaDeviceAttr { cudaDevAttrMaxGridDimX = 5, cudaDevAttrMaxGridDimY = 6, cudaDevAttrMaxGridDimZ = 7 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxGridDimX = 5,
+  cudaDevAttrMaxGridDimY = 6,
+  cudaDevAttrMaxGridDimZ = 7,
+  cudaDevAttrMultiProcessorCount = 16
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <class Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMaxGridDimX ? 2147483647 : 65535;
+  *value = attr == cudaDevAttrMaxGridDimX ? 2147483647 : attr == cudaDevAttrMultiProcessorCount ? 132 : 65535;
   return cudaSuccess;
 }
 
@@ -250,4 +288,4 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }  // namespace nvcuda
 
 #define SIDEWAYS_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::sideways_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); })
+  ::sideways_emu::launch((grid), (block), (smem), [&] { kernel(__VA_ARGS__); })
