@@ -1,5 +1,5 @@
 """Which implementation of the sideways ops the layers call: the one place that
-decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda`` or :func:`set_backend`
+decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda|auto`` or :func:`set_backend`
 chooses; the default is the fastest one built for the tensors' device. On CUDA with both the
 CUDA kernels and Triton, that is ``auto``: per op and activation dtype, the backend
 ``dispatch.json`` names for the GPU's architecture (written from a GPU run's side-by-side timings
