@@ -7,7 +7,7 @@ import torch
 import sideways_kernels as sk
 from sideways_kernels import SidewaysPipeline, ops, reference as ref
 from nets import classifier_net, grads, rel_error, stages_of
-from samples import GEOMETRIES, geometry_id, make
+from samples import GEOMETRIES, Geometry, geometry_id, make
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -64,6 +64,51 @@ def test_cuda_fused_sgd_equals_torch_optim_sgd(g):
         ops.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, t["slot"], *_a(g), first_step=tick == 0, **hyper)
         torch.testing.assert_close(w, w_opt.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b, b_opt.detach(), rtol=1e-4, atol=1e-5)
+
+
+# Channel counts the CUDA kernels read as 16-byte copies (8 per group), and reductions long
+# enough (B*H_out*W_out = 1600) that the weight update splits over blocks on any GPU.
+SPLIT_GEOMETRIES = [Geometry(4, 16, 32, 20, 20, 3, (3, 3), padding=(1, 1)),
+                    Geometry(4, 16, 48, 21, 19, 2, (3, 3), stride=(1, 2), padding=(1, 1), groups=2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g", SPLIT_GEOMETRIES, ids=geometry_id)
+def test_cuda_split_k_and_16_byte_loads_match_reference_twice_in_a_row(g, dtype):
+    """The layers' layouts (ops.empty_ring, channels-last errors): the pipelined, vectorised
+    loads and the split-K weight update (its tile counters must be back at zero for the
+    second call) against reference.py; the SGD epilogue against torch.optim.SGD."""
+    a = _a(g)
+    weight = (torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw, device="cuda") / 3)
+    grad_w, expected = torch.randn_like(weight), None
+    w, w_opt = weight.clone(), weight.clone().requires_grad_()
+    opt = torch.optim.SGD([w_opt], lr=0.05, momentum=0.9, weight_decay=1e-2)
+    buf = torch.full_like(w, float("nan"))
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    expected = grad_w.double()
+    for tick in range(2):
+        ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=dtype, device="cuda")
+        ring.copy_(torch.randn(ring.shape))
+        grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        slot = tick % g.span
+        ops.weight_grad_accumulate(grad_w, None, grad_out, ring, slot, *a)
+        step = torch.zeros_like(expected)
+        ref.weight_grad_accumulate(step, None, grad_out.double(), ring.double(), slot, *a)
+        expected += step
+        scale = expected.abs().max().item() + 1
+        torch.testing.assert_close(grad_w.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+        w_opt.grad = step.float()
+        opt.step()
+        ops.sgd_tick_update(w, buf, None, None, grad_out, ring, slot, *a, lr=0.05, momentum=0.9,
+                            weight_decay=1e-2, first_step=tick == 0)
+        torch.testing.assert_close(w, w_opt.detach(), rtol=tol["rtol"], atol=tol["atol"] * 0.05 * scale)
+        out = ops.ring_conv_forward(ring, None, slot, weight, None, *a)
+        exp_out = ref.ring_conv_forward(ring.double(), None, slot, weight.double(), None, *a)
+        torch.testing.assert_close(out.double(), exp_out, **tol)
+        down = ops.window_input_grad(grad_out, weight, [g.height, g.width], *a[:3], g.groups)
+        exp_down = ref.window_input_grad(grad_out.double(), weight.double(), [g.height, g.width], *a[:3], g.groups)
+        torch.testing.assert_close(down.double(), exp_down, **tol)
 
 
 @pytest.mark.parametrize("mode", ["sideways", "bp"])
