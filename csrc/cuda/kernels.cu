@@ -100,6 +100,13 @@ __device__ __forceinline__ const T* window_at(const ConvGeometry& g, const T* ri
          (group * (g.channels / g.groups) + c) * g.ring_strides[2] + y * g.ring_strides[3] + x * g.ring_strides[4];
 }
 
+// The error of output channel `channel` (of all C_out) at output pixel (b, oy, ox).
+template <typename T>
+__device__ __forceinline__ const T* error_at(const ConvGeometry& g, const T* grad_out, int64_t b, int64_t channel,
+                                             int64_t oy, int64_t ox) {
+  return grad_out + b * g.out_strides[0] + channel * g.out_strides[1] + oy * g.out_strides[2] + ox * g.out_strides[3];
+}
+
 template <typename T>
 __device__ __forceinline__ float value_of(const T* p) { return p != nullptr ? to_float(*p) : 0.f; }
 
@@ -112,9 +119,8 @@ struct ErrorByPixel {
   bool vectorised;
   __device__ const T* at(int64_t k, int64_t row) const {
     if (row >= channels) return nullptr;
-    const int64_t hw_out = g.out_height * g.out_width, b = k / hw_out, yx = k % hw_out;
-    return grad_out + b * g.out_strides[0] + (group * channels + row) * g.out_strides[1] +
-           (yx / g.out_width) * g.out_strides[2] + (yx % g.out_width) * g.out_strides[3];
+    const int64_t hw_out = g.out_height * g.out_width, yx = k % hw_out;
+    return error_at(g, grad_out, k / hw_out, group * channels + row, yx / g.out_width, yx % g.out_width);
   }
   __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
 };
@@ -167,8 +173,7 @@ struct ErrorReaching {
     if (ty < 0 || tx < 0 || ty % g.stride_h != 0 || tx % g.stride_w != 0) return nullptr;
     const int64_t oy = ty / g.stride_h, ox = tx / g.stride_w;
     if (oy >= g.out_height || ox >= g.out_width) return nullptr;
-    return grad_out + b * g.out_strides[0] + (group * channels + co) * g.out_strides[1] + oy * g.out_strides[2] +
-           ox * g.out_strides[3];
+    return error_at(g, grad_out, b, group * channels + co, oy, ox);
   }
   __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
 };
