@@ -26,7 +26,10 @@ echo "$device" > "$out/device.txt"
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} SIDEWAYS_CUDA_ARCHS=${SIDEWAYS_CUDA_ARCHS:-90a}
 say "build: sm_$SIDEWAYS_CUDA_ARCHS, $MAX_JOBS jobs"
-phase 180 $PY -m pip install --no-build-isolation --no-deps -e . -q > "$out/build.log" 2>&1 \
+# Built in place (nothing installed: the image's python may not be ours to write to); the
+# repository root on PYTHONPATH makes this checkout the sideways_kernels every step imports.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+phase 180 $PY setup.py build_ext --inplace > "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; say "build failed (build.log)"; exit 1; }
 $PY -c 'import sideways_kernels as s; b = s.backends(); print(b); assert b["cuda"], "CUDA kernels not built"' \
   2>&1 | tee -a "$out/progress.log" || { say "CUDA kernels missing"; exit 1; }
