@@ -153,16 +153,37 @@ def test_emulated_split_k_plan_fills_the_sms_with_steps_to_spare(emulated):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_emulated_loads_are_16_byte_copies_exactly_where_channels_allow(emulated, dtype):
-    """Channels per group a multiple of the 16-byte vector (and channels-last operands): the
-    ring and error tiles arrive as asynchronous 16-byte copies; 5 or 6 channels: element loads."""
-    for g, vectorised in ((GEOMS[4], True), (GEOMS[0], False)):
+def test_emulated_loads_are_16_byte_copies_exactly_where_layouts_allow(emulated, dtype):
+    """An operand arrives as asynchronous 16-byte copies when its contiguous run is a multiple
+    of the vector (4 fp32, 8 bf16): channels per group for the ring and the error, a whole row
+    for the GEMM-layout weights. 8 channels per group: every op copies. 5 and 7 channels: the
+    weight update does not; the forward only through its weight, when C/groups * taps
+    (5 * 2 * 3 * 2 = 60) is a multiple of the vector (fp32, not bf16)."""
+    vector = 16 // torch.empty((), dtype=dtype).element_size()
+
+    def copies(g):
         ring, grad_out, slot = _inputs(g, dtype)
+        weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw)
+        counts = []
         emulated.sideways_emulated_async_copies()
-        _call(emulated, g, 0, grad_out, ring, slot, grad_weight=torch.zeros(g.out_channels, g.channels // g.groups,
-                                                                            g.k_t, *g.k_hw))
-        copies = emulated.sideways_emulated_async_copies()
-        assert (copies > 0) == vectorised, (g, copies)
+        _call(emulated, g, 0, grad_out, ring, slot, grad_weight=torch.zeros(weight.shape))
+        counts.append(emulated.sideways_emulated_async_copies())
+        out = _poisoned((g.batch, g.out_channels, *g.out_hw()), dtype)
+        _ok(emulated.sideways_emulated_ring_conv_forward(_dims(g, slot), _strides(ring, out), DTYPE_CODE[dtype],
+                                                         _ptr(ring), _ptr(_gemm_weight(weight, dtype)), None,
+                                                         _ptr(out)))
+        counts.append(emulated.sideways_emulated_async_copies())
+        grad_in = _poisoned((g.batch, g.channels, g.height, g.width), dtype)
+        _ok(emulated.sideways_emulated_window_input_grad(
+            _dims(g, slot), _strides(ring, grad_out), DTYPE_CODE[dtype], _ptr(grad_out),
+            _ptr(_gemm_summed_weight(weight, dtype, g.groups)), _ptr(grad_in), (ctypes.c_int64 * 4)(*grad_in.stride())))
+        counts.append(emulated.sideways_emulated_async_copies())
+        return counts
+
+    update, forward, input_grad = copies(GEOMS[4])
+    assert update > 0 and forward > 0 and input_grad > 0
+    update, forward, _ = copies(GEOMS[0])
+    assert update == 0 and (forward > 0) == (60 % vector == 0)
 
 
 @pytest.mark.parametrize("hyper,nesterov", [((0.1, 0.0, 0.0, 0.0), False), ((0.05, 0.9, 0.1, 1e-2), False),
@@ -190,6 +211,19 @@ def test_emulated_sgd_epilogue_matches_torch_optim_sgd(emulated, g, hyper, neste
             torch.testing.assert_close(buf, opt.state[w_opt]["momentum_buffer"], rtol=1e-5, atol=1e-5)
 
 
+def _gemm_weight(weight, dtype):
+    """The forward's weight as kernels.h asks for it (the binding makes it likewise): in the
+    activations' dtype, [C_out, k_t, k_h, k_w, C/groups] contiguous."""
+    return weight.to(dtype).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def _gemm_summed_weight(weight, dtype, groups):
+    """The input gradient's summed weight as kernels.h asks for it: summed over k_t in fp32, in
+    the activations' dtype, [groups, C/groups, k_h, k_w, C_out/groups] contiguous."""
+    summed = weight.sum(2)
+    return summed.view(groups, -1, *summed.shape[1:]).permute(0, 2, 3, 4, 1).to(dtype).contiguous()
+
+
 def _poisoned(shape, dtype):
     """Channels-last output, NaN-filled: every element must be written."""
     return torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -202,8 +236,9 @@ def test_emulated_ring_conv_forward_matches_reference(emulated, g, dtype):
     weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw) / 3
     bias = torch.randn(g.out_channels)
     out = _poisoned((g.batch, g.out_channels, *g.out_hw()), dtype)
+    w = _gemm_weight(weight, dtype)
     _ok(emulated.sideways_emulated_ring_conv_forward(_dims(g, slot), _strides(ring, out), DTYPE_CODE[dtype],
-                                                     _ptr(ring), _ptr(weight), _ptr(bias), _ptr(out)))
+                                                     _ptr(ring), _ptr(w), _ptr(bias), _ptr(out)))
     expected = ref.ring_conv_forward(ring.double(), None, slot, weight.double(), bias.double(), list(g.stride),
                                      list(g.padding), list(g.dilation), g.dilation_t, g.groups)
     scale = expected.abs().max().item() + 1
@@ -215,7 +250,7 @@ def test_emulated_ring_conv_forward_matches_reference(emulated, g, dtype):
 def test_emulated_window_input_grad_matches_reference(emulated, g, dtype):
     ring, grad_out, slot = _inputs(g, dtype)
     weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw) / 3
-    summed = weight.sum(2).contiguous()
+    summed = _gemm_summed_weight(weight, dtype, g.groups)
     grad_in = _poisoned((g.batch, g.channels, g.height, g.width), dtype)
     in_strides = (ctypes.c_int64 * 4)(*grad_in.stride())
     _ok(emulated.sideways_emulated_window_input_grad(_dims(g, slot), _strides(ring, grad_out), DTYPE_CODE[dtype],

@@ -11,10 +11,11 @@
 // A block computes a 128 x 128 tile with 8 warps through a multi-stage cp.async pipeline:
 // while one K step is multiplied the next ones are in flight. Activations are channels-last,
 // so the GEMM axes that run over channels (tap-major: k or n = tap * channels + channel) are
-// contiguous and load as 16-byte copies (zero-filled in the padding and past the edges);
-// other layouts, and the fp32 master weights (rounded to the activations' type, as autocast
-// does), go through registers one element at a time. fp16/bf16 multiply on tensor cores
-// (wmma, sm_80+), fp32 with FMA.
+// contiguous and load as 16-byte copies (zero-filled in the padding and past the edges), and
+// so do the weights, which the caller hands over in the activations' type (the fp32 masters
+// rounded as autocast rounds them) and in the GEMM's layout, each output row dense along K;
+// other layouts go through registers one element at a time. fp16/bf16 multiply on tensor
+// cores (wmma, sm_80+), fp32 with FMA.
 // Free of torch headers (raw pointers, cudaStream_t) so that nvcc compiles it on
 // machines whose torch has no CUDA, and the host emulation runs it in CI.
 #include <cstdint>
@@ -142,17 +143,17 @@ struct Window {
   __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
 };
 
-// Forward, B (k = tap * C/groups + channel, column = output channel of the group): the fp32
-// weight [C_out, C/groups, taps] (read element-wise: it is rounded to the activations' type).
-struct WeightByTap {
-  const float* weight;
-  int64_t group, channels, out_channels, taps;  // per group
+// Forward and input gradient, B (column = output row of the GEMM within the group, k along
+// its reduction): a weight in the GEMM's layout, [groups * rows, k_total] dense along k.
+template <typename T>
+struct RowsAlongK {
+  const T* weight;
+  int64_t group, rows, k_total;  // rows per group
   bool vectorised;
-  __device__ const float* at(int64_t, int64_t) const { return nullptr; }
-  __device__ float value(int64_t k, int64_t col) const {
-    if (col >= out_channels) return 0.f;
-    return weight[((group * out_channels + col) * channels + k % channels) * taps + k / channels];
+  __device__ const T* at(int64_t k, int64_t col) const {
+    return col < rows ? weight + (group * rows + col) * k_total + k : nullptr;
   }
+  __device__ float value(int64_t k, int64_t col) const { return value_of(at(k, col)); }
 };
 
 // Input gradient, A (k = spatial tap * C_out/groups + output channel, row = input pixel):
@@ -176,19 +177,6 @@ struct ErrorReaching {
     return error_at(g, grad_out, b, group * channels + co, oy, ox);
   }
   __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
-};
-
-// Input gradient, B (k = spatial tap * C_out/groups + output channel, column = input channel
-// of the group): the fp32 summed weight [C_out, C/groups, k_h*k_w], element-wise.
-struct SummedByTap {
-  const float* summed;
-  int64_t group, channels, out_channels, taps;  // per group; taps: k_h*k_w
-  bool vectorised;
-  __device__ const float* at(int64_t, int64_t) const { return nullptr; }
-  __device__ float value(int64_t k, int64_t col) const {
-    if (col >= channels) return 0.f;
-    return summed[((group * out_channels + k % out_channels) * channels + col) * taps + k / out_channels];
-  }
 };
 
 // --- the block routine
@@ -411,15 +399,16 @@ __global__ void __launch_bounds__(kThreads) weight_update_kernel(const __grid_co
 // M = B*H_out*W_out output pixels, N = C_out/groups, K = taps * (C/groups) (tap-major).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ring_conv_forward_kernel(const __grid_constant__ ConvGeometry g, const T* __restrict__ ring,
-                                                                     const float* __restrict__ weight,
+                                                                     const T* __restrict__ weight,
                                                                      const float* __restrict__ bias,
-                                                                     T* __restrict__ out, bool ring_vectorised) {
+                                                                     T* __restrict__ out, bool ring_vectorised,
+                                                                     bool weight_vectorised) {
   SIDEWAYS_DYNAMIC_SHARED(shared);
   const int64_t cg = g.channels / g.groups, mg = g.out_channels / g.groups, taps = g.k_t * g.k_h * g.k_w;
   const int64_t hw_out = g.out_height * g.out_width, m_total = g.batch * hw_out;
   const int64_t group = blockIdx.z, m0 = static_cast<int64_t>(blockIdx.x) * kTileM, n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const Window<T, false> window{g, ring, group, cg, taps, ring_vectorised};
-  const WeightByTap w{weight, group, cg, mg, taps, false};
+  const RowsAlongK<T> w{weight, group, mg, cg * taps, weight_vectorised};
   block_gemm<T, Major::kK, Major::kK>(shared, 0, cg * taps, window, w, m0, n0, [&](int r, int c, float v) {
     const int64_t m = m0 + r, n = n0 + c;
     if (m >= m_total || n >= mg) return;
@@ -432,15 +421,15 @@ __global__ void __launch_bounds__(kThreads) ring_conv_forward_kernel(const __gri
 // M = B*H*W input pixels, N = C/groups, K = k_h*k_w * (C_out/groups) (tap-major).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) window_input_grad_kernel(const __grid_constant__ ConvGeometry g, const T* __restrict__ grad_out,
-                                                                     const float* __restrict__ summed,
+                                                                     const T* __restrict__ summed,
                                                                      T* __restrict__ grad_in, InStrides in,
-                                                                     bool error_vectorised) {
+                                                                     bool error_vectorised, bool summed_vectorised) {
   SIDEWAYS_DYNAMIC_SHARED(shared);
   const int64_t cg = g.channels / g.groups, mg = g.out_channels / g.groups, khw = g.k_h * g.k_w;
   const int64_t hw = g.height * g.width, m_total = g.batch * hw;
   const int64_t group = blockIdx.z, m0 = static_cast<int64_t>(blockIdx.x) * kTileM, n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const ErrorReaching<T> error{g, grad_out, group, mg, error_vectorised};
-  const SummedByTap s{summed, group, cg, mg, khw, false};
+  const RowsAlongK<T> s{summed, group, cg, mg * khw, summed_vectorised};
   block_gemm<T, Major::kK, Major::kK>(shared, 0, mg * khw, error, s, m0, n0, [&](int r, int c, float v) {
     const int64_t m = m0 + r, n = n0 + c;
     if (m >= m_total || n >= cg) return;
@@ -476,7 +465,8 @@ static cudaError_t grid_for(int64_t rows, int64_t cols, int64_t z, dim3* grid) {
 }
 
 // Whether an operand with these strides, whose contiguous axis is `axis` and runs over
-// `channels` per group, can be read as 16-byte vectors of `vector` elements.
+// `channels` per group (per row, for a weight), can be read as 16-byte vectors of `vector`
+// elements that never straddle a group (or a row).
 static bool vectorisable(const void* p, const int64_t* strides, int dims, int axis, int64_t channels, int vector) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || strides[axis] != 1 || channels % vector != 0) return false;
   for (int d = 0; d < dims; ++d)
@@ -551,7 +541,7 @@ cudaError_t weight_update(const WeightUpdateArgs& a, DType dtype, const void* gr
   });
 }
 
-cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ring, const float* weight,
+cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ring, const void* weight,
                               const float* bias, void* out, cudaStream_t stream) {
   dim3 grid;
   if (const cudaError_t err =
@@ -560,16 +550,18 @@ cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ri
   }
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
-    const bool ring_vec = vectorisable(ring, g.ring_strides, 5, 2, g.channels / g.groups, Tiling<T>::kVector);
-    SIDEWAYS_LAUNCH_TILED(ring_conv_forward_kernel<T>, T, grid, stream, g, static_cast<const T*>(ring), weight, bias,
-                          static_cast<T*>(out), ring_vec);
+    constexpr int v = Tiling<T>::kVector;
+    const int64_t cg = g.channels / g.groups, k_total = cg * g.k_t * g.k_h * g.k_w, weight_strides[2] = {k_total, 1};
+    const bool ring_vec = vectorisable(ring, g.ring_strides, 5, 2, cg, v);
+    const bool weight_vec = vectorisable(weight, weight_strides, 2, 1, k_total, v);
+    SIDEWAYS_LAUNCH_TILED(ring_conv_forward_kernel<T>, T, grid, stream, g, static_cast<const T*>(ring),
+                          static_cast<const T*>(weight), bias, static_cast<T*>(out), ring_vec, weight_vec);
     return cudaGetLastError();
   });
 }
 
-cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* grad_out,
-                              const float* summed_weight, void* grad_in, const int64_t* in_strides,
-                              cudaStream_t stream) {
+cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* grad_out, const void* summed_weight,
+                              void* grad_in, const int64_t* in_strides, cudaStream_t stream) {
   const InStrides in{{in_strides[0], in_strides[1], in_strides[2], in_strides[3]}};
   dim3 grid;
   if (const cudaError_t err = grid_for(g.batch * g.height * g.width, g.channels / g.groups, g.groups, &grid)) {
@@ -577,10 +569,12 @@ cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* gr
   }
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
-    const bool error_vec =
-        vectorisable(grad_out, g.out_strides, 4, 1, g.out_channels / g.groups, Tiling<T>::kVector);
+    constexpr int v = Tiling<T>::kVector;
+    const int64_t mg = g.out_channels / g.groups, summed_strides[2] = {mg * g.k_h * g.k_w, 1};
+    const bool error_vec = vectorisable(grad_out, g.out_strides, 4, 1, mg, v);
+    const bool summed_vec = vectorisable(summed_weight, summed_strides, 2, 1, summed_strides[0], v);
     SIDEWAYS_LAUNCH_TILED(window_input_grad_kernel<T>, T, grid, stream, g, static_cast<const T*>(grad_out),
-                          summed_weight, static_cast<T*>(grad_in), in, error_vec);
+                          static_cast<const T*>(summed_weight), static_cast<T*>(grad_in), in, error_vec, summed_vec);
     return cudaGetLastError();
   });
 }

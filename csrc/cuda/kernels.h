@@ -56,16 +56,18 @@ cudaError_t plan_weight_update(const ConvGeometry& g, DType dtype, int64_t split
 cudaError_t weight_update(const WeightUpdateArgs& args, DType dtype, const void* grad_out,
                           const void* ring, cudaStream_t stream);
 
-// out = the conv of the window ending at g.slot (+ bias, may be null); out has g.out_strides.
-cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ring,
-                              const float* weight, const float* bias, void* out,
-                              cudaStream_t stream);
+// out = the conv of the window ending at g.slot (+ fp32 bias, may be null); out has
+// g.out_strides. `weight` is in the activation dtype and the GEMM's layout: contiguous
+// [C_out, k_t, k_h, k_w, C/groups] (the weight [C_out, C/groups, k_t, k_h, k_w] permuted).
+cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ring, const void* weight,
+                              const float* bias, void* out, cudaStream_t stream);
 
 // grad_in [B, C, H, W] (strides in_strides) = the transposed conv of grad_out (g.out_strides)
-// with the taps' weights summed: summed_weight is contiguous fp32 [C_out, C/groups, k_h, k_w].
-cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* grad_out,
-                              const float* summed_weight, void* grad_in, const int64_t* in_strides,
-                              cudaStream_t stream);
+// with the taps' weights summed. `summed_weight` is in the activation dtype and the GEMM's
+// layout: contiguous [groups, C/groups, k_h, k_w, C_out/groups] (the sum over k_t of the
+// weight, [C_out, C/groups, k_h, k_w], viewed as [groups, C_out/groups, ...] and permuted).
+cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* grad_out, const void* summed_weight,
+                              void* grad_in, const int64_t* in_strides, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sideways

@@ -56,6 +56,22 @@ cuda::ConvGeometry geometry(const RingConv& g, int64_t slot, const at::Tensor& r
   return c;
 }
 
+// The weights as the kernels' GEMMs read them (kernels.h): rounded to the activations' type as
+// autocast rounds the fp32 masters, each output row dense along the reduction, so that they
+// load as 16-byte copies. Made per call: one small kernel, recorded into a CUDA graph like
+// any other.
+at::Tensor gemm_weight(const at::Tensor& weight, at::ScalarType activations) {
+  return weight.to(activations).permute({0, 2, 3, 4, 1}).contiguous();  // [C_out, k_t, k_h, k_w, C/groups]
+}
+
+at::Tensor gemm_summed_weight(const at::Tensor& weight, at::ScalarType activations, int64_t groups) {
+  const auto summed = weight.sum(2, false, at::kFloat);  // [C_out, C/groups, k_h, k_w], summed in fp32
+  return summed.view({groups, summed.size(0) / groups, summed.size(1), summed.size(2), summed.size(3)})
+      .permute({0, 2, 3, 4, 1})  // [groups, C/groups, k_h, k_w, C_out/groups]
+      .to(activations)
+      .contiguous();
+}
+
 void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err != cudaErrorInvalidConfiguration, "sideways ", kernel, ": the input is too large for one launch "
               "on this device (batch*height*width, channels per group or groups beyond its grid limits)");
@@ -77,12 +93,12 @@ at::Tensor ring_conv_forward_cuda(at::Tensor ring, const c10::optional<at::Tenso
     ring.select(0, slot).copy_(*frame);
   }
   const c10::DeviceGuard guard(ring.device());
-  const auto w32 = weight.to(at::kFloat).contiguous();
+  const auto w = gemm_weight(weight, ring.scalar_type());
   const auto b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   auto out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                        ring.options().memory_format(at::MemoryFormat::ChannelsLast));
   check_launch(cuda::ring_conv_forward(geometry(g, slot, ring, out), dtype_of(ring.scalar_type()),
-                                       ring.const_data_ptr(), w32.const_data_ptr<float>(),
+                                       ring.const_data_ptr(), w.const_data_ptr(),
                                        b32.defined() ? b32.const_data_ptr<float>() : nullptr,
                                        out.mutable_data_ptr(), current_stream(ring.device())),
                "ring_conv_forward");
@@ -99,11 +115,11 @@ at::Tensor window_input_grad_cuda(const at::Tensor& grad_out, const at::Tensor& 
       check_window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups), 0,
       at::Tensor(), grad_out);
   const c10::DeviceGuard guard(grad_out.device());
-  const auto summed = weight.sum(2).to(at::kFloat).contiguous();
+  const auto summed = gemm_summed_weight(weight, grad_out.scalar_type(), groups);
   auto grad_in = at::empty({g.batch, g.channels, g.height, g.width},
                            grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
   check_launch(cuda::window_input_grad(g, dtype_of(grad_out.scalar_type()), grad_out.const_data_ptr(),
-                                       summed.const_data_ptr<float>(), grad_in.mutable_data_ptr(),
+                                       summed.const_data_ptr(), grad_in.mutable_data_ptr(),
                                        grad_in.strides().data(), current_stream(grad_out.device())),
                "window_input_grad");
   return grad_in;

@@ -64,13 +64,13 @@ extern "C" int sideways_emulated_weight_update(const int64_t* dims, const int64_
 extern "C" int64_t sideways_emulated_async_copies() { return sideways_emu::async_copies.exchange(0); }
 
 extern "C" int sideways_emulated_ring_conv_forward(const int64_t* dims, const int64_t* strides, int dtype,
-                                                   const void* ring, const float* weight, const float* bias,
+                                                   const void* ring, const void* weight, const float* bias,
                                                    void* out) {
   return static_cast<int>(ring_conv_forward(geometry(dims, strides), kTypes[dtype], ring, weight, bias, out, nullptr));
 }
 
 extern "C" int sideways_emulated_window_input_grad(const int64_t* dims, const int64_t* strides, int dtype,
-                                                   const void* grad_out, const float* summed, void* grad_in,
+                                                   const void* grad_out, const void* summed, void* grad_in,
                                                    const int64_t* in_strides) {
   return static_cast<int>(
       window_input_grad(geometry(dims, strides), kTypes[dtype], grad_out, summed, grad_in, in_strides, nullptr));
