@@ -44,6 +44,7 @@ def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
     assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "triton"
     assert backend.choose("weight_grad_accumulate", torch.bfloat16, "sm_80", table) == "triton"
     assert backend.choose("weight_grad_accumulate", torch.float32, "sm_90", table) == "cuda"
+    assert backend.choose("ring_conv_forward", torch.int32, "sm_90", table) == "cuda"  # named nowhere
 
 
 def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
@@ -64,8 +65,10 @@ def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
     auto.window_input_grad(bf16, None)
     auto.weight_grad_accumulate(None, None, bf16)
     auto.sgd_tick_update(None, None, None, None, fp32)
+    auto.weight_grad_accumulate(None, None, grad_out=bf16)  # the activations by name
     assert calls == [("ring_conv_forward", "triton"), ("ring_conv_forward", "cuda"), ("window_input_grad", "cuda"),
-                     ("weight_grad_accumulate", "triton"), ("sgd_tick_update", "cuda")]
+                     ("weight_grad_accumulate", "triton"), ("sgd_tick_update", "cuda"),
+                     ("weight_grad_accumulate", "triton")]
 
 
 def _gpu_report():

@@ -101,8 +101,9 @@ def _autocast_neutral(fn):
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
 _table: Optional[dict] = None
 _chosen: dict = {}  # (op, dtype, device index) -> backend name
-# the argument whose dtype is the activations' (ring, grad_out, grad_out, grad_out)
-_ACTIVATION_ARG = {"ring_conv_forward": 0, "window_input_grad": 0, "weight_grad_accumulate": 2, "sgd_tick_update": 4}
+# the argument whose dtype is the activations', by position and name in torch.ops.sideways' schemas
+_ACTIVATION_ARG = {"ring_conv_forward": (0, "ring"), "window_input_grad": (0, "grad_out"),
+                   "weight_grad_accumulate": (2, "grad_out"), "sgd_tick_update": (4, "grad_out")}
 
 
 def table() -> dict:
@@ -117,19 +118,21 @@ def table() -> dict:
 
 def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = None) -> str:
     """``"cuda"`` or ``"triton"`` for ``op`` on activations of ``dtype`` on a GPU of ``arch``
-    (e.g. ``"sm_90"``): the measured choice for that architecture, else the unmeasured default."""
+    (e.g. ``"sm_90"``): the measured choice for that architecture, else the unmeasured default;
+    a dtype neither names goes to ``"cuda"``, whose binding runs every dtype (ATen beyond its own)
+    or refuses it with the op's argument check."""
     dispatch = dispatch or table()
     name = str(dtype).replace("torch.", "")
     measured = dispatch.get("measured", {}).get(arch, {}).get("ops", {}).get(op, {}).get(name)
-    return measured or dispatch["unmeasured"][name]
+    return measured or dispatch["unmeasured"].get(name, "cuda")
 
 
 def _dispatched(op: str):
     kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton")}
-    arg = _ACTIVATION_ARG[op]
+    index, arg_name = _ACTIVATION_ARG[op]
 
     def call(*args, **kwargs):
-        t = args[arg]
+        t = args[index] if len(args) > index else kwargs[arg_name]
         key = (op, t.dtype, t.device.index)
         name = _chosen.get(key)
         if name is None:
