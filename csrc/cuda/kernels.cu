@@ -53,15 +53,21 @@ struct TileShape {
   __device__ static int offset(int k, int row) { return L == Major::kK ? row * kLead + k : k * kLead + row; }
 };
 
-template <typename S>
-constexpr int shared_bytes() {
-  using T = Tiling<S>;
-  // The largest pair of operand tiles any kernel uses, per stage, + the warps' epilogue scratch.
-  constexpr int a = TileShape<S, Major::kK, kTileM>::kElements > TileShape<S, Major::kRows, kTileM>::kElements
-                        ? TileShape<S, Major::kK, kTileM>::kElements
-                        : TileShape<S, Major::kRows, kTileM>::kElements;
-  return T::kStages * 2 * a * static_cast<int>(sizeof(S)) + (T::kTensorCores ? kThreads / 32 * 256 * 4 : 0);
-}
+// block_gemm's shared memory for operand tiles of type S laid out LA and LB: kStages stages of
+// both tiles, then the warps' epilogue scratch (tensor cores only). Each kernel names its own,
+// and its launch asks for kBytes of the same type.
+template <typename S_, Major LA_, Major LB_>
+struct SharedLayout {
+  using S = S_;
+  static constexpr Major LA = LA_, LB = LB_;
+  static constexpr int kStageA = TileShape<S, LA, kTileM>::kElements, kStageB = TileShape<S, LB, kTileN>::kElements;
+  static constexpr int kTileBytes = Tiling<S>::kStages * (kStageA + kStageB) * static_cast<int>(sizeof(S));
+  static constexpr int kBytes = kTileBytes + (Tiling<S>::kTensorCores ? kThreads / 32 * 256 * 4 : 0);
+};
+template <typename T>  // the weight update: error and window both along their rows (channels)
+using UpdateShared = SharedLayout<T, Major::kRows, Major::kRows>;
+template <typename T>  // the forward and the input gradient: activations and weights along K
+using ConvShared = SharedLayout<T, Major::kK, Major::kK>;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -123,7 +129,6 @@ struct ErrorByPixel {
     const int64_t hw_out = g.out_height * g.out_width, yx = k % hw_out;
     return error_at(g, grad_out, k / hw_out, group * channels + row, yx / g.out_width, yx % g.out_width);
   }
-  __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
 };
 
 // Weight update, B (k = output pixel, column n = tap * C/groups + channel): the window.
@@ -140,7 +145,6 @@ struct Window {
     if (row >= limit) return nullptr;
     return window_at(g, ring, group, n % channels, n / channels, pixel);
   }
-  __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
 };
 
 // Forward and input gradient, B (column = output row of the GEMM within the group, k along
@@ -153,7 +157,6 @@ struct RowsAlongK {
   __device__ const T* at(int64_t k, int64_t col) const {
     return col < rows ? weight + (group * rows + col) * k_total + k : nullptr;
   }
-  __device__ float value(int64_t k, int64_t col) const { return value_of(at(k, col)); }
 };
 
 // Input gradient, A (k = spatial tap * C_out/groups + output channel, row = input pixel):
@@ -176,7 +179,6 @@ struct ErrorReaching {
     if (oy >= g.out_height || ox >= g.out_width) return nullptr;
     return error_at(g, grad_out, b, group * channels + co, oy, ox);
   }
-  __device__ float value(int64_t k, int64_t row) const { return value_of(at(k, row)); }
 };
 
 // --- the block routine
@@ -204,7 +206,7 @@ __device__ __forceinline__ void load_step(S* tile, const Operand& op, int64_t k0
     } else {
       for (int e = 0; e < T::kVector; ++e) {
         const int64_t ke = k0 + k + (L == Major::kK ? e : 0), re = r0 + row + (L == Major::kK ? 0 : e);
-        dst[e] = from_float<S>(ke < k_end ? op.value(ke, re) : 0.f);
+        dst[e] = from_float<S>(ke < k_end ? value_of(op.at(ke, re)) : 0.f);
       }
     }
   }
@@ -304,15 +306,18 @@ using Accumulator = FmaAccumulator<S, LA, LB>;
 
 // The block's kTileM x kTileN tile of sum_k A(k, m0 + row) B(k, n0 + col) over k in
 // [k_begin, k_end), handed to put(row, col, value) for every (row, col) of the tile (the
-// caller bounds-checks). kStages - 1 steps are in flight while one is multiplied.
-template <typename S, Major LA, Major LB, class OperandA, class OperandB, class Store>
+// caller bounds-checks). kStages - 1 steps are in flight while one is multiplied. `shared`
+// holds Shared::kBytes (a SharedLayout).
+template <class Shared, class OperandA, class OperandB, class Store>
 __device__ void block_gemm(unsigned char* shared, int64_t k_begin, int64_t k_end, const OperandA& a,
                            const OperandB& b, int64_t m0, int64_t n0, Store put) {
+  using S = typename Shared::S;
   using T = Tiling<S>;
-  constexpr int kStageA = TileShape<S, LA, kTileM>::kElements, kStageB = TileShape<S, LB, kTileN>::kElements;
+  constexpr Major LA = Shared::LA, LB = Shared::LB;
+  constexpr int kStageA = Shared::kStageA, kStageB = Shared::kStageB;
   S* tiles_a = reinterpret_cast<S*>(shared);
   S* tiles_b = tiles_a + T::kStages * kStageA;
-  float* scratch = reinterpret_cast<float*>(tiles_b + T::kStages * kStageB);
+  float* scratch = reinterpret_cast<float*>(shared + Shared::kTileBytes);
   const int64_t steps = k_end > k_begin ? (k_end - k_begin + T::kStepK - 1) / T::kStepK : 0;
   auto issue = [&](int64_t step) {  // an empty commit group past the last step keeps the count uniform
     if (step < steps) {
@@ -370,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) weight_update_kernel(const __grid_co
     a.weight[w] -= a.lr * d;
   };
   if (a.split_k == 1) {
-    block_gemm<T, Major::kRows, Major::kRows>(shared, k_begin, k_end, error, window, m0, n0,
+    block_gemm<UpdateShared<T>>(shared, k_begin, k_end, error, window, m0, n0,
                                               [&](int r, int c, float v) { apply(m0 + r, n0 + c, v); });
     return;
   }
@@ -378,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) weight_update_kernel(const __grid_co
   // (the same sums whoever is last) and applies the epilogue. No block waits for another.
   const int64_t tile = (group * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   float* partials = a.partials + tile * a.split_k * kTileM * kTileN;
-  block_gemm<T, Major::kRows, Major::kRows>(
+  block_gemm<UpdateShared<T>>(
       shared, k_begin, k_end, error, window, m0, n0,
       [&](int r, int c, float v) { partials[split * kTileM * kTileN + r * kTileN + c] = v; });
   __shared__ int last;
@@ -409,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) ring_conv_forward_kernel(const __gri
   const int64_t group = blockIdx.z, m0 = static_cast<int64_t>(blockIdx.x) * kTileM, n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const Window<T, false> window{g, ring, group, cg, taps, ring_vectorised};
   const RowsAlongK<T> w{weight, group, mg, cg * taps, weight_vectorised};
-  block_gemm<T, Major::kK, Major::kK>(shared, 0, cg * taps, window, w, m0, n0, [&](int r, int c, float v) {
+  block_gemm<ConvShared<T>>(shared, 0, cg * taps, window, w, m0, n0, [&](int r, int c, float v) {
     const int64_t m = m0 + r, n = n0 + c;
     if (m >= m_total || n >= mg) return;
     const int64_t b = m / hw_out, yx = m % hw_out, co = group * mg + n;
@@ -430,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) window_input_grad_kernel(const __gri
   const int64_t group = blockIdx.z, m0 = static_cast<int64_t>(blockIdx.x) * kTileM, n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const ErrorReaching<T> error{g, grad_out, group, mg, error_vectorised};
   const RowsAlongK<T> s{summed, group, cg, mg * khw, summed_vectorised};
-  block_gemm<T, Major::kK, Major::kK>(shared, 0, mg * khw, error, s, m0, n0, [&](int r, int c, float v) {
+  block_gemm<ConvShared<T>>(shared, 0, mg * khw, error, s, m0, n0, [&](int r, int c, float v) {
     const int64_t m = m0 + r, n = n0 + c;
     if (m >= m_total || n >= cg) return;
     const int64_t b = m / hw, y = (m % hw) / g.width, x = m % g.width;
@@ -486,12 +491,12 @@ static cudaError_t dispatch(DType dtype, F f) {
 }
 
 // Raises the kernel's dynamic shared memory limit to what its tiles need, then launches.
-#define SIDEWAYS_LAUNCH_TILED(kernel, T, grid, stream, ...)                                             \
+#define SIDEWAYS_LAUNCH_TILED(kernel, Shared, grid, stream, ...)                                        \
   do {                                                                                                  \
-    const cudaError_t attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                                      shared_bytes<T>());                               \
+    const cudaError_t attr_err =                                                                        \
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shared::kBytes);      \
     if (attr_err != cudaSuccess) return attr_err;                                                       \
-    SIDEWAYS_LAUNCH(kernel, grid, kThreads, shared_bytes<T>(), stream, __VA_ARGS__);                    \
+    SIDEWAYS_LAUNCH(kernel, grid, kThreads, Shared::kBytes, stream, __VA_ARGS__);                       \
   } while (0)
 
 cudaError_t plan_weight_update(const ConvGeometry& g, DType dtype, int64_t split_k, WeightUpdatePlan* plan) {
@@ -535,7 +540,7 @@ cudaError_t weight_update(const WeightUpdateArgs& a, DType dtype, const void* gr
     constexpr int v = Tiling<T>::kVector;
     const bool error_vec = vectorisable(grad_out, g.out_strides, 4, 1, mg, v);
     const bool ring_vec = vectorisable(ring, g.ring_strides, 5, 2, cg, v);
-    SIDEWAYS_LAUNCH_TILED(weight_update_kernel<T>, T, grid, stream, a, static_cast<const T*>(grad_out),
+    SIDEWAYS_LAUNCH_TILED(weight_update_kernel<T>, UpdateShared<T>, grid, stream, a, static_cast<const T*>(grad_out),
                           static_cast<const T*>(ring), error_vec, ring_vec);
     return cudaGetLastError();
   });
@@ -554,7 +559,7 @@ cudaError_t ring_conv_forward(const ConvGeometry& g, DType dtype, const void* ri
     const int64_t cg = g.channels / g.groups, k_total = cg * g.k_t * g.k_h * g.k_w, weight_strides[2] = {k_total, 1};
     const bool ring_vec = vectorisable(ring, g.ring_strides, 5, 2, cg, v);
     const bool weight_vec = vectorisable(weight, weight_strides, 2, 1, k_total, v);
-    SIDEWAYS_LAUNCH_TILED(ring_conv_forward_kernel<T>, T, grid, stream, g, static_cast<const T*>(ring),
+    SIDEWAYS_LAUNCH_TILED(ring_conv_forward_kernel<T>, ConvShared<T>, grid, stream, g, static_cast<const T*>(ring),
                           static_cast<const T*>(weight), bias, static_cast<T*>(out), ring_vec, weight_vec);
     return cudaGetLastError();
   });
@@ -573,7 +578,7 @@ cudaError_t window_input_grad(const ConvGeometry& g, DType dtype, const void* gr
     const int64_t mg = g.out_channels / g.groups, summed_strides[2] = {mg * g.k_h * g.k_w, 1};
     const bool error_vec = vectorisable(grad_out, g.out_strides, 4, 1, mg, v);
     const bool summed_vec = vectorisable(summed_weight, summed_strides, 2, 1, summed_strides[0], v);
-    SIDEWAYS_LAUNCH_TILED(window_input_grad_kernel<T>, T, grid, stream, g, static_cast<const T*>(grad_out),
+    SIDEWAYS_LAUNCH_TILED(window_input_grad_kernel<T>, ConvShared<T>, grid, stream, g, static_cast<const T*>(grad_out),
                           static_cast<const T*>(summed_weight), static_cast<T*>(grad_in), in, error_vec, summed_vec);
     return cudaGetLastError();
   });
