@@ -47,7 +47,7 @@ class _Stream:
     clock: Optional[StreamClock] = None  # chain stages: the layer works its step out from it
     window: Optional[collections.deque] = None  # bp mode: the last `span` frames, in the graph
     fresh: bool = True  # the ring is zeroed (the clip's start padding) at the run's first step
-    geometry: Optional[tuple] = None  # (op padding, F.pad args or None, conv2d args): fixed for the run
+    geometry: Optional[tuple] = None  # (F.pad args or None, conv2d args): fixed for the run
     smoothing: int = 1  # weight updates pair the mean of the last k windows with the mean of the last k errors
     history: Optional[collections.deque] = None  # smoothing > 1: (window in time order, error) of the last k
 
@@ -182,13 +182,13 @@ class SidewaysConv3d(nn.Conv3d):
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}")
         if s.geometry is None:
             padding, pre_pad = self._spatial_padding()
-            s.geometry = (padding, pre_pad, self.conv2d_args(padding))
-        padding, pre_pad, args = s.geometry
+            s.geometry = (pre_pad, self.conv2d_args(padding))
+        pre_pad, args = s.geometry
         frame = x.squeeze(2)
         if pre_pad is not None:
             frame = F.pad(frame, *pre_pad)
         if s.mode == "bp":  # F.conv3d: autocast applies as to any conv
-            return self._window_forward(frame, action, padding, emit)
+            return self._window_forward(frame, action, emit)
         frame = _autocast(frame)
         if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
             shape = (self.span, *frame.shape)
@@ -210,14 +210,14 @@ class SidewaysConv3d(nn.Conv3d):
         if s.mode == "infer" or not torch.is_grad_enabled():
             out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *args)
         else:
-            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, padding, slot)
+            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot)
             # Not a view: an in-place layer next (ReLU(inplace=True)) would otherwise make autograd
             # hand its backward a contiguous copy of the gradient, several times slower against
             # channels-last activations than the copy made here.
             return out.unsqueeze(2).clone()  # same strides
         return out.unsqueeze(2)
 
-    def _window_forward(self, frame: torch.Tensor, action: str, padding: list[int], emit: bool):
+    def _window_forward(self, frame: torch.Tensor, action: str, emit: bool):
         """bp mode: the window is a list of graph-connected frames, so autograd through the
         whole run is exact backprop of the clip."""
         s = self._stream
@@ -229,7 +229,7 @@ class SidewaysConv3d(nn.Conv3d):
             s.window.append(torch.zeros_like(frame))
         if not emit:
             return None
-        stride, pad, dil, dil_t, groups = self.conv2d_args(padding)
+        stride, pad, dil, dil_t, groups = s.geometry[1]
         clip = torch.stack(list(s.window), dim=2)
         return F.conv3d(clip, self.weight, self.bias, (1, *stride), (0, *pad), (dil_t, *dil), groups)  # [B, C', 1, H', W']
 
@@ -240,18 +240,18 @@ class _SidewaysTick(torch.autograd.Function):
     the ring as it is now, accumulated or applied by the fused ops)."""
 
     @staticmethod
-    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, padding, slot):
+    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, slot):
         s = layer._stream
         # Everything the backward needs, as of this tick (it may run after the run ended).
-        ctx.layer, ctx.stream, ctx.ring, ctx.padding, ctx.slot = layer, s, layer._ring, padding, slot
+        ctx.layer, ctx.stream, ctx.ring, ctx.slot = layer, s, layer._ring, slot
         ctx.input_hw = list(frame.shape[-2:])
-        return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[2])
+        return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[1])
 
     @staticmethod
     def backward(ctx, grad_out):
         layer: SidewaysConv3d = ctx.layer
         s, ring = ctx.stream, ctx.ring
-        args = s.geometry[2]
+        args = s.geometry[1]
         if not grad_out.is_contiguous(memory_format=torch.channels_last):  # the layout every backend reads best
             grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_frame = None
@@ -279,7 +279,7 @@ class _SidewaysTick(torch.autograd.Function):
                     s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, slot, *args)
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
-        return grad_frame, None, None, None, None, None, None
+        return grad_frame, None, None, None, None, None
 
 
 def _autocast(frame: torch.Tensor) -> torch.Tensor:
