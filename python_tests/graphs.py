@@ -51,7 +51,19 @@ class Branches(nn.Module):
         return [out[:, :, t].flatten(1) for t in range(out.shape[2])]
 
 
-class Residuals(nn.Module):
+class TrunkWithPooledHead(nn.Module):
+    """A subclass's ``trunk`` and ``fc``: the clip's logits are ``fc`` of the trunk pooled over
+    (T, H, W); frame t's are ``fc`` of its frame pooled over (H, W)."""
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool3d(self.trunk(x), 1).flatten(1))
+
+    def frames(self, x):
+        f = self.trunk(x)
+        return [self.fc(f[:, :, t].mean((2, 3))) for t in range(f.shape[2])]
+
+
+class Residuals(TrunkWithPooledHead):
     """A residual around two padded temporal convs (its skip delayed 2 frames), then a strided
     residual (3-tap stride-2 conv beside a 1x1x1 stride-2 projection: they emit on different
     ticks), BatchNorm, a max-pool that drops the last frame of an odd length, and a head pool
@@ -74,13 +86,6 @@ class Residuals(nn.Module):
         x = F.relu(x + self.c2(F.relu(self.bn1(self.c1(x)))))
         x = F.relu(self.bn2(self.down(x)) + self.proj(x))
         return self.pool(x)
-
-    def forward(self, x):
-        return self.fc(nn.functional.adaptive_avg_pool3d(self.trunk(x), 1).flatten(1))
-
-    def frames(self, x):
-        f = self.trunk(x)
-        return [self.fc(f[:, :, t].mean((2, 3))) for t in range(f.shape[2])]
 
 
 class Pools(nn.Module):
@@ -107,7 +112,7 @@ class Pools(nn.Module):
         return [f[:, :, t].mean((2, 3)) for t in range(f.shape[2])]
 
 
-class NoPadding(nn.Module):
+class NoPadding(TrunkWithPooledHead):
     """No temporal padding anywhere (where Sideways is exact on a static video): equal-lag
     branches, a strided residual with a phase offset, BatchNorm, a strided pool (max, or avg: a
     smooth one, whose Sideways gap grows smoothly with a video's drift), a head pool."""
@@ -128,13 +133,6 @@ class NoPadding(nn.Module):
         y = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b2(torch.tanh(self.b1(x))))], 1)
         z = self.pool(torch.tanh(self.bn(self.down(y)) + self.short(y)))
         return torch.tanh(self.c(z))
-
-    def forward(self, x):
-        return self.fc(nn.functional.adaptive_avg_pool3d(self.trunk(x), 1).flatten(1))
-
-    def frames(self, x):
-        f = self.trunk(x)
-        return [self.fc(f[:, :, t].mean((2, 3))) for t in range(f.shape[2])]
 
 
 def video_resnet_frames(model, x):
