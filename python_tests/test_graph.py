@@ -108,6 +108,38 @@ def test_our_small_models_stream_exactly(name):
         torch.testing.assert_close(pipe.predict(video), model(video), rtol=1e-10, atol=1e-12)
 
 
+class _PooledAtTheEnd(nn.Module):
+    """A frame-local conv, then a temporal pool, then the mean over time as the head."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, (1, 3, 3))
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(torch.tanh(self.conv(x))).mean((2, 3, 4))
+
+
+@pytest.mark.parametrize("pool", [
+    # ceil mode whose last window would start in the end padding (odd lengths): PyTorch drops it
+    nn.MaxPool3d((2, 1, 1), stride=2, padding=(1, 0, 0), ceil_mode=True),
+    nn.AvgPool3d((2, 1, 1), stride=2, padding=(1, 0, 0), ceil_mode=True),
+    # floor mode whose last window reaches into the end padding: counted in the divisor
+    nn.AvgPool3d((3, 1, 1), stride=2, padding=(1, 0, 0)),
+], ids=["max-ceil", "avg-ceil", "avg-end-padding"])
+def test_temporal_pools_end_the_clip_as_pytorch_does(pool):
+    """The clip-end rules the other pool tests cannot reach: ceil mode's dropped last window
+    and an average over a window that overhangs the end padding."""
+    model = _PooledAtTheEnd(pool).to(DT)
+    pipe = SidewaysPipeline.from_model(model, example=_clip(1, 5, 3, 3, C=2))
+    for T in (5, 6):
+        video = _clip(2, T, 3, 3, C=2)
+        with torch.no_grad():
+            expected = model(video)
+            assert pipe.output_length(T) == pool(video[:, :1]).shape[2]
+        torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
+
+
 # --- bp mode == autograd of the per-frame objective ----------------------------------------------
 
 @pytest.mark.parametrize("name", TORCHVISION)
@@ -256,14 +288,24 @@ def _swap_norms(model, wrap):
             _swap_norms(child, wrap)
 
 
+def _odd_norms(model: nn.Module) -> nn.Module:
+    """Residuals' two BatchNorms with what no default has: models.s3d's momentum 0.001, a
+    cumulative average (momentum None), and eps other than 1e-5."""
+    model.bn1.momentum, model.bn1.eps = 0.001, 1e-3
+    model.bn2.momentum, model.bn2.eps = None, 1e-2
+    return model
+
+
 @pytest.mark.parametrize("mode", ["bp", "sideways"])
 def test_batchnorm_frame_policy(mode):
     """Per-frame batch statistics over (B, H, W): bp is autograd of the model whose BatchNorms
-    normalise each frame alone (running buffers updated once per frame, in order), and Sideways
-    updates the running buffers exactly as bp does (the drain's held samples update nothing)."""
+    normalise each frame alone (running buffers updated once per frame, in order, with the
+    module's own momentum — also None, a cumulative average — and eps; num_batches_tracked
+    counts the frames), and Sideways updates the running buffers exactly as bp does (the drain's
+    held samples update nothing)."""
     torch.manual_seed(torch.initial_seed() % 1000)
-    model = randomize_norms(Residuals().to(DT)).train()
-    reference = randomize_norms(Residuals().to(DT)).train()
+    model = _odd_norms(randomize_norms(Residuals().to(DT)).train())
+    reference = _odd_norms(randomize_norms(Residuals().to(DT)).train())
     reference.load_state_dict(model.state_dict())
     _swap_norms(reference, _FrameBN)
     video, target = _clip(3, 11, 8, 7), torch.randint(0, 6, (3,))
@@ -271,22 +313,59 @@ def test_batchnorm_frame_policy(mode):
     for m in model.modules():  # the probe must not have touched the running statistics
         if isinstance(m, nn.BatchNorm3d):
             assert not torch.equal(m.running_var, torch.ones_like(m.running_var))
-    buffers_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    buffers = lambda m: {k.replace(".bn.", "."): v.clone() for k, v in m.state_dict().items()
+                         if "running" in k or "num_batches" in k}
+    buffers_before = buffers(model)
     reference.zero_grad()
     objective(reference.frames(video), target).backward()
     model.zero_grad()
     pipe.backward_clip(video, target)
-    expected = {k.replace(".bn.", "."): v for k, v in reference.state_dict().items() if "running" in k}
-    for k, v in model.state_dict().items():
-        if "running" in k:
-            torch.testing.assert_close(v, expected[k], rtol=1e-12, atol=1e-12)
-            assert not torch.equal(v, buffers_before[k])
+    expected = buffers(reference)
+    assert expected["bn1.num_batches_tracked"] == 11 and expected["bn2.num_batches_tracked"] == 6  # frames seen
+    for k, v in buffers(model).items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-12, atol=1e-12)
+        assert not torch.equal(v, buffers_before[k])
     if mode == "bp":
         assert _global_rel(_grads(model), _grads(reference)) <= 1e-9
 
 
+class _PerFrameNorm(nn.Module):
+    """The 'frame' policy written out: each frame normalised by its own (B, H, W) mean and
+    biased variance, then scaled and shifted — plain frame-local ops, streamed as such."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+
+    def forward(self, x):
+        mean = x.mean((0, 3, 4), keepdim=True)
+        var = ((x - mean) ** 2).mean((0, 3, 4), keepdim=True)
+        shape = (1, -1, 1, 1, 1)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def test_batchnorm_frame_policy_in_sideways_mode_is_the_per_frame_normalisation():
+    """No offline model gives Sideways gradients, but the same network with each BatchNorm
+    written out as per-frame normalisation does: the policy must equal it on every sample it
+    is run on, the drain's held samples included (where it updates no buffer but still
+    normalises, scales and shifts)."""
+    torch.manual_seed(torch.initial_seed() % 1000)
+    model = _odd_norms(randomize_norms(Residuals().to(DT)).train())
+    written_out = _odd_norms(Residuals().to(DT))
+    written_out.load_state_dict(model.state_dict())
+    _swap_norms(written_out, _PerFrameNorm)
+    video, target = _clip(2, 9, 6, 5), torch.randint(0, 6, (2,))
+    got = {}
+    for net, policy in ((model, "frame"), (written_out, None)):
+        net.zero_grad()
+        SidewaysPipeline.from_model(net, stages=2, batchnorm=policy, example=video[:1]).backward_clip(video, target)
+        got[policy] = {k: p.grad.clone() for k, p in net.named_parameters()}
+    assert list(got["frame"]) == list(got[None])
+    assert _global_rel(list(got["frame"].values()), list(got[None].values())) <= 1e-9
+
+
 def test_batchnorm_frozen_policy_and_refusal():
-    model = randomize_norms(Residuals().to(DT)).train()
+    model = _odd_norms(randomize_norms(Residuals().to(DT))).train()
     video, target = _clip(2, 9, 8, 7), torch.randint(0, 6, (2,))
     with pytest.raises(StreamingError, match=r"module 'bn1' \(BatchNorm3d\).*batchnorm='frame'.*'frozen'"):
         SidewaysPipeline.from_model(model, stages=2, example=video[:1])
