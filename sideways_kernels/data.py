@@ -16,11 +16,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DataError", "MovingTextures", "MovingDigits", "ShuffledFrames", "VideoFolder", "MOTIONS"]
+__all__ = ["DataError", "MovingTextures", "MovingDigits", "ShuffledFrames", "VideoFolder", "MOTIONS",
+           "UnreadableVideoWarning", "unreadable_summary"]
 
 
 class DataError(ValueError):
     """A problem with the user's data, reported as one line (no traceback)."""
+
+
+class UnreadableVideoWarning(UserWarning):
+    """Files of a VideoFolder that could not be read and were skipped (one warning per folder
+    and split, naming the first few)."""
+
+
+def unreadable_summary(paths, reasons: Optional[dict] = None, shown: int = 3) -> str:
+    """``N unreadable file(s) skipped: a (why), b, c and K more``: one line for any number of files."""
+    paths = list(dict.fromkeys(paths))  # a file listed in both splits counts once
+    named = []
+    for i, path in enumerate(paths[:shown]):
+        why = (reasons or {}).get(path)
+        named.append(f"{path} ({why})" if why and i == 0 else path)  # the first one's reason: they tend to share it
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"skipped {len(paths)} unreadable file(s): {', '.join(named)}{more}"
 
 
 # The class of a video is its motion: a single frame cannot tell it.
@@ -243,8 +260,8 @@ class VideoFolder(torch.utils.data.Dataset):
     """A folder with one sub-folder per class of ``.avi/.mp4/.mkv`` videos (decoded with
     PyAV, in DataLoader workers) or ``.npy/.pt`` tensors ``[T, H, W, C]``. The official
     ``trainlist01.txt``/``testlist01.txt`` are used when present, else a deterministic 80/20
-    split by file name. Unreadable files are skipped with a warning naming each
-    (``skipped`` lists them); clips are ``clip_len`` frames ``frame_stride`` apart,
+    split by file name. Unreadable files are skipped with one UnreadableVideoWarning naming the
+    first few (``skipped`` lists them all, ``skip_reasons`` says why); clips are ``clip_len`` frames ``frame_stride`` apart,
     resized (shorter side) and centre-cropped to ``size``."""
 
     def __init__(self, root: str, split: str = "train", clip_len: int = 8, frame_stride: int = 1, size: int = 32,
@@ -267,23 +284,28 @@ class VideoFolder(torch.utils.data.Dataset):
                  for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(VIDEO_EXTS + TENSOR_EXTS)]
         chosen = self._split(files, split)
         needed = (clip_len - 1) * frame_stride + 1
-        self.items, self.skipped = [], []
+        self.items, self.skipped, self.skip_reasons = [], [], {}
         for rel, label in chosen:
             path = os.path.join(root, rel)
             try:
                 n = _probe(path)
             except DataError:  # a problem of the setup (no PyAV), not of this file
                 raise
-            except Exception as exc:  # corrupt or unreadable: skip it, name it
-                warnings.warn(f"skipping unreadable video {path}: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # corrupt or unreadable: skip it, name it (once, below)
                 self.skipped.append(path)
+                first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+                self.skip_reasons[path] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
                 continue
             if n < needed:
                 raise DataError(f"video {path} has {n} frames, shorter than one clip ({clip_len} frames "
                                 f"{frame_stride} apart need {needed})")
             self.items.append((path, label, n))
         if not self.items:
-            raise DataError(f"no readable videos in the {split} split of {root!r} ({len(self.skipped)} skipped)")
+            raise DataError(f"no readable videos in the {split} split of {root!r} "
+                            f"({unreadable_summary(self.skipped, self.skip_reasons)})")
+        if self.skipped:
+            warnings.warn(f"{root} ({split}): {unreadable_summary(self.skipped, self.skip_reasons)}",
+                          UnreadableVideoWarning, stacklevel=2)
 
     def _split(self, files, split):
         listed = _split_file(self.root, "trainlist01.txt" if split == "train" else "testlist01.txt")

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from . import models
 from .backend import NAMES as BACKENDS, set_backend
-from .data import DataError, MovingDigits, MovingTextures, ShuffledFrames, VideoFolder
+from .data import (DataError, MovingDigits, MovingTextures, ShuffledFrames, UnreadableVideoWarning, VideoFolder,
+                   unreadable_summary)
 from .pipeline import NonFiniteError, SidewaysPipeline
 
 __all__ = ["main", "parse_args"]
@@ -40,20 +41,50 @@ EXIT_NON_FINITE = 3
 EXIT_DATA = 2
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sideways-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, once: ``(default: X)`` is added unless the
+    help already says it in words (where the default is None: what happens without it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return text + " (default: off)"
+        return super()._get_help_string(action)
+
+
+class _ConfigError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """error(): usage and exit status 2 for a command line, or _ConfigError for a checkpoint's
+    config (``raise_errors``), checked with the same rules."""
+    raise_errors = False
+
+    def error(self, message):
+        if self.raise_errors:
+            raise _ConfigError(message)
+        super().error(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="sideways-train", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     pos = lambda kind: (lambda s: _positive(s, kind))
     g = p.add_argument_group("training")
     g.add_argument("--mode", choices=["sideways", "bp"], default="sideways",
                    help="Sideways approximation, or exact backprop through the same pipeline")
     g.add_argument("--epochs", type=pos(int), default=20, help="the learning-rate schedule spans these")
     g.add_argument("--max-steps", type=pos(int), default=None,
-                   help="stop after this many steps in all (the schedule still spans --epochs; resume to go on)")
-    g.add_argument("--batch-size", type=pos(int), default=16)
-    g.add_argument("--lr", type=pos(float), default=0.05)
+                   help="stop after this many steps in all (the schedule still spans --epochs; resume to go on) "
+                        "(default: no limit, all of --epochs)")
+    g.add_argument("--batch-size", type=pos(int), default=16, help="videos per step")
+    g.add_argument("--lr", type=pos(float), default=0.05,
+                   help="peak learning rate (a cosine schedule over --epochs takes it to 0)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD (momentum 0.9) or AdamW")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="the optimizer's weight decay (L2 for SGD, "
+                                                                    "decoupled for AdamW)")
     g.add_argument("--update", choices=["clip", "tick"], default="clip",
                    help="apply the optimizer once per clip, or every tick (SGD only, fused into the weight update)")
     g.add_argument("--dropout", type=float, default=0.0,
@@ -61,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--smoothing", type=pos(int), default=1,
                    help="Sideways weight updates pair the mean of the last k errors with the mean of the last k "
                         "activation windows (1: plain Sideways)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the embedded data and the clip order")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=list(models.MODELS), default="c3d",
                    help="c3d, r2plus1d: small chains cut at their blocks; r3d_18, mc3_18, r2plus1d_18, s3d: the "
@@ -70,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="channels of the first block (doubling per block); the standard networks are torchvision's "
                         "at --width 64")
     m.add_argument("--depth", type=pos(int), default=3, help="number of blocks (c3d, r2plus1d)")
-    m.add_argument("--temporal-kernel", type=pos(int), default=3, help="(c3d, r2plus1d)")
+    m.add_argument("--temporal-kernel", type=pos(int), default=3, help="frames each temporal conv spans (c3d, r2plus1d)")
     m.add_argument("--stages", type=pos(int), default=3,
                    help="pipeline stages the network is cut into (c3d, r2plus1d: <= --depth)")
     m.add_argument("--batchnorm", choices=["frame", "frozen"], default="frame",
@@ -78,13 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "statistics frozen")
     m.add_argument("--pretrained", default=None,
                    help="a state dict of the standard network (e.g. Kinetics-400 weights saved from torchvision, "
-                        "--width 64) to start from; a new classifier when the class count differs")
+                        "--width 64) to start from; a new classifier when the class count differs (default: "
+                        "random initial weights)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=["motion", "digits"], default="motion",
                    help="embedded data: procedural textures whose class is their motion, or moving handwritten digits "
                         "(real 8x8 digits from scikit-learn) whose class is the digit")
     d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors "
-                                                "(instead of --dataset)")
+                                                "(instead of --dataset; default: the embedded --dataset)")
     d.add_argument("--clutter", type=float, default=0.0, help="digits: brightness of static stroke clutter (0-1)")
     d.add_argument("--shuffle-frames", action="store_true",
                    help="every clip's frames in random order (a control: destroys temporal smoothness)")
@@ -95,25 +127,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--val-videos", type=pos(int), default=320, help="embedded data: validation videos")
     d.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     r = p.add_argument_group("run")
-    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the network trains")
     r.add_argument("--distributed", action="store_true",
                    help="depth-parallel across the processes of torchrun (--nproc-per-node N): each rank runs "
                         "a group of the stages (also on when torchrun's WORLD_SIZE > 1)")
     r.add_argument("--replicas", type=pos(int), default=1,
                    help="under torchrun: data-parallel copies of the pipeline (the ranks are replicas x stage "
                         "groups); each trains on its share of every batch, gradients averaged once per clip")
-    r.add_argument("--backend", choices=BACKENDS, default=None, help="op backend (default: fastest built)")
+    r.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="op backend (default: SIDEWAYS_BACKEND if set, else the fastest built)")
     r.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                    help="mixed precision: torch.autocast in that dtype (activations, rings and errors 16-bit; weights, "
                         "gradients and optimizer state float32); fp16 scales the loss with a GradScaler")
     r.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<time>)")
-    r.add_argument("--resume", default=None, help="a checkpoint (last.pt) to continue from; its run directory is reused")
-    r.add_argument("--log-every", type=pos(int), default=10, help="steps between metric lines")
+    r.add_argument("--resume", default=None, help="a checkpoint (last.pt) to continue from; its run directory is "
+                                                  "reused (default: a new run)")
+    r.add_argument("--log-every", type=pos(int), default=10,
+                   help="steps between metric lines (the last step of a run is always recorded)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _parser()
     args = p.parse_args(argv)
     # which options were typed (a resumed run keeps its config except for these)
     typed = sys.argv[1:] if argv is None else list(argv)
     actions = p._option_string_actions
     args.given = {actions[a.split("=")[0]].dest for a in typed if a.split("=")[0] in actions}
+    _check_options(p, args)
+    return args
+
+
+def _check_options(p: _Parser, args: argparse.Namespace) -> None:
+    """The rules between options (p.error for the first broken one)."""
     if args.update == "tick" and args.optimizer != "sgd":
         p.error("--update tick needs --optimizer sgd (the fused per-tick update is SGD)")
     if args.replicas > 1 and args.update == "tick":
@@ -137,7 +183,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--clutter must be in [0, 1], got {args.clutter}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    return args
 
 
 def _positive(text: str, kind):
@@ -168,7 +213,7 @@ def build_model(cfg: dict, num_classes: int, conv=None) -> nn.Module:
     return models.CHAINS[name](num_classes, **kwargs)
 
 
-def load_weights(path: str, what: str) -> dict:
+def load_weights(path: str, what: str):
     """A checkpoint or state dict from a user, read as tensors and plain types only
     (``weights_only=True``: a pickle that would build other objects, or run code, is refused).
     Every failure is a DataError naming the file."""
@@ -178,38 +223,112 @@ def load_weights(path: str, what: str) -> dict:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
+    except Exception as exc:  # whatever a foreign file makes the unpickler raise (KeyError, IndexError, ...)
+        found = re.search(r"GLOBAL (\S+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
         if found:  # a pickle that builds something other than tensors and plain types
             raise DataError(f"{what}: refused {path!r}: it would build {found.group(1)}, which is not a tensor or a "
                             "plain type, and loading it could run code; only files of tensors, numbers, strings, "
                             "lists and dicts load") from None
-        raise DataError(f"{what}: {path!r} is not a PyTorch checkpoint (not a file torch.save wrote)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{what}: {path!r} is not a readable checkpoint: truncated or corrupt "
-                        f"({type(exc).__name__}: {first.split('. ')[0][:120]})") from None
+        kind = _file_kind(path)
+        if kind is not None:
+            raise DataError(f"{what}: {path!r} is not a PyTorch checkpoint (not a file torch.save wrote): it is "
+                            f"{kind}") from None
+        refused = re.search(r"WeightsUnpickler error:\s*(Unsupported operand \d+)", str(exc))
+        if refused:  # e.g. pickle protocol 4's FRAME: another program's pickle, or a damaged file
+            raise DataError(f"{what}: {path!r} is not a PyTorch checkpoint: a pickle the safe loader refuses "
+                            f"({refused.group(1)}; torch.save writes none such), so nothing in it was built") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = f"{type(exc).__name__}: {first.split('. ')[0][:120]}" if first else type(exc).__name__
+        with open(path, "rb") as f:
+            zip_like = f.read(2) == b"PK"
+        if zip_like and not zipfile.is_zipfile(path):
+            detail = "a zip archive, as torch.save writes, that does not open: cut short or damaged"
+        raise DataError(f"{what}: {path!r} is not a readable checkpoint: truncated or corrupt ({detail})") from None
 
 
-def load_pretrained(net: nn.Module, path: str) -> None:
-    """Start from a state dict of the same network; a classifier of another class count is
-    left as built (new)."""
+def _file_kind(path: str) -> Optional[str]:
+    """What a file that torch.load could not read is, when it is plainly not a checkpoint
+    (None: it starts as torch.save's files do, a zip or a pickle, so it is damaged)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None  # a zip cut short or damaged: perhaps a checkpoint
+        if not any(n.endswith("data.pkl") for n in names):
+            return "a zip archive without a checkpoint in it"
+        return None
+    if head[:1] == b"\x80":  # a binary pickle (torch.save's legacy format)
+        return None
+    for magic, kind in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF document"),
+                        (b"\x1f\x8b", "gzip data"), (b"\x93NUMPY", "a NumPy array (.npy)")):
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return "binary data"
+        text = head[:exc.start].decode("utf-8")
+    return "a text file"
+
+
+def read_state_dict(path: str) -> dict:
+    """The state dict in a file for --pretrained: a plain state dict, or a sideways-train
+    checkpoint's model part. Anything else is a DataError naming the file."""
     state = load_weights(path, "--pretrained")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a sideways-train checkpoint
         state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"--pretrained: {path!r} is not a state dict (a dict of tensors)")
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise DataError(f"--pretrained: {path!r} is not a state dict (a dict of names to tensors): it holds "
+                        f"{_describe(state)}")
+    return state
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, dict):
+        if not obj:
+            return "an empty dict"
+        key = next((k for k in obj if not isinstance(k, str)), None)
+        if key is not None:
+            return f"a dict with a key that is not a name: {str(key)[:40]!r} of type {type(key).__name__}"
+        odd = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        if odd is not None:
+            return f"a dict whose entry {odd[0][:40]!r} is not a tensor but of type {type(odd[1]).__name__}"
+        return f"a dict of {len(obj)} tensors"
+    return f"a {type(obj).__name__}"
+
+
+def _misfit(own: dict, state: dict) -> str:
+    """What keeps ``state`` from loading into a network whose state dict is ``own`` ('' if nothing)."""
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return ""
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped entries, e.g. "
+            f"{(missing + unexpected + wrong)[:3]}")
+
+
+def load_pretrained(net: nn.Module, path: str, state: Optional[dict] = None) -> None:
+    """Start from a state dict of the same network (``state``, else read from ``path``); a
+    classifier of another class count is left as built (new)."""
+    state = dict(read_state_dict(path) if state is None else state)
     own = net.state_dict()
     fresh = [k for k in own if k in state and state[k].shape != own[k].shape and
              k.split(".")[0] in ("fc", "classifier")]
     for k in fresh:
         del state[k]
-    missing, unexpected = [k for k in own if k not in state and k not in fresh], [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise DataError(f"--pretrained: {path!r} does not fit this network (--model/--width): "
-                        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped entries, e.g. "
-                        f"{(missing + unexpected + wrong)[:3]}")
+    misfit = _misfit({k: v for k, v in own.items() if k not in fresh}, state)
+    if misfit:
+        raise DataError(f"--pretrained: {path!r} does not fit this network (--model/--width): {misfit}")
     net.load_state_dict(state, strict=False)
     if fresh:
         print(f"sideways-train: --pretrained: new classifier ({', '.join(fresh)}) for this class count",
@@ -477,25 +596,95 @@ class _Cluster:
 
 # --- the run ----------------------------------------------------------------------------
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "state", "rng", "config", "classes")
+
+
+def _check_checkpoint(ckpt, path: str) -> None:
+    """A DataError naming ``path`` unless ``ckpt`` has the parts and types of a sideways-train
+    checkpoint (whether they fit the network is found when they are loaded)."""
+    def refuse(why: str):
+        raise DataError(f"--resume: {path!r} is not a sideways-train checkpoint ({why})")
+
+    if not isinstance(ckpt, dict):
+        refuse(f"it holds a {type(ckpt).__name__}, not a dict")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        refuse(f"it lacks {missing}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    state = ckpt["state"]
+    checks = [
+        ("model", isinstance(ckpt["model"], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in ckpt["model"].items()), "a dict of tensors"),
+        ("optimizer", isinstance(ckpt["optimizer"], dict) and isinstance(ckpt["optimizer"].get("state"), dict)
+         and isinstance(ckpt["optimizer"].get("param_groups"), list), "an optimizer's state dict"),
+        ("scheduler", isinstance(ckpt["scheduler"], dict), "a scheduler's state dict"),
+        ("state", isinstance(state, dict) and all(count(state.get(k)) for k in ("step", "epoch", "batch"))
+         and isinstance(state.get("sums"), list) and 4 <= len(state["sums"]) <= 6 and all(map(number, state["sums"]))
+         and (state.get("best_val_acc") is None or number(state.get("best_val_acc"))) and number(state.get("wall")),
+         "the run's position (step, epoch, batch, sums, best_val_acc, wall)"),
+        ("rng", isinstance(ckpt["rng"], dict) and isinstance(ckpt["rng"].get("torch"), torch.Tensor)
+         and isinstance(ckpt["rng"].get("numpy"), (list, tuple)) and len(ckpt["rng"]["numpy"]) == 5
+         and isinstance(ckpt["rng"].get("python"), (list, tuple)), "the random generators' states"),
+        ("config", isinstance(ckpt["config"], dict) and all(isinstance(k, str) for k in ckpt["config"])
+         and "model" in ckpt["config"] and "mode" in ckpt["config"], "the run's options"),
+        ("classes", isinstance(ckpt["classes"], list) and len(ckpt["classes"]) >= 2
+         and all(isinstance(c, str) for c in ckpt["classes"]), "a list of class names"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            refuse(f"its {key!r} entry is not {expected}")
+
+
+def _check_config(cfg: dict, path: str) -> None:
+    """The options a checkpoint names, checked by the command line's own rules (choices, types,
+    ranges, the rules between options): a DataError naming ``path`` for the first broken one."""
+    p = _parser()
+    p.raise_errors = True
+    argv, dests = [], []
+    for action in p._actions:
+        if not action.option_strings or action.dest not in cfg or action.dest in ("help", "resume", "out"):
+            continue
+        value = cfg[action.dest]
+        dests.append(action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            if value is True:
+                argv.append(action.option_strings[-1])
+            elif value is not False:
+                argv.append(f"{action.option_strings[-1]}={value}")  # refused: the flag takes no value
+        elif value is not None:
+            argv.append(f"{action.option_strings[-1]}={value}")
+    try:
+        parsed = p.parse_args(argv)
+        for dest in dests:
+            got = getattr(parsed, dest)
+            if got != cfg[dest] or type(got) is not type(cfg[dest]) and not (
+                    isinstance(got, float) and isinstance(cfg[dest], int) and not isinstance(cfg[dest], bool)):
+                raise _ConfigError(f"its {dest!r} is {cfg[dest]!r}, which --{dest.replace('_', '-')} does not take")
+        _check_options(p, parsed)
+    except _ConfigError as exc:
+        raise DataError(f"--resume: {path!r} names options this run cannot take: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    resume = None
+    resume = pretrained = None
     if args.resume:
         if not os.path.isfile(args.resume):
             raise DataError(f"--resume: no checkpoint at {args.resume!r}")
         resume = load_weights(args.resume, "--resume")
-        if not isinstance(resume, dict) or not {"model", "optimizer", "scheduler", "state", "rng", "config",
-                                                   "classes"} <= set(resume):
-            raise DataError(f"--resume: {args.resume!r} is not a sideways-train checkpoint (it lacks "
-                            f"{sorted({'model', 'optimizer', 'state', 'config'} - set(resume or {}))})")
-        cfg = dict(resume["config"])
+        _check_checkpoint(resume, args.resume)
+        best = resume["state"].get("best_val_acc")
+        if best is not None and best < 0:  # written before "no validation yet" was None
+            resume["state"]["best_val_acc"] = None
+        cfg = {action.dest: action.default for action in _parser()._actions
+               if action.dest not in ("help", "resume", "out")}  # a checkpoint older than some options
+        cfg.update(resume["config"])
         cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
-        cfg.setdefault("replicas", 1)
-        for key, default in dict(batchnorm="frame", pretrained=None, amp="off").items():  # newer than the checkpoint
-            cfg.setdefault(key, default)
         cfg["pretrained"] = None  # the checkpoint's weights are where the run goes on from
         for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas"):  # may change on resume
             if key in args.given:
                 cfg[key] = getattr(args, key)
+        _check_config(cfg, args.resume)
         out = os.path.dirname(os.path.abspath(args.resume))
     else:
         cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given")}
@@ -503,14 +692,16 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(os.path.join(out, "last.pt")):
             raise DataError(f"{out!r} already holds a run; continue it with --resume {os.path.join(out, 'last.pt')} "
                             "or choose another --out")
+        if cfg["pretrained"]:  # read (and refused) before anything is built or written
+            pretrained = read_state_dict(cfg["pretrained"])
     cluster = _Cluster(args.distributed, cfg["device"], cfg["replicas"])
     try:
-        return _train(args, cfg, out, resume, cluster)
+        return _train(args, cfg, out, resume, cluster, pretrained)
     finally:
         cluster.close()
 
 
-def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
+def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Optional[dict] = None) -> int:
     if cluster.main:
         os.makedirs(out, exist_ok=True)
     set_backend(cfg["backend"])
@@ -519,14 +710,18 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
 
-    train_set, val_set = build_data(cfg)
-    for ds in (train_set, val_set):
-        if getattr(ds, "skipped", None):
-            print(f"sideways-train: skipped {len(ds.skipped)} unreadable file(s)", file=sys.stderr)
+    with warnings.catch_warnings():  # said once below, for both splits
+        warnings.simplefilter("ignore", UnreadableVideoWarning)
+        train_set, val_set = build_data(cfg)
+    folders = [getattr(ds, "dataset", ds) for ds in (train_set, val_set)]  # ShuffledFrames wraps one
+    skipped = [path for ds in folders for path in getattr(ds, "skipped", [])]
+    if skipped and cluster.main:
+        reasons = {k: v for ds in folders for k, v in getattr(ds, "skip_reasons", {}).items()}
+        print(f"sideways-train: {unreadable_summary(skipped, reasons)}", file=sys.stderr)
     classes = len(train_set.classes)
     net = build_model(cfg, classes)
     if cfg.get("pretrained"):
-        load_pretrained(net, cfg["pretrained"])
+        load_pretrained(net, cfg["pretrained"], pretrained)
     net = net.to(device)
     optimizer = build_optimizer(cfg, net.parameters())
     steps_per_epoch = math.ceil(len(train_set) / cfg["batch_size"])
@@ -541,8 +736,14 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                         f"need at least {pipe.min_clip_length()} frames")
     # batch: batches of `epoch` done; sums: (videos, correct, loss*videos, steps, loss², loss) of those,
     # for the epoch record
-    state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0], best_val_acc=-1.0, wall=0.0)
+    # best_val_acc: None until a validation has run
+    state = dict(step=0, epoch=0, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0], best_val_acc=None, wall=0.0)
     if resume is not None:
+        misfit = _misfit(net.state_dict(), resume["model"])
+        if misfit:
+            options = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("model", "width", "depth") if k in cfg)
+            raise DataError(f"--resume: {args.resume!r} does not fit the network its options build ({options}): "
+                            f"{misfit}")
         try:
             net.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
@@ -551,7 +752,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
             set_rng_state(resume["rng"])
             if precision.scaler is not None and "scaler" in resume:
                 precision.scaler.load_state_dict(resume["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a foreign checkpoint can fail anywhere in these loads
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"--resume: {args.resume!r} does not fit the network and options it names "
                             f"({type(exc).__name__}: {first[:200]})") from None
@@ -583,6 +784,14 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
     say(f"sideways-train: {cfg['mode']} {cfg['model']} ({sum(p.numel() for p in net.parameters())} parameters, "
         f"{cfg['stages']} stages{ranks}) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
         file=sys.stderr)
+    unlogged = None  # the last step's record while --log-every has not written it: written where the run stops
+
+    def log_unlogged():
+        nonlocal unlogged
+        if unlogged is not None:
+            _log(metrics, **unlogged)
+            unlogged = None
+
     try:
         with _Stop() as stop:
             while state["epoch"] < cfg["epochs"] and (cfg["max_steps"] is None or state["step"] < cfg["max_steps"]):
@@ -609,6 +818,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                               file=sys.stderr)
                         return EXIT_NON_FINITE
                     except NonFiniteError as exc:
+                        log_unlogged()
                         last = os.path.join(out, "last.pt")
                         kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
                         print(f"sideways-train: stopping at step {state['step'] + 1} (epoch {epoch + 1}): {exc}; {kept}",
@@ -631,12 +841,14 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                     sums[3], sums[4], sums[5] = sums[3] + 1, sums[4] + step_loss ** 2, sums[5] + step_loss
                     fps = video.shape[0] * video.shape[2] / elapsed
                     bar.update(1, loss=step_loss, acc=sums[1] / sums[0], fps=fps)
+                    unlogged = dict(kind="step", step=state["step"], epoch=epoch + 1, loss=step_loss,
+                                    train_acc=sums[1] / sums[0], frames_per_s=fps, lr=scheduler.get_last_lr()[0],
+                                    wall=time.time() - started)
                     if state["step"] % cfg["log_every"] == 0:
-                        _log(metrics, kind="step", step=state["step"], epoch=epoch + 1, loss=step_loss,
-                             train_acc=sums[1] / sums[0], frames_per_s=fps, lr=scheduler.get_last_lr()[0],
-                             wall=time.time() - started)
+                        log_unlogged()
                     state["wall"] = time.time() - started
                     if cluster.any(stop.signal is not None):
+                        log_unlogged()
                         path = checkpoint("last.pt")
                         say(f"sideways-train: interrupted at step {state['step']}; saved {path}. "
                             f"Resume with --resume {path}", file=sys.stderr)
@@ -645,10 +857,11 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                         break
                 bar.close()
                 if state["batch"] < steps_per_epoch:  # --max-steps cut the epoch: keep its place
+                    log_unlogged()
                     checkpoint("last.pt")
-                    say(f"sideways-train: stopped at --max-steps {cfg['max_steps']} in epoch {epoch + 1}; "
-                          f"resume with --resume {os.path.join(out, 'last.pt')}", file=sys.stderr)
                     break
+                if epoch + 1 == cfg["epochs"] or (cfg["max_steps"] is not None and state["step"] >= cfg["max_steps"]):
+                    log_unlogged()  # the run's last step, before its last epoch record
                 seen, correct, loss_sum, n_steps, loss_sq, loss_plain = (list(state["sums"]) + [0, 0.0, 0.0])[:6]
                 state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0])
                 optimizer_state = cluster.sync(net, pipe, optimizer)  # every rank evaluates the whole model
@@ -665,7 +878,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
                 _log(metrics, **record)
                 say(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f} | "
                       f"val loss {val_loss:.3f} acc {val_acc:.3f} | {record['wall']:.0f}s", file=sys.stderr)
-                if val_acc > state["best_val_acc"]:
+                if state["best_val_acc"] is None or val_acc > state["best_val_acc"]:
                     state["best_val_acc"] = val_acc
                     checkpoint("best.pt", optimizer_state)
                 checkpoint("last.pt", optimizer_state)
@@ -674,9 +887,28 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster) -> int:
     if not cluster.main:
         return 0
     _plot(out)
-    print(f"sideways-train: done, best val acc {state['best_val_acc']:.3f}; {out}/metrics.jsonl, curves.png, "
-          f"last.pt, best.pt", file=sys.stderr)
+    print(f"sideways-train: {_summary(cfg, state, out, steps_per_epoch)}", file=sys.stderr)
     return 0
+
+
+def _summary(cfg: dict, state: dict, out: str, steps_per_epoch: int) -> str:
+    """The run's last line: how far it went, the best validation accuracy if a validation ran,
+    and the files that exist."""
+    if state["epoch"] >= cfg["epochs"]:
+        head = f"done ({cfg['epochs']} epochs, {state['step']} steps)"
+    else:
+        where = (f"step {state['batch']} of {steps_per_epoch} in epoch {state['epoch'] + 1} of {cfg['epochs']}"
+                 if state["batch"] else f"after epoch {state['epoch']} of {cfg['epochs']}")
+        head = f"stopped at --max-steps {cfg['max_steps']} ({where})"
+    best = state["best_val_acc"]
+    if best is not None:
+        head += f", best val acc {best:.3f}"
+    else:
+        head += ", before the first validation (at each epoch's end): no val acc yet"
+    files = [name for name in ("metrics.jsonl", "curves.png", "last.pt", "best.pt")
+             if os.path.isfile(os.path.join(out, name)) and os.path.getsize(os.path.join(out, name)) > 0]
+    tail = f"; resume with --resume {os.path.join(out, 'last.pt')}" if state["epoch"] < cfg["epochs"] else ""
+    return f"{head}; {out}: {', '.join(files) or 'no files'}{tail}"
 
 
 def _log(stream, **record) -> None:
@@ -711,38 +943,54 @@ def _progress(total: int, desc: str, interactive: bool):
     return _Bar()
 
 
-def _plot(out: str) -> None:
+def _plot(out: str) -> list:
     """curves.png: training loss per logged step; train/val accuracy, validation NLL and
-    calibration error per epoch."""
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    calibration error per epoch. Only panels with points are drawn, and no file when none has
+    any. Returns the panels drawn as (y label, number of points)."""
+    path = os.path.join(out, "metrics.jsonl")
+    records = [json.loads(line) for line in open(path) if line.strip()] if os.path.isfile(path) else []
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
+    ep = [r["epoch"] for r in epochs]
+    calibration = [(r["epoch"], r.get("val_nll"), r.get("val_ece")) for r in epochs
+                   if r.get("val_nll") is not None and r.get("val_ece") is not None]
+    panels = []  # (y label, x label, [(x, y, style, label)])
+    if steps:
+        marker = "." if len(steps) < 50 else None  # a single point must show
+        panels.append(("training clip loss", "step",
+                       [([r["step"] for r in steps], [r["loss"] for r in steps], dict(lw=1, marker=marker), None)]))
+    if epochs:
+        panels.append(("accuracy", "epoch", [(ep, [r["train_acc"] for r in epochs], dict(marker="o"), "train"),
+                                             (ep, [r["val_acc"] for r in epochs], dict(marker="o"), "validation")]))
+    if calibration:
+        x = [c[0] for c in calibration]
+        panels.append(("validation calibration", "epoch",
+                       [(x, [c[1] for c in calibration], dict(marker="o"), "validation NLL"),
+                        (x, [c[2] for c in calibration], dict(marker="s"), "validation ECE (15 bins)")]))
+    if not panels:
+        return []
     try:
         import matplotlib
     except ImportError:
         print("sideways-train: matplotlib is not installed, so no curves.png (pip install matplotlib)", file=sys.stderr)
-        return
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.6))
-    a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
-    a.set_xlabel("step")
-    a.set_ylabel("training clip loss")
-    ep = [r["epoch"] for r in epochs]
-    b.plot(ep, [r["train_acc"] for r in epochs], "o-", label="train")
-    b.plot(ep, [r["val_acc"] for r in epochs], "o-", label="validation")
-    b.set_xlabel("epoch")
-    b.set_ylabel("accuracy")
-    b.legend()
-    c.plot(ep, [r.get("val_nll", float("nan")) for r in epochs], "o-", label="validation NLL")
-    c.plot(ep, [r.get("val_ece", float("nan")) for r in epochs], "s-", label="validation ECE (15 bins)")
-    c.set_xlabel("epoch")
-    c.legend()
-    for ax in (a, b, c):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 3.6), squeeze=False)
+    drawn = []
+    for ax, (ylabel, xlabel, lines) in zip(axes[0], panels):
+        for x, y, style, label in lines:
+            ax.plot(x, y, label=label, **style)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if any(label for *_, label in lines):
+            ax.legend()
         ax.grid(alpha=0.3)
+        drawn.append((ylabel, min(len(x) for x, *_ in lines)))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def main(argv=None) -> int:
