@@ -7,6 +7,12 @@ late): a temporal conv or pool maps ``(r, λ)`` to ``(r·s, λ + r·(d·(k−1) 
 nodes keep both. A join (``+``, ``cat``, ``*``) waits until every input has the same sample
 index, holding the earlier inputs' samples meanwhile (its delay line).
 
+Temporal padding (``from_model(..., temporal_padding=)``): ``"same"`` streams every layer as the
+model defines it; ``"causal"`` moves each temporal conv's and pool's padding to the past side
+(window pad ``(p_start + p_end, 0)``), so the layer reads no future frame and adds no lag; its
+function shifts in time. A temporal node keeps its window under each setting
+(:attr:`Node.windows`), so :meth:`StreamGraph.lags` gives both lags whichever one streams.
+
 Node kinds:
 
 - :class:`ChainNode` — a stage module of the list API (``SidewaysPipeline([stage, ...])``), run
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -32,10 +38,26 @@ import torch.nn.functional as F
 from .nn import PUSH, HOLD, ZEROS, SidewaysConv3d, StreamClock
 
 __all__ = ["Window", "Node", "ChainNode", "ConvNode", "PoolNode", "LocalNode", "StreamGraph", "SOURCE",
-           "cut_points", "balance"]
+           "TEMPORAL_PADDINGS", "causal_padding", "cut_points", "balance"]
 
 INF = math.inf
 SOURCE = -1  # producer id of the video
+TEMPORAL_PADDINGS = ("same", "causal")
+
+
+def causal_padding(pad: tuple[int, int], span: int) -> Union[tuple[int, int], str]:
+    """The causal form of temporal padding ``(start, end)`` of a window of ``span`` frames: all of
+    it on the past side, ``(start + end, 0)``; a layer without future padding is left as it is.
+    Returns why not (a sentence) where the causal window would begin more than ``span - 1``
+    frames back (its first outputs would precede every input)."""
+    start, end = pad
+    if end == 0:
+        return (start, end)
+    if start + end > span - 1:
+        return (f"its temporal padding {start}+{end} exceeds the window span - 1 = {span - 1}, so its causal form "
+                f"(all {start + end} zero frames before the window) would emit outputs before any input; use "
+                "temporal_padding='same'")
+    return (start + end, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +109,9 @@ class Node:
     :data:`SOURCE`). ``timed``: its output has a time axis (False after a head pool)."""
     kind = "node"
     window = Window()
+    # A temporal node's window under each temporal padding setting (None: that setting cannot
+    # stream it); frame-local nodes have the trivial window under both.
+    windows: Optional[dict] = None
 
     def __init__(self, name: str, inputs: Sequence[int], module: Optional[nn.Module] = None):
         self.name, self.inputs, self.module = name, list(inputs), module
@@ -96,6 +121,10 @@ class Node:
 
     def out_length(self, lengths: list[float]) -> float:
         return self.window.length(lengths[0])
+
+    def window_for(self, setting: str) -> Optional[Window]:
+        """Its window under temporal padding ``setting`` (None where that setting cannot stream it)."""
+        return self.window if self.windows is None else self.windows[setting]
 
     def emits(self, m: int) -> Optional[int]:
         return self.window.emits(m)
@@ -163,19 +192,48 @@ class ChainNode(Node):
         return out
 
 
+def _windows(pad: tuple[int, int], span: int, make: Callable[[tuple[int, int]], Window],
+             temporal_padding: str) -> tuple[dict, Window]:
+    """A temporal node's window under each setting, and the one it streams with (ValueError: why
+    that setting cannot stream it)."""
+    if temporal_padding not in TEMPORAL_PADDINGS:
+        raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS}, got {temporal_padding!r}")
+    pads = {"same": pad, "causal": causal_padding(pad, span)}
+    if isinstance(pads[temporal_padding], str):
+        raise ValueError(pads[temporal_padding])
+    windows = {key: make(p) if isinstance(p, tuple) else None for key, p in pads.items()}
+    return windows, windows[temporal_padding]
+
+
 class ConvNode(Node):
     """A SidewaysConv3d streaming from its ring: it pushes every input sample and emits when a
-    window is complete (every ``stride`` samples)."""
+    window is complete (every ``stride`` samples). ``temporal_padding="causal"``: the module's
+    temporal padding all on the past side (the ring starts zeroed for all of it, no end padding);
+    :meth:`offline` then pads the clip that way (the module itself is left as it is)."""
     kind = "conv"
 
-    def __init__(self, name: str, inputs: Sequence[int], module: SidewaysConv3d):
+    def __init__(self, name: str, inputs: Sequence[int], module: SidewaysConv3d, temporal_padding: str = "same"):
         super().__init__(name, inputs, module)
-        start, end = module.temporal_padding
-        self.window = Window(module.kernel_size[0], module.stride[0], module.dilation[0], (start, end))
+        k, s, d = module.kernel_size[0], module.stride[0], module.dilation[0]
+        self.windows, self.window = _windows(module.temporal_padding, module.span, lambda p: Window(k, s, d, p),
+                                             temporal_padding)
 
     def step(self, m: int, length: float) -> tuple[str, int, bool]:
-        action, slot = self.module.ring_step(m, length)
-        return action, slot, self.emits(m) is not None
+        """(ring action, slot, emits) for input sample ``m`` of ``length``: the clip's samples are
+        pushed, the end padding's zero samples too, then the ring holds; the slot is the window's
+        newest (sample ``i`` lives in slot ``i % span``)."""
+        end = self.window.pad[1]
+        action = PUSH if 0 <= m < length else ZEROS if length <= m < length + end else HOLD
+        newest = min(max(m, -1), length + end - 1)
+        return action, int(newest) % self.window.span, self.emits(m) is not None
+
+    def offline(self, x):
+        m = self.module
+        if self.window.pad == m.temporal_padding:
+            return m(x)
+        w0, w1, h0, h1 = m._reversed_padding_repeated_twice[:4]  # zeros: other modes pad no time (trace checks)
+        return F.conv3d(F.pad(x, (w0, w1, h0, h1, *self.window.pad)), m.weight, m.bias, m.stride, 0, m.dilation,
+                        m.groups)
 
     def run(self, x: torch.Tensor, step: tuple) -> Optional[torch.Tensor]:
         return self.module.stream_step(x, *step)
@@ -207,15 +265,20 @@ class PoolNode(Node):
     arrives (a ring of pooled frames), the temporal part reduces the window's real frames when
     it is complete. Max is separable; the average divides by PyTorch's divisor (padding counted
     or not, ``divisor_override``). Sideways: every window frame's gradient goes to the frame that
-    arrived now, as for a temporal conv."""
+    arrived now, as for a temporal conv. ``temporal_padding="causal"``: the temporal padding all
+    on the past side, as if the clip were padded there (zeros counted or not as the module
+    says, ``-inf`` for max) and pooled without temporal padding."""
     kind = "pool"
 
     def __init__(self, name: str, inputs: Sequence[int], module: Optional[nn.Module], *, kind: str,
                  kernel, stride, padding, dilation=(1, 1, 1), ceil_mode=False, count_include_pad=True,
-                 divisor_override=None):
+                 divisor_override=None, temporal_padding: str = "same"):
         super().__init__(name, inputs, module)
         self.reduce = kind  # "max" | "avg"
-        self.window = Window(kernel[0], stride[0], dilation[0], (padding[0], padding[0]), ceil_mode)
+        span = dilation[0] * (kernel[0] - 1) + 1
+        self.windows, self.window = _windows(
+            (padding[0], padding[0]), span, lambda p: Window(kernel[0], stride[0], dilation[0], p, ceil_mode),
+            temporal_padding)
         self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
         if kind == "max":
             self.spatial = lambda f: F.max_pool2d(f, kernel[1:], stride[1:], padding[1:], dilation[1:], ceil_mode)
@@ -227,6 +290,23 @@ class PoolNode(Node):
         self._offline = module if module is not None else (
             (lambda x: F.max_pool3d(x, kernel, stride, padding, dilation, ceil_mode)) if kind == "max" else
             (lambda x: F.avg_pool3d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)))
+        if self.window.pad != (padding[0], padding[0]):
+            self._offline = self._padded_offline(kernel, stride, (0, *padding[1:]), dilation, ceil_mode)
+
+    def _padded_offline(self, kernel, stride, padding, dilation, ceil_mode) -> Callable:
+        """The pool of a clip padded in time by the window's (uneven) padding."""
+        pad = (0, 0, 0, 0, *self.window.pad)
+        if self.reduce == "max":
+            return lambda x: F.max_pool3d(F.pad(x, pad, value=-math.inf), kernel, stride, padding, dilation, ceil_mode)
+        if self.divisor_override or self.count_include_pad:
+            return lambda x: F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True,
+                                          self.divisor_override)
+
+        def real_only(x):  # padding not counted: window sums over the window's count of real elements
+            ones = F.pad(torch.ones_like(x[:1, :1]), pad)
+            sums = F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True, 1)
+            return sums / F.avg_pool3d(ones, kernel, stride, padding, ceil_mode, True, 1)
+        return real_only
 
     def offline(self, x):
         return self._offline(x)
@@ -334,7 +414,7 @@ class LocalNode(Node):
 class StreamGraph:
     """Nodes in topological order; ``output``: the node whose samples are the frame outputs.
     ``rate``/``lag`` per node (in input frames) and each join's delay-line need follow from the
-    windows."""
+    windows; :meth:`lags` gives the output's lag under each temporal padding setting."""
 
     def __init__(self, nodes: Sequence[Node], output: int):
         self.nodes = list(nodes)
@@ -350,7 +430,20 @@ class StreamGraph:
                 (self.source_consumers if p == SOURCE else self.consumers[p]).append(node.index)
         self.rate, self.lag = self._clocks()
 
-    def _clocks(self):
+    def lags(self) -> dict:
+        """The output's lag under each temporal padding setting (``{"same": ..., "causal": ...}``;
+        None where that setting cannot stream a node, or cannot apply: a chain's stage modules)."""
+        out = {}
+        for setting in TEMPORAL_PADDINGS:
+            windows = [node.window_for(setting) for node in self.nodes]
+            if any(w is None for w in windows) or any(isinstance(n, ChainNode) for n in self.nodes) and \
+                    setting != "same":
+                out[setting] = None
+            else:
+                out[setting] = int(self._clocks(lambda node: windows[node.index])[1][self.output])
+        return out
+
+    def _clocks(self, window_of: Callable[[Node], Window] = lambda node: node.window):
         rate, lag = [1] * len(self.nodes), [0] * len(self.nodes)
         of = lambda p, table, default: default if p == SOURCE else table[p]
         for node in self.nodes:
@@ -363,7 +456,8 @@ class StreamGraph:
             if isinstance(node, ChainNode):
                 rate[node.index], lag[node.index] = r, lam + r * node.delay
             else:
-                rate[node.index], lag[node.index] = r * node.window.stride, lam + r * node.window.lag
+                window = window_of(node)
+                rate[node.index], lag[node.index] = r * window.stride, lam + r * window.lag
         return rate, lag
 
     def lengths(self, frames: float) -> list[float]:

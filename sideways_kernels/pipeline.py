@@ -111,16 +111,20 @@ def frame_logits(out: torch.Tensor) -> torch.Tensor:
 
 
 class _Traced:
-    """A model traced by from_model: the graph, the BatchNorms it streams and their policy."""
+    """A model traced by from_model: the graph, the BatchNorms it streams and their policy, the
+    temporal padding it streams with."""
 
-    def __init__(self, model: nn.Module, graph: StreamGraph, batchnorms: list, policy: Optional[str]):
+    def __init__(self, model: nn.Module, graph: StreamGraph, batchnorms: list, policy: Optional[str],
+                 temporal_padding: str = "same"):
         self.model, self.graph, self.batchnorms, self.policy = model, graph, batchnorms, policy
+        self.temporal_padding = temporal_padding
 
 
 class GraphStage(nn.Module):
     """Stage ``index`` of a model traced by :meth:`SidewaysPipeline.from_model`: the nodes
     ``nodes`` of its streaming graph. Its ``layers`` are the model's own modules (shared, so
-    ``stage.to(device)`` moves them); called on a clip it runs its part of the model offline."""
+    ``stage.to(device)`` moves them); called on a clip it runs its part of the model offline —
+    the function the pipeline streams (with ``temporal_padding="causal"``, the causal one)."""
 
     def __init__(self, traced: _Traced, index: int, nodes: Sequence[int]):
         super().__init__()
@@ -241,7 +245,7 @@ class SidewaysPipeline:
 
     @classmethod
     def from_model(cls, model: nn.Module, stages: int = 1, loss_fn: Optional[Callable] = None,
-                   mode: str = "sideways", *, batchnorm: Optional[str] = None,
+                   mode: str = "sideways", *, batchnorm: Optional[str] = None, temporal_padding: str = "same",
                    example: Optional[torch.Tensor] = None, balance_by: str = "flops", **kwargs) -> "SidewaysPipeline":
         """A pipeline for any traceable video network: its ``nn.Conv3d`` layers become
         :class:`SidewaysConv3d` in place (the parameters, optimizer and state dict keep working),
@@ -255,17 +259,28 @@ class SidewaysPipeline:
                 ``"frozen"`` uses the running statistics (its affine parameters still train).
                 Both modes (bp and sideways) use the same policy. Default None: a BatchNorm in
                 training mode is refused, naming this option. Eval mode streams exactly.
+            temporal_padding: ``"same"`` (default) streams the model's own function: a padded
+                temporal conv or pool waits for its future frames, so the pipeline lags (54 frames
+                for ``r2plus1d_18``) and Sideways pairs most errors of a short clip with its end
+                padding. ``"causal"`` streams each temporally padded conv and pool with all of that
+                padding on the past side (it reads frames ``t-2p..t``, not ``t-p..t+p``), so it
+                adds no lag. The modules, parameters and state dict are unchanged and
+                ``model(video)`` is still the 'same' function; the pipeline (``backward_clip``,
+                ``stream``, ``predict``, ``stage(clip)``) computes the causal one, whose frame
+                ``t`` is the 'same' frame ``t - p`` per layer (zero history at the start). A layer
+                whose causal form would start before its window (padding above ``span - 1``) is
+                refused by name. :attr:`lags` gives the lag under both.
             example: a clip ``[B, C, T, H, W]`` to measure the nodes' cost on (default: one of
                 112×112, else 224×224, frames with the first conv's channels).
             balance_by: ``"flops"`` (default) or ``"time"`` (measured on ``example``).
             kwargs: as for the constructor (``update``, ``optimizer``, ``devices``, ...).
         """
-        graph, batchnorms = trace_model(model, batchnorm)
+        graph, batchnorms = trace_model(model, batchnorm, temporal_padding)
         convs = [n.module for n in graph.nodes if isinstance(n, ConvNode)]
         if len({id(c) for c in convs}) != len(convs):
             raise StreamingError("a Conv3d module is called at two places; each call needs its own ring, so give "
                                  "each place its own module")
-        traced = _Traced(model, graph, batchnorms, batchnorm)
+        traced = _Traced(model, graph, batchnorms, batchnorm, temporal_padding)
         if not isinstance(stages, int) or stages < 1:
             raise ValueError(f"stages must be a positive int, got {stages!r}")
         if balance_by not in ("flops", "time"):
@@ -341,6 +356,19 @@ class SidewaysPipeline:
         times longer; shorter clips are warned about."""
         return int(self.graph.lag[self.graph.output])
 
+    @property
+    def lags(self) -> dict:
+        """The lag under each ``temporal_padding`` of :meth:`from_model`, whichever this pipeline
+        streams with: ``{"same": 54, "causal": 0}`` for ``r2plus1d_18``. None where that setting
+        cannot stream the model (a layer it refuses) or does not apply (the list API streams its
+        stage modules as they are)."""
+        return self.graph.lags()
+
+    @property
+    def temporal_padding(self) -> Optional[str]:
+        """The ``temporal_padding`` this pipeline streams with (None: the list API's stage modules)."""
+        return self._traced.temporal_padding if self._traced is not None else None
+
     def output_length(self, frames: int) -> int:
         """Frames the clip forward outputs for a clip of ``frames`` frames."""
         return int(self.graph.lengths(frames)[self.graph.output])
@@ -372,9 +400,12 @@ class SidewaysPipeline:
         frames, length, finite = self._frames(video, need_length=True)
         out_len = self.output_length(length)
         if self.mode == "sideways" and length <= self.lag:
+            causal = self.lags.get("causal")
+            hint = (f"from_model(..., temporal_padding='causal') (lag {causal}), " if causal is not None
+                    and causal < self.lag and self.temporal_padding == "same" else "")
             warnings.warn(f"a clip of {length} frames is no longer than the pipeline's lag of {self.lag} frames: "
                           "Sideways pairs most errors with activations of the clip's end padding and learns little; "
-                          "use clips several times the lag, fewer temporal strides, or mode='bp'", UserWarning,
+                          f"use clips several times the lag, {hint}fewer temporal strides, or mode='bp'", UserWarning,
                           stacklevel=2)
         if per_frame_target is None:
             per_frame_target = (isinstance(target, torch.Tensor) and target.dim() == 2 and not target.is_floating_point()
@@ -522,7 +553,8 @@ class SidewaysPipeline:
         """What the model returns for ``video``, computed by streaming it: a network whose
         output keeps the time axis gives its frames stacked (``[B, K, T', H', W']``); one with a
         head that pools over all frames gets that pool accumulated over the streamed frames and
-        the head applied once — exactly ``model(video)``, in eval and in training mode."""
+        the head applied once — exactly ``model(video)``, in eval and in training mode (with
+        ``temporal_padding="causal"``: the causal network's output, see :meth:`from_model`)."""
         self._check_config()
         frames, length, finite = self._frames(video, need_length=True)
         heads = {i: node for i, node in enumerate(self.graph.nodes) if isinstance(node, LocalNode) and node.head}

@@ -4,7 +4,9 @@ node is classified by what it does to the time axis:
 
 - frame-local (elementwise, joins, spatial ops, channel ops, BatchNorm in eval mode or under a
   ``batchnorm`` policy) — applied to each frame as it comes;
-- temporal convs and pools — streamed from rings, at their own rate after a stride;
+- temporal convs and pools — streamed from rings, at their own rate after a stride; with
+  ``temporal_padding="causal"`` their temporal padding is all on the past side (the causal form,
+  refused by name where it would begin before the window's span allows);
 - the pool over all remaining frames (``AdaptiveAvgPool3d`` to one frame, ``mean`` or ``amax``
   over the time axis) — the *head pool*: per frame it is the op on one frame; what follows it has
   no time axis and becomes a per-frame head;
@@ -26,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import SOURCE, ConvNode, LocalNode, Node, PoolNode, StreamGraph
+from .graph import SOURCE, TEMPORAL_PADDINGS, ConvNode, LocalNode, Node, PoolNode, StreamGraph
 from .nn import SidewaysConv3d, convert
 
 __all__ = ["trace_model", "StreamingError", "BATCHNORM_POLICIES"]
@@ -114,8 +116,8 @@ class _Refusal(Exception):
 class _Builder:
     """One pass over the fx graph, building stream nodes; refusals are collected."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, batchnorm: Optional[str]):
-        self.root, self.fx, self.batchnorm = root, graph, batchnorm
+    def __init__(self, root: nn.Module, graph: fx.Graph, batchnorm: Optional[str], temporal_padding: str = "same"):
+        self.root, self.fx, self.batchnorm, self.temporal_padding = root, graph, batchnorm, temporal_padding
         self.values: dict[fx.Node, _Value] = {}
         self.nodes: list[Node] = []
         self.refusals: list[str] = []
@@ -266,7 +268,7 @@ class _Builder:
             why = m.streaming_problem(temporal_stride=True)
             if why is not None:
                 raise _Refusal(why)
-            self._add(ConvNode(fxn.target, self._inputs(dynamic), m), fxn, v)
+            self._add(self._temporal(ConvNode, fxn.target, self._inputs(dynamic), m), fxn, v)
         elif isinstance(m, nn.modules.conv._ConvNd):
             if isinstance(m, nn.ConvTranspose3d) and (m.kernel_size[0], m.stride[0], m.padding[0]) == (1, 1, 0):
                 self._local(fxn, dynamic, v, flops=2.0 * m.weight[0].numel())
@@ -284,10 +286,10 @@ class _Builder:
                 self._local(fxn, dynamic, v, flops=float(k[1] * k[2]))
                 return
             if isinstance(m, nn.MaxPool3d):
-                node = PoolNode(fxn.target, self._inputs(dynamic), m, kind="max", kernel=k, stride=s, padding=p,
+                node = self._temporal(PoolNode, fxn.target, self._inputs(dynamic), m, kind="max", kernel=k, stride=s, padding=p,
                                 dilation=_triple(m.dilation), ceil_mode=m.ceil_mode)
             else:
-                node = PoolNode(fxn.target, self._inputs(dynamic), m, kind="avg", kernel=k, stride=s, padding=p,
+                node = self._temporal(PoolNode, fxn.target, self._inputs(dynamic), m, kind="avg", kernel=k, stride=s, padding=p,
                                 ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
                                 divisor_override=m.divisor_override)
             self._add(node, fxn, v)
@@ -330,6 +332,14 @@ class _Builder:
             raise _Refusal("a recurrent or attention layer over time has no per-frame streaming rule")
         else:
             raise _Refusal(f"no per-frame streaming rule for {type(m).__name__} on a tensor with a time axis")
+
+    def _temporal(self, node_cls, *args, **kwargs) -> Node:
+        """A temporal conv or pool node under the run's temporal padding (refused: why that
+        padding cannot stream it)."""
+        try:
+            return node_cls(*args, temporal_padding=self.temporal_padding, **kwargs)
+        except ValueError as why:
+            raise _Refusal(str(why)) from None
 
     def _batchnorm(self, fxn, dynamic, m: nn.Module, v: _Value) -> None:
         """Eval mode with running statistics is frame-local. Training mode: the policy — per-frame
@@ -476,12 +486,12 @@ class _Builder:
             d, ceil = _triple(arg(4, "dilation", 1)), arg(5, "ceil_mode", False)
             if (k[0], s[0], p[0]) == (1, 1, 0):
                 return self._local(fxn, dynamic, v)
-            node = PoolNode(fxn.name, self._inputs(dynamic), None, kind="max", kernel=k, stride=s, padding=p,
+            node = self._temporal(PoolNode, fxn.name, self._inputs(dynamic), None, kind="max", kernel=k, stride=s, padding=p,
                             dilation=d, ceil_mode=ceil)
         else:
             if (k[0], s[0], p[0]) == (1, 1, 0):
                 return self._local(fxn, dynamic, v)
-            node = PoolNode(fxn.name, self._inputs(dynamic), None, kind="avg", kernel=k, stride=s, padding=p,
+            node = self._temporal(PoolNode, fxn.name, self._inputs(dynamic), None, kind="avg", kernel=k, stride=s, padding=p,
                             ceil_mode=arg(4, "ceil_mode", False), count_include_pad=arg(5, "count_include_pad", True),
                             divisor_override=arg(6, "divisor_override"))
         self._add(node, fxn, v)
@@ -556,12 +566,17 @@ class _Builder:
         return dataclasses.replace(v, ndim=v.ndim - (end - start))
 
 
-def trace_model(model: nn.Module, batchnorm: Optional[str] = None) -> tuple[StreamGraph, list]:
-    """Convert ``model``'s Conv3d layers in place and trace it into a :class:`StreamGraph`.
+def trace_model(model: nn.Module, batchnorm: Optional[str] = None,
+                temporal_padding: str = "same") -> tuple[StreamGraph, list]:
+    """Convert ``model``'s Conv3d layers in place and trace it into a :class:`StreamGraph`
+    whose temporal convs and pools stream with ``temporal_padding`` (``"same"``: as the model
+    pads; ``"causal"``: all of it on the past side; the modules are left as they are).
     Returns (graph, [(BatchNorm module, name)] of the BatchNorms it streams). Raises
     :class:`StreamingError` listing every node that cannot stream."""
     if batchnorm not in BATCHNORM_POLICIES:
         raise ValueError(f"batchnorm must be one of {BATCHNORM_POLICIES}, got {batchnorm!r}")
+    if temporal_padding not in TEMPORAL_PADDINGS:
+        raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS}, got {temporal_padding!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_model expects an nn.Module, got {type(model).__name__}")
     convert(model)
@@ -570,6 +585,6 @@ def trace_model(model: nn.Module, batchnorm: Optional[str] = None) -> tuple[Stre
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; the user needs one line
         raise StreamingError(f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
                              "from_model needs a model without Python control flow on tensor values") from None
-    builder = _Builder(model, graph, batchnorm)
+    builder = _Builder(model, graph, batchnorm, temporal_padding)
     stream = builder.build()
     return stream, builder.bn_nodes
