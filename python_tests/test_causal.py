@@ -238,8 +238,8 @@ def test_lags_of_both_settings():
     model = models.r2plus1d_18(num_classes=3, width=2).eval()
     causal = SidewaysPipeline.from_model(model, temporal_padding="causal", example=torch.zeros(1, 3, 4, 16, 16))
     assert causal.lags == {"same": 54, "causal": 0} and causal.lag == 0
-    example = torch.zeros(1, 3, 9, 8, 7)
-    zoo = {tp: SidewaysPipeline.from_model(Zoo().eval(), temporal_padding=tp, example=example)
+    example = torch.zeros(1, 3, 9, 8, 7)  # several stages: the drain feeds the convs samples after the clip
+    zoo = {tp: SidewaysPipeline.from_model(Zoo().eval(), stages=3, temporal_padding=tp, example=example)
            for tp in ("same", "causal")}
     assert zoo["same"].lags == zoo["causal"].lags == {"same": 18, "causal": 4}
     assert (zoo["same"].lag, zoo["causal"].lag) == (18, 4)
