@@ -471,52 +471,65 @@ def test_stage_times_measure_each_stage_and_change_nothing():
 
 # --- smoothing: averaged errors and activations in the weight update ---------------------------
 
-def test_smoothing_pairs_the_mean_of_the_last_k_errors_with_the_mean_of_their_windows():
+@pytest.mark.parametrize("k", [1, 3])
+def test_smoothing_pairs_the_mean_of_the_last_k_errors_with_the_mean_of_their_windows(k):
     """One stage, one temporal conv (so each tick's error is exactly that frame's): with
     smoothing=k the weight gradient is the sum over ticks of conv3d_weight(mean of the last k
-    windows, mean of the last k errors), fewer at the start — computed here by hand."""
+    windows, mean of the last k errors), fewer at each clip's start — computed here by hand;
+    k=1 is Sideways itself (each error with its own window). Two clips: the history is a clip's."""
     torch.manual_seed(torch.initial_seed() % 1000)
-    k = 3
     conv = SidewaysConv3d(3, 4, (2, 3, 3), padding=(0, 1, 0), dtype=DT)
     net = nn.Sequential(conv, nn.AdaptiveAvgPool3d((None, 1, 1)))
-    video, target = _video(T=7), torch.randint(0, 4, (2,))
+    target = torch.randint(0, 4, (2,))
     T_out = 6
-    errors, windows = [], []
-    for t in range(T_out):  # frame t's error on the conv's output, and the window it meets
-        out = conv(video[:, :, t:t + 2]).detach().requires_grad_()
-        (F.cross_entropy(out.mean((3, 4)).flatten(1), target) / T_out).backward()
-        errors.append(out.grad)
-        windows.append(video[:, :, t:t + 2])
     expected_w, expected_b = torch.zeros_like(conv.weight), torch.zeros_like(conv.bias)
-    for t in range(T_out):
-        e = sum(errors[max(0, t - k + 1):t + 1]) / len(errors[max(0, t - k + 1):t + 1])
-        w = sum(windows[max(0, t - k + 1):t + 1]) / len(windows[max(0, t - k + 1):t + 1])
-        expected_w += torch.nn.grad.conv3d_weight(w, conv.weight.shape, e, padding=(0, 1, 0))
-        expected_b += e.sum((0, 2, 3, 4))
+    videos = [_video(T=7), _video(T=7)]
+    for video in videos:
+        errors, windows = [], []
+        for t in range(T_out):  # frame t's error on the conv's output, and the window it meets
+            out = conv(video[:, :, t:t + 2]).detach().requires_grad_()
+            (F.cross_entropy(out.mean((3, 4)).flatten(1), target) / T_out).backward()
+            errors.append(out.grad)
+            windows.append(video[:, :, t:t + 2])
+        for t in range(T_out):
+            e = sum(errors[max(0, t - k + 1):t + 1]) / len(errors[max(0, t - k + 1):t + 1])
+            w = sum(windows[max(0, t - k + 1):t + 1]) / len(windows[max(0, t - k + 1):t + 1])
+            expected_w += torch.nn.grad.conv3d_weight(w, conv.weight.shape, e, padding=(0, 1, 0))
+            expected_b += e.sum((0, 2, 3, 4))
     net.zero_grad()
-    SidewaysPipeline([net], smoothing=k).backward_clip(video, target)
+    pipe = SidewaysPipeline([net], smoothing=k)
+    for video in videos:
+        pipe.backward_clip(video, target)
     torch.testing.assert_close(conv.weight.grad, expected_w, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(conv.bias.grad, expected_b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("update", ["clip", "tick"])
 def test_smoothing_one_is_sideways_bit_for_bit_and_bp_ignores_it(update):
+    """smoothing=1 (and the default) is Sideways bit for bit, k=3 changes the convs' updates
+    only: the errors sent down are unchanged, so a parameter below them (a PReLU before the
+    first conv) gets the same gradient bit for bit; bp mode ignores k."""
     results = {}
     for mode, k in (("sideways", None), ("sideways", 1), ("sideways", 3), ("bp", 1), ("bp", 3)):
         if mode == "bp" and update == "tick":
             continue
         torch.manual_seed(7)
-        net = classifier_net(TEMPORAL[3])
+        net = nn.Sequential(nn.PReLU(3, init=0.3).to(DT), *classifier_net(TEMPORAL[3]))
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         kwargs = {} if k is None else dict(smoothing=k)
         pipe = SidewaysPipeline(stages_of(net, 3), mode=mode, update=update, optimizer=opt if update == "tick" else None,
                                 **kwargs)
         pipe.backward_clip(_video(T=9), torch.randint(0, 7, (2,)))
         results[(mode, k)] = [p.detach().clone() for p in net.parameters()] + grads_or_none(net)
-    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(results[a], results[b]))
+    same = lambda a, b, idx=None: all(torch.equal(x, y) for i, (x, y) in enumerate(zip(results[a], results[b]))
+                                      if idx is None or i in idx)
     assert same(("sideways", None), ("sideways", 1))
     assert not same(("sideways", 1), ("sideways", 3))
     if update == "clip":
+        n = len(results[("bp", 1)]) // 2
+        assert results[("sideways", 1)][n].abs().sum() > 0
+        assert same(("sideways", 1), ("sideways", 3), idx={0, n})  # the PReLU: its weight, its gradient
+        assert not same(("sideways", 1), ("sideways", 3), idx={n + 1})  # the first conv's weight gradient
         assert same(("bp", 1), ("bp", 3))
 
 
