@@ -142,7 +142,10 @@ def test_causal_stream_is_the_offline_causal_network(name, T, n_stages):
         same = model(video)
         expected = ref(video)
     assert (same - expected).abs().max() > 1e-3  # causal is another function
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     pipe = SidewaysPipeline.from_model(model, stages=n_stages, temporal_padding="causal", example=video[:1])
+    assert list(model.state_dict()) == list(state) and all(torch.equal(v, state[k]) for k, v in
+                                                           model.state_dict().items())  # pretrained weights load
     torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
     # the stages called on a clip, one after the other, are the same causal function
     x = video
