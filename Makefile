@@ -12,6 +12,10 @@ CUDA_HOME ?= /usr/local/cuda
 NVCC_FLAGS := -c -std=c++17 -Xptxas -v
 CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 STAMP := $(VENV)/.sideways-installed
+# The Triton of the GPU image (torch 2.11's): gpu-check compiles the kernels with it too, in a
+# venv of its own (Triton alone: the check needs no torch).
+TRITON_DEVICE_PIN ?= triton==3.6.0
+TRITON_VENV ?= .venv-triton36
 
 .PHONY: install test train bench cmake-check nvcc-check gpu-check clean
 
@@ -67,10 +71,17 @@ nvcc-check: install
 	  done; \
 	else echo "nvcc not found: CUDA sources not compiled"; fi
 
-# Every Triton kernel x config compiled for sm_90a and sm_80 without a GPU: fails on a spill,
-# shared memory over the limit, or 16-bit Hopper code without wgmma (bench/gpu_check.py).
-gpu-check: install
+# Every Triton kernel x config compiled for sm_90a and sm_80 without a GPU, with this venv's
+# Triton and with the GPU image's: fails on a spill, shared memory over the limit, 16-bit Hopper
+# code without wgmma, or a box kernel without TMA or its persistent loop (bench/gpu_check.py).
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q "$(TRITON_DEVICE_PIN)"
+	touch $@
+
+gpu-check: install $(TRITON_VENV)/.installed
 	$(PY) bench/gpu_check.py
+	$(TRITON_VENV)/bin/python bench/gpu_check.py
 
 clean:
-	rm -rf build build-cmake *.egg-info sideways_kernels/*.so
+	rm -rf build build-cmake *.egg-info sideways_kernels/*.so $(TRITON_VENV)

@@ -149,18 +149,58 @@ def test_pipeline_streams_with_triton_and_env_var_selects_it(monkeypatch):
         torch.testing.assert_close(streamed, net(video), rtol=1e-4, atol=1e-5)
 
 
-from sideways_kernels.triton.configs import CONFIGS, DEFAULT, Config, every_config, prune, split_k  # noqa: E402
+from sideways_kernels.triton.configs import (CONFIGS, DEFAULT, Config, box_waste, every_config, prune,  # noqa: E402
+                                             prune_boxes, split_k)
 
 EVERY_CONFIG = every_config()
 
 
+@pytest.fixture
+def shared_work_buffers(monkeypatch):
+    """Every weight-update launch gets the same partials and counters (as the autotuner's
+    relaunches on the same arguments do on a GPU): what a launch leaves in its counters, the
+    next one finds. Yields the list of counter tensors handed out."""
+    handed, original = [], T._work_buffers
+    cache = {}
+
+    def same(device, partial_floats, tiles):
+        key = (partial_floats, tiles)
+        if key not in cache:
+            cache[key] = original(device, partial_floats, tiles)
+            handed.append(cache[key][1])
+        return cache[key]
+    monkeypatch.setattr(T, "_work_buffers", same)
+    yield handed
+
+
+def _update_twice_matches_reference(g, t, ring, a, counters):
+    """weight_grad_accumulate and sgd_tick_update twice each against reference.py; after every
+    launch each tile counter is back at zero (else the next launch's last program never fires)."""
+    d = lambda x: None if x is None else x.double()
+    grad_w = torch.randn_like(t["weight"])
+    expected = grad_w.double()
+    for _ in range(2):
+        S.weight_grad_accumulate(grad_w, None, t["grad_out"], ring, t["slot"], *a)
+        ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(ring), t["slot"], *a)
+        assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+    _close(grad_w, expected, torch.float32)
+    w, buf = t["weight"].clone(), torch.full_like(t["weight"], float("nan"))
+    w_ref, buf_ref = t["weight"].double(), torch.zeros_like(t["weight"]).double()
+    for step in range(2):
+        S.sgd_tick_update(w, buf, None, None, t["grad_out"], ring, t["slot"], *a, 0.05, 0.9, 0.0, 1e-2, True, step == 0)
+        ref.sgd_tick_update(w_ref, buf_ref, None, None, d(t["grad_out"]), d(ring), t["slot"], *a, 0.05, 0.9, 0.0, 1e-2,
+                            True, step == 0)
+        assert all(int(c.abs().sum()) == 0 for c in counters)
+    _close(w, w_ref, torch.float32)
+    _close(buf, buf_ref, torch.float32)
+
+
 @pytest.mark.parametrize("cfg", EVERY_CONFIG, ids=lambda c: c.name)
-def test_every_config_matches_the_reference_with_split_k(cfg):
+def test_every_config_matches_the_reference_with_split_k(cfg, shared_work_buffers):
     """Whatever the autotuner picks on a GPU was checked here first: each config of every
     architecture's list, on a problem with tails in every GEMM axis (forward M = 2·5·7 = 70,
     N = 5, K = 6 taps x 3 channels; weight update M = 5, N = 3 per tap, K = 70), the weight update
-    split over 1 and 3 programs per tile, twice in a row (the per-tile counters must be back at
-    zero)."""
+    split over 1 and 3 programs per tile, twice in a row on the same counters."""
     from samples import Geometry
     g = Geometry(batch=2, channels=3, out_channels=5, height=5, width=7, k_t=2, k_hw=(1, 3), padding=(0, 1))
     t = make(g, torch.float32)
@@ -177,37 +217,162 @@ def test_every_config_matches_the_reference_with_split_k(cfg):
                torch.float32)
     for split in (1, 3):
         with T.using(cfg, split=split):
-            grad_w = torch.randn_like(t["weight"])
-            expected = grad_w.double()
-            for _ in range(2):  # twice: the second call finds the counters reset
-                S.weight_grad_accumulate(grad_w, None, t["grad_out"], ring, t["slot"], *a)
-                ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(ring), t["slot"], *a)
-            _close(grad_w, expected, torch.float32)
-            w, buf = t["weight"].clone(), torch.full_like(t["weight"], float("nan"))
-            w_ref, buf_ref = t["weight"].double(), torch.zeros_like(t["weight"]).double()
-            for step in range(2):
-                S.sgd_tick_update(w, buf, None, None, t["grad_out"], ring, t["slot"], *a, 0.05, 0.9, 0.0, 1e-2, True,
-                                  step == 0)
-                ref.sgd_tick_update(w_ref, buf_ref, None, None, d(t["grad_out"]), d(ring), t["slot"], *a, 0.05, 0.9,
-                                    0.0, 1e-2, True, step == 0)
-            _close(w, w_ref, torch.float32)
-            _close(buf, buf_ref, torch.float32)
+            _update_twice_matches_reference(g, t, ring, a, shared_work_buffers)
 
 
-def test_split_k_is_deterministic_whatever_the_arrival_order():
-    """The last program sums the partials in split order: the same bits whichever finished last.
-    Under the interpreter programs run in order, so flip the split axis's order by running the
-    reduction reversed: summing the partials in a fixed order must give the same bits as before."""
+# --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------
+
+def _box_geometry(layout="ring", **kw):
     from samples import Geometry
-    g = Geometry(batch=3, channels=4, out_channels=6, height=6, width=5, k_t=3, k_hw=(3, 3), padding=(1, 1))
-    t = make(g, torch.float32)
+    return Geometry(layout=layout, **kw)
+
+
+# channel counts that are whole 16-byte rows in fp16 (multiples of 8) but not of the block sizes,
+# frames that are no multiple of a box, padding at every edge, dilation in space and time, and
+# 27, 8, 6 and 1 taps (three, two, three and one taps per tile)
+BOX_GEOMETRIES = [
+    _box_geometry(batch=2, channels=16, out_channels=24, height=9, width=11, k_t=3, k_hw=(3, 3), padding=(1, 1)),
+    _box_geometry(batch=1, channels=8, out_channels=16, height=7, width=13, k_t=2, k_hw=(1, 3), dilation_t=2,
+                  padding=(0, 2), dilation=(1, 2)),
+    _box_geometry(batch=3, channels=24, out_channels=8, height=6, width=5, k_t=2, k_hw=(2, 2), padding=(2, 1),
+                  dilation=(2, 1)),
+    _box_geometry(batch=2, channels=16, out_channels=8, height=5, width=6, k_t=1, k_hw=(1, 1)),
+]
+
+
+def _grad_out_channels_last(t):
+    t["grad_out"] = t["grad_out"].contiguous(memory_format=torch.channels_last)  # as the layers hand it
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("g", BOX_GEOMETRIES, ids=geometry_id)
+def test_box_kernels_match_reference(g, dtype, shared_work_buffers):
+    """Every op on the box path (fp32 forced there for an exact check; fp16 goes there by
+    itself), the frame written into its slot, the weight update split 1 and 3 ways, twice in a
+    row on the same counters."""
+    t = _grad_out_channels_last(make(g, dtype, param_dtype=torch.float32))
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    T.paths.clear()
+    with T.using(path="box" if dtype == torch.float32 else None, split=1):
+        ring = t["ring"].clone()
+        ring[t["slot"]] = float("nan")  # poison the slot the op must write
+        out = S.ring_conv_forward(ring, t["frame"], t["slot"], t["weight"], t["bias"], *a)
+        expected_ring = d(t["ring"]).clone()
+        _close(out, ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a),
+               dtype)
+        down = S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], g.groups)
+        _close(down, ref.window_input_grad(d(t["grad_out"]), d(t["weight"]), [g.height, g.width], *a[:3], g.groups),
+               dtype)
+    for split in (1, 3):
+        with T.using(path="box" if dtype == torch.float32 else None, split=split):
+            _update_twice_matches_reference(g, t, ring, a, shared_work_buffers)
+    assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "box")}
+
+
+@pytest.mark.parametrize("cfg", every_config(box=True), ids=lambda c: c.name)
+def test_every_box_config_matches_the_reference_with_split_k(cfg, shared_work_buffers):
+    """Each box config of the lists (the autotuner's choices on sm_90), forced on float32."""
+    g = BOX_GEOMETRIES[1]
+    t = _grad_out_channels_last(make(g, torch.float32))
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    with T.using(box_config=cfg, path="box", split=1):
+        ring = t["ring"].clone()
+        out = S.ring_conv_forward(ring, t["frame"], t["slot"], t["weight"], t["bias"], *a)
+        _close(out, ref.ring_conv_forward(d(t["ring"]).clone(), d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]),
+                                          *a), torch.float32)
+        down = S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], 1)
+        _close(down, ref.window_input_grad(d(t["grad_out"]), d(t["weight"]), [g.height, g.width], *a[:3], 1),
+               torch.float32)
+    for split in (1, 3):
+        with T.using(box_config=cfg, path="box", split=split):
+            _update_twice_matches_reference(g, t, ring, a, shared_work_buffers)
+
+
+# What the box kernels cannot take, each with the word its reason names; the general path
+# computes the same thing.
+FALLBACKS = {
+    "stride": (_box_geometry(batch=2, channels=8, out_channels=8, height=7, width=6, k_t=2, k_hw=(3, 3), stride=(2, 1),
+                             padding=(1, 1)), torch.float16, None),
+    "groups": (_box_geometry(batch=2, channels=16, out_channels=16, height=5, width=6, k_t=2, k_hw=(3, 3), groups=2,
+                             padding=(1, 1)), torch.float16, None),
+    "multiples of 8": (_box_geometry(batch=2, channels=12, out_channels=8, height=5, width=6, k_t=2, k_hw=(3, 3),
+                                     padding=(1, 1)), torch.float16, None),
+    "innermost": (_box_geometry(batch=2, channels=8, out_channels=8, height=5, width=6, k_t=2, k_hw=(3, 3),
+                                padding=(1, 1), layout="contiguous"), torch.float16, None),
+    "aligned": (_box_geometry(batch=2, channels=8, out_channels=8, height=5, width=6, k_t=2, k_hw=(3, 3),
+                              padding=(1, 1)), torch.float16, "offset"),
+    "float32": (_box_geometry(batch=2, channels=8, out_channels=8, height=5, width=6, k_t=2, k_hw=(3, 3),
+                              padding=(1, 1)), torch.float32, None),
+}
+
+
+@pytest.mark.parametrize("why", list(FALLBACKS))
+def test_what_the_box_kernels_cannot_take_runs_the_general_path_with_the_same_result(why):
+    g, dtype, twist = FALLBACKS[why]
+    t = _grad_out_channels_last(make(g, dtype, param_dtype=torch.float32))
+    ring = t["ring"]
+    if twist == "offset":  # the same values one element past a 16-byte boundary
+        flat = torch.empty(ring.numel() + 1, dtype=dtype)
+        ring = flat[1:].view(ring.shape[1], ring.shape[3], ring.shape[4], ring.shape[0], ring.shape[2]).permute(
+            3, 0, 4, 1, 2).copy_(ring)
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    reason = T.box_path(ring.device, dtype, g.stride, g.groups, (g.channels // g.groups, g.out_channels), (ring,))
+    assert reason is not None and why in reason, reason
+    if why != "float32":  # float32 is a choice (tests force it onto the box path), the rest are limits
+        with pytest.raises(ValueError, match="cannot take the box kernels"), T.using(path="box"):
+            S.ring_conv_forward(ring, None, t["slot"], t["weight"], t["bias"], *a)  # no frame: the ring stays as is
+    T.paths.clear()
+    out = S.ring_conv_forward(ring, None, t["slot"], t["weight"], t["bias"], *a)
+    _close(out, ref.ring_conv_forward(d(ring), None, t["slot"], d(t["weight"]), d(t["bias"]), *a), dtype)
+    grad_w, expected = torch.zeros_like(t["weight"]), torch.zeros_like(t["weight"]).double()
+    S.weight_grad_accumulate(grad_w, None, t["grad_out"], ring, t["slot"], *a)
+    ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(ring), t["slot"], *a)
+    _close(grad_w, expected, dtype)
+    assert set(T.paths) == {("ring_conv_forward", "general"), ("weight_update", "general")}
+
+
+@pytest.mark.parametrize("path", ["general", "box"])
+def test_split_k_is_deterministic_whatever_the_arrival_order(path):
+    """The last program sums the partials in split order: the same bits whichever split arrived
+    last. Under the interpreter programs run in a fixed order, so renumber the splits
+    (``rotation``): each rotation makes another split the last to arrive."""
+    g = _box_geometry(batch=3, channels=8, out_channels=8, height=6, width=5, k_t=3, k_hw=(3, 3), padding=(1, 1))
+    t = _grad_out_channels_last(make(g, torch.float32))
     results = []
-    for _ in range(2):
-        with T.using(DEFAULT, split=4):
+    for rotation in range(4):
+        with T.using(split=4, path=path, rotation=rotation):
             grad_w = torch.zeros_like(t["weight"])
             S.weight_grad_accumulate(grad_w, None, t["grad_out"], t["ring"], t["slot"], *_a(g))
         results.append(grad_w)
-    assert torch.equal(results[0], results[1])
+    d = lambda x: x.double()
+    expected = torch.zeros_like(t["weight"]).double()
+    ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(t["ring"]), t["slot"], *_a(g))
+    _close(results[0], expected, torch.float32)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_a_16_bit_pipeline_takes_the_box_kernels_where_it_can():
+    """Under CPU autocast (float16) a net whose second conv has 16 channels in and out runs that
+    layer's ops on the box path and the first layer's (3 input channels) on the general one,
+    with the torch backend's results."""
+    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32, act=torch.nn.Tanh)
+    video, target = torch.randn(2, 3, 6, 9, 8), torch.randint(0, 7, (2,))
+    results = {}
+    for backend in ("torch", "triton"):
+        T.paths.clear()
+        net.zero_grad()
+        with torch.autocast("cpu", torch.float16):
+            out = SidewaysPipeline(stages_of(net, 2), backend=backend).backward_clip(video, target)
+        results[backend] = (out.loss, grads(net))
+    assert {op for op, path in T.paths if path == "box"} == {"ring_conv_forward", "window_input_grad",
+                                                             "weight_update"}
+    assert ("ring_conv_forward", "general") in T.paths
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=2e-3, atol=2e-3)
+    assert rel_error(results["triton"][1], results["torch"][1]) < 5e-3
 
 
 def test_split_factor_and_pruning():
@@ -301,3 +466,13 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
     for kernel, names in gpu_check.UNIT.items():
         for launch in seen[kernel]:  # every layer's
             assert all(launch[n] == 1 for n in names), (kernel, {n: launch[n] for n in names})
+
+
+def test_box_width_is_chosen_to_waste_least_at_the_frame_edge():
+    # 128 positions on a 56x56 frame: 8 wide (16 rows) covers 64x56; 16 wide (8 rows) covers 56x64
+    assert box_waste(56, 56, 128, 8) == box_waste(56, 56, 128, 16) == 64 * 56 / (56 * 56)
+    assert box_waste(14, 14, 64, 8) == 16 * 16 / (14 * 14)
+    wide, narrow = Config(128, 128, 64, 4, 8, 16), Config(128, 128, 64, 4, 8, 8)
+    assert prune_boxes([narrow, wide], 56, 56, lambda c: c.BLOCK_M) == [wide]  # a tie: the wider rows
+    assert prune_boxes([narrow, wide], 8, 64, lambda c: c.BLOCK_M) == [wide]  # 8x16 boxes fit exactly
+    assert prune_boxes([wide, narrow], 64, 8, lambda c: c.BLOCK_M) == [narrow]  # 16x8 boxes fit exactly

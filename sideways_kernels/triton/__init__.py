@@ -24,8 +24,9 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from . import boxes as X
 from . import kernels as K
-from .configs import DEFAULT, Config, configs_for, prune, split_k
+from .configs import DEFAULT, DEFAULT_BOX, Config, configs_for, prune, prune_boxes, split_k
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
@@ -35,17 +36,24 @@ __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_chosen: dict = {"config": None, "split": None}  # set by using()
+_chosen: dict = {"config": None, "box_config": None, "split": None, "path": None, "rotation": 0}  # set by using()
 _autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
 _derived: dict = {}  # (id(weight), summed) -> (weak reference to it, version, dtype, the weight cast or summed)
 
 
 @contextlib.contextmanager
-def using(config: Optional[Config] = None, split: Optional[int] = None):
-    """Run every kernel with ``config`` (instead of the autotuner's or the interpreter's default)
-    and the weight update with ``split`` programs per tile (instead of the SM-based choice)."""
+def using(config: Optional[Config] = None, split: Optional[int] = None, box_config: Optional[Config] = None,
+          path: Optional[str] = None, rotation: int = 0):
+    """Run the general kernels with ``config`` and the box kernels with ``box_config`` (instead of
+    the autotuner's or the interpreter's default), the weight update with ``split`` programs per
+    tile (instead of the SM-based choice), and every op on ``path``: "box" (refusing a problem
+    the box kernels cannot take; float32 allowed, for exact tests), "general", or None (the
+    choice of :func:`box_path`). ``rotation`` renumbers the weight update's splits, so that
+    another split arrives last (tests of its determinism)."""
+    if path not in (None, "box", "general"):
+        raise ValueError(f"path must be 'box', 'general' or None, got {path!r}")
     before = dict(_chosen)
-    _chosen.update(config=config, split=split)
+    _chosen.update(config=config, split=split, box_config=box_config, path=path, rotation=rotation)
     try:
         yield
     finally:
@@ -64,30 +72,42 @@ def _sms(device: torch.device) -> int:
 
 
 # Each kernel's GEMM (M, N) and element size from its arguments: what the autotuner keys and
-# prunes on (it sees only the kernel's own arguments).
+# prunes on (it sees only the kernel's own arguments); for the box kernels also the frame their
+# boxes walk and which block of a config is the box.
 _PROBLEM = {
     "ring_conv_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"] // a["groups"], a["ring"]),
     "window_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"] // a["groups"], a["grad_out"]),
     "weight_update": lambda a: (a["C_OUT"] // a["groups"], a["C"] // a["groups"], a["ring"]),  # a tile: one tap
+    "box_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"], a["ring"]),
+    "box_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"], a["grad_out"]),
+    "box_weight_update": lambda a: (a["C_OUT"], a["C"], a["ring"]),
 }
-_KEYS = {
-    "ring_conv_forward": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
-    "window_input_grad": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
-    "weight_update": ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "groups"],
+_BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
+    "box_forward": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_M),
+    "box_input_grad": (lambda a: (a["H"], a["W"]), lambda c: c.BLOCK_M),
+    "box_weight_update": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_K),
 }
-
-
+_SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
+_KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
 _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
-         "weight_update:sgd": "weight_update:sgd"}
+         "weight_update:sgd": "weight_update:sgd", "box_forward": "box_gemm", "box_input_grad": "box_gemm",
+         "box_weight_update": "box_weight_update", "box_weight_update:sgd": "box_weight_update:sgd"}
+
+
+def _as_config(c) -> Config:
+    """A ``triton.Config`` of our lists back as a :class:`Config`."""
+    k = c.kwargs
+    return Config(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, c.num_warps, k.get("BOX_W", 0))
 
 
 def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tuple = (), element_size: int = 2):
     """One launch of ``kernel``: with the chosen config, the interpreter's default, or the
     autotuner's pick over its kind's list for the architecture and activation size, pruned for
     the problem. ``grid(config)``."""
-    cfg = _chosen["config"]
+    box = name.startswith("box")
+    cfg = _chosen["box_config" if box else "config"]
     if cfg is None and (INTERPRET or device.type != "cuda"):
-        cfg = DEFAULT
+        cfg = DEFAULT_BOX if box else DEFAULT
     if cfg is not None:
         wrap_triton(kernel)[grid(cfg)](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
                                        num_stages=cfg.num_stages)
@@ -97,28 +117,30 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tu
     kind = name.split(":")[0]  # "weight_update:sgd" restores the momentum buffer too: its own autotuner
     if key not in _autotuned:
         def early_prune(configs, named_args, **kwargs):
-            m, n, tensor = _PROBLEM[kind]({**named_args, **kwargs})
-            ours = [Config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
-                    for c in configs]
-            keep = {c.name for c in prune(ours, m, n, tensor.element_size(), capability)}
-            return [c for c, o in zip(configs, ours) if o.name in keep]
+            problem = {**named_args, **kwargs}
+            m, n, tensor = _PROBLEM[kind](problem)
+            ours = [_as_config(c) for c in configs]
+            keep = prune(ours, m, n, tensor.element_size(), capability)
+            if box:
+                frame, positions_of = _BOXES[kind]
+                keep = prune_boxes(keep, *frame(problem), positions_of)
+            names = {c.name for c in keep}
+            return [c for c, o in zip(configs, ours) if o.name in names]
         configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in configs_for(_KIND[name], capability, element_size)]
         _autotuned[key] = triton.autotune(configs, key=_KEYS[kind], restore_value=list(restore),
                                           prune_configs_by={"early_config_prune": early_prune})(kernel)
-    wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0))](
-        *args, **meta)
+    wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0,
+                                                          META.get("BOX_W", 0)))](*args, **meta)
 
 
 def picked(name: str, device: torch.device, element_size: int = 2) -> Optional[str]:
     """The config the autotuner last chose for kernel ``name`` (``"ring_conv_forward"``,
-    ``"window_input_grad"``, ``"weight_update"`` or ``"weight_update:sgd"``) on ``device``, or
-    None before it has run there."""
+    ``"window_input_grad"``, ``"weight_update"``, ``"weight_update:sgd"``, or a box kernel:
+    ``"box_forward"``, ``"box_input_grad"``, ``"box_weight_update"``, ``"box_weight_update:sgd"``)
+    on ``device``, or None before it has run there."""
     best = getattr(_autotuned.get((name, _capability(device), element_size)), "best_config", None)
-    if best is None:
-        return None
-    k = best.kwargs
-    return Config(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], best.num_stages, best.num_warps).name
+    return None if best is None else _as_config(best).name
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -158,6 +180,83 @@ def _check_grad_out(grad_out, ring, B, c_out, h_out, w_out):
     _check(grad_out.dtype == ring.dtype and grad_out.device == ring.device, "grad_out must match the ring's dtype and device")
 
 
+paths: collections.Counter = collections.Counter()  # (op, "box" | "general") -> launches
+
+
+def _tma_strides(t: torch.Tensor) -> Optional[list]:
+    """``t``'s strides as a TMA descriptor takes them, channels (dim 1 of a frame, dim 2 of a
+    ring) innermost, or None where a descriptor cannot describe it: channels not unit-stride, or
+    another stride or the base not 16-byte aligned. A dimension of size 1 is never stepped, so
+    its stride is free: 16 bytes stands in for whatever torch put there."""
+    channels = t.dim() - 3
+    size = t.element_size()
+    if t.stride(channels) != 1 or t.data_ptr() % 16:
+        return None
+    strides = [st if n > 1 else 16 // size for d, (st, n) in enumerate(zip(t.stride(), t.shape)) if d != channels]
+    if any(st <= 0 or st * size % 16 for st in strides):
+        return None
+    return strides
+
+
+def box_path(device: torch.device, dtype: torch.dtype, stride, groups: int, channels: tuple, tensors: tuple) -> Optional[str]:
+    """Why a problem cannot take the box kernels (boxes.py), or None when it can: they need TMA
+    (an sm_90+ GPU, or the interpreter), 16-bit activations, spatial stride 1 (a box cannot skip
+    positions; padding and dilation are shifts, which boxes express), one group, channel counts
+    whose rows are whole 16-byte units (the weights' descriptors step by them), and
+    ``tensors`` (rings, frames) with channels innermost and 16-byte aligned strides and base.
+    ``using(path=...)`` overrides: "general" always, "box" also for float32 (exact tests)."""
+    forced = _chosen["path"]
+    if forced == "general":
+        return "the general path was chosen (using(path='general'))"
+    if device.type == "cuda" and _capability(device) < 90:
+        return f"TMA needs sm_90 or newer (this GPU is sm_{_capability(device)})"
+    if dtype not in (torch.float16, torch.bfloat16) and forced != "box":
+        return f"{dtype} activations run the general path's exact fp32 (the box kernels are for 16-bit)"
+    if list(stride) != [1, 1]:
+        return f"spatial stride {tuple(stride)} (a box cannot skip positions)"
+    if groups != 1:
+        return f"groups={groups}"
+    size = torch.tensor([], dtype=dtype).element_size()
+    if any(c * size % 16 for c in channels):
+        return f"channel counts {channels} are not multiples of {16 // size} (16-byte rows)"
+    if any(_tma_strides(t) is None for t in tensors):
+        return "a tensor's channels are not innermost, or its strides or base are not 16-byte aligned"
+    return None
+
+
+def _take_box(op: str, reason: Optional[str]) -> bool:
+    """Count the path ``op`` takes; refuse when the box path was forced and cannot be taken."""
+    if reason is not None and _chosen["path"] == "box":
+        raise ValueError(f"using(path='box') but {op} cannot take the box kernels: {reason}")
+    paths[(op, "general" if reason else "box")] += 1
+    return reason is None
+
+
+_allocator_set = False
+
+
+def _descriptor_scratch(device: torch.device) -> None:
+    """Tensor descriptors made on the device need a little global scratch for the TMA
+    descriptors; Triton asks its allocator for it (torch's caching allocator, so CUDA-graph
+    captures take it from their pool). Installed once, unless the user installed one."""
+    global _allocator_set
+    if _allocator_set or device.type != "cuda":
+        return
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        user_set = not isinstance(_allocator.get(), NullAllocator)
+    except (ImportError, AttributeError):  # another Triton layout: install ours
+        user_set = False
+    if not user_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _allocator_set = True
+
+
+def _persistent(tiles: int, device: torch.device):
+    """A persistent grid: one program per SM (never more programs than work)."""
+    return (max(1, min(tiles, _sms(device))),)
+
+
 @triton_op("sideways_triton::ring_conv_forward", mutates_args={"ring"})
 def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: int, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], stride: List[int], padding: List[int], dilation: List[int],
@@ -171,6 +270,18 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
         _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
     out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
     weight = _weight_as(weight, ring.dtype)
+    launches["ring_conv_forward"] += 1
+    if _take_box("ring_conv_forward", box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,))):
+        _descriptor_scratch(ring.device)
+        s_r, s_b, s_h, s_w = _tma_strides(ring)
+        _launch(X._box_forward_kernel, "box_forward",
+                lambda cfg: _persistent(B * triton.cdiv(h_out, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(w_out, cfg.BOX_W)
+                                        * triton.cdiv(c_out, cfg.BLOCK_N), ring.device),
+                [ring, weight, bias if bias is not None else weight, out, s_r, s_b, s_h, s_w, *_tma_strides(out),
+                 B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t],
+                dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None), ring.device,
+                element_size=ring.element_size())
+        return out
     M, N = B * h_out * w_out, c_out // groups
     _launch(K._ring_conv_forward_kernel, "ring_conv_forward",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
@@ -178,7 +289,6 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
              B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups],
             dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype),
                  ONE_GROUP=groups == 1), ring.device, element_size=ring.element_size())
-    launches["ring_conv_forward"] += 1
     return out
 
 
@@ -198,6 +308,17 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
     summed = _weight_as(weight, grad_out.dtype, summed=True)
     grad_in = torch.empty((B, cg * groups, H, W), dtype=grad_out.dtype, device=grad_out.device,
                           memory_format=torch.channels_last)
+    launches["window_input_grad"] += 1
+    if _take_box("window_input_grad", box_path(grad_out.device, grad_out.dtype, stride, groups, (cg, c_out),
+                                               (grad_out,))):
+        _descriptor_scratch(grad_out.device)
+        _launch(X._box_input_grad_kernel, "box_input_grad",
+                lambda cfg: _persistent(B * triton.cdiv(H, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(W, cfg.BOX_W)
+                                        * triton.cdiv(cg, cfg.BLOCK_N), grad_out.device),
+                [grad_out, summed, grad_in, *_tma_strides(grad_out), *_tma_strides(grad_in),
+                 B, cg, H, W, c_out, h_out, w_out, *padding, *dilation],
+                dict(KH=k_h, KW=k_w), grad_out.device, element_size=grad_out.element_size())
+        return grad_in
     M, N = B * H * W, cg
     _launch(K._window_input_grad_kernel, "window_input_grad",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
@@ -205,7 +326,6 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
              B, cg * groups, H, W, c_out, h_out, w_out, *stride, *padding, *dilation, groups],
             dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), ONE_GROUP=groups == 1), grad_out.device,
             element_size=grad_out.element_size())
-    launches["window_input_grad"] += 1
     return grad_in
 
 
@@ -246,35 +366,66 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
     if buffer is not None:
         _check(buffer.shape == target.shape and buffer.stride() == target.stride() and buffer.dtype == target.dtype,
                "momentum_buffer must match the weight's shape, layout and dtype")
-    # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
-    M, N, taps, K_total = c_out // groups, C // groups, k_t * k_h * k_w, B * h_out * w_out
     device = ring.device
     sms = _sms(device)
+    name = "weight_update:sgd" if sgd else "weight_update"
+    restore = ("target", "momentum_buffer") if sgd else ("target",)
+    flags = dict(KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
+                 FIRST_STEP=first_step)
+    taps, K_total = k_t * k_h * k_w, B * h_out * w_out
+    if _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (C, c_out), (ring, grad_out))):
+        _descriptor_scratch(device)
+        per_tile = 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1  # taps sharing one error box
+        tiles_of = lambda cfg: triton.cdiv(c_out, cfg.BLOCK_M) * triton.cdiv(C, cfg.BLOCK_N) * (taps // per_tile)
+        # A kernel argument, so one value for every config the autotuner tries: enough splits to
+        # fill the SMs with 128x64 tiles (smaller tiles give more items, which the persistent
+        # programs walk).
+        splits = _chosen["split"] or split_k(triton.cdiv(c_out, 128) * triton.cdiv(C, 64) * (taps // per_tile),
+                                             K_total, 64, sms)
+        candidates = _candidates("box_" + name, device, ring.element_size())
+        partials, counters = _work_buffers(
+            device, max(tiles_of(c) * splits * per_tile * c.BLOCK_M * c.BLOCK_N for c in candidates),
+            max(tiles_of(c) for c in candidates))
+        _launch(X._box_weight_update_kernel, "box_" + name, lambda cfg: _persistent(tiles_of(cfg) * splits, device),
+                [grad_out, ring, target, buffer if buffer is not None else target, partials, counters,
+                 *_tma_strides(grad_out), *_tma_strides(ring), *target.stride(), B, C, H, W, c_out, h_out, w_out, R,
+                 slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"], *hyper],
+                dict(**flags, TAPS=per_tile), device, restore, ring.element_size())
+        return
+    # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
+    M, N = c_out // groups, C // groups
     tiles_of = lambda cfg: triton.cdiv(M, cfg.BLOCK_M) * taps * triton.cdiv(N, cfg.BLOCK_N)
 
-    def splits(cfg: Config) -> int:
+    def splits_of(cfg: Config) -> int:
         return _chosen["split"] or split_k(groups * tiles_of(cfg), K_total, cfg.BLOCK_K, sms)
 
-    def grid(cfg: Config):
-        return tiles_of(cfg), splits(cfg), groups
-
-    # fp32 partials and one counter per tile, sized for the largest any config may ask (a fresh
-    # allocation per call: two streams' updates never share them)
-    candidates = [_chosen["config"]] if _chosen["config"] else \
-        ([DEFAULT] if INTERPRET or device.type != "cuda" else
-         configs_for("weight_update:sgd" if sgd else "weight_update", _capability(device), ring.element_size()))
-    work = max(groups * tiles_of(c) * splits(c) * c.BLOCK_M * c.BLOCK_N for c in candidates)
-    tiles = max(groups * tiles_of(c) for c in candidates)
-    partials = torch.empty(work, dtype=torch.float32, device=device)
-    counters = torch.zeros(tiles, dtype=torch.int32, device=device)
-    restore = ("target", "momentum_buffer") if sgd else ("target",)
-    _launch(K._weight_update_kernel, "weight_update:sgd" if sgd else "weight_update", grid,
+    candidates = _candidates(name, device, ring.element_size())
+    partials, counters = _work_buffers(
+        device, max(groups * tiles_of(c) * splits_of(c) * c.BLOCK_M * c.BLOCK_N for c in candidates),
+        max(groups * tiles_of(c) for c in candidates))
+    _launch(K._weight_update_kernel, name, lambda cfg: (tiles_of(cfg), splits_of(cfg), groups),
             [grad_out, ring, target, buffer if buffer is not None else target, partials, counters,
              *grad_out.stride(), *ring.stride(), *target.stride(), B, C, H, W, c_out, h_out, w_out, R, slot,
-             *stride, *padding, *dilation, dilation_t, groups, *hyper],
-            dict(KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
-                 FIRST_STEP=first_step, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1), device, restore,
+             *stride, *padding, *dilation, dilation_t, groups, _chosen["rotation"], *hyper],
+            dict(**flags, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1), device, restore,
             ring.element_size())
+
+
+def _candidates(name: str, device: torch.device, element_size: int) -> list:
+    """The configs a launch of kernel ``name`` may run with (to size its work buffers)."""
+    chosen = _chosen["box_config" if name.startswith("box") else "config"]
+    if chosen:
+        return [chosen]
+    if INTERPRET or device.type != "cuda":
+        return [DEFAULT_BOX if name.startswith("box") else DEFAULT]
+    return configs_for(_KIND[name], _capability(device), element_size)
+
+
+def _work_buffers(device: torch.device, partial_floats: int, tiles: int):
+    """The split-K weight update's fp32 partials and its counter per tile (zero: the kernel puts
+    them back to zero). Fresh per call, so two streams' updates never share them."""
+    return (torch.empty(max(partial_floats, 1), dtype=torch.float32, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device))
 
 
 @triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["Config", "CONFIGS", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "split_k", "DEFAULT"]
+__all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
+           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX"]
 
 
 class Config(NamedTuple):
@@ -24,13 +25,16 @@ class Config(NamedTuple):
     BLOCK_K: int
     num_stages: int
     num_warps: int
+    BOX_W: int = 0  # box kernels (boxes.py): the width of a tile's box of positions; 0 for the general ones
 
     @property
     def name(self) -> str:
-        return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K}-s{self.num_stages}-w{self.num_warps}"
+        box = f"-bw{self.BOX_W}" if self.BOX_W else ""
+        return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K}-s{self.num_stages}-w{self.num_warps}{box}"
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
+        meta = dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
+        return {**meta, "BOX_W": self.BOX_W} if self.BOX_W else meta
 
 
 C = Config
@@ -55,6 +59,26 @@ CONFIGS = {
         80: [C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8), C(64, 64, 32, 5, 4)],
     },
 }
+# The box kernels (boxes.py, sm_90: TMA + wgmma, persistent), 16-bit. A forward/input-gradient
+# tile is a box of BLOCK_M positions BOX_W wide x BLOCK_N channels; a weight-update tile is
+# BLOCK_M output x BLOCK_N input channels of up to three taps (one accumulator each), its K step a
+# box of BLOCK_K positions BOX_W wide. Each shape comes in box widths 8 and 16 so that early
+# pruning can pick the one that wastes least at the frame's edge (:func:`box_waste`).
+BOX = {
+    "box_gemm": {
+        90: [C(128, 128, 64, 4, 8, 16), C(128, 128, 64, 4, 8, 8), C(128, 256, 64, 3, 8, 16), C(128, 256, 64, 3, 8, 8),
+             C(128, 64, 64, 4, 4, 16), C(128, 64, 64, 4, 4, 8), C(64, 128, 64, 4, 4, 8)],
+    },
+    "box_weight_update": {
+        90: [C(128, 64, 64, 4, 8, 8), C(128, 64, 64, 4, 8, 16), C(128, 64, 128, 3, 8, 16), C(128, 64, 128, 3, 8, 8),
+             C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16)],
+    },
+    "box_weight_update:sgd": {
+        90: [C(128, 64, 64, 4, 8, 8), C(128, 64, 64, 4, 8, 16), C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16)],
+    },
+}
+# The interpreter's box config when a test does not name one.
+DEFAULT_BOX = Config(64, 64, 64, 1, 4, 8)
 # fp32 activations run exact fp32 FMA (no tensor cores): small tiles, the same for every kernel.
 FP32 = {90: [C(64, 32, 32, 3, 4), C(32, 64, 32, 3, 4)], 80: [C(64, 32, 32, 3, 4), C(32, 64, 32, 3, 4)]}
 SHARED_MEMORY = {90: 227 * 1024, 80: 163 * 1024}  # the opt-in maximum per block (H100, A100)
@@ -64,15 +88,40 @@ DEFAULT = Config(128, 128, 64, 1, 4)
 
 
 def configs_for(kind: str, capability: int, element_size: int = 2) -> list[Config]:
-    """The list for a kernel kind ("gemm", "weight_update", "weight_update:sgd"), the nearest
-    architecture at or below ``capability`` (e.g. 89 -> sm_80's), and the activations' size."""
+    """The list for a kernel kind ("gemm", "weight_update", "weight_update:sgd", or a box kind:
+    "box_gemm", "box_weight_update", "box_weight_update:sgd"), the nearest architecture at or
+    below ``capability`` (e.g. 89 -> sm_80's), and the activations' size."""
+    if kind in BOX:  # sm_90 only (box_path() sends nothing older here); fp32 only when a test forces it
+        return BOX[kind][90]
     arch = max((c for c in SHARED_MEMORY if c <= capability), default=min(SHARED_MEMORY))
     return FP32[arch] if element_size == 4 else CONFIGS[kind][arch]
 
 
-def every_config() -> list[Config]:
-    """All configs of all lists (the interpreter tests run each)."""
+def every_config(box: bool = False) -> list[Config]:
+    """All configs of all lists of the general kernels, or of the box kernels (the interpreter
+    tests run each)."""
+    if box:
+        return sorted({c for lists in BOX.values() for cs in lists.values() for c in cs} | {DEFAULT_BOX})
     return sorted({c for lists in (*CONFIGS.values(), FP32) for cs in lists.values() for c in cs} | {DEFAULT})
+
+
+def box_waste(height: int, width: int, positions: int, box_w: int) -> float:
+    """How many positions a walk of ``positions``-sized boxes ``box_w`` wide computes per real
+    one of a ``height x width`` frame (1.0: none wasted; boxes past the edge compute zeros)."""
+    box_h = positions // box_w
+    return math.ceil(height / box_h) * box_h * math.ceil(width / box_w) * box_w / (height * width)
+
+
+def prune_boxes(configs: list[Config], height: int, width: int, positions_of) -> list[Config]:
+    """Of the configs that differ only in box width, the one wasting least at the frame's edges
+    (the wider box on a tie: longer rows per TMA copy). ``positions_of(cfg)``: its box size."""
+    best: dict = {}
+    for c in configs:
+        key = c._replace(BOX_W=0)
+        waste = box_waste(height, width, positions_of(c), c.BOX_W)
+        if key not in best or (waste, -c.BOX_W) < best[key][0]:
+            best[key] = ((waste, -c.BOX_W), c)
+    return [c for _, c in best.values()]
 
 
 def shared_bytes(cfg: Config, element_size: int) -> int:

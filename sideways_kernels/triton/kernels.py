@@ -131,13 +131,44 @@ def _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, m
 
 
 @triton.jit
+def _store_partial(partials, offset, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's fp32 partial of a tile (row-major at ``partials + offset``), made visible
+    before the program's arrival is counted."""
+    cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(partials + offset + cell, acc)
+    tl.debug_barrier()  # every thread's partial is written before the counter moves
+
+
+@triton.jit
+def _finish_tile(partials, first, step, splits, target, momentum_buffer, row0, rows_valid, col0, cols_valid, t_o, t_c,
+                 tap_offset, lr, momentum, dampening, weight_decay, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
+                 NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Run by the program that arrives last at a tile: the splits' partials (split ``p`` at
+    ``partials + first + p·step``) summed in split order — the same bits whoever is last — then
+    the epilogue on target rows ``row0 + i`` (``i < rows_valid``) and columns ``col0 + j``
+    (``j < cols_valid``), ROWS rows at a time: the SGD step holds the weight, the momentum and
+    two pointer tiles beside the gradient, which for a whole 128x64 tile would not fit in
+    registers."""
+    ROWS: tl.constexpr = 32 if BLOCK_M > 32 else BLOCK_M
+    i, jj = tl.arange(0, ROWS), tl.arange(0, BLOCK_N)
+    cols = ((col0 + jj) * t_c, jj < cols_valid)
+    for r0 in range(0, BLOCK_M, ROWS):
+        cell = (r0 + i)[:, None] * BLOCK_N + jj[None, :]
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for part in range(0, splits):
+            acc += tl.load(partials + first + part * step + cell, cache_modifier=".cg")
+        _weight_epilogue(acc, target, momentum_buffer, ((row0 + r0 + i) * t_o, r0 + i < rows_valid), cols,
+                         tap_offset, lr, momentum, dampening, weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
+
+
+@triton.jit
 def _weight_update_kernel(
         grad_out, ring, target, momentum_buffer, partials, counters,
         g_b, g_c, g_h, g_w,  # grad_out strides
         s_r, s_b, s_c, s_h, s_w,  # ring strides
         t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, split_rotation,
         lr, momentum, dampening, weight_decay,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
         NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
@@ -152,9 +183,12 @@ def _weight_update_kernel(
     finishes last, which sums the partials in split order (deterministic, whoever is last) and
     runs the epilogue — accumulate into grad_weight, or the whole SGD step — then resets the
     counter. No program waits for another, so it is also right under the interpreter, which runs
-    programs one after another. With one split the tile goes straight to the epilogue."""
-    pid_tile, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    programs one after another. With one split the same path runs (a round trip of the tile
+    through L2, small next to the K loop, that keeps the epilogue's registers few).
+    ``split_rotation`` renumbers the splits (0 in the ops; tests change who arrives last)."""
+    pid_tile, g = tl.program_id(0), tl.program_id(2)
     splits = tl.num_programs(1)
+    split = (tl.program_id(1) + split_rotation) % splits
     cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
     gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
     c_tiles = tl.cdiv(cg, BLOCK_N)
@@ -183,20 +217,11 @@ def _weight_update_kernel(
         row = tap_base + b.to(tl.int64) * s_b + y * s_h + x * s_w
         a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
-    rows, cols, tap_offset = ((gm + m) * t_o, m_ok), (c * t_c, c_ok), j * t_t + kh * t_h + kw * t_w
-    if splits == 1:
-        _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, momentum, dampening, weight_decay,
-                         SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
-    else:
-        tile = g * tl.num_programs(0) + pid_tile
-        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(partials + (tile * splits + split) * (BLOCK_M * BLOCK_N) + cell, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
-        if arrived == splits - 1:  # the last of this tile's programs: the others' partials are all in
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for part in range(0, splits):  # in split order, whichever program came last
-                acc += tl.load(partials + (tile * splits + part) * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
-            _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, momentum, dampening,
-                             weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
-            tl.atomic_xchg(counters + tile, 0)  # ready for the next launch
+    tile = g * tl.num_programs(0) + pid_tile
+    _store_partial(partials, (tile * splits + split) * (BLOCK_M * BLOCK_N), acc, BLOCK_M, BLOCK_N)
+    if tl.atomic_add(counters + tile, 1, sem="acq_rel") == splits - 1:  # the last: every partial is in
+        _finish_tile(partials, tile * splits * (BLOCK_M * BLOCK_N), BLOCK_M * BLOCK_N, splits, target,
+                     momentum_buffer, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
+                     cg - c_tile * BLOCK_N, t_o, t_c, j * t_t + kh * t_h + kw * t_w, lr, momentum, dampening,
+                     weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP, BLOCK_M, BLOCK_N)
+        tl.atomic_xchg(counters + tile, 0)  # ready for the next launch

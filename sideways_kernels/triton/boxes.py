@@ -1,0 +1,197 @@
+"""The Hopper path of the Triton kernels: implicit GEMMs whose operands are TMA boxes.
+
+A ring slot is a channels-last frame ``[B, H, W, C]``. For a tap ``(j, kh, kw)`` the operand of
+an output box of positions is the same-sized box of slot ``j`` shifted by ``(kh·dil_h − pad_h,
+kw·dil_w − pad_w)``: a tensor descriptor over the ring ``[R, B, H, W, C]`` loads it at those
+coordinates, and the hardware zero-fills whatever lies outside the frame — which is exactly the
+convolution's zero padding, so there are no masks and no per-element index math (DESIGN.md §6).
+On sm_90 the descriptors become TMA copies into shared memory and the dots ``wgmma``; Triton
+software-pipelines the K loop (``num_stages``) and every kernel is persistent: one program per
+SM walking the tiles.
+
+Which problems come here is decided in ``__init__.py`` (:func:`box_path`): spatial stride 1
+(a box cannot skip positions; dilation and any padding are fine), one group, channels innermost
+with 16-byte aligned strides and base, and a GPU with TMA (sm_90+) or the interpreter. The rest
+takes the general kernels of :mod:`.kernels`, with the same results.
+
+Tiles: an output tile is a ``BH × BW`` box of positions (``BLOCK_M = BH·BW`` GEMM rows) of one
+image, so a tile at the frame's right or bottom edge computes some positions past it; their
+operands are zero-filled and the TMA store clips them. ``configs.py`` chooses ``BW`` per problem
+to keep that waste small.
+"""
+import triton
+import triton.language as tl
+
+from .kernels import _finish_tile, _store_partial, _tap_slot
+
+
+@triton.jit
+def _tap(tap, KH: tl.constexpr, KW: tl.constexpr):
+    """Tap index (flattened ``[k_t, k_h, k_w]``) -> (j, kh, kw)."""
+    return tap // (KH * KW), (tap // KW) % KH, tap % KW
+
+
+@triton.jit
+def _ring_box(ring_d, slot, tap, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R,
+              KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The ``[ROWS positions, COLS channels]`` operand of ``tap`` for the box of outputs at
+    ``(b, y0, x0)``: the ring slot's box shifted by the tap, zero outside the frame."""
+    j, kh, kw = _tap(tap, KH, KW)
+    box = ring_d.load([_tap_slot(slot, j, KT, dil_t, R), b, y0 - pad_h + kh * dil_h, x0 - pad_w + kw * dil_w, c0])
+    return box.reshape(ROWS, COLS)
+
+
+@triton.jit
+def _box_of(index, boxes_h, boxes_w, BH: tl.constexpr, BW: tl.constexpr):
+    """Box ``index`` of a ``[B, boxes_h, boxes_w]`` walk -> (b, y0, x0)."""
+    return index // (boxes_h * boxes_w), (index // boxes_w) % boxes_h * BH, index % boxes_w * BW
+
+
+@triton.jit
+def _box_forward_kernel(
+        ring, weight, bias, out,
+        s_r, s_b, s_h, s_w,  # ring strides (channels: 1)
+        o_b, o_h, o_w,  # out strides (channels: 1)
+        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
+    """out[b, y, x, n] = sum over taps and channels of ring[tap slot, b, y - pad + kh·dil, x - pad + kw·dil, c]
+    · weight[tap, c, n]; ``weight`` is the GEMM layout ``[taps·C, C_OUT]`` (channels of a tap, then
+    output channels innermost). Tile: a BH x BW box of output positions x BLOCK_N output channels;
+    K steps: (tap, channel block). A K block past C reads zeros from the ring box, so the weight
+    rows it pairs with (the next tap's) add nothing."""
+    BH: tl.constexpr = BLOCK_M // BOX_W
+    ring_d = tl.make_tensor_descriptor(ring, [R, B, H, W, C], [s_r, s_b, s_h, s_w, 1], [1, 1, BH, BOX_W, BLOCK_K])
+    w_d = tl.make_tensor_descriptor(weight, [KT * KH * KW * C, C_OUT], [C_OUT, 1], [BLOCK_K, BLOCK_N])
+    out_d = tl.make_tensor_descriptor(out, [B, H_OUT, W_OUT, C_OUT], [o_b, o_h, o_w, 1], [1, BH, BOX_W, BLOCK_N])
+    boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
+    tiles_n = tl.cdiv(C_OUT, BLOCK_N)
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), B * boxes_h * boxes_w * tiles_n, tl.num_programs(0)):
+        b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
+        n0 = tile % tiles_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(KT * KH * KW * c_blocks):
+            tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
+            a = _ring_box(ring_d, slot, tap, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R, KT, KH, KW,
+                          BLOCK_M, BLOCK_K)
+            acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
+        if HAS_BIAS:
+            n = n0 + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
+        out_d.store([b, y0, x0, n0], acc.to(out.dtype.element_ty).reshape(1, BH, BOX_W, BLOCK_N))
+
+
+@triton.jit
+def _box_input_grad_kernel(
+        grad_out, wsum, grad_in,
+        g_b, g_h, g_w,  # grad_out strides (channels: 1)
+        i_b, i_h, i_w,  # grad_in strides (channels: 1)
+        B, C, H, W, C_OUT, H_OUT, W_OUT, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
+    """grad_in[b, y, x, c] = sum over (kh, kw) and co of grad_out[b, y + pad - kh·dil, x + pad - kw·dil, co]
+    · wsum[kh, kw, co, c] (stride 1: the transposed conv is a conv with the shifts reversed);
+    ``wsum`` is the taps' sum over time in the GEMM layout ``[k_h·k_w·C_OUT, C]``. Tile: a box of
+    input positions x BLOCK_N input channels; K steps: (spatial tap, output-channel block)."""
+    BH: tl.constexpr = BLOCK_M // BOX_W
+    g_d = tl.make_tensor_descriptor(grad_out, [B, H_OUT, W_OUT, C_OUT], [g_b, g_h, g_w, 1], [1, BH, BOX_W, BLOCK_K])
+    w_d = tl.make_tensor_descriptor(wsum, [KH * KW * C_OUT, C], [C, 1], [BLOCK_K, BLOCK_N])
+    in_d = tl.make_tensor_descriptor(grad_in, [B, H, W, C], [i_b, i_h, i_w, 1], [1, BH, BOX_W, BLOCK_N])
+    boxes_h, boxes_w = tl.cdiv(H, BH), tl.cdiv(W, BOX_W)
+    tiles_n = tl.cdiv(C, BLOCK_N)
+    co_blocks = tl.cdiv(C_OUT, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), B * boxes_h * boxes_w * tiles_n, tl.num_programs(0)):
+        b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
+        n0 = tile % tiles_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(KH * KW * co_blocks):
+            tap, co0 = kk // co_blocks, kk % co_blocks * BLOCK_K
+            kh, kw = tap // KW, tap % KW
+            a = g_d.load([b, y0 + pad_h - kh * dil_h, x0 + pad_w - kw * dil_w, co0]).reshape(BLOCK_M, BLOCK_K)
+            acc = tl.dot(a, w_d.load([tap * C_OUT + co0, n0]), acc)
+        in_d.store([b, y0, x0, n0], acc.to(grad_in.dtype.element_ty).reshape(1, BH, BOX_W, BLOCK_N))
+
+
+@triton.jit
+def _finish_tap(t: tl.constexpr, TAPS: tl.constexpr, partials, tile, splits, m0, c0, C_OUT, C, target,
+                momentum_buffer, t_o, t_c, t_t, t_h, t_w, tap0, lr, momentum, dampening, weight_decay,
+                KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
+                NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's ``t``-th tap (none past the tile's TAPS): its partials are the ``t``-th of each
+    split's TAPS blocks."""
+    if t < TAPS:
+        j, kh, kw = _tap(tap0 + t, KH, KW)
+        _finish_tile(partials, (tile * splits * TAPS + t) * (BLOCK_M * BLOCK_N), TAPS * BLOCK_M * BLOCK_N, splits,
+                     target, momentum_buffer, m0, C_OUT - m0, c0, C - c0, t_o, t_c, j * t_t + kh * t_h + kw * t_w, lr,
+                     momentum, dampening, weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _box_weight_update_kernel(
+        grad_out, ring, target, momentum_buffer, partials, counters,
+        g_b, g_h, g_w,  # grad_out strides (channels: 1)
+        s_r, s_b, s_h, s_w,  # ring strides (channels: 1)
+        t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
+        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits, split_rotation,
+        lr, momentum, dampening, weight_decay,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, SGD: tl.constexpr,
+        HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
+    """dW[m, c, tap] = sum over positions (b, y, x) of grad_out[b, y, x, m] · ring[tap slot, b, shifted, c].
+    M = C_OUT, N = C, K = positions, stepped one BH x BW box of output positions at a time.
+
+    A tile is BLOCK_M output channels x BLOCK_N input channels of TAPS consecutive taps (1-3): the
+    error box of a K step is loaded once and meets each tap's shifted ring box, one accumulator
+    per tap. Work items are (tile, split): the splits share a tile's boxes and leave fp32
+    partials; the one that arrives last (an atomic counter per tile) sums them in split order —
+    deterministic whoever is last — runs the epilogue (accumulate into grad_weight, or the whole
+    SGD step) and resets the counter; nobody waits, so the interpreter runs it too. With one
+    split the same path runs (the partial round trip through L2 is small next to the K loop, and
+    it keeps the epilogue to one live accumulator). ``split_rotation`` renumbers the splits (0 in
+    the ops; tests change who arrives last)."""
+    BH: tl.constexpr = BLOCK_K // BOX_W
+    g_d = tl.make_tensor_descriptor(grad_out, [B, H_OUT, W_OUT, C_OUT], [g_b, g_h, g_w, 1], [1, BH, BOX_W, BLOCK_M])
+    ring_d = tl.make_tensor_descriptor(ring, [R, B, H, W, C], [s_r, s_b, s_h, s_w, 1], [1, 1, BH, BOX_W, BLOCK_N])
+    boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
+    boxes = B * boxes_h * boxes_w
+    tiles_m, tiles_n = tl.cdiv(C_OUT, BLOCK_M), tl.cdiv(C, BLOCK_N)
+    tiles = tiles_m * tiles_n * (KT * KH * KW // TAPS)
+    chunk = tl.cdiv(boxes, splits)
+    for item in tl.range(tl.program_id(0), tiles * splits, tl.num_programs(0)):
+        tile = item // splits
+        split = (item % splits + split_rotation) % splits
+        tap0 = tile // (tiles_m * tiles_n) * TAPS
+        m0 = tile // tiles_n % tiles_m * BLOCK_M
+        c0 = tile % tiles_n * BLOCK_N
+        acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for box in range(split * chunk, tl.minimum(split * chunk + chunk, boxes)):
+            b, y0, x0 = _box_of(box, boxes_h, boxes_w, BH, BOX_W)
+            e = tl.trans(g_d.load([b, y0, x0, m0]).reshape(BLOCK_K, BLOCK_M))  # loaded once, used by every tap
+            acc0 = tl.dot(e, _ring_box(ring_d, slot, tap0, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R,
+                                       KT, KH, KW, BLOCK_K, BLOCK_N), acc0)
+            if TAPS > 1:
+                acc1 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 1, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
+                                           R, KT, KH, KW, BLOCK_K, BLOCK_N), acc1)
+            if TAPS > 2:
+                acc2 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 2, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
+                                           R, KT, KH, KW, BLOCK_K, BLOCK_N), acc2)
+        mine = (tile * splits + split) * TAPS * (BLOCK_M * BLOCK_N)
+        _store_partial(partials, mine, acc0, BLOCK_M, BLOCK_N)
+        if TAPS > 1:
+            _store_partial(partials, mine + BLOCK_M * BLOCK_N, acc1, BLOCK_M, BLOCK_N)
+        if TAPS > 2:
+            _store_partial(partials, mine + 2 * BLOCK_M * BLOCK_N, acc2, BLOCK_M, BLOCK_N)
+        if tl.atomic_add(counters + tile, 1, sem="acq_rel") == splits - 1:  # the others' partials are all in
+            _finish_tap(0, TAPS, partials, tile, splits, m0, c0, C_OUT, C, target, momentum_buffer, t_o, t_c, t_t,
+                        t_h, t_w, tap0, lr, momentum, dampening, weight_decay, KH, KW, SGD, HAS_BUFFER, NESTEROV,
+                        FIRST_STEP, BLOCK_M, BLOCK_N)
+            _finish_tap(1, TAPS, partials, tile, splits, m0, c0, C_OUT, C, target, momentum_buffer, t_o, t_c, t_t,
+                        t_h, t_w, tap0, lr, momentum, dampening, weight_decay, KH, KW, SGD, HAS_BUFFER, NESTEROV,
+                        FIRST_STEP, BLOCK_M, BLOCK_N)
+            _finish_tap(2, TAPS, partials, tile, splits, m0, c0, C_OUT, C, target, momentum_buffer, t_o, t_c, t_t,
+                        t_h, t_w, tap0, lr, momentum, dampening, weight_decay, KH, KW, SGD, HAS_BUFFER, NESTEROV,
+                        FIRST_STEP, BLOCK_M, BLOCK_N)
+            tl.atomic_xchg(counters + tile, 0)  # ready for the next launch
