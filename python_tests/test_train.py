@@ -367,3 +367,34 @@ def test_an_interrupted_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     monkeypatch.setattr(torch, "save", real_save)
     assert train.main(["--resume", path, "--epochs", "2"]) == 0
+
+
+class _FastScaler(torch.amp.GradScaler):
+    """A GradScaler whose scale moves at every step (growth interval 1, from 2^10), so a run cut
+    after 4 steps holds a scale and growth tracker of its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, init_scale=2.0 ** 10, growth_interval=1))
+
+
+def test_fp16_resume_restores_the_grad_scaler_and_the_random_state(tmp_path, monkeypatch):
+    """A cut fp16 run with dropout, resumed, is the uncut run bit for bit — losses, weights
+    and the GradScaler's state — only if the scaler's state and the random generators (the
+    dropout masks) are restored, not just saved."""
+    monkeypatch.setattr(torch.amp, "GradScaler", _FastScaler)
+    args = ["--epochs", "2", "--amp", "fp16", "--dropout", "0.5"]
+    code, full = _run(tmp_path, *args, name="full")
+    assert code == 0
+    code, cut = _run(tmp_path, *args, "--max-steps", "4", name="cut")
+    assert code == 0
+    at_cut = train.load_weights(os.path.join(cut, "last.pt"), "test")["scaler"]
+    assert at_cut["scale"] != 2.0 ** 10  # the scale moved before the interrupt
+    assert train.main(["--resume", os.path.join(cut, "last.pt")]) == 0
+    a, b = _records(full), _records(cut)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for key in ("step", "train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert ra[key] == rb[key], (key, ra, rb)
+    ca, cb = (train.load_weights(os.path.join(d, "last.pt"), "test") for d in (full, cut))
+    assert ca["scaler"] == cb["scaler"] and ca["scaler"]["scale"] != at_cut["scale"]
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
