@@ -6,6 +6,10 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
 #include "../aten_ops.h"
 #include "../checks.h"
 #include "kernels.h"
@@ -58,18 +62,71 @@ cuda::ConvGeometry geometry(const RingConv& g, int64_t slot, const at::Tensor& r
 
 // The weights as the kernels' GEMMs read them (kernels.h): rounded to the activations' type as
 // autocast rounds the fp32 masters, each output row dense along the reduction, so that they
-// load as 16-byte copies. Made per call: one small kernel, recorded into a CUDA graph like
-// any other.
-at::Tensor gemm_weight(const at::Tensor& weight, at::ScalarType activations) {
+// load as 16-byte copies. Made once per version of the weight (below).
+at::Tensor make_gemm_weight(const at::Tensor& weight, at::ScalarType activations) {
   return weight.to(activations).permute({0, 2, 3, 4, 1}).contiguous();  // [C_out, k_t, k_h, k_w, C/groups]
 }
 
-at::Tensor gemm_summed_weight(const at::Tensor& weight, at::ScalarType activations, int64_t groups) {
+at::Tensor make_gemm_summed_weight(const at::Tensor& weight, at::ScalarType activations, int64_t groups) {
   const auto summed = weight.sum(2, false, at::kFloat);  // [C_out, C/groups, k_h, k_w], summed in fp32
   return summed.view({groups, summed.size(0) / groups, summed.size(1), summed.size(2), summed.size(3)})
       .permute({0, 2, 3, 4, 1})  // [groups, C/groups, k_h, k_w, C_out/groups]
       .to(activations)
       .contiguous();
+}
+
+// What the ops derive from a weight (its cast, its taps' sum), kept while the weight is the
+// same tensor at the same version: every in-place change (an optimizer step, the fused SGD op)
+// bumps the version, and the weak pointer keeps a freed weight's TensorImpl from being taken
+// for a new one at its address. While a CUDA graph is being captured the derivation is always
+// recorded, so that a replay derives it from the weight as it is then.
+struct Derived {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source;
+  int64_t version;
+  at::ScalarType dtype;
+  int64_t groups;  // -1: the cast; else the taps' sum for that many groups
+  at::Tensor value;
+};
+
+at::Tensor derived_weight(const at::Tensor& weight, at::ScalarType activations, int64_t groups) {
+  auto make = [&] {
+    return groups < 0 ? make_gemm_weight(weight, activations) : make_gemm_summed_weight(weight, activations, groups);
+  };
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(current_stream(weight.device()), &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusNone) {
+    return make();
+  }
+  static std::mutex mutex;
+  static std::unordered_map<const void*, std::vector<Derived>> cache;  // TensorImpl -> its derivations
+  std::lock_guard<std::mutex> lock(mutex);
+  const void* key = weight.unsafeGetTensorImpl();
+  auto& entries = cache[key];
+  for (auto it = entries.begin(); it != entries.end(); ++it) {
+    if (it->dtype == activations && it->groups == groups) {
+      if (!it->source.expired() && it->version == weight._version()) return it->value;
+      entries.erase(it);
+      break;
+    }
+  }
+  if (cache.size() > 256) {  // forget the weights that are gone
+    for (auto it = cache.begin(); it != cache.end();) {
+      const bool gone = it->second.empty() || it->second.front().source.expired();
+      it = gone && it->first != key ? cache.erase(it) : std::next(it);
+    }
+  }
+  at::Tensor value = make();
+  entries.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+                     weight._version(), activations, groups, value});
+  return value;
+}
+
+at::Tensor gemm_weight(const at::Tensor& weight, at::ScalarType activations) {
+  return derived_weight(weight, activations, -1);
+}
+
+at::Tensor gemm_summed_weight(const at::Tensor& weight, at::ScalarType activations, int64_t groups) {
+  return derived_weight(weight, activations, groups);
 }
 
 void check_launch(cudaError_t err, const char* kernel) {
