@@ -31,8 +31,11 @@ from sideways_kernels import SidewaysConv3d, SidewaysPipeline, models, ops, refe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# (C_in, C_out, batch, spatial) of C3D layers; 3x3x3 kernels, 'same' spatial padding
-SHAPES = [(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14)]
+# (C_in, C_out, batch, spatial) of C3D layers, then of a converted r3d_18's stride-1 layers at
+# B8, 112x112 frames (layer1-4; its strided convs and the stem take the general kernels);
+# 3x3x3 kernels, 'same' spatial padding
+SHAPES = [(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14),
+          (64, 64, 8, 56), (128, 128, 8, 28), (256, 256, 8, 14), (512, 512, 8, 7)]
 SHAPE_IDS = [f"{s[0]}to{s[1]}-B{s[2]}-{s[3]}" for s in SHAPES]
 ARGS = ([1, 1], [1, 1], [1, 1], 1, 1)  # stride, padding, dilation, dilation_t, groups
 HYPER = dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False)
@@ -194,6 +197,9 @@ def _op_case(benchmark, op, shape, impl):
     if impl == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("sideways::ring_conv_forward", "CUDA"):
         pytest.skip("CUDA kernels not built")
     L = _Layer(*shape)
+    if impl == "triton":
+        from sideways_kernels.triton import paths
+        paths.clear()
     timed, result = _implementation(op, impl, L)
     got, expected = result().double(), _expected(op, shape, L)
     if op == "weight_sgd":  # compare the step taken, not the weight
@@ -204,9 +210,12 @@ def _op_case(benchmark, op, shape, impl):
     median = _timed(benchmark, timed)
     tflops = L.flops / median / 1e12
     config = None
-    if impl == "triton":
-        from sideways_kernels.triton import picked
-        config = picked(TRITON_KERNEL[op], L.ring.device)
+    if impl == "triton":  # which kernel family ran (box: TMA + wgmma; general), and its picked config
+        from sideways_kernels.triton import paths, picked
+        path = "box" if any(p == "box" for _, p in paths) else "general"
+        paths.clear()
+        name = ("box_" if path == "box" else "") + TRITON_KERNEL[op]
+        config = f"{path} {picked(name, L.ring.device)}"
     benchmark.extra_info.update(tflops=tflops, config=config, error=error,
                                 shape=f"{shape[0]}->{shape[1]} k3 B{shape[2]} {shape[3]}^2 bf16 act, fp32 master")
     _row(kind="op", op=op, shape=list(shape), impl=impl, median_s=median, tflops=tflops,
