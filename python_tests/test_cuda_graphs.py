@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sideways_kernels import SidewaysPipeline
 from sideways_kernels.cuda_graphs import TickGraphs, _EmulatedGraph
 from sideways_kernels.schedule import TickPlan
+from graphs import Residuals
 from nets import DT, classifier_net, stages_of
 
 # Temporal kernels 3, 2 and 3 with dilation: ring spans 3, 2 and 5. Every clip starts its rings
@@ -128,17 +129,132 @@ def test_cuda_graph_falls_back_with_a_warning_where_it_cannot_capture():
         pipe.backward_clip(video, 3)
 
 
-def test_a_failed_capture_warns_and_the_clip_still_equals_eager(monkeypatch):
-    eager, _ = _run("clip", True, graphs=False, clips=2)
+class _SyncsWhileCapturing(torch.nn.Tanh):
+    """Tanh that, like an op syncing with the host, cannot be captured."""
+    capturing = False
 
-    def broken(self, fn, restore):
-        # The capture got part-way through the tick's Python (no kernel runs while capturing),
-        # then the driver refused.
-        grads = restore()
-        restore([None] * len(grads))
-        raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(_EmulatedGraph, "capture", broken)
-    with pytest.warns(RuntimeWarning, match="capturing a tick failed.*not permitted"):
-        graphed, pipe = _run("clip", True, graphs=True, clips=2)
+    def forward(self, x):
+        if _SyncsWhileCapturing.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return super().forward(x)
+
+
+def test_a_failed_capture_warns_naming_the_node_and_the_clip_still_equals_eager(monkeypatch):
+    def run(graphs: bool):
+        torch.manual_seed(11)
+        net = classifier_net(TEMPORAL, act=_SyncsWhileCapturing)
+        pipe = SidewaysPipeline(stages_of(net, 3), cuda_graph=graphs)
+        if graphs:
+            pipe._graphs = TickGraphs(emulate=True)
+        g = torch.Generator().manual_seed(5)
+        out = []
+        for _ in range(3):
+            r = pipe.backward_clip(torch.randn(2, 3, 9, 9, 8, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g))
+            out.append((r.loss, r.outputs, [p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+        return out, pipe
+
+    eager, _ = run(False)
+    original = _EmulatedGraph.capture
+
+    def capture(self, fn, restore):
+        _SyncsWhileCapturing.capturing = True
+        try:
+            return original(self, fn, restore)
+        finally:
+            _SyncsWhileCapturing.capturing = False
+    monkeypatch.setattr(_EmulatedGraph, "capture", capture)
+    with pytest.warns(RuntimeWarning, match="capturing a tick failed at node 'stage 0' .*not permitted"):
+        graphed, pipe = run(True)
     assert pipe._graphs.replays == 0 and pipe._graphs.failed
-    _assert_same(graphed, eager)
+    for (la, oa, ga), (lb, ob, gb) in zip(graphed, eager):
+        assert torch.equal(la, lb) and torch.equal(oa, ob) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_the_default_is_graphs_on_one_cuda_device_and_silently_eager_elsewhere():
+    """cuda_graph=None (the default): no graphs and no warning on CPU; a pipeline that can tick
+    in graphs but not this clip (a target that is not a tensor) stays silent too; cuda_graph
+    must be None, True or False."""
+    torch.manual_seed(4)
+    net = classifier_net(TEMPORAL[:2])
+    video, target = torch.randn(2, 3, 8, 9, 8, dtype=DT), torch.randint(0, 7, (2,))
+    pipe = SidewaysPipeline(stages_of(net, 2))
+    assert pipe.cuda_graph is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.backward_clip(video, target)
+        assert pipe._graphs is None
+        pipe._graphs = TickGraphs(emulate=True)  # as on a GPU
+        pipe.loss_fn = lambda logits, y: F.cross_entropy(logits, torch.full((logits.shape[0],), y))
+        pipe.backward_clip(video, 3)
+    assert pipe._graphs.captures == 0 and not pipe._graphs.graphs
+    with pytest.raises(ValueError, match="cuda_graph must be None"):
+        SidewaysPipeline(stages_of(net, 2), cuda_graph="yes")
+
+
+def _converted(update: str, graphs: bool, clips: int = 3, T: int = 8):
+    """A converted network with residual joins, a temporal stride, BatchNorm with per-frame
+    statistics (in training mode) and a pooled head, on clips shorter than its lag: no tick of a
+    clip is a steady one."""
+    torch.manual_seed(7)
+    model = Residuals().to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    pipe = SidewaysPipeline.from_model(model, stages=3, batchnorm="frame", update=update,
+                                       optimizer=opt if update == "tick" else None)
+    if graphs:
+        pipe._graphs = TickGraphs(emulate=True)
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(clips):
+        r = pipe.backward_clip(torch.randn(2, 3, T, 8, 7, dtype=DT, generator=g), torch.randint(0, 6, (2,), generator=g))
+        rows.append((r.loss, r.outputs, [p.grad.clone() if p.grad is not None else None for p in model.parameters()],
+                     [p.detach().clone() for p in model.parameters()],
+                     [b.clone() for b in model.buffers()]))
+        if update == "clip":
+            opt.step()
+        opt.zero_grad()
+    return rows, pipe
+
+
+@pytest.mark.parametrize("update", ["clip", "tick"])
+def test_a_converted_network_replays_every_tick_from_the_third_clip(update):
+    """Fill and drain ticks are captured too (a network whose lag exceeds the clip has no steady
+    tick), and in update="tick" the momentum buffers the first clip creates do not drop the
+    graphs: the second clip captures, the third replays — with the eager results bit for bit
+    (losses, outputs, gradients, weights, BatchNorm running statistics)."""
+    eager, pipe = _converted(update, graphs=False)
+    assert not any(plan.steady for plan in pipe._schedule(8, "sideways", True))
+    graphed, pipe = _converted(update, graphs=True)
+    ticks = pipe.total_ticks(8, "sideways")
+    assert pipe._graphs.replays == ticks and pipe._graphs.captures >= ticks - 2
+    for (la, oa, ga, wa, ba), (lb, ob, gb, wb, bb) in zip(graphed, eager):
+        assert torch.equal(la, lb) and torch.equal(oa, ob)
+        assert all((x is None and (y is None or not y.any())) or torch.equal(x, y) for x, y in zip(ga, gb))
+        assert all(torch.equal(x, y) for x, y in zip(wa, wb)) and all(torch.equal(x, y) for x, y in zip(ba, bb))
+
+
+def test_a_phase_that_zeroes_a_ring_at_the_clip_start_has_its_own_graph():
+    """A layer without delay (its whole temporal padding on the past side) fires on frame 0 in the
+    same phase as on frame 6 — but only the first firing of a run zeroes its ring (the clip's
+    start padding). That Python fact keys the graphs too: replaying frame 6's graph at the next
+    clip's start would convolve the last clip's frames (with 14 frames the ring ends holding frame
+    13 where frame 0's window reads the start padding)."""
+    def run(graphs: bool):
+        torch.manual_seed(5)
+        net = classifier_net([(3, 2, 1), (1, 0, 1)], act=torch.nn.Tanh)
+        pipe = SidewaysPipeline(stages_of(net, 1), cuda_graph=graphs)  # ticks 0, 6 and 12 share a phase
+        if graphs:
+            pipe._graphs = TickGraphs(emulate=True)
+        g = torch.Generator().manual_seed(6)
+        rows = []
+        for _ in range(3):
+            r = pipe.backward_clip(torch.randn(2, 3, 14, 7, 6, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g))
+            rows.append((r.loss, r.outputs, [p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+        return rows, pipe
+
+    eager, _ = run(False)
+    graphed, pipe = run(True)
+    assert pipe._graphs.replays > pipe.total_ticks(14, "sideways")
+    for (la, oa, ga), (lb, ob, gb) in zip(graphed, eager):
+        assert torch.equal(la, lb) and torch.equal(oa, ob) and all(torch.equal(x, y) for x, y in zip(ga, gb))

@@ -1,21 +1,35 @@
-"""CUDA-graph ticks (``SidewaysPipeline(..., cuda_graph=True)``): a steady-state tick — a real
-frame entering, every stage past its fill — launches the same kernels on the same buffers as
-every other tick of the same *phase*: its plan without the frame numbers (which nodes fire,
-ring and FIFO slots, which errors are due; :mod:`sideways_kernels.schedule`) and the double
-buffers' parity. So one graph is captured per phase, the second time the phase comes round
-(after one eager warm-up tick), and replayed from then on; fill and drain ticks run eagerly.
+"""CUDA-graph ticks (``SidewaysPipeline(..., cuda_graph=...)``, on by default where every stage
+is on one CUDA device): every tick of a clip — fill and drain ticks as well as steady ones —
+launches the same kernels on the same buffers as the tick of the same *phase* in the next clip
+of the same length: its plan without the frame numbers (which nodes fire, ring and FIFO slots,
+which errors are due; :mod:`sideways_kernels.schedule`), the double buffers' parity, and the
+Python state a tick reads (which gradients and momentum buffers exist, which rings a first
+firing zeroes). So one graph is captured per phase, the second time the phase comes round
+(the first run of a phase is the eager warm-up: lazily allocated buffers, library handles,
+autotuning), and replayed from then on. A clip's first ticks are all new phases, so the first
+clip warms up, the second captures, the third replays; a phase that repeats within a clip (a
+chain's steady state) replays within the second clip already.
 
 What makes a replay right: every tensor a tick reads or writes lives across ticks at a fixed
 address — the layers' rings, the joins' FIFO slots, the waiting errors, the pipeline's double
 buffers, a staged copy of the input frame and of the frame's target, the optimizer's momentum
-buffers and, with ``update="clip"``, gradient buffers owned here (the clip's gradients are
-copied out at its end) — and the addresses are part of the key. The plan says everything a
-tick's Python decides, so a replay leaves nothing undone. Anything baked into a capture
-(hyper-parameters, the loss function, the parameters' storage, the clip length) is part of the
-clip signature; a change drops the graphs.
+buffers and, with ``update="clip"``, gradient buffers owned here — and a graph is replayed only
+while those addresses are the ones it was captured on (else it is captured again). A capture
+that allocates one of them (a first use) keeps its results but not its graph. After a replay
+the Python state is set to what the capture left (``Engine.python_state``). Anything baked
+into a capture (hyper-parameters, the loss function, the parameters' storage, the clip length)
+is part of the clip signature; a change drops the graphs.
+
+Memory: all graphs of a pipeline allocate from one shared memory pool, so the graphs together
+hold about one tick's temporaries (not one per phase): no two of them run at once, nothing
+one leaves behind is read by another (a tick's outputs are copied out before the next replay,
+and what lives across ticks is allocated outside the captures).
 
 Where a graph is impossible (not one CUDA device, ``mode="bp"``, a distributed pipeline, a
-target that is not a tensor, a capture that fails) the pipeline warns once and ticks eagerly.
+target that is not a tensor, smoothing) the pipeline ticks eagerly — saying why once when
+``cuda_graph=True`` was asked for, silently by default. A capture that fails (a host sync in
+a node or the loss function) warns once, naming what the tick was running, and the pipeline
+ticks eagerly from then on.
 """
 from __future__ import annotations
 
@@ -29,15 +43,17 @@ __all__ = ["TickGraphs"]
 
 
 class _CudaGraph:
-    """One captured tick: ``capture`` records ``fn`` and runs it once (as a replay)."""
+    """One captured tick: ``capture`` records ``fn`` and runs it once (as a replay). ``pool``: the
+    memory pool shared by every graph of the pipeline."""
 
-    def __init__(self):
+    def __init__(self, pool=None):
         self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
         self.outputs = None
 
     def capture(self, fn: Callable, restore: Callable):
         # The capture runs fn's Python (not its kernels) on a side stream; the replay runs them.
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=self.pool):
             self.outputs = fn()
         self.graph.replay()
         return self.outputs
@@ -49,8 +65,9 @@ class _CudaGraph:
 
 class _EmulatedGraph:
     """The CPU stand-in the tests use: a replay re-runs the captured call with the Python
-    state of the capture (gradient references), as a real graph replays what was baked into it,
-    and then puts back the Python state the pipeline keeps."""
+    state of the capture (gradient references, ring flags), as a real graph replays what was
+    baked into it, and then puts back the Python state as it was before the replay (a real
+    replay runs no Python; the pipeline then sets the state the capture left)."""
 
     def __init__(self):
         self.fn, self.baked = None, None
@@ -69,6 +86,13 @@ class _EmulatedGraph:
             restore(now)
 
 
+class _Captured:
+    """A graph, the addresses it was captured on, and the Python state its capture left."""
+
+    def __init__(self, graph, addresses: tuple, after):
+        self.graph, self.addresses, self.after = graph, addresses, after
+
+
 def _no_cast_cache():
     """Autocast as it is, minus its cache of cast weights: a capture must record the casts (the
     cache would bake in a copy made before the capture, stale once the weights change, and
@@ -84,14 +108,16 @@ def _no_cast_cache():
 class TickGraphs:
     """The graphs of one pipeline, keyed by phase, valid for one clip signature."""
 
-    def __init__(self, emulate: bool = False):
+    def __init__(self, emulate: bool = False, asked: bool = True):
         self.emulate = emulate
-        self.graphs: dict = {}  # phase -> graph, or None after the warm-up tick of that phase
+        self.asked = asked  # cuda_graph=True (say why when graphs are impossible); else the default: silent
+        self.graphs: dict = {}  # key -> _Captured, or None once warmed up (run eagerly once)
         self.signature = None
         self.failed: Optional[str] = None  # why capturing failed: the pipeline runs eagerly from then on
         self.warned: set = set()
         self._grads: dict = {}  # parameter -> its gradient buffer (update="clip")
         self._staged: dict = {}  # name -> buffer of a staged input (frame, target)
+        self._pool = None  # the memory pool every graph allocates from (CUDA)
         self.captures = self.replays = 0
 
     # --- when ---------------------------------------------------------------------------------
@@ -110,10 +136,13 @@ class TickGraphs:
             return f"the target is a {type(target).__name__}, not a tensor that can be staged"
         return None
 
-    def warn(self, reason: str) -> None:
-        if reason not in self.warned:
-            self.warned.add(reason)
-            warnings.warn(f"cuda_graph=True but {reason}: the ticks run eagerly", RuntimeWarning, stacklevel=4)
+    def warn(self, reason: str, failure: bool = False) -> None:
+        """Say ``reason`` once: always for a failed capture, else when cuda_graph=True was asked for."""
+        if reason in self.warned or not (failure or self.asked):
+            return
+        self.warned.add(reason)
+        what = "cuda_graph=True but" if self.asked else "CUDA graphs (on by default; cuda_graph=False turns them off):"
+        warnings.warn(f"{what} {reason}: the ticks run eagerly", RuntimeWarning, stacklevel=4)
 
     def begin_clip(self, signature: tuple) -> None:
         if signature != self.signature:
@@ -141,31 +170,48 @@ class TickGraphs:
 
     # --- a tick ------------------------------------------------------------------------------------
 
-    def run(self, phase, fn: Callable, python_state: Callable):
+    def held_bytes(self) -> int:
+        """Bytes kept here across clips: the staged frame and target, the gradient buffers."""
+        return sum(t.untyped_storage().nbytes() for t in [*self._staged.values(), *self._grads.values()])
+
+    def run(self, phase, fn: Callable, engine):
         """Run the tick ``fn`` (whose results are fixed tensors) through the graph of ``phase``:
-        eagerly the first time (warm-up), captured the second, replayed after that.
-        ``python_state()`` returns the Python state a tick changes, ``python_state(s)`` sets it
-        (everything else a tick needs comes from its plan, part of the phase)."""
-        phase = (phase, tuple(b.data_ptr() for b in self._staged.values()))
-        if phase not in self.graphs:
-            self.graphs[phase] = None
+        eagerly the first time (warm-up), captured the second, replayed after that while what it
+        was captured on is where it was (``engine.addresses()``, the staged inputs); else captured
+        again. The key is ``phase`` and ``engine.state_key`` of the Python state.
+        ``engine.python_state()`` / ``engine.python_state(s)`` gets and sets the Python state a
+        tick changes: a replay leaves it as the capture did."""
+        before = engine.python_state()
+        key = (phase, engine.state_key(before))
+        if key not in self.graphs:
+            self.graphs[key] = None
             return fn()
-        graph = self.graphs[phase]
-        if graph is not None:
-            out = graph.replay(python_state)
+        where = self._addresses(engine)
+        captured = self.graphs[key]
+        if captured is not None and captured.addresses == where:
+            out = captured.graph.replay(engine.python_state)
+            engine.python_state(captured.after)
             self.replays += 1
             return out
-        graph = _EmulatedGraph() if self.emulate else _CudaGraph()
-        before = python_state()
+        if not self.emulate and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = _EmulatedGraph() if self.emulate else _CudaGraph(self._pool)
+        engine.at = "the tick's start"
         try:
             with _no_cast_cache():
-                out = graph.capture(fn, python_state)
+                out = graph.capture(fn, engine.python_state)
         except Exception as exc:  # e.g. a kernel that syncs with the host; nothing ran yet
-            python_state(before)
-            self.failed = f"capturing a tick failed ({type(exc).__name__}: {exc})"
+            engine.python_state(before)
+            self.failed = f"capturing a tick failed at {engine.at} ({type(exc).__name__}: {exc})"
             self.graphs.clear()
-            self.warn(self.failed)
+            self.warn(self.failed, failure=True)
             return fn()
-        self.graphs[phase] = graph
+        if self._addresses(engine) != where:  # the capture allocated a buffer: its results stand, not its graph
+            self.graphs[key] = None
+            return out
+        self.graphs[key] = _Captured(graph, where, engine.python_state())
         self.captures += 1
         return out
+
+    def _addresses(self, engine) -> tuple:
+        return engine.addresses(), tuple(b.data_ptr() for b in self._staged.values())

@@ -63,6 +63,9 @@ class Engine:
         self.inputs = self.outputs = None  # producer entering / leaving each stage, from the schedule
         self.heads: Optional[dict] = None  # predict(): head pool -> [accumulated output, frames]
         self.observer: Optional[Callable] = None  # observer(node, inputs, output, seconds): the cost probe
+        self.tick_optimizer = None
+        self._layers: list = []  # the streaming SidewaysConv3d layers of the current run
+        self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
     # --- a run -------------------------------------------------------------------------------
 
@@ -102,12 +105,12 @@ class Engine:
                     x0 = graphs.stage("frame", x0, x0.device)
                 if stage_target is not None and self.hi == len(self.stages) and plan.stages[-1].loss is not None:
                     stage_target(plan.stages[-1].loss)
-                key = phase_key(plan) if graphs is not None and plan.steady else None
-                if key is None:
+                if graphs is None:
                     up, down, done, tick_losses = self._tick(plan, x0, up, down)
-                else:  # its graph does the tensors; the plan has already said the rest
+                else:  # every tick, fill and drain too: its graph does the tensors, the plan says the rest
                     fn = functools.partial(self._tick, plan, x0, list(up), list(down))
-                    up, down, done, tick_losses = graphs.run(key, fn, self._python_state)
+                    up, down, done, tick_losses = graphs.run(phase_key(plan), fn, self)
+                    # a graph's outputs are rewritten by its next replay (and its pool is shared)
                     done, tick_losses = [o.clone() for o in done], [l.clone() for l in tick_losses]
                 if losses is not None:
                     losses.extend(tick_losses)
@@ -121,14 +124,31 @@ class Engine:
     def device(self, k: int) -> torch.device:
         return self._devices[k] if self._devices is not None else self._device_of(k)
 
-    def _python_state(self, state=None):
-        """What a tick changes on the Python side and a graph replay would not: gradient
-        references (a tick may create a .grad)."""
-        params = [p for k in range(self.lo, self.hi) for m in self._stage_modules(k) for p in m.parameters()]
+    # --- what a CUDA graph of a tick depends on (sideways_kernels.cuda_graphs) -----------------
+
+    def python_state(self, state=None):
+        """What a tick reads or changes on the Python side that a graph replay would not redo:
+        the parameters' gradient references (a tick may create a ``.grad``; the per-tick optimizer
+        sets them to None) and each streaming layer's ``fresh`` flag (its first firing of a run
+        zeroes its ring, then clears the flag). ``python_state()`` returns it, ``python_state(s)``
+        sets it."""
+        params, layers = self._graph_params(), self._layers
         if state is None:
-            return [p.grad for p in params]
-        for p, g in zip(params, state):
+            return [p.grad for p in params], [layer._stream.fresh for layer in layers]
+        grads, fresh = state
+        for p, g in zip(params, grads):
             p.grad = g
+        for layer, f in zip(layers, fresh):
+            layer._stream.fresh = f
+
+    def _graph_params(self) -> list:
+        return [p for k in range(self.lo, self.hi) for m in self._stage_modules(k) for p in m.parameters()]
+
+    def _momentum_buffers(self) -> list:
+        opt = self.tick_optimizer
+        if opt is None:
+            return []
+        return [opt.state.get(p, {}).get("momentum_buffer") for g in opt.param_groups for p in g["params"]]
 
     def _stage_modules(self, k: int) -> list:
         return [m for i in self.stages[k] for m in self.graph.nodes[i].modules()]
@@ -190,6 +210,7 @@ class Engine:
             if self.timer is not None:
                 self.timer.stop()
         if stepped and self.tick_optimizer is not None:
+            self.at = "the per-tick optimizer step"
             self.tick_optimizer.step()
             self.tick_optimizer.zero_grad(set_to_none=True)
         return new_up, new_down, done, losses
@@ -228,6 +249,7 @@ class Engine:
         if k == len(self.stages) - 1 and sp.out is not None and sp.out[1]:  # a frame of the clip's output
             done.append(out.detach())
             if self.frame_loss is not None:
+                self.at = "the loss function"
                 loss = self.frame_loss(out, sp.out[0])
         if above and sp.out is not None:  # sent now, so the transfer overlaps this stage's backward
             self.boundary.send("up", tick, out if mode == "bp" else out.detach(), sp.out[0], 0, mode)
@@ -257,6 +279,7 @@ class Engine:
                 self._queue_add(out_node, incoming, flags)
             tensors = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
             if tensors:
+                self.at = f"the Sideways backward of stage {k}"
                 torch.autograd.backward([t for t, _ in tensors], [g for _, g in tensors])
             if sp.sends_error:
                 parts = ([leaf.grad] if leaf is not None and leaf.grad is not None else []) + caught
@@ -307,6 +330,7 @@ class Engine:
             flags.add(p)
 
     def _fire(self, node, step, inputs: list, backward: bool):
+        self.at = f"node {node.name!r}"
         if self.observer is not None:
             began = time.perf_counter()
             out = self._compute(node, step, inputs, backward)
@@ -364,10 +388,18 @@ class Engine:
         return rings + held + list(self.queue.values()) + list(self.buffers.values())
 
     def addresses(self) -> tuple:
-        """Where every tensor that lives across ticks is: a graph is valid only on these (the
-        copies of held samples are touched in drain ticks only, never captured)."""
-        drain_only = {id(b) for key, b in self.buffers.items() if key[0] == "held"}
-        return tuple(t.data_ptr() for t in self._persistent() if id(t) not in drain_only)
+        """Where every tensor that lives across ticks is — rings, FIFO slots, waiting errors,
+        double buffers, gradients and momentum buffers (None where there is none yet: a tick
+        would create it): a captured tick is valid only on these."""
+        ptr = lambda t: None if t is None else t.data_ptr()
+        return (tuple(t.data_ptr() for t in self._persistent()), tuple(ptr(p.grad) for p in self._graph_params()),
+                tuple(ptr(b) for b in self._momentum_buffers()))
+
+    @staticmethod
+    def state_key(state) -> tuple:
+        """What of the Python state ``state`` (:meth:`python_state`) decides a tick's kernels
+        beyond the addresses: which rings a first firing zeroes."""
+        return tuple(state[1])
 
     # --- streaming state, streams, timing ----------------------------------------------------
 
@@ -387,8 +419,10 @@ class Engine:
                     elif isinstance(node, ConvNode):
                         node.module._stream = _Stream(mode, kernels, optimizer, smoothing=smoothing)
                         layers.append(node.module)
+            self._layers = layers
             yield
         finally:
+            self._layers = []
             for layer in layers:
                 layer._stream = None
 

@@ -177,10 +177,13 @@ class SidewaysPipeline:
         backend: ``"torch" | "cpp" | "triton" | "cuda"``, else ``SIDEWAYS_BACKEND`` or the
             fastest one built for each stage's device.
         cuda_graph: in :meth:`backward_clip` (Sideways mode, every stage on one CUDA device),
-            replay each steady-state tick from a CUDA graph captured once per phase
-            (:mod:`sideways_kernels.cuda_graphs`); where that is impossible it warns once and
-            ticks eagerly. The loss function must then be capturable (no host syncs), and every
-            trainable parameter gets a ``.grad``.
+            replay every tick from a CUDA graph captured once per phase
+            (:mod:`sideways_kernels.cuda_graphs`: the first clip of a length warms up, the second
+            captures, later ones replay). Default None: on wherever that is possible, silently
+            eager elsewhere (CPU, several devices, ``mode="bp"``, distributed, ``smoothing > 1``);
+            ``True``: also say once why not where impossible; ``False``: eager ticks. A capture
+            that fails (a host sync in the loss function or a node) warns once, naming it, and
+            the pipeline ticks eagerly. With graphs every trainable parameter gets a ``.grad``.
         smoothing: ``k >= 1``. Sideways pairs each arriving error with the activation as it is
             now; with ``k > 1`` every SidewaysConv3d's weight update (accumulated or per-tick)
             pairs instead the mean of the last ``k`` errors it received with the mean of the
@@ -197,7 +200,7 @@ class SidewaysPipeline:
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Optional[Callable] = None, mode: str = "sideways", *,
                  update: str = "clip", optimizer: Optional[torch.optim.Optimizer] = None,
                  devices: Optional[Sequence[Union[str, torch.device]]] = None, backend: Optional[str] = None,
-                 cuda_graph: bool = False, smoothing: int = 1):
+                 cuda_graph: Optional[bool] = None, smoothing: int = 1):
         stages = list(stages) if not isinstance(stages, nn.Module) else [stages]
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
             raise TypeError("stages must be a non-empty sequence of nn.Module")
@@ -299,6 +302,8 @@ class SidewaysPipeline:
             raise ValueError(f"mode must be 'sideways' or 'bp', got {self.mode!r}")
         if self.update not in ("clip", "tick"):
             raise ValueError(f"update must be 'clip' or 'tick', got {self.update!r}")
+        if not any(self.cuda_graph is v for v in (None, True, False)):
+            raise ValueError(f"cuda_graph must be None (on where possible), True or False, got {self.cuda_graph!r}")
         if not isinstance(self.smoothing, int) or isinstance(self.smoothing, bool) or self.smoothing < 1:
             raise ValueError(f"smoothing must be an int >= 1 (1: Sideways as it is), got {self.smoothing!r}")
         if self.update == "tick":
@@ -475,10 +480,15 @@ class SidewaysPipeline:
     def _graphs_for(self, target) -> Optional[TickGraphs]:
         """The CUDA graphs this clip ticks with, or None (with a warning the first time a
         reason comes up) where it cannot."""
-        if not self.cuda_graph:
+        if self.cuda_graph is False:
+            return None
+        devices = {self._device(i) for i in range(len(self.stages))}
+        if self.cuda_graph is None and self._graphs is None and \
+                (len(devices) != 1 or next(iter(devices)).type != "cuda"):  # the default, off a GPU: no graphs
             return None
         if self._graphs is None:
             self._graphs = TickGraphs()
+        self._graphs.asked = self.cuda_graph is True
         why = self._graphs.why_not([self._device(i) for i in range(len(self.stages))], self.mode,
                                    self.engine.boundary is not None, target)
         if why is None and self.smoothing > 1:
@@ -493,9 +503,7 @@ class SidewaysPipeline:
         hyper = ()
         if self.optimizer is not None and self.update == "tick":
             hyper = tuple((tuple(sorted((k, v) for k, v in g.items() if k != "params" and isinstance(v, (int, float))))
-                           for g in self.optimizer.param_groups))
-            hyper += tuple(s["momentum_buffer"].data_ptr() for s in self.optimizer.state.values()
-                           if s.get("momentum_buffer") is not None)
+                           for g in self.optimizer.param_groups))  # (the momentum buffers: Engine.addresses)
         return (out_len, per_frame_target, self.loss_fn, self.update, hyper, tuple(p.data_ptr() for p in params),
                 tuple(m.training for m in self.stages.modules()),
                 tuple(_backend.resolve(self._device(i), self.backend) for i in range(len(self.stages))),
@@ -585,7 +593,7 @@ class SidewaysPipeline:
     def _run(self, schedule, frames, mode, frame_loss, losses, graphs=None, stage_target=None):
         key = None
         if graphs is not None:
-            key = lambda plan: (plan.phase(self.engine.lo, self.engine.hi), plan.tick % 2, self.engine.addresses())
+            key = lambda plan: (plan.phase(self.engine.lo, self.engine.hi), plan.tick % 2)
         yield from self.engine.run(schedule, frames, mode, frame_loss, losses, backend=self.backend,
                                    optimizer=self.optimizer, update=self.update, graphs=graphs,
                                    stage_target=stage_target, phase_key=key, smoothing=self.smoothing)

@@ -88,7 +88,7 @@ class StagePlan:
 class TickPlan:
     tick: int
     stages: tuple  # StagePlan per stage
-    steady: bool  # a real frame enters and every stage is past its fill: worth a CUDA graph
+    steady: bool  # a real frame enters and every stage is past its fill (CUDA graphs capture every tick)
 
     def phase(self, lo: int = 0, hi: Optional[int] = None) -> tuple:
         return tuple(s.phase() for s in self.stages[lo:hi])
