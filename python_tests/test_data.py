@@ -35,6 +35,15 @@ def test_digits_are_real_handwriting_split_once_and_drawn_as_labelled():
     assert any(matches) and {int(labels[i]) for i, m in enumerate(matches) if m} == {label}
     # and they move
     assert not torch.equal(clip[0, 0], clip[0, 5])
+    # the validation videos show the validation pool's digits (3 clips: one might pick a shared image by chance)
+    val_images = F.interpolate(images[val_set.pool][:, None], size=(digit, digit), mode="bilinear",
+                               align_corners=False)[:, 0]
+    val_labels = torch.from_numpy(load_digits().target)[val_set.pool]
+    for i in range(3):
+        clip, label = val_set[i]
+        windows = clip[0, 2].unfold(0, digit, 1).unfold(1, digit, 1).reshape(-1, digit, digit)
+        shown = {int(val_labels[j]) for j, c in enumerate(val_images) if (windows - c).abs().amax((1, 2)).min() < 2e-3}
+        assert shown == {label}, (i, shown, label)
 
 
 def test_clutter_and_bad_arguments():
@@ -47,6 +56,35 @@ def test_clutter_and_bad_arguments():
         MovingDigits(8, "test")
     with pytest.raises(DataError, match="size >= 12"):
         MovingDigits(8, size=10)
+
+
+def test_clutter_is_made_of_the_splits_own_digits():
+    """The static clutter of a validation video shows validation digits only (else training would
+    see them as clutter): where the moving digit has passed, a pixel's darkest frame is the
+    clutter, and each of its three quadrants is ``clutter`` x one of the split's images, upscaled."""
+    from sklearn.datasets import load_digits
+    images = torch.from_numpy(load_digits().images).float() / 16
+    size, half, brightness = 20, 10, 0.5
+    for split in ("train", "val"):
+        ds = MovingDigits(6, split, clip_len=8, size=size, seed=2, clutter=brightness)
+        strokes = brightness * F.interpolate(images[ds.pool][:, None], size=(half, half), mode="bilinear",
+                                             align_corners=False)[:, 0]
+        under = ds.videos[:, 0].float().amin(1)  # [videos, H, W]: each pixel's darkest frame
+        for v in range(len(ds)):
+            for y, x in [(0, 0), (half, 0), (0, half)]:
+                quadrant = under[v, y:y + half, x:x + half]
+                explained = ((quadrant - strokes).abs() < 2e-3).float().mean((1, 2)).max().item()
+                assert explained >= 0.9, (split, v, (y, x), explained)  # measured >= 0.97; another split's: <= 0.5
+
+
+def test_train_and_validation_videos_differ():
+    """build_data: the validation set is not the training set again (both embedded datasets)."""
+    for dataset in ("motion", "digits"):
+        cfg = vars(train.parse_args(["--dataset", dataset, "--train-videos", "6", "--val-videos", "6", "--size", "16",
+                                     "--clip-len", "3"]))
+        train_set, val_set = train.build_data(cfg)
+        seen = [train_set[i][0] for i in range(len(train_set))]
+        assert not any(torch.equal(val_set[i][0], clip) for i in range(len(val_set)) for clip in seen), dataset
 
 
 def test_shuffled_frames_permute_each_clip_reproducibly():
