@@ -9,7 +9,8 @@
 #   results.md     the tables for bench/RESULTS.md (bench/gpu_report.py)
 #   dispatch.json  this GPU's measured CUDA-vs-Triton choice per op, to review and commit as
 #                  sideways_kernels/dispatch.json
-# SANITIZE=1 adds compute-sanitizer memcheck on the CUDA kernel tests (about a minute more).
+# SANITIZE=1 adds compute-sanitizer memcheck on the CUDA kernel tests and the Triton box
+# kernels' GPU test (about a minute more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,7 +41,7 @@ say "GPU tests: exit $? — $(tail -1 "$out/gpu_tests.log")"
 
 if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
   phase 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest python_tests/test_gpu.py -q -x \
-    -k "cuda_ops_match or fused_sgd" -p no:cacheprovider > "$out/sanitizer_memcheck.log" 2>&1
+    -k "cuda_ops_match or fused_sgd or box_kernels_on_gpu" -p no:cacheprovider > "$out/sanitizer_memcheck.log" 2>&1
   say "compute-sanitizer memcheck: exit $?"
 fi
 

@@ -220,3 +220,56 @@ def test_cuda_cached_cast_and_tap_sum_follow_the_weight(dtype):
     check(t, w)
     ops.sgd_tick_update(w, None, None, None, t["grad_out"], t["ring"], t["slot"], *a, lr=0.5)
     check(t, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("g", SPLIT_GEOMETRIES[:1] + [Geometry(8, 64, 64, 14, 14, 3, (3, 3), padding=(1, 1)),
+                                                     Geometry(2, 24, 40, 9, 13, 2, (1, 3), padding=(0, 2),
+                                                              dilation=(1, 2))], ids=geometry_id)
+def test_triton_box_kernels_on_gpu(g, dtype):
+    """The sm_90 TMA-box kernels (autotuned, descriptors made on the device): every op against
+    float64, the weight update twice on the same tensors (split-K counters reset), and a
+    forward + fused SGD step captured in a CUDA graph and replayed, equal to running them eagerly."""
+    triton_ops = pytest.importorskip("sideways_kernels.triton")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the box kernels need sm_90 (TMA)")
+    torch.manual_seed(0)
+    S, a = torch.ops.sideways_triton, _a(g)
+    ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=dtype, device="cuda")
+    ring.copy_(torch.randn(ring.shape))
+    weight = torch.randn(g.out_channels, g.channels, g.k_t, *g.k_hw, device="cuda") / (g.channels * g.k_t * 9) ** 0.5
+    grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    d = lambda x: x.double()
+    triton_ops.paths.clear()
+    out = S.ring_conv_forward(ring, None, 1 % g.span, weight, None, *a)
+    torch.testing.assert_close(out.double(), ref.ring_conv_forward(d(ring), None, 1 % g.span, d(weight), None, *a),
+                               rtol=3e-2, atol=5e-2)
+    _close_to_rounding(S.window_input_grad(grad_out, weight, [g.height, g.width], *a[:3], 1), grad_out, weight,
+                       [g.height, g.width], a, 1)
+    grad_w, expected = torch.zeros_like(weight), torch.zeros_like(weight, dtype=torch.float64)
+    for _ in range(2):
+        S.weight_grad_accumulate(grad_w, None, grad_out, ring, 0, *a)
+        ref.weight_grad_accumulate(expected, None, d(grad_out), d(ring), 0, *a)
+    torch.testing.assert_close(grad_w.double(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    assert {op for op, path in triton_ops.paths if path == "box"} == {"ring_conv_forward", "window_input_grad",
+                                                                     "weight_update"}
+
+    def tick(w, buf):
+        y = S.ring_conv_forward(ring, None, 0, w, None, *a)
+        S.sgd_tick_update(w, buf, None, None, grad_out, ring, 0, *a, 0.01, 0.9, 0.0, 1e-4, False, False)
+        return y
+
+    w_eager, buf_eager = weight.clone(), torch.randn_like(weight)
+    w_graph, buf_graph = w_eager.clone(), buf_eager.clone()
+    tick(w_graph.clone(), buf_graph.clone())  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = tick(w_graph, buf_graph)
+    w_graph.copy_(w_eager), buf_graph.copy_(buf_eager)
+    for _ in range(2):
+        graph.replay()
+        y_eager = tick(w_eager, buf_eager)
+        torch.testing.assert_close(y_graph, y_eager)
+        torch.testing.assert_close(w_graph, w_eager)
+        torch.testing.assert_close(buf_graph, buf_eager)
