@@ -140,6 +140,47 @@ def test_temporal_pools_end_the_clip_as_pytorch_does(pool):
         torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
 
 
+class _TimeAxisMoves(nn.Module):
+    """The time axis moved by transpose, unsqueeze, indexing, chunk, stack, squeeze and permute,
+    sizes read from other axes, and amax over time as the head pool (a max head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, (2, 3, 3), padding=(1, 1, 1))
+        self.fc = nn.Linear(2, 5)
+
+    def trunk(self, x):
+        """Per-frame features [B, T, 2, H, W]: time at dim 1."""
+        y = torch.tanh(self.conv(x)).transpose(1, 2)  # [B, T, 4, H, W]
+        y = y.unsqueeze(1)[:, 0, :, 1:] / y.size(2)  # [B, T, 3, H, W]
+        a, b = y.chunk(2, dim=2)  # [B, T, 2, H, W], [B, T, 1, H, W]
+        y = torch.stack([a[:, :, :1], b * a[:, :, 1:]], dim=1).squeeze(3)  # [B, 2, T, H, W]
+        return y.permute(0, 2, 1, 3, 4) + y.shape[3]
+
+    def forward(self, x):
+        return self.fc(self.trunk(x).amax(1).mean((2, 3)))
+
+    def frames(self, x):
+        f = self.trunk(x)
+        return [self.fc(f[:, t].mean((2, 3))) for t in range(f.shape[1])]
+
+
+def test_the_time_axis_is_followed_wherever_it_moves():
+    """predict == the model, and bp == autograd, when the time axis changes place (a converter
+    that lost it would refuse the model or pool the wrong axis)."""
+    model = _TimeAxisMoves().to(DT)
+    video, target = _clip(2, 5, 4, 4), torch.randint(0, 5, (2,))
+    pipe = SidewaysPipeline.from_model(model, mode="bp", example=video[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.predict(video), model(video), rtol=1e-10, atol=1e-12)
+    model.zero_grad()
+    objective(model.frames(video), target).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    pipe.backward_clip(video, target)
+    assert rel_error(_grads(model), expected) <= 1e-9
+
+
 # --- bp mode == autograd of the per-frame objective ----------------------------------------------
 
 @pytest.mark.parametrize("name", TORCHVISION)

@@ -578,8 +578,8 @@ class SidewaysPipeline:
         values = {i: (acc / count if heads[i].head == "mean" else acc) for i, (acc, count) in accumulated.items()}
         stage_of = {i: k for k, nodes in enumerate(self._node_lists) for i in nodes}
         for node in self.graph.nodes:
-            if node.index in values or node.timed:
-                continue
+            if node.index in values or node.timed or not any(p in values for p in node.inputs):
+                continue  # streamed per frame (a time axis, or a size or split of one): not after a head
             device = self._device(stage_of[node.index])
             ins = [values[p].to(device) if isinstance(values[p], torch.Tensor) else values[p] for p in node.inputs]
             values[node.index] = node.offline(*ins)
