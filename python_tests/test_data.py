@@ -2,6 +2,7 @@
 validation digits never seen in training, labels drawn as they say), shuffled frames, and the
 calibration figures of evaluate()."""
 import math
+import os
 
 import pytest
 import torch
@@ -85,6 +86,33 @@ def test_train_and_validation_videos_differ():
         train_set, val_set = train.build_data(cfg)
         seen = [train_set[i][0] for i in range(len(train_set))]
         assert not any(torch.equal(val_set[i][0], clip) for i in range(len(val_set)) for clip in seen), dataset
+
+
+def test_a_folder_without_split_lists_is_split_by_name_into_disjoint_parts(tmp_path):
+    """No trainlist/testlist: every file is in exactly one split (about a fifth in test), and a
+    file's split depends on its name only (adding videos moves none)."""
+    import numpy as np
+    from sideways_kernels.data import VideoFolder
+    root = tmp_path / "tensors"
+
+    def add(c, i):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        np.save(root / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
+
+    def splits():
+        return [{os.path.relpath(path, root) for path, _, _ in VideoFolder(str(root), s, clip_len=2).items}
+                for s in ("train", "test")]
+    for c in ("a", "b"):
+        for i in range(20):
+            add(c, i)
+    train_files, test_files = splits()
+    assert not train_files & test_files and len(train_files | test_files) == 40
+    assert 4 <= len(test_files) <= 14
+    for c in ("a", "b"):
+        for i in range(20, 30):
+            add(c, i)
+    more_train, more_test = splits()
+    assert train_files <= more_train and test_files <= more_test and len(more_train | more_test) == 60
 
 
 def test_shuffled_frames_permute_each_clip_reproducibly():
