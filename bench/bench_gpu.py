@@ -265,8 +265,9 @@ def test_tick(benchmark, graphs):
 
 # --- 4. end to end ------------------------------------------------------------------------------
 
-def _c3d(conv):
-    return models.c3d(10, widths=(64, 128, 256, 256), conv=conv).cuda()
+def _c3d(conv, device="cuda"):
+    """The C3D of these measurements (widths 64-256; bench/tick_model.py builds it too)."""
+    return models.c3d(10, widths=(64, 128, 256, 256), conv=conv).to(device)
 
 
 def _clip_bp(net, video, target):

@@ -1,0 +1,537 @@
+"""A tick model you can read without a GPU: where a Sideways training tick's time should go.
+
+    python bench/tick_model.py --model c3d|r3d_18 --batch 8 --size 112 [--frames 48] [--stages 4]
+                               [--update clip|tick] [--measure]
+
+The pipeline runs one training clip under bf16 autocast on *fake* tensors (shapes, dtypes and
+every launch as on real ones; no arithmetic, so a full-size network costs seconds on a CPU),
+with a dispatch mode counting what the engine launches at each tick: every ``torch.ops.sideways``
+op (the forward, input gradient and weight update of each SidewaysConv3d) and every ATen op that
+is a kernel (views, metadata and allocations are not). From the shapes it prints, per tick and
+per layer and op: FLOPs, the bytes each launch must move at least (every operand read once,
+every result written once), the launch plan (kernels per tick today, and the planned grouped
+launch count), and a predicted time from stated rates, beside clip BP's measured time per
+frame. ``--measure`` (a CUDA GPU) times the same clip and prints measured beside predicted.
+
+The rates (``H200``) are the figures of ``../shared/measurements/h200-2026-11-27/`` (one H200,
+bf16): the 774 TFLOP/s matmul ceiling, cuDNN's and our Triton kernels' measured per-op rates
+(results.md; a layer takes the rate measured at the C3D shape whose input channels are nearest),
+the cost of one eager launch inferred from the C3D tick there (10.66 ms eager vs 2.06 ms from a
+CUDA graph, over the launches this model counts for that tick), clip BP's frames/s (e2e.log) —
+and HBM bandwidth, a datasheet figure (not measured). FLOPs of the input gradient follow
+results.md's convention (every temporal tap: what cuDNN computes; the Triton and CUDA
+backends sum the taps' weights first and do 1/k_t of it). Launches are counted with the
+CPU's backend, where a sideways op is one kernel; on a GPU the Triton and CUDA backends add a
+few small ones (split-K counters, weight relayouts after an update): not counted here.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, models  # noqa: E402
+from sideways_kernels.pipeline import frame_logits  # noqa: E402
+
+aten = torch.ops.aten
+
+# --- the rates: ../shared/measurements/h200-2026-11-27/ (one NVIDIA H200, bf16) ------------------
+H200 = dict(
+    matmul_tflops=774.0,  # measured: a large bf16 torch.matmul (results.md)
+    hbm_tb_s=4.8,  # NOT measured: the H200 datasheet's HBM3e bandwidth
+    # results.md, TFLOP/s per op at the three C3D shapes (C_in, C_out, B, H=W): the best cuDNN
+    # layout, and our Triton kernels (the default backend for bf16 on sm_90)
+    shapes=[(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14)],
+    cudnn=dict(forward=[133.0, 244.6, 241.7], input_grad=[54.2, 127.0, 102.1],
+               weight_accumulate=[174.0, 302.6, 250.6], weight_sgd=[96.5, 178.9, 182.1]),
+    triton=dict(forward=[37.1, 60.2, 56.1], input_grad=[40.9, 139.8, 88.0],
+                weight_accumulate=[27.8, 43.1, 38.7], weight_sgd=[24.3, 40.3, 39.7]),
+    # results.md: a C3D (64-256) tick at B8, 56x56, T64, per-tick SGD, 4 stages, bf16 autocast
+    tick_eager_ms=10.662, tick_graph_ms=2.062,
+    # e2e.log: clip BP (nn.Conv3d + autograd) frames/s at B8, 112x112, bf16 autocast
+    clip_bp_fps={("c3d", 16): 14676, ("c3d", 48): 16616, ("r3d_18", 16): 6550, ("r3d_18", 48): 9125},
+)
+REFERENCE_TICK = dict(model="c3d", batch=8, size=56, frames=16, stages=4, update="tick")  # H200's tick_*_ms
+
+SIDEWAYS_KIND = {"ring_conv_forward": "forward", "window_input_grad": "input_grad",
+                 "weight_grad_accumulate": "weight_accumulate", "sgd_tick_update": "weight_sgd"}
+# ATen ops that launch no kernel: views, metadata, allocations
+NOT_KERNELS = {"detach", "view", "_unsafe_view", "unsqueeze", "squeeze", "as_strided", "slice", "select",
+               "expand", "permute", "t", "transpose", "alias", "empty", "empty_like", "empty_strided", "new_empty",
+               "new_empty_strided", "lift_fresh", "set_", "resize_", "is_same_size", "split", "split_with_sizes",
+               "unbind", "chunk", "view_as", "_reshape_alias", "narrow", "diagonal", "unfold", "sym_size",
+               "sym_stride", "sym_numel", "_has_compatible_shallow_copy_type"}
+GEMM_KINDS = ("forward", "input_grad", "weight_accumulate", "weight_sgd")
+
+
+@dataclasses.dataclass
+class Launch:
+    op: str  # "sideways.ring_conv_forward", "aten.relu_", ...
+    kind: str  # forward | input_grad | weight_accumulate | weight_sgd | other
+    layer: Optional[str]  # the SidewaysConv3d's name (sideways ops)
+    flops: float
+    bytes: float
+    shape: str = ""  # the conv's problem (sideways ops)
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _tensors(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts the launches of each tick (``begin_tick`` starts the next tick's list)."""
+
+    def __init__(self, convs: dict):
+        super().__init__()
+        self.convs = convs  # name -> SidewaysConv3d
+        self.ticks: list[list[Launch]] = []
+
+    def begin_tick(self) -> None:
+        self.ticks.append([])
+
+    def _layer(self, ring=None, weight=None) -> Optional[str]:
+        for name, m in self.convs.items():
+            if (ring is not None and m._ring is ring) or (weight is not None and m.weight is weight):
+                return name
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _shapes_only(func, args, kwargs)
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
+        namespace, name = func.namespace, func._overloadpacket.__name__
+        if not self.ticks or namespace == "prim" or (namespace == "aten" and name in NOT_KERNELS):
+            return out
+        if namespace == "sideways":
+            self.ticks[-1].append(_sideways_launch(name, args, out, self))
+        else:
+            inputs = {id(t): t for t in _tensors(list(args) + list(kwargs.values()))}
+            written = [t for t in _tensors(out)]
+            moved = sum(_nbytes(t) for t in inputs.values()) + sum(_nbytes(t) for t in written)
+            self.ticks[-1].append(Launch(f"{namespace}.{name}", "other", None, _aten_flops(func, args, kwargs, out),
+                                         moved))
+        return out
+
+
+def _shapes_only(func, args, kwargs):
+    """Fake tensors decompose BatchNorm in Python (30 ms a call): only its shapes matter here."""
+    if func is aten.native_batch_norm.default:
+        x = args[0]
+        stats = x.new_empty((x.shape[1],), dtype=torch.float32)
+        return torch.empty_like(x), stats, stats.clone()
+    if func is aten.native_batch_norm_backward.default:
+        x, w, mask = args[1], args[2], args[9]
+        return (torch.empty_like(x) if mask[0] else None,
+                torch.empty_like(w) if mask[1] and w is not None else None,
+                torch.empty_like(w) if mask[2] and w is not None else None)
+    return NotImplemented
+
+
+def _aten_flops(func, args, kwargs, out) -> float:
+    from torch.utils.flop_counter import flop_registry
+    formula = flop_registry.get(func._overloadpacket)
+    if formula is None:
+        return 0.0
+    try:
+        return float(formula(*args, **kwargs, out_val=out))
+    except Exception:  # a formula that does not take these arguments
+        return 0.0
+
+
+def _sideways_launch(name: str, args, out, rec: _Recorder) -> Launch:
+    """FLOPs and least bytes of one sideways op (ops.py's argument order)."""
+    kind = SIDEWAYS_KIND[name]
+    if name == "ring_conv_forward":
+        ring, frame, _, weight, bias = args[:5]
+        layer, grad_out = rec._layer(ring=ring, weight=weight), out
+    elif name == "window_input_grad":
+        grad_out, weight = args[:2]
+        ring, frame, bias, layer = None, None, None, rec._layer(weight=weight)
+    elif name == "weight_grad_accumulate":
+        weight, bias, grad_out, ring = args[:4]
+        frame, layer = None, rec._layer(ring=ring)
+    else:  # sgd_tick_update
+        weight, _, bias, _, grad_out, ring = args[:6]
+        frame, layer = None, rec._layer(ring=ring, weight=weight)
+    m = rec.convs.get(layer)
+    k_t = weight.shape[2]
+    act = grad_out.element_size()
+    flops = 2.0 * grad_out.numel() * weight[0].numel()  # every tap (results.md's convention)
+    frame_bytes = 0 if m is None or m._ring is None else m._ring[0].numel() * act
+    w_gemm = weight.numel() * act  # the weight as the GEMMs read it: in the activations' type
+    if kind == "forward":
+        moved = k_t * frame_bytes + w_gemm + _nbytes(out) + 2 * _nbytes(frame) + _nbytes(bias)
+    elif kind == "input_grad":
+        moved = _nbytes(grad_out) + w_gemm / k_t + _nbytes(out)  # the taps' summed weight
+    elif kind == "weight_accumulate":
+        moved = _nbytes(grad_out) + k_t * frame_bytes + 2 * _nbytes(weight) + 2 * _nbytes(bias)
+    else:  # weight, momentum buffer: read and written
+        moved = _nbytes(grad_out) + k_t * frame_bytes + 4 * _nbytes(weight) + 4 * _nbytes(bias)
+    shape = ""
+    if m is not None:
+        b, c, h, w = m._ring.shape[1:] if m._ring is not None else (0, 0, 0, 0)
+        ks = "x".join(str(k) for k in m.kernel_size)
+        st = "" if tuple(m.stride) == (1, 1, 1) else " s" + "x".join(str(s) for s in m.stride)
+        shape = f"{c}->{m.out_channels} {h}x{w} k{ks}{st}"
+    return Launch(f"sideways.{name}", kind, layer, flops, moved, shape)
+
+
+# --- the networks ----------------------------------------------------------------------------------
+
+def build(model: str, stages: int, update: str = "clip", device: str = "cpu"):
+    """(network, pipeline) as the H200 run built them: C3D 64-256 (bench_gpu's builder), or a
+    converted r3d_18 (width 64, BatchNorm per frame)."""
+    import bench_gpu
+    if model == "c3d":
+        net = bench_gpu._c3d(SidewaysConv3d, device)
+        cut = lambda **kw: SidewaysPipeline(models.stages(net, stages), **kw)
+    elif model == "r3d_18":
+        net = models.r3d_18(10).to(device)
+        cut = lambda **kw: SidewaysPipeline.from_model(net, stages=stages, batchnorm="frame", **kw)
+    else:
+        raise ValueError(f"--model must be c3d or r3d_18, got {model!r}")
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9) if update == "tick" else None
+    return net, cut(update=update, optimizer=opt, cuda_graph=False)
+
+
+def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake: bool = True):
+    """Run two training clips, as a training loop does (the gradients set to None in between),
+    and count each tick's launches in the second (the first allocates the rings and buffers).
+    Returns (ticks: a list of Launch lists, one per tick, plans: the schedule's TickPlans)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, SidewaysConv3d)}
+    rec = _Recorder(convs)
+    engine = pipe.engine
+    own = vars(engine).get("_tick")  # an instance's own _tick (a test's), put back after
+    tick = engine._tick
+
+    def counted(*a, **kw):
+        rec.begin_tick()
+        return tick(*a, **kw)
+    schedule = pipe._schedule(frames, "sideways", True)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    try:
+        with mode:
+            video = torch.zeros(batch, 3, frames, size, size)
+            target = torch.zeros(batch, dtype=torch.long)
+            out_len = pipe.output_length(frames)
+            loss = lambda out, t: F.cross_entropy(frame_logits(out), target) / out_len
+            for recorded in (False, True):
+                engine._tick = counted if recorded else tick
+                clip = (video[:, :, t:t + 1] for t in range(frames))
+                with rec if recorded else contextlib.nullcontext(), \
+                        torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                    for _ in engine.run(schedule, clip, "sideways", loss, [], backend=pipe.backend,
+                                        optimizer=pipe.optimizer, update=pipe.update):
+                        pass
+                net.zero_grad(set_to_none=True)
+    finally:
+        if own is None:
+            del engine._tick
+        else:
+            engine._tick = own
+        if fake:  # leave no fake tensor behind
+            from sideways_kernels.graph import PoolNode
+            for m in net.modules():
+                if isinstance(m, SidewaysConv3d):
+                    m._ring = None
+            for node in pipe.graph.nodes:
+                if isinstance(node, PoolNode):
+                    node._ring = None
+            net.zero_grad(set_to_none=True)
+            if pipe.optimizer is not None:
+                pipe.optimizer.state.clear()
+            engine.buffers.clear(), engine.fifo.clear(), engine.queue.clear()
+    return rec.ticks, list(schedule)
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+def _rate(table: str, kind: str, layer_cin: int) -> float:
+    """TFLOP/s of ``kind`` from H200[table] at the measured shape with the nearest C_in."""
+    shapes = H200["shapes"]
+    i = min(range(len(shapes)), key=lambda j: abs(math.log2(max(layer_cin, 1)) - math.log2(shapes[j][0])))
+    return H200[table][kind][i]
+
+
+def _cin(shape: str) -> int:
+    return int(shape.split("->")[0]) if "->" in shape else 64
+
+
+def gemm_us(launch: Launch, table: str) -> float:
+    """Predicted µs of one sideways op: its FLOPs at the measured rate, or its bytes at the HBM
+    datasheet bandwidth if that is longer."""
+    rate = H200["matmul_tflops"] if table == "ceiling" else _rate(table, launch.kind, _cin(launch.shape))
+    return max(launch.flops / (rate * 1e12), launch.bytes / (H200["hbm_tb_s"] * 1e12)) * 1e6
+
+
+def memory_us(launch: Launch) -> float:
+    return launch.bytes / (H200["hbm_tb_s"] * 1e12) * 1e6
+
+
+def planned_launches(tick: list[Launch]) -> tuple[int, list[str]]:
+    """The grouped plan for one tick: one launch per GEMM kind present (every layer's problems
+    in one grouped/persistent launch); elementwise nodes (activations, joins, casts, BatchNorm's
+    normalisation, copies into rings and buffers) fused into those launches' epilogues; one
+    launch for every BatchNorm's per-frame statistics forward and one backward; one for the
+    loss and the head; one for the optimizer step of the parameters the fused update does not
+    cover."""
+    parts = []
+    kinds = sorted({l.kind for l in tick if l.kind in GEMM_KINDS})
+    parts += [f"grouped {k}" for k in kinds]
+    ops = {l.op for l in tick}
+    if "aten.native_batch_norm" in ops:
+        parts.append("BatchNorm statistics (forward)")
+    if "aten.native_batch_norm_backward" in ops:
+        parts.append("BatchNorm statistics (backward)")
+    if ops & {"aten.nll_loss_forward", "aten._log_softmax"}:
+        parts.append("loss and head")
+    if any(op.startswith("aten._foreach") for op in ops):
+        parts.append("optimizer step (non-conv parameters)")
+    return len(parts), parts
+
+
+@dataclasses.dataclass
+class TickSummary:
+    index: int  # the tick shown
+    steady: bool
+    launches: list
+    flops: float
+    min_bytes: float  # the GEMMs' operands, once each
+    other_bytes: float  # what today's other launches move
+    gemm_us: dict  # table -> µs of the tick's GEMMs
+    other_us: float
+
+
+def summarize(ticks: list, plans: list, index: Optional[int] = None) -> TickSummary:
+    """The tick a steady state repeats (the busiest steady tick), else the busiest tick."""
+    if index is None:
+        steady = [i for i, p in enumerate(plans) if p.steady]
+        pool = steady or range(len(ticks))
+        index = max(pool, key=lambda i: (len(ticks[i]), sum(l.flops for l in ticks[i])))
+    tick = ticks[index]
+    gemms = [l for l in tick if l.kind in GEMM_KINDS]
+    others = [l for l in tick if l.kind not in GEMM_KINDS]
+    return TickSummary(index, plans[index].steady, tick, sum(l.flops for l in tick), sum(l.bytes for l in gemms),
+                       sum(l.bytes for l in others), {t: sum(gemm_us(l, t) for l in gemms)
+                                                      for t in ("cudnn", "triton", "ceiling")},
+                       sum(memory_us(l) for l in others))
+
+
+@dataclasses.dataclass
+class LaunchCosts:
+    """What a launch costs beyond its math, inferred from the H200's C3D tick (eager 10.66 ms,
+    CUDA graph 2.06 ms) and this model of that tick: ``graph_us``, inside a graph (the GPU's
+    launch latency, a small kernel's ramp and tail, stream joins): (graph time - modelled math)
+    / launches; ``eager_us``, on top of that when launched from Python: (eager - graph) /
+    launches."""
+    launches: int
+    modelled_ms: float
+    graph_us: float
+    eager_us: float
+
+
+def launch_costs() -> LaunchCosts:
+    r = REFERENCE_TICK
+    net, pipe = build(r["model"], r["stages"], r["update"])
+    ticks, plans = record(net, pipe, r["batch"], r["size"], r["frames"])
+    s = summarize(ticks, plans)
+    n, modelled = len(s.launches), (s.gemm_us["triton"] + s.other_us) / 1e3
+    return LaunchCosts(n, modelled, max(H200["tick_graph_ms"] - modelled, 0.0) * 1e3 / n,
+                       (H200["tick_eager_ms"] - H200["tick_graph_ms"]) * 1e3 / n)
+
+
+def layer_frames(pipe, frames: int) -> dict:
+    """Output frames of each SidewaysConv3d for a clip of ``frames`` (what the clip forward
+    computes), by the layer's name."""
+    from sideways_kernels.graph import SOURCE, ChainNode, ConvNode
+    graph = pipe.graph
+    lengths = graph.lengths(frames)
+    of = {}
+    for node in graph.nodes:
+        if isinstance(node, ConvNode):
+            of[id(node.module)] = lengths[node.index]
+        elif isinstance(node, ChainNode):
+            n = frames if node.inputs[0] == SOURCE else lengths[node.inputs[0]]
+            for layer in node.layers:
+                n += layer.length_change
+                of[id(layer)] = n
+    return of
+
+
+def per_frame_bp_us(net, pipe, ticks: list, frames: int) -> float:
+    """Clip BP's convolutions per frame at cuDNN's rates: each layer's forward, input gradient
+    (where the Sideways tick computes one) and weight gradient, once per frame it outputs."""
+    out_frames = layer_frames(pipe, frames)
+    convs = dict(net.named_modules())
+    seen: dict = {}
+    for tick in ticks:
+        for l in tick:
+            if l.layer is not None and l.kind in GEMM_KINDS:
+                seen.setdefault(l.layer, {})[l.kind] = l
+    total = 0.0
+    for layer, by_kind in seen.items():
+        share = out_frames.get(id(convs[layer]), frames) / frames
+        fwd = by_kind.get("forward")
+        if fwd is None:
+            continue
+        kinds = ["forward", "weight_accumulate"] + (["input_grad"] if "input_grad" in by_kind else [])
+        total += share * sum(gemm_us(dataclasses.replace(fwd, kind=k), "cudnn") for k in kinds)
+    return total
+
+
+def report(model: str, batch: int, size: int, frames: int, stages: int, update: str, measure: bool = False,
+           out=sys.stdout) -> dict:
+    began = time.perf_counter()
+    net, pipe = build(model, stages, update)
+    ticks, plans = record(net, pipe, batch, size, frames)
+    s = summarize(ticks, plans)
+    costs = launch_costs()
+    p = lambda *a: print(*a, file=out)
+    p(f"# Tick model: {model}, B{batch}, {size}x{size}, T{frames}, {stages} stages, update={update!r}, bf16 autocast")
+    p(f"{len(ticks)} ticks for {frames} frames (fill and drain: {len(ticks) - frames}); "
+      f"{sum(p_.steady for p_ in plans)} steady. Shown: tick {s.index} ({'steady' if s.steady else 'the busiest'}).")
+    p("")
+    p("## Per layer and op (one call; the tick shown)")
+    p(f"{'layer':32} {'problem':28} {'op':18} {'calls':>5} {'GFLOP':>8} {'MB min':>8} "
+      f"{'us cuDNN':>9} {'us Triton':>9} {'us ceil':>8}")
+    rows = collections.OrderedDict()
+    for l in s.launches:
+        if l.kind in GEMM_KINDS:
+            rows.setdefault((l.layer, l.kind), [l, 0])[1] += 1
+    for (layer, kind), (l, n) in rows.items():
+        p(f"{str(layer)[:32]:32} {l.shape[:28]:28} {kind:18} {n:5d} {l.flops / 1e9:8.3f} {l.bytes / 1e6:8.2f} "
+          f"{gemm_us(l, 'cudnn'):9.1f} {gemm_us(l, 'triton'):9.1f} {gemm_us(l, 'ceiling'):8.1f}")
+    p("")
+    p("## Other launches of the tick shown (ATen kernels: bytes at the HBM datasheet bandwidth)")
+    others = collections.OrderedDict()
+    for l in s.launches:
+        if l.kind not in GEMM_KINDS:
+            o = others.setdefault(l.op, [0, 0.0])
+            o[0] += 1
+            o[1] += l.bytes
+    for op, (n, b) in sorted(others.items(), key=lambda kv: -kv[1][1]):
+        p(f"  {op:40} x{n:<4d} {b / 1e6:9.2f} MB {b / (H200['hbm_tb_s'] * 1e12) * 1e6:8.1f} us")
+    n_today = len(s.launches)
+    n_sideways = sum(l.kind in GEMM_KINDS for l in s.launches)
+    planned, parts = planned_launches(s.launches)
+    mean_launches = sum(len(t) for t in ticks) / len(ticks)
+    p("")
+    p("## Launch plan")
+    p(f"today: {n_today} launches this tick ({n_sideways} sideways ops, {n_today - n_sideways} ATen kernels); "
+      f"{mean_launches:.0f} per tick on average over the clip")
+    p(f"planned (grouped): {planned} — " + "; ".join(parts))
+    p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
+      f"from the H200 C3D tick (B8 56x56 per-tick SGD: {H200['tick_graph_ms']} ms in a graph, "
+      f"{H200['tick_eager_ms']} ms eager) over the {costs.launches} launches and {costs.modelled_ms:.3f} ms of "
+      f"modelled math this model finds in that tick")
+    p("")
+    gemm, other = s.gemm_us, s.other_us
+    graph = gemm["triton"] + other + n_today * costs.graph_us
+    eager = graph + n_today * costs.eager_us
+    grouped = gemm["cudnn"] + planned * costs.graph_us  # every GEMM at cuDNN's rates, elementwise work fused
+    p("## Predicted time of the tick shown (H200 rates; HBM: datasheet)")
+    p(f"FLOPs {s.flops / 1e9:.1f} GFLOP; bytes: GEMM operands {s.min_bytes / 1e6:.1f} MB (the least a tick "
+      f"moves), other launches {s.other_bytes / 1e6:.1f} MB")
+    p(f"GEMMs: {gemm['cudnn'] / 1e3:.3f} ms at cuDNN's rates, {gemm['triton'] / 1e3:.3f} ms at our Triton "
+      f"kernels' (measured), {gemm['ceiling'] / 1e3:.3f} ms at the {H200['matmul_tflops']:.0f} TFLOP/s ceiling")
+    p(f"other launches (memory-bound): {other / 1e3:.3f} ms; per-launch costs: {n_today} x "
+      f"({costs.graph_us:.1f} + {costs.eager_us:.1f}) us")
+    p(f"=> eager today ~{eager / 1e3:.3f} ms; CUDA graph today ~{graph / 1e3:.3f} ms; grouped ({planned} launches) "
+      f"at cuDNN's rates, elementwise fused, in a graph ~{grouped / 1e3:.3f} ms; at the ceiling "
+      f"~{gemm['ceiling'] / 1e3:.3f} ms")
+    means = [summarize(ticks, plans, i) for i in range(len(ticks))]
+    mean = lambda f: sum(f(m) for m in means) / len(means)
+    mean_graph = mean(lambda m: m.gemm_us["triton"] + m.other_us + len(m.launches) * costs.graph_us)
+    mean_eager = mean_graph + mean(lambda m: len(m.launches)) * costs.eager_us
+    mean_grouped = mean(lambda m: m.gemm_us["cudnn"] + planned_launches(m.launches)[0] * costs.graph_us)
+    p(f"mean over the clip's {len(ticks)} ticks: eager today ~{mean_eager / 1e3:.3f} ms, CUDA graph today "
+      f"~{mean_graph / 1e3:.3f} ms, grouped in a graph ~{mean_grouped / 1e3:.3f} ms per tick; "
+      f"{mean(lambda m: m.flops) / 1e9:.1f} GFLOP per tick")
+    bp = H200["clip_bp_fps"].get((model, frames))
+    bp_model = per_frame_bp_us(net, pipe, ticks, frames)
+    p("")
+    p("## Clip BP, per frame (a frame of all B clips: what a tick must take to match it)")
+    if bp is not None and batch == 8 and size == 112:
+        p(f"measured (e2e.log, B8 112x112 T{frames}): {bp} frames/s = {batch / bp * 1e3:.3f} ms per frame")
+    else:
+        p("measured (e2e.log): only at B8, 112x112, T16 and T48")
+    p(f"model: its convolutions at cuDNN's rates: {bp_model / 1e3:.3f} ms per frame")
+    per_frame = lambda ms: ms * len(ticks) / frames
+    p(f"Sideways per frame (ticks per frame {len(ticks) / frames:.2f}): eager today ~{per_frame(mean_eager) / 1e3:.3f} "
+      f"ms, CUDA graph today ~{per_frame(mean_graph) / 1e3:.3f} ms, grouped ~{per_frame(mean_grouped) / 1e3:.3f} ms")
+    p(f"(modelled in {time.perf_counter() - began:.0f} s)")
+    result = dict(ticks=len(ticks), shown=s.index, launches=n_today, planned=planned, costs=costs,
+                  predicted_eager_ms=eager / 1e3, predicted_graph_ms=graph / 1e3, predicted_grouped_ms=grouped / 1e3,
+                  mean_eager_ms=mean_eager / 1e3, mean_graph_ms=mean_graph / 1e3, mean_grouped_ms=mean_grouped / 1e3)
+    if measure:
+        result.update(measure_on_gpu(model, batch, size, frames, stages, update, out))
+    return result
+
+
+def measure_on_gpu(model, batch, size, frames, stages, update, out=sys.stdout, clips: int = 4) -> dict:
+    """Times the same clip on a CUDA GPU, CUDA graphs off and on: ms per tick (mean of the last
+    clips, after the first ones warmed up and captured)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--measure needs a CUDA GPU")
+    got = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        net, pipe = build(model, stages, update, device="cuda")
+        pipe.cuda_graph = graphs
+        video = torch.randn(batch, 3, frames, size, size, device="cuda")
+        target = torch.randint(0, 10, (batch,), device="cuda")
+        times = []
+        for _ in range(clips):
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16):
+                pipe.backward_clip(video, target)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+            net.zero_grad(set_to_none=True)
+        ms = sum(times[2:]) / len(times[2:]) / pipe.last_ticks * 1e3
+        replays = pipe._graphs.replays if pipe._graphs is not None else 0
+        got[f"measured_{'graph' if graphs else 'eager'}_ms"] = ms
+        print(f"measured, graphs {'on ' if graphs else 'off'}: {ms:.3f} ms per tick (mean over the clip; replays "
+              f"{replays}), {batch * frames / (ms * pipe.last_ticks / 1e3):.0f} frames/s", file=out)
+    return got
+
+
+def main(argv=None) -> None:
+    a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a.add_argument("--model", choices=["c3d", "r3d_18"], default="c3d")
+    a.add_argument("--batch", type=int, default=8)
+    a.add_argument("--size", type=int, default=112)
+    a.add_argument("--frames", type=int, default=48)
+    a.add_argument("--stages", type=int, default=4)
+    a.add_argument("--update", choices=["clip", "tick"], default="clip")
+    a.add_argument("--measure", action="store_true", help="also time the clip on a CUDA GPU")
+    args = a.parse_args(argv)
+    report(args.model, args.batch, args.size, args.frames, args.stages, args.update, args.measure)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""bench/tick_model.py: its FLOPs against an independent count (torch.utils.flop_counter on the
+clip forward and backward of the same network, per layer and output frame), and its launch
+counts against what the engine launches (a run on real tensors, and the backend's op calls
+counted by wrapping them)."""
+import io
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import tick_model as tm  # noqa: E402
+from graphs import Residuals  # noqa: E402
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, backend, models  # noqa: E402
+
+T = 5
+
+
+def _c3d():
+    torch.manual_seed(0)
+    net = models.c3d(5, widths=(4, 6, 8, 8), conv=SidewaysConv3d)
+    return net, SidewaysPipeline(models.stages(net, 4))
+
+
+def _residuals():
+    torch.manual_seed(0)
+    net = Residuals()
+    return net, SidewaysPipeline.from_model(net, stages=2, batchnorm="frame")
+
+
+@pytest.mark.parametrize("make", [_c3d, _residuals], ids=["c3d", "residuals"])
+def test_flops_per_call_equal_the_clip_flops_per_output_frame(make):
+    """Every conv's forward, and its input and weight gradient, per call = flop_counter's count
+    for that layer on the whole clip (forward, and backward) over the frames it outputs."""
+    net, pipe = make()
+    ticks, _ = tm.record(net, pipe, 2, 16, T, amp=False, fake=True)
+    per_call: dict = {}
+    for tick in ticks:
+        for launch in tick:
+            if launch.layer is not None:
+                assert per_call.setdefault((launch.layer, launch.kind), launch.flops) == launch.flops
+    frames_out = {}
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, SidewaysConv3d)}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: frames_out.__setitem__(n, o.shape[2]))
+             for n, m in convs.items()]
+    with FlopCounterMode(display=False) as counter:
+        out = net(torch.randn(2, 3, T, 16, 16))
+        out.sum().backward()
+    for h in hooks:
+        h.remove()
+    counts = counter.get_flop_counts()
+    prefix = type(net).__name__
+    assert {layer for layer, _ in per_call} == set(convs)
+    for name, m in convs.items():
+        got = {str(op): n for op, n in counts[f"{prefix}.{name}"].items()}
+        t_out = frames_out[name]
+        assert per_call[(name, "forward")] * t_out == got["aten.convolution"]
+        if m.weight[0].numel() > m.in_channels:  # (flop_counter counts a strided 1x1x1 conv's backward otherwise)
+            backward = per_call[(name, "weight_accumulate")] + per_call.get((name, "input_grad"), 0.0)
+            assert backward * t_out == got["aten.convolution_backward"]
+
+
+class _Counted:
+    """The backend's ops, counted per tick."""
+
+    def __init__(self):
+        self.ticks: list = []
+        self.real = backend.kernels
+
+    def kernels(self, name):
+        ops = self.real(name)
+        wrapped = {}
+        for op in backend.OPS:
+            def call(*a, _op=op, _fn=getattr(ops, op), **kw):
+                self.ticks[-1].append(_op)
+                return _fn(*a, **kw)
+            wrapped[op] = call
+        return type(ops)(**wrapped)
+
+
+@pytest.mark.parametrize("make,update", [(_c3d, "clip"), (_c3d, "tick"), (_residuals, "clip")],
+                         ids=["c3d-clip", "c3d-tick", "residuals-clip"])
+def test_launch_counts_are_what_the_engine_launches(make, update, monkeypatch):
+    """Per tick, the launches counted on fake tensors are those of a run on real tensors, the
+    sideways ops among them are the calls the engine makes to the backend, and the report prints
+    the count of the tick it shows; a chain's tick is planned in at most 4 launches."""
+    net, pipe = make()
+    if update == "tick":
+        pipe.update, pipe.optimizer = "tick", torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    fake, plans = tm.record(net, pipe, 2, 16, T, fake=True)
+    counted = _Counted()
+    monkeypatch.setattr(backend, "kernels", counted.kernels)
+    tick = pipe.engine._tick
+
+    def each_tick(*a, **kw):
+        counted.ticks.append([])
+        return tick(*a, **kw)
+    monkeypatch.setattr(pipe.engine, "_tick", each_tick)
+    real, _ = tm.record(net, pipe, 2, 16, T, fake=False)
+    assert len(fake) == len(real) == len(plans) == len(counted.ticks) // 2  # (a warm-up clip, then the counted one)
+    for f, r, calls in zip(fake, real, counted.ticks[len(real):]):
+        assert [l.op for l in f] == [l.op for l in r]
+        assert [l.op.split(".", 1)[1] for l in f if l.op.startswith("sideways.")] == calls
+    shown = tm.summarize(fake, plans)
+    assert shown.launches == fake[shown.index] and len(shown.launches) > 10
+    if make is _c3d:
+        assert tm.planned_launches(shown.launches)[0] <= 4
+
+    costs = tm.LaunchCosts(50, 0.5, 20.0, 100.0)
+    monkeypatch.setattr(tm, "build", lambda *a, **kw: (net, pipe))
+    monkeypatch.setattr(tm, "launch_costs", lambda: costs)
+    out = io.StringIO()
+    result = tm.report("c3d", 2, 16, T, 4, update, out=out)
+    assert result["launches"] == len(fake[result["shown"]])
+    sideways = sum(l.op.startswith("sideways.") for l in fake[result["shown"]])
+    assert f"today: {result['launches']} launches this tick ({sideways} sideways ops" in out.getvalue()
