@@ -6,7 +6,8 @@ target=GPUTarget("cuda", arch, 32))``:
 - the general kernels (kernels.py: forward, input gradient, weight update accumulating and with
   the SGD epilogue) for sm_90a and sm_80, fp32 and bf16;
 - the box kernels (boxes.py: TMA boxes, wgmma, persistent) for sm_90a, bf16 — the only
-  architecture and type the ops send them.
+  architecture and type the ops send them; the input gradient is the forward's kernel on the
+  error (one slot, no bias), compiled in that specialisation.
 One line each: registers, stack (spills), shared memory, and what the PTX does — the matrix
 instruction family (``wgmma``, ``mma``, or ``fma`` without tensor cores), ``tma``
 (``cp.async.bulk.tensor``), ``cp.async`` (pipelined element copies), and ``persistent`` (the
@@ -86,7 +87,8 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "weight_update": (K._weight_update_kernel, update_ptrs, update),
         "box_forward": (X._box_forward_kernel, dict(ring=act, weight=act, bias=master, out=act),
                         dict(KT=3, KH=3, KW=3, HAS_BIAS=True)),
-        "box_input_grad": (X._box_input_grad_kernel, dict(grad_out=act, wsum=act, grad_in=act), dict(KH=3, KW=3)),
+        "box_input_grad": (X._box_forward_kernel, dict(ring=act, weight=act, bias=act, out=act),  # the error as a ring
+                           dict(KT=1, KH=3, KW=3, HAS_BIAS=False)),
         "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(update, TAPS=3)),
     }[base]
     if not base.startswith("box"):

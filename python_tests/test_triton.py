@@ -123,17 +123,22 @@ def test_a_converted_graph_runs_triton_and_matches_the_torch_backend():
 def test_sideways_under_autocast_runs_triton_on_16_bit_rings_with_float32_masters():
     """CPU autocast float16 (bfloat16 is wrong in the interpreter): the ring, the errors and the
     cached cast of the weight are float16, gradients float32, and the result is the torch
-    backend's under the same autocast."""
-    net = classifier_net([(3, 1, 1), (2, 0, 2)], dtype=torch.float32, act=torch.nn.Tanh)
-    video, target = torch.randn(2, 3, 7, 8, 7), torch.randint(0, 7, (2,))
+    backend's under the same autocast. The second conv (16 channels in and out) runs on the box
+    kernels, the first (3 input channels) and the head (7 outputs) on the general ones."""
+    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32, act=torch.nn.Tanh)
+    video, target = torch.randn(2, 3, 6, 9, 8), torch.randint(0, 7, (2,))
     results = {}
     for backend in ("torch", "triton"):
         T.launches.clear()
+        T.paths.clear()
         net.zero_grad()
         with torch.autocast("cpu", torch.float16):
             out = SidewaysPipeline(stages_of(net, 2), backend=backend).backward_clip(video, target)
         results[backend] = (out.loss, grads(net), T.launches["weight_grad_accumulate"])
     assert results["triton"][2] > 0 and all(g.dtype == torch.float32 for g in results["triton"][1])
+    assert {op for op, path in T.paths if path == "box"} == {"ring_conv_forward", "window_input_grad",
+                                                             "weight_update"}
+    assert ("ring_conv_forward", "general") in T.paths
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=2e-3, atol=2e-3)
     assert rel_error(results["triton"][1], results["torch"][1]) < 5e-3
 
@@ -354,26 +359,6 @@ def test_split_k_is_deterministic_whatever_the_arrival_order(path):
     ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(t["ring"]), t["slot"], *_a(g))
     _close(results[0], expected, torch.float32)
     assert all(torch.equal(results[0], r) for r in results[1:])
-
-
-def test_a_16_bit_pipeline_takes_the_box_kernels_where_it_can():
-    """Under CPU autocast (float16) a net whose second conv has 16 channels in and out runs that
-    layer's ops on the box path and the first layer's (3 input channels) on the general one,
-    with the torch backend's results."""
-    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32, act=torch.nn.Tanh)
-    video, target = torch.randn(2, 3, 6, 9, 8), torch.randint(0, 7, (2,))
-    results = {}
-    for backend in ("torch", "triton"):
-        T.paths.clear()
-        net.zero_grad()
-        with torch.autocast("cpu", torch.float16):
-            out = SidewaysPipeline(stages_of(net, 2), backend=backend).backward_clip(video, target)
-        results[backend] = (out.loss, grads(net))
-    assert {op for op, path in T.paths if path == "box"} == {"ring_conv_forward", "window_input_grad",
-                                                             "weight_update"}
-    assert ("ring_conv_forward", "general") in T.paths
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=2e-3, atol=2e-3)
-    assert rel_error(results["triton"][1], results["torch"][1]) < 5e-3
 
 
 def test_split_factor_and_pruning():

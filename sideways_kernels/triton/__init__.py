@@ -38,7 +38,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _chosen: dict = {"config": None, "box_config": None, "split": None, "path": None, "rotation": 0}  # set by using()
 _autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
-_derived: dict = {}  # (id(weight), summed) -> (weak reference to it, version, dtype, the weight cast or summed)
+_derived: dict = {}  # (id(weight), summed, flipped) -> (weak reference to it, version, dtype, the weight as read)
 
 
 @contextlib.contextmanager
@@ -79,12 +79,12 @@ _PROBLEM = {
     "window_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"] // a["groups"], a["grad_out"]),
     "weight_update": lambda a: (a["C_OUT"] // a["groups"], a["C"] // a["groups"], a["ring"]),  # a tile: one tap
     "box_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"], a["ring"]),
-    "box_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"], a["grad_out"]),
+    "box_input_grad": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"], a["ring"]),  # the forward's kernel
     "box_weight_update": lambda a: (a["C_OUT"], a["C"], a["ring"]),
 }
 _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
     "box_forward": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_M),
-    "box_input_grad": (lambda a: (a["H"], a["W"]), lambda c: c.BLOCK_M),
+    "box_input_grad": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_M),
     "box_weight_update": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_K),
 }
 _SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
@@ -305,20 +305,25 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
            and conv_output_size(W, k_w, stride[1], padding[1], dilation[1]) == w_out,
            f"grad_out's {h_out}x{w_out} is not the conv output size for input_size {input_size}")
     cg = weight.shape[1]
-    summed = _weight_as(weight, grad_out.dtype, summed=True)
     grad_in = torch.empty((B, cg * groups, H, W), dtype=grad_out.dtype, device=grad_out.device,
                           memory_format=torch.channels_last)
     launches["window_input_grad"] += 1
     if _take_box("window_input_grad", box_path(grad_out.device, grad_out.dtype, stride, groups, (cg, c_out),
                                                (grad_out,))):
+        # the forward's box kernel on the error as a one-slot ring, with the taps' sum flipped in
+        # space and the padding that makes a stride-1 transposed conv a conv (boxes.py)
         _descriptor_scratch(grad_out.device)
-        _launch(X._box_input_grad_kernel, "box_input_grad",
+        flipped = _weight_as(weight, grad_out.dtype, summed=True, flipped=True)
+        error = grad_out.unsqueeze(0)
+        pad = [dilation[i] * (weight.shape[3 + i] - 1) - padding[i] for i in range(2)]
+        _launch(X._box_forward_kernel, "box_input_grad",
                 lambda cfg: _persistent(B * triton.cdiv(H, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(W, cfg.BOX_W)
                                         * triton.cdiv(cg, cfg.BLOCK_N), grad_out.device),
-                [grad_out, summed, grad_in, *_tma_strides(grad_out), *_tma_strides(grad_in),
-                 B, cg, H, W, c_out, h_out, w_out, *padding, *dilation],
-                dict(KH=k_h, KW=k_w), grad_out.device, element_size=grad_out.element_size())
+                [error, flipped, flipped, grad_in, *_tma_strides(error), *_tma_strides(grad_in),
+                 B, c_out, h_out, w_out, cg, H, W, 1, 0, *pad, *dilation, 1],
+                dict(KT=1, KH=k_h, KW=k_w, HAS_BIAS=False), grad_out.device, element_size=grad_out.element_size())
         return grad_in
+    summed = _weight_as(weight, grad_out.dtype, summed=True)
     M, N = B * H * W, cg
     _launch(K._window_input_grad_kernel, "window_input_grad",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
@@ -329,24 +334,26 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
     return grad_in
 
 
-def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False) -> torch.Tensor:
+def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False, flipped: bool = False) -> torch.Tensor:
     """The weight as the GEMMs read it: in the activations' dtype (float32 masters meet 16-bit
     activations as autocast rounds them, and the tensor cores read 16-bit operands), laid out so
     that for each tap the [reduction, N] operand is dense with N innermost (output channels for
     the forward: memory [k_t, k_h, k_w, C/groups, C_out]; input channels for the input gradient,
-    whose operand is the taps' sum: memory [k_h, k_w, C_out, C/groups]) — unit-stride vectors
+    whose operand is the taps' sum: memory [k_h, k_w, C_out, C/groups]; ``flipped``: that sum
+    with its spatial taps reversed, for the box kernels' input gradient) — unit-stride vectors
     Triton can load 16 bytes at a time and pipeline. Same shape and indexing as the weight.
     Made once per version of that weight tensor (every in-place update bumps ``_version``, this
     module's fused SGD op too: a triton_op bumps the arguments it declares mutated). Inside a
     CUDA-graph capture or a compile it is always computed, so a replay recomputes it."""
     def make():
         if summed:  # [C_out, C/groups, k_h, k_w], memory [k_h, k_w, C_out, C/groups]
-            return weight.sum(2).to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+            taps = weight.sum(2).flip(2, 3) if flipped else weight.sum(2)
+            return taps.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
         return weight.to(dtype).permute(2, 3, 4, 1, 0).contiguous().permute(4, 3, 0, 1, 2)
     capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing:
         return make()
-    key = (id(weight), summed)
+    key = (id(weight), summed, flipped)
     cached = _derived.get(key)
     if cached is not None and cached[0]() is weight and cached[1] == weight._version and cached[2] == dtype:
         return cached[3]

@@ -59,7 +59,11 @@ def _box_forward_kernel(
     · weight[tap, c, n]; ``weight`` is the GEMM layout ``[taps·C, C_OUT]`` (channels of a tap, then
     output channels innermost). Tile: a BH x BW box of output positions x BLOCK_N output channels;
     K steps: (tap, channel block). A K block past C reads zeros from the ring box, so the weight
-    rows it pairs with (the next tap's) add nothing."""
+    rows it pairs with (the next tap's) add nothing.
+
+    The input gradient is this kernel too: at stride 1 the transposed convolution is a
+    convolution of the error (a one-slot ring) with the taps' sum flipped in space and padding
+    ``dil·(k−1) − pad`` (which may be negative: a box shifts either way)."""
     BH: tl.constexpr = BLOCK_M // BOX_W
     ring_d = tl.make_tensor_descriptor(ring, [R, B, H, W, C], [s_r, s_b, s_h, s_w, 1], [1, 1, BH, BOX_W, BLOCK_K])
     w_d = tl.make_tensor_descriptor(weight, [KT * KH * KW * C, C_OUT], [C_OUT, 1], [BLOCK_K, BLOCK_N])
@@ -80,37 +84,6 @@ def _box_forward_kernel(
             n = n0 + tl.arange(0, BLOCK_N)
             acc += tl.load(bias + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
         out_d.store([b, y0, x0, n0], acc.to(out.dtype.element_ty).reshape(1, BH, BOX_W, BLOCK_N))
-
-
-@triton.jit
-def _box_input_grad_kernel(
-        grad_out, wsum, grad_in,
-        g_b, g_h, g_w,  # grad_out strides (channels: 1)
-        i_b, i_h, i_w,  # grad_in strides (channels: 1)
-        B, C, H, W, C_OUT, H_OUT, W_OUT, pad_h, pad_w, dil_h, dil_w,
-        KH: tl.constexpr, KW: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
-    """grad_in[b, y, x, c] = sum over (kh, kw) and co of grad_out[b, y + pad - kh·dil, x + pad - kw·dil, co]
-    · wsum[kh, kw, co, c] (stride 1: the transposed conv is a conv with the shifts reversed);
-    ``wsum`` is the taps' sum over time in the GEMM layout ``[k_h·k_w·C_OUT, C]``. Tile: a box of
-    input positions x BLOCK_N input channels; K steps: (spatial tap, output-channel block)."""
-    BH: tl.constexpr = BLOCK_M // BOX_W
-    g_d = tl.make_tensor_descriptor(grad_out, [B, H_OUT, W_OUT, C_OUT], [g_b, g_h, g_w, 1], [1, BH, BOX_W, BLOCK_K])
-    w_d = tl.make_tensor_descriptor(wsum, [KH * KW * C_OUT, C], [C, 1], [BLOCK_K, BLOCK_N])
-    in_d = tl.make_tensor_descriptor(grad_in, [B, H, W, C], [i_b, i_h, i_w, 1], [1, BH, BOX_W, BLOCK_N])
-    boxes_h, boxes_w = tl.cdiv(H, BH), tl.cdiv(W, BOX_W)
-    tiles_n = tl.cdiv(C, BLOCK_N)
-    co_blocks = tl.cdiv(C_OUT, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), B * boxes_h * boxes_w * tiles_n, tl.num_programs(0)):
-        b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
-        n0 = tile % tiles_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(KH * KW * co_blocks):
-            tap, co0 = kk // co_blocks, kk % co_blocks * BLOCK_K
-            kh, kw = tap // KW, tap % KW
-            a = g_d.load([b, y0 + pad_h - kh * dil_h, x0 + pad_w - kw * dil_w, co0]).reshape(BLOCK_M, BLOCK_K)
-            acc = tl.dot(a, w_d.load([tap * C_OUT + co0, n0]), acc)
-        in_d.store([b, y0, x0, n0], acc.to(grad_in.dtype.element_ty).reshape(1, BH, BOX_W, BLOCK_N))
 
 
 @triton.jit
