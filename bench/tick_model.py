@@ -291,26 +291,31 @@ def memory_us(launch: Launch) -> float:
     return launch.bytes / (H200["hbm_tb_s"] * 1e12) * 1e6
 
 
-def planned_launches(tick: list[Launch]) -> tuple[int, list[str]]:
-    """The grouped plan for one tick: one launch per GEMM kind present (every layer's problems
-    in one grouped/persistent launch); elementwise nodes (activations, joins, casts, BatchNorm's
-    normalisation, copies into rings and buffers) fused into those launches' epilogues; one
-    launch for every BatchNorm's per-frame statistics forward and one backward; one for the
-    loss and the head; one for the optimizer step of the parameters the fused update does not
-    cover."""
+def planned_launches(tick: list[Launch], problems: list) -> tuple[int, list[str]]:
+    """The grouped plan for one tick (``problems``: ``Schedule.problems`` of its plan): per GEMM
+    kind, one grouped launch per dependency wave (a stage's layers feed each other within a
+    tick; the stages are independent), every weight update in one; elementwise nodes
+    (activations, joins, casts, BatchNorm's normalisation, spatial pools, copies into rings and
+    buffers) fused into those launches' epilogues; one launch for every BatchNorm's per-frame
+    statistics forward and one backward; one for the loss and the head; one for the optimizer
+    step of the parameters the fused update does not cover."""
     parts = []
-    kinds = sorted({l.kind for l in tick if l.kind in GEMM_KINDS})
-    parts += [f"grouped {k}" for k in kinds]
+    for op in ("forward", "input_grad"):
+        waves = 1 + max((p.wave for p in problems if p.op == op), default=-1)
+        if waves:
+            parts.append(f"{waves} x grouped {op}")
+    if any(p.op == "weight" for p in problems):
+        parts.append("1 x grouped weight update")
     ops = {l.op for l in tick}
     if "aten.native_batch_norm" in ops:
-        parts.append("BatchNorm statistics (forward)")
+        parts.append("1 x BatchNorm statistics (forward)")
     if "aten.native_batch_norm_backward" in ops:
-        parts.append("BatchNorm statistics (backward)")
+        parts.append("1 x BatchNorm statistics (backward)")
     if ops & {"aten.nll_loss_forward", "aten._log_softmax"}:
-        parts.append("loss and head")
+        parts.append("1 x loss and head")
     if any(op.startswith("aten._foreach") for op in ops):
-        parts.append("optimizer step (non-conv parameters)")
-    return len(parts), parts
+        parts.append("1 x optimizer step (non-conv parameters)")
+    return sum(int(part.split(" x ")[0]) for part in parts), parts
 
 
 @dataclasses.dataclass
@@ -436,13 +441,14 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
         p(f"  {op:40} x{n:<4d} {b / 1e6:9.2f} MB {b / (H200['hbm_tb_s'] * 1e12) * 1e6:8.1f} us")
     n_today = len(s.launches)
     n_sideways = sum(l.kind in GEMM_KINDS for l in s.launches)
-    planned, parts = planned_launches(s.launches)
+    schedule = pipe._schedule(frames, "sideways", True)
+    planned, parts = planned_launches(s.launches, schedule.problems(plans[s.index]))
     mean_launches = sum(len(t) for t in ticks) / len(ticks)
     p("")
     p("## Launch plan")
     p(f"today: {n_today} launches this tick ({n_sideways} sideways ops, {n_today - n_sideways} ATen kernels); "
       f"{mean_launches:.0f} per tick on average over the clip")
-    p(f"planned (grouped): {planned} — " + "; ".join(parts))
+    p(f"planned (grouped, Schedule.problems): {planned} — " + "; ".join(parts))
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
       f"from the H200 C3D tick (B8 56x56 per-tick SGD: {H200['tick_graph_ms']} ms in a graph, "
       f"{H200['tick_eager_ms']} ms eager) over the {costs.launches} launches and {costs.modelled_ms:.3f} ms of "
@@ -466,7 +472,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     mean = lambda f: sum(f(m) for m in means) / len(means)
     mean_graph = mean(lambda m: m.gemm_us["triton"] + m.other_us + len(m.launches) * costs.graph_us)
     mean_eager = mean_graph + mean(lambda m: len(m.launches)) * costs.eager_us
-    mean_grouped = mean(lambda m: m.gemm_us["cudnn"] + planned_launches(m.launches)[0] * costs.graph_us)
+    mean_grouped = mean(lambda m: m.gemm_us["cudnn"] + planned_launches(m.launches, schedule.problems(plans[m.index]))[0]
+                        * costs.graph_us)
     p(f"mean over the clip's {len(ticks)} ticks: eager today ~{mean_eager / 1e3:.3f} ms, CUDA graph today "
       f"~{mean_graph / 1e3:.3f} ms, grouped in a graph ~{mean_grouped / 1e3:.3f} ms per tick; "
       f"{mean(lambda m: m.flops) / 1e9:.1f} GFLOP per tick")

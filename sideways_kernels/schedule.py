@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 from .graph import SOURCE, ChainNode, ConvNode, PoolNode, StreamGraph
 from .nn import ZEROS
 
-__all__ = ["Step", "StagePlan", "TickPlan", "Schedule"]
+__all__ = ["Step", "StagePlan", "TickPlan", "Schedule", "Problem"]
 
 INF = math.inf
 LOSS = "loss"
@@ -94,6 +94,26 @@ class TickPlan:
         return tuple(s.phase() for s in self.stages[lo:hi])
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One convolution GEMM of a tick, as a grouped executor would take it from the plan: the
+    ``op`` ("forward", "input_grad" or "weight") of SidewaysConv3d ``layer`` (its index among
+    the node's layers: a chain stage has several) of graph node ``node`` in ``stage``, on the
+    ring whose newest frame is in ``slot`` (a forward first puts ``action`` there: the arriving
+    frame, zeros or nothing). ``wave``: how many problems of the same op must finish before it
+    within the tick — a stage's layers feed each other within a tick (the forward from the
+    stage's input up, the backward from its output down), while the stages of a tick are
+    independent. So a grouped executor needs 1 + max wave launches per op kind. The error a
+    backward problem reads is the gradient at the layer's output this tick."""
+    stage: int
+    node: int
+    layer: int
+    op: str
+    slot: int
+    action: str = ""
+    wave: int = 0
+
+
 class Schedule:
     """The plans of one run: ``graph`` cut into ``stages`` (node indices, topological order),
     ``frames`` in the clip (``inf`` for a live stream until :meth:`end` says), ``mode``
@@ -156,6 +176,57 @@ class Schedule:
 
     def total_ticks(self) -> int:
         return sum(1 for _ in self)
+
+    def problems(self, plan: TickPlan) -> list[Problem]:
+        """Every convolution GEMM ``plan`` makes the engine launch (in Sideways training): each
+        SidewaysConv3d that computes an output this tick (a chain stage runs all its layers, a
+        graph conv when its window completes) its forward; each layer the tick's backward goes
+        through its weight update, and its input gradient where its input carries a gradient
+        (not the video's frames). ``wave`` orders the dependent ones within a stage."""
+        graph, out = self.graph, []
+        for k, sp in enumerate(plan.stages):
+            fired = {st.node: st for st in sp.steps if st.fire}
+            before: dict = {}  # node -> forward convs on the longest path up to its output, this tick
+            grads: dict = {self.inputs[k]: k > 0}  # does the node's output carry a gradient
+            for c in self.stages[k]:
+                node = graph.nodes[c]
+                ins = [p for p in node.inputs]
+                depth = max((before.get(p, 0) for p in ins), default=0)
+                grads[c] = any(grads.get(p, False) for p in ins) or any(
+                    p.requires_grad for m in node.modules() for p in m.parameters())
+                step = fired.get(c)
+                if step is None:
+                    before[c] = depth
+                    continue
+                if isinstance(node, ChainNode):
+                    for i, (action, slot) in enumerate(step.work):
+                        out.append(Problem(k, c, i, "forward", slot, action, depth + i))
+                    before[c] = depth + len(node.layers)
+                elif isinstance(node, ConvNode) and step.work[2]:
+                    out.append(Problem(k, c, 0, "forward", step.work[1], step.work[0], depth))
+                    before[c] = depth + 1
+                else:
+                    before[c] = depth
+            if not (self.mode == "sideways" and self.training and sp.backward):
+                continue
+            after: dict = {}  # node -> backward convs between the tick's roots and its output
+            for c in reversed(self.stages[k]):
+                if c not in sp.traversed:
+                    continue
+                node = graph.nodes[c]
+                depth = max((after[d] for d in graph.consumers[c] if d in after), default=0)
+                layers = node.layers if isinstance(node, ChainNode) else [node.module] if isinstance(node, ConvNode) \
+                    else []
+                step = fired[c]
+                slots = [slot for _, slot in step.work] if isinstance(node, ChainNode) else \
+                    [step.work[1]] if layers else []
+                input_grad = any(grads.get(p, False) for p in node.inputs)
+                for j, i in enumerate(reversed(range(len(layers)))):
+                    out.append(Problem(k, c, i, "weight", slots[i], wave=depth + j))
+                    if i > 0 or input_grad:
+                        out.append(Problem(k, c, i, "input_grad", slots[i], wave=depth + j))
+                after[c] = depth + len(layers)
+        return out
 
     # --- the simulation ------------------------------------------------------------------------
 
