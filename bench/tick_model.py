@@ -3,7 +3,7 @@
     python bench/tick_model.py --model c3d|r3d_18 --batch 8 --size 112 [--frames 48] [--stages 4]
                                [--update clip|tick] [--measure]
 
-The pipeline runs one training clip under bf16 autocast on *fake* tensors (shapes, dtypes and
+The pipeline runs a training clip with bf16 activations on *fake* tensors (shapes, dtypes and
 every launch as on real ones; no arithmetic, so a full-size network costs seconds on a CPU),
 with a dispatch mode counting what the engine launches at each tick: every ``torch.ops.sideways``
 op (the forward, input gradient and weight update of each SidewaysConv3d) and every ATen op that
@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import math
 import os
 import sys
 import time
+import weakref
 from typing import Optional
 
 import torch
@@ -100,15 +102,53 @@ def _tensors(x) -> list:
 
 
 class _Recorder(TorchDispatchMode):
-    """Counts the launches of each tick (``begin_tick`` starts the next tick's list)."""
+    """Counts the launches of each tick (``begin_tick`` starts the next tick's list) and follows
+    the memory each tick allocates: its peak while the tick runs (``peaks``) and what of it is
+    still alive when the tick ends (``leftover``: storage -> (bytes, the op that made it))."""
 
-    def __init__(self, convs: dict):
+    def __init__(self, convs: dict, fake: bool):
         super().__init__()
         self.convs = convs  # name -> SidewaysConv3d
+        self.fake = fake
         self.ticks: list[list[Launch]] = []
+        self.peaks: list[int] = []
+        self.leftover: list[dict] = []
+        self._refs: list = []  # (weakref to a tensor on storage allocated this tick, op)
+        self._fresh: set = set()  # storages allocated this tick
 
     def begin_tick(self) -> None:
+        self.end_tick()
         self.ticks.append([])
+        self.peaks.append(0)
+        self._refs, self._fresh = [], set()
+
+    def end_tick(self, returned=()) -> None:
+        """``returned``: what the tick hands its caller (its outputs and losses): not kept by it."""
+        if len(self.leftover) < len(self.ticks):
+            handed = {t.untyped_storage()._cdata for t in _tensors(list(returned))}
+            self.leftover.append({k: v for k, v in self._live().items() if k not in handed})
+
+    def _live(self) -> dict:
+        alive, out = [], {}
+        for ref, op in self._refs:
+            t = ref()
+            if t is None:
+                continue
+            alive.append((ref, op))
+            storage = t.untyped_storage()
+            out.setdefault(storage._cdata, (storage.nbytes(), op))
+        self._refs = alive
+        return out
+
+    def _follow(self, op: str, args, kwargs, out) -> None:
+        seen = {t.untyped_storage()._cdata for t in _tensors(list(args) + list(kwargs.values()))}
+        for t in _tensors(out):
+            key = t.untyped_storage()._cdata
+            if key not in seen:
+                self._fresh.add(key)
+            if key in self._fresh:
+                self._refs.append((weakref.ref(t), op))
+        self.peaks[-1] = max(self.peaks[-1], sum(n for n, _ in self._live().values()))
 
     def _layer(self, ring=None, weight=None) -> Optional[str]:
         for name, m in self.convs.items():
@@ -118,11 +158,14 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = _shapes_only(func, args, kwargs)
+        out = _shapes_only(func, args, kwargs) if self.fake else NotImplemented
         if out is NotImplemented:
             out = func(*args, **kwargs)
         namespace, name = func.namespace, func._overloadpacket.__name__
-        if not self.ticks or namespace == "prim" or (namespace == "aten" and name in NOT_KERNELS):
+        if not self.ticks or namespace == "prim":
+            return out
+        self._follow(f"{namespace}.{name}", args, kwargs, out)
+        if namespace == "aten" and name in NOT_KERNELS:
             return out
         if namespace == "sideways":
             self.ticks[-1].append(_sideways_launch(name, args, out, self))
@@ -216,38 +259,65 @@ def build(model: str, stages: int, update: str = "clip", device: str = "cpu"):
     return net, cut(update=update, optimizer=opt, cuda_graph=False)
 
 
-def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake: bool = True):
+@dataclasses.dataclass
+class Recording:
+    ticks: list  # per tick, its launches (Launch)
+    plans: list  # the schedule's TickPlans
+    peaks: list  # per tick, the most bytes the tick's own allocations held at once
+    leftover: list  # per tick, what the tick allocated and is alive at its end (storage -> (bytes, op))
+    held: dict  # Engine.held_by_kind() after the clip
+    grads: int  # bytes of the parameters' gradients after the clip (fp32)
+    grad_storages: set  # their storages
+    params: int
+
+
+def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake: bool = True) -> Recording:
     """Run two training clips, as a training loop does (the gradients set to None in between),
-    and count each tick's launches in the second (the first allocates the rings and buffers).
-    Returns (ticks: a list of Launch lists, one per tick, plans: the schedule's TickPlans)."""
+    and count each tick's launches and allocations in the second (the first allocates the
+    rings and buffers). ``amp``: bf16 activations as CUDA autocast gives them — emulated by a
+    bf16 network and clip (CPU autocast would run pools and others in fp32, which CUDA's does
+    not); CUDA autocast's few casts (each frame at the first conv, the logits for the loss)
+    are not counted. The network's parameters are put back as they were."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    saved = [(t, t.detach().clone()) for t in [*net.parameters(), *net.buffers()]] if amp else None
+    if amp:
+        net.to(torch.bfloat16)
     convs = {name: m for name, m in net.named_modules() if isinstance(m, SidewaysConv3d)}
-    rec = _Recorder(convs)
+    rec = _Recorder(convs, fake)
     engine = pipe.engine
     own = vars(engine).get("_tick")  # an instance's own _tick (a test's), put back after
     tick = engine._tick
 
     def counted(*a, **kw):
         rec.begin_tick()
-        return tick(*a, **kw)
+        up, down, done, losses = tick(*a, **kw)
+        rec.end_tick((done, losses))
+        return up, down, done, losses
     schedule = pipe._schedule(frames, "sideways", True)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
         with mode:
-            video = torch.zeros(batch, 3, frames, size, size)
+            video = torch.zeros(batch, 3, frames, size, size, dtype=torch.bfloat16 if amp else torch.float32)
             target = torch.zeros(batch, dtype=torch.long)
             out_len = pipe.output_length(frames)
             loss = lambda out, t: F.cross_entropy(frame_logits(out), target) / out_len
             for recorded in (False, True):
+                net.zero_grad(set_to_none=True)
                 engine._tick = counted if recorded else tick
                 clip = (video[:, :, t:t + 1] for t in range(frames))
-                with rec if recorded else contextlib.nullcontext(), \
-                        torch.autocast("cpu", torch.bfloat16, enabled=amp):
-                    for _ in engine.run(schedule, clip, "sideways", loss, [], backend=pipe.backend,
+                with rec if recorded else contextlib.nullcontext():
+                    for _ in engine.run(schedule, clip, "sideways", loss, None, backend=pipe.backend,
                                         optimizer=pipe.optimizer, update=pipe.update):
                         pass
-                net.zero_grad(set_to_none=True)
+            held = engine.held_by_kind()
+            grads = sum(p.grad.numel() * 4 for p in net.parameters() if p.grad is not None)  # fp32 masters
+            grad_storages = {p.grad.untyped_storage()._cdata for p in net.parameters() if p.grad is not None}
     finally:
+        if saved is not None:
+            net.to(torch.float32)
+            with torch.no_grad():
+                for t, value in saved:
+                    t.copy_(value)
         if own is None:
             del engine._tick
         else:
@@ -264,7 +334,33 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
             if pipe.optimizer is not None:
                 pipe.optimizer.state.clear()
             engine.buffers.clear(), engine.fifo.clear(), engine.queue.clear()
-    return rec.ticks, list(schedule)
+    return Recording(rec.ticks, list(schedule), rec.peaks, rec.leftover, held, grads, grad_storages,
+                     sum(p.numel() * 4 for p in net.parameters()))
+
+
+def kept_across_ticks(got: Recording) -> dict:
+    """What a tick allocated that outlives it, besides the gradients (storage -> (bytes, op)):
+    in a clip after the first, nothing — the engine keeps only what it holds by construction."""
+    return {k: v for tick in got.leftover for k, v in tick.items() if k not in got.grad_storages}
+
+
+def bp_saved_bytes(net, batch: int, size: int, frames: int, amp: bool = True) -> int:
+    """Bytes clip BP (the network on the whole clip, autograd) saves for its backward, on fake
+    tensors: what its peak holds beyond Sideways' (the parameters and gradients are common)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    seen: dict = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen.setdefault(storage._cdata, storage.nbytes())
+        return t
+    dtype = torch.bfloat16 if amp else torch.float32
+    net = copy.deepcopy(net).to(dtype)  # as under CUDA autocast (record's amp)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        video = torch.zeros(batch, 3, frames, size, size, dtype=dtype)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(video)
+    return sum(seen.values())
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -361,8 +457,8 @@ class LaunchCosts:
 def launch_costs() -> LaunchCosts:
     r = REFERENCE_TICK
     net, pipe = build(r["model"], r["stages"], r["update"])
-    ticks, plans = record(net, pipe, r["batch"], r["size"], r["frames"])
-    s = summarize(ticks, plans)
+    got = record(net, pipe, r["batch"], r["size"], r["frames"])
+    s = summarize(got.ticks, got.plans)
     n, modelled = len(s.launches), (s.gemm_us["triton"] + s.other_us) / 1e3
     return LaunchCosts(n, modelled, max(H200["tick_graph_ms"] - modelled, 0.0) * 1e3 / n,
                        (H200["tick_eager_ms"] - H200["tick_graph_ms"]) * 1e3 / n)
@@ -411,7 +507,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
            out=sys.stdout) -> dict:
     began = time.perf_counter()
     net, pipe = build(model, stages, update)
-    ticks, plans = record(net, pipe, batch, size, frames)
+    got = record(net, pipe, batch, size, frames)
+    ticks, plans = got.ticks, got.plans
     s = summarize(ticks, plans)
     costs = launch_costs()
     p = lambda *a: print(*a, file=out)
@@ -489,8 +586,27 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     per_frame = lambda ms: ms * len(ticks) / frames
     p(f"Sideways per frame (ticks per frame {len(ticks) / frames:.2f}): eager today ~{per_frame(mean_eager) / 1e3:.3f} "
       f"ms, CUDA graph today ~{per_frame(mean_graph) / 1e3:.3f} ms, grouped ~{per_frame(mean_grouped) / 1e3:.3f} ms")
+    p("")
+    p("## Memory at this size (bf16 activations, fp32 weights and gradients)")
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    held = sum(got.held.values())
+    p(f"held by the engine across ticks (Engine.held_by_kind): {mib(held)} — "
+      + ", ".join(f"{k} {mib(v)}" for k, v in got.held.items() if v))
+    busiest = max(range(len(got.peaks)), key=got.peaks.__getitem__)
+    p(f"a tick's own allocations at their peak: {mib(got.peaks[busiest])} (tick {busiest}); mean "
+      f"{mib(sum(got.peaks) / len(got.peaks))}")
+    kept = kept_across_ticks(got)
+    p(f"allocated by a tick and alive after it, besides the gradients: {mib(sum(n for n, _ in kept.values()))}"
+      + "".join(f"; {op} {mib(n)}" for n, op in kept.values()))
+    sideways_peak = got.params + got.grads + held + got.peaks[busiest]
+    bp_saved = bp_saved_bytes(net, batch, size, frames)
+    p(f"parameters {mib(got.params)}, gradients {mib(got.grads)} => Sideways peak ~{mib(sideways_peak)} (the backends' "
+      f"16-bit copies of the weights, ~{mib(got.params / 2)}, not counted)")
+    p(f"clip BP: saves {mib(bp_saved)} for its backward => peak ~{mib(got.params + got.grads + bp_saved)} "
+      f"(ratio {sideways_peak / (got.params + got.grads + bp_saved):.2f})")
     p(f"(modelled in {time.perf_counter() - began:.0f} s)")
-    result = dict(ticks=len(ticks), shown=s.index, launches=n_today, planned=planned, costs=costs,
+    result = dict(ticks=len(ticks), shown=s.index, launches=n_today, planned=planned, costs=costs, recording=got,
+                  sideways_peak=sideways_peak, bp_peak=got.params + got.grads + bp_saved,
                   predicted_eager_ms=eager / 1e3, predicted_graph_ms=graph / 1e3, predicted_grouped_ms=grouped / 1e3,
                   mean_eager_ms=mean_eager / 1e3, mean_graph_ms=mean_graph / 1e3, mean_grouped_ms=mean_grouped / 1e3)
     if measure:

@@ -258,3 +258,38 @@ def test_a_phase_that_zeroes_a_ring_at_the_clip_start_has_its_own_graph():
     assert pipe._graphs.replays > pipe.total_ticks(14, "sideways")
     for (la, oa, ga), (lb, ob, gb) in zip(graphed, eager):
         assert torch.equal(la, lb) and torch.equal(oa, ob) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+@pytest.mark.parametrize("how", ["set_to_none", "zeros", "kept"])
+def test_clip_gradients_are_handed_over_and_taken_back_once_free(how):
+    """update="clip": the graphs' gradient buffers become the parameters' .grad at a clip's end
+    (no copy: graphs cost no second set of gradients) and are taken back by the next clip once
+    nobody holds them (zero_grad), so the graphs keep replaying on them; a gradient the user
+    keeps is never overwritten (the next clip gets a new buffer). Results equal eager ticks."""
+    def run(graphs: bool):
+        torch.manual_seed(1)
+        net = classifier_net(TEMPORAL[:2])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=graphs)
+        if graphs:
+            pipe._graphs = TickGraphs(emulate=True)
+        g = torch.Generator().manual_seed(2)
+        rows, kept, buffers = [], [], set()
+        for _ in range(4):
+            pipe.backward_clip(torch.randn(2, 3, 9, 8, 7, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g))
+            rows.append([p.grad.clone() for p in net.parameters()] + [p.detach().clone() for p in net.parameters()])
+            buffers.add(next(net.parameters()).grad.data_ptr())
+            if how == "kept":
+                kept += [(p.grad, p.grad.clone()) for p in net.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=how != "zeros")
+        assert all(torch.equal(t, value) for t, value in kept)
+        return rows, buffers, pipe
+
+    eager, _, _ = run(False)
+    graphed, buffers, pipe = run(True)
+    assert all(torch.equal(a, b) for x, y in zip(eager, graphed) for a, b in zip(x, y))
+    if how == "kept":
+        assert len(buffers) == 4
+    else:
+        assert len(buffers) == 1 and pipe._graphs.replays >= pipe.total_ticks(9, "sideways")

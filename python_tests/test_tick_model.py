@@ -35,7 +35,7 @@ def test_flops_per_call_equal_the_clip_flops_per_output_frame(make):
     """Every conv's forward, and its input and weight gradient, per call = flop_counter's count
     for that layer on the whole clip (forward, and backward) over the frames it outputs."""
     net, pipe = make()
-    ticks, _ = tm.record(net, pipe, 2, 16, T, amp=False, fake=True)
+    ticks = tm.record(net, pipe, 2, 16, T, amp=False, fake=True).ticks
     per_call: dict = {}
     for tick in ticks:
         for launch in tick:
@@ -89,7 +89,8 @@ def test_launch_counts_are_what_the_engine_launches(make, update, monkeypatch):
     net, pipe = make()
     if update == "tick":
         pipe.update, pipe.optimizer = "tick", torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    fake, plans = tm.record(net, pipe, 2, 16, T, fake=True)
+    got = tm.record(net, pipe, 2, 16, T, amp=False, fake=True)
+    fake, plans = got.ticks, got.plans
     counted = _Counted()
     monkeypatch.setattr(backend, "kernels", counted.kernels)
     tick = pipe.engine._tick
@@ -98,7 +99,7 @@ def test_launch_counts_are_what_the_engine_launches(make, update, monkeypatch):
         counted.ticks.append([])
         return tick(*a, **kw)
     monkeypatch.setattr(pipe.engine, "_tick", each_tick)
-    real, _ = tm.record(net, pipe, 2, 16, T, fake=False)
+    real = tm.record(net, pipe, 2, 16, T, amp=False, fake=False).ticks
     assert len(fake) == len(real) == len(plans) == len(counted.ticks) // 2  # (a warm-up clip, then the counted one)
     for f, r, calls in zip(fake, real, counted.ticks[len(real):]):
         assert [l.op for l in f] == [l.op for l in r]
@@ -123,3 +124,22 @@ def test_launch_counts_are_what_the_engine_launches(make, update, monkeypatch):
     assert result["launches"] == len(fake[result["shown"]])
     sideways = sum(l.op.startswith("sideways.") for l in fake[result["shown"]])
     assert f"today: {result['launches']} launches this tick ({sideways} sideways ops" in out.getvalue()
+
+
+@pytest.mark.parametrize("make,update", [(_residuals, "clip"), (_c3d, "tick")], ids=["residuals-clip", "c3d-tick"])
+def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, update):
+    """On real tensors, after a warm-up clip: whatever a tick allocates is gone when it ends, but
+    for the gradients and what it hands its caller (outputs, losses) — so a clip's memory is the
+    parameters, gradients, Engine.held_by_kind() and one tick's temporaries — and held_bytes is
+    what the rings, FIFO slots, waiting errors and buffers hold."""
+    net, pipe = make()
+    if update == "tick":
+        pipe.update, pipe.optimizer = "tick", torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    got = tm.record(net, pipe, 2, 16, T, amp=False, fake=False)
+    assert tm.kept_across_ticks(got) == {}
+    assert all(peak > 0 for peak in got.peaks)
+    engine = pipe.engine
+    expected = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in engine._persistent()}
+    assert engine.held_bytes() == sum(got.held.values()) == sum(expected.values()) > 0
+    assert got.held["rings"] == sum(m._ring.untyped_storage().nbytes() for m in net.modules()
+                                    if isinstance(m, SidewaysConv3d))

@@ -34,7 +34,9 @@ ticks eagerly from then on.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -73,17 +75,34 @@ class _EmulatedGraph:
         self.fn, self.baked = None, None
 
     def capture(self, fn: Callable, restore: Callable):
-        self.fn, self.baked = fn, restore()
-        restore(self.baked)
+        self.fn, self.baked = fn, _weak(restore())  # (a real graph holds no Python reference either)
         return fn()
 
     def replay(self, restore: Callable):
         now = restore()
-        restore(self.baked)
+        restore(_strong(self.baked))
         try:
             return self.fn()
         finally:
             restore(now)
+
+
+def _weak(state):
+    """``state`` (nested lists and tuples) with its tensors as weak references: what a graph keeps
+    must not keep a gradient buffer from being taken back (``TickGraphs.grad_buffers``)."""
+    if isinstance(state, torch.Tensor):
+        return weakref.ref(state)
+    if isinstance(state, (list, tuple)):
+        return type(state)(_weak(s) for s in state)
+    return state
+
+
+def _strong(state):
+    if isinstance(state, weakref.ref):
+        return state()
+    if isinstance(state, (list, tuple)):
+        return type(state)(_strong(s) for s in state)
+    return state
 
 
 class _Captured:
@@ -103,6 +122,15 @@ def _no_cast_cache():
         stack.enter_context(torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
                                            cache_enabled=False))
     return stack
+
+
+def _unshared(buf: torch.Tensor) -> bool:
+    """Nothing but TickGraphs' table holds ``buf`` (no Python reference, .grad or view)."""
+    try:
+        views = torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):
+        return False
+    return sys.getrefcount(buf) <= 4 and views <= 2  # the table, the caller, this argument, getrefcount; buf, untyped_storage()
 
 
 class TickGraphs:
@@ -158,11 +186,15 @@ class TickGraphs:
             buf = self._staged[name] = torch.empty(value.shape, dtype=value.dtype, device=device)
         return buf.copy_(value)
 
-    def grad_buffers(self, params: list) -> None:
-        """Give every parameter its fixed, zeroed gradient buffer (update="clip")."""
-        for p in params:
+    def grad_buffers(self, params: list, stashed: list) -> None:
+        """Give every parameter a fixed, zeroed gradient buffer (update="clip"): the one it got
+        last clip — handed over as its ``.grad`` at the clip's end, not copied — once nobody
+        holds it any more (the optimizer's ``zero_grad()`` set ``.grad`` to None); else a new one
+        (graphs then capture again on it). ``stashed``: the gradients the clip adds to."""
+        for p, kept in zip(params, stashed):
             buf = self._grads.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device \
+                    or kept is buf or not _unshared(buf):
                 buf = self._grads[p] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
                 buf.zero_()
@@ -190,7 +222,7 @@ class TickGraphs:
         captured = self.graphs[key]
         if captured is not None and captured.addresses == where:
             out = captured.graph.replay(engine.python_state)
-            engine.python_state(captured.after)
+            engine.python_state(_strong(captured.after))
             self.replays += 1
             return out
         if not self.emulate and self._pool is None:
@@ -209,7 +241,7 @@ class TickGraphs:
         if self._addresses(engine) != where:  # the capture allocated a buffer: its results stand, not its graph
             self.graphs[key] = None
             return out
-        self.graphs[key] = _Captured(graph, where, engine.python_state())
+        self.graphs[key] = _Captured(graph, where, _weak(engine.python_state()))
         self.captures += 1
         return out
 

@@ -369,23 +369,44 @@ class Engine:
         return buf.copy_(value, non_blocking=True)
 
     def held_bytes(self) -> int:
-        """Bytes this engine keeps across ticks by construction: rings, FIFO slots, waiting
-        errors, double buffers (constant in the clip length)."""
-        seen, total = set(), 0
-        for t in self._persistent():
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
+        """Bytes this engine keeps across ticks by construction (constant in the clip length):
+        the sum of :meth:`held_by_kind`."""
+        return sum(self.held_by_kind().values())
+
+    def held_by_kind(self) -> dict:
+        """What this engine keeps across ticks, in bytes, by kind: the layers' ``rings`` (a conv's
+        last inputs), the temporal pools' ``pool rings``, the joins' ``FIFO slots`` (delay lines),
+        the ``waiting errors`` (an error held for its producer's next firing), the ``double
+        buffers`` (activations and errors between stages) and the ``held samples`` (each stage's
+        copy of the last sample of the clip, for the drain). Everything else a tick allocates is
+        freed by the end of the tick; the parameters' gradients, the optimizer's state and the
+        backends' caches of weights are not the engine's."""
+        seen: set = set()
+        out: dict = {}
+        for kind, tensors in self._persistent_by_kind().items():
+            total = 0
+            for t in tensors:
+                storage = t.untyped_storage()
+                if storage._cdata not in seen:
+                    seen.add(storage._cdata)
+                    total += storage.nbytes()
+            out[kind] = total
+        return out
 
     def _persistent(self) -> list:
-        rings = [m._ring for k in range(self.lo, self.hi) for top in self._stage_modules(k) for m in top.modules()
-                 if isinstance(m, SidewaysConv3d) and m._ring is not None]
-        rings += [n._ring for k in range(self.lo, self.hi) for n in (self.graph.nodes[i] for i in self.stages[k])
-                  if isinstance(n, PoolNode) and n._ring is not None]
-        held = [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)]
-        return rings + held + list(self.queue.values()) + list(self.buffers.values())
+        return [t for tensors in self._persistent_by_kind().values() for t in tensors]
+
+    def _persistent_by_kind(self) -> dict:
+        layers = [m for k in range(self.lo, self.hi) for top in self._stage_modules(k) for m in top.modules()
+                  if isinstance(m, SidewaysConv3d)]
+        pools = [n for k in range(self.lo, self.hi) for n in (self.graph.nodes[i] for i in self.stages[k])
+                 if isinstance(n, PoolNode)]
+        return {"rings": [m._ring for m in layers if m._ring is not None],
+                "pool rings": [n._ring for n in pools if n._ring is not None],
+                "FIFO slots": [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)],
+                "waiting errors": list(self.queue.values()),
+                "double buffers": [b for key, b in self.buffers.items() if key[0] != "held"],
+                "held samples": [b for key, b in self.buffers.items() if key[0] == "held"]}
 
     def addresses(self) -> tuple:
         """Where every tensor that lives across ticks is — rings, FIFO slots, waiting errors,

@@ -351,7 +351,8 @@ class PoolNode(Node):
                     or self._ring.device != pooled.device:
                 self._ring = pooled.new_zeros(shape)
             if push is not None:
-                self._ring[push].copy_(pooled)
+                with torch.no_grad():  # (in the graph, the ring would chain every tick's autograd graph to the next)
+                    self._ring[push].copy_(pooled)
             if not emit:
                 return None
             frames = [self._ring[s] for s in emit[0]]

@@ -444,7 +444,7 @@ class SidewaysPipeline:
         try:
             if graphs is not None:
                 if self.update == "clip":
-                    graphs.grad_buffers(params)
+                    graphs.grad_buffers(params, stashed)
                 graphs.begin_clip(self._clip_signature(params, out_len, per_frame_target))
             losses: list[torch.Tensor] = []
             schedule = self._schedule(length, self.mode, True)
@@ -464,8 +464,7 @@ class SidewaysPipeline:
                 if p.grad is not None:
                     g.add_(p.grad)
                 p.grad = g
-            elif graphs is not None and p.grad is not None:
-                p.grad = p.grad.clone()  # the buffer stays the graphs'
+            # else (graphs): the graphs' gradient buffer is handed over; they take it back once free
         stacked = _stack(outputs, self._timed_output()) if outputs else None
         logits = torch.stack([frame_logits(o) for o in outputs]).mean(0) if outputs else None
         return ClipResult(self._clip_loss(losses), stacked, logits)
