@@ -301,3 +301,116 @@ def test_setup_without_torch_names_the_command_the_user_ran(tmp_path, command, a
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "install torch first" in lines[0] and lines[0].endswith(advice), lines[0]
+
+
+# --- clip length, lag and temporal padding ------------------------------------------------------------
+
+SMALL = ["--train-videos", "8", "--val-videos", "4", "--batch-size", "4", "--size", "16", "--width", "4",
+         "--stages", "3"]
+SHORT = {  # a Sideways clip no longer than the 'same' lag, and what the line must say
+    "r2plus1d_18": (["--model", "r2plus1d_18", "--clip-len", "16"], ["--clip-len 16", "54-frame lag",
+                                                                    "--temporal-padding causal (lag 0)"]),
+    "c3d": (["--model", "c3d", "--depth", "2", "--stages", "2", "--clip-len", "2", "--width", "4"],
+            ["--clip-len 2", "2-frame lag", "--temporal-padding causal (lag 0)"]),
+}
+
+
+@pytest.mark.parametrize("model", list(SHORT))
+def test_a_sideways_clip_no_longer_than_the_lag_is_one_line(tmp_path, capsys, model):
+    """r2plus1d_18's 'same' lag is 54 frames: Sideways on 16-frame clips measured chance accuracy.
+    Refused in one line naming --clip-len, the lag and the causal option with its lag; no run
+    directory is left behind."""
+    args, words = SHORT[model]
+    out = tmp_path / "out"
+    code = train.main([*SMALL, *args, "--temporal-padding", "same", "--max-steps", "1", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == train.EXIT_DATA and len(lines) == 1, lines
+    assert lines[0].startswith("sideways-train: error: --clip-len"), lines[0]
+    for word in [*words, "--allow-short-clips", "--mode bp"]:
+        assert word in lines[0], (word, lines[0])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--mode", "bp"], ["--allow-short-clips"], ["--temporal-padding", "causal"]])
+def test_a_short_clip_runs_in_bp_mode_with_the_flag_or_causal(tmp_path, capsys, extra):
+    """The same clip trains in bp mode (exact, whatever the lag), with --allow-short-clips, or
+    with causal padding (lag 0); the startup line says which padding and lag the run streams."""
+    args, _ = SHORT["c3d"]
+    padding = [] if "--temporal-padding" in extra else ["--temporal-padding", "same"]
+    out = str(tmp_path / "run")
+    assert train.main([*SMALL, *args, *padding, *extra, "--max-steps", "1", "--out", out]) == 0
+    err = capsys.readouterr().err
+    expected = "temporal padding causal, lag 0" if "causal" in extra else "temporal padding same, lag 2"
+    assert expected in err, err
+    assert json.load(open(os.path.join(out, "config.json")))["temporal_padding"] == expected.split()[2].rstrip(",")
+
+
+@pytest.mark.parametrize("extra", [[], ["--mode", "bp"], ["--temporal-padding", "causal"]])
+def test_a_clip_of_one_frame_is_refused(capsys, extra):
+    """--clip-len 1 was accepted: refused in every mode, also where the lag would allow it (causal: 0)."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--clip-len", "1", *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("sideways-train: error: --clip-len 1: a clip needs at least 2 frames"), lines
+
+
+@pytest.mark.parametrize("model,clip,chosen,expected", [
+    ("r2plus1d_18", 16, "auto", "causal"),   # 'same' lag 54
+    ("r2plus1d_18", 216, "auto", "same"),    # 4 x 54
+    ("mc3_18", 8, "auto", "causal"),         # 'same' lag 5: 8 < 20
+    ("mc3_18", 19, "auto", "causal"),
+    ("mc3_18", 20, "auto", "same"),
+    ("s3d", 16, "auto", "causal"),           # 'same' lag 59, causal 12
+    ("c3d", 8, "auto", "same"),              # the chains stream 'same' (the default run)
+    ("r2plus1d", 2, "auto", "same"),
+    ("mc3_18", 8, "same", "same"),           # an explicit choice is kept
+    ("c3d", 8, "causal", "causal"),
+])
+def test_auto_temporal_padding_is_causal_below_four_times_the_lag(model, clip, chosen, expected):
+    args = train.parse_args(["--model", model, "--clip-len", str(clip), "--temporal-padding", chosen,
+                             "--width", "4", "--size", "32"])
+    cfg = vars(args)
+    net = train.build_model(cfg, 10)
+    assert train.resolve_temporal_padding(cfg, train.network_lags(net, cfg)) == expected
+    assert train.AUTO_CAUSAL_FACTOR == 4 and "4x their 'same' lag" in train._parser().format_help().replace("\n", " ")
+
+
+def test_validation_measures_the_causal_function_the_run_trained(tmp_path):
+    """With causal padding model(video) is still the 'same' function: validation must run the
+    pipeline's causal one (the stages offline), or it scores a network nobody trained."""
+    out = str(tmp_path / "run")
+    assert train.main([*SMALL, "--model", "r2plus1d_18", "--clip-len", "8", "--temporal-padding", "causal",
+                       "--epochs", "1", "--out", out]) == 0
+    (epoch,) = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "epoch"]
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    cfg = ckpt["config"]
+    assert cfg["temporal_padding"] == "causal"
+    net = train.build_model(cfg, len(ckpt["classes"]))
+    net.load_state_dict(ckpt["model"])
+    _, val_set = train.build_data(cfg)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["batch_size"])
+    from sideways_kernels import SidewaysPipeline
+    pipe = SidewaysPipeline.from_model(net, 3, batchnorm="frame", temporal_padding="causal",
+                                       example=val_set[0][0][None])
+    causal = train.evaluate(net, loader, "cpu", lambda v: train.offline_forward(pipe.stages, v))
+    same = train.evaluate(net, loader, "cpu")
+    assert abs(same["loss"] - causal["loss"]) > 1e-4  # the two functions differ on these clips
+    assert epoch["val_loss"] == pytest.approx(causal["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_a_checkpoint_from_before_the_option_resumes_with_same_padding(tmp_path, capsys):
+    """A run written before --temporal-padding streamed 'same' (and took any clip): resumed, it
+    goes on so, not with what 'auto' would pick now (mc3_18 at 8 frames: causal)."""
+    out = str(tmp_path / "run")
+    assert train.main([*SMALL, "--model", "mc3_18", "--clip-len", "8", "--temporal-padding", "same", "--epochs", "1",
+                       "--max-steps", "1", "--out", out]) == 0
+    path = os.path.join(out, "last.pt")
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("temporal_padding", "allow_short_clips"):
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert train.main(["--resume", path]) == 0
+    assert "temporal padding same, lag 5" in capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "config.json")))["temporal_padding"] == "same"

@@ -39,6 +39,8 @@ __all__ = ["main", "parse_args"]
 EXIT_INTERRUPTED = 130
 EXIT_NON_FINITE = 3
 EXIT_DATA = 2
+TEMPORAL_PADDING_CHOICES = ("auto", "same", "causal")
+AUTO_CAUSAL_FACTOR = 4  # --temporal-padding auto: causal when --clip-len < this x the 'same' lag (standard networks)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -104,6 +106,16 @@ def _parser() -> _Parser:
     m.add_argument("--temporal-kernel", type=pos(int), default=3, help="frames each temporal conv spans (c3d, r2plus1d)")
     m.add_argument("--stages", type=pos(int), default=3,
                    help="pipeline stages the network is cut into (c3d, r2plus1d: <= --depth)")
+    m.add_argument("--temporal-padding", choices=list(TEMPORAL_PADDING_CHOICES), default="auto",
+                   help="how temporally padded convs and pools stream (SidewaysPipeline.from_model's "
+                        "temporal_padding): 'same' computes the network as written, each padded layer waiting for "
+                        "its future frames (the lag adds up: r2plus1d_18 and r3d_18 54 frames, mc3_18 5, s3d 59, the "
+                        "chains --depth); 'causal' puts all the padding on the past side (lag 0; s3d 12), the "
+                        "function shifted in time, the weights the same; 'auto' picks causal for r3d_18, mc3_18, "
+                        f"r2plus1d_18 and s3d when --clip-len is below {AUTO_CAUSAL_FACTOR}x their 'same' lag "
+                        "(Sideways learns little on clips not several times the lag) and same otherwise, and always "
+                        "same for c3d and r2plus1d; the same choice in --mode bp and sideways. c3d and r2plus1d "
+                        "with causal are cut by from_model")
     m.add_argument("--batchnorm", choices=["frame", "frozen"], default="frame",
                    help="BatchNorm while training (standard networks): per-frame batch statistics, or the running "
                         "statistics frozen")
@@ -120,7 +132,13 @@ def _parser() -> _Parser:
     d.add_argument("--clutter", type=float, default=0.0, help="digits: brightness of static stroke clutter (0-1)")
     d.add_argument("--shuffle-frames", action="store_true",
                    help="every clip's frames in random order (a control: destroys temporal smoothness)")
-    d.add_argument("--clip-len", type=pos(int), default=8, help="frames per clip")
+    d.add_argument("--clip-len", type=pos(int), default=8,
+                   help="frames per clip (at least 2; in --mode sideways longer than the network's lag, see "
+                        "--temporal-padding and --allow-short-clips)")
+    d.add_argument("--allow-short-clips", action="store_true",
+                   help="--mode sideways: train on clips no longer than the network's lag anyway (refused "
+                        "otherwise: most errors would meet activations of the clip's end padding, and such runs "
+                        "measured chance accuracy, docs/REPORT.md)")
     d.add_argument("--frame-stride", type=pos(int), default=1, help="keep every s-th frame (faster change per tick)")
     d.add_argument("--size", type=pos(int), default=32, help="frames are resized and cropped to size x size")
     d.add_argument("--train-videos", type=pos(int), default=640, help="embedded data: training videos")
@@ -175,6 +193,9 @@ def _check_options(p: _Parser, args: argparse.Namespace) -> None:
         p.error(f"--stages {args.stages} exceeds the network's {args.depth} blocks (--depth; the head joins the last)")
     if args.pretrained is not None and args.model in models.CHAINS:
         p.error(f"--pretrained needs one of the standard networks ({', '.join(models.GRAPHS)}), not --model {args.model}")
+    if args.clip_len < 2:
+        p.error(f"--clip-len {args.clip_len}: a clip needs at least 2 frames (with one, every temporal conv sees "
+                "only its padding besides the frame, and a video network learns nothing of time)")
     if args.workers < 0:
         p.error("--workers must be >= 0")
     if not 0 <= args.dropout < 1:
@@ -391,8 +412,9 @@ CALIBRATION_BINS = 15
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader, device) -> dict:
-    """The clip forward (which the streamed pipeline equals, oracle 2) over ``loader``:
+def evaluate(net: nn.Module, loader, device, forward=None) -> dict:
+    """The clip forward (which the streamed pipeline equals, oracle 2) over ``loader`` (``forward``:
+    what computes it, default ``net``; with causal temporal padding, :func:`offline_forward`):
     ``loss`` (a per-frame network: its frames' losses averaged; a pooled head: the clip's),
     ``acc``, and the calibration of the clip prediction (the mean of the frame logits, or the
     pooled head's): ``nll``, ``ece`` (expected calibration error over 15 equal-width confidence
@@ -404,7 +426,7 @@ def evaluate(net: nn.Module, loader, device) -> dict:
     clip_logits, labels = [], []
     for video, label in loader:
         video, label = video.to(device), label.to(device)
-        out = net(video)
+        out = (forward or net)(video)
         if out.dim() == 2:  # a pooled head: [B, K]
             logits = out
             total_loss += F.cross_entropy(out, label).item() * len(label)
@@ -433,6 +455,69 @@ def evaluate(net: nn.Module, loader, device) -> dict:
     return dict(loss=total_loss / count, acc=right.float().mean().item(),
                 nll=F.cross_entropy(logits, labels).item(), ece=ece, conf=conf.mean().item(),
                 conf_wrong=conf[~right].mean().item() if (~right).any() else None, bins=bins)
+
+
+def offline_forward(stages, video: torch.Tensor) -> torch.Tensor:
+    """A from_model pipeline's stages run one after the other on a whole clip: the function the
+    pipeline streams (with ``temporal_padding="causal"`` the causal one, which ``model(video)``
+    is not)."""
+    x = video
+    for stage in stages:
+        x = stage(x)
+    return x
+
+
+def network_lags(net: nn.Module, cfg: dict) -> dict:
+    """``{"same": lag, "causal": lag or None}`` of the network, in input frames (traced as
+    from_model traces it; the chains' list API streams 'same', their causal form is from_model's)."""
+    from .trace import trace_model
+    graph, _ = trace_model(net, cfg.get("batchnorm") if cfg["model"] in models.GRAPHS else None, "same")
+    return graph.lags()
+
+
+def resolve_temporal_padding(cfg: dict, lags: dict) -> str:
+    """--temporal-padding as the run streams it: 'auto' is causal for a standard network whose
+    'same' lag is more than a quarter of the clip (clip_len < AUTO_CAUSAL_FACTOR x lag) and
+    that has a causal form, else same; the chains stay 'same'. It depends on the network and
+    the clip length only, so --mode bp and sideways train the same function."""
+    chosen = cfg.get("temporal_padding", "same")
+    if chosen != "auto":
+        return chosen
+    if cfg["model"] in models.GRAPHS and lags.get("causal") is not None and \
+            cfg["clip_len"] < AUTO_CAUSAL_FACTOR * lags["same"]:
+        return "causal"
+    return "same"
+
+
+def short_clip_problem(cfg: dict, lag: int, lags: dict) -> Optional[str]:
+    """The one-line refusal of a Sideways run whose clips are no longer than the pipeline's lag
+    (None when it may run: a longer clip, --mode bp, or --allow-short-clips)."""
+    if cfg["mode"] != "sideways" or cfg["clip_len"] > lag or cfg.get("allow_short_clips"):
+        return None
+    padding = cfg.get("temporal_padding", "same")
+    causal = lags.get("causal")
+    if padding == "same" and causal is not None and causal < lag:
+        ways = f"use --temporal-padding causal (lag {causal}), a --clip-len several times {lag}"
+    else:
+        ways = f"use a --clip-len several times {lag}"
+    return (f"--clip-len {cfg['clip_len']} is no longer than the {lag}-frame lag of --model {cfg['model']} with "
+            f"--temporal-padding {padding}: Sideways would pair most errors with activations of the clip's end "
+            f"padding and learn little; {ways}, or --mode bp, or pass --allow-short-clips to train anyway")
+
+
+def _padding_note(cfg: dict, chosen: str, lag: int, lags: dict) -> str:
+    """The startup line's account of the temporal padding and the lag it gives."""
+    padding = cfg["temporal_padding"]
+    note = f"temporal padding {padding}, lag {lag}"
+    if padding == "causal":
+        note += f" ('same': {lags['same']})"
+    if chosen == "auto":
+        why = (f"--clip-len {cfg['clip_len']} < {AUTO_CAUSAL_FACTOR}x the 'same' lag" if padding == "causal" else
+               "the chains stream 'same'" if cfg["model"] in models.CHAINS else
+               f"--clip-len {cfg['clip_len']} >= {AUTO_CAUSAL_FACTOR}x the lag" if lags.get("causal") is not None
+               else "no causal form")
+        note += f", by --temporal-padding auto: {why}"
+    return note
 
 
 class _Precision:
@@ -532,7 +617,8 @@ class _Cluster:
             from .distributed import DistributedSidewaysPipeline
             kind = DistributedSidewaysPipeline
             kwargs.update(device=self.device, replicas=self.replicas)
-        if cfg["model"] in models.CHAINS:
+        padding = cfg.get("temporal_padding", "same")
+        if cfg["model"] in models.CHAINS and padding == "same":
             return kind(models.stages(net, cfg["stages"]), loss_fn, cfg["mode"], **kwargs)
         was_training = net.training
         try:  # the network itself must take the clips
@@ -546,7 +632,7 @@ class _Cluster:
             net.train(was_training)
         try:
             return kind.from_model(net, cfg["stages"], loss_fn, cfg["mode"], batchnorm=cfg["batchnorm"],
-                                   example=example, **kwargs)
+                                   temporal_padding=padding, example=example, **kwargs)
         except ValueError as exc:  # too many stages, a clip its strides cannot take, ...
             raise DataError(f"--model {cfg['model']}: {exc}") from None
 
@@ -679,6 +765,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = {action.dest: action.default for action in _parser()._actions
                if action.dest not in ("help", "resume", "out")}  # a checkpoint older than some options
         cfg.update(resume["config"])
+        if "temporal_padding" not in resume["config"]:  # written before the option: it streamed 'same' and
+            cfg.update(temporal_padding="same", allow_short_clips=True)  # took any clip length; it goes on so
         cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
         cfg["pretrained"] = None  # the checkpoint's weights are where the run goes on from
         for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas"):  # may change on resume
@@ -702,8 +790,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Optional[dict] = None) -> int:
-    if cluster.main:
-        os.makedirs(out, exist_ok=True)
     set_backend(cfg["backend"])
     device = cluster.device
     torch.manual_seed(cfg["seed"])
@@ -730,10 +816,18 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Opt
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
     example = train_set[0][0].unsqueeze(0).to(device)
     precision = _Precision(cfg["amp"], device)
+    lags = network_lags(net, cfg)
+    chosen = cfg["temporal_padding"]
+    cfg["temporal_padding"] = resolve_temporal_padding(cfg, lags)  # what the run streams (a checkpoint keeps it)
     pipe = cluster.pipeline(net, cfg, optimizer if cfg["update"] == "tick" else None, example, precision.loss_fn)
     if pipe.min_clip_length() > cfg["clip_len"]:
         raise DataError(f"--clip-len {cfg['clip_len']} is too short for --model {cfg['model']}: its temporal layers "
                         f"need at least {pipe.min_clip_length()} frames")
+    short = short_clip_problem(cfg, pipe.lag, lags)
+    if short:
+        raise DataError(short)
+    # the clip forward that validation runs: the network's own function, or the causal one the pipeline streams
+    forward = net if pipe.temporal_padding != "causal" else (lambda video: offline_forward(pipe.stages, video))
     # batch: batches of `epoch` done; sums: (videos, correct, loss*videos, steps, loss², loss) of those,
     # for the epoch record
     # best_val_acc: None until a validation has run
@@ -757,6 +851,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Opt
             raise DataError(f"--resume: {args.resume!r} does not fit the network and options it names "
                             f"({type(exc).__name__}: {first[:200]})") from None
     if cluster.main:
+        os.makedirs(out, exist_ok=True)  # only now: a run refused above leaves no directory behind
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
 
@@ -782,7 +877,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Opt
     ranks = f", {cluster.world} ranks" if cluster.distributed else ""
     ranks += f" ({cluster.replicas} replicas)" if cluster.replicas > 1 else ""
     say(f"sideways-train: {cfg['mode']} {cfg['model']} ({sum(p.numel() for p in net.parameters())} parameters, "
-        f"{cfg['stages']} stages{ranks}) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
+        f"{cfg['stages']} stages{ranks}, {_padding_note(cfg, chosen, pipe.lag, lags)}) on {len(train_set)} train / {len(val_set)} val videos, {classes} classes -> {out}",
         file=sys.stderr)
     unlogged = None  # the last step's record while --log-every has not written it: written where the run stops
 
@@ -866,7 +961,7 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Opt
                 state.update(epoch=epoch + 1, batch=0, sums=[0, 0, 0.0, 0, 0.0, 0.0])
                 optimizer_state = cluster.sync(net, pipe, optimizer)  # every rank evaluates the whole model
                 with precision.autocast():
-                    val = evaluate(net, val_loader, device)
+                    val = evaluate(net, val_loader, device, forward)
                 val_loss, val_acc = val["loss"], val["acc"]
                 mean_step = loss_plain / max(n_steps, 1)
                 record = dict(kind="epoch", step=state["step"], epoch=epoch + 1, train_loss=loss_sum / seen,
