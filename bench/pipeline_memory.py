@@ -4,7 +4,8 @@ autograd), for growing clip lengths T, on two networks:
 - ``c3d``: the 4-stage C3D-like chain (widths 16/32/64/128), batch 4, 56x56, T = 8..256;
 - ``r2plus1d_18``: the standard R(2+1)D-18 (residuals, temporal strides, BatchNorm per frame, a
   pooled head) at width 8, converted and cut into 4 stages by ``SidewaysPipeline.from_model``,
-  batch 2, 32x32, T = 16..128.
+  batch 2, 32x32, T = 16..128;
+- ``r3d_18``: ResNet-3D-18 (3x3x3 convs throughout) at width 8, converted the same way.
 
 Each figure is measured in a fresh process: one warm-up clip of the same length (so one-time
 costs are not counted: library start-up, e.g. oneDNN's, and the pipeline's tick plans, which it
@@ -12,8 +13,9 @@ builds once per clip length and keeps, about 4 KB a tick), then the peak-RSS mar
 (/proc/self/clear_refs) and the measured clip's peak RSS growth is read from VmHWM; the clip
 itself exists before the reset.
 Alongside it, the bytes each method holds by construction: Sideways' rings, FIFO slots, waiting
-errors and double buffers (``Engine.held_bytes``), BP's tensors saved for backward (counted
-with saved_tensors_hooks). Writes bench/memory_vs_T.png and markdown tables.
+errors and double buffers (``Engine.held_bytes``, by kind in the JSON: ``Engine.held_by_kind``),
+BP's tensors saved for backward (counted with saved_tensors_hooks). Writes bench/memory_vs_T.png
+and markdown tables.
 
     python bench/pipeline_memory.py                      # both networks, plot + tables
     python bench/pipeline_memory.py --child c3d sideways 16   # one measurement, JSON
@@ -28,6 +30,7 @@ import sys
 NETWORKS = {  # name: (batch, frame size, T values)
     "c3d": (4, 56, (8, 16, 32, 64, 128, 256)),
     "r2plus1d_18": (2, 32, (16, 32, 64, 128)),
+    "r3d_18": (2, 32, (16, 32, 64, 128)),
 }
 STAGES, CLASSES = 4, 10
 
@@ -51,7 +54,7 @@ def _network(name: str, sideways: bool):
     from sideways_kernels import SidewaysConv3d, models
     if name == "c3d":
         return models.c3d(CLASSES, widths=(16, 32, 64, 128), conv=SidewaysConv3d if sideways else nn.Conv3d)
-    return models.r2plus1d_18(CLASSES, width=8)
+    return models.GRAPHS[name](CLASSES, width=8)
 
 
 def child(name: str, method: str, frames: int) -> dict:
@@ -98,10 +101,11 @@ def child(name: str, method: str, frames: int) -> dict:
     before = _status_bytes("VmRSS")
     run(video, count_saved=True)
     peak = _status_bytes("VmHWM")
+    by_kind = None
     if pipe:
-        held = pipe.engine.held_bytes()
+        held, by_kind = pipe.engine.held_bytes(), pipe.engine.held_by_kind()
     return dict(network=name, method=method, frames=frames, peak_rss_growth=max(0, peak - before), held_bytes=held,
-                clip_bytes=video.numel() * video.element_size())
+                held_by_kind=by_kind, clip_bytes=video.numel() * video.element_size())
 
 
 def measure(name: str, method: str, frames: int) -> dict:
@@ -120,7 +124,7 @@ def main() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(NETWORKS), figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(NETWORKS), figsize=(5.5 * len(NETWORKS), 4))
     for ax, (name, (batch, hw, t_values)) in zip(axes, NETWORKS.items()):
         by = {(m, t): measure(name, m, t) for t in t_values for m in ("sideways", "bp")}
         print(f"\n{name}, batch {batch}, {hw}x{hw}, {STAGES} stages")

@@ -610,15 +610,19 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
                   predicted_eager_ms=eager / 1e3, predicted_graph_ms=graph / 1e3, predicted_grouped_ms=grouped / 1e3,
                   mean_eager_ms=mean_eager / 1e3, mean_graph_ms=mean_graph / 1e3, mean_grouped_ms=mean_grouped / 1e3)
     if measure:
-        result.update(measure_on_gpu(model, batch, size, frames, stages, update, out))
+        result.update(measure_on_gpu(model, batch, size, frames, stages, update, out,
+                                     predicted=dict(eager=mean_eager / 1e3, graph=mean_graph / 1e3, peak=sideways_peak)))
     return result
 
 
-def measure_on_gpu(model, batch, size, frames, stages, update, out=sys.stdout, clips: int = 4) -> dict:
-    """Times the same clip on a CUDA GPU, CUDA graphs off and on: ms per tick (mean of the last
-    clips, after the first ones warmed up and captured)."""
+def measure_on_gpu(model, batch, size, frames, stages, update, out=sys.stdout, clips: int = 4,
+                   predicted: Optional[dict] = None) -> dict:
+    """Times the same clip on a CUDA GPU under bf16 autocast, CUDA graphs off and on: ms per
+    tick (the mean over the last clips: the first warms up, the second captures) and the peak
+    memory of a clip, beside the model's ``predicted`` ms per tick (eager, graph) and peak."""
     if not torch.cuda.is_available():
         raise SystemExit("--measure needs a CUDA GPU")
+    predicted = predicted or {}
     got = {}
     for graphs in (False, True):
         torch.manual_seed(0)
@@ -626,20 +630,26 @@ def measure_on_gpu(model, batch, size, frames, stages, update, out=sys.stdout, c
         pipe.cuda_graph = graphs
         video = torch.randn(batch, 3, frames, size, size, device="cuda")
         target = torch.randint(0, 10, (batch,), device="cuda")
-        times = []
+        times, peaks = [], []
         for _ in range(clips):
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
             with torch.autocast("cuda", torch.bfloat16):
                 pipe.backward_clip(video, target)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - began)
+            peaks.append(torch.cuda.max_memory_allocated())
             net.zero_grad(set_to_none=True)
+        name = "graph" if graphs else "eager"
         ms = sum(times[2:]) / len(times[2:]) / pipe.last_ticks * 1e3
         replays = pipe._graphs.replays if pipe._graphs is not None else 0
-        got[f"measured_{'graph' if graphs else 'eager'}_ms"] = ms
-        print(f"measured, graphs {'on ' if graphs else 'off'}: {ms:.3f} ms per tick (mean over the clip; replays "
-              f"{replays}), {batch * frames / (ms * pipe.last_ticks / 1e3):.0f} frames/s", file=out)
+        got[f"measured_{name}_ms"], got[f"measured_{name}_peak"] = ms, peaks[-1]
+        print(f"measured, graphs {'on ' if graphs else 'off'}: {ms:.3f} ms per tick (predicted "
+              f"{predicted.get(name, float('nan')):.3f}; replays {replays}), "
+              f"{batch * frames / (ms * pipe.last_ticks / 1e3):.0f} frames/s; peak {peaks[-1] / 2**20:.0f} MiB "
+              f"(predicted {predicted.get('peak', float('nan')) / 2**20:.0f}; engine holds "
+              f"{pipe.engine.held_bytes() / 2**20:.0f})", file=out)
     return got
 
 
