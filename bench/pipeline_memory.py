@@ -17,8 +17,16 @@ errors and double buffers (``Engine.held_bytes``, by kind in the JSON: ``Engine.
 BP's tensors saved for backward (counted with saved_tensors_hooks). Writes bench/memory_vs_T.png
 and markdown tables.
 
-    python bench/pipeline_memory.py                      # both networks, plot + tables
+    python bench/pipeline_memory.py                      # every network, plot + tables
     python bench/pipeline_memory.py --child c3d sideways 16   # one measurement, JSON
+    python bench/pipeline_memory.py --allocations r3d_18|s3d|graphs   # exact bytes, JSON (below)
+
+``--allocations`` counts bytes exactly from the profiler's allocation events (CPU), after a
+warm-up: ``r3d_18`` — a converted r3d_18 (width 8, B4, 64x64, T48, BatchNorm per frame): a
+clip's peak above what it starts with, the engine's held bytes by kind, and clip BP's peak;
+``s3d`` — S3D (width x0.25, B2, 64x64, T16; temporal max-pools): bytes still allocated after each
+of four clips (a leak shows as growth); ``graphs`` — the r3d_18 with emulated CUDA graphs in
+update="clip": the peak of clip + optimizer step + zero_grad, and the replays.
 """
 from __future__ import annotations
 
@@ -154,8 +162,77 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def allocations(which: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from sideways_kernels import SidewaysPipeline, models
+    from sideways_kernels.cuda_graphs import TickGraphs
+
+    def counted(fn):  # (peak above the start, bytes left at the end)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        now = peak = 0
+        for e in events:
+            now += e.nbytes()
+            peak = max(peak, now)
+        return peak, now
+
+    mib = lambda b: round(b / 2**20, 2)
+    torch.manual_seed(0)
+    probe = torch.zeros(1, 3, 16, 64, 64)
+    if which == "s3d":
+        net = models.s3d(CLASSES, width_mult=0.25, frame_size=64, dropout=0.0)
+        pipe = SidewaysPipeline.from_model(net, stages=STAGES, batchnorm="frame", example=probe)
+        video, target = torch.randn(2, 3, 16, 64, 64), torch.randint(0, CLASSES, (2,))
+        pipe.backward_clip(video, target)
+        net.zero_grad(set_to_none=True)
+        left = [mib(counted(lambda: (pipe.backward_clip(video, target), net.zero_grad(set_to_none=True)))[1])
+                for _ in range(4)]
+        return dict(network="s3d x0.25 B2 64x64 T16", mib_still_allocated_after_each_clip=left)
+    net = models.r3d_18(CLASSES, width=8)
+    if which == "graphs":
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        pipe = SidewaysPipeline.from_model(net, stages=STAGES, batchnorm="frame", example=probe, cuda_graph=True)
+        pipe._graphs = TickGraphs(emulate=True)
+        video, target = torch.randn(4, 3, 16, 64, 64), torch.randint(0, CLASSES, (4,))
+
+        def step():
+            pipe.backward_clip(video, target)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(3):
+            step()
+        peak, left = counted(step)
+        return dict(network="r3d_18 w8 B4 64x64 T16, emulated graphs, update=clip", mib_peak=mib(peak),
+                    mib_left=mib(left), mib_gradients=mib(sum(p.numel() * 4 for p in net.parameters())),
+                    replays=pipe._graphs.replays)
+    pipe = SidewaysPipeline.from_model(net, stages=STAGES, batchnorm="frame", example=probe)
+    video, target = torch.randn(4, 3, 48, 64, 64), torch.randint(0, CLASSES, (4,))
+    pipe.backward_clip(video, target)
+    net.zero_grad(set_to_none=True)
+    peak, _ = counted(lambda: pipe.backward_clip(video, target))
+    held = pipe.engine.held_bytes()
+    by_kind = getattr(pipe.engine, "held_by_kind", lambda: None)()
+
+    def bp():
+        F.cross_entropy(net(video), target).backward()
+    net.zero_grad(set_to_none=True)
+    bp()
+    net.zero_grad(set_to_none=True)
+    bp_peak, _ = counted(bp)
+    return dict(network="r3d_18 w8 B4 64x64 T48", mib_sideways_peak=mib(peak), mib_held=mib(held),
+                held_by_kind=by_kind and {k: mib(v) for k, v in by_kind.items()}, mib_clip_bp_peak=mib(bp_peak),
+                sideways_over_bp=round((peak + held) / bp_peak, 3))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) == 3 and sys.argv[1] == "--allocations":
+        print(json.dumps(allocations(sys.argv[2])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
     else:
         main()
