@@ -1,42 +1,69 @@
 """Runs every experiment behind docs/REPORT.md, draws its figures and writes it.
 
-    python docs/report.py            # about 1.5 h on 2 CPU cores; finished runs are kept and reused
+    python docs/report.py            # every run from scratch: see the time REPORT.md states; finished runs are reused
 
 Each run is one ``sideways-train`` subprocess with one thread, as many at a time as there are
-cores; its directory (metrics.jsonl, curves.png, checkpoints, summary.json) stays under
-runs/report/. Three seeds per configuration; tables give mean ± sd over the seeds, and every
-comparison in the text is computed here, with "within seed noise" meaning the difference of
-the means is less than twice its standard error (sqrt(sd_a²/n + sd_b²/n)).
+cores; its directory (metrics.jsonl, curves.png, checkpoints, train.log, summary.json) stays under
+runs/report/. A run is reused when its summary.json names the same command line, else run again.
+Three seeds per configuration; tables give mean ± sd over the seeds, and every comparison in
+the text is computed here, with "within seed noise" meaning the difference of the means is less
+than twice its standard error (sqrt(sd_a²/n + sd_b²/n)).
 
 Experiments:
 - digits (overfitting regime): moving real handwritten digits, 192 training videos (validation
-  digits never seen in training), mc3_18 at width 16 with per-frame BatchNorm, 30 epochs — BP,
-  BP + dropout 0.5, BP + weight decay 5e-3, Sideways, Sideways with smoothing 3;
+  digits never seen in training), mc3_18 at width 16 with per-frame BatchNorm and 'same' temporal
+  padding, 30 epochs — BP, BP + dropout 0.5, BP + weight decay 5e-3, Sideways, Sideways with
+  smoothing 3;
 - shuffled frames: the same with every clip's frames in random order — BP, Sideways, Sideways
   with smoothing 3;
 - motion (the embedded procedural data, the default run): C3D-like chain, BP and Sideways at
   frame strides 1, 2, 4;
-- motion with a converted standard network: r2plus1d_18 at width 8, 4 stages cut by from_model.
+- converted standard networks on both datasets: r2plus1d_18 on 16-frame clips with 'same'
+  temporal padding (lag 54: the clip is shorter than the lag) and causal (lag 0), mc3_18 with
+  'same' padding on clips of 4x its lag and causal on 16 frames — BP and Sideways each.
+
+The discussion (the last section) is docs/report_discussion.md, a template: every number in it
+is a {placeholder} filled from the runs below (a decimal typed into the template is refused), and
+every verdict word that depends on a number ("within seed noise", "better", ...) is one too.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime
+import functools
 import json
 import math
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RUNS = os.path.join(ROOT, "runs", "report")
 SEEDS = (0, 1, 2)
+CHANCE = 0.1  # both datasets have 10 classes
 
 DIGITS = ["--dataset", "digits", "--model", "mc3_18", "--width", "16", "--stages", "3", "--train-videos", "192",
-          "--val-videos", "320", "--epochs", "30", "--log-every", "2"]
-R2 = ["--model", "r2plus1d_18", "--width", "8", "--stages", "4", "--epochs", "20"]
+          "--val-videos", "320", "--epochs", "30", "--log-every", "2", "--temporal-padding", "same"]
+
+# the converted standard networks (section 6)
+STD_WIDTH, STD_SIZE, STD_EPOCHS, STD_VIDEOS = 8, 32, 10, 640
+STD = ["--width", str(STD_WIDTH), "--size", str(STD_SIZE), "--stages", "4", "--train-videos", str(STD_VIDEOS),
+       "--val-videos", "320", "--epochs", str(STD_EPOCHS), "--log-every", "5"]
+STD_DATASETS = ("motion", "digits")
+SHORT_CLIP = 16  # the clip length a user would pick
+# (datasets, network, temporal padding, clip; None: LONG_FACTOR x the 'same' lag). r2plus1d_18 'same' on
+# 16 frames (clip < lag: Sideways at chance before causal padding) only on motion: its 70-odd ticks a clip
+# make it the costliest run here
+STD_SETTINGS = [(("motion",), "r2plus1d_18", "same", SHORT_CLIP), (STD_DATASETS, "r2plus1d_18", "causal", SHORT_CLIP),
+                (STD_DATASETS, "mc3_18", "same", None)]
+LONG_FACTOR = 4
+FIT_LEVEL = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +71,47 @@ class Config:
     name: str
     label: str
     args: tuple
+
+
+@functools.lru_cache(maxsize=None)
+def network_facts(model: str) -> dict:
+    """What the text says about a standard network, computed from it: the lags of its pipeline
+    under both temporal paddings, its convs with a temporal kernel, and how many of those stride."""
+    sys.path.insert(0, ROOT)
+    import torch.nn as nn
+    from sideways_kernels import models, train
+    net = models.GRAPHS[model](10, width=STD_WIDTH)
+    temporal = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1]
+    lags = train.network_lags(net, dict(model=model, batchnorm="frame"))
+    return dict(lag_same=lags["same"], lag_causal=lags["causal"], temporal_convs=len(temporal),
+                kernels=sorted({m.kernel_size[0] for m in temporal}),
+                strided=sum(m.stride[0] > 1 for m in temporal))
+
+
+def std_clip(model: str, padding: str, clip) -> int:
+    return clip if clip is not None else LONG_FACTOR * network_facts(model)["lag_same"]
+
+
+def std_settings(dataset: str) -> list:
+    return [(model, padding, clip) for datasets, model, padding, clip in STD_SETTINGS if dataset in datasets]
+
+
+def std_name(dataset: str, model: str, padding: str, clip: int, mode: str) -> str:
+    return f"std-{dataset}-{model}-{padding}{clip}-{mode}"
+
+
+def _std_configs() -> list:
+    out = []
+    for dataset in STD_DATASETS:
+        for model, padding, clip in std_settings(dataset):
+            clip = std_clip(model, padding, clip)
+            for mode in ("bp", "sideways"):
+                allow = ["--allow-short-clips"] if mode == "sideways" and padding == "same" and \
+                    clip <= network_facts(model)["lag_same"] else []
+                out.append(Config(std_name(dataset, model, padding, clip, mode), "BP" if mode == "bp" else "Sideways",
+                                  tuple(STD + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
+                                               "--temporal-padding", padding, "--mode", mode, *allow])))
+    return out
 
 
 CONFIGS = [
@@ -58,33 +126,52 @@ CONFIGS = [
            tuple(DIGITS + ["--mode", "sideways", "--smoothing", "3", "--shuffle-frames"])),
     *[Config(f"motion-{mode}-stride{k}", mode, ("--mode", mode, "--frame-stride", str(k)))
       for k in (1, 2, 4) for mode in ("sideways", "bp")],
-    Config("r2plus1d-bp", "BP", tuple(R2 + ["--mode", "bp"])),
-    Config("r2plus1d-sideways", "Sideways", tuple(R2 + ["--mode", "sideways"])),
+    *_std_configs(),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
+
+
+def _cost(config: Config) -> float:
+    """A rough relative cost (longest first keeps both cores busy to the end)."""
+    a = list(config.args)
+    clip = int(a[a.index("--clip-len") + 1]) if "--clip-len" in a else 8
+    model = a[a.index("--model") + 1] if "--model" in a else "c3d"
+    lag = network_facts(model)["lag_same"] if model in ("r2plus1d_18", "mc3_18") and "same" in a else 0
+    epochs = int(a[a.index("--epochs") + 1]) if "--epochs" in a else 20
+    videos = int(a[a.index("--train-videos") + 1]) if "--train-videos" in a else 640
+    return epochs * videos * (clip + lag) * (3 if model == "mc3_18" else 1)
 
 
 def run(config: Config, seed: int) -> dict:
     out = os.path.join(RUNS, f"{config.name}-seed{seed}")
     summary = os.path.join(out, "summary.json")
+    command = [*config.args, "--seed", str(seed)]
     if os.path.exists(summary):
-        return json.load(open(summary))
+        result = json.load(open(summary))
+        if result.get("args") == command:
+            result["reused"] = True
+            return result
     if os.path.exists(out):
-        import shutil
         shutil.rmtree(out)
+    os.makedirs(out)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *config.args, "--seed", str(seed),
-                             "--out", out], stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
+    started = time.time()
+    with open(os.path.join(out, "train.log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *command, "--out", out],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        raise RuntimeError(f"{out}: exit status {status}")
+        raise RuntimeError(f"{out}: exit status {status} (see {os.path.join(out, 'train.log')})")
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     epochs = [r for r in records if r["kind"] == "epoch"]
     steps = [r for r in records if r["kind"] == "step"]
-    result = dict(config=config.name, seed=seed, epochs=epochs, steps=steps, peak_rss_mib=usage.ru_maxrss / 1024,
+    result = dict(config=config.name, seed=seed, args=command, epochs=epochs, steps=steps,
+                  peak_rss_mib=usage.ru_maxrss / 1024, wall_s=time.time() - started,
+                  cpu_s=usage.ru_utime + usage.ru_stime,
                   frames_per_s=statistics.median(r["frames_per_s"] for r in steps))
     json.dump(result, open(summary, "w"))
-    print(f"{config.name} seed {seed}: val acc {epochs[-1]['val_acc']:.3f}", flush=True)
+    print(f"{config.name} seed {seed}: val acc {epochs[-1]['val_acc']:.3f} ({result['wall_s']:.0f}s)", flush=True)
+    result["reused"] = False
     return result
 
 
@@ -126,10 +213,40 @@ def compare(results, a: str, b: str, metric: str) -> tuple[float, float, bool]:
     return ma - mb, se, abs(ma - mb) < 2 * se
 
 
+def noise_word(results, a, b, metric) -> str:
+    return "within seed noise" if compare(results, a, b, metric)[2] else "outside seed noise"
+
+
 def said(results, a: str, b: str, metric: str) -> str:
     d, se, noise = compare(results, a, b, metric)
-    where = "within seed noise" if noise else "outside seed noise"
-    return f"{d:+.3f} (± {se:.3f}, {where})"
+    return f"{d:+.3f} (± {se:.3f}, {noise_word(results, a, b, metric)})"
+
+
+def pooled_bins(results, name) -> list:
+    """The reliability diagram of ``name``'s last epoch, the seeds pooled: (count, accuracy,
+    confidence) per bin, count-weighted."""
+    bins = [r["epochs"][-1]["val_bins"] for r in results[name]]
+    pooled = []
+    for b in zip(*bins):
+        n = sum(x[0] for x in b)
+        pooled.append((n, sum(x[0] * x[1] for x in b) / n if n else float("nan"),
+                       sum(x[0] * x[2] for x in b) / n if n else float("nan")))
+    return pooled
+
+
+def below_diagonal(results, name) -> tuple[int, int]:
+    """(occupied bins whose accuracy is below their confidence, occupied bins)."""
+    occupied = [p for p in pooled_bins(results, name) if p[0]]
+    return sum(p[1] < p[2] for p in occupied), len(occupied)
+
+
+def mean_curve(results, name, key) -> list:
+    return [statistics.mean(v) for v in zip(*[[e[key] for e in r["epochs"]] for r in results[name]])]
+
+
+def first_epoch_at(results, name, key, level) -> str:
+    curve = mean_curve(results, name, key)
+    return next((str(i + 1) for i, v in enumerate(curve) if v >= level), "never")
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -153,19 +270,14 @@ def figures(results: dict, plt) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle("Moving digits, 192 training videos (mean ± sd over 3 seeds)", fontsize=10)
+    fig.suptitle(f"Moving digits, 192 training videos (mean ± sd over {len(SEEDS)} seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "digits_curves.png"), dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(colors), figsize=(3.2 * len(colors), 3.4), sharey=True)
     for ax, name in zip(axes, colors):
-        bins = [r["epochs"][-1]["val_bins"] for r in results[name]]
-        pooled = []
-        for b in zip(*bins):  # a bin's count-weighted accuracy and confidence over the seeds
-            n = sum(x[0] for x in b)
-            pooled.append((n, sum(x[0] * x[1] for x in b) / n if n else float("nan"),
-                           sum(x[0] * x[2] for x in b) / n if n else float("nan")))
+        pooled = pooled_bins(results, name)
         width = 1 / len(pooled)
         centres = [(i + 0.5) * width for i in range(len(pooled))]
         ax.bar(centres, [p[1] if p[0] else 0 for p in pooled], width=width * 0.9, color="tab:blue", alpha=0.7,
@@ -174,13 +286,15 @@ def figures(results: dict, plt) -> None:
         ax.plot([p[2] for p in pooled if p[0]], [p[1] for p in pooled if p[0]], "o", color="tab:red", ms=3,
                 label="(confidence, accuracy)")
         m, _ = stats(results, name, "val ECE")
-        ax.set_title(f"{BY_NAME[name].label}\nECE {m:.3f}", fontsize=9)
+        below, occupied = below_diagonal(results, name)
+        ax.set_title(f"{BY_NAME[name].label}\nECE {m:.3f}; {below}/{occupied} bins below", fontsize=9)
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Reliability of the validation predictions after 30 epochs (15 bins, 3 seeds pooled)", fontsize=10)
+    fig.suptitle(f"Reliability of the validation predictions after 30 epochs (15 bins, {len(SEEDS)} seeds pooled)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "digits_reliability.png"), dpi=110)
     plt.close(fig)
@@ -235,6 +349,28 @@ def figures(results: dict, plt) -> None:
     fig.savefig(os.path.join(HERE, "accuracy_vs_stride.png"), dpi=110)
     plt.close(fig)
 
+    fig, axes = plt.subplots(1, len(STD_DATASETS), figsize=(6.5 * len(STD_DATASETS), 3.8), sharey=True)
+    for ax, dataset in zip(axes, STD_DATASETS):
+        labels = []
+        for i, (model, padding, clip) in enumerate(std_settings(dataset)):
+            clip = std_clip(model, padding, clip)
+            labels.append(f"{model}\n{padding}, {clip} frames")
+            for j, (mode, color) in enumerate((("bp", "tab:orange"), ("sideways", "tab:blue"))):
+                m, s = stats(results, std_name(dataset, model, padding, clip, mode), "final val acc")
+                ax.bar(i + (j - 0.5) * 0.35, m, 0.35, yerr=s, capsize=3, color=color, alpha=0.85,
+                       label=("BP" if mode == "bp" else "Sideways") if i == 0 else None)
+        ax.axhline(CHANCE, color="k", ls=":", lw=1, label="chance")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(f"--dataset {dataset}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("final validation accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Converted standard networks (width {STD_WIDTH}), mean ± sd over {len(SEEDS)} seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "standard_networks.png"), dpi=110)
+    plt.close(fig)
+
 
 # --- the page ------------------------------------------------------------------------------------
 
@@ -245,10 +381,62 @@ def table(results, names, metrics, label=lambda n: BY_NAME[n].label) -> list[str
     return lines
 
 
-def page(results: dict) -> str:
+DIGITS_RUNS = ["digits-bp", "digits-bp-dropout", "digits-bp-wd", "digits-sideways", "digits-sideways-smooth"]
+
+
+def std_section(R) -> list[str]:
+    lines = [
+        "## 6. Converted standard networks at a clip length a user would pick",
+        "",
+        f"`models.r2plus1d_18` and `models.mc3_18` (torchvision's layouts) at width {STD_WIDTH}, per-frame "
+        f"BatchNorm, cut into 4 stages by `SidewaysPipeline.from_model`, {STD_SIZE}×{STD_SIZE} frames, "
+        f"{STD_VIDEOS} training and 320 validation videos, {STD_EPOCHS} epochs of batch 16 "
+        f"({STD_EPOCHS * math.ceil(STD_VIDEOS / 16)} steps), SGD (momentum 0.9, lr 0.05, cosine), weight decay 1e-4, on "
+        "both datasets (digits: 8-frame motion of one digit per video, class = the digit; motion: class = the "
+        "motion). Validation scores the function each run trained: with causal padding, the pipeline's stages "
+        "run offline on the clip (`model(video)` is the 'same' function). Command per run: `sideways-train "
+        + " ".join(STD) + " --dataset D --model M --clip-len T --temporal-padding same|causal --mode bp|sideways "
+        "[--allow-short-clips] --seed S` (`--allow-short-clips`: Sideways on a clip no longer than the lag, which "
+        "`sideways-train` refuses without it).",
+        "",
+        "| network | convs with a temporal kernel (k_t) | of them temporally strided | lag, 'same' | lag, causal |",
+        "|---|---|---|---|---|",
+    ]
+    for model in ("r2plus1d_18", "mc3_18"):
+        f = network_facts(model)
+        lines.append(f"| {model} | {f['temporal_convs']} ({', '.join(map(str, f['kernels']))}) | {f['strided']} | "
+                     f"{f['lag_same']} | {f['lag_causal']} |")
+    lines += ["", "The lags are `SidewaysPipeline.lags` (input frames a frame's output is late: each 'same'-padded "
+              "temporal conv at rate r adds r·p).", ""]
+    for dataset in STD_DATASETS:
+        lines += [f"**--dataset {dataset}**", "",
+                  "| network | temporal padding | clip | clip / lag | mode | final val acc | best val acc | train acc |"
+                  " val ECE |", "|---|---|---|---|---|---|---|---|---|"]
+        for model, padding, clip in std_settings(dataset):
+            clip = std_clip(model, padding, clip)
+            lag = network_facts(model)["lag_same" if padding == "same" else "lag_causal"]
+            ratio = f"{clip / lag:.1f}" if lag else "∞ (lag 0)"
+            for mode in ("bp", "sideways"):
+                n = std_name(dataset, model, padding, clip, mode)
+                lines.append(f"| {model} | {padding} | {clip} | {ratio} | {BY_NAME[n].label} | "
+                             + " | ".join(cell(R, n, m) for m in ("final val acc", "best val acc", "train acc",
+                                                                    "val ECE")) + " |")
+        lines.append("")
+        bullets = []
+        for model, padding, clip in std_settings(dataset):
+            clip = std_clip(model, padding, clip)
+            sw, bp = (std_name(dataset, model, padding, clip, m) for m in ("sideways", "bp"))
+            bullets.append(f"{model}, {padding}, {clip} frames: final {said(R, sw, bp, 'final val acc')}, best "
+                           f"{said(R, sw, bp, 'best val acc')}")
+        lines += ["- Sideways − BP, validation accuracy (final with final, best with best): " + "; ".join(bullets)
+                  + ".", ""]
+    lines += ["![final validation accuracy, standard networks](standard_networks.png)", ""]
+    return lines
+
+
+def page(results: dict, timing: dict) -> str:
     import torch
     R = results
-    digits = ["digits-bp", "digits-bp-dropout", "digits-bp-wd", "digits-sideways", "digits-sideways-smooth"]
     main = ["final val acc", "best val acc", "train acc", "train − val gap"]
     calib = ["val NLL", "val ECE", "confidence when wrong", "step-loss sd"]
     gap_s, gap_b = stats(R, "digits-sideways", "train − val gap")[0], stats(R, "digits-bp", "train − val gap")[0]
@@ -262,12 +450,13 @@ def page(results: dict) -> str:
     lines = [
         "# Sideways vs backprop: generalisation, calibration, and what it needs from the video",
         "",
-        f"Generated by `python docs/report.py` on {__import__('datetime').date.today()} (2-core CPU, "
-        f"torch {torch.__version__}, each run one `sideways-train` process with one thread; runs under "
-        "`runs/report/`). Three seeds per configuration; mean ± sd over seeds. \"Within seed noise\": the "
-        "difference of two means is less than twice its standard error — with three seeds, a rough guide, not a "
-        "test. BP and Sideways run through the very same pipeline (`mode=\"bp\"` or `\"sideways\"`), so the only "
-        "difference is the Sideways pairing of each error with a later frame's activation.",
+        f"Generated by `python docs/report.py` on {datetime.date.today()} ({os.cpu_count()}-core CPU shared with "
+        f"other work, torch {torch.__version__}, each run one `sideways-train` process with one thread, "
+        f"{os.cpu_count()} at a time; runs under `runs/report/`). {timing['line']} {len(SEEDS)} seeds per "
+        "configuration; mean ± sd over seeds. \"Within seed noise\": the difference of two means is less than "
+        "twice its standard error — with three seeds, a rough guide, not a test. BP and Sideways run through the "
+        "very same pipeline (`mode=\"bp\"` or `\"sideways\"`), so the only difference is the Sideways pairing of "
+        "each error with a later frame's activation.",
         "",
         "## 1. Does Sideways generalise better? (the paper's claim)",
         "",
@@ -276,11 +465,12 @@ def page(results: dict) -> str:
         "random velocity on a 32×32 canvas; class = the digit, so appearance is the signal and motion a "
         "nuisance; 8-frame clips). The digit images are split 80/20 once, so validation digits were never seen "
         "in training. 192 training videos, 320 validation videos, `mc3_18` at width 16 (its torchvision layout: "
-        "residual blocks, BatchNorm per frame) in 3 stages, SGD (momentum 0.9, lr 0.05, cosine), weight decay "
+        "residual blocks, BatchNorm per frame; 'same' temporal padding, lag "
+        f"{network_facts('mc3_18')['lag_same']}) in 3 stages, SGD (momentum 0.9, lr 0.05, cosine), weight decay "
         "1e-4, 30 epochs, batch 16. Command per run: `sideways-train " + " ".join(DIGITS) + " --mode bp|sideways "
         "[--dropout 0.5 | --weight-decay 5e-3 | --smoothing 3] --seed S`.",
         "",
-        *table(R, digits, main),
+        *table(R, DIGITS_RUNS, main),
         "",
         "![train and validation accuracy, validation NLL](digits_curves.png)",
         "",
@@ -288,10 +478,15 @@ def page(results: dict) -> str:
         f"{said(R, 'digits-sideways', 'digits-bp', 'final val acc')}; train − validation gap: Sideways "
         f"{gap_s:.3f} vs BP {gap_b:.3f} ({said(R, 'digits-sideways', 'digits-bp', 'train − val gap')}); "
         f"training accuracy {said(R, 'digits-sideways', 'digits-bp', 'train acc')}.",
+        f"- First epoch whose mean training accuracy reaches {FIT_LEVEL}: " + ", ".join(
+            f"{BY_NAME[n].label} {first_epoch_at(R, n, 'train_acc', FIT_LEVEL)}" for n in DIGITS_RUNS) + ". Mean "
+        "validation accuracy gained over the last 5 epochs: " + ", ".join(
+            f"{BY_NAME[n].label} {mean_curve(R, n, 'val_acc')[-1] - mean_curve(R, n, 'val_acc')[-6]:+.3f}"
+            for n in DIGITS_RUNS) + ".",
         "",
         "## 2. Calibration: is Sideways over-confident when wrong?",
         "",
-        *table(R, digits, calib),
+        *table(R, DIGITS_RUNS, calib),
         "",
         "![reliability diagrams](digits_reliability.png)",
         "",
@@ -300,6 +495,9 @@ def page(results: dict) -> str:
         f"predictions {said(R, 'digits-sideways', 'digits-bp', 'confidence when wrong')}.",
         f"- The spread of the per-step training loss (sd over an epoch's steps, last epoch): Sideways − BP "
         f"{said(R, 'digits-sideways', 'digits-bp', 'step-loss sd')}.",
+        "- Reliability bins (15, seeds pooled) whose accuracy lies below their confidence (over-confident), of the "
+        "occupied ones: " + ", ".join(f"{BY_NAME[n].label} {'/'.join(map(str, below_diagonal(R, n)))}"
+                                       for n in DIGITS_RUNS) + ".",
         "",
         "## 3. Against regularised BP",
         "",
@@ -307,7 +505,8 @@ def page(results: dict) -> str:
         f"{said(R, 'digits-bp-dropout', 'digits-sideways', 'final val acc')}; BP + weight decay − Sideways: "
         f"{said(R, 'digits-bp-wd', 'digits-sideways', 'final val acc')}. The better regulariser here is "
         f"{BY_NAME[best_reg].label.replace('BP + ', '')} ({said(R, best_reg, 'digits-bp', 'final val acc')} over "
-        "plain BP).",
+        "plain BP); dropout − plain BP: "
+        f"{said(R, 'digits-bp-dropout', 'digits-bp', 'final val acc')}.",
         "",
         "## 4. What Sideways needs from the video: shuffled frames, and smoothing",
         "",
@@ -323,18 +522,19 @@ def page(results: dict) -> str:
         "",
         "![ordered vs shuffled frames](digits_shuffled.png)",
         "",
-        f"- Shuffling costs BP {shuffle_drop['bp']:+.3f} and Sideways {shuffle_drop['sideways']:+.3f} of final "
-        f"validation accuracy (ordered − shuffled); Sideways − BP on shuffled frames: "
-        f"{said(R, 'shuffled-sideways', 'shuffled-bp', 'final val acc')}.",
+        f"- Shuffling costs BP {shuffle_drop['bp']:+.3f}, Sideways {shuffle_drop['sideways']:+.3f} and Sideways "
+        f"with smoothing 3 {shuffle_drop['sideways-smooth']:+.3f} of final validation accuracy (ordered − "
+        f"shuffled); Sideways − BP on shuffled frames: {said(R, 'shuffled-sideways', 'shuffled-bp', 'final val acc')}.",
         f"- Smoothing 3 − plain Sideways, final validation accuracy: ordered "
         f"{said(R, 'digits-sideways-smooth', 'digits-sideways', 'final val acc')}, shuffled "
         f"{said(R, 'shuffled-sideways-smooth', 'shuffled-sideways', 'final val acc')}.",
         "",
         "## 5. The embedded motion task",
         "",
-        "The default `sideways-train` run (C3D-like chain of widths 16/32/64 in 3 stages, 640 training and 320 "
-        "validation procedural videos whose class is their motion, 8-frame clips of 32×32, 20 epochs), at frame "
-        "strides 1, 2 and 4 (every s-th frame kept: the video changes s times faster per tick).",
+        "The default `sideways-train` run (C3D-like chain of widths 16/32/64 in 3 stages, 'same' temporal padding, "
+        "lag 3; 640 training and 320 validation procedural videos whose class is their motion, 8-frame clips of "
+        "32×32, 20 epochs), at frame strides 1, 2 and 4 (every s-th frame kept: the video changes s times faster "
+        "per tick).",
         "",
         "| mode | frame stride | final val acc | best val acc | train − val gap | val ECE | frames/s (1 thread, shared machine) |",
         "|---|---|---|---|---|---|---|",
@@ -355,37 +555,197 @@ def page(results: dict) -> str:
             f"stride {k} {said(R, f'motion-sideways-stride{k}', f'motion-bp-stride{k}', 'final val acc')}"
             for k in (1, 2, 4)) + ".",
         "",
-        "A converted standard network on the same task: `models.r2plus1d_18` at width 8 (residual blocks, "
-        "temporal strides, per-frame BatchNorm, a pooled head), cut into 4 stages by "
-        "`SidewaysPipeline.from_model` (`sideways-train " + " ".join(R2) + " --mode bp|sideways`).",
-        "",
-        *table(R, ["r2plus1d-bp", "r2plus1d-sideways"], main + ["val ECE"]),
-        "",
-        f"- Sideways − BP with r2plus1d_18, final validation accuracy: "
-        f"{said(R, 'r2plus1d-sideways', 'r2plus1d-bp', 'final val acc')}. Its temporal lag is 54 frames, so with "
-        "8-frame clips its slower layers see the clip's end padding for most ticks and every error is paired "
-        "with the state the clip left behind.",
-        "",
+        *std_section(R),
     ]
     return "\n".join(lines)
 
 
+# --- the discussion: a template whose every number comes from the runs ----------------------------
+
+def discussion_numbers(R: dict) -> dict:
+    """Every value docs/report_discussion.md quotes, by name (numbers formatted, verdicts in words)."""
+    v = {}
+    f3 = lambda x: f"{x:.3f}"
+    m = lambda n, metric="final val acc": stats(R, n, metric)[0]
+    sd = lambda n, metric="final val acc": stats(R, n, metric)[1]
+    diff = lambda a, b, metric="final val acc": f"{compare(R, a, b, metric)[0]:+.3f}"
+    noise = lambda a, b, metric="final val acc": noise_word(R, a, b, metric)
+    v["seeds"] = str(len(SEEDS))
+    v["fit_level"] = str(FIT_LEVEL)
+    v["wd_label"], v["dropout_label"] = BY_NAME["digits-bp-wd"].label, BY_NAME["digits-bp-dropout"].label
+    # 1. generalisation
+    d, _, within = compare(R, "digits-sideways", "digits-bp", "final val acc")
+    v["gen_verdict"] = ("validates no better and no worse than BP within seed noise" if within else
+                        "validates better than BP" if d > 0 else "validates worse than BP")
+    v["gen_reproduced"] = "is reproduced" if d > 0 and not within else "is not reproduced"
+    for key, n in (("sw", "digits-sideways"), ("bp", "digits-bp"), ("wd", "digits-bp-wd"),
+                   ("dropout", "digits-bp-dropout"), ("smooth", "digits-sideways-smooth")):
+        v[f"{key}_final"], v[f"{key}_final_sd"] = f3(m(n)), f3(sd(n))
+        v[f"{key}_train"] = f3(m(n, "train acc"))
+        v[f"{key}_gap"] = f3(m(n, "train − val gap"))
+        v[f"{key}_ece"], v[f"{key}_nll"] = f3(m(n, "val ECE")), f3(m(n, "val NLL"))
+        v[f"{key}_conf_wrong"] = f3(m(n, "confidence when wrong"))
+        v[f"{key}_loss_sd"] = f3(m(n, "step-loss sd"))
+        v[f"{key}_fit_epoch"] = first_epoch_at(R, n, "train_acc", FIT_LEVEL)
+        below, occupied = below_diagonal(R, n)
+        v[f"{key}_below"], v[f"{key}_occupied"] = str(below), str(occupied)
+    v["gen_diff"], v["gen_noise"] = diff("digits-sideways", "digits-bp"), noise("digits-sideways", "digits-bp")
+    v["gap_noise"] = noise("digits-sideways", "digits-bp", "train − val gap")
+    v["gap_word"] = "smaller" if m("digits-sideways", "train − val gap") < m("digits-bp", "train − val gap") else "no smaller"
+    fitted = v["sw_fit_epoch"] != "never" and v["bp_fit_epoch"] != "never"
+    v["fit_sentence"] = ("the comparison at the last epoch is made after both have fitted the training set, in the "
+                         "overfitting regime the claim is about" if fitted else
+                         "not both fit the training set, so this is not yet the overfitting regime the claim is about")
+    v["spread_word"] = "larger" if sd("digits-sideways") > sd("digits-bp") else "smaller"
+    # 2. calibration
+    for metric, key in (("confidence when wrong", "conf"), ("val NLL", "nll"), ("val ECE", "ece"),
+                        ("step-loss sd", "loss_sd")):
+        d, _, within = compare(R, "digits-sideways", "digits-bp", metric)
+        v[f"cal_{key}_diff"], v[f"cal_{key}_noise"] = f"{d:+.3f}", noise("digits-sideways", "digits-bp", metric)
+        v[f"cal_{key}_word"] = ("less" if d < 0 else "more") if key == "loss_sd" else ("lower" if d < 0 else "higher")
+    all_below = all(below_diagonal(R, n)[0] == below_diagonal(R, n)[1] for n in DIGITS_RUNS)
+    v["below_all"] = ("every occupied bin of every configuration lies below the diagonal" if all_below else
+                      "so not every bar lies below the diagonal")
+    v["overconfident_word"] = ("less" if m("digits-sideways", "confidence when wrong") <
+                               m("digits-bp", "confidence when wrong") else "more")
+    # 3. regularised BP
+    best = max(DIGITS_RUNS, key=lambda n: m(n))
+    v["best_config"], v["best_final"], v["best_final_sd"] = BY_NAME[best].label, f3(m(best)), f3(sd(best))
+    v["wd_minus_sw"], v["wd_minus_sw_noise"] = diff("digits-bp-wd", "digits-sideways"), noise("digits-bp-wd", "digits-sideways")
+    v["wd_minus_bp"], v["wd_minus_bp_noise"] = diff("digits-bp-wd", "digits-bp"), noise("digits-bp-wd", "digits-bp")
+    v["dropout_minus_bp"], v["dropout_minus_bp_noise"] = (diff("digits-bp-dropout", "digits-bp"),
+                                                          noise("digits-bp-dropout", "digits-bp"))
+    sw_vs_reg = [compare(R, "digits-sideways", n, "final val acc") for n in ("digits-bp-wd", "digits-bp-dropout")]
+    v["reg_verdict"] = ("Sideways does not come out ahead of either" if all(d <= 0 or w for d, _, w in sw_vs_reg)
+                        else "Sideways comes out ahead of at least one")
+    # 4. shuffled frames and smoothing
+    for key in ("bp", "sideways", "sideways-smooth"):
+        v[f"shuffle_cost_{key.replace('-', '_')}"] = f3(m(f"digits-{key}") - m(f"shuffled-{key}"))
+        v[f"shuffled_{key.replace('-', '_')}_train"] = f3(m(f"shuffled-{key}", "train acc"))
+        v[f"shuffled_{key.replace('-', '_')}_ece"] = f3(m(f"shuffled-{key}", "val ECE"))
+    v["shuffled_sw_minus_bp"] = diff("shuffled-sideways", "shuffled-bp")
+    v["shuffled_sw_minus_bp_noise"] = noise("shuffled-sideways", "shuffled-bp")
+    v["shuffle_hurts_word"] = ("not hurt more than BP" if compare(R, "shuffled-sideways", "shuffled-bp",
+                                                                  "final val acc")[2] or
+                               m("shuffled-sideways") >= m("shuffled-bp") else "hurt more than BP")
+    v["smooth_ordered"], v["smooth_ordered_noise"] = (diff("digits-sideways-smooth", "digits-sideways"),
+                                                      noise("digits-sideways-smooth", "digits-sideways"))
+    v["smooth_shuffled"], v["smooth_shuffled_noise"] = (diff("shuffled-sideways-smooth", "shuffled-sideways"),
+                                                        noise("shuffled-sideways-smooth", "shuffled-sideways"))
+    ece = {n: m(n, "val ECE") for n in CONFIGS_DIGITS_ALL}
+    lowest = min(ece, key=ece.get)
+    v["lowest_ece_config"] = BY_NAME[lowest].label + (", shuffled" if lowest.startswith("shuffled") else ", ordered")
+    v["lowest_ece"] = f3(ece[lowest])
+    # 5. motion
+    words = []
+    for k in (1, 2, 4):
+        a, b = f"motion-sideways-stride{k}", f"motion-bp-stride{k}"
+        v[f"motion_sw{k}"], v[f"motion_bp{k}"] = f3(m(a)), f3(m(b))
+        v[f"motion_diff{k}"], v[f"motion_noise{k}"] = diff(a, b), noise(a, b)
+        words.append(compare(R, a, b, "final val acc")[2])
+    v["motion_verdict"] = ("every difference within seed noise" if all(words) else
+                           "not every difference within seed noise")
+    v["motion_sw1_sd"] = f3(sd("motion-sideways-stride1"))
+    # 6. the standard networks
+    for model in ("r2plus1d_18", "mc3_18"):
+        f = network_facts(model)
+        key = SHORT_NAMES[model]
+        v[f"{key}_lag_same"], v[f"{key}_lag_causal"] = str(f["lag_same"]), str(f["lag_causal"])
+        v[f"{key}_temporal_convs"], v[f"{key}_strided"] = str(f["temporal_convs"]), str(f["strided"])
+    v["long_clip"], v["short_clip"], v["long_factor"] = (str(std_clip("mc3_18", "same", None)), str(SHORT_CLIP),
+                                                         str(LONG_FACTOR))
+    v["chance"] = f"{CHANCE:.1f}"
+    goal = []
+    for dataset in STD_DATASETS:
+        for model, padding, clip in std_settings(dataset):
+            clip = std_clip(model, padding, clip)
+            sw, bp = (std_name(dataset, model, padding, clip, mode) for mode in ("sideways", "bp"))
+            key = f"{dataset}_{SHORT_NAMES[model]}_{padding}"
+            v[f"{key}_sw"], v[f"{key}_sw_sd"] = f3(m(sw)), f3(sd(sw))
+            v[f"{key}_bp"], v[f"{key}_bp_sd"] = f3(m(bp)), f3(sd(bp))
+            v[f"{key}_sw_best"], v[f"{key}_bp_best"] = f3(m(sw, "best val acc")), f3(m(bp, "best val acc"))
+            v[f"{key}_sw_train"], v[f"{key}_bp_train"] = f3(m(sw, "train acc")), f3(m(bp, "train acc"))
+            v[f"{key}_diff"], v[f"{key}_noise"] = diff(sw, bp), noise(sw, bp)
+            v[f"{key}_best_diff"], v[f"{key}_best_noise"] = diff(sw, bp, "best val acc"), noise(sw, bp, "best val acc")
+            v[f"{key}_bp_learns"] = learns_word(R, bp)
+            v[f"{key}_sw_learns"] = learns_word(R, sw)
+            if padding == "causal" and clip == SHORT_CLIP:
+                goal.append((dataset, model, compare(R, sw, bp, "final val acc")[2], learns(R, bp)))
+    met = [f"{model} on {dataset}" for dataset, model, within, bp_learns in goal if within and bp_learns]
+    missed = [f"{model} on {dataset}" + ("" if within else " (Sideways outside seed noise of BP)") +
+              ("" if bp_learns else " (BP itself not above chance by twice its sd)")
+              for dataset, model, within, bp_learns in goal if not (within and bp_learns)]
+    v["goal_verdict"] = ((f"met for {', '.join(met)}" if met else "met for none of them")
+                         + (f"; not met for {', '.join(missed)}" if missed else ""))
+    return v
+
+
+def learns(R, name) -> bool:
+    """Above chance by more than twice the seeds' sd (final validation accuracy)."""
+    mean, sd = stats(R, name, "final val acc")
+    return mean - CHANCE > 2 * sd
+
+
+def learns_word(R, name) -> str:
+    return "above chance" if learns(R, name) else "not clearly above chance"
+
+
+CONFIGS_DIGITS_ALL = [*DIGITS_RUNS, "shuffled-bp", "shuffled-sideways", "shuffled-sideways-smooth"]
+SHORT_NAMES = {"r2plus1d_18": "r2p1d18", "mc3_18": "mc3"}  # in placeholder names
+PLACEHOLDER = re.compile(r"\{([a-z0-9_]+)\}")
+
+
+def discussion(R: dict) -> str:
+    """docs/report_discussion.md with every {placeholder} filled. A decimal typed into the
+    template (a number nobody computed) or an unknown placeholder is an error."""
+    path = os.path.join(HERE, "report_discussion.md")
+    template = open(path).read()
+    typed = re.findall(r"(?<![\w{])\d+\.\d+", PLACEHOLDER.sub("", template))
+    if typed:
+        raise SystemExit(f"{path}: numbers typed by hand ({', '.join(typed[:5])}): quote them as {{placeholders}} "
+                         "computed in discussion_numbers()")
+    values = discussion_numbers(R)
+    unknown = sorted(set(PLACEHOLDER.findall(template)) - set(values))
+    if unknown:
+        raise SystemExit(f"{path}: unknown placeholders {unknown}")
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def readme_check(R: dict) -> None:
+    """The README's quick-start figure is the default run's (Sideways, motion, stride 1): say
+    when it no longer is."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    found = re.search(r"reaches (\d\.\d+) ± (\d\.\d+) validation accuracy over (\d+) seeds", text)
+    mean, sd = stats(R, "motion-sideways-stride1", "final val acc")
+    now = f"{mean:.2f} ± {sd:.2f}"
+    if not found or f"{found.group(1)} ± {found.group(2)}" != now or int(found.group(3)) != len(SEEDS):
+        print(f"README.md: the quick start should say 'reaches {now} validation accuracy over {len(SEEDS)} seeds' "
+              f"(it says {found.group(0) if found else 'nothing of the kind'!r})", file=sys.stderr)
+
+
 def main() -> None:
     os.makedirs(RUNS, exist_ok=True)
-    jobs = [(c, s) for c in CONFIGS for s in SEEDS]
+    started = time.time()
+    jobs = sorted(((c, s) for c in CONFIGS for s in SEEDS), key=lambda job: -_cost(job[0]))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         done = list(pool.map(lambda job: run(*job), jobs))
-    results = {c.name: [r for r in done if r["config"] == c.name] for c in CONFIGS}
+    results = {c.name: sorted((r for r in done if r["config"] == c.name), key=lambda r: r["seed"]) for c in CONFIGS}
+    executed = [r for r in done if not r["reused"]]
+    load = os.getloadavg()[2]
+    cpu_min = sum(r.get("cpu_s", 0.0) for r in done) / 60
+    line = (f"This generation ran {len(executed)} of the {len(done)} runs in {(time.time() - started) / 60:.0f} min "
+            f"wall (load average over the last 15 min at its end: {load:.1f} on {os.cpu_count()} cores)"
+            + (f", reusing {len(done) - len(executed)}" if len(done) > len(executed) else "")
+            + (f"; the runs took {cpu_min:.0f} CPU-minutes in all, i.e. about {cpu_min / (os.cpu_count() or 2):.0f} min "
+               f"on {os.cpu_count()} idle cores" if all("cpu_s" in r for r in done) else "") + ".")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figures(results, plt)
-    text = page(results)
-    discussion = os.path.join(HERE, "report_discussion.md")  # the reading of the numbers, by a person
-    if os.path.exists(discussion):
-        text += "\n" + open(discussion).read()
+    text = page(results, dict(line=line)) + "\n" + discussion(results)
     with open(os.path.join(HERE, "REPORT.md"), "w") as f:
         f.write(text)
+    readme_check(results)
     print(f"wrote {os.path.join(HERE, 'REPORT.md')}")
 
 
