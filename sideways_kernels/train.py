@@ -194,8 +194,8 @@ def _check_options(p: _Parser, args: argparse.Namespace) -> None:
     if args.pretrained is not None and args.model in models.CHAINS:
         p.error(f"--pretrained needs one of the standard networks ({', '.join(models.GRAPHS)}), not --model {args.model}")
     if args.clip_len < 2:
-        p.error(f"--clip-len {args.clip_len}: a clip needs at least 2 frames (with one, every temporal conv sees "
-                "only its padding besides the frame, and a video network learns nothing of time)")
+        p.error(f"--clip-len {args.clip_len}: a clip needs at least 2 frames (with one, a temporal conv's other "
+                "taps see only padding, and nothing of time is learnt)")
     if args.workers < 0:
         p.error("--workers must be >= 0")
     if not 0 <= args.dropout < 1:
