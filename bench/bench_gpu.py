@@ -10,8 +10,9 @@ In the order they run (the important ones first, so a run cut short still has th
    faster counts). Every implementation's result is first checked against reference.py in
    float64 (bf16 cuDNN convolutions have had wrong-result bugs);
 3. a pipeline tick at batch 8, eager vs replayed from CUDA graphs;
-4. end-to-end frames/s and peak memory vs clip length, Sideways pipeline vs clip BP, under bf16
-   autocast; Sideways at clip BP's memory.
+4. end-to-end frames/s and peak memory (``end_to_end``): C3D and a converted r3d_18, clip BP beside
+   Sideways per backend with and without CUDA graphs, T = 16 and 48 and a 256-frame clip, under
+   bf16 autocast; Sideways at clip BP's memory.
 
 Each benchmark appends its row (JSON) to ``$SIDEWAYS_BENCH_ROWS`` as soon as it is measured;
 ``bench/gpu_report.py`` turns the rows into RESULTS.md lines and a dispatch table.
@@ -265,40 +266,106 @@ def test_tick(benchmark, graphs):
 
 # --- 4. end to end ------------------------------------------------------------------------------
 
-def _c3d(conv, device="cuda"):
-    """The C3D of these measurements (widths 64-256; bench/tick_model.py builds it too)."""
-    return models.c3d(10, widths=(64, 128, 256, 256), conv=conv).to(device)
+def _c3d(conv, device="cuda", width: int = 64):
+    """The C3D of these measurements (widths 64-256 at width 64; bench/tick_model.py builds it too)."""
+    return models.c3d(10, widths=(width, 2 * width, 4 * width, 4 * width), conv=conv).to(device)
 
 
 def _clip_bp(net, video, target):
-    with torch.autocast("cuda", torch.bfloat16):
+    """Plain backprop of the clip: the mean over frames of a per-frame head's losses (C3D), or
+    the loss of a clip classifier's logits (r3d_18 pools over time itself)."""
+    with torch.autocast(video.device.type, torch.bfloat16):
         out = net(video)
-        T = out.shape[2]
-        loss = sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(T)) / T
+        if out.dim() == 2:
+            loss = F.cross_entropy(out, target)
+        else:
+            T = out.shape[2]
+            loss = sum(F.cross_entropy(out[:, :, t].flatten(1), target) for t in range(T)) / T
     loss.backward()
 
 
-@pytest.mark.parametrize("T", [8, 16, 32])
-@pytest.mark.parametrize("impl", ["clip_bp", "sideways"])
-def test_end_to_end(benchmark, impl, T):
-    """frames/s and peak memory against the clip length (bf16 autocast)."""
-    benchmark.group = f"gpu-train-clip-T{T}"
-    B, HW = 8, 112
-    video, target = torch.randn(B, 3, T, HW, HW, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
-    net = _c3d(nn.Conv3d if impl == "clip_bp" else SidewaysConv3d)
+def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, temporal_padding: str = "same",
+               batch: int = 8, size: int = 112, width: int = 64, device="cuda", rounds: int = 3) -> dict:
+    """One training clip end to end under bf16 autocast, timed over ``rounds`` after a warm-up
+    clip (the graphs' warm-up and capture), as a row: frames/s (frames of all B videos per
+    second), peak memory (MiB, CUDA), ticks per clip and graph replays. ``network``: "c3d" (4
+    stages of its blocks) or "r3d_18" (``from_model``, 4 stages, BatchNorm per frame,
+    ``temporal_padding``); ``impl``: "clip_bp" (plain autograd over the clip, nn.Conv3d) or
+    "sideways" with ``backend`` (None: the default) and ``graphs`` (None: the default)."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    conv = nn.Conv3d if impl == "clip_bp" else SidewaysConv3d
+    if network == "c3d":
+        net = _c3d(conv, device, width)
+    else:
+        net = models.r3d_18(10, width=width).to(device)
+    video = torch.randn(batch, 3, T, size, size, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    pipe = None
     if impl == "clip_bp":
         step = lambda: _clip_bp(net, video, target)
     else:
-        pipe = SidewaysPipeline(models.stages(net, 4))
+        kw = dict(backend=backend, cuda_graph=graphs)
+        pipe = (SidewaysPipeline(models.stages(net, 4), **kw) if network == "c3d" else
+                SidewaysPipeline.from_model(net, stages=4, batchnorm="frame", temporal_padding=temporal_padding,
+                                            example=video[:1, :, :2], **kw))
 
         def step():
-            with torch.autocast("cuda", torch.bfloat16):
+            with torch.autocast(device.type, torch.bfloat16):
                 pipe.backward_clip(video, target)
-    median = _timed(benchmark, step, rounds=5, warmup=1)
-    fps, peak = B * T / median, torch.cuda.max_memory_allocated() / 2**20
-    benchmark.extra_info.update(frames_per_s=fps, peak_mib=peak,
-                                shape=f"c3d(64,128,256,256) B{B} T{T} {HW}^2 bf16 autocast, 4 stages")
-    _row(kind="end_to_end", impl=impl, T=T, batch=B, frames_per_s=fps, peak_mib=peak)
+    cuda = device.type == "cuda"
+    step()  # warm-up: autotuning, graph warm-up and capture
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    graphs_ = getattr(pipe, "_graphs", None) if pipe is not None else None
+    return dict(kind="end_to_end", network=network,
+                temporal_padding=temporal_padding if network != "c3d" and impl == "sideways" else None,
+                impl=impl, backend=backend or ("default" if impl == "sideways" else None),
+                graphs=None if pipe is None else bool(graphs_ is not None and not graphs_.failed and graphs_.replays),
+                T=T, batch=batch, size=size, median_s=median, frames_per_s=batch * T / median,
+                peak_mib=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None,
+                ticks=None if pipe is None else pipe.last_ticks,
+                replays=None if graphs_ is None else graphs_.replays)
+
+
+# What the GPU run measures end to end (issue 19): C3D and a converted r3d_18 (causal: its lag
+# 0 instead of 54 frames; 'same' once, at the long clip), T = 16 and 48, clip BP beside Sideways
+# per backend with graphs (the default) and without; a long clip (T = 256) where clip BP's
+# memory grows and Sideways' does not.
+E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for T in (16, 48)]  # model(video)
+       + [(net, pad, "sideways", backend, graphs, T) for net, pad in (("c3d", "same"), ("r3d_18", "causal"))
+          for T in (16, 48) for backend in (None, "torch", "triton", "cuda") for graphs in (None, False)
+          if graphs is None or backend in (None, "torch")]
+       + [("r3d_18", "same", "sideways", None, None, 48), ("c3d", "same", "clip_bp", None, None, 256),
+          ("c3d", "same", "sideways", None, None, 256)])
+
+
+def _e2e_id(case) -> str:
+    net, pad, impl, backend, graphs, T = case
+    name = f"{net}{'-causal' if pad == 'causal' else ''}-T{T}-{impl}"
+    return name if impl == "clip_bp" else f"{name}-{backend or 'default'}{'-eager' if graphs is False else ''}"
+
+
+@pytest.mark.parametrize("case", E2E, ids=_e2e_id)
+def test_end_to_end(benchmark, case):
+    """frames/s and peak memory, clip BP and Sideways, per network, clip length, backend and graphs."""
+    net, pad, impl, backend, graphs, T = case
+    benchmark.group = f"gpu-train-{net}-T{T}"
+    if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("sideways::ring_conv_forward", "CUDA"):
+        pytest.skip("CUDA kernels not built")
+    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend, graphs=graphs, temporal_padding=pad),
+                             rounds=1, iterations=1)
+    benchmark.extra_info.update(row)
+    _row(**row)
 
 
 def test_end_to_end_sideways_at_equal_memory(benchmark):

@@ -3,7 +3,8 @@
 * markdown tables for bench/RESULTS.md — per op and shape: each implementation's time, TFLOP/s,
   fraction of the bf16 matmul ceiling measured in the same run, ratio to the faster cuDNN layout
   (NCDHW or channels_last_3d), the Triton config the autotuner picked; the graph tick vs the
-  eager one; end-to-end frames/s and peak memory vs clip length;
+  eager one; end-to-end frames/s and peak memory per network, clip length, backend and graphs,
+  each against clip BP's at the same network and length;
 * a dispatch table (sideways_kernels/dispatch.json plus this GPU's measured entry: per op, the
   faster of the CUDA and Triton kernels by geometric mean over the shapes) to review and commit.
 
@@ -70,9 +71,18 @@ def tables(rows: list[dict], device: str) -> list[str]:
                 out.append(f"| {'CUDA graph' if graphs else 'eager'} | {ticks[graphs]:.3f} | {ratio} |")
     e2e = [r for r in rows if r["kind"] == "end_to_end"]
     if e2e:
-        out += ["", "| end to end (c3d 64–256, B8, 112², bf16 autocast) | T | frames/s | peak MiB |", "|---|---|---|---|"]
-        for r in sorted(e2e, key=lambda r: (r["impl"], r["T"])):
-            out.append(f"| {r['impl']} | {r['T']} | {r['frames_per_s']:.0f} | {r['peak_mib']:.0f} |")
+        out += ["", "| end to end (B8, 112², bf16 autocast) | T | training | backend | graphs | frames/s | vs clip BP "
+                "| peak MiB | vs clip BP | ticks | replays |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        bp = {(r["network"], r["T"]): r for r in e2e if r["impl"] == "clip_bp"}
+        for r in sorted(e2e, key=lambda r: (r["network"], r["T"], r["impl"] != "clip_bp", str(r.get("backend")))):
+            base = bp.get((r["network"], r["T"]))
+            speed = f"{r['frames_per_s'] / base['frames_per_s']:.2f}×" if base and r is not base else ""
+            memory = f"{r['peak_mib'] / base['peak_mib']:.2f}×" if base and r is not base and r.get("peak_mib") else ""
+            training = "clip BP" if r["impl"] == "clip_bp" else f"Sideways ({r.get('temporal_padding') or 'chain'})"
+            out.append(f"| {r['network']} | {r['T']} | {training} | {r.get('backend') or ''} | "
+                       f"{'' if r.get('graphs') is None else 'yes' if r['graphs'] else 'no'} | "
+                       f"{r['frames_per_s']:.0f} | {speed} | {r['peak_mib'] or 0:.0f} | {memory} | "
+                       f"{r.get('ticks') or ''} | {'' if r.get('replays') is None else r['replays']} |")
     for r in rows:
         if r["kind"] == "equal_memory":
             out.append(f"\nSideways at clip BP's memory (B8, T16: {r['budget_mib']:.0f} MiB): batch {r['batch']}, "

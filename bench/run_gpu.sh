@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One short GPU run on a bare machine (the device tool's H100/H200: python3 with torch 2.11+ on
 # CUDA, triton, nvcc, pytest, pytest-benchmark). Built to finish in 8 minutes:
-#   build for sm_90a only with every core (<= 3 min), the GPU tests (<= 2 min),
-#   Triton autotuning and the benchmarks (<= 3 min), then the report.
+#   build for sm_90a only with every core (<= 3 min; skipped when the extension was built
+#   off the GPU and carried, as DEVELOPERS.md describes), the GPU tests (<= 2 min), the op
+#   benchmarks with Triton autotuning (<= 2.5 min), ticks and end to end (<= 3 min), the report.
 # Everything is written under $OUT as it happens (progress.log, the logs, rows.jsonl one
 # benchmark at a time), and the report runs whatever happened before it, so a timeout still
 # brings back every figure measured so far:
@@ -26,12 +27,16 @@ say "$device; torch $($PY -c 'import torch; print(torch.__version__)'), triton $
 echo "$device" > "$out/device.txt"
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} SIDEWAYS_CUDA_ARCHS=${SIDEWAYS_CUDA_ARCHS:-90a}
-say "build: sm_$SIDEWAYS_CUDA_ARCHS, $MAX_JOBS jobs"
 # Built in place (nothing installed: the image's python may not be ours to write to); the
 # repository root on PYTHONPATH makes this checkout the sideways_kernels every step imports.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-phase 180 $PY setup.py build_ext --inplace > "$out/build.log" 2>&1 \
-  || { tail -40 "$out/build.log"; say "build failed (build.log)"; exit 1; }
+if $PY -c 'import sideways_kernels as s; assert s.backends()["cuda"]' > /dev/null 2>&1; then
+  say "build: skipped (the extension with its CUDA kernels is here already, e.g. built off the GPU and carried)"
+else
+  say "build: sm_$SIDEWAYS_CUDA_ARCHS, $MAX_JOBS jobs"
+  phase 180 $PY setup.py build_ext --inplace > "$out/build.log" 2>&1 \
+    || { tail -40 "$out/build.log"; say "build failed (build.log)"; exit 1; }
+fi
 $PY -c 'import sideways_kernels as s; b = s.backends(); print(b); assert b["cuda"], "CUDA kernels not built"' \
   2>&1 | tee -a "$out/progress.log" || { say "CUDA kernels missing"; exit 1; }
 
@@ -45,10 +50,17 @@ if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
   say "compute-sanitizer memcheck: exit $?"
 fi
 
-say "benchmarks (ceiling, ops vs cuDNN with Triton autotuning, graph ticks, end to end)"
-SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase 190 $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
-  -p no:cacheprovider --benchmark-json "$out/gpu.json" --benchmark-columns=median,rounds > "$out/bench.log" 2>&1
-say "benchmarks: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+say "benchmarks 1/2 (ceiling, ops vs cuDNN at the C3D and r3d_18 shapes, Triton autotuning)"
+SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase 150 $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
+  -k "ceiling or weight_update or forward_and_input_grad" -p no:cacheprovider --benchmark-json "$out/gpu_ops.json" \
+  --benchmark-columns=median,rounds > "$out/bench_ops.log" 2>&1
+say "benchmarks 1/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+
+say "benchmarks 2/2 (graph ticks, end to end per network, backend and graphs, equal memory)"
+SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase 170 $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
+  -k "tick or end_to_end" -p no:cacheprovider --benchmark-json "$out/gpu_e2e.json" \
+  --benchmark-columns=median,rounds > "$out/bench_e2e.log" 2>&1
+say "benchmarks 2/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
 
 $PY bench/gpu_report.py "$out/rows.jsonl" --device "$device" --dispatch "$out/dispatch.json" > "$out/results.md" 2>&1
 cat "$out/results.md"

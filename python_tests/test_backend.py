@@ -107,3 +107,18 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "cuda"
     assert backend.choose("window_input_grad", torch.bfloat16, "sm_90", table) == "triton"  # triton never ran
     assert table["unmeasured"] == backend.table()["unmeasured"]
+
+
+def test_end_to_end_rows_are_compared_with_clip_bp_at_the_same_network_and_length():
+    report = _gpu_report()
+    e2e = lambda **kw: dict(kind="end_to_end", batch=8, size=112, **kw)
+    rows = [e2e(network="c3d", impl="clip_bp", T=16, frames_per_s=1000.0, peak_mib=800.0),
+            e2e(network="c3d", impl="clip_bp", T=48, frames_per_s=2000.0, peak_mib=2400.0),
+            e2e(network="c3d", impl="sideways", T=48, backend="default", graphs=True, frames_per_s=500.0,
+                peak_mib=300.0, ticks=58, replays=58),
+            e2e(network="r3d_18", impl="sideways", T=16, backend="torch", graphs=False, temporal_padding="causal",
+                frames_per_s=40.0, peak_mib=100.0, ticks=20, replays=None)]  # its clip BP row never ran
+    text = "\n".join(report.tables(rows, "H100"))
+    assert "| c3d | 48 | Sideways (chain) | default | yes | 500 | 0.25× | 300 | 0.12× | 58 | 58 |" in text
+    assert "| c3d | 16 | clip BP |  |  | 1000 |  | 800 |  |  |  |" in text
+    assert "| r3d_18 | 16 | Sideways (causal) | torch | no | 40 |  | 100 |  | 20 |  |" in text

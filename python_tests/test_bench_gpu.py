@@ -1,0 +1,28 @@
+"""bench/bench_gpu.py's end-to-end measurement runs where a GPU run will run it, on the CPU at
+small sizes: a GPU session's minutes should not go to finding a broken benchmark."""
+import importlib.util
+import os
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                          "bench_gpu.py"))
+bench_gpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_gpu)
+
+
+@pytest.mark.parametrize("network,impl,padding", [("c3d", "clip_bp", "same"), ("c3d", "sideways", "same"),
+                                                  ("r3d_18", "clip_bp", "same"), ("r3d_18", "sideways", "causal")])
+def test_end_to_end_measures_every_kind_of_case_on_the_cpu(network, impl, padding):
+    row = bench_gpu.end_to_end(network, impl, 6, backend="torch" if impl == "sideways" else None,
+                               temporal_padding=padding, batch=2, size=32, width=4, device="cpu", rounds=1)
+    assert row["frames_per_s"] > 0 and row["T"] == 6 and row["network"] == network
+    if impl == "sideways":
+        assert row["ticks"] >= 6 and row["graphs"] is False  # no graphs on the CPU
+        assert row["temporal_padding"] == (padding if network == "r3d_18" else None)
+
+
+def test_the_gpu_run_s_end_to_end_matrix_names_each_case_once():
+    ids = [bench_gpu._e2e_id(c) for c in bench_gpu.E2E]
+    assert len(ids) == len(set(ids))
+    assert {c[0] for c in bench_gpu.E2E} == {"c3d", "r3d_18"} and {c[5] for c in bench_gpu.E2E} == {16, 48, 256}
