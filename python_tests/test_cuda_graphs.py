@@ -45,6 +45,28 @@ def _run(update: str, per_frame: bool, graphs: bool, clips=4, T=13, stages=3):
     return results, pipe
 
 
+def _pipe(stages, graphs: bool, **kw) -> SidewaysPipeline:
+    """A pipeline of ``stages``; with ``graphs``, on emulated CUDA graphs (a replay re-runs the
+    capture with its Python state, as a real one would)."""
+    pipe = SidewaysPipeline(stages, cuda_graph=graphs, **kw)
+    if graphs:
+        pipe._graphs = TickGraphs(emulate=True)
+    return pipe
+
+
+def _clips(pipe, net, shape: tuple, classes: int, seed: int, clips: int = 3) -> list:
+    """(loss, outputs, gradients) of ``clips`` clips of random video ``shape``, gradients zeroed
+    after each."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(clips):
+        r = pipe.backward_clip(torch.randn(*shape, dtype=DT, generator=g), torch.randint(0, classes, (shape[0],),
+                                                                                          generator=g))
+        rows.append((r.loss, r.outputs, [p.grad.clone() for p in net.parameters()]))
+        net.zero_grad()
+    return rows
+
+
 def _assert_same(a, b):
     for (la, oa, ga, wa), (lb, ob, gb, wb) in zip(a, b):
         assert torch.equal(la, lb) and torch.equal(oa, ob)
@@ -143,16 +165,8 @@ def test_a_failed_capture_warns_naming_the_node_and_the_clip_still_equals_eager(
     def run(graphs: bool):
         torch.manual_seed(11)
         net = classifier_net(TEMPORAL, act=_SyncsWhileCapturing)
-        pipe = SidewaysPipeline(stages_of(net, 3), cuda_graph=graphs)
-        if graphs:
-            pipe._graphs = TickGraphs(emulate=True)
-        g = torch.Generator().manual_seed(5)
-        out = []
-        for _ in range(3):
-            r = pipe.backward_clip(torch.randn(2, 3, 9, 9, 8, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g))
-            out.append((r.loss, r.outputs, [p.grad.clone() for p in net.parameters()]))
-            net.zero_grad()
-        return out, pipe
+        pipe = _pipe(stages_of(net, 3), graphs)
+        return _clips(pipe, net, (2, 3, 9, 9, 8), 7, seed=5), pipe
 
     eager, _ = run(False)
     original = _EmulatedGraph.capture
@@ -242,16 +256,8 @@ def test_a_phase_that_zeroes_a_ring_at_the_clip_start_has_its_own_graph():
     def run(graphs: bool):
         torch.manual_seed(5)
         net = classifier_net([(3, 2, 1), (1, 0, 1)], act=torch.nn.Tanh)
-        pipe = SidewaysPipeline(stages_of(net, 1), cuda_graph=graphs)  # ticks 0, 6 and 12 share a phase
-        if graphs:
-            pipe._graphs = TickGraphs(emulate=True)
-        g = torch.Generator().manual_seed(6)
-        rows = []
-        for _ in range(3):
-            r = pipe.backward_clip(torch.randn(2, 3, 14, 7, 6, dtype=DT, generator=g), torch.randint(0, 7, (2,), generator=g))
-            rows.append((r.loss, r.outputs, [p.grad.clone() for p in net.parameters()]))
-            net.zero_grad()
-        return rows, pipe
+        pipe = _pipe(stages_of(net, 1), graphs)  # ticks 0, 6 and 12 share a phase
+        return _clips(pipe, net, (2, 3, 14, 7, 6), 7, seed=6), pipe
 
     eager, _ = run(False)
     graphed, pipe = run(True)
