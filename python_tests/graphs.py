@@ -63,6 +63,22 @@ class TrunkWithPooledHead(nn.Module):
         return [self.fc(f[:, :, t].mean((2, 3))) for t in range(f.shape[2])]
 
 
+class FirstTemporalThenLocal(TrunkWithPooledHead):
+    """One temporal conv (temporal padding ``pad_t``) first, then a residual of frame-local
+    layers with BatchNorm, and a pooled head: oracle 4's single-stage case."""
+
+    def __init__(self, pad_t):
+        super().__init__()
+        self.t = nn.Conv3d(3, 4, (3, 3, 3), padding=(pad_t, 1, 1))
+        self.a, self.b = nn.Conv3d(4, 4, 1), nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.bn = nn.BatchNorm3d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def trunk(self, x):
+        x = torch.tanh(self.t(x))
+        return torch.tanh(self.bn(self.b(torch.tanh(self.a(x)))) + x)
+
+
 class Residuals(TrunkWithPooledHead):
     """A residual around two padded temporal convs (its skip delayed 2 frames), then a strided
     residual (3-tap stride-2 conv beside a 1x1x1 stride-2 projection: they emit on different

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sideways_kernels import SidewaysPipeline, StreamingError, models
 from sideways_kernels.graph import ConvNode
 from sideways_kernels.nn import ZEROS
-from graphs import DT, TrunkWithPooledHead, objective, randomize_norms, video_resnet_frames
+from graphs import DT, FirstTemporalThenLocal, TrunkWithPooledHead, objective, randomize_norms, video_resnet_frames
 from nets import rel_error
 
 # the models' own offline forward of a padding='same' conv with an even kernel
@@ -214,18 +214,7 @@ def test_causal_bp_is_autograd_of_the_causal_network(name, n_stages):
 def test_causal_single_stage_whose_only_temporal_layer_is_first_is_exact():
     """Oracle 4's case for a causal first conv, a residual of frame-local layers, BatchNorm and a
     pooled head after it: Sideways == autograd of the causal clip loss, on a moving video."""
-    class Net(TrunkWithPooledHead):
-        def __init__(self):
-            super().__init__()
-            self.t = nn.Conv3d(3, 4, (3, 3, 3), padding=1)
-            self.a, self.b = nn.Conv3d(4, 4, 1), nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
-            self.bn = nn.BatchNorm3d(4)
-            self.fc = nn.Linear(4, 5)
-
-        def trunk(self, x):
-            x = torch.tanh(self.t(x))
-            return torch.tanh(self.bn(self.b(torch.tanh(self.a(x)))) + x)
-    model = randomize_norms(Net().to(DT)).eval()
+    model = randomize_norms(FirstTemporalThenLocal(pad_t=1).to(DT)).eval()
     ref = causal_reference(model)
     video, target = _clip(2, 7, 6, 5), torch.randint(0, 5, (2,))
     ref.zero_grad()

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from sideways_kernels import SidewaysPipeline, StreamingError, models
 from sideways_kernels.cuda_graphs import TickGraphs
-from graphs import (DT, Branches, NoPadding, Pools, Residuals, objective, randomize_norms, s3d_frames,
-                    video_resnet_frames)
+from graphs import (DT, Branches, FirstTemporalThenLocal, NoPadding, Pools, Residuals, objective, randomize_norms,
+                    s3d_frames, video_resnet_frames)
 from nets import rel_error
 from tv import video_models
 
@@ -280,25 +280,7 @@ def test_sideways_runs_on_torchvision_models(name):
 def test_single_stage_whose_only_temporal_layer_is_first_is_exact():
     """Oracle 4's other case, now with a residual of frame-local layers, BatchNorm and a pooled
     head after the one temporal conv: exact even on a moving video."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.t = nn.Conv3d(3, 4, (3, 3, 3), padding=(2, 1, 1))
-            self.a, self.b = nn.Conv3d(4, 4, 1), nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
-            self.bn = nn.BatchNorm3d(4)
-            self.fc = nn.Linear(4, 5)
-
-        def trunk(self, x):
-            x = torch.tanh(self.t(x))
-            return torch.tanh(self.bn(self.b(torch.tanh(self.a(x)))) + x)
-
-        def forward(self, x):
-            return self.fc(self.trunk(x).mean((2, 3, 4)))
-
-        def frames(self, x):
-            f = self.trunk(x)
-            return [self.fc(f[:, :, t].mean((2, 3))) for t in range(f.shape[2])]
-    model = randomize_norms(Net().to(DT)).eval()
+    model = randomize_norms(FirstTemporalThenLocal(pad_t=2).to(DT)).eval()
     video, target = _clip(2, 7, 6, 5), torch.randint(0, 5, (2,))
     model.zero_grad()
     objective(model.frames(video), target).backward()
