@@ -3,7 +3,6 @@ steady, the phase a graph is keyed by, staged inputs and targets, gradient buffe
 pipeline redoes after a replay) runs with an emulated graph whose replay re-runs the captured
 call with the Python state baked in at capture, as a real graph would. Its results must equal
 eager ticks bit for bit (float64). Real capture and replay are tested in test_gpu.py."""
-import itertools
 import warnings
 
 import pytest

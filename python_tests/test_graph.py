@@ -2,8 +2,6 @@
 §2 (float64): streaming == the model (predict), bp == autograd of the per-frame objective,
 Sideways exact on a static video where no layer pads time and different from bp on a moving
 one; refusals that name what they refused. torchvision's own model code and ours."""
-import itertools
-import math
 
 import pytest
 import torch

@@ -154,7 +154,7 @@ def test_pipeline_streams_with_triton_and_env_var_selects_it(monkeypatch):
         torch.testing.assert_close(streamed, net(video), rtol=1e-4, atol=1e-5)
 
 
-from sideways_kernels.triton.configs import (CONFIGS, DEFAULT, Config, box_waste, every_config, prune,  # noqa: E402
+from sideways_kernels.triton.configs import (CONFIGS, Config, box_waste, every_config, prune,  # noqa: E402
                                              prune_boxes, split_k)
 
 EVERY_CONFIG = every_config()

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from . import backend as _backend
-from .graph import SOURCE, ChainNode, ConvNode, PoolNode, StreamGraph, substitute
+from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
 from .nn import SidewaysConv3d, _Stream
 from .schedule import Schedule, StagePlan, TickPlan
 

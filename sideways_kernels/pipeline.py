@@ -714,7 +714,6 @@ def _probe(graph: StreamGraph, model: nn.Module, example, batchnorms, by: str):
     """Each node's cost per tick (FLOPs of one emission over its rate divisor, or measured
     seconds), and whether it yields a tensor — from one clip streamed through the graph as
     a single stage, nothing changed (eval mode, no gradients)."""
-    import time
     p = next(itertools.chain(model.parameters(), model.buffers()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else torch.device("cpu")

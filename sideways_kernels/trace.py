@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import math
 import operator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
