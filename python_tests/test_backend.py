@@ -122,3 +122,27 @@ def test_end_to_end_rows_are_compared_with_clip_bp_at_the_same_network_and_lengt
     assert "| c3d | 48 | Sideways (chain) | default | yes | 500 | 0.25× | 300 | 0.12× | 58 | 58 |" in text
     assert "| c3d | 16 | clip BP |  |  | 1000 |  | 800 |  |  |  |" in text
     assert "| r3d_18 | 16 | Sideways (causal) | torch | no | 40 |  | 100 |  | 20 |  |" in text
+
+
+@pytest.mark.parametrize("how", ["env", "set_backend", "argument"])
+def test_auto_names_the_default_wherever_a_backend_is_named(monkeypatch, how):
+    """SIDEWAYS_BACKEND=auto (as the README lists it), set_backend("auto") and backend="auto" all
+    mean the default: per-op dispatch on a CUDA device with both kernel sets, the fastest built
+    elsewhere."""
+    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
+    monkeypatch.delenv("SIDEWAYS_BACKEND", raising=False)
+    name = None
+    if how == "env":
+        monkeypatch.setenv("SIDEWAYS_BACKEND", "auto")
+    elif how == "set_backend":
+        backend.set_backend("auto")
+    else:
+        name = "auto"
+    try:
+        assert backend.resolve(torch.device("cuda", 0), name) == "auto"
+        assert backend.resolve(torch.device("cpu"), name) == "cpp"
+    finally:
+        backend.set_backend(None)
+    with pytest.raises(ValueError, match="SIDEWAYS_BACKEND must be one of"):
+        monkeypatch.setenv("SIDEWAYS_BACKEND", "bogus")
+        backend.requested()

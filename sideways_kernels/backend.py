@@ -18,7 +18,9 @@ import torch
 from . import reference
 from ._loader import backends
 
-NAMES = ("torch", "cpp", "triton", "cuda")
+# "auto": the default made explicit — on CUDA with both the CUDA kernels and Triton, per op and
+# dtype from dispatch.json; elsewhere the fastest backend built for the device.
+NAMES = ("torch", "cpp", "triton", "cuda", "auto")
 _override: Optional[str] = None
 
 
@@ -43,7 +45,7 @@ def resolve(device: torch.device, name: Optional[str] = None) -> str:
     else the fastest built; refuses one that cannot run there."""
     have = backends()
     name = name or requested()
-    if name is None:
+    if name is None or name == "auto":
         if device.type == "cuda":
             if have["cuda"]:
                 return "auto" if have["triton"] else "cuda"
