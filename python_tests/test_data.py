@@ -169,3 +169,26 @@ def test_digits_run_records_the_new_metrics(tmp_path):
     assert math.isfinite(epoch["val_nll"]) and 0 <= epoch["val_ece"] <= 1
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["dataset"] == "digits" and config["smoothing"] == 2 and config["shuffle_frames"]
+
+
+def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
+    """A .npy that is no NumPy file is named as such (np.load would call any bytes pickled data
+    and point at allow_pickle), and skipped; the folder's readable files are used."""
+    import warnings
+
+    import numpy as np
+    from sideways_kernels.data import UnreadableVideoWarning, VideoFolder
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            np.save(tmp_path / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
+    (tmp_path / "a" / "broken.npy").write_bytes(b"these bytes are not an array" * 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folders = [VideoFolder(str(tmp_path), s, clip_len=2) for s in ("train", "test")]
+    skipped = [p for f in folders for p in f.skipped]
+    assert [os.path.basename(p) for p in skipped] == ["broken.npy"]
+    reason = next(f.skip_reasons[p] for f in folders for p in f.skipped)
+    assert "not a NumPy .npy file" in reason and "pickle" not in reason
+    assert any(issubclass(w.category, UnreadableVideoWarning) for w in caught)
+    assert sum(len(f.items) for f in folders) == 10

@@ -221,6 +221,9 @@ def _pyav():
 def _probe(path: str) -> int:
     """Number of frames in a video or tensor file; raises on an unreadable file."""
     if path.endswith(".npy"):
+        with open(path, "rb") as f:  # else np.load takes any other bytes for a pickle and says so
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("not a NumPy .npy file (no .npy header)")
         arr = np.load(path, mmap_mode="r")
         if arr.ndim != 4:
             raise ValueError(f"expected [T, H, W, C], got shape {arr.shape}")
