@@ -31,7 +31,7 @@ SMALLER = [
      "112x112 frames through r2plus1d_18 take minutes on a CPU; 32x32 keeps 2x2 at its last BatchNorm"),
     ("r2plus1d_18(num_classes=10)", "r2plus1d_18(num_classes=10, width=4)",
      "torchvision's width (64: 31M parameters) is the same code at ~250x the FLOPs"),
-    ('batchnorm="frame")', 'batchnorm="frame", example=torch.randn(1, 3, 16, 32, 32))',
+    ('temporal_padding="causal")', 'temporal_padding="causal", example=torch.randn(1, 3, 16, 32, 32))',
      "the cost probe's default clip is 112x112 frames"),
 ]
 
@@ -97,12 +97,18 @@ def _chain_claims(ns):
 
 
 def _from_model_claims(ns):
-    """The comments of the from_model example: .grad of every parameter, result.logits [B, 10],
-    and predict == model(video)."""
+    """The comments of the from_model example: result.logits [B, 10], a causal pipeline with lag
+    0 where 'same' has 54, and predict == model(video) with the default 'same' padding (the
+    causal pipeline predicts its stages' offline function). (The block's zero_grad leaves no
+    .grad to look at.)"""
     assert ns["result"].logits.shape == (2, 10)
+    assert ns["pipe"].lags == {"same": 54, "causal": 0} and ns["pipe"].lag == 0
+    from sideways_kernels import SidewaysPipeline
     with torch.no_grad():
-        expected = ns["model"](ns["video"])
-    torch.testing.assert_close(ns["logits"], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ns["logits"], train.offline_forward(ns["pipe"].stages, ns["video"]),
+                                   rtol=1e-4, atol=1e-4)
+        same = SidewaysPipeline.from_model(ns["model"], stages=4, batchnorm="frame", example=ns["video"][:1])
+        torch.testing.assert_close(same.predict(ns["video"]), ns["model"](ns["video"]), rtol=1e-4, atol=1e-4)
 
 
 # a text that identifies a python block -> what its comments promise, checked after it ran
