@@ -1,7 +1,16 @@
+import os
+
 import pytest
 import torch
 
-import sideways_kernels
+# Triton decides interpreter or compiler for its own library functions (tl.cdiv, ...) when it is
+# first imported, and some test modules import it while being collected (torch's FLOP counter
+# does, in test_tick_model.py), before test_triton.py's own line runs. Without a GPU the Triton
+# tests run in the interpreter, so say so before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sideways_kernels  # noqa: E402
 
 # Fresh random inputs every run; print the seed so a failure can be replayed.
 _SEED = torch.seed() % (2**31)
