@@ -155,6 +155,33 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, option):
     assert str(path) in result.stderr and "is a text file" in result.stderr
 
 
+@pytest.mark.parametrize("case", ["triton without the interpreter", "bogus SIDEWAYS_BACKEND"])
+def test_a_backend_that_cannot_run_is_one_line_and_no_run_directory(tmp_path, capsys, monkeypatch, case):
+    """Both ended in a ~30-line traceback with exit status 1 (the README walkthrough)."""
+    if case.startswith("triton"):
+        pytest.importorskip("triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        args, words = ["--backend", "triton"], ("--backend:", "TRITON_INTERPRET=1")
+    else:
+        monkeypatch.setenv("SIDEWAYS_BACKEND", "cudnn")
+        args, words = [], ("SIDEWAYS_BACKEND", "'cudnn'")
+    out = tmp_path / "run"
+    code = train.main([*TINY, *args, "--max-steps", "1", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == train.EXIT_DATA and len(lines) == 1, lines
+    assert lines[0].startswith("sideways-train: error:") and all(w in lines[0] for w in words), lines[0]
+    assert not out.exists()
+
+
+def test_a_bad_value_on_the_command_line_is_one_line(capsys):
+    """argparse printed its usage block (every option, ~20 lines) before the error."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--epochs", "-3"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("sideways-train: error: argument --epochs") and "--help" in lines[0], lines[0]
+
+
 # --- short runs -----------------------------------------------------------------------------
 
 def _last_line_files(line: str, out: str):

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import models
-from .backend import NAMES as BACKENDS, set_backend
+from .backend import NAMES as BACKENDS, resolve as resolve_backend, set_backend
 from .data import (DataError, MovingDigits, MovingTextures, ShuffledFrames, UnreadableVideoWarning, VideoFolder,
                    unreadable_summary)
 from .pipeline import NonFiniteError, SidewaysPipeline
@@ -68,7 +68,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if self.raise_errors:
             raise _ConfigError(message)
-        super().error(message)
+        # one line, not argparse's usage block of every option
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> _Parser:
@@ -792,6 +793,10 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Optional[dict] = None) -> int:
     set_backend(cfg["backend"])
     device = cluster.device
+    try:  # a backend that cannot run here (or a bogus SIDEWAYS_BACKEND) is one line, before anything is built
+        resolve_backend(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"{'--backend' if cfg['backend'] else 'SIDEWAYS_BACKEND'}: {exc}") from None
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
