@@ -138,6 +138,55 @@ def test_temporal_pools_end_the_clip_as_pytorch_does(pool):
         torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
 
 
+class _StrideThenPool(nn.Module):
+    """A 3-tap temporal conv of stride 2 ('same' padded), then a 2-frame max-pool: the pool runs
+    at rate 2, so its own window lag of 1 sample is 2 input frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0))
+        self.pool = nn.MaxPool3d((2, 1, 1))
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+def _newest_input(model, T: int) -> list[int]:
+    """For each output frame of ``model`` on a T-frame clip, the newest input frame it depends
+    on, found offline by perturbing one input frame at a time (both signs, so a max-pool's
+    winner changes whichever way the conv's weights point)."""
+    video = _clip(1, T, 2, 2, C=2)
+    with torch.no_grad():
+        base = model(video)
+        newest = [-1] * base.shape[2]
+        for t in range(T):
+            for sign in (1.0, -1.0):
+                moved = video.clone()
+                moved[:, :, t] += sign * 100.0
+                changed = (model(moved) - base).abs().amax((0, 1, 3, 4)) > 0
+                for n in torch.nonzero(changed).flatten().tolist():
+                    newest[n] = max(newest[n], t)
+    return newest
+
+
+def test_rates_and_lags_count_input_frames_after_a_stride():
+    """DESIGN.md §5: (r, λ) -> (r·s, λ + r·(d·(k−1) − p)). conv k3 s2 p1 from (1, 0): (2, 0 + 1·(2 − 1)) =
+    (2, 1); max-pool k2 s2 p0 after it: (4, 1 + 2·1) = (4, 3) — the pool's one sample of window lag
+    is 2 input frames. Checked against the model: output n (first stride position n·4) depends on
+    input frames up to n·4 + 3, found by perturbing input frames."""
+    model = _StrideThenPool().to(DT)
+    pipe = SidewaysPipeline.from_model(model, example=_clip(1, 8, 2, 2, C=2))
+    graph = pipe.graph
+    by_name = {node.name: node.index for node in graph.nodes}
+    assert (graph.rate[by_name["conv"]], graph.lag[by_name["conv"]]) == (2, 1)
+    assert (graph.rate[by_name["pool"]], graph.lag[by_name["pool"]]) == (4, 3)
+    # causal: the conv's padding moved to the past, (1, 1) -> (2, 0), adds no lag; the pool's 2 frames remain
+    assert pipe.lag == 3 and pipe.lags == {"same": 3, "causal": 2}
+    newest = _newest_input(model, 13)
+    assert len(newest) == pipe.output_length(13) == 3
+    assert newest == [n * 4 + pipe.lag for n in range(len(newest))]
+
+
 class _TimeAxisMoves(nn.Module):
     """The time axis moved by transpose, unsqueeze, indexing, chunk, stack, squeeze and permute,
     sizes read from other axes, and amax over time as the head pool (a max head)."""
