@@ -138,6 +138,25 @@ def test_temporal_pools_end_the_clip_as_pytorch_does(pool):
         torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool3d((1, 2, 2), stride=(2, 2, 2)),
+    nn.AvgPool3d((1, 2, 2), stride=(2, 2, 2)),
+    lambda x: F.max_pool3d(x, (1, 2, 2), stride=(2, 2, 2)),
+    lambda x: F.avg_pool3d(x, (1, 2, 2), stride=(2, 2, 2)),
+], ids=["max", "avg", "F.max_pool3d", "F.avg_pool3d"])
+def test_a_temporal_stride_with_a_one_frame_pool_window_is_not_frame_local(pool):
+    """Kernel 1 and no padding over time, but stride 2: every other frame is dropped, so the
+    pool is a temporal node (rate 2), not a frame-local op."""
+    model = _PooledAtTheEnd(pool).to(DT)
+    pipe = SidewaysPipeline.from_model(model, example=_clip(1, 5, 5, 5, C=2))
+    for T in (5, 6):
+        video = _clip(2, T, 5, 5, C=2)
+        with torch.no_grad():
+            expected = model(video)
+            assert pipe.output_length(T) == pool(model.conv(video)).shape[2] == (T + 1) // 2
+        torch.testing.assert_close(pipe.predict(video), expected, rtol=1e-10, atol=1e-12)
+
+
 class _StrideThenPool(nn.Module):
     """A 3-tap temporal conv of stride 2 ('same' padded), then a 2-frame max-pool: the pool runs
     at rate 2, so its own window lag of 1 sample is 2 input frames."""
