@@ -56,24 +56,45 @@ def test_triton_ops_match_reference(g, dtype):
     _close(grad_b, exp_b, dtype)
 
 
-@pytest.mark.parametrize("g", [GEOMETRIES[1], GEOMETRIES[9]], ids=geometry_id)
-def test_triton_sgd_tick_update_equals_torch_optim_sgd(g):
-    t = make(g, torch.float32)
+# test_ops.py's SGD_CONFIGS: plain, momentum, dampening with weight decay, nesterov
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2),
+    dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=5e-3),
+]
+_hyper_id = lambda h: "-".join(f"{k}{v}" for k, v in h.items())
+
+
+def _sgd_ticks_match_torch_optim_sgd(t, g, hyper):
+    """Three ticks of S.sgd_tick_update (so the second and third run the dampened momentum
+    step) against torch.optim.SGD.step on the reference gradient: weight, bias and the weight's
+    momentum buffer after every tick."""
     w, b = t["weight"].clone(), t["bias"].clone()
     w_opt, b_opt = w.clone().requires_grad_(), b.clone().requires_grad_()
-    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
     opt = torch.optim.SGD([w_opt, b_opt], **hyper)
-    buf_w, buf_b = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
-    for tick in range(2):
+    momentum = hyper.get("momentum", 0.0)
+    buf_w = torch.full_like(w, float("nan")) if momentum else None  # poison: the first tick must overwrite
+    buf_b = torch.full_like(b, float("nan")) if momentum else None
+    for tick in range(3):
         grad_out, ring = torch.randn_like(t["grad_out"]), torch.randn_like(t["ring"])
         gw, gb = torch.zeros_like(w), torch.zeros_like(b)
         ref.weight_grad_accumulate(gw, gb, grad_out, ring, t["slot"], *_a(g))
         w_opt.grad, b_opt.grad = gw, gb
         opt.step()
-        S.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, t["slot"], *_a(g), hyper["lr"], hyper["momentum"], 0.0,
-                          hyper["weight_decay"], True, tick == 0)
+        S.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, t["slot"], *_a(g), hyper["lr"], momentum,
+                          hyper.get("dampening", 0.0), hyper.get("weight_decay", 0.0), hyper.get("nesterov", False),
+                          tick == 0)
         _close(w, w_opt.detach(), torch.float32)
         _close(b, b_opt.detach(), torch.float32)
+        if momentum:
+            _close(buf_w, opt.state[w_opt]["momentum_buffer"], torch.float32)
+
+
+@pytest.mark.parametrize("g,hyper", [(GEOMETRIES[1], h) for h in SGD_CONFIGS] + [(GEOMETRIES[9], SGD_CONFIGS[3])],
+                         ids=lambda v: _hyper_id(v) if isinstance(v, dict) else geometry_id(v))
+def test_triton_sgd_tick_update_equals_torch_optim_sgd(g, hyper):
+    _sgd_ticks_match_torch_optim_sgd(make(g, torch.float32), g, hyper)
 
 
 def test_triton_refuses_bad_input_naming_the_argument():
@@ -295,6 +316,16 @@ def test_every_box_config_matches_the_reference_with_split_k(cfg, shared_work_bu
     for split in (1, 3):
         with T.using(box_config=cfg, path="box", split=split):
             _update_twice_matches_reference(g, t, ring, a, shared_work_buffers)
+
+
+@pytest.mark.parametrize("hyper", SGD_CONFIGS[1:], ids=_hyper_id)
+def test_box_sgd_tick_update_equals_torch_optim_sgd(hyper):
+    """The box path's SGD step (momentum, dampening, nesterov) on the smallest box geometry."""
+    g = BOX_GEOMETRIES[3]
+    T.paths.clear()
+    with T.using(path="box", split=1):
+        _sgd_ticks_match_torch_optim_sgd(_grad_out_channels_last(make(g, torch.float32)), g, hyper)
+    assert set(T.paths) == {("weight_update", "box")}
 
 
 # What the box kernels cannot take, each with the word its reason names; the general path
