@@ -453,6 +453,28 @@ def test_batchnorm_frame_policy_in_sideways_mode_is_the_per_frame_normalisation(
     assert _global_rel(list(got["frame"].values()), list(got[None].values())) <= 1e-9
 
 
+def test_batchnorm_frozen_policy_in_sideways_mode_is_the_eval_mode_normalisation():
+    """The frozen policy is the network with each BatchNorm in eval mode (running statistics),
+    streamed as frame-local ops: its Sideways gradients must equal that network's on every sample,
+    the drain's held samples included (they too are normalised with the running statistics)."""
+    torch.manual_seed(torch.initial_seed() % 1000)
+    model = _odd_norms(randomize_norms(Residuals().to(DT)).train())
+    evaluated = _odd_norms(Residuals().to(DT)).train()
+    evaluated.load_state_dict(model.state_dict())
+    for m in evaluated.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.eval()
+    video, target = _clip(2, 9, 6, 5), torch.randint(0, 6, (2,))
+    got = {}
+    for net, policy in ((model, "frozen"), (evaluated, None)):
+        net.zero_grad()
+        SidewaysPipeline.from_model(net, stages=2, batchnorm=policy, example=video[:1]).backward_clip(video, target)
+        got[policy] = {k: p.grad.clone() for k, p in net.named_parameters()}
+    assert model.training and model.bn1.training and not evaluated.bn1.training
+    assert list(got["frozen"]) == list(got[None])
+    assert _global_rel(list(got["frozen"].values()), list(got[None].values())) <= 1e-9
+
+
 def test_batchnorm_frozen_policy_and_refusal():
     model = _odd_norms(randomize_norms(Residuals().to(DT))).train()
     video, target = _clip(2, 9, 8, 7), torch.randint(0, 6, (2,))
