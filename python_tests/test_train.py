@@ -76,6 +76,31 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_resume_restores_the_whole_run_state(tmp_path):
+    """A run cut in epoch 2 after one validation, resumed for one more step: the new last.pt's
+    state is the saved one key for key, moved on by that step (best_val_acc kept, not None,
+    so a worse validation later cannot overwrite best.pt), and best.pt is left alone."""
+    code, out = _run(tmp_path, "--epochs", "2", "--max-steps", "4")  # 3 steps an epoch
+    assert code == 0
+    saved = train.load_weights(os.path.join(out, "last.pt"), "test")["state"]
+    best = open(os.path.join(out, "best.pt"), "rb").read()
+    assert saved["best_val_acc"] is not None and (saved["step"], saved["epoch"], saved["batch"]) == (4, 1, 1)
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--max-steps", "5"]) == 0
+    state = train.load_weights(os.path.join(out, "last.pt"), "test")["state"]
+    assert set(state) == set(saved)
+    step = _records(out, "step")[-1]
+    moved = dict(step=5, batch=2, sums=[saved["sums"][0] + 8, None, None, saved["sums"][3] + 1, None, None])
+    for key, value in saved.items():
+        if key == "sums":
+            assert state["sums"][0] == moved["sums"][0] and state["sums"][3] == moved["sums"][3], (saved, state)
+            assert state["sums"][5] == pytest.approx(saved["sums"][5] + step["loss"]), (saved, state, step)
+        elif key == "wall":
+            assert value < state["wall"], (saved, state)
+        else:
+            assert state[key] == moved.get(key, value), (key, saved, state)
+    assert open(os.path.join(out, "best.pt"), "rb").read() == best
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_runs_keep_float32_masters_and_resume_exactly(tmp_path, amp):
     """--amp: the logged losses are the unscaled ones, the weights and optimizer state stay
