@@ -336,6 +336,33 @@ def test_non_finite_loss_leaves_nothing_half_updated(mode, update):
             assert torch.equal(v["momentum_buffer"], state_before[k])
 
 
+@pytest.mark.parametrize("mode", ["sideways", "bp"])
+def test_non_finite_loss_leaves_batchnorm_buffers_as_they_were(mode):
+    """BatchNorm's 'frame' policy updates running_mean, running_var and num_batches_tracked on
+    every frame; a clip whose loss is not finite undoes all three."""
+    net = nn.Sequential(nn.Conv3d(3, 4, (3, 3, 3), padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                        nn.Conv3d(4, 5, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(5, momentum=None), nn.ReLU(),
+                        nn.AdaptiveAvgPool3d((None, 1, 1)), nn.Conv3d(5, 7, 1)).to(DT).train()
+    video, target = _video(T=6), torch.randint(0, 7, (2,))
+    pipe = SidewaysPipeline.from_model(net, stages=2, mode=mode, batchnorm="frame", example=video[:1])
+    pipe.backward_clip(video, target)  # buffers away from their initial values
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm3d)]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    snapshot = lambda: {f"{i}.{k}": getattr(m, k).clone() for i, m in enumerate(norms) for k in names}
+    before = snapshot()
+    calls = itertools.count()
+    pipe.loss_fn = lambda logits, y: F.cross_entropy(logits, y) * (float("nan") if next(calls) == 0 else 1.0)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* frame 0"):
+        pipe.backward_clip(video, target)
+    after = snapshot()
+    assert [k for k in before if not torch.equal(after[k], before[k])] == []
+    # the clip had changed every one of them: a finite clip does
+    pipe.loss_fn = F.cross_entropy
+    pipe.backward_clip(video, target)
+    after = snapshot()
+    assert [k for k in before if torch.equal(after[k], before[k])] == []
+
+
 def test_non_finite_video_and_bad_targets():
     net, pipe = _pipe()
     video = _video(T=6)
