@@ -334,6 +334,32 @@ def test_pretrained_weights_start_the_run_with_a_new_classifier(tmp_path, capsys
     assert result.returncode == 2 and "does not fit this network" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_pretrained_weights_bring_the_batchnorm_statistics(tmp_path):
+    """load_pretrained takes the whole state dict, buffers included: BatchNorm's running
+    statistics and num_batches_tracked, not only the parameters; only the classifier is new."""
+    from sideways_kernels import models
+    torch.manual_seed(0)
+    source = models.r3d_18(num_classes=400, width=4)
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    path = str(tmp_path / "k400.pth")
+    torch.save(source.state_dict(), path)
+    net = models.r3d_18(num_classes=10, width=4)
+    fc = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("fc.")}
+    train.load_pretrained(net, path)
+    got, want = net.state_dict(), source.state_dict()
+    assert any("running_mean" in k for k in got) and any("num_batches" in k for k in got)
+    for key, value in got.items():
+        if key.startswith("fc."):
+            assert torch.equal(value, fc[key]), key  # the new classifier, as built
+        else:
+            assert torch.equal(value, want[key]), key
+
+
 @pytest.mark.parametrize("case", ["garbage", "truncated", "runs code", "another model", "not a checkpoint"])
 def test_resume_of_a_bad_checkpoint_is_one_clear_line(tmp_path, case):
     """Never a traceback, never code run: a pickle that would call os.system is refused before
