@@ -192,3 +192,51 @@ def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
     assert "not a NumPy .npy file" in reason and "pickle" not in reason
     assert any(issubclass(w.category, UnreadableVideoWarning) for w in caught)
     assert sum(len(f.items) for f in folders) == 10
+
+
+def _frame_indexed_folder(root, frames=20):
+    """Two classes of three train and one test .npy video each, frame t of every video filled
+    with t (so a clip's values are the frame numbers it was cut from)."""
+    import numpy as np
+    video = np.broadcast_to(np.arange(frames, dtype=np.float32)[:, None, None, None], (frames, 8, 8, 3)).copy()
+    lists = {"trainlist01.txt": [], "testlist01.txt": []}
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(4):
+            np.save(root / c / f"v{i}.npy", video)
+            lists["testlist01.txt" if i == 3 else "trainlist01.txt"].append(f"{c}/v{i}.npy")
+    for name, files in lists.items():
+        (root / name).write_text("\n".join(files) + "\n")
+    return str(root)
+
+
+def _frame_numbers(dataset, i):
+    clip = dataset[i][0]  # [C, T, H, W], each frame one value
+    numbers = clip.mean((0, 2, 3)).round()
+    torch.testing.assert_close(clip, numbers[None, :, None, None].expand_as(clip))
+    return [int(t) for t in numbers]
+
+
+def test_video_folder_train_crops_follow_the_epoch_and_validation_stays_centred(tmp_path):
+    """Train clips start where (seed, epoch, index) say: the same within an epoch, elsewhere
+    the next epoch, the same again when an epoch is set again (a resume); test clips are
+    centred whatever the epoch."""
+    from sideways_kernels.data import VideoFolder
+    root = _frame_indexed_folder(tmp_path)
+    train_set, test_set = (VideoFolder(root, s, clip_len=3, size=8, seed=5) for s in ("train", "test"))
+    assert len(train_set) == 6 and len(test_set) == 2
+
+    def starts(dataset):
+        clips = [_frame_numbers(dataset, i) for i in range(len(dataset))]
+        assert all(c == list(range(c[0], c[0] + 3)) for c in clips), clips
+        assert [_frame_numbers(dataset, i) for i in range(len(dataset))] == clips  # read again: the same
+        return [c[0] for c in clips]
+    epoch0 = starts(train_set)
+    train_set.set_epoch(1)
+    epoch1 = starts(train_set)
+    assert epoch0 != epoch1 and all(0 <= s <= 17 for s in epoch0 + epoch1)
+    train_set.set_epoch(0)
+    assert starts(train_set) == epoch0
+    for epoch in (0, 1, 4):
+        test_set.set_epoch(epoch)
+        assert starts(test_set) == [8, 8]  # (20 - 3) // 2
