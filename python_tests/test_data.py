@@ -240,3 +240,25 @@ def test_video_folder_train_crops_follow_the_epoch_and_validation_stays_centred(
     for epoch in (0, 1, 4):
         test_set.set_epoch(epoch)
         assert starts(test_set) == [8, 8]  # (20 - 3) // 2
+
+
+def test_frame_stride_keeps_every_sth_frame(tmp_path, monkeypatch):
+    """clip_len 3 at frame_stride 2 is frames 0, 2, 4 of clip_len 6 at stride 1: the moving
+    textures (their per-frame noise, drawn per clip length, zeroed), the moving digits, and a
+    video folder's clips (frame start + 2t)."""
+    from sideways_kernels.data import MovingTextures, VideoFolder
+    monkeypatch.setattr(torch, "randn", lambda *size, generator=None, **kw: torch.zeros(*size, **kw))
+    for make in (lambda **kw: MovingTextures(4, size=16, seed=3, **kw),
+                 lambda **kw: MovingDigits(4, "train", size=16, seed=3, **kw)):
+        strided, every = make(clip_len=3, frame_stride=2).videos, make(clip_len=6, frame_stride=1).videos
+        assert not torch.equal(every[:, :, 0], every[:, :, 2])  # they move
+        assert torch.equal(strided, every[:, :, ::2])
+    monkeypatch.undo()
+    root = _frame_indexed_folder(tmp_path)
+    for split, epochs in (("train", (0, 1)), ("test", (0,))):
+        folder = VideoFolder(root, split, clip_len=3, frame_stride=2, size=8, seed=5)
+        for epoch in epochs:
+            folder.set_epoch(epoch)
+            for i in range(len(folder)):
+                clip = _frame_numbers(folder, i)
+                assert clip == [clip[0], clip[0] + 2, clip[0] + 4] and (split == "train" or clip[0] == 7), clip
