@@ -53,6 +53,7 @@ def _rank(rank, world, port, queue, C, T):
         times.append(time.perf_counter() - start)
     queue.put((rank, statistics.median(times)))
     if world > 1:
+        torch.distributed.barrier()  # gloo aborts a rank whose peer tore down first
         torch.distributed.destroy_process_group()
 
 

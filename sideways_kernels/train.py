@@ -676,8 +676,12 @@ class _Cluster:
         state["state"] = {k: v for _, opt in everyone for k, v in opt["state"].items()}
         return state
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Tear the process group down; after a finished run the ranks meet first (gloo aborts
+        a rank whose peer closed the connections while its own threads still used them)."""
         if self.distributed and self.dist.is_initialized():
+            if finished:
+                self.dist.barrier()
             self.dist.destroy_process_group()
 
 
@@ -784,10 +788,12 @@ def run(args: argparse.Namespace) -> int:
         if cfg["pretrained"]:  # read (and refused) before anything is built or written
             pretrained = read_state_dict(cfg["pretrained"])
     cluster = _Cluster(args.distributed, cfg["device"], cfg["replicas"])
+    code = None
     try:
-        return _train(args, cfg, out, resume, cluster, pretrained)
+        code = _train(args, cfg, out, resume, cluster, pretrained)
+        return code
     finally:
-        cluster.close()
+        cluster.close(finished=code == 0)
 
 
 def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Optional[dict] = None) -> int:
