@@ -4,7 +4,8 @@
 
 Each run is one ``sideways-train`` subprocess with one thread, as many at a time as there are
 cores; its directory (metrics.jsonl, curves.png, checkpoints, train.log, summary.json) stays under
-runs/report/. A run is reused when its summary.json names the same command line, else run again.
+runs/report/. A run is reused when its summary.json names the same command line and the same library
+sources (`code_version`), else run again.
 Three seeds per configuration; tables give mean ± sd over the seeds, and every comparison in
 the text is computed here, with "within seed noise" meaning the difference of the means is less
 than twice its standard error (sqrt(sd_a²/n + sd_b²/n)).
@@ -32,6 +33,8 @@ import concurrent.futures
 import dataclasses
 import datetime
 import functools
+import glob
+import hashlib
 import json
 import math
 import os
@@ -142,13 +145,25 @@ def _cost(config: Config) -> float:
     return epochs * videos * (clip + lag) * (3 if model == "mc3_18" else 1)
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """A hash of the library's sources (Python and C++): a run is reused only by the code that
+    made it, so a fix to training cannot be reported with runs of the code before it."""
+    h = hashlib.sha256()
+    for pattern in ("sideways_kernels/**/*.py", "csrc/**/*.*"):
+        for path in sorted(glob.glob(os.path.join(ROOT, pattern), recursive=True)):
+            h.update(os.path.relpath(path, ROOT).encode())
+            h.update(open(path, "rb").read())
+    return h.hexdigest()[:16]
+
+
 def run(config: Config, seed: int) -> dict:
     out = os.path.join(RUNS, f"{config.name}-seed{seed}")
     summary = os.path.join(out, "summary.json")
     command = [*config.args, "--seed", str(seed)]
     if os.path.exists(summary):
         result = json.load(open(summary))
-        if result.get("args") == command:
+        if result.get("args") == command and result.get("code") == code_version():
             result["reused"] = True
             return result
     if os.path.exists(out):
@@ -165,7 +180,7 @@ def run(config: Config, seed: int) -> dict:
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     epochs = [r for r in records if r["kind"] == "epoch"]
     steps = [r for r in records if r["kind"] == "step"]
-    result = dict(config=config.name, seed=seed, args=command, epochs=epochs, steps=steps,
+    result = dict(config=config.name, seed=seed, args=command, code=code_version(), epochs=epochs, steps=steps,
                   peak_rss_mib=usage.ru_maxrss / 1024, wall_s=time.time() - started,
                   cpu_s=usage.ru_utime + usage.ru_stime,
                   frames_per_s=statistics.median(r["frames_per_s"] for r in steps))
