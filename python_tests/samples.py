@@ -98,3 +98,17 @@ def geometry_id(g: Geometry) -> str:
     return (f"B{g.batch}C{g.channels}to{g.out_channels}_{g.height}x{g.width}_kt{g.k_t}dt{g.dilation_t}"
             f"_k{g.k_hw[0]}{g.k_hw[1]}s{g.stride[0]}{g.stride[1]}p{g.padding[0]}{g.padding[1]}"
             f"d{g.dilation[0]}{g.dilation[1]}g{g.groups}_{g.layout}")
+
+
+# torch.optim.SGD settings the fused update is checked against: plain, momentum, dampening with
+# weight decay, nesterov
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2),
+    dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=5e-3),
+]
+
+
+def sgd_id(hyper: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in hyper.items())

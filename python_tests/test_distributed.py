@@ -168,7 +168,8 @@ def test_distributed_per_tick_sgd_equals_single_process(tmp_path):
     expected = dict(net.named_parameters())
     procs = _spawn(3, "sideways", [1, 2, 1], tmp_path, update="tick")
     errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.endswith(".err")]
-    assert not errors and all(p.exitcode == 0 for p in procs), (errors, [p.exitcode for p in procs], sorted(os.listdir(tmp_path)))
+    assert not errors and all(p.exitcode == 0 for p in procs), (errors, [p.exitcode for p in procs],
+                                                                 sorted(os.listdir(tmp_path)))
     seen = set()
     for r in range(3):
         for name, w in torch.load(tmp_path / f"{r}.pt", weights_only=False)["grads"].items():

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sideways_kernels import ops, reference as ref
 from sideways_kernels.ops import conv_output_size
 from conftest import requires_cpp
-from samples import GEOMETRIES, geometry_id, make
+from samples import GEOMETRIES, SGD_CONFIGS, geometry_id, make, sgd_id
 
 pytestmark = requires_cpp
 
@@ -89,16 +89,8 @@ def test_weight_grad_accumulate_without_bias():
     _close(grad_w, expected, torch.float64, "grad_weight")
 
 
-SGD_CONFIGS = [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2),
-    dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=5e-3),
-]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()))
+@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=sgd_id)
 @pytest.mark.parametrize("geom", GEOMETRIES[1:4] + GEOMETRIES[4:5], ids=geometry_id)
 def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, dtype):
     """Three ticks of the fused update == torch.optim.SGD.step on the reference gradient."""
@@ -126,7 +118,7 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, dtype):
             _close(buf_w, opt.state[w_opt]["momentum_buffer"], dtype, f"momentum buffer after tick {tick}")
 
 
-@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()))
+@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=sgd_id)
 @pytest.mark.parametrize("geom", GEOMETRIES[1:6], ids=geometry_id)
 def test_reference_sgd_tick_update_is_torch_optim_sgd_on_the_autograd_gradient(geom, hyper):
     """The oracle itself: reference.sgd_tick_update (what every kernel is tested against)

@@ -14,7 +14,7 @@ import sideways_kernels.triton as T  # noqa: E402
 from sideways_kernels import SidewaysPipeline, reference as ref  # noqa: E402
 from graphs import Residuals, randomize_norms  # noqa: E402
 from nets import classifier_net, grads, rel_error, stages_of  # noqa: E402
-from samples import GEOMETRIES, geometry_id, make  # noqa: E402
+from samples import GEOMETRIES, SGD_CONFIGS, geometry_id, make, sgd_id  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
 S = torch.ops.sideways_triton
@@ -56,16 +56,6 @@ def test_triton_ops_match_reference(g, dtype):
     _close(grad_b, exp_b, dtype)
 
 
-# test_ops.py's SGD_CONFIGS: plain, momentum, dampening with weight decay, nesterov
-SGD_CONFIGS = [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2),
-    dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=5e-3),
-]
-_hyper_id = lambda h: "-".join(f"{k}{v}" for k, v in h.items())
-
-
 def _sgd_ticks_match_torch_optim_sgd(t, g, hyper):
     """Three ticks of S.sgd_tick_update (so the second and third run the dampened momentum
     step) against torch.optim.SGD.step on the reference gradient: weight, bias and the weight's
@@ -92,7 +82,7 @@ def _sgd_ticks_match_torch_optim_sgd(t, g, hyper):
 
 
 @pytest.mark.parametrize("g,hyper", [(GEOMETRIES[1], h) for h in SGD_CONFIGS] + [(GEOMETRIES[9], SGD_CONFIGS[3])],
-                         ids=lambda v: _hyper_id(v) if isinstance(v, dict) else geometry_id(v))
+                         ids=lambda v: sgd_id(v) if isinstance(v, dict) else geometry_id(v))
 def test_triton_sgd_tick_update_equals_torch_optim_sgd(g, hyper):
     _sgd_ticks_match_torch_optim_sgd(make(g, torch.float32), g, hyper)
 
@@ -318,7 +308,7 @@ def test_every_box_config_matches_the_reference_with_split_k(cfg, shared_work_bu
             _update_twice_matches_reference(g, t, ring, a, shared_work_buffers)
 
 
-@pytest.mark.parametrize("hyper", SGD_CONFIGS[1:], ids=_hyper_id)
+@pytest.mark.parametrize("hyper", SGD_CONFIGS[1:], ids=sgd_id)
 def test_box_sgd_tick_update_equals_torch_optim_sgd(hyper):
     """The box path's SGD step (momentum, dampening, nesterov) on the smallest box geometry."""
     g = BOX_GEOMETRIES[3]
