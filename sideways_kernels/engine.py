@@ -65,7 +65,7 @@ class Engine:
         self.observer: Optional[Callable] = None  # observer(node, inputs, output, seconds): the cost probe
         self.tick_optimizer = None
         self._layers: list = []  # the streaming SidewaysConv3d layers of the current run
-        self._members: Optional[tuple] = None  # _local_members(), looked up once a run
+        self._members: Optional[tuple] = None  # _find_members() of the current run
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
     # --- a run -------------------------------------------------------------------------------
@@ -143,12 +143,14 @@ class Engine:
             layer._stream.fresh = f
 
     def _graph_params(self) -> list:
-        if self._members is not None:
-            return self._members[0]
-        return [p for k in range(self.lo, self.hi) for m in self._stage_modules(k) for p in m.parameters()]
+        return self._local_members()[0]
 
     def _local_members(self) -> tuple:
-        """(parameters, SidewaysConv3d layers, pool nodes) of the local stages."""
+        """(parameters, SidewaysConv3d layers, pool nodes) of the local stages: the run's, looked
+        up once when it began, else looked up now."""
+        return self._members if self._members is not None else self._find_members()
+
+    def _find_members(self) -> tuple:
         params = [p for k in range(self.lo, self.hi) for m in self._stage_modules(k) for p in m.parameters()]
         layers = [m for k in range(self.lo, self.hi) for top in self._stage_modules(k) for m in top.modules()
                   if isinstance(m, SidewaysConv3d)]
@@ -409,7 +411,7 @@ class Engine:
         return [t for tensors in self._persistent_by_kind().values() for t in tensors]
 
     def _persistent_by_kind(self) -> dict:
-        _, layers, pools = self._members if self._members is not None else self._local_members()
+        _, layers, pools = self._local_members()
         return {"rings": [m._ring for m in layers if m._ring is not None],
                 "pool rings": [n._ring for n in pools if n._ring is not None],
                 "FIFO slots": [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)],
@@ -449,7 +451,7 @@ class Engine:
                     elif isinstance(node, ConvNode):
                         node.module._stream = _Stream(mode, kernels, optimizer, smoothing=smoothing)
                         layers.append(node.module)
-            self._layers, self._members = layers, self._local_members()
+            self._layers, self._members = layers, self._find_members()
             yield
         finally:
             self._layers, self._members = [], None
