@@ -21,14 +21,20 @@ from nets import DT, classifier_net, stages_of
 TEMPORAL = [(3, 1, 1), (2, 1, 1), (3, 2, 2)]
 
 
+def _pipe(stages, graphs: bool, **kw) -> SidewaysPipeline:
+    """A pipeline of ``stages``; with ``graphs``, on emulated CUDA graphs (a replay re-runs the
+    capture with its Python state, as a real one would)."""
+    pipe = SidewaysPipeline(stages, cuda_graph=graphs, **kw)
+    if graphs:
+        pipe._graphs = TickGraphs(emulate=True)
+    return pipe
+
+
 def _run(update: str, per_frame: bool, graphs: bool, clips=4, T=13, stages=3):
     torch.manual_seed(11)
     net = classifier_net(TEMPORAL, act=torch.nn.Tanh)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    pipe = SidewaysPipeline(stages_of(net, stages), update=update, optimizer=opt if update == "tick" else None,
-                            cuda_graph=graphs)
-    if graphs:
-        pipe._graphs = TickGraphs(emulate=True)
+    pipe = _pipe(stages_of(net, stages), graphs, update=update, optimizer=opt if update == "tick" else None)
     g = torch.Generator().manual_seed(5)
     results = []
     for _ in range(clips):
@@ -42,15 +48,6 @@ def _run(update: str, per_frame: bool, graphs: bool, clips=4, T=13, stages=3):
             opt.step()
             opt.zero_grad()
     return results, pipe
-
-
-def _pipe(stages, graphs: bool, **kw) -> SidewaysPipeline:
-    """A pipeline of ``stages``; with ``graphs``, on emulated CUDA graphs (a replay re-runs the
-    capture with its Python state, as a real one would)."""
-    pipe = SidewaysPipeline(stages, cuda_graph=graphs, **kw)
-    if graphs:
-        pipe._graphs = TickGraphs(emulate=True)
-    return pipe
 
 
 def _clips(pipe, net, shape: tuple, classes: int, seed: int, clips: int = 3) -> list:
@@ -106,8 +103,7 @@ def test_graphs_are_dropped_when_what_they_baked_in_changes():
     torch.manual_seed(2)
     net = classifier_net(TEMPORAL[:2])
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    pipe = SidewaysPipeline(stages_of(net, 2), update="tick", optimizer=opt, cuda_graph=True)
-    pipe._graphs = TickGraphs(emulate=True)
+    pipe = _pipe(stages_of(net, 2), True, update="tick", optimizer=opt)
     clip = lambda T: (torch.randn(2, 3, T, 9, 8, dtype=DT), torch.randint(0, 7, (2,)))
     pipe.backward_clip(*clip(12))
     pipe.backward_clip(*clip(12))
@@ -135,16 +131,13 @@ def test_cuda_graph_falls_back_with_a_warning_where_it_cannot_capture():
     with warnings.catch_warnings():  # said once, not every clip
         warnings.simplefilter("error")
         pipe.backward_clip(video, target)
-    bp = SidewaysPipeline(stages_of(net, 2), mode="bp", cuda_graph=True)
-    bp._graphs = TickGraphs(emulate=True)
+    bp = _pipe(stages_of(net, 2), True, mode="bp")
     with pytest.warns(RuntimeWarning, match="mode='bp'"):
         bp.backward_clip(video, target)
-    pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=True, smoothing=2)
-    pipe._graphs = TickGraphs(emulate=True)
+    pipe = _pipe(stages_of(net, 2), True, smoothing=2)
     with pytest.warns(RuntimeWarning, match="smoothing > 1"):
         pipe.backward_clip(video, target)
-    pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=True)
-    pipe._graphs = TickGraphs(emulate=True)
+    pipe = _pipe(stages_of(net, 2), True)
     with pytest.warns(RuntimeWarning, match="not a tensor"):
         pipe.loss_fn = lambda logits, y: F.cross_entropy(logits, torch.full((logits.shape[0],), y))
         pipe.backward_clip(video, 3)
@@ -275,9 +268,7 @@ def test_clip_gradients_are_handed_over_and_taken_back_once_free(how):
         torch.manual_seed(1)
         net = classifier_net(TEMPORAL[:2])
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=graphs)
-        if graphs:
-            pipe._graphs = TickGraphs(emulate=True)
+        pipe = _pipe(stages_of(net, 2), graphs)
         g = torch.Generator().manual_seed(2)
         rows, kept, buffers = [], [], set()
         for _ in range(4):
