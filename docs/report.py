@@ -20,7 +20,7 @@ Experiments:
 - motion (the embedded procedural data, the default run): C3D-like chain, BP and Sideways at
   frame strides 1, 2, 4;
 - converted standard networks on both datasets: r2plus1d_18 on 16-frame clips with 'same'
-  temporal padding (lag 54: the clip is shorter than the lag) and causal (lag 0), mc3_18 with
+  temporal padding (lag 54: the clip is shorter than the lag) and causal (lag 7), mc3_18 with
   'same' padding on clips of 4x its lag and causal on 16 frames — BP and Sideways each.
 
 The discussion (the last section) is docs/report_discussion.md, a template: every number in it

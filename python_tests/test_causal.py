@@ -23,9 +23,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 # --- the offline causal reference ------------------------------------------------------------------
 
+def _past_padded(x, front: int, value=0.0):
+    """The clip with ``front`` frames of ``value`` before it (negative: its first ``-front`` frames cut)."""
+    return F.pad(x, (0, 0, 0, 0, front, 0), value=value) if front >= 0 else x[:, :, -front:]
+
+
 class _PastPadded(nn.Module):
     """``layer`` (a Conv3d, MaxPool3d or AvgPool3d) on the clip padded in time on the past side by
-    all of its temporal padding, pooled or convolved without temporal padding."""
+    all of its temporal padding, or, strided, by ``span - stride`` (each window ends on the last
+    frame of its stride group), pooled or convolved without temporal padding."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -36,21 +42,22 @@ class _PastPadded(nn.Module):
         if isinstance(m, nn.Conv3d):
             t0, t1, h0, h1, w0, w1 = (m._reversed_padding_repeated_twice[i] for i in (4, 5, 2, 3, 0, 1))
             assert (h0, w0) == (h1, w1)
-            return F.conv3d(F.pad(x, (0, 0, 0, 0, t0 + t1, 0)), m.weight, m.bias, m.stride, (0, h0, w0), m.dilation,
-                            m.groups)
+            front = t0 + t1 if m.stride[0] == 1 else m.dilation[0] * (m.kernel_size[0] - 1) + 1 - m.stride[0]
+            return F.conv3d(_past_padded(x, front), m.weight, m.bias, m.stride, (0, h0, w0), m.dilation, m.groups)
         k, s, p = (_triple(v) for v in (m.kernel_size, m.stride, m.padding))
+        front = 2 * p[0] if s[0] == 1 else _triple(m.dilation if isinstance(m, nn.MaxPool3d) else 1)[0] * (k[0] - 1) + 1 - s[0]
         if isinstance(m, nn.MaxPool3d):
-            xp = F.pad(x, (0, 0, 0, 0, 2 * p[0], 0), value=-math.inf)
-            return F.max_pool3d(xp, k, s, (0, *p[1:]), m.dilation, m.ceil_mode)
+            return F.max_pool3d(_past_padded(x, front, -math.inf), k, s, (0, *p[1:]), m.dilation, m.ceil_mode)
         if m.count_include_pad:
-            return F.avg_pool3d(F.pad(x, (0, 0, 0, 0, 2 * p[0], 0)), k, s, (0, *p[1:]), m.ceil_mode, True)
+            return F.avg_pool3d(_past_padded(x, front), k, s, (0, *p[1:]), m.ceil_mode, True)
         # padding not counted (spatial kernel 1 here): the mean of each window's real frames
         assert k[1:] == (1, 1) and s[1:] == (1, 1) and p[1:] == (0, 0)
-        length = x.shape[2] + 2 * p[0]
+        xp = _past_padded(x, front, math.nan)
+        length = xp.shape[2]
         n = (-(-(length - k[0]) // s[0]) if m.ceil_mode else (length - k[0]) // s[0]) + 1
         if m.ceil_mode and (n - 1) * s[0] >= length:
             n -= 1
-        xp = F.pad(x, (0, 0, 0, 0, 2 * p[0], (n - 1) * s[0] + k[0] - length), value=math.nan)
+        xp = F.pad(xp, (0, 0, 0, 0, 0, (n - 1) * s[0] + k[0] - length), value=math.nan)
         return xp.unfold(2, k[0], s[0]).nanmean(-1)
 
 
@@ -59,14 +66,15 @@ def _triple(v):
 
 
 def causal_reference(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (same parameters, in the same order) whose temporally padded convs and
-    pools with padding on the future side read the clip padded on the past side instead."""
+    """A copy of ``model`` (same parameters, in the same order) whose temporally strided convs and
+    pools, and those with padding on the future side, read the clip padded on the past side instead."""
     ref = copy.deepcopy(model)
 
     def swap(module):
         for name, child in module.named_children():
-            if isinstance(child, nn.Conv3d) and child._reversed_padding_repeated_twice[5] > 0 or \
-                    isinstance(child, (nn.MaxPool3d, nn.AvgPool3d)) and _triple(child.padding)[0] > 0:
+            if isinstance(child, nn.Conv3d) and (child._reversed_padding_repeated_twice[5] > 0 or child.stride[0] > 1) \
+                    or isinstance(child, (nn.MaxPool3d, nn.AvgPool3d)) and \
+                    (_triple(child.padding)[0] > 0 or _triple(child.stride)[0] > 1):
                 setattr(module, name, _PastPadded(child))
             else:
                 swap(child)
@@ -85,7 +93,8 @@ class Zoo(TrunkWithPooledHead):
     3-tap conv, a dilated conv, a padding='same' conv with an even kernel (pads (0, 1)), a strided
     padded conv beside a strided 1x1x1 shortcut, BatchNorm, a padded max-pool, a strided average
     pool in ceil mode not counting its padding, a functional max-pool, a conv without temporal
-    padding (left as is), a head pool. Lags: 'same' 18, causal 4 (the unpadded conv at rate 4)."""
+    padding (left as is), a head pool. Lags: 'same' 18, causal 7 (stride - 1 at the strided conv's
+    rate 1 and the strided pool's rate 2, the unpadded conv at rate 4)."""
 
     def __init__(self, c=3, w=3, classes=5):
         super().__init__()
@@ -229,12 +238,13 @@ def test_causal_single_stage_whose_only_temporal_layer_is_first_is_exact():
 def test_lags_of_both_settings():
     model = models.r2plus1d_18(num_classes=3, width=2).eval()
     causal = SidewaysPipeline.from_model(model, temporal_padding="causal", example=torch.zeros(1, 3, 4, 16, 16))
-    assert causal.lags == {"same": 54, "causal": 0} and causal.lag == 0
+    # causal: stride - 1 at each temporally strided conv's input rate (1, 2, 4)
+    assert causal.lags == {"same": 54, "causal": 7} and causal.lag == 7
     example = torch.zeros(1, 3, 9, 8, 7)  # several stages: the drain feeds the convs samples after the clip
     zoo = {tp: SidewaysPipeline.from_model(Zoo().eval(), stages=3, temporal_padding=tp, example=example)
            for tp in ("same", "causal")}
-    assert zoo["same"].lags == zoo["causal"].lags == {"same": 18, "causal": 4}
-    assert (zoo["same"].lag, zoo["causal"].lag) == (18, 4)
+    assert zoo["same"].lags == zoo["causal"].lags == {"same": 18, "causal": 7}
+    assert (zoo["same"].lag, zoo["causal"].lag) == (18, 7)
     assert (zoo["same"].temporal_padding, zoo["causal"].temporal_padding) == ("same", "causal")
     # no lookahead: a causal conv never pushes end padding, and a clip takes fewer ticks
     for tp, pipe in zoo.items():
@@ -247,10 +257,31 @@ def test_lags_of_both_settings():
     assert chain.lags == {"same": chain.lag, "causal": None} and chain.temporal_padding is None
 
 
+def test_causal_strided_network_reads_every_frame():
+    """Each causal window ends on the last frame of its stride group: the output depends on every
+    frame of the clip, the last included, and the first sample after three temporal strides on
+    more than the first frame (windows ending on the group's first frame read neither: r2plus1d_18
+    then never saw the last 7 of 16 frames, and its first top-level sample saw frame 0 alone)."""
+    model = randomize_norms(models.r2plus1d_18(num_classes=3, width=2).to(DT)).eval()
+    trunk = nn.Sequential(model.stem, model.layer1, model.layer2, model.layer3, model.layer4)
+    video = _clip(1, 16, 8, 8).requires_grad_()
+    pipe = SidewaysPipeline.from_model(trunk, temporal_padding="causal", example=video.detach())
+    top = video
+    for stage in pipe.stages:  # the causal function offline (predict's, with autograd)
+        top = stage(top)
+    assert top.shape[2] == 2 and torch.allclose(top, pipe.predict(video))
+
+    def frames_read(out):
+        grad, = torch.autograd.grad(out.sum(), video, retain_graph=True)
+        return (grad.abs().flatten(3).sum(3)[0].sum(0) > 0).tolist()
+    assert frames_read(top) == [True] * 16
+    assert frames_read(top[:, :, :1]) == [True] * 8 + [False] * 8  # causal: nothing after its group
+
+
 def test_short_clip_warning_names_the_causal_lag():
     model = Zoo().to(DT).eval()
     video, target = _clip(1, 9, 8, 7), torch.randint(0, 5, (1,))
-    with pytest.warns(UserWarning, match=r"lag of 18 frames.*temporal_padding='causal'\) \(lag 4\)"):
+    with pytest.warns(UserWarning, match=r"lag of 18 frames.*temporal_padding='causal'\) \(lag 7\)"):
         SidewaysPipeline.from_model(model, example=video).backward_clip(video, target)
 
 

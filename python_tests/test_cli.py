@@ -336,7 +336,7 @@ SMALL = ["--train-videos", "8", "--val-videos", "4", "--batch-size", "4", "--siz
          "--stages", "3"]
 SHORT = {  # a Sideways clip no longer than the 'same' lag, and what the line must say
     "r2plus1d_18": (["--model", "r2plus1d_18", "--clip-len", "16"], ["--clip-len 16", "54-frame lag",
-                                                                    "--temporal-padding causal (lag 0)"]),
+                                                                    "--temporal-padding causal (lag 7)"]),
     "c3d": (["--model", "c3d", "--depth", "2", "--stages", "2", "--clip-len", "2", "--width", "4"],
             ["--clip-len 2", "2-frame lag", "--temporal-padding causal (lag 0)"]),
 }

@@ -188,11 +188,14 @@ def test_rates_and_lags_count_input_frames_after_a_stride():
     by_name = {node.name: node.index for node in graph.nodes}
     assert (graph.rate[by_name["conv"]], graph.lag[by_name["conv"]]) == (2, 1)
     assert (graph.rate[by_name["pool"]], graph.lag[by_name["pool"]]) == (4, 3)
-    # causal: the conv's padding moved to the past, (1, 1) -> (2, 0), adds no lag; the pool's 2 frames remain
-    assert pipe.lag == 3 and pipe.lags == {"same": 3, "causal": 2}
-    newest = _newest_input(model, 13)
-    assert len(newest) == pipe.output_length(13) == 3
-    assert newest == [n * 4 + pipe.lag for n in range(len(newest))]
+    # causal: each strided window ends on the last frame of its stride group — the conv's pad (1, 1) -> (1, 0),
+    # the pool's (0, 0) kept — so the lag stays 3, and output n still reads up to input n·4 + 3
+    causal = SidewaysPipeline.from_model(model, temporal_padding="causal", example=_clip(1, 8, 2, 2, C=2))
+    assert pipe.lag == 3 and pipe.lags == causal.lags == {"same": 3, "causal": 3}
+    for run in (model, lambda video: causal.stages[0](video)):
+        newest = _newest_input(run, 13)
+        assert len(newest) == pipe.output_length(13) == causal.output_length(13) == 3
+        assert newest == [n * 4 + pipe.lag for n in range(len(newest))]
 
 
 class _TimeAxisMoves(nn.Module):

@@ -10,7 +10,9 @@ index, holding the earlier inputs' samples meanwhile (its delay line).
 Temporal padding (``from_model(..., temporal_padding=)``): ``"same"`` streams every layer as the
 model defines it; ``"causal"`` moves each temporal conv's and pool's padding to the past side
 (window pad ``(p_start + p_end, 0)``), so the layer reads no future frame and adds no lag; its
-function shifts in time. A temporal node keeps its window under each setting
+function shifts in time. A strided layer's causal window ends on the last frame of its stride
+group (pad ``(span − stride, 0)``, :func:`causal_padding`): every frame is read, at a lag of
+``stride − 1``. A temporal node keeps its window under each setting
 (:attr:`Node.windows`), so :meth:`StreamGraph.lags` gives both lags whichever one streams.
 
 Node kinds:
@@ -45,19 +47,26 @@ SOURCE = -1  # producer id of the video
 TEMPORAL_PADDINGS = ("same", "causal")
 
 
-def causal_padding(pad: tuple[int, int], span: int) -> Union[tuple[int, int], str]:
-    """The causal form of temporal padding ``(start, end)`` of a window of ``span`` frames: all of
-    it on the past side, ``(start + end, 0)``; a layer without future padding is left as it is.
-    Returns why not (a sentence) where the causal window would begin more than ``span - 1``
-    frames back (its first outputs would precede every input)."""
+def causal_padding(pad: tuple[int, int], span: int, stride: int = 1) -> Union[tuple[int, int], str]:
+    """The causal form of temporal padding ``(start, end)`` of a window of ``span`` frames moving
+    ``stride`` frames: no end padding. Stride 1: all of the padding on the past side,
+    ``(start + end, 0)`` (a layer without end padding is left as it is). A strided layer's window
+    ends on the last frame of its stride group (output ``n`` reads up to input
+    ``n·stride + stride − 1``), ``(span − stride, 0)``: every input frame is read (windows ending on
+    the group's first frame never read the clip's last ``stride − 1`` frames, and the first output
+    after a few strides saw one frame), the layer adds a lag of ``stride − 1`` at its input rate, and
+    strided branches that meet stay aligned (a negative start skips the first frames: an unpadded
+    1-tap strided shortcut reads the group's last frame, as its padded 3-tap sibling does).
+    Returns why not (a sentence) where the padding exceeds ``span - 1`` (the causal window would
+    begin before the span allows: its first outputs would precede every input)."""
     start, end = pad
-    if end == 0:
+    if end == 0 and stride == 1:
         return (start, end)
     if start + end > span - 1:
         return (f"its temporal padding {start}+{end} exceeds the window span - 1 = {span - 1}, so its causal form "
                 f"(all {start + end} zero frames before the window) would emit outputs before any input; use "
                 "temporal_padding='same'")
-    return (start + end, 0)
+    return (start + end, 0) if stride == 1 else (span - stride, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,13 +201,13 @@ class ChainNode(Node):
         return out
 
 
-def _windows(pad: tuple[int, int], span: int, make: Callable[[tuple[int, int]], Window],
+def _windows(pad: tuple[int, int], span: int, stride: int, make: Callable[[tuple[int, int]], Window],
              temporal_padding: str) -> tuple[dict, Window]:
     """A temporal node's window under each setting, and the one it streams with (ValueError: why
     that setting cannot stream it)."""
     if temporal_padding not in TEMPORAL_PADDINGS:
         raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS}, got {temporal_padding!r}")
-    pads = {"same": pad, "causal": causal_padding(pad, span)}
+    pads = {"same": pad, "causal": causal_padding(pad, span, stride)}
     if isinstance(pads[temporal_padding], str):
         raise ValueError(pads[temporal_padding])
     windows = {key: make(p) if isinstance(p, tuple) else None for key, p in pads.items()}
@@ -215,7 +224,7 @@ class ConvNode(Node):
     def __init__(self, name: str, inputs: Sequence[int], module: SidewaysConv3d, temporal_padding: str = "same"):
         super().__init__(name, inputs, module)
         k, s, d = module.kernel_size[0], module.stride[0], module.dilation[0]
-        self.windows, self.window = _windows(module.temporal_padding, module.span, lambda p: Window(k, s, d, p),
+        self.windows, self.window = _windows(module.temporal_padding, module.span, s, lambda p: Window(k, s, d, p),
                                              temporal_padding)
 
     def step(self, m: int, length: float) -> tuple[str, int, bool]:
@@ -277,7 +286,7 @@ class PoolNode(Node):
         self.reduce = kind  # "max" | "avg"
         span = dilation[0] * (kernel[0] - 1) + 1
         self.windows, self.window = _windows(
-            (padding[0], padding[0]), span, lambda p: Window(kernel[0], stride[0], dilation[0], p, ceil_mode),
+            (padding[0], padding[0]), span, stride[0], lambda p: Window(kernel[0], stride[0], dilation[0], p, ceil_mode),
             temporal_padding)
         self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
         if kind == "max":

@@ -267,7 +267,8 @@ class SidewaysPipeline:
                 for ``r2plus1d_18``) and Sideways pairs most errors of a short clip with its end
                 padding. ``"causal"`` streams each temporally padded conv and pool with all of that
                 padding on the past side (it reads frames ``t-2p..t``, not ``t-p..t+p``), so it
-                adds no lag. The modules, parameters and state dict are unchanged and
+                adds no lag; a temporally strided one's window ends on the last frame of its
+                stride group (every frame is read; a lag of ``stride - 1`` at its input rate). The modules, parameters and state dict are unchanged and
                 ``model(video)`` is still the 'same' function; the pipeline (``backward_clip``,
                 ``stream``, ``predict``, ``stage(clip)``) computes the causal one, whose frame
                 ``t`` is the 'same' frame ``t - p`` per layer (zero history at the start). A layer
@@ -364,7 +365,7 @@ class SidewaysPipeline:
     @property
     def lags(self) -> dict:
         """The lag under each ``temporal_padding`` of :meth:`from_model`, whichever this pipeline
-        streams with: ``{"same": 54, "causal": 0}`` for ``r2plus1d_18``. None where that setting
+        streams with: ``{"same": 54, "causal": 7}`` for ``r2plus1d_18``. None where that setting
         cannot stream the model (a layer it refuses) or does not apply (the list API streams its
         stage modules as they are)."""
         return self.graph.lags()
