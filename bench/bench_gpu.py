@@ -338,7 +338,7 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
 
 
 # What the GPU run measures end to end (issue 19): C3D and a converted r3d_18 (causal: its lag
-# 0 instead of 54 frames; 'same' once, at the long clip), T = 16 and 48, clip BP beside Sideways
+# 7 instead of 54 frames; 'same' once, at the long clip), T = 16 and 48, clip BP beside Sideways
 # per backend with graphs (the default) and without; a long clip (T = 256) where clip BP's
 # memory grows and Sideways' does not.
 E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for T in (16, 48)]  # model(video)
