@@ -303,7 +303,8 @@ STANDARD = ["--train-videos", "8", "--val-videos", "4", "--batch-size", "4", "--
 @pytest.mark.parametrize("model", ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"])
 def test_standard_networks_train_cut_automatically(tmp_path, model):
     out = str(tmp_path / model)
-    size = ["--size", "32"] if model == "s3d" else []  # its trunk has stride 32
+    # s3d: its trunk has stride 32, and its causal lag is 15 frames (a Sideways clip must be longer)
+    size = ["--size", "32", "--clip-len", "16"] if model == "s3d" else []
     assert train.main([*STANDARD, "--model", model, "--out", out, *size]) == 0
     (epoch,) = _records(out)
     assert np.isfinite(epoch["train_loss"])

@@ -11,9 +11,9 @@ Temporal padding (``from_model(..., temporal_padding=)``): ``"same"`` streams ev
 model defines it; ``"causal"`` moves each temporal conv's and pool's padding to the past side
 (window pad ``(p_start + p_end, 0)``), so the layer reads no future frame and adds no lag; its
 function shifts in time. A strided layer's causal window ends on the last frame of its stride
-group (pad ``(span − stride, 0)``, :func:`causal_padding`): every frame is read, at a lag of
-``stride − 1``. A temporal node keeps its window under each setting
-(:attr:`Node.windows`), so :meth:`StreamGraph.lags` gives both lags whichever one streams.
+group (pad ``(span − stride, 0)``, :func:`causal_padding`): every frame of the clip's whole groups
+is read, at a lag of ``stride − 1``; a partial last group gives no output. A temporal node keeps its window under each setting (:attr:`Node.windows`), so
+:meth:`StreamGraph.lags` gives both lags whichever one streams.
 
 Node kinds:
 
@@ -50,13 +50,16 @@ TEMPORAL_PADDINGS = ("same", "causal")
 def causal_padding(pad: tuple[int, int], span: int, stride: int = 1) -> Union[tuple[int, int], str]:
     """The causal form of temporal padding ``(start, end)`` of a window of ``span`` frames moving
     ``stride`` frames: no end padding. Stride 1: all of the padding on the past side,
-    ``(start + end, 0)`` (a layer without end padding is left as it is). A strided layer's window
-    ends on the last frame of its stride group (output ``n`` reads up to input
-    ``n·stride + stride − 1``), ``(span − stride, 0)``: every input frame is read (windows ending on
-    the group's first frame never read the clip's last ``stride − 1`` frames, and the first output
-    after a few strides saw one frame), the layer adds a lag of ``stride − 1`` at its input rate, and
-    strided branches that meet stay aligned (a negative start skips the first frames: an unpadded
-    1-tap strided shortcut reads the group's last frame, as its padded 3-tap sibling does).
+    ``(start + end, 0)`` (a layer without end padding is left as it is). Strided: each window ends
+    on the last frame of its stride group (output ``n`` reads up to input ``n·stride + stride − 1``),
+    ``(span − stride, 0)``: every frame of the clip's whole groups is read (windows ending on the
+    group's first frame never read the last ``stride − 1`` frames, and the first output after a
+    few strides saw one frame), the layer adds a lag of ``stride − 1`` at its input rate, and
+    strided branches that meet stay aligned and of one length, ``⌊L / stride⌋`` (a negative start
+    skips the first frames: an unpadded 1-tap strided shortcut reads the group's last frame, as its
+    padded 3-tap sibling does). A partial last group gives no output: its window would need
+    frames after the clip. (End padding to complete it was tried: in Sideways the drain then
+    normalised all-zero samples with per-frame BatchNorm and the gradients grew ~10^5-fold.)
     Returns why not (a sentence) where the padding exceeds ``span - 1`` (the causal window would
     begin before the span allows: its first outputs would precede every input)."""
     start, end = pad
@@ -303,19 +306,21 @@ class PoolNode(Node):
             self._offline = self._padded_offline(kernel, stride, (0, *padding[1:]), dilation, ceil_mode)
 
     def _padded_offline(self, kernel, stride, padding, dilation, ceil_mode) -> Callable:
-        """The pool of a clip padded in time by the window's (uneven) padding."""
+        """The pool of a clip padded in time by the window's (uneven) padding. Cut to the window's
+        output length: in ceil mode PyTorch would also keep a window that starts in the padding
+        it was given as frames."""
         pad = (0, 0, 0, 0, *self.window.pad)
         if self.reduce == "max":
-            return lambda x: F.max_pool3d(F.pad(x, pad, value=-math.inf), kernel, stride, padding, dilation, ceil_mode)
-        if self.divisor_override or self.count_include_pad:
-            return lambda x: F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True,
+            pool = lambda x: F.max_pool3d(F.pad(x, pad, value=-math.inf), kernel, stride, padding, dilation, ceil_mode)
+        elif self.divisor_override or self.count_include_pad:
+            pool = lambda x: F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True,
                                           self.divisor_override)
-
-        def real_only(x):  # padding not counted: window sums over the window's count of real elements
-            ones = F.pad(torch.ones_like(x[:1, :1]), pad)
-            sums = F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True, 1)
-            return sums / F.avg_pool3d(ones, kernel, stride, padding, ceil_mode, True, 1)
-        return real_only
+        else:
+            def pool(x):  # padding not counted: window sums over the window's count of real elements
+                ones = F.pad(torch.ones_like(x[:1, :1]), pad)
+                sums = F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True, 1)
+                return sums / F.avg_pool3d(ones, kernel, stride, padding, ceil_mode, True, 1)
+        return lambda x: pool(x)[:, :, :int(self.window.length(x.shape[2]))]
 
     def offline(self, x):
         return self._offline(x)

@@ -268,8 +268,9 @@ class SidewaysPipeline:
                 padding. ``"causal"`` streams each temporally padded conv and pool with all of that
                 padding on the past side (it reads frames ``t-2p..t``, not ``t-p..t+p``), so it
                 adds no lag; a temporally strided one's window ends on the last frame of its
-                stride group (every frame is read; a lag of ``stride - 1`` at its input rate). The modules, parameters and state dict are unchanged and
-                ``model(video)`` is still the 'same' function; the pipeline (``backward_clip``,
+                stride group (every frame is read; a lag of ``stride - 1`` at its input rate; a
+                partial last group gives no output). The modules, parameters and state dict are unchanged
+                and ``model(video)`` is still the 'same' function; the pipeline (``backward_clip``,
                 ``stream``, ``predict``, ``stage(clip)``) computes the causal one, whose frame
                 ``t`` is the 'same' frame ``t - p`` per layer (zero history at the start). A layer
                 whose causal form would start before its window (padding above ``span - 1``) is

@@ -112,7 +112,7 @@ def _parser() -> _Parser:
                         "temporal_padding): 'same' computes the network as written, each padded layer waiting for "
                         "its future frames (the lag adds up: r2plus1d_18 and r3d_18 54 frames, mc3_18 5, s3d 59, the "
                         "chains --depth); 'causal' puts all the padding on the past side (lag 7 for r2plus1d_18 and "
-                        "r3d_18: stride - 1 at each temporal stride; mc3_18 0, s3d 19), the "
+                        "r3d_18: stride - 1 at each temporal stride; mc3_18 0, s3d 15), the "
                         "function shifted in time, the weights the same; 'auto' picks causal for r3d_18, mc3_18, "
                         f"r2plus1d_18 and s3d when --clip-len is below {AUTO_CAUSAL_FACTOR}x their 'same' lag "
                         "(Sideways learns little on clips not several times the lag) and same otherwise, and always "
