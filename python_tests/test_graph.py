@@ -198,6 +198,39 @@ def test_rates_and_lags_count_input_frames_after_a_stride():
         assert newest == [n * 4 + pipe.lag for n in range(len(newest))]
 
 
+class _MixThenTemporal(nn.Module):
+    """A 1x1x1 conv under a padded 3-tap temporal conv: the error the temporal conv sends down
+    is all the lower conv's weight gradient sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv3d(2, 3, 1)
+        self.temporal = nn.Conv3d(3, 4, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x):
+        return self.temporal(torch.tanh(self.mix(x)))
+
+
+@pytest.mark.parametrize("padding", ["same", "causal"])
+def test_sideways_sends_no_error_through_taps_that_read_padding(padding):
+    """Oracle 4 at the clip's edges: on a static video Sideways' gradients are BP's exactly, the
+    layer under a padded temporal conv included, only if the window's taps that read padding send
+    no error down (BP drops their gradient; added onto the frame that arrived now, the lower
+    layer's gradient here was off by the padding taps' share)."""
+    torch.manual_seed(0)
+    model = _MixThenTemporal().to(DT)
+    video = torch.randn(2, 2, 1, 1, 1, dtype=DT).expand(-1, -1, 6, -1, -1).contiguous()  # static
+    target = torch.randint(0, 4, (2,))
+    grads = {}
+    for mode in ("bp", "sideways"):
+        model.zero_grad()
+        pipe = SidewaysPipeline.from_model(model, loss_fn=F.cross_entropy, mode=mode, temporal_padding=padding,
+                                           example=video[:1])
+        pipe.backward_clip(video, target)
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    assert rel_error(grads["sideways"], grads["bp"]) <= 1e-12
+
+
 class _TimeAxisMoves(nn.Module):
     """The time axis moved by transpose, unsqueeze, indexing, chunk, stack, squeeze and permute,
     sizes read from other axes, and amax over time as the head pool (a max head)."""

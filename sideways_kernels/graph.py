@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nn import PUSH, HOLD, ZEROS, SidewaysConv3d, StreamClock
+from .nn import PUSH, HOLD, ZEROS, SidewaysConv3d, StreamClock, live_taps
 
 __all__ = ["Window", "Node", "ChainNode", "ConvNode", "PoolNode", "LocalNode", "StreamGraph", "SOURCE",
            "TEMPORAL_PADDINGS", "causal_padding", "cut_points", "balance"]
@@ -230,14 +230,18 @@ class ConvNode(Node):
         self.windows, self.window = _windows(module.temporal_padding, module.span, s, lambda p: Window(k, s, d, p),
                                              temporal_padding)
 
-    def step(self, m: int, length: float) -> tuple[str, int, bool]:
-        """(ring action, slot, emits) for input sample ``m`` of ``length``: the clip's samples are
-        pushed, the end padding's zero samples too, then the ring holds; the slot is the window's
-        newest (sample ``i`` lives in slot ``i % span``)."""
+    def step(self, m: int, length: float) -> tuple[str, int, bool, Optional[tuple]]:
+        """(ring action, slot, emits, live taps) for input sample ``m`` of ``length``: the clip's
+        samples are pushed, the end padding's zero samples too, then the ring holds; the slot is
+        the window's newest (sample ``i`` lives in slot ``i % span``); the live taps are those of
+        the window ending there that read a sample of the clip (:func:`~.nn.live_taps`; part of
+        the tick's phase, so a CUDA graph is captured per pattern)."""
         end = self.window.pad[1]
         action = PUSH if 0 <= m < length else ZEROS if length <= m < length + end else HOLD
         newest = min(max(m, -1), length + end - 1)
-        return action, int(newest) % self.window.span, self.emits(m) is not None
+        emits = self.emits(m) is not None
+        live = live_taps(newest, self.window.kernel, self.window.dilation, length) if emits else None
+        return action, int(newest) % self.window.span, emits, live
 
     def offline(self, x):
         m = self.module

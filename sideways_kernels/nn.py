@@ -133,15 +133,16 @@ class SidewaysConv3d(nn.Conv3d):
             return f"padding_mode={self.padding_mode!r} with temporal padding (a stream can only pad time with zeros)"
         return None
 
-    def ring_step(self, n: int, length: float) -> tuple[str, int]:
-        """(action, slot) for input frame ``n`` of a stream of ``length`` frames: frames of the
-        clip are pushed, the end padding's zero frames too, and after them the ring holds; the
+    def ring_step(self, n: int, length: float) -> tuple[str, int, Optional[tuple]]:
+        """(action, slot, live) for input frame ``n`` of a stream of ``length`` frames: frames of
+        the clip are pushed, the end padding's zero frames too, and after them the ring holds; the
         slot is where the frame goes, and the window's newest slot (frame ``i`` lives in slot
-        ``i % span``; the ring starts zeroed, which is the clip's start padding)."""
+        ``i % span``; the ring starts zeroed, which is the clip's start padding). ``live``: see
+        :func:`live_taps`."""
         end = self.temporal_padding[1]
         action = PUSH if 0 <= n < length else ZEROS if length <= n < length + end else HOLD
         newest = min(max(n, -1), length + end - 1)
-        return action, int(newest) % self.span
+        return action, int(newest) % self.span, live_taps(newest, self.kernel_size[0], self.dilation[0], length)
 
     def _spatial_padding(self) -> tuple[list[int], Optional[tuple]]:
         """(op padding, F.pad args or None): symmetric zero padding goes to the op; uneven
@@ -165,15 +166,18 @@ class SidewaysConv3d(nn.Conv3d):
         if s.clock is None:
             raise RuntimeError(f"{type(self).__name__} is streamed by a graph node, which calls stream_step()")
         clock = s.clock  # a chain stage: one frame in, one frame out, every tick
-        action, slot = self.ring_step(clock.frame, clock.length)
+        action, slot, live = self.ring_step(clock.frame, clock.length)
         clock.frame -= self.stream_delay
         clock.length += self.length_change
-        return self.stream_step(x, action, slot)
+        return self.stream_step(x, action, slot, True, live)
 
-    def stream_step(self, x: torch.Tensor, action: str, slot: int, emit: bool = True) -> Optional[torch.Tensor]:
+    def stream_step(self, x: torch.Tensor, action: str, slot: int, emit: bool = True,
+                    live: Optional[tuple] = None) -> Optional[torch.Tensor]:
         """One tick of streaming: ``action`` (PUSH/ZEROS/HOLD) on ring ``slot``, then, if ``emit``,
         the conv of the window whose newest frame is in ``slot``, as a frame ``[B, C_out, 1, H', W']``
-        (a layer with temporal stride s emits every s-th tick)."""
+        (a layer with temporal stride s emits every s-th tick). ``live``: which of the window's
+        taps read a frame of the clip (None: all; :func:`live_taps`) — Sideways sends the error
+        down through those only."""
         s = self._stream
         if x.dim() != 5 or x.shape[2] != 1:
             raise ValueError(f"inside a pipeline {type(self).__name__} receives one frame [B, C, 1, H, W], "
@@ -210,7 +214,7 @@ class SidewaysConv3d(nn.Conv3d):
         if s.mode == "infer" or not torch.is_grad_enabled():
             out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *args)
         else:
-            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot)
+            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
             # Not a view: an in-place layer next (ReLU(inplace=True)) would otherwise make autograd
             # hand its backward a contiguous copy of the gradient, several times slower against
             # channels-last activations than the copy made here.
@@ -234,16 +238,28 @@ class SidewaysConv3d(nn.Conv3d):
         return F.conv3d(clip, self.weight, self.bias, (1, *stride), (0, *pad), (dil_t, *dil), groups)  # [B, C', 1, H', W']
 
 
+def live_taps(newest: float, kernel: int, dilation: int, length: float) -> Optional[tuple]:
+    """Which taps of the window whose newest frame is ``newest`` read a frame of a clip of
+    ``length`` (the others read padding), or None when all do. Sideways sends the error of the
+    live taps only: BP drops the gradient of a padding tap, and summed onto the frame that
+    arrived now it was an error that frame never caused — after three temporal strides most
+    taps of r2plus1d_18's top layers read padding, and its Sideways gradients were 2-6x BP's
+    and uncorrelated with them."""
+    first = newest - dilation * (kernel - 1)
+    live = tuple(0 <= first + j * dilation < length for j in range(kernel))
+    return None if all(live) else live
+
+
 class _SidewaysTick(torch.autograd.Function):
     """One tick of a streaming SidewaysConv3d: forward through the ring op; backward is
-    the Sideways one (window-summed input gradient; weight gradient of every tap against
-    the ring as it is now, accumulated or applied by the fused ops)."""
+    the Sideways one (input gradient summed over the window's live taps; weight gradient of
+    every tap against the ring as it is now, accumulated or applied by the fused ops)."""
 
     @staticmethod
-    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, slot):
+    def forward(ctx, frame, push, weight, bias, layer: SidewaysConv3d, slot, live):
         s = layer._stream
         # Everything the backward needs, as of this tick (it may run after the run ended).
-        ctx.layer, ctx.stream, ctx.ring, ctx.slot = layer, s, layer._ring, slot
+        ctx.layer, ctx.stream, ctx.ring, ctx.slot, ctx.live = layer, s, layer._ring, slot, live
         ctx.input_hw = list(frame.shape[-2:])
         return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[1])
 
@@ -257,8 +273,11 @@ class _SidewaysTick(torch.autograd.Function):
         grad_frame = None
         if ctx.needs_input_grad[0]:
             stride, padding, dilation, _, groups = args
-            grad_frame = s.kernels.window_input_grad(grad_out, layer.weight, ctx.input_hw, stride, padding,
-                                                     dilation, groups)
+            weight = layer.weight
+            if ctx.live is not None:  # the taps that read padding send nothing down
+                weight = weight * weight.new_tensor(ctx.live).view(1, 1, -1, 1, 1)
+            grad_frame = s.kernels.window_input_grad(grad_out, weight, ctx.input_hw, stride, padding, dilation,
+                                                     groups)
         train_w = ctx.needs_input_grad[2]
         train_b = layer.bias is not None and ctx.needs_input_grad[3]
         slot = ctx.slot
@@ -279,7 +298,7 @@ class _SidewaysTick(torch.autograd.Function):
                     s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, slot, *args)
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
-        return grad_frame, None, None, None, None, None
+        return grad_frame, None, None, None, None, None, None
 
 
 def _autocast(frame: torch.Tensor) -> torch.Tensor:
