@@ -152,7 +152,8 @@ class _Recorder(TorchDispatchMode):
 
     def _layer(self, ring=None, weight=None) -> Optional[str]:
         for name, m in self.convs.items():
-            if (ring is not None and m._ring is ring) or (weight is not None and m.weight is weight):
+            if (ring is not None and m._ring is ring) or (weight is not None and (m.weight is weight or
+                                                                                   weight._base is m.weight)):
                 return name
         return None
 
@@ -219,6 +220,8 @@ def _sideways_launch(name: str, args, out, rec: _Recorder) -> Launch:
         weight, _, bias, _, grad_out, ring = args[:6]
         frame, layer = None, rec._layer(ring=ring, weight=weight)
     m = rec.convs.get(layer)
+    if m is not None:  # the layer's whole weight (an input gradient at the clip's edge gets its live taps)
+        weight = m.weight
     k_t = weight.shape[2]
     act = grad_out.element_size()
     flops = 2.0 * grad_out.numel() * weight[0].numel()  # every tap (results.md's convention)

@@ -166,10 +166,12 @@ class SidewaysConv3d(nn.Conv3d):
         if s.clock is None:
             raise RuntimeError(f"{type(self).__name__} is streamed by a graph node, which calls stream_step()")
         clock = s.clock  # a chain stage: one frame in, one frame out, every tick
-        action, slot, live = self.ring_step(clock.frame, clock.length)
+        action, slot, _ = self.ring_step(clock.frame, clock.length)
         clock.frame -= self.stream_delay
         clock.length += self.length_change
-        return self.stream_step(x, action, slot, True, live)
+        # a chain stage's layers still send every tap's error down: under torchrun a chain's
+        # clip disagreed with one process in the 7th digit with live taps (not yet understood)
+        return self.stream_step(x, action, slot)
 
     def stream_step(self, x: torch.Tensor, action: str, slot: int, emit: bool = True,
                     live: Optional[tuple] = None) -> Optional[torch.Tensor]:
@@ -274,8 +276,9 @@ class _SidewaysTick(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             stride, padding, dilation, _, groups = args
             weight = layer.weight
-            if ctx.live is not None:  # the taps that read padding send nothing down
-                weight = weight * weight.new_tensor(ctx.live).view(1, 1, -1, 1, 1)
+            if ctx.live is not None:  # the taps that read padding send nothing down (live taps are a run of taps)
+                first = ctx.live.index(True) if any(ctx.live) else 0
+                weight = weight.narrow(2, first, sum(ctx.live))  # a view: same storage and strides
             grad_frame = s.kernels.window_input_grad(grad_out, weight, ctx.input_hw, stride, padding, dilation,
                                                      groups)
         train_w = ctx.needs_input_grad[2]
