@@ -231,6 +231,14 @@ def test_sideways_sends_no_error_through_taps_that_read_padding(padding):
     assert rel_error(grads["sideways"], grads["bp"]) <= 1e-12
 
 
+def test_live_taps_are_those_that_read_the_clip():
+    from sideways_kernels.nn import live_taps
+    assert live_taps(0, 3, 1, 16) == (False, False, True)  # the clip's first window, causal
+    assert live_taps(15, 3, 1, 16) is None  # all read frames 13-15
+    assert live_taps(16, 3, 1, 16) == (True, True, False)  # 'same': one tap of end padding
+    assert live_taps(2, 3, 2, 1) == (False, True, False)  # dilation 2 on a 1-frame clip
+
+
 class _TimeAxisMoves(nn.Module):
     """The time axis moved by transpose, unsqueeze, indexing, chunk, stack, squeeze and permute,
     sizes read from other axes, and amax over time as the head pool (a max head)."""

@@ -276,9 +276,10 @@ class _SidewaysTick(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             stride, padding, dilation, _, groups = args
             weight = layer.weight
-            if ctx.live is not None:  # the taps that read padding send nothing down (live taps are a run of taps)
-                first = ctx.live.index(True) if any(ctx.live) else 0
-                weight = weight.narrow(2, first, sum(ctx.live))  # a view: same storage and strides
+            if ctx.live is not None and any(ctx.live):  # padding taps send nothing down; the live ones are
+                weight = weight.narrow(2, ctx.live.index(True), sum(ctx.live))  # a run: a view, same strides
+            elif ctx.live is not None:  # no tap reads the clip
+                weight = torch.zeros_like(weight)
             grad_frame = s.kernels.window_input_grad(grad_out, weight, ctx.input_hw, stride, padding, dilation,
                                                      groups)
         train_w = ctx.needs_input_grad[2]
