@@ -12,8 +12,9 @@ model defines it; ``"causal"`` moves each temporal conv's and pool's padding to 
 (window pad ``(p_start + p_end, 0)``), so the layer reads no future frame and adds no lag; its
 function shifts in time. A strided layer's causal window ends on the last frame of its stride
 group (pad ``(span − stride, 0)``, :func:`causal_padding`): every frame of the clip's whole groups
-is read, at a lag of ``stride − 1``; a partial last group gives no output. A temporal node keeps its window under each setting (:attr:`Node.windows`), so
-:meth:`StreamGraph.lags` gives both lags whichever one streams.
+is read, at a lag of ``stride − 1``; a partial last group gives no output. A temporal node keeps
+its window under each setting (:attr:`Node.windows`), so :meth:`StreamGraph.lags` gives both lags
+whichever one streams.
 
 Node kinds:
 
@@ -310,21 +311,19 @@ class PoolNode(Node):
             self._offline = self._padded_offline(kernel, stride, (0, *padding[1:]), dilation, ceil_mode)
 
     def _padded_offline(self, kernel, stride, padding, dilation, ceil_mode) -> Callable:
-        """The pool of a clip padded in time by the window's (uneven) padding. Cut to the window's
-        output length: in ceil mode PyTorch would also keep a window that starts in the padding
-        it was given as frames."""
+        """The pool of a clip padded in time by the window's (uneven) padding."""
         pad = (0, 0, 0, 0, *self.window.pad)
         if self.reduce == "max":
-            pool = lambda x: F.max_pool3d(F.pad(x, pad, value=-math.inf), kernel, stride, padding, dilation, ceil_mode)
-        elif self.divisor_override or self.count_include_pad:
-            pool = lambda x: F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True,
+            return lambda x: F.max_pool3d(F.pad(x, pad, value=-math.inf), kernel, stride, padding, dilation, ceil_mode)
+        if self.divisor_override or self.count_include_pad:
+            return lambda x: F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True,
                                           self.divisor_override)
-        else:
-            def pool(x):  # padding not counted: window sums over the window's count of real elements
-                ones = F.pad(torch.ones_like(x[:1, :1]), pad)
-                sums = F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True, 1)
-                return sums / F.avg_pool3d(ones, kernel, stride, padding, ceil_mode, True, 1)
-        return lambda x: pool(x)[:, :, :int(self.window.length(x.shape[2]))]
+
+        def real_only(x):  # padding not counted: window sums over the window's count of real elements
+            ones = F.pad(torch.ones_like(x[:1, :1]), pad)
+            sums = F.avg_pool3d(F.pad(x, pad), kernel, stride, padding, ceil_mode, True, 1)
+            return sums / F.avg_pool3d(ones, kernel, stride, padding, ceil_mode, True, 1)
+        return real_only
 
     def offline(self, x):
         return self._offline(x)

@@ -133,16 +133,15 @@ class SidewaysConv3d(nn.Conv3d):
             return f"padding_mode={self.padding_mode!r} with temporal padding (a stream can only pad time with zeros)"
         return None
 
-    def ring_step(self, n: int, length: float) -> tuple[str, int, Optional[tuple]]:
-        """(action, slot, live) for input frame ``n`` of a stream of ``length`` frames: frames of
-        the clip are pushed, the end padding's zero frames too, and after them the ring holds; the
+    def ring_step(self, n: int, length: float) -> tuple[str, int]:
+        """(action, slot) for input frame ``n`` of a stream of ``length`` frames: frames of the
+        clip are pushed, the end padding's zero frames too, and after them the ring holds; the
         slot is where the frame goes, and the window's newest slot (frame ``i`` lives in slot
-        ``i % span``; the ring starts zeroed, which is the clip's start padding). ``live``: see
-        :func:`live_taps`."""
+        ``i % span``; the ring starts zeroed, which is the clip's start padding)."""
         end = self.temporal_padding[1]
         action = PUSH if 0 <= n < length else ZEROS if length <= n < length + end else HOLD
         newest = min(max(n, -1), length + end - 1)
-        return action, int(newest) % self.span, live_taps(newest, self.kernel_size[0], self.dilation[0], length)
+        return action, int(newest) % self.span
 
     def _spatial_padding(self) -> tuple[list[int], Optional[tuple]]:
         """(op padding, F.pad args or None): symmetric zero padding goes to the op; uneven
@@ -166,11 +165,11 @@ class SidewaysConv3d(nn.Conv3d):
         if s.clock is None:
             raise RuntimeError(f"{type(self).__name__} is streamed by a graph node, which calls stream_step()")
         clock = s.clock  # a chain stage: one frame in, one frame out, every tick
-        action, slot, _ = self.ring_step(clock.frame, clock.length)
+        action, slot = self.ring_step(clock.frame, clock.length)
         clock.frame -= self.stream_delay
         clock.length += self.length_change
-        # a chain stage's layers still send every tap's error down: under torchrun a chain's
-        # clip disagreed with one process in the 7th digit with live taps (not yet understood)
+        # no live taps here: a chain stage's layers still send every tap's error down (with live
+        # taps a chain under torchrun disagreed with one process in the 7th digit, not yet understood)
         return self.stream_step(x, action, slot)
 
     def stream_step(self, x: torch.Tensor, action: str, slot: int, emit: bool = True,

@@ -200,7 +200,7 @@ class Schedule:
                     before[c] = depth
                     continue
                 if isinstance(node, ChainNode):
-                    for i, (action, slot, _) in enumerate(step.work):
+                    for i, (action, slot) in enumerate(step.work):
                         out.append(Problem(k, c, i, "forward", slot, action, depth + i))
                     before[c] = depth + len(node.layers)
                 elif isinstance(node, ConvNode) and step.work[2]:
@@ -219,7 +219,7 @@ class Schedule:
                 layers = node.layers if isinstance(node, ChainNode) else [node.module] if isinstance(node, ConvNode) \
                     else []
                 step = fired[c]
-                slots = [slot for _, slot, _ in step.work] if isinstance(node, ChainNode) else \
+                slots = [slot for _, slot in step.work] if isinstance(node, ChainNode) else \
                     [step.work[1]] if layers else []
                 input_grad = any(grads.get(p, False) for p in node.inputs)
                 for j, i in enumerate(reversed(range(len(layers)))):
@@ -393,7 +393,7 @@ class Schedule:
         if isinstance(node, ConvNode):
             return work[0] == ZEROS
         if isinstance(node, ChainNode):
-            return any(action == ZEROS for action, _, _ in work)
+            return any(action == ZEROS for action, _ in work)
         return False
 
     def _work(self, node, m: int):
