@@ -12,8 +12,9 @@ stage that it reaches; a stage's output reaches the next stage one tick later.
 
 Errors (Sideways mode). An error reaching a node goes through the Jacobian of that node's
 *current* state and on to the node's input at once: a temporal conv or pool sums its window's
-gradients onto the sample that arrived now (those of the taps that read a sample of the clip:
-a padding tap's, which backprop drops, is dropped too), a join's held sample hands its gradient to the
+gradients onto the sample that arrived now (a ConvNode those of the taps that read a sample of
+the clip: a padding tap's, which backprop drops, is dropped too; a chain stage's layers send
+every tap's), a join's held sample hands its gradient to the
 newest sample of that input. Where that producer did not fire this tick (it runs at a slower
 rate or another phase), the error waits on its output and goes through the producer's next
 firing instead; an error from the stage above waits likewise for the stage's output. On a
