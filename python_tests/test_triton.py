@@ -484,3 +484,34 @@ def test_box_width_is_chosen_to_waste_least_at_the_frame_edge():
     assert prune_boxes([narrow, wide], 56, 56, lambda c: c.BLOCK_M) == [wide]  # a tie: the wider rows
     assert prune_boxes([narrow, wide], 8, 64, lambda c: c.BLOCK_M) == [wide]  # 8x16 boxes fit exactly
     assert prune_boxes([wide, narrow], 64, 8, lambda c: c.BLOCK_M) == [narrow]  # 16x8 boxes fit exactly
+
+
+def test_every_thread_launching_box_kernels_gets_the_descriptor_scratch_allocator():
+    """Triton keeps its allocator in a context variable that each new thread starts without: a
+    pipeline's stage threads launching the box kernels on the H100 (2026-11-27) failed with 'no
+    allocator was set' while the main thread's calls worked. Each launch installs it where the
+    calling thread has none, and leaves one the user set alone."""
+    import contextvars
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    T._descriptor_scratch(cuda)  # the main thread first, as the benchmarks' op rows did
+    seen = {}
+
+    def launch(name, own=None):
+        if own is not None:
+            triton.set_allocator(own)
+        T._descriptor_scratch(cuda)
+        seen[name] = _allocation._allocator.get()
+
+    mine = lambda size, alignment, stream: None  # noqa: E731
+    for args in (("stage", None), ("user", mine)):
+        worker = threading.Thread(target=contextvars.Context().run, args=(launch, *args))
+        worker.start()
+        worker.join()
+    assert not isinstance(seen["stage"], _allocation.NullAllocator)
+    assert seen["user"] is mine
+    T._descriptor_scratch(torch.device("cpu"))  # CPU tensors (the interpreter) need none

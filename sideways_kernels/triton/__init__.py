@@ -23,6 +23,7 @@ from typing import List, Optional
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
+from triton.runtime import _allocation  # the allocator's context variable (the same in Triton 3.6 and 3.9)
 
 from . import boxes as X
 from . import kernels as K
@@ -232,24 +233,20 @@ def _take_box(op: str, reason: Optional[str]) -> bool:
     return reason is None
 
 
-_allocator_set = False
-
-
 def _descriptor_scratch(device: torch.device) -> None:
     """Tensor descriptors made on the device need a little global scratch for the TMA
     descriptors; Triton asks its allocator for it (torch's caching allocator, so CUDA-graph
-    captures take it from their pool). Installed once, unless the user installed one."""
-    global _allocator_set
-    if _allocator_set or device.type != "cuda":
+    captures take it from their pool). Triton keeps the allocator in a context variable, which
+    every thread starts without (a pipeline's stage threads among them): so it is checked on
+    every call and installed where the calling thread has none, never over one the user set."""
+    if device.type != "cuda":
         return
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-        user_set = not isinstance(_allocator.get(), NullAllocator)
-    except (ImportError, AttributeError):  # another Triton layout: install ours
-        user_set = False
-    if not user_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _allocator_set = True
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _persistent(tiles: int, device: torch.device):
