@@ -131,8 +131,10 @@ void weight_grad_accumulate_aten(at::Tensor grad_weight, const c10::optional<at:
                                         dilation, dilation_t, groups);
   auto taps = window_weight_grad(grad_out, ring, grad_weight, g, slot);
   grad_weight.add_(taps.permute({0, 2, 1, 3, 4}));
+  mark_written(grad_weight);
   if (grad_bias.has_value()) {
     grad_bias->add_(grad_out.sum({0, 2, 3}, false, grad_bias->scalar_type()));
+    mark_written(*grad_bias);
   }
 }
 
@@ -205,6 +207,8 @@ void sgd_apply(at::Tensor param, const c10::optional<at::Tensor>& buf, const at:
   } else {
     sgd_strided(param, buf, grad.to(param.scalar_type()), h);
   }
+  mark_written(param);
+  if (buf.has_value()) mark_written(*buf);
 }
 
 void sgd_tick_update_aten(at::Tensor weight, const c10::optional<at::Tensor>& momentum_buffer,

@@ -33,7 +33,16 @@ void sgd_tick_update_aten(at::Tensor weight, const c10::optional<at::Tensor>& mo
                           int64_t dilation_t, int64_t groups, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov, bool first_step);
 
-// torch.optim.SGD's update of `param` by `grad` (any strides; one fused pass on CPU).
+// A tensor a kernel wrote in place gets a new version, as after ATen's in-place ops: autograd's
+// saved-tensor check and the CUDA binding's cache of the 16-bit weight rely on it. The ops run
+// below the key where ATen bumps versions, and kernels writing through pointers bump nothing (on
+// an H100 a fused SGD step left the cached cast stale: the next forward ran on the old weight).
+inline void mark_written(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// torch.optim.SGD's update of `param` by `grad` (any strides; one fused pass on CPU), which
+// marks `param` and `buf` written.
 void sgd_apply(at::Tensor param, const c10::optional<at::Tensor>& buf, const at::Tensor& grad,
                const SgdHyper& h);
 

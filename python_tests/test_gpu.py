@@ -205,9 +205,10 @@ def test_cuda_cached_cast_and_tap_sum_follow_the_weight(dtype):
     def check(t, w):
         t["grad_out"] = t["grad_out"].contiguous(memory_format=torch.channels_last)
         d = lambda x: x.double()
-        torch.testing.assert_close(
-            ops.ring_conv_forward(t["ring"], None, t["slot"], w, None, *a).double(),
-            ref.ring_conv_forward(d(t["ring"]), None, t["slot"], d(w), None, *a), rtol=3e-2, atol=5e-2)
+        expected = ref.ring_conv_forward(d(t["ring"]), None, t["slot"], d(w), None, *a)
+        # the 16-bit rounding of the weight errs in proportion to the outputs' scale (x2 after mul_(-2))
+        torch.testing.assert_close(ops.ring_conv_forward(t["ring"], None, t["slot"], w, None, *a).double(), expected,
+                                   rtol=3e-2, atol=1e-2 * expected.abs().mean().item())
         down = ops.window_input_grad(t["grad_out"], w, [g.height, g.width], *a[:3], g.groups)
         _close_to_rounding(down, t["grad_out"], w, [g.height, g.width], a, g.groups)
 
@@ -218,7 +219,9 @@ def test_cuda_cached_cast_and_tap_sum_follow_the_weight(dtype):
     with torch.no_grad():
         w.mul_(-2.0)
     check(t, w)
+    version = w._version
     ops.sgd_tick_update(w, None, None, None, t["grad_out"], t["ring"], t["slot"], *a, lr=0.5)
+    assert w._version > version, "the fused SGD op's in-place step must bump the weight's version"
     check(t, w)
 
 

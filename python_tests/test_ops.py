@@ -1,5 +1,6 @@
 """Oracle 1: every compiled op equals its pure-PyTorch reference on fresh random
 inputs of odd shapes; opcheck, torch.compile, SGD equivalence, bad input, fuzzing."""
+import os
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -382,3 +383,28 @@ def test_fuzz_ops_refuse_or_match_reference():
     run()
     calls = counts["compared"] + counts["refused"]
     assert counts["compared"] >= 0.3 * calls and counts["refused"] >= 0.1 * calls, counts
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp", "triton", "cuda"])
+def test_in_place_ops_bump_the_versions_of_what_they_write(name):
+    """A fused step is an in-place change like ATen's: the weight, its momentum buffer and an
+    accumulated gradient get new versions on every backend (autograd's saved-tensor check and
+    the CUDA binding's cache of the 16-bit weight rely on it; the CUDA kernels' writes did not
+    bump them, so the next forward ran on a stale cast of the weight, H100 2026-11-27)."""
+    from sideways_kernels import backend, backends
+
+    device = "cuda" if name == "cuda" else "cpu"
+    if not backends()[name] or (name == "cuda" and not torch.cuda.is_available()):
+        pytest.skip(f"backend {name} not available here")
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off in this process")
+    geom = GEOMETRIES[1]
+    t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make(geom, torch.float32).items()}
+    k = backend.kernels(name)
+    w, buf, grad = t["weight"].clone(), torch.zeros_like(t["weight"]), torch.zeros_like(t["weight"])
+    before = w._version, buf._version, grad._version
+    k.sgd_tick_update(w, buf, None, None, t["grad_out"], t["ring"], t["slot"], *_args(t, geom), lr=0.1, momentum=0.9,
+                      dampening=0.0, weight_decay=0.0, nesterov=False, first_step=True)
+    k.weight_grad_accumulate(grad, None, t["grad_out"], t["ring"], t["slot"], *_args(t, geom))
+    after = w._version, buf._version, grad._version
+    assert all(a > b for a, b in zip(after, before)), f"versions {before} -> {after} (weight, momentum, gradient)"

@@ -76,9 +76,9 @@ at::Tensor make_gemm_summed_weight(const at::Tensor& weight, at::ScalarType acti
 }
 
 // What the ops derive from a weight (its cast, its taps' sum), kept while the weight is the
-// same tensor at the same version: every in-place change (an optimizer step, the fused SGD op)
-// bumps the version, and the weak pointer keeps a freed weight's TensorImpl from being taken
-// for a new one at its address. While a CUDA graph is being captured the derivation is always
+// same tensor at the same version: every in-place change (an optimizer step, the fused SGD op
+// through mark_written) bumps the version, and the weak pointer keeps a freed weight's
+// TensorImpl from being taken for a new one at its address. While a CUDA graph is being captured the derivation is always
 // recorded, so that a replay derives it from the weight as it is then.
 struct Derived {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source;
@@ -222,8 +222,10 @@ void weight_grad_accumulate_cuda(at::Tensor grad_weight, const c10::optional<at:
   a.mode = cuda::WeightUpdateMode::kAccumulate;
   a.grad_weight = grad_weight.data_ptr<float>();
   launch_weight_update(a, g, slot, ring, grad_out);
+  mark_written(grad_weight);
   if (grad_bias.has_value()) {
     grad_bias->add_(grad_out.sum({0, 2, 3}, false, grad_bias->scalar_type()));
+    mark_written(*grad_bias);
   }
 }
 
@@ -254,6 +256,8 @@ void sgd_tick_update_cuda(at::Tensor weight, const c10::optional<at::Tensor>& mo
   a.nesterov = nesterov;
   a.first_step = first_step;
   launch_weight_update(a, g, slot, ring, grad_out);
+  mark_written(weight);
+  if (buf.has_value()) mark_written(*buf);
   if (bias.has_value()) {
     const SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, first_step};
     sgd_apply(*bias, momentum != 0 ? bias_momentum_buffer : c10::nullopt,
