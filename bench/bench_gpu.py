@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sideways_kernels import SidewaysConv3d, SidewaysPipeline, models, ops, reference as ref
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, backend, models, ops, reference as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,7 +40,7 @@ SHAPES = [(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14),
 SHAPE_IDS = [f"{s[0]}to{s[1]}-B{s[2]}-{s[3]}" for s in SHAPES]
 ARGS = ([1, 1], [1, 1], [1, 1], 1, 1)  # stride, padding, dilation, dilation_t, groups
 HYPER = dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False)
-IMPLS = ["cudnn_ncdhw", "cudnn_cl", "cuda", "triton"]
+IMPLS = ["cudnn_ncdhw", "cudnn_cl", "torch", "cuda", "triton"]  # torch: the torch backend's op (cuDNN on the ring)
 OP_NAMES = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
             "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
 TRITON_KERNEL = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
@@ -174,6 +174,8 @@ def _implementation(op: str, impl: str, L: _Layer):
     if impl == "triton":
         import sideways_kernels.triton  # noqa: F401  registers torch.ops.sideways_triton
         k = torch.ops.sideways_triton
+    elif impl == "torch":
+        k = backend.kernels("torch")
     else:
         k = torch.ops.sideways
     if op == "forward":
@@ -210,6 +212,7 @@ def _op_case(benchmark, op, shape, impl):
     benchmark.group = f"gpu-{op}-{'-'.join(map(str, shape))}"
     median = _timed(benchmark, timed)
     tflops = L.flops / median / 1e12
+    graph_s, graph_error = _graph_time(timed)
     config = None
     if impl == "triton":  # which kernel family ran (box: TMA + wgmma; general), and its picked config
         from sideways_kernels.triton import paths, picked
@@ -220,7 +223,38 @@ def _op_case(benchmark, op, shape, impl):
     benchmark.extra_info.update(tflops=tflops, config=config, error=error,
                                 shape=f"{shape[0]}->{shape[1]} k3 B{shape[2]} {shape[3]}^2 bf16 act, fp32 master")
     _row(kind="op", op=op, shape=list(shape), impl=impl, median_s=median, tflops=tflops,
-         ceiling_fraction=tflops / CEILING["tflops"] if CEILING else None, config=config, error=error)
+         ceiling_fraction=tflops / CEILING["tflops"] if CEILING else None, config=config, error=error,
+         graph_s=graph_s, graph_error=graph_error)
+
+
+def _graph_time(fn, calls: int = 10, replays: int = 5):
+    """The GPU time of one call without the host's part: ``calls`` calls captured in one CUDA
+    graph, its replays timed with events (median, per call). A call's eager time (``_timed``)
+    includes the Python and launch work around its kernels; the difference says how much of
+    it is the host's. (None, why) when the call cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / calls)
+        return sorted(times)[len(times) // 2], None
+    except Exception as e:  # noqa: BLE001  a row without the figure, saying why
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

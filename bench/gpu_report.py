@@ -6,7 +6,8 @@
   eager one; end-to-end frames/s and peak memory per network, clip length, backend and graphs,
   each against clip BP's at the same network and length;
 * a dispatch table (sideways_kernels/dispatch.json plus this GPU's measured entry: per op, the
-  faster of the CUDA and Triton kernels by geometric mean over the shapes) to review and commit.
+  fastest of the torch backend (cuDNN), the CUDA and the Triton kernels by geometric mean over
+  the shapes) to review and commit.
 
 Works on partial rows (a run cut short): what was measured is reported, the rest is absent.
 
@@ -24,6 +25,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 OP_NAMES = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
             "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
+CUDNN = ("cudnn_ncdhw", "cudnn_cl")  # cuDNN called directly on the window, in either layout
+BACKENDS = ("torch", "cuda", "triton")  # what the default dispatch chooses among per op
 GOALS = {"forward": 1.0, "input_grad": 1.0, "weight_accumulate": 1.3, "weight_sgd": 1.3}  # issue 12's targets
 
 
@@ -45,22 +48,28 @@ def tables(rows: list[dict], device: str) -> list[str]:
     out = [f"### {device}, {date} (`bench/run_gpu.sh`)", ""]
     out.append(f"bf16 matmul ceiling measured in this run: "
                f"{f'{ceiling:.0f} TFLOP/s' if ceiling else 'not measured'}.")
-    out += ["", "| op | shape (C_in→C_out, B, H=W) | impl | ms | TFLOP/s | % of ceiling | vs best cuDNN "
-            "| goal | config |", "|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "ms: one call as a user makes it (host work included); graph ms: its GPU time alone (calls "
+            "replayed from a CUDA graph). torch: the torch backend's op (cuDNN on the ring, as the pipeline calls it).",
+            "", "| op | shape (C_in→C_out, B, H=W) | impl | ms | TFLOP/s | % of ceiling | vs best cuDNN "
+            "| graph ms | graph vs best cuDNN | goal | config |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ops = [r for r in rows if r["kind"] == "op"]
     for op in OP_NAMES:
         for shape in sorted({tuple(r["shape"]) for r in ops if r["op"] == op}):
             case = {r["impl"]: r for r in ops if r["op"] == op and tuple(r["shape"]) == shape}
-            base = min((case[i]["median_s"] for i in ("cudnn_ncdhw", "cudnn_cl") if i in case), default=None)
-            for impl in ("cudnn_ncdhw", "cudnn_cl", "cuda", "triton"):
+            base = min((case[i]["median_s"] for i in CUDNN if i in case), default=None)
+            graph_base = min((case[i]["graph_s"] for i in CUDNN if case.get(i, {}).get("graph_s")), default=None)
+            for impl in (*CUDNN, *BACKENDS):
                 r = case.get(impl)
                 if r is None:
                     continue
                 ratio = f"{base / r['median_s']:.2f}×" if base else "–"
+                graph = r.get("graph_s")
+                graph_ratio = f"{graph_base / graph:.2f}×" if graph and graph_base else r.get("graph_error") or "–"
                 goal = f"≥ {GOALS[op]:.1f}×" if impl in ("cuda", "triton") else ""
                 frac = f"{100 * r['tflops'] / ceiling:.0f}%" if ceiling else "–"
                 out.append(f"| {op} | {shape[0]}→{shape[1]}, B{shape[2]}, {shape[3]} | {impl} | "
-                           f"{r['median_s'] * 1e3:.3f} | {r['tflops']:.1f} | {frac} | {ratio} | {goal} | "
+                           f"{r['median_s'] * 1e3:.3f} | {r['tflops']:.1f} | {frac} | {ratio} | "
+                           f"{f'{graph * 1e3:.3f}' if graph else '–'} | {graph_ratio} | {goal} | "
                            f"{r.get('config') or ''} |")
     ticks = {r["graphs"]: r["ms_per_tick"] for r in rows if r["kind"] == "tick"}
     if ticks:
@@ -91,15 +100,17 @@ def tables(rows: list[dict], device: str) -> list[str]:
 
 
 def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
-    """``base`` with ``measured[arch]``: per op, the faster of cuda and triton (geometric mean
-    of their times over the shapes both ran)."""
+    """``base`` with ``measured[arch]``: per op, the fastest backend (torch, cuda, triton) by the
+    geometric mean of its times over the shapes all measured ones ran: the GPU time of a call
+    (CUDA-graph replay, as the pipeline runs by default on CUDA) where every one has it, else the
+    eager call's."""
     ops = {}
     for op, name in OP_NAMES.items():
-        times = {}
-        for impl in ("cuda", "triton"):
-            times[impl] = {tuple(r["shape"]): r["median_s"] for r in rows
-                           if r["kind"] == "op" and r["op"] == op and r["impl"] == impl}
-        shared = set(times["cuda"]) & set(times["triton"])
+        measured = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["impl"] in BACKENDS]
+        key = "graph_s" if measured and all(r.get("graph_s") for r in measured) else "median_s"
+        times = {impl: {tuple(r["shape"]): r[key] for r in measured if r["impl"] == impl} for impl in BACKENDS}
+        times = {impl: t for impl, t in times.items() if t}
+        shared = set.intersection(*(set(t) for t in times.values())) if len(times) > 1 else set()
         if not shared:
             continue
         geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in shared) / len(shared)) for impl in times}

@@ -2,7 +2,7 @@
 # One short GPU run on a bare machine (the device tool's H100/H200: python3 with torch 2.11+ on
 # CUDA, triton, nvcc, pytest, pytest-benchmark). Built to finish in 8 minutes:
 #   build for sm_90a only with every core (<= 3 min; skipped when the extension was built
-#   off the GPU and carried, as DEVELOPERS.md describes), the GPU tests (<= 2 min), the op
+#   off the GPU and carried, as bench/RESULTS.md's "The next GPU run" describes), the GPU tests (<= 2 min), the op
 #   benchmarks with Triton autotuning (<= 2.5 min), ticks and end to end (<= 3 min), the report.
 # Everything is written under $OUT as it happens (progress.log, the logs, rows.jsonl one
 # benchmark at a time), and the report runs whatever happened before it, so a timeout still
@@ -11,12 +11,17 @@
 #   dispatch.json  this GPU's measured CUDA-vs-Triton choice per op, to review and commit as
 #                  sideways_kernels/dispatch.json
 # SANITIZE=1 adds compute-sanitizer memcheck on the CUDA kernel tests and the Triton box
-# kernels' GPU test (about a minute more).
+# kernels' GPU test (about a minute more). A follow-up run can narrow each phase to a pytest -k
+# expression and a time limit (seconds): TESTS_K/TESTS_S, OPS_K/OPS_S, E2E_K/E2E_S; an empty
+# *_K runs the whole phase, "skip" skips it.
+# The end-to-end phase's default backend runs on the dispatch table this run measured (copied
+# over sideways_kernels/dispatch.json in this checkout, which the device does not send back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
+work=$(mktemp -d)  # pytest-benchmark's JSON: kept off $out, which brings back at most 8 files
 start=$SECONDS
 say() { echo "[$((SECONDS - start)) s] $*" | tee -a "$out/progress.log"; }
 # a phase gets SIGINT at its limit (pytest then writes what it has), SIGKILL 10 s later
@@ -24,7 +29,6 @@ phase() { local limit=$1; shift; timeout --signal=INT --kill-after=10 "$limit" "
 
 device=$($PY -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null) || { say "no CUDA GPU visible"; exit 1; }
 say "$device; torch $($PY -c 'import torch; print(torch.__version__)'), triton $($PY -c 'import triton; print(triton.__version__)' 2>/dev/null || echo absent)"
-echo "$device" > "$out/device.txt"
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} SIDEWAYS_CUDA_ARCHS=${SIDEWAYS_CUDA_ARCHS:-90a}
 # Built in place (nothing installed: the image's python may not be ours to write to); the
@@ -40,9 +44,18 @@ fi
 $PY -c 'import sideways_kernels as s; b = s.backends(); print(b); assert b["cuda"], "CUDA kernels not built"' \
   2>&1 | tee -a "$out/progress.log" || { say "CUDA kernels missing"; exit 1; }
 
-say "GPU tests (python_tests/test_gpu.py, its own process: no Triton interpreter)"
-phase 120 $PY -m pytest python_tests/test_gpu.py -q -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
-say "GPU tests: exit $? — $(tail -1 "$out/gpu_tests.log")"
+# pytest's -k for a phase from its *_K variable: nothing (the whole phase) or the expression
+only() { local k=$1 default=$2; k=${k:-$default}; [ -n "$k" ] && printf '%s\n' -k "$k"; }
+mapfile -t tests_k < <(only "${TESTS_K:-}" "")
+mapfile -t ops_k < <(only "${OPS_K:-}" "ceiling or weight_update or forward_and_input_grad")
+mapfile -t e2e_k < <(only "${E2E_K:-}" "tick or end_to_end")
+
+if [ "${TESTS_K:-}" != skip ]; then
+  say "GPU tests (python_tests/test_gpu.py ${tests_k[*]}, its own process: no Triton interpreter)"
+  phase "${TESTS_S:-120}" $PY -m pytest python_tests/test_gpu.py -q -p no:cacheprovider "${tests_k[@]}" \
+    > "$out/gpu_tests.log" 2>&1
+  say "GPU tests: exit $? — $(tail -1 "$out/gpu_tests.log")"
+fi
 
 if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
   phase 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest python_tests/test_gpu.py -q -x \
@@ -50,18 +63,26 @@ if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
   say "compute-sanitizer memcheck: exit $?"
 fi
 
-say "benchmarks 1/2 (ceiling, ops vs cuDNN at the C3D and r3d_18 shapes, Triton autotuning)"
-SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase 150 $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
-  -k "ceiling or weight_update or forward_and_input_grad" -p no:cacheprovider --benchmark-json "$out/gpu_ops.json" \
-  --benchmark-columns=median,rounds > "$out/bench_ops.log" 2>&1
-say "benchmarks 1/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+report() { $PY bench/gpu_report.py "$out/rows.jsonl" --device "$device" --dispatch "$out/dispatch.json" \
+  > "$out/results.md" 2>&1; }
 
-say "benchmarks 2/2 (graph ticks, end to end per network, backend and graphs, equal memory)"
-SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase 170 $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
-  -k "tick or end_to_end" -p no:cacheprovider --benchmark-json "$out/gpu_e2e.json" \
-  --benchmark-columns=median,rounds > "$out/bench_e2e.log" 2>&1
-say "benchmarks 2/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+if [ "${OPS_K:-}" != skip ]; then
+  say "benchmarks 1/2 (ceiling, ops vs cuDNN at the C3D and r3d_18 shapes, eager and graph-replayed, Triton autotuning)"
+  SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase "${OPS_S:-150}" $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
+    "${ops_k[@]}" -p no:cacheprovider --benchmark-json "$work/gpu_ops.json" \
+    --benchmark-columns=median,rounds > "$out/bench_ops.log" 2>&1
+  say "benchmarks 1/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+  report && cp "$out/dispatch.json" sideways_kernels/dispatch.json && say "default backend: this run's dispatch table"
+fi
 
-$PY bench/gpu_report.py "$out/rows.jsonl" --device "$device" --dispatch "$out/dispatch.json" > "$out/results.md" 2>&1
+if [ "${E2E_K:-}" != skip ]; then
+  say "benchmarks 2/2 (graph ticks, end to end per network, backend and graphs, equal memory)"
+  SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase "${E2E_S:-170}" $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
+    "${e2e_k[@]}" -p no:cacheprovider --benchmark-json "$work/gpu_e2e.json" \
+    --benchmark-columns=median,rounds > "$out/bench_e2e.log" 2>&1
+  say "benchmarks 2/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+fi
+
+report
 cat "$out/results.md"
 say "done"

@@ -32,7 +32,7 @@ def test_the_shipped_dispatch_table_names_a_backend_for_every_case():
     for arch, entry in table["measured"].items():
         assert arch.startswith("sm_") and entry["device"] and entry["date"]
         for op, by_dtype in entry["ops"].items():
-            assert op in backend.OPS and set(by_dtype) <= dtypes and set(by_dtype.values()) <= {"cuda", "triton"}
+            assert op in backend.OPS and set(by_dtype) <= dtypes and set(by_dtype.values()) <= {"cuda", "triton", "torch"}
 
 
 def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
@@ -87,24 +87,28 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     report = _gpu_report()
     rows = [dict(kind="ceiling", tflops=800.0)]
     times = {("weight_sgd", "cuda"): [2.0, 4.0], ("weight_sgd", "triton"): [1.0, 5.0],  # geomean 2.83 vs 2.24
+             ("weight_sgd", "torch"): [1.5, 1.5],  # the torch backend's (cuDNN) beats both
              ("forward", "cuda"): [1.0, 1.0], ("forward", "triton"): [3.0, 3.0]}
+    graph = {("forward", "cuda"): 0.9, ("forward", "triton"): 0.5}  # a call's GPU time alone: triton's is less
     for (op, impl), ms in times.items():
         for shape, t in zip(([64, 128, 8, 56], [128, 256, 16, 28]), ms):
-            rows.append(dict(kind="op", op=op, shape=shape, impl=impl, median_s=t / 1e3, tflops=100.0 / t))
-    rows += [dict(kind="op", op="forward", shape=[64, 128, 8, 56], impl=i, median_s=t / 1e3, tflops=1.0)
-             for i, t in (("cudnn_ncdhw", 2.0), ("cudnn_cl", 1.5))]
+            rows.append(dict(kind="op", op=op, shape=shape, impl=impl, median_s=t / 1e3, tflops=100.0 / t,
+                             graph_s=graph[op, impl] / 1e3 if (op, impl) in graph else None))
+    rows += [dict(kind="op", op="forward", shape=[64, 128, 8, 56], impl=i, median_s=t / 1e3, tflops=1.0,
+                  graph_s=t / 2e3) for i, t in (("cudnn_ncdhw", 2.0), ("cudnn_cl", 1.5))]
     rows.append(dict(kind="op", op="input_grad", shape=[64, 128, 8, 56], impl="cuda", median_s=1e-3, tflops=1.0))
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "op", "op": "forw')  # cut mid-line
     loaded = report.load(str(path))
     assert len(loaded) == len(rows)
     text = "\n".join(report.tables(loaded, "H100"))
-    assert "| forward | 64→128, B8, 56 | cuda | 1.000 | 100.0 | 12% | 1.50× |" in text
+    assert "| forward | 64→128, B8, 56 | cuda | 1.000 | 100.0 | 12% | 1.50× | 0.900 | 0.83× |" in text
+    assert "| weight_sgd | 64→128, B8, 56 | torch | 1.500 |" in text
     table = report.dispatch(loaded, "H100", "sm_90", backend.table())
-    ops = table["measured"]["sm_90"]["ops"]
-    assert ops == {"sgd_tick_update": {"bfloat16": "triton"}, "ring_conv_forward": {"bfloat16": "cuda"}}
-    assert backend.choose("sgd_tick_update", torch.bfloat16, "sm_90", table) == "triton"
-    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "cuda"
+    ops = table["measured"]["sm_90"]["ops"]  # forward by GPU time (graph), the weight update by the eager call's
+    assert ops == {"sgd_tick_update": {"bfloat16": "torch"}, "ring_conv_forward": {"bfloat16": "triton"}}
+    assert backend.choose("sgd_tick_update", torch.bfloat16, "sm_90", table) == "torch"
+    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "triton"
     assert backend.choose("window_input_grad", torch.bfloat16, "sm_90", table) == "triton"  # triton never ran
     assert table["unmeasured"] == backend.table()["unmeasured"]
 

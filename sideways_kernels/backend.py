@@ -2,7 +2,8 @@
 decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda|auto`` or :func:`set_backend`
 chooses; the default is the fastest one built for the tensors' device. On CUDA with both the
 CUDA kernels and Triton, that is ``auto``: per op and activation dtype, the backend
-``dispatch.json`` names for the GPU's architecture (written from a GPU run's side-by-side timings
+``dispatch.json`` names for the GPU's architecture — the CUDA or Triton kernels, or the torch
+backend's cuDNN calls where those measured faster (written from a GPU run's side-by-side timings
 by ``bench/gpu_report.py``; until an architecture is measured: Triton for 16-bit, CUDA for fp32)."""
 from __future__ import annotations
 
@@ -119,8 +120,9 @@ def table() -> dict:
 
 
 def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = None) -> str:
-    """``"cuda"`` or ``"triton"`` for ``op`` on activations of ``dtype`` on a GPU of ``arch``
-    (e.g. ``"sm_90"``): the measured choice for that architecture, else the unmeasured default;
+    """``"cuda"``, ``"triton"`` or ``"torch"`` (cuDNN, where it measured fastest) for ``op`` on
+    activations of ``dtype`` on a GPU of ``arch`` (e.g. ``"sm_90"``): the measured choice for that
+    architecture, else the unmeasured default;
     a dtype neither names goes to ``"cuda"``, whose binding runs every dtype (ATen beyond its own)
     or refuses it with the op's argument check."""
     dispatch = dispatch or table()
@@ -130,7 +132,7 @@ def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = No
 
 
 def _dispatched(op: str):
-    kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton")}
+    kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton", "torch")}
     index, arg_name = _ACTIVATION_ARG[op]
 
     def call(*args, **kwargs):
