@@ -66,21 +66,24 @@ fi
 report() { $PY bench/gpu_report.py "$out/rows.jsonl" --device "$device" --dispatch "$out/dispatch.json" \
   > "$out/results.md" 2>&1; }
 
+# benchmarks NAME LIMIT -k... : bench/bench_gpu.py's rows appended to rows.jsonl, its log in bench_NAME.log
+benchmarks() {
+  local name=$1 limit=$2; shift 2
+  SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase "$limit" $PY -m pytest bench/bench_gpu.py --benchmark-only -q "$@" \
+    -p no:cacheprovider --benchmark-json "$work/gpu_$name.json" --benchmark-columns=median,rounds \
+    > "$out/bench_$name.log" 2>&1
+  say "benchmarks $name: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+}
+
 if [ "${OPS_K:-}" != skip ]; then
   say "benchmarks 1/2 (ceiling, ops vs cuDNN at the C3D and r3d_18 shapes, eager and graph-replayed, Triton autotuning)"
-  SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase "${OPS_S:-150}" $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
-    "${ops_k[@]}" -p no:cacheprovider --benchmark-json "$work/gpu_ops.json" \
-    --benchmark-columns=median,rounds > "$out/bench_ops.log" 2>&1
-  say "benchmarks 1/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+  benchmarks ops "${OPS_S:-150}" "${ops_k[@]}"
   report && cp "$out/dispatch.json" sideways_kernels/dispatch.json && say "default backend: this run's dispatch table"
 fi
 
 if [ "${E2E_K:-}" != skip ]; then
   say "benchmarks 2/2 (graph ticks, end to end per network, backend and graphs, equal memory)"
-  SIDEWAYS_BENCH_ROWS="$out/rows.jsonl" phase "${E2E_S:-170}" $PY -m pytest bench/bench_gpu.py --benchmark-only -q \
-    "${e2e_k[@]}" -p no:cacheprovider --benchmark-json "$work/gpu_e2e.json" \
-    --benchmark-columns=median,rounds > "$out/bench_e2e.log" 2>&1
-  say "benchmarks 2/2: exit $? — $(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows"
+  benchmarks e2e "${E2E_S:-170}" "${e2e_k[@]}"
 fi
 
 report
