@@ -22,7 +22,9 @@ Experiments:
 - converted standard networks on both datasets: r2plus1d_18 on 16-frame clips with 'same'
   temporal padding (lag 54: the clip is shorter than the lag) and causal (lag 7), mc3_18 causal on
   16 frames (lag 0: no temporal stride) and with 'same' padding on clips of 4x its lag — BP and
-  Sideways each.
+  Sideways each; causal r2plus1d_18 on digits again with 3x the epochs; and a gradient probe
+  (`alignment`, no training: seconds) — the cosine between Sideways' and BP's weight gradient per
+  stage at the weights BP trained, on digits moving at several speeds and on motion.
 
 The discussion (the last section) is docs/report_discussion.md, a template: every number in it
 is a {placeholder} filled from the runs below (a decimal typed into the template is refused), and
@@ -67,6 +69,12 @@ SHORT_CLIP = 16  # the clip length a user would pick
 STD_SETTINGS = [(("motion",), "r2plus1d_18", "same", SHORT_CLIP), (STD_DATASETS, "r2plus1d_18", "causal", SHORT_CLIP),
                 (STD_DATASETS, "mc3_18", "causal", SHORT_CLIP), (STD_DATASETS, "mc3_18", "same", None)]
 LONG_FACTOR = 4
+# (dataset, network, temporal padding, clip, epochs): a setting of section 6 trained longer, to tell a
+# slower start from a worse end
+STD_LONGER = [("digits", "r2plus1d_18", "causal", SHORT_CLIP, 3 * STD_EPOCHS)]
+# the gradient-alignment probe of section 6: which network and setting, how many training clips
+ALIGN_MODEL, ALIGN_PADDING, ALIGN_BATCHES = "r2plus1d_18", "causal", 4
+ALIGN_DIGIT_SPEEDS = (0.0, 0.5)  # beside the dataset's own (MovingDigits' default)
 FIT_LEVEL = 0.99
 
 
@@ -92,6 +100,55 @@ def network_facts(model: str) -> dict:
                 strided=sum(m.stride[0] > 1 for m in temporal))
 
 
+def alignment(dataset: str, speed=None, seed: int = 0) -> list[float]:
+    """How far Sideways' weight gradient is from BP's, stage by stage: the cosine between the two
+    (every parameter of the stage, one vector), each the clip gradient ``backward_clip`` leaves,
+    at the same weights (those BP trained in section 6's run of ``ALIGN_MODEL`` on ``dataset``,
+    seed ``seed``) on the same training clips; mean over ``ALIGN_BATCHES`` batches of 16.
+    ``speed``: the digits' pixels per frame (None: the dataset's own)."""
+    sys.path.insert(0, ROOT)
+    import torch
+    import torch.nn.functional as F
+    from sideways_kernels import SidewaysPipeline, data, train
+    run_dir = os.path.join(RUNS, f"{std_name(dataset, ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, 'bp')}-seed{seed}")
+    checkpoint = torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=False)
+    cfg = checkpoint["config"]
+    net = train.build_model(cfg, len(checkpoint["classes"]))
+    net.load_state_dict(checkpoint["model"])
+    common = dict(clip_len=cfg["clip_len"], size=cfg["size"], seed=cfg["seed"] * 2 + 1000)  # its training videos
+    n = 16 * ALIGN_BATCHES
+    if dataset == "digits":
+        videos = data.MovingDigits(n, "train", **common, **({} if speed is None else dict(speed=speed)))
+    else:
+        videos = data.MovingTextures(n, **common)
+    batches = list(torch.utils.data.DataLoader(videos, batch_size=16))
+    pipes = {mode: SidewaysPipeline.from_model(net, cfg["stages"], F.cross_entropy, mode, batchnorm=cfg["batchnorm"],
+                                               temporal_padding=cfg["temporal_padding"], example=batches[0][0][:1])
+             for mode in ("bp", "sideways")}
+    cosines = [[] for _ in range(cfg["stages"])]
+    for video, label in batches:
+        grads = {}
+        for mode, pipe in pipes.items():
+            net.zero_grad(set_to_none=True)
+            pipe.backward_clip(video, label)
+            grads[mode] = [torch.cat([p.grad.flatten().double() for p in stage.parameters() if p.grad is not None])
+                           for stage in pipe.stages]
+        for k, (a, b) in enumerate(zip(grads["bp"], grads["sideways"])):
+            cosines[k].append(float(a @ b / (a.norm() * b.norm())))
+    return [statistics.mean(c) for c in cosines]
+
+
+def alignments() -> dict:
+    """The probe's rows: digits at ``ALIGN_DIGIT_SPEEDS`` and at their own speed, and motion."""
+    from sideways_kernels import data
+    import inspect
+    own = inspect.signature(data.MovingDigits).parameters["speed"].default
+    rows = {f"digits, {s:g} px/frame": alignment("digits", s) for s in ALIGN_DIGIT_SPEEDS}
+    rows[f"digits, {own:g} px/frame (the dataset's)"] = alignment("digits")
+    rows["motion (the dataset's)"] = alignment("motion")
+    return dict(rows=rows, own_speed=own)
+
+
 def std_clip(model: str, padding: str, clip) -> int:
     return clip if clip is not None else LONG_FACTOR * network_facts(model)["lag_same"]
 
@@ -100,8 +157,8 @@ def std_settings(dataset: str) -> list:
     return [(model, padding, clip) for datasets, model, padding, clip in STD_SETTINGS if dataset in datasets]
 
 
-def std_name(dataset: str, model: str, padding: str, clip: int, mode: str) -> str:
-    return f"std-{dataset}-{model}-{padding}{clip}-{mode}"
+def std_name(dataset: str, model: str, padding: str, clip: int, mode: str, epochs: int = STD_EPOCHS) -> str:
+    return f"std-{dataset}-{model}-{padding}{clip}-" + (f"e{epochs}-" if epochs != STD_EPOCHS else "") + mode
 
 
 def _std_configs() -> list:
@@ -115,6 +172,14 @@ def _std_configs() -> list:
                 out.append(Config(std_name(dataset, model, padding, clip, mode), "BP" if mode == "bp" else "Sideways",
                                   tuple(STD + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
                                                "--temporal-padding", padding, "--mode", mode, *allow])))
+    for dataset, model, padding, clip, epochs in STD_LONGER:
+        args = list(STD)
+        args[args.index("--epochs") + 1] = str(epochs)
+        for mode in ("bp", "sideways"):
+            out.append(Config(std_name(dataset, model, padding, clip, mode, epochs),
+                              "BP" if mode == "bp" else "Sideways",
+                              tuple(args + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
+                                            "--temporal-padding", padding, "--mode", mode])))
     return out
 
 
@@ -400,7 +465,7 @@ def table(results, names, metrics, label=lambda n: BY_NAME[n].label) -> list[str
 DIGITS_RUNS = ["digits-bp", "digits-bp-dropout", "digits-bp-wd", "digits-sideways", "digits-sideways-smooth"]
 
 
-def std_section(R) -> list[str]:
+def std_section(R, probe: dict) -> list[str]:
     lines = [
         "## 6. Converted standard networks at a clip length a user would pick",
         "",
@@ -408,7 +473,7 @@ def std_section(R) -> list[str]:
         f"BatchNorm, cut into 4 stages by `SidewaysPipeline.from_model`, {STD_SIZE}×{STD_SIZE} frames, "
         f"{STD_VIDEOS} training and 320 validation videos, {STD_EPOCHS} epochs of batch 16 "
         f"({STD_EPOCHS * math.ceil(STD_VIDEOS / 16)} steps), SGD (momentum 0.9, lr 0.05, cosine), weight decay 1e-4, on "
-        "both datasets (digits: 8-frame motion of one digit per video, class = the digit; motion: class = the "
+        "both datasets (digits: one moving digit per video, class = the digit; motion: class = the "
         "motion). Validation scores the function each run trained: with causal padding, the pipeline's stages "
         "run offline on the clip (`model(video)` is the 'same' function). Command per run: `sideways-train "
         + " ".join(STD) + " --dataset D --model M --clip-len T --temporal-padding same|causal --mode bp|sideways "
@@ -447,10 +512,32 @@ def std_section(R) -> list[str]:
         lines += ["- Sideways − BP, validation accuracy (final with final, best with best): " + "; ".join(bullets)
                   + ".", ""]
     lines += ["![final validation accuracy, standard networks](standard_networks.png)", ""]
+    for dataset, model, padding, clip, epochs in STD_LONGER:
+        lines += [f"**Trained {epochs // STD_EPOCHS}× longer** (--dataset {dataset}, {model}, {padding}, {clip} frames, "
+                  f"`--epochs {epochs}`, the rest as above)", "",
+                  "| mode | final val acc | best val acc | train acc | val ECE |", "|---|---|---|---|---|"]
+        sw, bp = (std_name(dataset, model, padding, clip, m, epochs) for m in ("sideways", "bp"))
+        for n in (bp, sw):
+            lines.append(f"| {BY_NAME[n].label} | " + " | ".join(
+                cell(R, n, m) for m in ("final val acc", "best val acc", "train acc", "val ECE")) + " |")
+        lines += ["", f"- Sideways − BP: final validation accuracy {said(R, sw, bp, 'final val acc')}, training "
+                  f"accuracy {said(R, sw, bp, 'train acc')}.", ""]
+    stages = len(next(iter(probe["rows"].values())))
+    lines += [f"**Where Sideways' gradient points.** The cosine between Sideways' and BP's clip weight gradient "
+              f"of each stage (all its parameters as one vector), at the weights BP trained ({ALIGN_MODEL}, "
+              f"{ALIGN_PADDING}, {SHORT_CLIP} frames, seed 0's last checkpoint above), on {ALIGN_BATCHES} batches of "
+              "16 of that run's training videos (`alignment()` in docs/report.py); 1 would be BP's direction, 0 "
+              "orthogonal to it. The digits rows are the same videos with the digits moving at other speeds "
+              "(`MovingDigits(speed=...)`).", "",
+              "| videos | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " |",
+              "|---|" + "---|" * stages]
+    for row, cosines in probe["rows"].items():
+        lines.append(f"| {row} | " + " | ".join(f"{c:.2f}" for c in cosines) + " |")
+    lines.append("")
     return lines
 
 
-def page(results: dict, timing: dict) -> str:
+def page(results: dict, timing: dict, probe: dict) -> str:
     import torch
     R = results
     main = ["final val acc", "best val acc", "train acc", "train − val gap"]
@@ -571,14 +658,14 @@ def page(results: dict, timing: dict) -> str:
             f"stride {k} {said(R, f'motion-sideways-stride{k}', f'motion-bp-stride{k}', 'final val acc')}"
             for k in (1, 2, 4)) + ".",
         "",
-        *std_section(R),
+        *std_section(R, probe),
     ]
     return "\n".join(lines)
 
 
 # --- the discussion: a template whose every number comes from the runs ----------------------------
 
-def discussion_numbers(R: dict) -> dict:
+def discussion_numbers(R: dict, probe: dict) -> dict:
     """Every value docs/report_discussion.md quotes, by name (numbers formatted, verdicts in words)."""
     v = {}
     f3 = lambda x: f"{x:.3f}"
@@ -693,6 +780,34 @@ def discussion_numbers(R: dict) -> dict:
               for dataset, model, within, bp_learns in goal if not (within and bp_learns)]
     v["goal_verdict"] = ((f"met for {', '.join(met)}" if met else "met for none of them")
                          + (f"; not met for {', '.join(missed)}" if missed else ""))
+    # 6. trained longer, and the gradient probe
+    (dataset, model, padding, clip, epochs), = STD_LONGER
+    sw, bp = (std_name(dataset, model, padding, clip, mode, epochs) for mode in ("sideways", "bp"))
+    v["long_epochs"], v["std_epochs"] = str(epochs), str(STD_EPOCHS)
+    v["long_sw"], v["long_sw_sd"], v["long_bp"], v["long_bp_sd"] = f3(m(sw)), f3(sd(sw)), f3(m(bp)), f3(sd(bp))
+    v["long_sw_train"], v["long_bp_train"] = f3(m(sw, "train acc")), f3(m(bp, "train acc"))
+    v["long_diff"], v["long_noise"] = diff(sw, bp), noise(sw, bp)
+    v["long_train_diff"], v["long_train_noise"] = diff(sw, bp, "train acc"), noise(sw, bp, "train acc")
+    v["long_sw_seeds"] = "/".join(f"{final(r, 'val_acc'):.3f}" for r in R[sw])
+    train_d, _, train_within = compare(R, sw, bp, "train acc")
+    v["long_pace_word"] = ("more slowly than BP" if train_d < 0 and not train_within else
+                           "as fast as BP, within seed noise")
+    rows = list(probe["rows"].values())
+    lower = len(rows[0]) - 1  # every stage but the last
+    v["align_lower"] = str(lower)
+    for key, cosines in zip(("static", "half", "own", "motion"), rows):
+        v[f"align_{key}_low"], v[f"align_{key}_high"] = f"{min(cosines[:lower]):.2f}", f"{max(cosines[:lower]):.2f}"
+        v[f"align_{key}_top"] = f"{cosines[-1]:.2f}"
+    means = [statistics.mean(c[:lower]) for c in rows[:3]]  # still, half speed, own speed
+    v["align_speed_word"] = ("lower the faster the digits move" if means[0] > means[1] > means[2] else
+                             "not steadily lower the faster the digits move")
+    v["align_max_lower"] = f"{max(max(rows[2][:lower]), max(rows[3][:lower])):.2f}"
+    v["half_speed"], v["own_speed"] = f"{ALIGN_DIGIT_SPEEDS[1]:g}", f"{probe['own_speed']:g}"
+    motion_sw = std_name("motion", ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, "sideways")
+    motion_bp = std_name("motion", ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, "bp")
+    v["align_motion_verdict"] = ("where Sideways validates within seed noise of BP" if
+                                 compare(R, motion_sw, motion_bp, "final val acc")[2] else
+                                 "where Sideways too is outside seed noise of BP")
     return v
 
 
@@ -711,7 +826,7 @@ SHORT_NAMES = {"r2plus1d_18": "r2p1d18", "mc3_18": "mc3"}  # in placeholder name
 PLACEHOLDER = re.compile(r"\{([a-z0-9_]+)\}")
 
 
-def discussion(R: dict) -> str:
+def discussion(R: dict, probe: dict) -> str:
     """docs/report_discussion.md with every {placeholder} filled. A decimal typed into the
     template (a number nobody computed) or an unknown placeholder is an error."""
     path = os.path.join(HERE, "report_discussion.md")
@@ -720,7 +835,7 @@ def discussion(R: dict) -> str:
     if typed:
         raise SystemExit(f"{path}: numbers typed by hand ({', '.join(typed[:5])}): quote them as {{placeholders}} "
                          "computed in discussion_numbers()")
-    values = discussion_numbers(R)
+    values = discussion_numbers(R, probe)
     unknown = sorted(set(PLACEHOLDER.findall(template)) - set(values))
     if unknown:
         raise SystemExit(f"{path}: unknown placeholders {unknown}")
@@ -758,7 +873,8 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figures(results, plt)
-    text = page(results, dict(line=line)) + "\n" + discussion(results)
+    probe = alignments()
+    text = page(results, dict(line=line), probe) + "\n" + discussion(results, probe)
     with open(os.path.join(HERE, "REPORT.md"), "w") as f:
         f.write(text)
     readme_check(results)
