@@ -225,6 +225,36 @@ def test_cuda_cached_cast_and_tap_sum_follow_the_weight(dtype):
     check(t, w)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_derived_weights_are_freed_with_their_weight_and_none_are_kept_for_views(backend):
+    """The 16-bit copies an op derives from a weight (its cast, its taps' sum) go when the weight
+    goes, and a view of a weight (a clip edge's live taps, new every call) leaves none behind:
+    device memory returns to where it was after each weight is dropped."""
+    import sideways_kernels.triton as T
+    g = Geometry(2, 64, 64, 9, 8, 3, (3, 3), padding=(1, 1), layout="ring")
+    a = _a(g)
+    t = _cuda(make(g, torch.bfloat16, torch.float32))
+    grad_out = t["grad_out"].contiguous(memory_format=torch.channels_last)
+    forward = ops.ring_conv_forward if backend == "cuda" else T.ring_conv_forward
+    input_grad = ops.window_input_grad if backend == "cuda" else T.window_input_grad
+
+    def use(w):
+        out = forward(t["ring"], None, t["slot"], w, None, *a)
+        down = input_grad(grad_out, w, [g.height, g.width], *a[:3], g.groups)
+        live = input_grad(grad_out, w.narrow(2, 1, 2), [g.height, g.width], *a[:3], g.groups)
+        return out.float().sum() + down.float().sum() + live.float().sum()
+
+    use(t["weight"].clone())  # the first call's lasting allocations (work buffers, scratch)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    for _ in range(4):
+        w = torch.randn_like(t["weight"])
+        assert torch.isfinite(use(w))
+        del w
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == base
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("g", SPLIT_GEOMETRIES[:1] + [Geometry(8, 64, 64, 14, 14, 3, (3, 3), padding=(1, 1)),
                                                      Geometry(2, 24, 40, 9, 13, 2, (1, 3), padding=(0, 2),

@@ -447,6 +447,24 @@ def test_summed_and_cast_weights_are_recomputed_for_a_new_or_updated_weight(dtyp
     check(t, w)
 
 
+def test_derived_weights_are_kept_only_for_live_whole_weights():
+    """The 16-bit copies the ops derive from a weight are dropped when the weight dies, and a
+    view (the live taps of a clip's edge: a new one every call) gets none kept: either would
+    hold device memory that no call can use again."""
+    w = torch.randn(6, 4, 3, 3, 3)
+    for summed, flipped in ((False, False), (True, False), (True, True)):
+        T._weight_as(w, torch.float16, summed=summed, flipped=flipped)
+    keys = [(id(w), False, False), (id(w), True, False), (id(w), True, True)]
+    assert all(k in T._derived for k in keys)
+    before = len(T._derived)
+    for live in (w.narrow(2, 1, 2), w.narrow(2, 0, 1)):
+        made = T._weight_as(live, torch.float16, summed=True, flipped=True)
+        torch.testing.assert_close(made.float(), live.sum(2).flip(2, 3).half().float())
+    assert len(T._derived) == before
+    del w, made, live
+    assert not any(k in T._derived for k in keys)
+
+
 def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(monkeypatch):
     """bench/gpu_check.py compiles every kernel with its UNIT strides as the constant 1 (channels
     innermost: what lets Triton vectorise and pipeline the loads). Real pipelines must launch

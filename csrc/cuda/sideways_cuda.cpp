@@ -97,6 +97,7 @@ at::Tensor derived_weight(const at::Tensor& weight, at::ScalarType activations, 
       capturing != cudaStreamCaptureStatusNone) {
     return make();
   }
+  if (weight.is_view()) return make();  // a clip edge's live taps: a new view every call, nothing to reuse
   static std::mutex mutex;
   static std::unordered_map<const void*, std::vector<Derived>> cache;  // TensorImpl -> its derivations
   std::lock_guard<std::mutex> lock(mutex);
@@ -109,11 +110,11 @@ at::Tensor derived_weight(const at::Tensor& weight, at::ScalarType activations, 
       break;
     }
   }
-  if (cache.size() > 256) {  // forget the weights that are gone
-    for (auto it = cache.begin(); it != cache.end();) {
-      const bool gone = it->second.empty() || it->second.front().source.expired();
-      it = gone && it->first != key ? cache.erase(it) : std::next(it);
-    }
+  // forget the weights that are gone, at every insertion (a few dozen entries): a dead weight's
+  // copy would otherwise hold device memory until the cache grew past a bound
+  for (auto it = cache.begin(); it != cache.end();) {
+    const bool gone = it->second.empty() || it->second.front().source.expired();
+    it = gone && it->first != key ? cache.erase(it) : std::next(it);
   }
   at::Tensor value = make();
   entries.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),

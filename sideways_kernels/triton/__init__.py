@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import weakref
 from typing import List, Optional
@@ -348,18 +349,24 @@ def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False, f
             return taps.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
         return weight.to(dtype).permute(2, 3, 4, 1, 0).contiguous().permute(4, 3, 0, 1, 2)
     capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing:
-        return make()
+    if torch.compiler.is_compiling() or capturing or weight._base is not None:
+        return make()  # a view (a clip edge's live taps) is a new tensor every call: nothing to reuse
     key = (id(weight), summed, flipped)
     cached = _derived.get(key)
     if cached is not None and cached[0]() is weight and cached[1] == weight._version and cached[2] == dtype:
         return cached[3]
     result = make()
-    if len(_derived) > 256:  # forget the weights that are gone
-        for k in [k for k, v in _derived.items() if v[0]() is None]:
-            del _derived[k]
-    _derived[key] = (weakref.ref(weight), weight._version, dtype, result)
+    _derived[key] = (weakref.ref(weight, functools.partial(_forget, key)), weight._version, dtype, result)
     return result
+
+
+def _forget(key, _gone) -> None:
+    """A weight died: its derived copy goes with it (it would hold memory until the next insertion otherwise)."""
+    cache = _derived
+    if cache is not None:
+        entry = cache.get(key)
+        if entry is not None and entry[0]() is None:
+            del cache[key]
 
 
 def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups,
