@@ -322,7 +322,9 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
                batch: int = 8, size: int = 112, width: int = 64, device="cuda", rounds: int = 3) -> dict:
     """One training clip end to end under bf16 autocast, timed over ``rounds`` after a warm-up
     clip (the graphs' warm-up and capture), as a row: frames/s (frames of all B videos per
-    second), peak memory (MiB, CUDA), ticks per clip and graph replays. ``network``: "c3d" (4
+    second), peak memory (MiB, CUDA), ticks per clip and graph replays. Each clip starts with
+    the gradients set to None, as a training loop's ``zero_grad()`` leaves them. The row also
+    says where the memory went (MiB; :func:`_memory_parts`). ``network``: "c3d" (4
     stages of its blocks) or "r3d_18" (``from_model``, 4 stages, BatchNorm per frame,
     ``temporal_padding``); ``impl``: "clip_bp" (plain autograd over the clip, nn.Conv3d) or
     "sideways" with ``backend`` (None: the default) and ``graphs`` (None: the default)."""
@@ -337,7 +339,9 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
     target = torch.randint(0, 10, (batch,), device=device)
     pipe = None
     if impl == "clip_bp":
-        step = lambda: _clip_bp(net, video, target)
+        def step():
+            net.zero_grad(set_to_none=True)
+            _clip_bp(net, video, target)
     else:
         kw = dict(backend=backend, cuda_graph=graphs)
         pipe = (SidewaysPipeline(models.stages(net, 4), **kw) if network == "c3d" else
@@ -345,6 +349,7 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
                                             example=video[:1, :, :2], **kw))
 
         def step():
+            net.zero_grad(set_to_none=True)
             with torch.autocast(device.type, torch.bfloat16):
                 pipe.backward_clip(video, target)
     cuda = device.type == "cuda"
@@ -368,7 +373,31 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
                 T=T, batch=batch, size=size, median_s=median, frames_per_s=batch * T / median,
                 peak_mib=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None,
                 ticks=None if pipe is None else pipe.last_ticks,
-                replays=None if graphs_ is None else graphs_.replays)
+                replays=None if graphs_ is None else graphs_.replays, **_memory_parts(net, video, pipe))
+
+
+def _memory_parts(net, video, pipe) -> dict:
+    """Where a clip's memory goes, in MiB, after it: what stays between clips on the device
+    (``after_clip_mib``, CUDA), of it the parameters, their gradients and the input clip, what
+    the pipeline holds across ticks (rings, FIFOs, double buffers, errors: ``held_mib``) and
+    across clips (the graphs' staged inputs and gradient buffers: ``graph_held_mib``), the
+    Triton backend's 16-bit weight copies (``derived_mib``), and the graphs captured. The peak
+    less ``after_clip_mib`` is what a tick (or clip BP's backward) allocates and frees."""
+    mib = lambda n: n / 2 ** 20
+    storages = lambda ts: sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in ts}.values())
+    parts = dict(params_mib=mib(storages(net.parameters())),
+                 grads_mib=mib(storages(p.grad for p in net.parameters() if p.grad is not None)),
+                 video_mib=mib(storages([video])),
+                 after_clip_mib=mib(torch.cuda.memory_allocated(video.device)) if video.is_cuda else None)
+    if pipe is not None:
+        import sideways_kernels.triton as T
+        graphs = getattr(pipe, "_graphs", None)
+        derived = [v[3] for v in list(T._derived.values()) if v[0]() is not None]
+        parts.update(held_mib=mib(pipe.engine.held_bytes()),
+                     graph_held_mib=mib(graphs.held_bytes()) if graphs is not None else None,
+                     graphs_captured=sum(c is not None for c in graphs.graphs.values()) if graphs is not None else None,
+                     derived_mib=mib(storages(derived)))
+    return parts
 
 
 # What the GPU run measures end to end (issue 19): C3D and a converted r3d_18 (causal: its lag

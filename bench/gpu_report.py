@@ -92,6 +92,20 @@ def tables(rows: list[dict], device: str) -> list[str]:
                        f"{'' if r.get('graphs') is None else 'yes' if r['graphs'] else 'no'} | "
                        f"{r['frames_per_s']:.0f} | {speed} | {r['peak_mib'] or 0:.0f} | {memory} | "
                        f"{r.get('ticks') or ''} | {'' if r.get('replays') is None else r['replays']} |")
+        parts = [r for r in e2e if r.get("after_clip_mib") is not None]
+        if parts:  # bench_gpu._memory_parts: what stays between clips, and the peak's transient rest
+            out += ["", "| where the memory goes (MiB) | T | training | backend | graphs | peak | after a clip | "
+                    "parameters | gradients | clip | pipeline across ticks | graphs' buffers | 16-bit weight copies "
+                    "| graphs captured | peak − after |", "|" + "---|" * 15]
+            num = lambda v: "" if v is None else f"{v:.0f}"
+            for r in sorted(parts, key=lambda r: (r["network"], r["T"], r["impl"] != "clip_bp", str(r.get("backend")))):
+                out.append(f"| {r['network']} | {r['T']} | {'clip BP' if r['impl'] == 'clip_bp' else 'Sideways'} | "
+                           f"{r.get('backend') or ''} | {'' if r.get('graphs') is None else 'yes' if r['graphs'] else 'no'} | "
+                           f"{num(r['peak_mib'])} | {num(r['after_clip_mib'])} | {num(r['params_mib'])} | "
+                           f"{num(r['grads_mib'])} | {num(r['video_mib'])} | {num(r.get('held_mib'))} | "
+                           f"{num(r.get('graph_held_mib'))} | {num(r.get('derived_mib'))} | "
+                           f"{'' if r.get('graphs_captured') is None else r['graphs_captured']} | "
+                           f"{num(r['peak_mib'] - r['after_clip_mib'])} |")
     for r in rows:
         if r["kind"] == "equal_memory":
             out.append(f"\nSideways at clip BP's memory (B8, T16: {r['budget_mib']:.0f} MiB): batch {r['batch']}, "

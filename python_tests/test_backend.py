@@ -126,6 +126,11 @@ def test_end_to_end_rows_are_compared_with_clip_bp_at_the_same_network_and_lengt
     assert "| c3d | 48 | Sideways (chain) | default | yes | 500 | 0.25× | 300 | 0.12× | 58 | 58 |" in text
     assert "| c3d | 16 | clip BP |  |  | 1000 |  | 800 |  |  |  |" in text
     assert "| r3d_18 | 16 | Sideways (causal) | torch | no | 40 |  | 100 |  | 20 |  |" in text
+    assert "where the memory goes" not in text  # rows from before bench_gpu._memory_parts
+    rows[2].update(after_clip_mib=120.0, params_mib=40.0, grads_mib=40.0, video_mib=20.0, held_mib=15.0,
+                   graph_held_mib=42.0, derived_mib=0.0, graphs_captured=26)
+    text = "\n".join(report.tables(rows, "H100"))
+    assert "| c3d | 48 | Sideways | default | yes | 300 | 120 | 40 | 40 | 20 | 15 | 42 | 0 | 26 | 180 |" in text
 
 
 @pytest.mark.parametrize("how", ["env", "set_backend", "argument"])

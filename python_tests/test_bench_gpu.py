@@ -21,6 +21,10 @@ def test_end_to_end_measures_every_kind_of_case_on_the_cpu(network, impl, paddin
     if impl == "sideways":
         assert row["ticks"] >= 8 and row["graphs"] is False  # no graphs on the CPU
         assert row["temporal_padding"] == (padding if network == "r3d_18" else None)
+        assert row["held_mib"] > 0 and row["derived_mib"] == 0  # rings and buffers; the torch backend copies none
+    params = row["params_mib"]
+    assert params > 0 and row["grads_mib"] == pytest.approx(params)  # one clip's fp32 gradients, once
+    assert row["video_mib"] == pytest.approx(2 * 3 * 8 * 32 * 32 * 4 / 2 ** 20)
 
 
 def test_the_gpu_run_s_end_to_end_matrix_names_each_case_once():
