@@ -78,8 +78,9 @@ at::Tensor make_gemm_summed_weight(const at::Tensor& weight, at::ScalarType acti
 // What the ops derive from a weight (its cast, its taps' sum), kept while the weight is the
 // same tensor at the same version: every in-place change (an optimizer step, the fused SGD op
 // through mark_written) bumps the version, and the weak pointer keeps a freed weight's
-// TensorImpl from being taken for a new one at its address. While a CUDA graph is being captured the derivation is always
-// recorded, so that a replay derives it from the weight as it is then.
+// TensorImpl from being taken for a new one at its address. While a CUDA graph is being
+// captured the derivation is always recorded, so that a replay derives it from the weight as
+// it is then.
 struct Derived {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source;
   int64_t version;
