@@ -1,11 +1,15 @@
 """Runs every experiment behind docs/REPORT.md, draws its figures and writes it.
 
     python docs/report.py            # every run from scratch: see the time REPORT.md states; finished runs are reused
+    python docs/report.py --render   # no run: REPORT.md and its figures again from the runs there are
 
 Each run is one ``sideways-train`` subprocess with one thread, as many at a time as there are
 cores; its directory (metrics.jsonl, curves.png, checkpoints, train.log, summary.json) stays under
 runs/report/. A run is reused when its summary.json names the same command line and the same library
-sources (`code_version`), else run again.
+sources (`code_version`), else run again — into a new directory that replaces the old one only
+when it has finished, so an interrupted generation loses no run. ``--render`` runs nothing: it
+writes the page from the runs as they are, whatever code made them, and says which code that was
+(for a change to this script or the template; a change to the library needs the runs again).
 Three seeds per configuration; tables give mean ± sd over the seeds, and every comparison in
 the text is computed here, with "within seed noise" meaning the difference of the means is less
 than twice its standard error (sqrt(sd_a²/n + sd_b²/n)).
@@ -32,6 +36,7 @@ every verdict word that depends on a number ("within seed noise", "better", ...)
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import datetime
@@ -74,7 +79,7 @@ LONG_FACTOR = 4
 STD_LONGER = [("digits", "r2plus1d_18", "causal", SHORT_CLIP, 3 * STD_EPOCHS)]
 # the gradient-alignment probe of section 6: which network and setting, how many training clips
 ALIGN_MODEL, ALIGN_PADDING, ALIGN_BATCHES = "r2plus1d_18", "causal", 4
-ALIGN_DIGIT_SPEEDS = (0.0, 0.5)  # beside the dataset's own (MovingDigits' default)
+ALIGN_DIGIT_SPEEDS = (0.0, 0.5)  # still and slow, beside the dataset's own (MovingDigits' default)
 FIT_LEVEL = 0.99
 
 
@@ -139,14 +144,16 @@ def alignment(dataset: str, speed=None, seed: int = 0) -> list[float]:
 
 
 def alignments() -> dict:
-    """The probe's rows: digits at ``ALIGN_DIGIT_SPEEDS`` and at their own speed, and motion."""
+    """The probe's rows: digits at ``ALIGN_DIGIT_SPEEDS`` (still, then slow) and at their own
+    speed, and motion; ``by``: the same cosines by role, for the discussion."""
     from sideways_kernels import data
     import inspect
     own = inspect.signature(data.MovingDigits).parameters["speed"].default
-    rows = {f"digits, {s:g} px/frame": alignment("digits", s) for s in ALIGN_DIGIT_SPEEDS}
-    rows[f"digits, {own:g} px/frame (the dataset's)"] = alignment("digits")
-    rows["motion (the dataset's)"] = alignment("motion")
-    return dict(rows=rows, own_speed=own)
+    still, slow = (alignment("digits", s) for s in ALIGN_DIGIT_SPEEDS)
+    by = dict(still=still, slow=slow, own=alignment("digits"), motion=alignment("motion"))
+    rows = {f"digits, {ALIGN_DIGIT_SPEEDS[0]:g} px/frame": still, f"digits, {ALIGN_DIGIT_SPEEDS[1]:g} px/frame": slow,
+            f"digits, {own:g} px/frame (the dataset's)": by["own"], "motion (the dataset's)": by["motion"]}
+    return dict(rows=rows, by=by, own_speed=own)
 
 
 def std_clip(model: str, padding: str, clip) -> int:
@@ -232,25 +239,30 @@ def run(config: Config, seed: int) -> dict:
         if result.get("args") == command and result.get("code") == code_version():
             result["reused"] = True
             return result
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    code = code_version()  # of the code that runs now
+    fresh = out + ".new"  # replaces ``out`` once finished: an interrupted run leaves the last one as it was
+    if os.path.exists(fresh):
+        shutil.rmtree(fresh)
+    os.makedirs(fresh)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     started = time.time()
-    with open(os.path.join(out, "train.log"), "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *command, "--out", out],
+    with open(os.path.join(fresh, "train.log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *command, "--out", fresh],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        raise RuntimeError(f"{out}: exit status {status} (see {os.path.join(out, 'train.log')})")
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        raise RuntimeError(f"{fresh}: exit status {status} (see {os.path.join(fresh, 'train.log')})")
+    records = [json.loads(line) for line in open(os.path.join(fresh, "metrics.jsonl"))]
     epochs = [r for r in records if r["kind"] == "epoch"]
     steps = [r for r in records if r["kind"] == "step"]
-    result = dict(config=config.name, seed=seed, args=command, code=code_version(), epochs=epochs, steps=steps,
+    result = dict(config=config.name, seed=seed, args=command, code=code, epochs=epochs, steps=steps,
                   peak_rss_mib=usage.ru_maxrss / 1024, wall_s=time.time() - started,
                   cpu_s=usage.ru_utime + usage.ru_stime,
                   frames_per_s=statistics.median(r["frames_per_s"] for r in steps))
-    json.dump(result, open(summary, "w"))
+    json.dump(result, open(os.path.join(fresh, "summary.json"), "w"))
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(fresh, out)
     print(f"{config.name} seed {seed}: val acc {epochs[-1]['val_acc']:.3f} ({result['wall_s']:.0f}s)", flush=True)
     result["reused"] = False
     return result
@@ -553,7 +565,7 @@ def page(results: dict, timing: dict, probe: dict) -> str:
     lines = [
         "# Sideways vs backprop: generalisation, calibration, and what it needs from the video",
         "",
-        f"Generated by `python docs/report.py` on {datetime.date.today()} ({os.cpu_count()}-core CPU shared with "
+        f"Generated by `{timing['command']}` on {datetime.date.today()} ({os.cpu_count()}-core CPU shared with "
         f"other work, torch {torch.__version__}, each run one `sideways-train` process with one thread, "
         f"{os.cpu_count()} at a time; runs under `runs/report/`). {timing['line']} {len(SEEDS)} seeds per "
         "configuration; mean ± sd over seeds. \"Within seed noise\": the difference of two means is less than "
@@ -792,16 +804,15 @@ def discussion_numbers(R: dict, probe: dict) -> dict:
     train_d, _, train_within = compare(R, sw, bp, "train acc")
     v["long_pace_word"] = ("more slowly than BP" if train_d < 0 and not train_within else
                            "as fast as BP, within seed noise")
-    rows = list(probe["rows"].values())
-    lower = len(rows[0]) - 1  # every stage but the last
+    by = probe["by"]
+    lower = len(by["own"]) - 1  # every stage but the last
     v["align_lower"] = str(lower)
-    for key, cosines in zip(("static", "half", "own", "motion"), rows):
+    for key, cosines in by.items():
         v[f"align_{key}_low"], v[f"align_{key}_high"] = f"{min(cosines[:lower]):.2f}", f"{max(cosines[:lower]):.2f}"
-        v[f"align_{key}_top"] = f"{cosines[-1]:.2f}"
-    means = [statistics.mean(c[:lower]) for c in rows[:3]]  # still, half speed, own speed
+    means = [statistics.mean(by[k][:lower]) for k in ("still", "slow", "own")]
     v["align_speed_word"] = ("lower the faster the digits move" if means[0] > means[1] > means[2] else
                              "not steadily lower the faster the digits move")
-    v["align_max_lower"] = f"{max(max(rows[2][:lower]), max(rows[3][:lower])):.2f}"
+    v["align_max_lower"] = f"{max(max(by['own'][:lower]), max(by['motion'][:lower])):.2f}"
     v["half_speed"], v["own_speed"] = f"{ALIGN_DIGIT_SPEEDS[1]:g}", f"{probe['own_speed']:g}"
     motion_sw = std_name("motion", ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, "sideways")
     motion_bp = std_name("motion", ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, "bp")
@@ -854,19 +865,37 @@ def readme_check(R: dict) -> None:
               f"(it says {found.group(0) if found else 'nothing of the kind'!r})", file=sys.stderr)
 
 
-def main() -> None:
+def rendered(job) -> dict:
+    """A run as it is (``--render``), whatever code made it; a missing one is an error."""
+    config, seed = job
+    summary = os.path.join(RUNS, f"{config.name}-seed{seed}", "summary.json")
+    if not os.path.exists(summary):
+        raise SystemExit(f"docs/report.py --render: no finished run at {os.path.dirname(summary)}; "
+                         "python docs/report.py makes it")
+    return dict(json.load(open(summary)), reused=True)
+
+
+def main(argv=None) -> None:
+    render = "--render" in (sys.argv[1:] if argv is None else argv)
     os.makedirs(RUNS, exist_ok=True)
     started = time.time()
     jobs = sorted(((c, s) for c in CONFIGS for s in SEEDS), key=lambda job: -_cost(job[0]))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        done = list(pool.map(lambda job: run(*job), jobs))
+    if render:
+        done = [rendered(job) for job in jobs]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            done = list(pool.map(lambda job: run(*job), jobs))
     results = {c.name: sorted((r for r in done if r["config"] == c.name), key=lambda r: r["seed"]) for c in CONFIGS}
     executed = [r for r in done if not r["reused"]]
     load = os.getloadavg()[2]
     cpu_min = sum(r.get("cpu_s", 0.0) for r in done) / 60
-    line = (f"This generation ran {len(executed)} of the {len(done)} runs in {(time.time() - started) / 60:.0f} min "
-            f"wall (load average over the last 15 min at its end: {load:.1f} on {os.cpu_count()} cores)"
-            + (f", reusing {len(done) - len(executed)}" if len(done) > len(executed) else "")
+    codes = collections.Counter(r.get("code") for r in done)
+    made_by = ", ".join(f"{n} by `{c}`" for c, n in codes.most_common())
+    line = ((f"This page was rendered from the {len(done)} runs there were (`--render`: none run); library code "
+             f"(`code_version`) of the runs: {made_by}; of the library now: `{code_version()}`" if render else
+             f"This generation ran {len(executed)} of the {len(done)} runs in {(time.time() - started) / 60:.0f} min "
+             f"wall (load average over the last 15 min at its end: {load:.1f} on {os.cpu_count()} cores)"
+             + (f", reusing {len(done) - len(executed)}" if len(done) > len(executed) else ""))
             + (f"; the runs took {cpu_min:.0f} CPU-minutes in all, i.e. about {cpu_min / (os.cpu_count() or 2):.0f} min "
                f"on {os.cpu_count()} idle cores" if all("cpu_s" in r for r in done) else "") + ".")
     import matplotlib
@@ -874,7 +903,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
     figures(results, plt)
     probe = alignments()
-    text = page(results, dict(line=line), probe) + "\n" + discussion(results, probe)
+    text = page(results, dict(line=line, command="python docs/report.py" + (" --render" if render else "")), probe) + "\n" + discussion(results, probe)
     with open(os.path.join(HERE, "REPORT.md"), "w") as f:
         f.write(text)
     readme_check(results)

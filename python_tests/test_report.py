@@ -1,0 +1,39 @@
+"""docs/report.py's runs: an interrupted or failed run loses nothing already made, and --render
+writes the page from the runs there are (or names the one that is missing)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("report", os.path.join(os.path.dirname(__file__), "..", "docs",
+                                                                       "report.py"))
+report = importlib.util.module_from_spec(spec)
+sys.modules["report"] = report  # its dataclasses look their module up
+spec.loader.exec_module(report)
+
+TINY = ("--mode", "bp", "--width", "4", "--depth", "1", "--stages", "1", "--size", "12", "--train-videos", "4",
+        "--val-videos", "2", "--batch-size", "2", "--epochs", "1", "--clip-len", "4")
+
+
+def test_a_run_that_fails_leaves_the_last_finished_one_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RUNS", str(tmp_path))
+    config = report.Config("tiny", "BP", TINY)
+    first = report.run(config, 0)
+    assert not first["reused"] and first["epochs"] and first["code"] == report.code_version()
+    out = tmp_path / "tiny-seed0"
+    assert json.loads((out / "summary.json").read_text())["epochs"] == first["epochs"]
+    assert report.run(config, 0)["reused"]  # same command, same code: nothing runs
+    monkeypatch.setattr(report, "code_version", lambda: "another")  # the library changed: it runs again ...
+    broken = report.Config("tiny", "BP", TINY + ("--clip-len", "0"))  # ... and fails
+    with pytest.raises(RuntimeError, match="exit status"):
+        report.run(broken, 0)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == first["epochs"]
+    assert (out / "last.pt").exists()
+
+
+def test_render_names_a_missing_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RUNS", str(tmp_path))
+    with pytest.raises(SystemExit, match="no finished run at"):
+        report.main(["--render"])
