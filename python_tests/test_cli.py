@@ -4,6 +4,7 @@ and last line), unreadable videos (one summary line), the help text (one default
 setup.py's advice when pip's build isolation hides torch."""
 import json
 import os
+import shutil
 import pickle
 import random
 import re
@@ -133,8 +134,10 @@ def test_a_file_that_is_not_a_checkpoint_of_this_network_is_one_line(tmp_path, c
     marker = tmp_path / "CODE_RAN"
     _write(case, path, good_run, marker, option)
     capsys.readouterr()
-    args = ["--resume", path] if option == "--resume" else [*STANDARD, "--pretrained", path]
-    code = train.main([*args, "--out", str(tmp_path / "out")])
+    # (a resumed run writes where its checkpoint is: --out with --resume is refused)
+    args = ["--resume", path] if option == "--resume" else [*STANDARD, "--pretrained", path, "--out",
+                                                             str(tmp_path / "out")]
+    code = train.main(args)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == train.EXIT_DATA and len(lines) == 1, err
@@ -227,6 +230,24 @@ def test_an_old_checkpoint_without_validation_reports_none(tmp_path, capsys, goo
     assert "acc -1" not in last and "no val acc" in last, last
 
 
+@pytest.mark.parametrize("typed,named", [(["--model", "r3d_18"], "--model r3d_18 (the run has c3d)"),
+                                         (["--lr", "0.1"], "--lr 0.1 (the run has 0.05)"),
+                                         (["--out", "elsewhere"], "--out elsewhere")])
+def test_resume_refuses_a_setting_it_would_not_use(tmp_path, capsys, good_run, typed, named):
+    """A setting typed with --resume that the run keeps from its checkpoint was dropped without a
+    word (the README walkthrough: --model r3d_18 went on training c3d): one line naming it, exit
+    2. The settings a resumed run may change, and the run's own values typed again, go through."""
+    run = str(tmp_path / "run")
+    shutil.copytree(good_run, run)
+    path = os.path.join(run, "last.pt")
+    capsys.readouterr()
+    code = train.main(["--resume", path, *typed])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == train.EXIT_DATA and len(lines) == 1, lines
+    assert named in lines[0] and "may change only --epochs, --max-steps" in lines[0], lines[0]
+    assert train.main(["--resume", path, "--max-steps", "1", "--model", "c3d", "--width", "4", "--out", run]) == 0
+
+
 def test_curves_skip_what_has_no_points(tmp_path):
     out = str(tmp_path)
     open(os.path.join(out, "metrics.jsonl"), "w").close()
@@ -277,6 +298,16 @@ def test_the_command_reports_unreadable_videos_in_one_line(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
     assert len(lines) == 1 and re.match(r"sideways-train: skipped 8 unreadable file\(s\): .*bad0\.mp4 \(", lines[0])
     assert "and 5 more" in lines[0]
+
+
+def test_a_data_folder_that_cannot_be_read_is_one_line_naming_the_option(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder, words in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "")):
+        capsys.readouterr()
+        assert train.main(["--data", str(folder), "--out", str(tmp_path / "out")]) == train.EXIT_DATA
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sideways-train: error: --data: ") and words in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 # --- help -------------------------------------------------------------------------------------------

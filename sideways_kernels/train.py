@@ -361,8 +361,11 @@ def load_pretrained(net: nn.Module, path: str, state: Optional[dict] = None) -> 
 def build_data(cfg: dict):
     common = dict(clip_len=cfg["clip_len"], frame_stride=cfg["frame_stride"], size=cfg["size"])
     if cfg["data"] is not None:
-        sets = (VideoFolder(cfg["data"], "train", seed=cfg["seed"], **common),
-                VideoFolder(cfg["data"], "test", seed=cfg["seed"], **common))
+        try:
+            sets = (VideoFolder(cfg["data"], "train", seed=cfg["seed"], **common),
+                    VideoFolder(cfg["data"], "test", seed=cfg["seed"], **common))
+        except DataError as exc:  # the folder's problem, said as the option's
+            raise DataError(f"--data: {exc}") from None
     elif cfg.get("dataset", "motion") == "digits":
         sets = (MovingDigits(cfg["train_videos"], "train", seed=cfg["seed"] * 2 + 1000, clutter=cfg["clutter"], **common),
                 MovingDigits(cfg["val_videos"], "val", seed=cfg["seed"] * 2 + 1001, clutter=cfg["clutter"], **common))
@@ -758,6 +761,23 @@ def _check_config(cfg: dict, path: str) -> None:
         raise DataError(f"--resume: {path!r} names options this run cannot take: {exc}") from None
 
 
+# what a resumed run may change; it keeps every other setting of its checkpoint
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas")
+
+
+def _refuse_changes(args: argparse.Namespace, cfg: dict, out: str) -> None:
+    """A setting typed with --resume that differs from the checkpoint's is refused, naming it:
+    the run goes on as it was made (dropping it silently would train something else than asked)."""
+    flag = lambda key: "--" + key.replace("_", "-")
+    changed = [f"{flag(k)} {getattr(args, k)} (the run has {cfg.get(k)})" for k in sorted(args.given)
+               if k not in (*RESUME_MAY_CHANGE, "resume", "out") and getattr(args, k) != cfg.get(k)]
+    if "out" in args.given and os.path.abspath(args.out) != out:
+        changed.append(f"--out {args.out} (the run's directory is {out})")
+    if changed:
+        raise DataError(f"--resume continues the run as it was made, but {'; '.join(changed)}; a resumed run may "
+                        f"change only {', '.join(flag(k) for k in RESUME_MAY_CHANGE)} (start a new run for the rest)")
+
+
 def run(args: argparse.Namespace) -> int:
     resume = pretrained = None
     if args.resume:
@@ -775,11 +795,12 @@ def run(args: argparse.Namespace) -> int:
             cfg.update(temporal_padding="same", allow_short_clips=True)  # took any clip length; it goes on so
         cfg["max_steps"] = None  # a cut run goes on to the end unless cut again
         cfg["pretrained"] = None  # the checkpoint's weights are where the run goes on from
-        for key in ("epochs", "max_steps", "device", "backend", "workers", "log_every", "replicas"):  # may change on resume
+        for key in RESUME_MAY_CHANGE:
             if key in args.given:
                 cfg[key] = getattr(args, key)
         _check_config(cfg, args.resume)
         out = os.path.dirname(os.path.abspath(args.resume))
+        _refuse_changes(args, cfg, out)  # after the checkpoint's own checks: a foreign file is said first
     else:
         cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given")}
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -1002,7 +1023,7 @@ def _summary(cfg: dict, state: dict, out: str, steps_per_epoch: int) -> str:
     """The run's last line: how far it went, the best validation accuracy if a validation ran,
     and the files that exist."""
     if state["epoch"] >= cfg["epochs"]:
-        head = f"done ({cfg['epochs']} epochs, {state['step']} steps)"
+        head = f"done ({cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)}, {state['step']} steps)"
     else:
         where = (f"step {state['batch']} of {steps_per_epoch} in epoch {state['epoch'] + 1} of {cfg['epochs']}"
                  if state["batch"] else f"after epoch {state['epoch']} of {cfg['epochs']}")
