@@ -213,7 +213,7 @@ def test_a_run_cut_by_max_steps_is_honest(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [(r["kind"], r["step"]) for r in records] == [("step", 2), ("step", 3), ("epoch", 3)]
-    assert re.search(r"done \(1 epochs, 3 steps\), best val acc [01]\.\d{3}", last), last
+    assert re.search(r"done \(1 epoch, 3 steps\), best val acc [01]\.\d{3}", last), last
     assert _last_line_files(last, out) == ["metrics.jsonl", "curves.png", "last.pt", "best.pt"], last
     panels = dict(train._plot(out))
     assert panels == {"training clip loss": 2, "accuracy": 1, "validation calibration": 1}
