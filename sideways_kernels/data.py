@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 import zlib
 from typing import Optional
@@ -296,7 +297,8 @@ class VideoFolder(torch.utils.data.Dataset):
                 raise
             except Exception as exc:  # corrupt or unreadable: skip it, name it (once, below)
                 self.skipped.append(path)
-                first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                first = re.sub(r"^\[Errno -?\d+\] ", "", first)[:100]  # PyAV's FFmpeg code says nothing to a user
                 self.skip_reasons[path] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
                 continue
             if n < needed:
