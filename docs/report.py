@@ -115,8 +115,8 @@ def alignment(dataset: str, speed=None, seed: int = 0) -> list[float]:
     import torch
     import torch.nn.functional as F
     from sideways_kernels import SidewaysPipeline, data, train
-    run_dir = os.path.join(RUNS, f"{std_name(dataset, ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, 'bp')}-seed{seed}")
-    checkpoint = torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=False)
+    trained = run_dir(BY_NAME[std_name(dataset, ALIGN_MODEL, ALIGN_PADDING, SHORT_CLIP, "bp")], seed)
+    checkpoint = torch.load(os.path.join(trained, "last.pt"), map_location="cpu", weights_only=False)
     cfg = checkpoint["config"]
     net = train.build_model(cfg, len(checkpoint["classes"]))
     net.load_state_dict(checkpoint["model"])
@@ -168,26 +168,23 @@ def std_name(dataset: str, model: str, padding: str, clip: int, mode: str, epoch
     return f"std-{dataset}-{model}-{padding}{clip}-" + (f"e{epochs}-" if epochs != STD_EPOCHS else "") + mode
 
 
+def std_config(dataset: str, model: str, padding: str, clip: int, mode: str, epochs: int = STD_EPOCHS) -> Config:
+    """One run of section 6: STD's command (for ``epochs``) on this setting; Sideways on a clip no
+    longer than the 'same' lag gets ``--allow-short-clips``."""
+    args = list(STD)
+    args[args.index("--epochs") + 1] = str(epochs)
+    allow = ["--allow-short-clips"] if mode == "sideways" and padding == "same" and \
+        clip <= network_facts(model)["lag_same"] else []
+    return Config(std_name(dataset, model, padding, clip, mode, epochs), "BP" if mode == "bp" else "Sideways",
+                  tuple(args + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
+                                "--temporal-padding", padding, "--mode", mode, *allow]))
+
+
 def _std_configs() -> list:
-    out = []
-    for dataset in STD_DATASETS:
-        for model, padding, clip in std_settings(dataset):
-            clip = std_clip(model, padding, clip)
-            for mode in ("bp", "sideways"):
-                allow = ["--allow-short-clips"] if mode == "sideways" and padding == "same" and \
-                    clip <= network_facts(model)["lag_same"] else []
-                out.append(Config(std_name(dataset, model, padding, clip, mode), "BP" if mode == "bp" else "Sideways",
-                                  tuple(STD + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
-                                               "--temporal-padding", padding, "--mode", mode, *allow])))
-    for dataset, model, padding, clip, epochs in STD_LONGER:
-        args = list(STD)
-        args[args.index("--epochs") + 1] = str(epochs)
-        for mode in ("bp", "sideways"):
-            out.append(Config(std_name(dataset, model, padding, clip, mode, epochs),
-                              "BP" if mode == "bp" else "Sideways",
-                              tuple(args + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
-                                            "--temporal-padding", padding, "--mode", mode])))
-    return out
+    settings = [(dataset, model, padding, std_clip(model, padding, clip), STD_EPOCHS)
+                for dataset in STD_DATASETS for model, padding, clip in std_settings(dataset)]
+    return [std_config(*setting[:4], mode, setting[4]) for setting in settings + STD_LONGER
+            for mode in ("bp", "sideways")]
 
 
 CONFIGS = [
@@ -230,8 +227,12 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+def run_dir(config: Config, seed: int) -> str:
+    return os.path.join(RUNS, f"{config.name}-seed{seed}")
+
+
 def run(config: Config, seed: int) -> dict:
-    out = os.path.join(RUNS, f"{config.name}-seed{seed}")
+    out = run_dir(config, seed)
     summary = os.path.join(out, "summary.json")
     command = [*config.args, "--seed", str(seed)]
     if os.path.exists(summary):
@@ -868,7 +869,7 @@ def readme_check(R: dict) -> None:
 def rendered(job) -> dict:
     """A run as it is (``--render``), whatever code made it; a missing one is an error."""
     config, seed = job
-    summary = os.path.join(RUNS, f"{config.name}-seed{seed}", "summary.json")
+    summary = os.path.join(run_dir(config, seed), "summary.json")
     if not os.path.exists(summary):
         raise SystemExit(f"docs/report.py --render: no finished run at {os.path.dirname(summary)}; "
                          "python docs/report.py makes it")

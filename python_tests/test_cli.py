@@ -4,10 +4,10 @@ and last line), unreadable videos (one summary line), the help text (one default
 setup.py's advice when pip's build isolation hides torch."""
 import json
 import os
-import shutil
 import pickle
 import random
 import re
+import shutil
 import subprocess
 import sys
 import warnings

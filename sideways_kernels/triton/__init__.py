@@ -361,7 +361,7 @@ def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False, f
 
 
 def _forget(key, _gone) -> None:
-    """A weight died: its derived copy goes with it (it would hold memory until the next insertion otherwise)."""
+    """A weight died: its derived copy goes with it (else the entry would hold that memory for good)."""
     cache = _derived
     if cache is not None:
         entry = cache.get(key)
