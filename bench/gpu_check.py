@@ -3,8 +3,9 @@
 Every kernel x every config of its list for the architecture and activation type
 (sideways_kernels/triton/configs.py) is compiled with ``triton.compile(...,
 target=GPUTarget("cuda", arch, 32))``:
-- the general kernels (kernels.py: forward, input gradient, weight update accumulating and with
-  the SGD epilogue) for sm_90a and sm_80, fp32 and bf16;
+- the general kernels (kernels.py: forward, input gradient, the weight update's split-K GEMM)
+  for sm_90a and sm_80, fp32 and bf16, and the weight update's second launch (the splits' sum
+  and the epilogue: accumulating, or the SGD step; fp32 whatever the activations);
 - the box kernels (boxes.py: TMA boxes, wgmma, persistent) for sm_90a, bf16 — the only
   architecture and type the ops send them; the input gradient is the forward's kernel on the
   error (one slot, no bias), compiled in that specialisation.
@@ -24,7 +25,7 @@ image's Triton can check the same sources in a small venv of its own (the Makefi
 ``.venv-triton36``):
 
     python bench/gpu_check.py            # everything, two compiles at a time
-    python bench/gpu_check.py --arch 90 --kernel box_weight_update_sgd
+    python bench/gpu_check.py --arch 90 --kernel box_weight_update
 """
 from __future__ import annotations
 
@@ -41,13 +42,13 @@ import types
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sideways_kernels", "triton")
 
-GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_update_sgd")
-BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_weight_update_sgd")
+GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd")
+BOX = ("box_forward", "box_input_grad", "box_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
-        "weight_update_sgd": "weight_update:sgd", "box_forward": "box_gemm", "box_input_grad": "box_gemm",
-        "box_weight_update": "box_weight_update", "box_weight_update_sgd": "box_weight_update:sgd"}
+        "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
+        "weight_finish": None, "weight_finish_sgd": None}  # None: one fixed config (configs.FINISH)
 
 
 # The strides a launch passes as 1 (Triton's JIT specialises an int equal to 1 into a constant):
@@ -56,7 +57,8 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # assumed divisible by 16, as it is for channel counts that are multiples of 16. The box kernels
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
-        "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": ()}
+        "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
+        "weight_finish": ("t_w",)}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
            "dil_w", "dil_t", "splits", "split_rotation"}
@@ -76,24 +78,25 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     act, master = f"*{dtype}", "*fp32"  # 16-bit activations, fp32 master weights (as autocast trains)
     base = kernel.replace("_sgd", "")
     sgd = kernel.endswith("_sgd")
-    update = dict(KT=3, KH=3, KW=3, SGD=sgd, HAS_BUFFER=sgd, NESTEROV=sgd, FIRST_STEP=False)
-    update_ptrs = dict(grad_out=act, ring=act, target=master, momentum_buffer=master, partials="*fp32",
-                       counters="*i32")
+    taps = dict(KT=3, KH=3, KW=3)
+    update_ptrs = dict(grad_out=act, ring=act, partials="*fp32")
     fn, ptrs, const = {
         "ring_conv_forward": (K._ring_conv_forward_kernel, dict(ring=act, weight=act, bias=master, out=act),
                               dict(KT=3, KH=3, KW=3, HAS_BIAS=True)),
         "window_input_grad": (K._window_input_grad_kernel, dict(grad_out=act, wsum=act, grad_in=act),
                               dict(KH=3, KW=3)),
-        "weight_update": (K._weight_update_kernel, update_ptrs, update),
+        "weight_update": (K._weight_update_kernel, update_ptrs, dict(taps)),
+        "weight_finish": (K._weight_finish_kernel, dict(partials="*fp32", target=master, momentum_buffer=master),
+                          dict(taps, SGD=sgd, HAS_BUFFER=sgd, NESTEROV=sgd, FIRST_STEP=False)),
         "box_forward": (X._box_forward_kernel, dict(ring=act, weight=act, bias=master, out=act),
                         dict(KT=3, KH=3, KW=3, HAS_BIAS=True)),
         "box_input_grad": (X._box_forward_kernel, dict(ring=act, weight=act, bias=act, out=act),  # the error as a ring
                            dict(KT=1, KH=3, KW=3, HAS_BIAS=False)),
-        "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(update, TAPS=3)),
+        "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(taps, TAPS=3)),
     }[base]
-    if not base.startswith("box"):
+    if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
-    const.update(cfg.meta())
+    const.update(dict(DENSE=True, TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if base == "weight_finish" else cfg.meta())
     const.update({name: 1 for name in UNIT[base]})
     floats = {"lr", "momentum", "dampening", "weight_decay"}
     sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else "i32") for a in fn.arg_names}
@@ -148,14 +151,17 @@ def check(job: tuple) -> dict:
 
 
 def jobs_for(archs, kernels, dtypes) -> list:
-    configs_for = kernels_module("configs").configs_for
+    configs = kernels_module("configs")
     jobs = []
     for arch in archs:
         for k in kernels:
             for d in dtypes:
                 if k.startswith("box") and (arch != 90 or d == "fp32"):
                     continue  # the ops send the box kernels 16-bit work on sm_90 only
-                jobs += [(k, arch, d, cfg) for cfg in configs_for(KIND[k], arch, 4 if d == "fp32" else 2)]
+                if k.startswith("weight_finish"):
+                    jobs += [(k, arch, "fp32", configs.FINISH)] if d == "fp32" else []  # fp32 partials and weights
+                    continue
+                jobs += [(k, arch, d, cfg) for cfg in configs.configs_for(KIND[k], arch, 4 if d == "fp32" else 2)]
     return jobs
 
 
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
                 print(f"{head} FAILED to compile: {r['error']}", flush=True)
                 continue
             what = [r["family"]] + [name for name in ("tma", "pipelined", "persistent") if r[name]]
-            if kernel.startswith("weight_update") or kernel.startswith("box_weight_update"):
+            if "weight_update" in kernel:
                 what.append("split-K")
             line = (f"{head} regs {r['regs']:3d} stack {r['stack']:5d} B shared {r['shared'] // 1024:3d} KiB "
                     f"{' '.join(what)}")

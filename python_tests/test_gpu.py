@@ -261,7 +261,7 @@ def test_derived_weights_are_freed_with_their_weight_and_none_are_kept_for_views
                                                               dilation=(1, 2))], ids=geometry_id)
 def test_triton_box_kernels_on_gpu(g, dtype):
     """The sm_90 TMA-box kernels (autotuned, descriptors made on the device): every op against
-    float64, the weight update twice on the same tensors (split-K counters reset), and a
+    float64, the weight update twice on the same tensors (the second adding to the first), and a
     forward + fused SGD step captured in a CUDA graph and replayed, equal to running them eagerly."""
     triton_ops = pytest.importorskip("sideways_kernels.triton")
     if torch.cuda.get_device_capability() < (9, 0):

@@ -28,7 +28,7 @@ from triton.runtime import _allocation  # the allocator's context variable (the 
 
 from . import boxes as X
 from . import kernels as K
-from .configs import DEFAULT, DEFAULT_BOX, Config, configs_for, prune, prune_boxes, split_k
+from .configs import DEFAULT, DEFAULT_BOX, FINISH, Config, configs_for, prune, prune_boxes, split_k
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
@@ -92,8 +92,7 @@ _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
 _SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
 _KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
 _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
-         "weight_update:sgd": "weight_update:sgd", "box_forward": "box_gemm", "box_input_grad": "box_gemm",
-         "box_weight_update": "box_weight_update", "box_weight_update:sgd": "box_weight_update:sgd"}
+         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
 
 
 def _as_config(c) -> Config:
@@ -102,7 +101,7 @@ def _as_config(c) -> Config:
     return Config(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, c.num_warps, k.get("BOX_W", 0))
 
 
-def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tuple = (), element_size: int = 2):
+def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_size: int = 2):
     """One launch of ``kernel``: with the chosen config, the interpreter's default, or the
     autotuner's pick over its kind's list for the architecture and activation size, pruned for
     the problem. ``grid(config)``."""
@@ -116,21 +115,20 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tu
         return
     capability = _capability(device)
     key = (name, capability, element_size)
-    kind = name.split(":")[0]  # "weight_update:sgd" restores the momentum buffer too: its own autotuner
     if key not in _autotuned:
         def early_prune(configs, named_args, **kwargs):
             problem = {**named_args, **kwargs}
-            m, n, tensor = _PROBLEM[kind](problem)
+            m, n, tensor = _PROBLEM[name](problem)
             ours = [_as_config(c) for c in configs]
             keep = prune(ours, m, n, tensor.element_size(), capability)
             if box:
-                frame, positions_of = _BOXES[kind]
+                frame, positions_of = _BOXES[name]
                 keep = prune_boxes(keep, *frame(problem), positions_of)
             names = {c.name for c in keep}
             return [c for c, o in zip(configs, ours) if o.name in names]
         configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in configs_for(_KIND[name], capability, element_size)]
-        _autotuned[key] = triton.autotune(configs, key=_KEYS[kind], restore_value=list(restore),
+        _autotuned[key] = triton.autotune(configs, key=_KEYS[name],
                                           prune_configs_by={"early_config_prune": early_prune})(kernel)
     wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0,
                                                           META.get("BOX_W", 0)))](*args, **meta)
@@ -138,8 +136,9 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, restore: tu
 
 def picked(name: str, device: torch.device, element_size: int = 2) -> Optional[str]:
     """The config the autotuner last chose for kernel ``name`` (``"ring_conv_forward"``,
-    ``"window_input_grad"``, ``"weight_update"``, ``"weight_update:sgd"``, or a box kernel:
-    ``"box_forward"``, ``"box_input_grad"``, ``"box_weight_update"``, ``"box_weight_update:sgd"``)
+    ``"window_input_grad"``, ``"weight_update"``, or a box kernel: ``"box_forward"``,
+    ``"box_input_grad"``, ``"box_weight_update"``; the weight update's SGD step and accumulation
+    share its GEMM)
     on ``device``, or None before it has run there."""
     best = getattr(_autotuned.get((name, _capability(device), element_size)), "best_config", None)
     return None if best is None else _as_config(best).name
@@ -371,6 +370,8 @@ def _forget(key, _gone) -> None:
 
 def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups,
                           hyper=(0.0, 0.0, 0.0, 0.0), sgd=False, nesterov=False, first_step=False):
+    """Two launches: the split-K GEMM leaves every split's fp32 partial of dW (box or general
+    kernel), then :func:`.kernels._weight_finish_kernel` sums them and updates ``target``."""
     R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _geometry(ring, slot, target, stride, padding, dilation,
                                                                    dilation_t, groups)
     _check_grad_out(grad_out, ring, B, c_out, h_out, w_out)
@@ -379,64 +380,46 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
                "momentum_buffer must match the weight's shape, layout and dtype")
     device = ring.device
     sms = _sms(device)
-    name = "weight_update:sgd" if sgd else "weight_update"
-    restore = ("target", "momentum_buffer") if sgd else ("target",)
-    flags = dict(KT=k_t, KH=k_h, KW=k_w, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov,
-                 FIRST_STEP=first_step)
-    taps, K_total = k_t * k_h * k_w, B * h_out * w_out
+    taps, K_total, cg = k_t * k_h * k_w, B * h_out * w_out, C // groups
+    shape = dict(KT=k_t, KH=k_h, KW=k_w)
     if _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (C, c_out), (ring, grad_out))):
         _descriptor_scratch(device)
         per_tile = 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1  # taps sharing one error box
         tiles_of = lambda cfg: triton.cdiv(c_out, cfg.BLOCK_M) * triton.cdiv(C, cfg.BLOCK_N) * (taps // per_tile)
-        # A kernel argument, so one value for every config the autotuner tries: enough splits to
-        # fill the SMs with 128x64 tiles (smaller tiles give more items, which the persistent
-        # programs walk).
+        # A kernel argument, so one value for every config the autotuner tries: as many splits as
+        # fill the SMs once with 128x64 tiles (smaller tiles give more items, which the persistent
+        # programs walk in whole waves).
         splits = _chosen["split"] or split_k(triton.cdiv(c_out, 128) * triton.cdiv(C, 64) * (taps // per_tile),
                                              K_total, 64, sms)
-        candidates = _candidates("box_" + name, device, ring.element_size())
-        partials, counters = _work_buffers(
-            device, max(tiles_of(c) * splits * per_tile * c.BLOCK_M * c.BLOCK_N for c in candidates),
-            max(tiles_of(c) for c in candidates))
-        _launch(X._box_weight_update_kernel, "box_" + name, lambda cfg: _persistent(tiles_of(cfg) * splits, device),
-                [grad_out, ring, target, buffer if buffer is not None else target, partials, counters,
-                 *_tma_strides(grad_out), *_tma_strides(ring), *target.stride(), B, C, H, W, c_out, h_out, w_out, R,
-                 slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"], *hyper],
-                dict(**flags, TAPS=per_tile), device, restore, ring.element_size())
-        return
-    # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
-    M, N = c_out // groups, C // groups
-    tiles_of = lambda cfg: triton.cdiv(M, cfg.BLOCK_M) * taps * triton.cdiv(N, cfg.BLOCK_N)
-
-    def splits_of(cfg: Config) -> int:
-        return _chosen["split"] or split_k(groups * tiles_of(cfg), K_total, cfg.BLOCK_K, sms)
-
-    candidates = _candidates(name, device, ring.element_size())
-    partials, counters = _work_buffers(
-        device, max(groups * tiles_of(c) * splits_of(c) * c.BLOCK_M * c.BLOCK_N for c in candidates),
-        max(groups * tiles_of(c) for c in candidates))
-    _launch(K._weight_update_kernel, name, lambda cfg: (tiles_of(cfg), splits_of(cfg), groups),
-            [grad_out, ring, target, buffer if buffer is not None else target, partials, counters,
-             *grad_out.stride(), *ring.stride(), *target.stride(), B, C, H, W, c_out, h_out, w_out, R, slot,
-             *stride, *padding, *dilation, dilation_t, groups, _chosen["rotation"], *hyper],
-            dict(**flags, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1), device, restore,
-            ring.element_size())
+        partials = _partials(device, splits * taps * c_out * C)
+        _launch(X._box_weight_update_kernel, "box_weight_update", lambda cfg: _persistent(tiles_of(cfg) * splits, device),
+                [grad_out, ring, partials, *_tma_strides(grad_out), *_tma_strides(ring), B, C, H, W, c_out, h_out,
+                 w_out, R, slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"]],
+                dict(**shape, TAPS=per_tile), device, element_size=ring.element_size())
+    else:
+        # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap; the splits (the
+        # finish kernel's argument, so one value for every config) fill the SMs with 128x64 tiles
+        tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * taps * triton.cdiv(cg, cfg.BLOCK_N)
+        splits = _chosen["split"] or split_k(groups * triton.cdiv(c_out // groups, 128) * taps * triton.cdiv(cg, 64),
+                                             K_total, 64, sms)
+        partials = _partials(device, splits * taps * c_out * cg)
+        _launch(K._weight_update_kernel, "weight_update", lambda cfg: (tiles_of(cfg), splits, groups),
+                [grad_out, ring, partials, *grad_out.stride(), *ring.stride(), B, C, H, W, c_out, h_out, w_out, R,
+                 slot, *stride, *padding, *dilation, dilation_t, groups, _chosen["rotation"]],
+                dict(**shape, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1), device,
+                element_size=ring.element_size())
+    taps_p2 = triton.next_power_of_2(taps)
+    pairs = max(1, FINISH.BLOCK_M // taps_p2)  # (output, input channel) pairs a program, every tap of each
+    wrap_triton(K._weight_finish_kernel)[(triton.cdiv(c_out * cg, pairs),)](
+        partials, target, buffer if buffer is not None else target, splits, c_out, cg, *target.stride(), *hyper,
+        **shape, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov, FIRST_STEP=first_step,
+        DENSE=target.is_contiguous(), TAPS_P2=taps_p2, BLOCK_MC=pairs, num_warps=FINISH.num_warps)
 
 
-def _candidates(name: str, device: torch.device, element_size: int) -> list:
-    """The configs a launch of kernel ``name`` may run with (to size its work buffers)."""
-    chosen = _chosen["box_config" if name.startswith("box") else "config"]
-    if chosen:
-        return [chosen]
-    if INTERPRET or device.type != "cuda":
-        return [DEFAULT_BOX if name.startswith("box") else DEFAULT]
-    return configs_for(_KIND[name], _capability(device), element_size)
-
-
-def _work_buffers(device: torch.device, partial_floats: int, tiles: int):
-    """The split-K weight update's fp32 partials and its counter per tile (zero: the kernel puts
-    them back to zero). Fresh per call, so two streams' updates never share them."""
-    return (torch.empty(max(partial_floats, 1), dtype=torch.float32, device=device),
-            torch.zeros(tiles, dtype=torch.int32, device=device))
+def _partials(device: torch.device, floats: int) -> torch.Tensor:
+    """The split-K weight update's fp32 partials, ``[splits, taps, C_out, C_in/groups]``: fresh
+    per call (from the caching allocator), so two streams' updates never share them."""
+    return torch.empty(max(floats, 1), dtype=torch.float32, device=device)
 
 
 @triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})

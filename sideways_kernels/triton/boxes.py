@@ -22,7 +22,7 @@ to keep that waste small.
 import triton
 import triton.language as tl
 
-from .kernels import _finish_tile, _store_partial, _tap_slot
+from .kernels import _store_partial, _tap_slot
 
 
 @triton.jit
@@ -87,42 +87,23 @@ def _box_forward_kernel(
 
 
 @triton.jit
-def _finish_tap(t: tl.constexpr, TAPS: tl.constexpr, partials, tile, splits, m0, c0, C_OUT, C, target,
-                momentum_buffer, t_o, t_c, t_t, t_h, t_w, tap0, lr, momentum, dampening, weight_decay,
-                KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
-                NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The tile's ``t``-th tap (none past the tile's TAPS): its partials are the ``t``-th of each
-    split's TAPS blocks."""
-    if t < TAPS:
-        j, kh, kw = _tap(tap0 + t, KH, KW)
-        _finish_tile(partials, (tile * splits * TAPS + t) * (BLOCK_M * BLOCK_N), TAPS * BLOCK_M * BLOCK_N, splits,
-                     target, momentum_buffer, m0, C_OUT - m0, c0, C - c0, t_o, t_c, j * t_t + kh * t_h + kw * t_w, lr,
-                     momentum, dampening, weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
 def _box_weight_update_kernel(
-        grad_out, ring, target, momentum_buffer, partials, counters,
+        grad_out, ring, partials,
         g_b, g_h, g_w,  # grad_out strides (channels: 1)
         s_r, s_b, s_h, s_w,  # ring strides (channels: 1)
-        t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits, split_rotation,
-        lr, momentum, dampening, weight_decay,
-        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, SGD: tl.constexpr,
-        HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
     """dW[m, c, tap] = sum over positions (b, y, x) of grad_out[b, y, x, m] · ring[tap slot, b, shifted, c].
     M = C_OUT, N = C, K = positions, stepped one BH x BW box of output positions at a time.
 
     A tile is BLOCK_M output channels x BLOCK_N input channels of TAPS consecutive taps (1-3): the
     error box of a K step is loaded once and meets each tap's shifted ring box, one accumulator
-    per tap. Work items are (tile, split): the splits share a tile's boxes and leave fp32
-    partials; the one that arrives last (an atomic counter per tile) sums them in split order —
-    deterministic whoever is last — runs the epilogue (accumulate into grad_weight, or the whole
-    SGD step) and resets the counter; nobody waits, so the interpreter runs it too. With one
-    split the same path runs (the partial round trip through L2 is small next to the K loop, and
-    it keeps the epilogue to one live accumulator). ``split_rotation`` renumbers the splits (0 in
-    the ops; tests change who arrives last)."""
+    per tap. Work items are (tile, split): each split runs its share of the tile's boxes and
+    leaves fp32 partials (:func:`.kernels._store_partial`), which the second launch
+    (:func:`.kernels._weight_finish_kernel`) sums in split order and applies.
+    ``split_rotation`` renumbers the splits (0 in the ops; tests check that the result does not
+    depend on which program ran which split)."""
     BH: tl.constexpr = BLOCK_K // BOX_W
     g_d = tl.make_tensor_descriptor(grad_out, [B, H_OUT, W_OUT, C_OUT], [g_b, g_h, g_w, 1], [1, BH, BOX_W, BLOCK_M])
     ring_d = tl.make_tensor_descriptor(ring, [R, B, H, W, C], [s_r, s_b, s_h, s_w, 1], [1, 1, BH, BOX_W, BLOCK_N])
@@ -151,20 +132,11 @@ def _box_weight_update_kernel(
             if TAPS > 2:
                 acc2 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 2, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
                                            R, KT, KH, KW, BLOCK_K, BLOCK_N), acc2)
-        mine = (tile * splits + split) * TAPS * (BLOCK_M * BLOCK_N)
-        _store_partial(partials, mine, acc0, BLOCK_M, BLOCK_N)
+        _store_partial(partials, split, tap0, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc0,
+                       BLOCK_M, BLOCK_N)
         if TAPS > 1:
-            _store_partial(partials, mine + BLOCK_M * BLOCK_N, acc1, BLOCK_M, BLOCK_N)
+            _store_partial(partials, split, tap0 + 1, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc1,
+                           BLOCK_M, BLOCK_N)
         if TAPS > 2:
-            _store_partial(partials, mine + 2 * BLOCK_M * BLOCK_N, acc2, BLOCK_M, BLOCK_N)
-        if tl.atomic_add(counters + tile, 1, sem="acq_rel") == splits - 1:  # the others' partials are all in
-            _finish_tap(0, TAPS, partials, tile, splits, m0, c0, C_OUT, C, target, momentum_buffer, t_o, t_c, t_t,
-                        t_h, t_w, tap0, lr, momentum, dampening, weight_decay, KH, KW, SGD, HAS_BUFFER, NESTEROV,
-                        FIRST_STEP, BLOCK_M, BLOCK_N)
-            _finish_tap(1, TAPS, partials, tile, splits, m0, c0, C_OUT, C, target, momentum_buffer, t_o, t_c, t_t,
-                        t_h, t_w, tap0, lr, momentum, dampening, weight_decay, KH, KW, SGD, HAS_BUFFER, NESTEROV,
-                        FIRST_STEP, BLOCK_M, BLOCK_N)
-            _finish_tap(2, TAPS, partials, tile, splits, m0, c0, C_OUT, C, target, momentum_buffer, t_o, t_c, t_t,
-                        t_h, t_w, tap0, lr, momentum, dampening, weight_decay, KH, KW, SGD, HAS_BUFFER, NESTEROV,
-                        FIRST_STEP, BLOCK_M, BLOCK_N)
-            tl.atomic_xchg(counters + tile, 0)  # ready for the next launch
+            _store_partial(partials, split, tap0 + 2, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc2,
+                           BLOCK_M, BLOCK_N)

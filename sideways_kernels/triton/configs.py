@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 __all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
-           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX"]
+           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH"]
 
 
 class Config(NamedTuple):
@@ -41,8 +41,8 @@ C = Config
 # Per kernel kind and architecture, 16-bit activations (tensor cores: wgmma on sm_90a, mma on sm_80).
 # Started from public Hopper/Ampere GEMM and conv lists (Triton's tutorials, torch inductor's mm
 # and conv configs) and kept to what `make gpu-check` compiles without a spill for every kernel
-# of the kind: the weight update's SGD epilogue holds the weight and momentum tiles beside the
-# accumulator, so it needs smaller tiles per thread than the accumulating one.
+# of the kind. The weight update's kind is its split-K GEMM, the same for accumulating and for
+# the SGD step (both run in the second, untuned launch: kernels._weight_finish_kernel).
 CONFIGS = {
     "gemm": {  # ring_conv_forward and window_input_grad
         90: [C(128, 128, 64, 4, 8), C(128, 64, 64, 4, 4), C(64, 128, 64, 4, 4), C(64, 64, 64, 5, 4)],
@@ -53,10 +53,6 @@ CONFIGS = {
         90: [C(128, 128, 64, 3, 8), C(128, 64, 64, 4, 8), C(64, 128, 64, 4, 8), C(64, 64, 64, 4, 8), C(64, 64, 64, 5, 4)],
         80: [C(128, 128, 32, 3, 8), C(256, 64, 32, 3, 8), C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8),
              C(64, 64, 32, 5, 4)],
-    },
-    "weight_update:sgd": {
-        90: [C(128, 64, 64, 4, 8), C(64, 128, 64, 4, 8), C(128, 64, 64, 3, 8), C(64, 64, 64, 4, 8)],
-        80: [C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8), C(64, 64, 32, 5, 4)],
     },
 }
 # The box kernels (boxes.py, sm_90: TMA + wgmma, persistent), 16-bit. A forward/input-gradient
@@ -73,10 +69,11 @@ BOX = {
         90: [C(128, 64, 64, 4, 8, 8), C(128, 64, 64, 4, 8, 16), C(128, 64, 128, 3, 8, 16), C(128, 64, 128, 3, 8, 8),
              C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16)],
     },
-    "box_weight_update:sgd": {
-        90: [C(128, 64, 64, 4, 8, 8), C(128, 64, 64, 4, 8, 16), C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16)],
-    },
 }
+# The weight update's second launch (kernels._weight_finish_kernel), not tuned: BLOCK_M weight
+# elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
+# many run at once, its loop over the splits pipelined num_stages deep.
+FINISH = C(1024, 0, 0, 3, 4)
 # The interpreter's box config when a test does not name one.
 DEFAULT_BOX = Config(64, 64, 64, 1, 4, 8)
 # fp32 activations run exact fp32 FMA (no tensor cores): small tiles, the same for every kernel.
@@ -88,8 +85,8 @@ DEFAULT = Config(128, 128, 64, 1, 4)
 
 
 def configs_for(kind: str, capability: int, element_size: int = 2) -> list[Config]:
-    """The list for a kernel kind ("gemm", "weight_update", "weight_update:sgd", or a box kind:
-    "box_gemm", "box_weight_update", "box_weight_update:sgd"), the nearest architecture at or
+    """The list for a kernel kind ("gemm", "weight_update", or a box kind: "box_gemm",
+    "box_weight_update"), the nearest architecture at or
     below ``capability`` (e.g. 89 -> sm_80's), and the activations' size."""
     if kind in BOX:  # sm_90 only (box_path() sends nothing older here); fp32 only when a test forces it
         return BOX[kind][90]
@@ -140,10 +137,15 @@ def prune(configs: list[Config], m: int, n: int, element_size: int, capability: 
 
 
 def split_k(tiles: int, k: int, block_k: int, sms: int, max_split: int = 16) -> int:
-    """How many programs share one output tile's reduction: enough that the launch fills the
-    SMs once or twice, while each program still runs at least four BLOCK_K steps."""
+    """How many programs share one output tile's reduction when there are fewer tiles than SMs:
+    the count that makes the launch shortest — its time goes as waves / splits, a wave being
+    ``sms`` programs — while each program still runs at least four BLOCK_K steps; of the counts
+    within 5% of the best, the fewest (each split writes and the finish reads a partial). A
+    split too many starts a second wave for a few programs and doubles the time (an H100, 9
+    tiles: 15 splits are 135 programs on 132 SMs; 14 are one wave)."""
     if tiles >= sms:
         return 1
-    want = math.ceil(sms / tiles)  # one wave
-    most = max(1, k // (4 * block_k))
-    return max(1, min(want, most, max_split))
+    most = max(1, min(max_split, k // (4 * block_k)))
+    time = {s: math.ceil(tiles * s / sms) / s for s in range(1, most + 1)}
+    best = min(time.values())
+    return min(s for s, t in time.items() if t <= best * 1.05)

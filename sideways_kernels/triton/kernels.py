@@ -104,13 +104,10 @@ def _window_input_grad_kernel(
 
 
 @triton.jit
-def _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, momentum, dampening, weight_decay,
+def _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
                      SGD: tl.constexpr, HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
-    """Add the tile's weight gradient ``acc`` to grad_weight (``target``), or apply
-    torch.optim.SGD's step with it to the weight. ``rows``/``cols``: (offsets, in range) of the
-    tile's output and input channels; the [BM, BN] offsets are made here, not kept live before."""
-    offs = rows[0][:, None] + cols[0][None, :] + tap_offset
-    ok = rows[1][:, None] & cols[1][None, :]
+    """Add the weight gradient ``acc`` to grad_weight (``target``), or apply torch.optim.SGD's
+    step with it to the weight; ``offs``/``ok``: the elements' offsets and which are real."""
     p = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
     if SGD:
         d = acc + weight_decay * p
@@ -131,47 +128,63 @@ def _weight_epilogue(acc, target, momentum_buffer, rows, cols, tap_offset, lr, m
 
 
 @triton.jit
-def _store_partial(partials, offset, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A program's fp32 partial of a tile (row-major at ``partials + offset``), made visible
-    before the program's arrival is counted."""
-    cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(partials + offset + cell, acc)
-    tl.debug_barrier()  # every thread's partial is written before the counter moves
+def _store_partial(partials, split, tap, row0, rows_valid, col0, cols_valid, C_OUT, CG, TAPS: tl.constexpr, acc,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's fp32 partial of the weight gradient: ``acc`` is dW of output channels ``row0 + i``
+    (``i < rows_valid``) x input channels ``col0 + j`` (``j < cols_valid``) of ``tap`` over the
+    program's range of K, stored at ``partials[split, tap, row, col]`` (dense ``[splits, TAPS,
+    C_OUT, CG]``), where :func:`_weight_finish_kernel` sums the splits."""
+    i, j = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+    rows = ((split * TAPS + tap) * C_OUT + row0 + i).to(tl.int64) * CG
+    tl.store(partials + rows[:, None] + (col0 + j)[None, :], acc,
+             mask=(i < rows_valid)[:, None] & (j < cols_valid)[None, :])
 
 
 @triton.jit
-def _finish_tile(partials, first, step, splits, target, momentum_buffer, row0, rows_valid, col0, cols_valid, t_o, t_c,
-                 tap_offset, lr, momentum, dampening, weight_decay, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
-                 NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Run by the program that arrives last at a tile: the splits' partials (split ``p`` at
-    ``partials + first + p·step``) summed in split order — the same bits whoever is last — then
-    the epilogue on target rows ``row0 + i`` (``i < rows_valid``) and columns ``col0 + j``
-    (``j < cols_valid``), ROWS rows at a time: the SGD step holds the weight, the momentum and
-    two pointer tiles beside the gradient, which for a whole 128x64 tile would not fit in
-    registers."""
-    ROWS: tl.constexpr = 32 if BLOCK_M > 32 else BLOCK_M
-    i, jj = tl.arange(0, ROWS), tl.arange(0, BLOCK_N)
-    cols = ((col0 + jj) * t_c, jj < cols_valid)
-    for r0 in range(0, BLOCK_M, ROWS):
-        cell = (r0 + i)[:, None] * BLOCK_N + jj[None, :]
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for part in range(0, splits):
-            acc += tl.load(partials + first + part * step + cell, cache_modifier=".cg")
-        _weight_epilogue(acc, target, momentum_buffer, ((row0 + r0 + i) * t_o, r0 + i < rows_valid), cols,
-                         tap_offset, lr, momentum, dampening, weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP)
+def _weight_finish_kernel(
+        partials, target, momentum_buffer, splits, C_OUT, CG,
+        t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
+        lr, momentum, dampening, weight_decay,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
+        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, DENSE: tl.constexpr, TAPS_P2: tl.constexpr,
+        BLOCK_MC: tl.constexpr):
+    """The weight update's second launch: dW[tap, m, c] = the splits' partials (``partials``, dense
+    ``[splits, taps, C_OUT, CG]``, fp32) summed in split order — the same bits however the first
+    launch's programs ran — then the epilogue: add to grad_weight, or torch.optim.SGD's whole
+    step on the weight. A program takes every tap of BLOCK_MC (output, input channel) pairs: the
+    partials are contiguous along the pairs, a weight ``[C_OUT, CG, k_t, k_h, k_w]`` along the taps
+    (``DENSE``: laid out so, its offsets written as such, which lets Triton coalesce both sides;
+    else its strides), and a tile holds both runs. Every program is independent. (The sum used to
+    run in the first launch, by the program arriving last at a tile: that program summed all
+    splits alone, a chain of dependent loads, while the other SMs idled — on an H100 more than
+    half of the update.)"""
+    TAPS: tl.constexpr = KT * KH * KW
+    tap = tl.arange(0, TAPS_P2)
+    mc = tl.program_id(0) * BLOCK_MC + tl.arange(0, BLOCK_MC)  # m · CG + c
+    ok = (tap < TAPS)[:, None] & (mc < C_OUT * CG)[None, :]
+    plane = TAPS * C_OUT * CG  # one split's partials
+    cell = tap[:, None] * (C_OUT * CG) + mc[None, :]
+    acc = tl.zeros((TAPS_P2, BLOCK_MC), dtype=tl.float32)
+    for split in tl.range(0, splits, num_stages=3):  # loads pipelined (configs.FINISH), the sum in split order
+        acc += tl.load(partials + cell + split * plane, mask=ok, other=0.0)
+    if DENSE:
+        offs = mc[None, :] * TAPS + tap[:, None]
+    else:
+        m, c = mc // CG, mc % CG
+        j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
+        offs = (m * t_o + c * t_c)[None, :] + (j * t_t + kh * t_h + kw * t_w)[:, None]
+    _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay, SGD, HAS_BUFFER,
+                     NESTEROV, FIRST_STEP)
 
 
 @triton.jit
 def _weight_update_kernel(
-        grad_out, ring, target, momentum_buffer, partials, counters,
+        grad_out, ring, partials,
         g_b, g_c, g_h, g_w,  # grad_out strides
         s_r, s_b, s_c, s_h, s_w,  # ring strides
-        t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, split_rotation,
-        lr, momentum, dampening, weight_decay,
-        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, HAS_BUFFER: tl.constexpr,
-        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weight gradient of one frame pair, dW[m, c, tap] = sum over (b, oy, ox) of grad_out x ring[tap],
     M = C_OUT/groups, K = B*H_OUT*W_OUT. Grid: (output tiles, splits, groups); an output tile is
@@ -179,13 +192,9 @@ def _weight_update_kernel(
     operand is a dense [pixels, channels] slice, so the index math stays on [BLOCK_K] vectors).
 
     Split-K: the programs of axis 1 share a tile's reduction, each over its own range of K, and
-    leave fp32 partials in ``partials``; an atomic counter per tile tells the program that
-    finishes last, which sums the partials in split order (deterministic, whoever is last) and
-    runs the epilogue — accumulate into grad_weight, or the whole SGD step — then resets the
-    counter. No program waits for another, so it is also right under the interpreter, which runs
-    programs one after another. With one split the same path runs (a round trip of the tile
-    through L2, small next to the K loop, that keeps the epilogue's registers few).
-    ``split_rotation`` renumbers the splits (0 in the ops; tests change who arrives last)."""
+    leave fp32 partials (:func:`_store_partial`) that :func:`_weight_finish_kernel` sums and
+    applies. ``split_rotation`` renumbers the splits (0 in the ops; tests check that the result
+    does not depend on which program ran which split)."""
     pid_tile, g = tl.program_id(0), tl.program_id(2)
     splits = tl.num_programs(1)
     split = (tl.program_id(1) + split_rotation) % splits
@@ -217,11 +226,5 @@ def _weight_update_kernel(
         row = tap_base + b.to(tl.int64) * s_b + y * s_h + x * s_w
         a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
-    tile = g * tl.num_programs(0) + pid_tile
-    _store_partial(partials, (tile * splits + split) * (BLOCK_M * BLOCK_N), acc, BLOCK_M, BLOCK_N)
-    if tl.atomic_add(counters + tile, 1, sem="acq_rel") == splits - 1:  # the last: every partial is in
-        _finish_tile(partials, tile * splits * (BLOCK_M * BLOCK_N), BLOCK_M * BLOCK_N, splits, target,
-                     momentum_buffer, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
-                     cg - c_tile * BLOCK_N, t_o, t_c, j * t_t + kh * t_h + kw * t_w, lr, momentum, dampening,
-                     weight_decay, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP, BLOCK_M, BLOCK_N)
-        tl.atomic_xchg(counters + tile, 0)  # ready for the next launch
+    _store_partial(partials, split, tap, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
+                   cg - c_tile * BLOCK_N, C_OUT, cg, KT * KH * KW, acc, BLOCK_M, BLOCK_N)
