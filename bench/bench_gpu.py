@@ -318,16 +318,15 @@ def _clip_bp(net, video, target):
     loss.backward()
 
 
-def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, temporal_padding: str = "same",
-               batch: int = 8, size: int = 112, width: int = 64, device="cuda", rounds: int = 3) -> dict:
-    """One training clip end to end under bf16 autocast, timed over ``rounds`` after a warm-up
-    clip (the graphs' warm-up and capture), as a row: frames/s (frames of all B videos per
-    second), peak memory (MiB, CUDA), ticks per clip and graph replays. Each clip starts with
-    the gradients set to None, as a training loop's ``zero_grad()`` leaves them. The row also
-    says where the memory went (MiB; :func:`_memory_parts`). ``network``: "c3d" (4
-    stages of its blocks) or "r3d_18" (``from_model``, 4 stages, BatchNorm per frame,
-    ``temporal_padding``); ``impl``: "clip_bp" (plain autograd over the clip, nn.Conv3d) or
-    "sideways" with ``backend`` (None: the default) and ``graphs`` (None: the default)."""
+def training_step(network: str, impl: str, T: int, *, backend=None, graphs=None, temporal_padding: str = "same",
+                  batch: int = 8, size: int = 112, width: int = 64, device="cuda"):
+    """(one training clip as a call, the network, the clip, the pipeline or None) under bf16
+    autocast, as :func:`end_to_end` times it and ``bench/profile_clip.py`` profiles it. Each clip
+    starts with the gradients set to None, as a training loop's ``zero_grad()`` leaves them.
+    ``network``: "c3d" (4 stages of its blocks) or "r3d_18" (``from_model``, 4 stages, BatchNorm
+    per frame, ``temporal_padding``); ``impl``: "clip_bp" (plain autograd over the clip,
+    nn.Conv3d) or "sideways" with ``backend`` (None: the default) and ``graphs`` (None: the
+    default)."""
     torch.manual_seed(0)
     device = torch.device(device)
     conv = nn.Conv3d if impl == "clip_bp" else SidewaysConv3d
@@ -352,6 +351,19 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
             net.zero_grad(set_to_none=True)
             with torch.autocast(device.type, torch.bfloat16):
                 pipe.backward_clip(video, target)
+    return step, net, video, pipe
+
+
+def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, temporal_padding: str = "same",
+               batch: int = 8, size: int = 112, width: int = 64, device="cuda", rounds: int = 3) -> dict:
+    """One training clip end to end (:func:`training_step`), timed over ``rounds`` after a
+    warm-up clip (the graphs' warm-up and capture), as a row: frames/s (frames of all B videos
+    per second), peak memory (MiB, CUDA), ticks per clip and graph replays. The row also says
+    where the memory went (MiB; :func:`_memory_parts`)."""
+    step, net, video, pipe = training_step(network, impl, T, backend=backend, graphs=graphs,
+                                           temporal_padding=temporal_padding, batch=batch, size=size, width=width,
+                                           device=device)
+    device = video.device
     cuda = device.type == "cuda"
     step()  # warm-up: autotuning, graph warm-up and capture
     if cuda:

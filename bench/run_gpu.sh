@@ -16,6 +16,10 @@
 # *_K runs the whole phase, "skip" skips it.
 # The end-to-end phase's default backend runs on the dispatch table this run measured (copied
 # over sideways_kernels/dispatch.json in this checkout, which the device does not send back).
+# Diagnostics, off unless asked, into one file (diagnostics.log): PROBE=1, the weight update
+# config by config beside cuDNN (bench/wu_probe.py; PROBE_SPLITS, default "none": the autotuned
+# config only); PROFILE="c3d r3d_18", where a 16-frame training clip's GPU time goes, eager
+# (kernels attributed to the ops that launched them) and replayed from graphs (bench/profile_clip.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -85,6 +89,19 @@ if [ "${E2E_K:-}" != skip ]; then
   say "benchmarks 2/2 (graph ticks, end to end per network, backend and graphs, equal memory)"
   benchmarks e2e "${E2E_S:-170}" "${e2e_k[@]}"
 fi
+
+if [ "${PROBE:-0}" = 1 ]; then
+  phase "${PROBE_S:-90}" $PY bench/wu_probe.py --splits "${PROBE_SPLITS:-none}" >> "$out/diagnostics.log" 2>&1
+  say "weight-update probe: exit $?"
+fi
+for net in ${PROFILE:-}; do
+  pad=$([ "$net" = r3d_18 ] && echo causal || echo same)
+  for eager in --eager ""; do
+    phase 40 $PY bench/profile_clip.py --network "$net" --padding "$pad" --frames 16 $eager \
+      >> "$out/diagnostics.log" 2>&1
+    say "profile $net ${eager:-graphs}: exit $?"
+  done
+done
 
 report
 cat "$out/results.md"

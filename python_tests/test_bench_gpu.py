@@ -2,6 +2,7 @@
 small sizes: a GPU session's minutes should not go to finding a broken benchmark."""
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -31,3 +32,15 @@ def test_the_gpu_run_s_end_to_end_matrix_names_each_case_once():
     ids = [bench_gpu._e2e_id(c) for c in bench_gpu.E2E]
     assert len(ids) == len(set(ids))
     assert {c[0] for c in bench_gpu.E2E} == {"c3d", "r3d_18"} and {c[5] for c in bench_gpu.E2E} == {16, 48, 256}
+
+
+def test_profile_clip_runs_and_measures_the_union_of_kernel_intervals(capsys):
+    """bench/profile_clip.py, which only a GPU run uses, on the CPU at a small size (no kernels
+    are traced there: the run must not break on the way), and its GPU-busy arithmetic."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import profile_clip
+    assert profile_clip.busy_us([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0  # overlaps counted once
+    profile_clip.main(["--network", "r3d_18", "--padding", "causal", "--frames", "8", "--eager", "--backend", "torch",
+                       "--device", "cpu", "--batch", "2", "--size", "32", "--width", "4", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "r3d_18 sideways T8 (causal), backend torch, eager" in out and "aten op" in out
