@@ -451,6 +451,37 @@ def test_batchnorm_frame_policy(mode):
         assert _global_rel(_grads(model), _grads(reference)) <= 1e-9
 
 
+def test_batchnorm_runs_on_4d_frames_and_hooks_still_see_the_module_call():
+    """PyTorch's fast per-channel BatchNorm kernels (CUDA) take 4-D channels-last tensors, not
+    5-D: every batch_norm of a streamed frame gets [B, C, H, W] (same numbers: the policies'
+    tests above) — but a BatchNorm with a hook is called as the model calls it, so the hook
+    runs on every frame and sees the 5-D frame."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    dims = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "batch_norm" in str(func) and "backward" not in str(func):
+                dims.append(args[0].dim())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(torch.initial_seed() % 1000)
+    model = randomize_norms(Residuals().to(DT)).train()
+    video, target = _clip(2, 6, 6, 5), torch.randint(0, 6, (2,))
+    for policy in ("frame", "frozen"):
+        dims.clear()
+        pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm=policy, example=video[:1])
+        with Record():
+            pipe.backward_clip(video, target)
+        assert dims and set(dims) == {4}, policy
+    seen = []
+    model.bn1.register_forward_hook(lambda m, i, o: seen.append(i[0].dim()))
+    dims.clear()
+    with Record():
+        SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1]).backward_clip(video, target)
+    assert seen and set(seen) == {5} and set(dims) == {4, 5}
+
+
 class _PerFrameNorm(nn.Module):
     """The 'frame' policy written out: each frame normalised by its own (B, H, W) mean and
     biased variance, then scaled and shifted — plain frame-local ops, streamed as such."""
