@@ -117,7 +117,9 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     """``base`` with ``measured[arch]``: per op, the fastest backend (torch, cuda, triton) by the
     geometric mean of its times over the shapes all measured ones ran: the GPU time of a call
     (CUDA-graph replay, as the pipeline runs by default on CUDA) where every one has it, else the
-    eager call's."""
+    eager call's. An op this run did not measure keeps ``base``'s entry for the architecture,
+    named in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to
+    an unmeasured default)."""
     ops = {}
     for op, name in OP_NAMES.items():
         measured = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["impl"] in BACKENDS]
@@ -131,7 +133,11 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
         ops[name] = {"bfloat16": min(geo, key=geo.get)}
     table = json.loads(json.dumps(base))
     if ops:
-        table.setdefault("measured", {})[arch] = dict(device=device, date=datetime.date.today().isoformat(), ops=ops)
+        earlier = table.get("measured", {}).get(arch, {}).get("ops", {})
+        carried = sorted(set(earlier) - set(ops))
+        table.setdefault("measured", {})[arch] = dict(device=device, date=datetime.date.today().isoformat(),
+                                                      ops={**{k: earlier[k] for k in carried}, **ops},
+                                                      **({"from_earlier_runs": carried} if carried else {}))
     return table
 
 
