@@ -386,9 +386,9 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
         _descriptor_scratch(device)
         per_tile = 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1  # taps sharing one error box
         tiles_of = lambda cfg: triton.cdiv(c_out, cfg.BLOCK_M) * triton.cdiv(C, cfg.BLOCK_N) * (taps // per_tile)
-        # A kernel argument, so one value for every config the autotuner tries: as many splits as
-        # fill the SMs once with 128x64 tiles (smaller tiles give more items, which the persistent
-        # programs walk in whole waves).
+        # A kernel argument, so one value for every config the autotuner tries: the count that
+        # fills the SMs in the fewest waves per split with 128x64 tiles (configs.split_k; smaller
+        # tiles give more items, which the persistent programs walk).
         splits = _chosen["split"] or split_k(triton.cdiv(c_out, 128) * triton.cdiv(C, 64) * (taps // per_tile),
                                              K_total, 64, sms)
         partials = _partials(device, splits * taps * c_out * C)
@@ -398,7 +398,7 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
                 dict(**shape, TAPS=per_tile), device, element_size=ring.element_size())
     else:
         # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap; the splits (the
-        # finish kernel's argument, so one value for every config) fill the SMs with 128x64 tiles
+        # finish kernel's argument, so one value for every config) as split_k has them for 128x64 tiles
         tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * taps * triton.cdiv(cg, cfg.BLOCK_N)
         splits = _chosen["split"] or split_k(groups * triton.cdiv(c_out // groups, 128) * taps * triton.cdiv(cg, 64),
                                              K_total, 64, sms)
