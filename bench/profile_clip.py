@@ -6,6 +6,7 @@ of every kernel's interval: what a faster host path could at most recover is the
 kernel time summed (more than busy where stages' streams overlap), the kernel count, and the
 kernels by total time, each's share of the summed time. CUDA-graph replays are traced kernel by kernel but
 not by the op that launched them: ``--eager`` (no graphs) adds the GPU time per aten op.
+``--memory`` instead lists what stays allocated after a clip, by the line that allocated it.
 
     python bench/profile_clip.py --network r3d_18 --padding causal --frames 48 [--impl clip_bp] [--eager]
 """
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--device", default="cuda", help="cpu: a check that it runs (no kernels are traced)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: what stays allocated after a clip, by the line of ours that allocated it (CUDA)")
     a = p.parse_args(argv)
     import bench_gpu
     from torch.profiler import ProfilerActivity, profile
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     for _ in range(2):
         step()
     sync()
+    if a.memory:
+        return _memory_after_clip(step, a.top) if cuda else 0
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         start = time.perf_counter()
         step()
@@ -81,6 +86,35 @@ def main(argv=None) -> int:
         print(f"{'aten op (its own kernels)':60} {'calls':>6} {'GPU ms':>9} {'share':>6}")
         for name, n, t in sorted(ops, key=lambda o: -o[2])[:a.top]:
             print(f"{name[:60]:60} {n:6d} {t / 1e3:9.3f} {t / summed:6.1%}")
+    return 0
+
+
+def _memory_after_clip(step, top: int) -> int:
+    """One clip with the CUDA allocator's history on, then every block still allocated grouped by
+    the innermost frame of this repository's code that allocated it (graph pools included)."""
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
+    step()
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    ours = lambda f: "sideways_kernels" in f["filename"] or "/bench/" in f["filename"]
+    by_site, total = {}, 0
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            total += block["size"]
+            frames = [f for f in block.get("frames", []) if ours(f)]
+            site = (f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']} {frames[0]['name']}" if frames
+                    else "(before the history or outside this repository)")
+            n, b = by_site.get(site, (0, 0))
+            by_site[site] = (n + 1, b + block["size"])
+    mib = 2 ** 20
+    print(f"allocated after the clip {torch.cuda.memory_allocated() / mib:.0f} MiB (before it {before / mib:.0f}); "
+          f"blocks active in the snapshot {total / mib:.0f} MiB")
+    for site, (n, b) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{b / mib:9.1f} MiB {n:6d} blocks  {site}")
     return 0
 
 
