@@ -356,9 +356,11 @@ def test_non_finite_loss_leaves_batchnorm_buffers_as_they_were(mode):
         pipe.backward_clip(video, target)
     after = snapshot()
     assert [k for k in before if not torch.equal(after[k], before[k])] == []
-    # the clip had changed every one of them: a finite clip does
+    # the clip had changed every one of them: a finite clip does (another clip: with momentum None
+    # the running statistics are a cumulative average, which the same clip again leaves
+    # unchanged up to rounding — and now and then bit for bit)
     pipe.loss_fn = F.cross_entropy
-    pipe.backward_clip(video, target)
+    pipe.backward_clip(_video(T=6), target)
     after = snapshot()
     assert [k for k in before if torch.equal(after[k], before[k])] == []
 
