@@ -51,10 +51,9 @@ def main(argv=None) -> int:
 
     shapes = [bg.SHAPES[int(i)] for i in a.shapes.split(",")] if a.shapes else bg.SHAPES
     out = open(a.rows, "a") if a.rows else None
-    sms = T._sms(torch.device("cuda"))
     for shape in shapes:
         c_in, c_out, batch, hw = shape
-        auto = configs.split_k(-(-c_out // 128) * -(-c_in // 64) * 9, batch * hw * hw, 64, sms)
+        auto = T._weight_update_splits(c_out, c_in, 1, 27, 3, batch * hw * hw, torch.device("cuda"))  # the box path's
         runs = [("cudnn_cl", None, None), ("torch", None, None), ("triton", None, None), ("gemm-only", None, None)]
         runs += [("triton", cfg, max(1, round(auto * float(s))) if s != "auto" else auto)
                  for cfg in configs.configs_for("box_weight_update", 90) for s in a.splits.split(",") if s != "none"]

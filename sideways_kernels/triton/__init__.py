@@ -379,30 +379,22 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
         _check(buffer.shape == target.shape and buffer.stride() == target.stride() and buffer.dtype == target.dtype,
                "momentum_buffer must match the weight's shape, layout and dtype")
     device = ring.device
-    sms = _sms(device)
     taps, K_total, cg = k_t * k_h * k_w, B * h_out * w_out, C // groups
     shape = dict(KT=k_t, KH=k_h, KW=k_w)
-    if _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (C, c_out), (ring, grad_out))):
+    box = _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (C, c_out), (ring, grad_out)))
+    per_tile = (3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1) if box else 1  # taps sharing one error box
+    # a kernel argument (the finish's too), so one value for every config the autotuner tries
+    splits = _chosen["split"] or _weight_update_splits(c_out, cg, groups, taps, per_tile, K_total, device)
+    partials = _partials(device, splits * taps * c_out * cg)
+    if box:
         _descriptor_scratch(device)
-        per_tile = 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1  # taps sharing one error box
         tiles_of = lambda cfg: triton.cdiv(c_out, cfg.BLOCK_M) * triton.cdiv(C, cfg.BLOCK_N) * (taps // per_tile)
-        # A kernel argument, so one value for every config the autotuner tries: the count that
-        # fills the SMs in the fewest waves per split with 128x64 tiles (configs.split_k; smaller
-        # tiles give more items, which the persistent programs walk).
-        splits = _chosen["split"] or split_k(triton.cdiv(c_out, 128) * triton.cdiv(C, 64) * (taps // per_tile),
-                                             K_total, 64, sms)
-        partials = _partials(device, splits * taps * c_out * C)
         _launch(X._box_weight_update_kernel, "box_weight_update", lambda cfg: _persistent(tiles_of(cfg) * splits, device),
                 [grad_out, ring, partials, *_tma_strides(grad_out), *_tma_strides(ring), B, C, H, W, c_out, h_out,
                  w_out, R, slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"]],
                 dict(**shape, TAPS=per_tile), device, element_size=ring.element_size())
-    else:
-        # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap; the splits (the
-        # finish kernel's argument, so one value for every config) as split_k has them for 128x64 tiles
+    else:  # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
         tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * taps * triton.cdiv(cg, cfg.BLOCK_N)
-        splits = _chosen["split"] or split_k(groups * triton.cdiv(c_out // groups, 128) * taps * triton.cdiv(cg, 64),
-                                             K_total, 64, sms)
-        partials = _partials(device, splits * taps * c_out * cg)
         _launch(K._weight_update_kernel, "weight_update", lambda cfg: (tiles_of(cfg), splits, groups),
                 [grad_out, ring, partials, *grad_out.stride(), *ring.stride(), B, C, H, W, c_out, h_out, w_out, R,
                  slot, *stride, *padding, *dilation, dilation_t, groups, _chosen["rotation"]],
@@ -414,6 +406,15 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
         partials, target, buffer if buffer is not None else target, splits, c_out, cg, *target.stride(), *hyper,
         **shape, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov, FIRST_STEP=first_step,
         DENSE=target.is_contiguous(), TAPS_P2=taps_p2, BLOCK_MC=pairs, num_warps=FINISH.num_warps)
+
+
+def _weight_update_splits(c_out: int, cg: int, groups: int, taps: int, per_tile: int, positions: int,
+                         device: torch.device) -> int:
+    """The weight update's split count (what ``using(split=...)`` overrides): :func:`.configs.split_k`
+    for 128x64 tiles of ``per_tile`` taps (smaller tiles give more work items, which the box
+    kernel's persistent programs walk and the general kernel's grid holds)."""
+    tiles = groups * triton.cdiv(c_out // groups, 128) * triton.cdiv(cg, 64) * (taps // per_tile)
+    return split_k(tiles, positions, 64, _sms(device))
 
 
 def _partials(device: torch.device, floats: int) -> torch.Tensor:
