@@ -404,7 +404,8 @@ def _memory_parts(net, video, pipe) -> dict:
     if pipe is not None:
         import sideways_kernels.triton as T
         graphs = getattr(pipe, "_graphs", None)
-        derived = [v[3] for v in list(T._derived.values()) if v[0]() is not None]
+        ours = {id(p) for p in net.parameters()}  # this network's weights' copies, not another's in the process
+        derived = [v[3] for v in list(T._derived.values()) if v[0]() is not None and id(v[0]()) in ours]
         parts.update(held_mib=mib(pipe.engine.held_bytes()),
                      graph_held_mib=mib(graphs.held_bytes()) if graphs is not None else None,
                      graphs_captured=sum(c is not None for c in graphs.graphs.values()) if graphs is not None else None,
