@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import torch_backend
 from ._loader import backends
 
 # "auto": the default made explicit — on CUDA with both the CUDA kernels and Triton, per op and
@@ -79,7 +79,7 @@ def kernels(name: str) -> types.SimpleNamespace:
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS})
     if name == "triton":
         importlib.import_module("sideways_kernels.triton")  # registers torch.ops.sideways_triton
-    source = torch.ops.sideways_triton if name == "triton" else reference
+    source = torch.ops.sideways_triton if name == "triton" else torch_backend
     return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS})
 
 

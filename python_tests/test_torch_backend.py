@@ -1,0 +1,166 @@
+"""Oracle 1 for the torch backend (sideways_kernels/torch_backend.py): each op equals
+reference.py at every ring slot, on the op tests' geometries (the folded path and the ones that
+fall back), in float64 and in bfloat16 against float64; and the folded path's ATen calls are
+the few it promises (no window gathered, one convolution per op), which is its reason to exist."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sideways_kernels import reference as ref, torch_backend as tb
+from samples import GEOMETRIES, SGD_CONFIGS, Geometry, geometry_id, make, sgd_id
+
+TOL = {torch.float64: (1e-10, 1e-10), torch.bfloat16: (3e-2, 1e-1)}
+
+
+def _close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    scale = expected.abs().max().item() + 1
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _args(g):
+    return (*g.conv_args, g.dilation_t, g.groups)
+
+
+def _double(t):
+    return None if t is None else t.detach().double()
+
+
+def _cases(dtype):
+    """(geometry, dtype, slot) for every slot of every geometry: a tap rotated the wrong way
+    agrees with the reference at one slot in span."""
+    return [pytest.param(g, dtype, s, id=f"{geometry_id(g)}-{str(dtype)[6:]}-slot{s}")
+            for g in GEOMETRIES for s in range(g.span)]
+
+
+CASES = _cases(torch.float64) + _cases(torch.bfloat16)
+
+
+@pytest.mark.parametrize("geom,dtype,slot", CASES)
+def test_ring_conv_forward_matches_reference(geom, dtype, slot):
+    t = make(geom, dtype, torch.float32 if dtype == torch.bfloat16 else None)
+    ring = t["ring"].clone()
+    ring[slot] = float("nan")  # the op must overwrite the slot it pushes into
+    expected_ring = t["ring"].double()
+    expected = ref.ring_conv_forward(expected_ring, _double(t["frame"]), slot, _double(t["weight"]),
+                                     _double(t["bias"]), *_args(geom))
+    out = tb.ring_conv_forward(ring, t["frame"], slot, t["weight"], t["bias"], *_args(geom))
+    assert out.dtype == dtype and out.shape == expected.shape
+    _close(out, expected, dtype, "output")
+    _close(ring, expected_ring, dtype, "ring after the write")
+    held = tb.ring_conv_forward(ring, None, slot, t["weight"], t["bias"], *_args(geom))  # hold: the ring as it is
+    _close(held, expected, dtype, "output of the ring without a push")
+
+
+@pytest.mark.parametrize("geom,dtype,slot", CASES[:len(CASES) // 2:3] + CASES[len(CASES) // 2::3])
+def test_window_input_grad_matches_reference(geom, dtype, slot):
+    t = make(geom, dtype, torch.float32 if dtype == torch.bfloat16 else None)
+    size = (geom.height, geom.width)
+    expected = ref.window_input_grad(_double(t["grad_out"]), _double(t["weight"]), size, geom.stride, geom.padding,
+                                     geom.dilation, geom.groups)
+    out = tb.window_input_grad(t["grad_out"], t["weight"], size, geom.stride, geom.padding, geom.dilation,
+                               geom.groups)
+    assert out.shape == expected.shape and out.dtype == dtype
+    _close(out, expected, dtype, "input gradient")
+
+
+@pytest.mark.parametrize("geom,dtype,slot", CASES)
+def test_weight_grad_accumulate_matches_reference(geom, dtype, slot):
+    t = make(geom, dtype, torch.float32 if dtype == torch.bfloat16 else None)
+    grad_w, grad_b = torch.randn_like(t["weight"]), torch.randn_like(t["bias"])  # "+=" onto values, twice
+    exp_w, exp_b = grad_w.double(), grad_b.double()
+    for _ in range(2):
+        tb.weight_grad_accumulate(grad_w, grad_b, t["grad_out"], t["ring"], slot, *_args(geom))
+        ref.weight_grad_accumulate(exp_w, exp_b, _double(t["grad_out"]), _double(t["ring"]), slot, *_args(geom))
+    assert grad_w.dtype == t["weight"].dtype and grad_w.stride() == t["weight"].stride()
+    _close(grad_w, exp_w, dtype, "grad_weight")
+    _close(grad_b, exp_b, dtype, "grad_bias")
+    no_bias, exp_no_bias = torch.zeros_like(t["weight"]), torch.zeros_like(exp_w)
+    tb.weight_grad_accumulate(no_bias, None, t["grad_out"], t["ring"], slot, *_args(geom))
+    ref.weight_grad_accumulate(exp_no_bias, None, _double(t["grad_out"]), _double(t["ring"]), slot, *_args(geom))
+    _close(no_bias, exp_no_bias, dtype, "grad_weight without a bias")
+
+
+@pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=sgd_id)
+@pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g.groups == 1 and g.dilation_t == 1]
+                         + [GEOMETRIES[2]], ids=geometry_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout):
+    """Three ticks, each at another slot, of the fused update == torch.optim.SGD.step on the
+    reference gradient (float64; a channels-last weight takes the unfused step)."""
+    t = make(geom, torch.float64)
+    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    w = t["weight"].contiguous(memory_format=fmt)
+    w_opt = w.detach().clone().requires_grad_()
+    b_opt = t["bias"].detach().clone().requires_grad_()
+    opt = torch.optim.SGD([w_opt, b_opt], **hyper)
+    w, b = w.clone(), t["bias"].clone()
+    momentum = hyper.get("momentum", 0.0)
+    buf_w = torch.full_like(w, float("nan")) if momentum else None  # poison: the first step must overwrite
+    buf_b = torch.full_like(b, float("nan")) if momentum else None
+    full = {**dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False), **hyper}
+    for tick in range(3):
+        grad_out, ring = torch.randn_like(t["grad_out"]), torch.randn_like(t["ring"])
+        slot = tick % geom.span
+        gw, gb = torch.zeros_like(w_opt), torch.zeros_like(b_opt)
+        ref.weight_grad_accumulate(gw, gb, grad_out, ring, slot, *_args(geom))
+        w_opt.grad, b_opt.grad = gw, gb
+        opt.step()
+        tb.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, slot, *_args(geom), full["lr"], full["momentum"],
+                           full["dampening"], full["weight_decay"], full["nesterov"], tick == 0)
+        _close(w, w_opt.detach(), torch.float64, f"weight after tick {tick}")
+        _close(b, b_opt.detach(), torch.float64, f"bias after tick {tick}")
+        if momentum:
+            _close(buf_w, opt.state[w_opt]["momentum_buffer"], torch.float64, f"momentum buffer after tick {tick}")
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that launch no kernel: views, aliases, allocation, type arithmetic.
+_NO_KERNEL = {"view", "permute", "transpose", "select", "unsqueeze", "squeeze", "expand", "as_strided", "_unsafe_view",
+          "slice", "alias", "detach", "t", "unflatten", "_reshape_alias", "reshape", "empty", "empty_like",
+          "empty_strided", "new_empty", "new_empty_strided", "promote_types"}
+
+
+def _moving(calls: _Calls) -> dict:
+    return {k: v for k, v in calls.names.items() if k not in _NO_KERNEL}
+
+
+def test_folded_ops_gather_no_window_and_run_one_convolution():
+    """On the layers' ring layout (ops.empty_ring), bf16 activations, fp32 weights: the forward
+    is a weight rotation, one convolution and the bias; the input gradient one tap sum, one cast,
+    one transposed convolution; the weight gradient one convolution, one rotation back and the
+    adds; the SGD tick the same and one fused step. reference.py stacks the window each time."""
+    g = Geometry(2, 8, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    t = make(g, torch.bfloat16, torch.float32)
+    w, b, gw, gb, buf_w, buf_b = (torch.zeros_like(x) for x in [t["weight"], t["bias"]] * 3)
+    counts = {}
+    for name, call in [
+        ("forward", lambda: tb.ring_conv_forward(t["ring"], t["frame"], 0, t["weight"], t["bias"], *_args(g))),
+        ("input_grad", lambda: tb.window_input_grad(t["grad_out"], t["weight"], (6, 7), g.stride, g.padding,
+                                                    g.dilation, 1)),
+        ("accumulate", lambda: tb.weight_grad_accumulate(gw, gb, t["grad_out"], t["ring"], 0, *_args(g))),
+        ("sgd", lambda: tb.sgd_tick_update(w, buf_w, b, buf_b, t["grad_out"], t["ring"], 0, *_args(g), 0.1, 0.9, 0.0,
+                                           1e-4, False, False)),
+    ]:
+        with _Calls() as calls:
+            call()
+        counts[name] = _moving(calls)
+    for name, c in counts.items():
+        assert not {"stack", "cat", "clone", "contiguous"} & set(c), (name, c)
+    conv = {"convolution", "convolution_backward"}
+    assert counts["forward"] == {"copy_": 2, "roll": 1, "convolution": 1, "add_": 1}, counts
+    assert counts["input_grad"] == {"sum": 1, "_to_copy": 1, "convolution_backward": 1}, counts
+    assert counts["accumulate"] == {"convolution_backward": 1, "roll": 1, "add_": 2, "sum": 1}, counts
+    assert sum(v for k, v in counts["sgd"].items() if k in conv) == 1 and counts["sgd"].get("_fused_sgd_") == 1, counts

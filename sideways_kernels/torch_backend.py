@@ -1,0 +1,127 @@
+"""The torch backend: each sideways op as the fewest ATen calls (cuDNN on CUDA), for where
+those win (``dispatch.json``) and for machines without our kernels.
+
+The ring (``ops.empty_ring``) is one channels-last image of ``span*C`` channels, slot after
+slot, so a window's convolution is a 2-D convolution of that image with the weight's taps laid
+along the channels in slot order — the taps rotated by where the window starts. No window is
+gathered (reference.py stacks the window's frames for ``conv3d`` on every call: three strided
+copies of activations per op on a GPU). The input gradient sums the taps' weights once
+instead of running one transposed convolution per tap, and the SGD step is one fused
+``torch._fused_sgd_`` call. A temporally dilated or grouped conv does not fold that way and
+runs reference.py's definition.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+__all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update"]
+
+
+def _folds(ring: torch.Tensor, dilation_t: int, groups: int) -> bool:
+    """Whether the window is the whole ring, every slot a tap (no temporal dilation), and the
+    taps can share one channel axis (no groups)."""
+    return groups == 1 and (dilation_t == 1 or ring.shape[0] == 1)
+
+
+def _ring_image(ring: torch.Tensor) -> torch.Tensor:
+    """``[B, span*C, H, W]``, channel ``s*C + c`` = channel ``c`` of slot ``s``: a view of a ring
+    in ``ops.empty_ring``'s layout (a copy of any other)."""
+    return ring.transpose(0, 1).flatten(1, 2)
+
+
+def _folded_weight(weight: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[C_out, span*C, k_h, k_w]`` in ``dtype``, channels-last, whose channels ``s*C..`` hold
+    the tap that reads slot ``s`` when the window's newest frame is in ``slot``: tap ``j`` reads
+    slot ``(slot + 1 + j) % span`` (``reference.tap_slots``)."""
+    c_out, c_in, span, kh, kw = weight.shape
+    taps = _dense(weight.permute(0, 3, 4, 2, 1), dtype)  # [o, kh, kw, t, c]
+    slots = torch.roll(taps, (slot + 1) % span, dims=3) if (slot + 1) % span else taps
+    return slots.view(c_out, kh, kw, span * c_in).permute(0, 3, 1, 2)
+
+
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous tensor of ``dtype``, in one copy (``.to`` keeps a permuted layout)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+def _unfolded_grad(grad2d: torch.Tensor, slot: int, span: int) -> torch.Tensor:
+    """The weight gradient of :func:`_folded_weight`'s layout back in the weight's taps,
+    ``[C_out, C, span, k_h, k_w]`` (a view of a fresh tensor in the dtype of ``grad2d``)."""
+    c_out, sc, kh, kw = grad2d.shape
+    slots = grad2d.permute(0, 2, 3, 1).reshape(c_out, kh, kw, span, sc // span)
+    taps = torch.roll(slots, -((slot + 1) % span), dims=3) if (slot + 1) % span else slots
+    return taps.permute(0, 4, 3, 1, 2)
+
+
+def ring_conv_forward(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups):
+    """``reference.ring_conv_forward``: one 2-D convolution of the ring image."""
+    if not _folds(ring, dilation_t, groups):
+        return reference.ring_conv_forward(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t,
+                                           groups)
+    if frame is not None:
+        ring[slot].copy_(frame)
+    out = F.conv2d(_ring_image(ring), _folded_weight(weight, slot, ring.dtype), None, stride, padding, dilation)
+    if bias is not None:  # in the output's dtype as nn.Conv3d adds it; one kernel, no cast of the bias first
+        out.add_(bias.view(1, -1, 1, 1))
+    return out
+
+
+def window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups):
+    """``reference.window_input_grad``: every tap sends ``grad_out`` through its transpose onto
+    the same frame, so the sum over taps is one transposed convolution with the summed taps."""
+    shape = (grad_out.shape[0], weight.shape[1] * groups, *input_size)
+    summed = weight.sum(2, dtype=torch.promote_types(weight.dtype, torch.float32))
+    return torch.nn.grad.conv2d_input(shape, summed.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
+
+
+def _weight_grad(grad_out, ring, slot, weight_shape, stride, padding, dilation):
+    """dL/dW of the window's convolution, ``[C_out, C, span, k_h, k_w]`` in the activations' dtype."""
+    c_out, c_in, span, kh, kw = weight_shape
+    grad2d = torch.nn.grad.conv2d_weight(_ring_image(ring), (c_out, span * c_in, kh, kw), grad_out, stride,
+                                         padding, dilation)
+    return _unfolded_grad(grad2d, slot, span)
+
+
+def _bias_grad(grad_out, dtype):
+    return grad_out.sum((0, 2, 3), dtype=dtype)
+
+
+def weight_grad_accumulate(grad_weight, grad_bias, grad_out, ring, slot, stride, padding, dilation, dilation_t,
+                           groups):
+    """``reference.weight_grad_accumulate`` through one 2-D weight gradient of the ring image."""
+    if not _folds(ring, dilation_t, groups):
+        return reference.weight_grad_accumulate(grad_weight, grad_bias, grad_out, ring, slot, stride, padding,
+                                                dilation, dilation_t, groups)
+    grad_weight.add_(_weight_grad(grad_out, ring, slot, grad_weight.shape, stride, padding, dilation))
+    if grad_bias is not None:
+        grad_bias.add_(_bias_grad(grad_out, grad_bias.dtype))
+
+
+def sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring, slot, stride, padding,
+                    dilation, dilation_t, groups, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """``reference.sgd_tick_update``: the gradient as above, then torch.optim.SGD's own fused step
+    (``SGD(fused=True)``'s kernel) over the weight and bias together."""
+    if not _folds(ring, dilation_t, groups):
+        return reference.sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_out, ring, slot,
+                                         stride, padding, dilation, dilation_t, groups, lr, momentum, dampening,
+                                         weight_decay, nesterov, first_step)
+    grad = _weight_grad(grad_out, ring, slot, weight.shape, stride, padding, dilation)
+    params, grads, bufs = [weight], [_dense(grad, weight.dtype)], [momentum_buffer]
+    if bias is not None:
+        params.append(bias)
+        grads.append(_bias_grad(grad_out, bias.dtype))
+        bufs.append(bias_momentum_buffer)
+    hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step)
+    tensors = params + (bufs if momentum != 0 else [])
+    # SGD(fused=True)'s kernel walks each tensor's memory in order: only for contiguous ones of one dtype
+    if all(t.is_contiguous() for t in tensors) and len({(p.dtype, p.device) for p in params}) == 1:
+        torch._fused_sgd_(params, grads, bufs if momentum != 0 else [], weight_decay=weight_decay, momentum=momentum,
+                          lr=lr, dampening=dampening, nesterov=nesterov, maximize=False, is_first_step=first_step)
+    else:
+        for p, g, b in zip(params, grads, bufs):
+            reference.sgd_step(p, b, g, *hyper)
