@@ -215,11 +215,7 @@ class SidewaysConv3d(nn.Conv3d):
         if s.mode == "infer" or not torch.is_grad_enabled():
             out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *args)
         else:
-            out = _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
-            # Not a view: an in-place layer next (ReLU(inplace=True)) would otherwise make autograd
-            # hand its backward a contiguous copy of the gradient, several times slower against
-            # channels-last activations than the copy made here.
-            return out.unsqueeze(2).clone()  # same strides
+            return _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
         return out.unsqueeze(2)
 
     def _window_forward(self, frame: torch.Tensor, action: str, emit: bool):
@@ -262,13 +258,18 @@ class _SidewaysTick(torch.autograd.Function):
         # Everything the backward needs, as of this tick (it may run after the run ended).
         ctx.layer, ctx.stream, ctx.ring, ctx.slot, ctx.live = layer, s, layer._ring, slot, live
         ctx.input_hw = list(frame.shape[-2:])
-        return s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[1])
+        out = s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[1])
+        # [B, C', 1, H', W'] by changing the fresh output's own shape, not as a view of it: a view
+        # made here may not be modified in place (ReLU(inplace=True) next), and a copy would cost
+        # a pass over the activation every tick.
+        return out.unsqueeze_(2)
 
     @staticmethod
     def backward(ctx, grad_out):
         layer: SidewaysConv3d = ctx.layer
         s, ring = ctx.stream, ctx.ring
         args = s.geometry[1]
+        grad_out = grad_out.squeeze(2)
         if not grad_out.is_contiguous(memory_format=torch.channels_last):  # the layout every backend reads best
             grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_frame = None
