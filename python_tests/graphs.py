@@ -106,7 +106,8 @@ class Residuals(TrunkWithPooledHead):
 
 class Pools(nn.Module):
     """Temporal pools in the ways PyTorch allows: an average in ceil mode without counting the
-    padding, one with a divisor override, a dilated max-pool; a mean over time as the head."""
+    padding, one with a divisor override, a dilated max-pool; pools within a frame (streamed as
+    2-D pools) likewise; a mean over time as the head."""
 
     def __init__(self, c=3, classes=4):
         super().__init__()
@@ -115,10 +116,15 @@ class Pools(nn.Module):
                                 count_include_pad=False)
         self.avg2 = nn.AvgPool3d((2, 1, 1), stride=1, divisor_override=3)
         self.max = nn.MaxPool3d((2, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1), dilation=(2, 1, 1))
+        self.frame_max = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), dilation=(3, 2, 1),
+                                      ceil_mode=True)
+        self.frame_avg = nn.AvgPool3d((1, 2, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+        self.frame_avg2 = nn.AvgPool3d((1, 2, 1), stride=1, divisor_override=3)
         self.cls = nn.Conv3d(5, classes, 1)
 
     def trunk(self, x):
-        return self.cls(self.max(torch.tanh(self.avg2(self.avg(torch.tanh(self.conv(x)))))))
+        x = self.max(torch.tanh(self.avg2(self.avg(torch.tanh(self.conv(x))))))
+        return self.cls(self.frame_avg2(self.frame_avg(self.frame_max(x))))
 
     def forward(self, x):
         return self.trunk(x).mean(dim=(2, 3, 4))

@@ -482,6 +482,34 @@ def test_batchnorm_runs_on_4d_frames_and_hooks_still_see_the_module_call():
     assert seen and set(seen) == {5} and set(dims) == {4, 5}
 
 
+def test_pools_within_a_frame_run_as_2d_pools_and_hooks_still_see_the_module_call():
+    """A max/avg pool that does not reach across frames streams as the 2-D pool of the 4-D frame
+    (PyTorch's fast channels-last kernels; same numbers: ``Pools`` in the exactness tests) in
+    both directions — but a pool with a hook is called as the model calls it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    names = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "pool" in str(func):
+                names.append(str(func.overloadpacket).split(".")[-1])
+            return func(*args, **(kwargs or {}))
+
+    model = _PooledAtTheEnd(nn.Sequential(nn.MaxPool3d((1, 2, 2)), nn.AvgPool3d((1, 3, 3), stride=1,
+                                                                              padding=(0, 1, 1)))).to(DT)
+    video, target = _clip(2, 5, 8, 8, C=2), torch.randint(0, 3, (2,))
+    with Record():
+        SidewaysPipeline.from_model(model, stages=2, example=video[:1]).backward_clip(video, target)
+    assert set(names) == {"max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d",
+                          "avg_pool2d_backward"}, set(names)
+    seen = []
+    model.pool[0].register_forward_hook(lambda m, i, o: seen.append(i[0].dim()))
+    names.clear()
+    with Record():
+        SidewaysPipeline.from_model(model, stages=2, example=video[:1]).backward_clip(video, target)
+    assert seen and set(seen) == {5} and "max_pool3d_with_indices" in names and "avg_pool2d" in names
+
+
 class _PerFrameNorm(nn.Module):
     """The 'frame' policy written out: each frame normalised by its own (B, H, W) mean and
     biased variance, then scaled and shifted — plain frame-local ops, streamed as such."""
