@@ -20,6 +20,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def short_name(kernel: str, width: int = 110) -> str:
+    """A kernel's name without the namespaces and qualifiers that fill its first 90 characters,
+    so the functor (which copy, which binary op) shows."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "c10::", "at::", "std::"):
+        kernel = kernel.replace(noise, "")
+    return kernel[:width]
+
+
 def busy_us(intervals) -> float:
     """Length of the union of (start, end) intervals."""
     total, end = 0.0, float("-inf")
@@ -77,9 +85,9 @@ def main(argv=None) -> int:
     for e in kernels:
         n, t = by_name.get(e.name, (0, 0.0))
         by_name[e.name] = (n + 1, t + e.time_range.elapsed_us())
-    print(f"{'kernel':90} {'calls':>6} {'total ms':>9} {'share':>6} {'mean us':>8}")
+    print(f"{'kernel':110} {'calls':>6} {'total ms':>9} {'share':>6} {'mean us':>8}")
     for name, (n, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:a.top]:
-        print(f"{name[:90]:90} {n:6d} {t / 1e3:9.3f} {t / summed:6.1%} {t / n:8.1f}")
+        print(f"{short_name(name):110} {n:6d} {t / 1e3:9.3f} {t / summed:6.1%} {t / n:8.1f}")
     if a.eager:  # the GPU time of the kernels each op launched itself
         ops = [(e.key, e.count, getattr(e, "self_device_time_total", 0)) for e in prof.key_averages()
                if e.device_type == torch.autograd.DeviceType.CPU]
