@@ -5,10 +5,11 @@ one; refusals that name what they refused. torchvision's own model code and ours
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sideways_kernels import SidewaysPipeline, StreamingError, models
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, StreamingError, models
 from sideways_kernels.cuda_graphs import TickGraphs
 from graphs import (DT, Branches, FirstTemporalThenLocal, NoPadding, Pools, Residuals, objective, randomize_norms,
                     s3d_frames, video_resnet_frames)
@@ -451,63 +452,59 @@ def test_batchnorm_frame_policy(mode):
         assert _global_rel(_grads(model), _grads(reference)) <= 1e-9
 
 
-def test_batchnorm_runs_on_4d_frames_and_hooks_still_see_the_module_call():
+class _RecordPools(TorchDispatchMode):
+    """The ATen ops of batch norms and pools, each with its input's number of dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if ("pool" in name or "batch_norm" in name) and "backward" not in name:
+            self.ops.append((name, args[0].dim()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_batchnorm_runs_on_4d_frames_and_hooks_still_see_the_5d_frame():
     """PyTorch's fast per-channel BatchNorm kernels (CUDA) take 4-D channels-last tensors, not
     5-D: every batch_norm of a streamed frame gets [B, C, H, W] (same numbers: the policies'
-    tests above) — but a BatchNorm with a hook is called as the model calls it, so the hook
-    runs on every frame and sees the 5-D frame."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    dims = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "batch_norm" in str(func) and "backward" not in str(func):
-                dims.append(args[0].dim())
-            return func(*args, **(kwargs or {}))
-
+    tests above), under every policy — and a hook on the BatchNorm still runs on every frame
+    and sees the 5-D frame, as the model calls it."""
     torch.manual_seed(torch.initial_seed() % 1000)
     model = randomize_norms(Residuals().to(DT)).train()
     video, target = _clip(2, 6, 6, 5), torch.randint(0, 6, (2,))
-    for policy in ("frame", "frozen"):
-        dims.clear()
-        pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm=policy, example=video[:1])
-        with Record():
-            pipe.backward_clip(video, target)
-        assert dims and set(dims) == {4}, policy
     seen = []
     model.bn1.register_forward_hook(lambda m, i, o: seen.append(i[0].dim()))
-    dims.clear()
-    with Record():
-        SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1]).backward_clip(video, target)
-    assert seen and set(seen) == {5} and set(dims) == {4, 5}
+    for policy in ("frame", "frozen"):
+        pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm=policy, example=video[:1])
+        with _RecordPools() as rec:
+            pipe.backward_clip(video, target)
+        norms = [d for name, d in rec.ops if "batch_norm" in name]
+        assert norms and set(norms) == {4}, (policy, rec.ops)
+    assert seen and set(seen) == {5}
 
 
-def test_pools_within_a_frame_run_as_2d_pools_and_hooks_still_see_the_module_call():
+def test_pools_within_a_frame_run_as_2d_pools_in_graphs_and_chains():
     """A max/avg pool that does not reach across frames streams as the 2-D pool of the 4-D frame
-    (PyTorch's fast channels-last kernels; same numbers: ``Pools`` in the exactness tests) in
-    both directions — but a pool with a hook is called as the model calls it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    names = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "pool" in str(func):
-                names.append(str(func.overloadpacket).split(".")[-1])
-            return func(*args, **(kwargs or {}))
-
-    model = _PooledAtTheEnd(nn.Sequential(nn.MaxPool3d((1, 2, 2)), nn.AvgPool3d((1, 3, 3), stride=1,
-                                                                              padding=(0, 1, 1)))).to(DT)
-    video, target = _clip(2, 5, 8, 8, C=2), torch.randint(0, 3, (2,))
-    with Record():
-        SidewaysPipeline.from_model(model, stages=2, example=video[:1]).backward_clip(video, target)
-    assert set(names) == {"max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d",
-                          "avg_pool2d_backward"}, set(names)
+    (PyTorch's NHWC kernels; same numbers: ``Pools`` in the exactness tests), in a converted
+    model and in a stage of the list API, the module's hooks seeing the 5-D frame; a pool over
+    time stays 3-D."""
+    model = _PooledAtTheEnd(nn.Sequential(nn.MaxPool3d((1, 2, 2)), nn.AvgPool3d((1, 3, 3), stride=1, padding=(0, 1, 1)),
+                                          nn.MaxPool3d((2, 1, 1), stride=1))).to(DT)
     seen = []
     model.pool[0].register_forward_hook(lambda m, i, o: seen.append(i[0].dim()))
-    names.clear()
-    with Record():
+    video, target = _clip(2, 5, 8, 8, C=2), torch.randint(0, 3, (2,))
+    with _RecordPools() as rec:
         SidewaysPipeline.from_model(model, stages=2, example=video[:1]).backward_clip(video, target)
-    assert seen and set(seen) == {5} and "max_pool3d_with_indices" in names and "avg_pool2d" in names
+    assert set(rec.ops) == {("max_pool2d_with_indices", 4), ("avg_pool2d", 4), ("max_pool3d_with_indices", 5)}, \
+        set(rec.ops)
+    assert seen and set(seen) == {5}
+    chain = [nn.Sequential(SidewaysConv3d(2, 3, 3, padding=1), nn.MaxPool3d((1, 2, 2)), nn.BatchNorm3d(3).eval()),
+             nn.Sequential(SidewaysConv3d(3, 2, 1), nn.AvgPool3d((1, 2, 2)))]
+    with _RecordPools() as rec:
+        list(SidewaysPipeline([s.to(DT) for s in chain]).stream(video))
+    assert set(rec.ops) == {("max_pool2d_with_indices", 4), ("avg_pool2d", 4), ("native_batch_norm", 4)}, set(rec.ops)
 
 
 class _PerFrameNorm(nn.Module):

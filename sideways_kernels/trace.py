@@ -36,56 +36,6 @@ BATCHNORM_POLICIES = (None, "frame", "frozen")
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-def _on_4d(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn`` on a frame ``[B, C, 1, H, W]`` given as ``[B, C, H, W]``, where PyTorch's CUDA kernels
-    for 4-D channels-last tensors are the fast ones: BatchNorm's per-channel kernels (a 5-D input
-    gets the general path, a Welford reduction and broadcast elementwise kernels: a third of a
-    converted r3d_18's GPU time per tick on an H100, 2026-11-28) and max/avg pooling's NHWC kernels
-    (the 3-D pools took a quarter of C3D's, same run). The same function of the same numbers."""
-    return fn(x.squeeze(2)).unsqueeze(2) if x.dim() == 5 and x.shape[2] == 1 else fn(x)
-
-
-class _Without5dCheck:
-    """A BatchNorm3d as ``_BatchNorm.forward`` sees it, but for its check that the input is
-    5-D: its momentum, running statistics (updated in place) and counter are the module's."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-    def _check_input_dim(self, x):
-        pass
-
-
-def _frame_form(m: nn.Module):
-    """The function of a 4-D frame that ``m`` computes on a 5-D one, for a BatchNorm3d and for a
-    pool that does not reach across frames; None for other modules."""
-    if isinstance(m, nn.BatchNorm3d) and type(m).forward is _BN.forward:
-        return lambda y: _BN.forward(_Without5dCheck(m), y)
-    if type(m) in (nn.MaxPool3d, nn.AvgPool3d) and not getattr(m, "return_indices", False):
-        k, s, p = _triple(m.kernel_size), _triple(m.stride if m.stride is not None else m.kernel_size), _triple(m.padding)
-        if (k[0], s[0], p[0]) != (1, 1, 0):
-            return None
-        if isinstance(m, nn.MaxPool3d):
-            return lambda y: F.max_pool2d(y, k[1:], s[1:], p[1:], _triple(m.dilation)[1:], m.ceil_mode)
-        return lambda y: F.avg_pool2d(y, k[1:], s[1:], p[1:], m.ceil_mode, m.count_include_pad, m.divisor_override)
-    return None
-
-
-def _call_on_frame(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)`` for a BatchNorm or a pool on a frame: on the 4-D frame (:func:`_on_4d`) where ``m``
-    is a plain BatchNorm3d or frame-local pool (:func:`_frame_form`), else as the model calls it
-    (its own forward, or hooks, which must see what they always see and must run)."""
-    hooks = (m._forward_hooks, m._forward_pre_hooks, nn.modules.module._global_forward_hooks,
-             nn.modules.module._global_forward_pre_hooks)
-    form = _frame_form(m)
-    if form is None or any(hooks):
-        return m(x)
-    return _on_4d(form, x)
-
-
 class StreamingError(ValueError):
     """The model cannot stream: every node that cannot, and why."""
 
@@ -332,7 +282,7 @@ class _Builder:
             k, s = _triple(m.kernel_size), _triple(m.stride if m.stride is not None else m.kernel_size)
             p = _triple(m.padding)
             if (k[0], s[0], p[0]) == (1, 1, 0):
-                self._local(fxn, dynamic, v, call=lambda x, _m=m: _call_on_frame(_m, x), flops=float(k[1] * k[2]))
+                self._local(fxn, dynamic, v, flops=float(k[1] * k[2]))
                 return
             if isinstance(m, nn.MaxPool3d):
                 node = self._temporal(PoolNode, fxn.target, self._inputs(dynamic), m, kind="max", kernel=k, stride=s, padding=p,
@@ -394,23 +344,21 @@ class _Builder:
         """Eval mode with running statistics is frame-local. Training mode: the policy — per-frame
         batch statistics ("frame": the module itself on each frame, running buffers updated per
         frame, not on the drain's held samples) or running statistics ("frozen") — checked again at
-        every run (the model may be put in training mode later). Each runs on the frame as a 4-D
-        tensor (:func:`_on_4d`)."""
+        every run (the model may be put in training mode later)."""
         def frozen(x):
-            return _on_4d(lambda y: F.batch_norm(y, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0,
-                                                 m.eps), x)
+            return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
 
         def no_update(x):
             if not m.training and m.track_running_stats:
-                return _call_on_frame(m, x)
+                return m(x)
             if self.batchnorm == "frozen" and m.track_running_stats:
                 return frozen(x)
-            return _on_4d(lambda y: F.batch_norm(y, None, None, m.weight, m.bias, True, 0.0, m.eps), x)
+            return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
 
         def frame(x):
             if self.batchnorm == "frozen" and m.training and m.track_running_stats:
                 return frozen(x)
-            return _call_on_frame(m, x)
+            return m(x)
         self._local(fxn, dynamic, v, call=frame, flops=2.0, fn_no_update=no_update)
         self.bn_nodes.append((m, fxn.target))
 
