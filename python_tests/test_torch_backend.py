@@ -1,7 +1,8 @@
 """Oracle 1 for the torch backend (sideways_kernels/torch_backend.py): each op equals
 reference.py at every ring slot, on the op tests' geometries (the folded path and the ones that
-fall back), in float64 and in bfloat16 against float64; and the folded path's ATen calls are
-the few it promises (no window gathered, one convolution per op), which is its reason to exist."""
+fall back), in float64 and in bfloat16 against float64, on the CPU and (where there is one) on
+a GPU; and the folded path's ATen calls are the few it promises (no window gathered, one
+convolution per op), which is its reason to exist."""
 import collections
 
 import pytest
@@ -15,6 +16,7 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.bfloat16: (3e-2, 1e-1)}
 
 
 def _close(actual, expected, dtype, what):
+    actual = actual.cpu()
     rtol, atol = TOL[dtype]
     scale = expected.abs().max().item() + 1
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale,
@@ -26,7 +28,12 @@ def _args(g):
 
 
 def _double(t):
-    return None if t is None else t.detach().double()
+    """The float64 CPU copy the reference runs on."""
+    return None if t is None else t.detach().cpu().double()
+
+
+def _make(geom, dtype, device, param_dtype=None):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make(geom, dtype, param_dtype).items()}
 
 
 def _cases(dtype):
@@ -37,14 +44,16 @@ def _cases(dtype):
 
 
 CASES = _cases(torch.float64) + _cases(torch.bfloat16)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom,dtype,slot", CASES)
-def test_ring_conv_forward_matches_reference(geom, dtype, slot):
-    t = make(geom, dtype, torch.float32 if dtype == torch.bfloat16 else None)
+def test_ring_conv_forward_matches_reference(geom, dtype, slot, device):
+    t = _make(geom, dtype, device, torch.float32 if dtype == torch.bfloat16 else None)
     ring = t["ring"].clone()
     ring[slot] = float("nan")  # the op must overwrite the slot it pushes into
-    expected_ring = t["ring"].double()
+    expected_ring = _double(t["ring"])
     expected = ref.ring_conv_forward(expected_ring, _double(t["frame"]), slot, _double(t["weight"]),
                                      _double(t["bias"]), *_args(geom))
     out = tb.ring_conv_forward(ring, t["frame"], slot, t["weight"], t["bias"], *_args(geom))
@@ -55,9 +64,10 @@ def test_ring_conv_forward_matches_reference(geom, dtype, slot):
     _close(held, expected, dtype, "output of the ring without a push")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom,dtype,slot", CASES[:len(CASES) // 2:3] + CASES[len(CASES) // 2::3])
-def test_window_input_grad_matches_reference(geom, dtype, slot):
-    t = make(geom, dtype, torch.float32 if dtype == torch.bfloat16 else None)
+def test_window_input_grad_matches_reference(geom, dtype, slot, device):
+    t = _make(geom, dtype, device, torch.float32 if dtype == torch.bfloat16 else None)
     size = (geom.height, geom.width)
     expected = ref.window_input_grad(_double(t["grad_out"]), _double(t["weight"]), size, geom.stride, geom.padding,
                                      geom.dilation, geom.groups)
@@ -67,11 +77,12 @@ def test_window_input_grad_matches_reference(geom, dtype, slot):
     _close(out, expected, dtype, "input gradient")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom,dtype,slot", CASES)
-def test_weight_grad_accumulate_matches_reference(geom, dtype, slot):
-    t = make(geom, dtype, torch.float32 if dtype == torch.bfloat16 else None)
+def test_weight_grad_accumulate_matches_reference(geom, dtype, slot, device):
+    t = _make(geom, dtype, device, torch.float32 if dtype == torch.bfloat16 else None)
     grad_w, grad_b = torch.randn_like(t["weight"]), torch.randn_like(t["bias"])  # "+=" onto values, twice
-    exp_w, exp_b = grad_w.double(), grad_b.double()
+    exp_w, exp_b = _double(grad_w), _double(grad_b)
     for _ in range(2):
         tb.weight_grad_accumulate(grad_w, grad_b, t["grad_out"], t["ring"], slot, *_args(geom))
         ref.weight_grad_accumulate(exp_w, exp_b, _double(t["grad_out"]), _double(t["ring"]), slot, *_args(geom))
@@ -88,7 +99,8 @@ def test_weight_grad_accumulate_matches_reference(geom, dtype, slot):
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g.groups == 1 and g.dilation_t == 1]
                          + [GEOMETRIES[2]], ids=geometry_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
-def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout, device):
     """Three ticks, each at another slot, of the fused update == torch.optim.SGD.step on the
     reference gradient (float64; a channels-last weight takes the unfused step)."""
     t = make(geom, torch.float64)
@@ -97,7 +109,7 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout):
     w_opt = w.detach().clone().requires_grad_()
     b_opt = t["bias"].detach().clone().requires_grad_()
     opt = torch.optim.SGD([w_opt, b_opt], **hyper)
-    w, b = w.clone(), t["bias"].clone()
+    w, b = w.to(device, copy=True), t["bias"].to(device, copy=True)
     momentum = hyper.get("momentum", 0.0)
     buf_w = torch.full_like(w, float("nan")) if momentum else None  # poison: the first step must overwrite
     buf_b = torch.full_like(b, float("nan")) if momentum else None
@@ -109,8 +121,8 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout):
         ref.weight_grad_accumulate(gw, gb, grad_out, ring, slot, *_args(geom))
         w_opt.grad, b_opt.grad = gw, gb
         opt.step()
-        tb.sgd_tick_update(w, buf_w, b, buf_b, grad_out, ring, slot, *_args(geom), full["lr"], full["momentum"],
-                           full["dampening"], full["weight_decay"], full["nesterov"], tick == 0)
+        tb.sgd_tick_update(w, buf_w, b, buf_b, grad_out.to(device), ring.to(device), slot, *_args(geom), full["lr"],
+                           full["momentum"], full["dampening"], full["weight_decay"], full["nesterov"], tick == 0)
         _close(w, w_opt.detach(), torch.float64, f"weight after tick {tick}")
         _close(b, b_opt.detach(), torch.float64, f"bias after tick {tick}")
         if momentum:
