@@ -122,6 +122,9 @@ def sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_ou
     if all(t.is_contiguous() for t in tensors) and len({(p.dtype, p.device) for p in params}) == 1:
         torch._fused_sgd_(params, grads, bufs if momentum != 0 else [], weight_decay=weight_decay, momentum=momentum,
                           lr=lr, dampening=dampening, nesterov=nesterov, maximize=False, is_first_step=first_step)
+        # it writes without bumping the versions, which autograd's saved-tensor check and the
+        # kernels' caches of the 16-bit weight rely on (ATen's in-place ops bump them)
+        torch.autograd.graph.increment_version(tensors)
     else:
         for p, g, b in zip(params, grads, bufs):
             reference.sgd_step(p, b, g, *hyper)
