@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import backend as _backend
 from .cuda_graphs import TickGraphs
 from .engine import Engine, _StageTimer
-from .graph import SOURCE, ChainNode, ConvNode, LocalNode, Node, StreamGraph, balance, cut_points
+from .graph import SOURCE, ChainNode, ConvNode, LocalNode, Node, StreamGraph, _triple, balance, cut_points
 from .nn import SidewaysConv3d
 from .schedule import Schedule
 from .trace import StreamingError, trace_model
@@ -45,10 +45,6 @@ class ClipResult(NamedTuple):
     loss: torch.Tensor  # the clip loss: mean over output frames of loss_fn(frame logits, target), detached
     outputs: Optional[torch.Tensor]  # the per-frame outputs stacked in time at dim 2 (None on ranks without the top)
     logits: Optional[torch.Tensor] = None  # the clip's prediction: the mean of the frame logits [B, K]
-
-
-def _triple(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
 _MIXES_TIME = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,

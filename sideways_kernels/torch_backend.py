@@ -12,8 +12,6 @@ runs reference.py's definition.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 

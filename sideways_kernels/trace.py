@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import SOURCE, TEMPORAL_PADDINGS, ConvNode, LocalNode, Node, PoolNode, StreamGraph
+from .graph import SOURCE, TEMPORAL_PADDINGS, ConvNode, LocalNode, Node, PoolNode, StreamGraph, _triple
 from .nn import SidewaysConv3d, convert
 
 __all__ = ["trace_model", "StreamingError", "BATCHNORM_POLICIES"]
@@ -95,10 +95,6 @@ _FRAME_LOCAL_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SE
                         nn.Dropout, nn.AlphaDropout, nn.Threshold)
 _MIXES_TIME = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
                nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-def _triple(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
 def _describe(fxn: fx.Node, root: nn.Module) -> str:

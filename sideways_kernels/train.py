@@ -295,11 +295,10 @@ def _file_kind(path: str) -> Optional[str]:
         if head.startswith(magic):
             return kind
     try:
-        text = head.decode("utf-8")
+        head.decode("utf-8")
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
             return "binary data"
-        text = head[:exc.start].decode("utf-8")
     return "a text file"
 
 
