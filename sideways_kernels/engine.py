@@ -138,7 +138,8 @@ class Engine:
             return [p.grad for p in params], [layer._stream.fresh for layer in layers]
         grads, fresh = state
         for p, g in zip(params, grads):
-            p.grad = g
+            if p.grad is not g:  # (the setter's checks cost more than this look, every tick)
+                p.grad = g
         for layer, f in zip(layers, fresh):
             layer._stream.fresh = f
 
