@@ -4,6 +4,7 @@ fall back), in float64 and in bfloat16 against float64, on the CPU and (where th
 a GPU; and the folded path's ATen calls are the few it promises (no window gathered, one
 convolution per op), which is its reason to exist."""
 import collections
+import types
 
 import pytest
 import torch
@@ -47,9 +48,19 @@ CASES = _cases(torch.float64) + _cases(torch.bfloat16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(params=["unpadded", "padded"])
+def padding(request, monkeypatch):
+    """The ring image as it is, or with zero channels appended (as the RGB stem's on CUDA in 16
+    bits, forced here on every geometry, and never a multiple of 8 of them: a pad that leaks into
+    the result must show)."""
+    if request.param == "padded":
+        monkeypatch.setattr(tb, "channel_pad", lambda ring: 5)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom,dtype,slot", CASES)
-def test_ring_conv_forward_matches_reference(geom, dtype, slot, device):
+def test_ring_conv_forward_matches_reference(geom, dtype, slot, device, padding):
     t = _make(geom, dtype, device, torch.float32 if dtype == torch.bfloat16 else None)
     ring = t["ring"].clone()
     ring[slot] = float("nan")  # the op must overwrite the slot it pushes into
@@ -79,7 +90,7 @@ def test_window_input_grad_matches_reference(geom, dtype, slot, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom,dtype,slot", CASES)
-def test_weight_grad_accumulate_matches_reference(geom, dtype, slot, device):
+def test_weight_grad_accumulate_matches_reference(geom, dtype, slot, device, padding):
     t = _make(geom, dtype, device, torch.float32 if dtype == torch.bfloat16 else None)
     grad_w, grad_b = torch.randn_like(t["weight"]), torch.randn_like(t["bias"])  # "+=" onto values, twice
     exp_w, exp_b = _double(grad_w), _double(grad_b)
@@ -127,6 +138,15 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout, device):
         _close(b, b_opt.detach(), torch.float64, f"bias after tick {tick}")
         if momentum:
             _close(buf_w, opt.state[w_opt]["momentum_buffer"], torch.float64, f"momentum buffer after tick {tick}")
+
+
+def test_only_a_small_16_bit_ring_image_on_cuda_is_padded():
+    """To a multiple of 8 channels, where cuDNN's tensor-core kernels want them: the stems."""
+    def ring(span, c, device="cuda", dtype=torch.bfloat16):
+        return types.SimpleNamespace(shape=(span, 2, c, 5, 5), is_cuda=device == "cuda", dtype=dtype)
+    assert tb.channel_pad(ring(3, 3)) == 7 and tb.channel_pad(ring(1, 3, dtype=torch.float16)) == 5
+    assert tb.channel_pad(ring(2, 4)) == 0 and tb.channel_pad(ring(3, 45)) == 0  # aligned; large
+    assert tb.channel_pad(ring(3, 3, device="cpu")) == 0 and tb.channel_pad(ring(3, 3, dtype=torch.float32)) == 0
 
 
 class _Calls(TorchDispatchMode):

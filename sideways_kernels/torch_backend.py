@@ -26,20 +26,41 @@ def _folds(ring: torch.Tensor, dilation_t: int, groups: int) -> bool:
     return groups == 1 and (dilation_t == 1 or ring.shape[0] == 1)
 
 
-def _ring_image(ring: torch.Tensor) -> torch.Tensor:
-    """``[B, span*C, H, W]``, channel ``s*C + c`` = channel ``c`` of slot ``s``: a view of a ring
-    in ``ops.empty_ring``'s layout (a copy of any other)."""
-    return ring.transpose(0, 1).flatten(1, 2)
+def channel_pad(ring: torch.Tensor) -> int:
+    """Zero channels appended to a small ring image (the RGB stem's: 3 channels × 3 slots) on
+    CUDA in 16 bits, to a multiple of 8: cuDNN's tensor-core kernels read 8 channels at a time,
+    and the stem ran in its generic kernel (15% of C3D's and r3d_18's GPU time per tick as 3-D
+    convs on the H100, 2026-11-28). Larger images keep their channels (a copy would cost more)."""
+    channels = ring.shape[0] * ring.shape[2]
+    if ring.is_cuda and ring.dtype in (torch.float16, torch.bfloat16) and channels < 32:
+        return -channels % 8
+    return 0
 
 
-def _folded_weight(weight: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[C_out, span*C, k_h, k_w]`` in ``dtype``, channels-last, whose channels ``s*C..`` hold
-    the tap that reads slot ``s`` when the window's newest frame is in ``slot``: tap ``j`` reads
-    slot ``(slot + 1 + j) % span`` (``reference.tap_slots``)."""
+def _ring_image(ring: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """``[B, span*C (+ pad), H, W]``, channel ``s*C + c`` = channel ``c`` of slot ``s``: a view of
+    a ring in ``ops.empty_ring``'s layout (a copy of any other), or a copy with ``pad`` zero
+    channels after them."""
+    image = ring.transpose(0, 1).flatten(1, 2)
+    if not pad:
+        return image
+    b, c, h, w = image.shape
+    padded = image.new_zeros((b, h, w, c + pad)).permute(0, 3, 1, 2)
+    padded[:, :c].copy_(image)
+    return padded
+
+
+def _folded_weight(weight: torch.Tensor, slot: int, dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
+    """``[C_out, span*C (+ pad), k_h, k_w]`` in ``dtype``, channels-last, whose channels ``s*C..``
+    hold the tap that reads slot ``s`` when the window's newest frame is in ``slot``: tap ``j``
+    reads slot ``(slot + 1 + j) % span`` (``reference.tap_slots``); the ``pad`` channels zero."""
     c_out, c_in, span, kh, kw = weight.shape
     taps = _dense(weight.permute(0, 3, 4, 2, 1), dtype)  # [o, kh, kw, t, c]
     slots = torch.roll(taps, (slot + 1) % span, dims=3) if (slot + 1) % span else taps
-    return slots.view(c_out, kh, kw, span * c_in).permute(0, 3, 1, 2)
+    folded = slots.view(c_out, kh, kw, span * c_in)
+    if pad:
+        folded = torch.cat((folded, folded.new_zeros((c_out, kh, kw, pad))), dim=3)
+    return folded.permute(0, 3, 1, 2)
 
 
 def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,11 +68,12 @@ def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
-def _unfolded_grad(grad2d: torch.Tensor, slot: int, span: int) -> torch.Tensor:
+def _unfolded_grad(grad2d: torch.Tensor, slot: int, span: int, c_in: int) -> torch.Tensor:
     """The weight gradient of :func:`_folded_weight`'s layout back in the weight's taps,
-    ``[C_out, C, span, k_h, k_w]`` (a view of a fresh tensor in the dtype of ``grad2d``)."""
-    c_out, sc, kh, kw = grad2d.shape
-    slots = grad2d.permute(0, 2, 3, 1).reshape(c_out, kh, kw, span, sc // span)
+    ``[C_out, C, span, k_h, k_w]`` (a view of a fresh tensor in the dtype of ``grad2d``; the pad
+    channels' gradient dropped)."""
+    c_out, _, kh, kw = grad2d.shape
+    slots = grad2d[:, :span * c_in].permute(0, 2, 3, 1).reshape(c_out, kh, kw, span, c_in)
     taps = torch.roll(slots, -((slot + 1) % span), dims=3) if (slot + 1) % span else slots
     return taps.permute(0, 4, 3, 1, 2)
 
@@ -63,7 +85,9 @@ def ring_conv_forward(ring, frame, slot, weight, bias, stride, padding, dilation
                                            groups)
     if frame is not None:
         ring[slot].copy_(frame)
-    out = F.conv2d(_ring_image(ring), _folded_weight(weight, slot, ring.dtype), None, stride, padding, dilation)
+    pad = channel_pad(ring)
+    out = F.conv2d(_ring_image(ring, pad), _folded_weight(weight, slot, ring.dtype, pad), None, stride, padding,
+                   dilation)
     if bias is not None:  # in the output's dtype as nn.Conv3d adds it; one kernel, no cast of the bias first
         out.add_(bias.view(1, -1, 1, 1))
     return out
@@ -80,9 +104,10 @@ def window_input_grad(grad_out, weight, input_size, stride, padding, dilation, g
 def _weight_grad(grad_out, ring, slot, weight_shape, stride, padding, dilation):
     """dL/dW of the window's convolution, ``[C_out, C, span, k_h, k_w]`` in the activations' dtype."""
     c_out, c_in, span, kh, kw = weight_shape
-    grad2d = torch.nn.grad.conv2d_weight(_ring_image(ring), (c_out, span * c_in, kh, kw), grad_out, stride,
-                                         padding, dilation)
-    return _unfolded_grad(grad2d, slot, span)
+    pad = channel_pad(ring)
+    grad2d = torch.nn.grad.conv2d_weight(_ring_image(ring, pad), (c_out, span * c_in + pad, kh, kw), grad_out,
+                                         stride, padding, dilation)
+    return _unfolded_grad(grad2d, slot, span, c_in)
 
 
 def _bias_grad(grad_out, dtype):
