@@ -289,3 +289,19 @@ def test_clip_gradients_are_handed_over_and_taken_back_once_free(how):
         assert len(buffers) == 4
     else:
         assert len(buffers) == 1 and pipe._graphs.replays >= pipe.total_ticks(9, "sideways")
+
+
+def test_python_state_sets_and_clears_the_gradients():
+    """What a replay sets after the graph ran (emulated replays re-run the tick's Python, which
+    makes the gradients itself, so they never see the setter): another gradient, then none."""
+    net = classifier_net([(3, 1, 1), (2, 1, 1)])
+    pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=False)
+    pipe.backward_clip(torch.randn(2, 3, 7, 9, 8, dtype=DT), torch.randint(0, 7, (2,)))
+    engine = pipe.engine
+    params = engine._graph_params()
+    _, fresh = engine.python_state()
+    other = [torch.zeros_like(p) for p in params]
+    engine.python_state((other, fresh))
+    assert all(p.grad is o for p, o in zip(params, other))
+    engine.python_state(([None] * len(params), fresh))
+    assert all(p.grad is None for p in params)

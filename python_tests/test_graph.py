@@ -507,6 +507,42 @@ def test_pools_within_a_frame_run_as_2d_pools_in_graphs_and_chains():
     assert set(rec.ops) == {("max_pool2d_with_indices", 4), ("avg_pool2d", 4), ("native_batch_norm", 4)}, set(rec.ops)
 
 
+_FRAME_POOLS = [
+    lambda x: F.max_pool3d(x, (1, 2, 2), ceil_mode=True),
+    lambda x: F.max_pool3d(x, (1, 3, 3), (1, 2, 1), (0, 1, 1), (1, 2, 1)),
+    lambda x: F.max_pool3d(x, (1, 2, 2), stride=(2, 2, 2)),
+    lambda x: F.avg_pool3d(x, (1, 2, 2), ceil_mode=True),
+    lambda x: F.avg_pool3d(x, (1, 3, 3), 1, (0, 1, 1), count_include_pad=False),
+    lambda x: F.avg_pool3d(x, (1, 2, 2), 1, divisor_override=3),
+    lambda x: F.avg_pool3d(x, (2, 1, 1), 1),  # reaches across frames: refused on one frame, 2-D or not
+    lambda x: F.max_pool3d(x, (1, 2, 2), return_indices=True)[1],
+    lambda x: F.batch_norm(x, None, None, training=True),
+]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("i", range(len(_FRAME_POOLS)))
+def test_frame_kernels_compute_the_function_they_replace(i, T):
+    """Under FrameKernels each pool and batch norm gives what the 5-D call gives (odd sizes, so
+    ceil mode changes the shape), on one frame and on several (which it leaves alone), and
+    raises where that raises."""
+    from sideways_kernels.graph import FrameKernels
+    x = torch.randn(2, 3, T, 7, 7, dtype=torch.float64)
+
+    def run():
+        try:
+            return _FRAME_POOLS[i](x)
+        except RuntimeError as e:
+            return type(e)
+    with FrameKernels():
+        got = run()
+    expected = run()
+    if isinstance(expected, type):
+        assert got is expected
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 class _PerFrameNorm(nn.Module):
     """The 'frame' policy written out: each frame normalised by its own (B, H, W) mean and
     biased variance, then scaled and shifted — plain frame-local ops, streamed as such."""

@@ -581,3 +581,16 @@ def test_smoothing_keeps_oracle_4():
     assert rel_error(out["sideways"], out["bp"]) <= 1e-9
     with pytest.raises(ValueError, match="smoothing must be an int >= 1"):
         SidewaysPipeline(stages_of(net, 3), smoothing=0)
+
+
+def test_an_in_place_activation_after_a_streaming_conv_trains_as_an_out_of_place_one():
+    """ReLU(inplace=True) right after a SidewaysConv3d modifies the tick's output in place: it must
+    be the autograd Function's own output, not a view of it (autograd refuses that)."""
+    net = classifier_net([(3, 1, 1), (2, 1, 1)], act=lambda: nn.ReLU(inplace=True))
+    ref = classifier_net([(3, 1, 1), (2, 1, 1)])
+    ref.load_state_dict(net.state_dict())
+    video, target = torch.randn(2, 3, 7, 9, 8, dtype=DT), torch.randint(0, 7, (2,))
+    a = SidewaysPipeline(stages_of(net, 2), cuda_graph=False).backward_clip(video, target)
+    b = SidewaysPipeline(stages_of(ref, 2), cuda_graph=False).backward_clip(video, target)
+    assert torch.equal(a.loss, b.loss)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), ref.parameters()))

@@ -140,12 +140,26 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout, device):
             _close(buf_w, opt.state[w_opt]["momentum_buffer"], torch.float64, f"momentum buffer after tick {tick}")
 
 
+def test_sums_are_taken_before_rounding_to_16_bits():
+    """The taps' weights are summed in fp32 and rounded once (three taps of 1.0035 each round to
+    1.0 in bf16, their sum 3.0105 to 3.015625), and a bias gradient sums bf16 errors in fp32
+    (1025 ones: 1024 in bf16). Each a bf16 rounding the oracle tests' tolerance would hide."""
+    w = torch.full((1, 1, 3, 1, 1), 1.0035)
+    g = tb.window_input_grad(torch.ones(1, 1, 1, 1, dtype=torch.bfloat16), w, (1, 1), (1, 1), (0, 0), (1, 1), 1)
+    assert g.item() == 3.015625
+    ring, grad_out = torch.zeros(1, 1, 1, 25, 41, dtype=torch.bfloat16), torch.ones(1, 1, 25, 41, dtype=torch.bfloat16)
+    grad_w, grad_b = torch.zeros(1, 1, 1, 1, 1), torch.zeros(1)
+    tb.weight_grad_accumulate(grad_w, grad_b, grad_out, ring, 0, (1, 1), (0, 0), (1, 1), 1, 1)
+    assert grad_b.item() == 1025
+
+
 def test_only_a_small_16_bit_ring_image_on_cuda_is_padded():
     """To a multiple of 8 channels, where cuDNN's tensor-core kernels want them: the stems."""
     def ring(span, c, device="cuda", dtype=torch.bfloat16):
         return types.SimpleNamespace(shape=(span, 2, c, 5, 5), is_cuda=device == "cuda", dtype=dtype)
     assert tb.channel_pad(ring(3, 3)) == 7 and tb.channel_pad(ring(1, 3, dtype=torch.float16)) == 5
-    assert tb.channel_pad(ring(2, 4)) == 0 and tb.channel_pad(ring(3, 45)) == 0  # aligned; large
+    assert tb.channel_pad(ring(1, 20)) == 4 and tb.channel_pad(ring(1, 31)) == 1
+    assert tb.channel_pad(ring(2, 4)) == 0 and tb.channel_pad(ring(1, 33)) == 0 and tb.channel_pad(ring(3, 45)) == 0
     assert tb.channel_pad(ring(3, 3, device="cpu")) == 0 and tb.channel_pad(ring(3, 3, dtype=torch.float32)) == 0
 
 
