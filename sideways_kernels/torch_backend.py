@@ -7,8 +7,9 @@ along the channels in slot order — the taps rotated by where the window starts
 gathered (reference.py stacks the window's frames for ``conv3d`` on every call: three strided
 copies of activations per op on a GPU). The input gradient sums the taps' weights once
 instead of running one transposed convolution per tap, and the SGD step is one fused
-``torch._fused_sgd_`` call. A temporally dilated or grouped conv does not fold that way and
-runs reference.py's definition.
+``torch._fused_sgd_`` call. On CUDA in 16 bits the RGB stem's small image gets zero channels
+to a multiple of 8 (:func:`channel_pad`). A temporally dilated or grouped conv does not fold
+that way and runs reference.py's definition.
 """
 from __future__ import annotations
 
