@@ -140,15 +140,14 @@ def sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_ou
         params.append(bias)
         grads.append(_bias_grad(grad_out, bias.dtype))
         bufs.append(bias_momentum_buffer)
-    hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step)
-    tensors = params + (bufs if momentum != 0 else [])
+    used_bufs = bufs if momentum != 0 else []
     # SGD(fused=True)'s kernel walks each tensor's memory in order: only for contiguous ones of one dtype
-    if all(t.is_contiguous() for t in tensors) and len({(p.dtype, p.device) for p in params}) == 1:
-        torch._fused_sgd_(params, grads, bufs if momentum != 0 else [], weight_decay=weight_decay, momentum=momentum,
-                          lr=lr, dampening=dampening, nesterov=nesterov, maximize=False, is_first_step=first_step)
+    if all(t.is_contiguous() for t in params + used_bufs) and len({(p.dtype, p.device) for p in params}) == 1:
+        torch._fused_sgd_(params, grads, used_bufs, weight_decay=weight_decay, momentum=momentum, lr=lr,
+                          dampening=dampening, nesterov=nesterov, maximize=False, is_first_step=first_step)
         # it writes without bumping the versions, which autograd's saved-tensor check and the
         # kernels' caches of the 16-bit weight rely on (ATen's in-place ops bump them)
-        torch.autograd.graph.increment_version(tensors)
+        torch.autograd.graph.increment_version(params + used_bufs)
     else:
         for p, g, b in zip(params, grads, bufs):
-            reference.sgd_step(p, b, g, *hyper)
+            reference.sgd_step(p, b, g, lr, momentum, dampening, weight_decay, nesterov, first_step)
