@@ -42,13 +42,15 @@ import types
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sideways_kernels", "triton")
 
-GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd")
-BOX = ("box_forward", "box_input_grad", "box_weight_update")
+GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
+           "grouped_weight_finish", "grouped_weight_finish_sgd")
+BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
-        "weight_finish": None, "weight_finish_sgd": None}  # None: one fixed config (configs.FINISH)
+        "box_grouped_weight_update": "box_grouped_weight_update", "weight_finish": None, "weight_finish_sgd": None,
+        "grouped_weight_finish": None, "grouped_weight_finish_sgd": None}  # None: one fixed config (configs.FINISH)
 
 
 # The strides a launch passes as 1 (Triton's JIT specialises an int equal to 1 into a constant):
@@ -58,10 +60,10 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
-        "weight_finish": ("t_w",)}
+        "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
-           "dil_w", "dil_t", "splits", "split_rotation"}
+           "dil_w", "dil_t", "splits", "split_rotation", "G"}
 
 
 def kernels_module(name: str):
@@ -74,6 +76,7 @@ def kernels_module(name: str):
 
 
 def _signature(kernel: str, dtype: str, cfg) -> tuple:
+    import triton.language as tl
     K, X = kernels_module("kernels"), kernels_module("boxes")
     act, master = f"*{dtype}", "*fp32"  # 16-bit activations, fp32 master weights (as autocast trains)
     base = kernel.replace("_sgd", "")
@@ -93,13 +96,25 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "box_input_grad": (X._box_forward_kernel, dict(ring=act, weight=act, bias=act, out=act),  # the error as a ring
                            dict(KT=1, KH=3, KW=3, HAS_BIAS=False)),
         "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(taps, TAPS=3)),
+        # a tick's layers in one launch: their tensors' addresses are int64 arguments
+        "box_grouped_weight_update": (X._grouped_box_weight_update_kernel, dict(partials="*fp32", table="*i64"),
+                                      dict(taps, TAPS=3, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                           G_P2=16)),
+        "grouped_weight_finish": (K._grouped_weight_finish_kernel, dict(partials="*fp32", table="*i64", hyper="*fp32"),
+                                  dict(taps, SGD=sgd, NESTEROV=sgd, TARGET=tl.float32, G_P2=16)),
     }[base]
     if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
-    const.update(dict(DENSE=True, TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if base == "weight_finish" else cfg.meta())
+    finish = base in ("weight_finish", "grouped_weight_finish")
+    const.update(dict(TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if finish else cfg.meta())
+    if base == "weight_finish":
+        const.update(DENSE=True)
     const.update({name: 1 for name in UNIT[base]})
     floats = {"lr", "momentum", "dampening", "weight_decay"}
-    sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else "i32") for a in fn.arg_names}
+    addresses = re.compile(r"[erbt]\d+$")  # a grouped launch's tensors
+    sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else
+                              "i64" if base.startswith(("grouped", "box_grouped")) and addresses.match(a) else "i32")
+           for a in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                if sig[a] not in ("constexpr", "fp32") and a not in ANY_INT}
     return fn, sig, const, aligned
@@ -158,7 +173,7 @@ def jobs_for(archs, kernels, dtypes) -> list:
             for d in dtypes:
                 if k.startswith("box") and (arch != 90 or d == "fp32"):
                     continue  # the ops send the box kernels 16-bit work on sm_90 only
-                if k.startswith("weight_finish"):
+                if "weight_finish" in k:
                     jobs += [(k, arch, "fp32", configs.FINISH)] if d == "fp32" else []  # fp32 partials and weights
                     continue
                 jobs += [(k, arch, d, cfg) for cfg in configs.configs_for(KIND[k], arch, 4 if d == "fp32" else 2)]

@@ -135,7 +135,8 @@ def test_sideways_under_autocast_runs_triton_on_16_bit_rings_with_float32_master
     """CPU autocast float16 (bfloat16 is wrong in the interpreter): the ring, the errors and the
     cached cast of the weight are float16, gradients float32, and the result is the torch
     backend's under the same autocast. The second conv (16 channels in and out) runs on the box
-    kernels, the first (3 input channels) and the head (7 outputs) on the general ones."""
+    kernels (its weight update grouped at the tick's end), the first (3 input channels) and the
+    head (7 outputs) on the general ones."""
     net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32, act=torch.nn.Tanh)
     video, target = torch.randn(2, 3, 6, 9, 8), torch.randint(0, 7, (2,))
     results = {}
@@ -147,8 +148,8 @@ def test_sideways_under_autocast_runs_triton_on_16_bit_rings_with_float32_master
             out = SidewaysPipeline(stages_of(net, 2), backend=backend).backward_clip(video, target)
         results[backend] = (out.loss, grads(net), T.launches["weight_grad_accumulate"])
     assert results["triton"][2] > 0 and all(g.dtype == torch.float32 for g in results["triton"][1])
-    assert {op for op, path in T.paths if path == "box"} == {"ring_conv_forward", "window_input_grad",
-                                                             "weight_update"}
+    assert {op for op, path in T.paths if path == "box"} == {"ring_conv_forward", "window_input_grad"}
+    assert ("weight_update", "grouped") in T.paths and ("weight_update", "general") in T.paths
     assert ("ring_conv_forward", "general") in T.paths
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=2e-3, atol=2e-3)
     assert rel_error(results["triton"][1], results["torch"][1]) < 5e-3
@@ -484,15 +485,17 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
         return type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **kw: (record(*a), launcher[grid](*a, **kw))})()
     monkeypatch.setattr(T, "_launch", spy)
     monkeypatch.setattr(T, "wrap_triton", wrap_spy)
-    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32)
+    monkeypatch.setattr(T, "grouped_weight_updates", lambda calls: calls)  # each layer's op (the grouped
+    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 16, 16), dtype=torch.float32)  # kernels: no unit strides)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     video, target = torch.randn(2, 3, 5, 6, 7), torch.randint(0, 7, (2,))
     with torch.autocast("cpu", torch.float16):
         SidewaysPipeline(stages_of(net, 2), backend="triton").backward_clip(video, target)
         SidewaysPipeline(stages_of(net, 2), backend="triton", update="tick", optimizer=opt).backward_clip(video, target)
-    assert set(seen) == set(gpu_check.UNIT)
+    assert set(seen) == {kernel for kernel in gpu_check.UNIT if "grouped" not in kernel}
+    assert not gpu_check.UNIT["box_grouped_weight_update"] and not gpu_check.UNIT["grouped_weight_finish"]
     for kernel, names in gpu_check.UNIT.items():
-        for launch in seen[kernel]:  # every layer's
+        for launch in seen.get(kernel, []):  # every layer's
             assert all(launch[n] == 1 for n in names), (kernel, {n: launch[n] for n in names})
 
 
@@ -535,3 +538,134 @@ def test_every_thread_launching_box_kernels_gets_the_descriptor_scratch_allocato
     assert not isinstance(seen["stage"], _allocation.NullAllocator)
     assert seen["user"] is mine
     T._descriptor_scratch(torch.device("cpu"))  # CPU tensors (the interpreter) need none
+
+
+# --- every layer's weight update of a tick in one launch ------------------------------------
+
+def _layer_updates(sgd: dict, *, seed=0):
+    """Weight updates as one tick of a network would hand them over: two layers of each of two
+    kernel shapes (so two launches of two problems each; their channels, frames, slots, padding
+    and dilations differ) and one of a third shape; one layer without a bias; float32 forced onto
+    the box path (exact). Each: (op, args) for the grouped call and a copy for the op itself."""
+    torch.manual_seed(seed)
+    shapes = [BOX_GEOMETRIES[0], _box_geometry(batch=2, channels=8, out_channels=12, height=6, width=10, k_t=3,
+                                               k_hw=(3, 3), padding=(0, 1), dilation=(2, 1)),
+              BOX_GEOMETRIES[2], _box_geometry(batch=3, channels=12, out_channels=4, height=4, width=9, k_t=2,
+                                               k_hw=(2, 2), padding=(1, 0), dilation_t=1),
+              BOX_GEOMETRIES[3]]
+    grouped, alone = [], []
+    for i, g in enumerate(shapes):
+        t = _grad_out_channels_last(make(g, torch.float32, bias=i != 1))
+        a = _a(g)
+        if sgd is None:
+            grad_w = torch.randn_like(t["weight"])
+            grad_b = None if t["bias"] is None else torch.randn_like(t["bias"])
+            args = (grad_w, grad_b, t["grad_out"], t["ring"], t["slot"], *a)
+            op = "weight_grad_accumulate"
+        else:
+            momentum = sgd.get("momentum", 0.0)
+            buf = torch.randn_like(t["weight"]) if momentum else None
+            bias_buf = torch.randn_like(t["bias"]) if momentum and t["bias"] is not None else None
+            args = (t["weight"], buf, t["bias"], bias_buf, t["grad_out"], t["ring"], t["slot"], *a, sgd["lr"], momentum,
+                    sgd.get("dampening", 0.0), sgd.get("weight_decay", 0.0), sgd.get("nesterov", False), i % 2 == 0)
+            op = "sgd_tick_update"
+        copy = tuple(x.clone() if j < 4 and x is not None else x for j, x in enumerate(args))  # what is written
+        grouped.append((op, args))
+        alone.append((op, copy))
+    return grouped, alone
+
+
+@pytest.mark.parametrize("sgd", [None, *SGD_CONFIGS], ids=lambda h: "accumulate" if h is None else sgd_id(h))
+def test_grouped_weight_updates_equal_each_layer_s_op(sgd, poisoned_partials):
+    """A tick's weight updates in grouped launches (one GEMM and one finish per kernel shape, one
+    finish for every bias) leave what each layer's own op leaves, with the same split count: the
+    weights and momentum buffers to the bit (the same sums in the same order), the biases (summed
+    in the GEMM instead of by torch) within float32 rounding; and both match float64
+    reference.py. Momentum buffers fresh (first step) on some layers, old on others."""
+    grouped, alone = _layer_updates(sgd)
+    expected = [tuple(x.double() if isinstance(x, torch.Tensor) else x for x in args) for _, args in alone]
+    T.launches.clear()
+    T.paths.clear()
+    with T.using(path="box", split=2):
+        assert T.grouped_weight_updates(grouped) == []
+        for op, args in alone:
+            getattr(S, op)(*args)
+    assert T.launches["grouped_weight_update"] == 3 and T.paths[("weight_update", "grouped")] == 5
+    assert T.launches["grouped_weight_finish"] == 6  # three shapes: their weights, their biases
+    for (op, args), (_, own), exp in zip(grouped, alone, expected):
+        getattr(ref, op)(*exp)
+        exact = (0,) if op == "weight_grad_accumulate" else (0, 1)  # the weight's (or its gradient's) tensors
+        for k in range(4 if op == "sgd_tick_update" else 2):
+            if args[k] is None:
+                continue
+            if k in exact:
+                assert torch.equal(args[k], own[k]), (op, k)
+            else:
+                torch.testing.assert_close(args[k], own[k], rtol=1e-6, atol=1e-6)
+            _close(args[k], exp[k], torch.float32)
+
+
+def test_grouped_weight_updates_leave_what_they_cannot_take_in_order():
+    """What the grouped kernels cannot take comes back, in order, for the caller to run: a
+    problem off the box path (spatial stride 2), a second update of a weight already in the
+    group (it must run after the first); and bad arguments raise as the op would."""
+    grouped, _ = _layer_updates(None)
+    g, dtype, _ = FALLBACKS["stride"]
+    t = _grad_out_channels_last(make(g, torch.float32))
+    strided = ("weight_grad_accumulate", (torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], t["slot"],
+                                          *_a(g)))
+    with T.using(path=None):  # float32 alone does not take the box path: every call comes back
+        assert T.grouped_weight_updates(grouped[:2]) == grouped[:2]
+    with T.using(path="box", split=1):  # comes back even when forced: the op itself then refuses it
+        assert T.grouped_weight_updates([strided]) == [strided]
+    with T.using(split=1):
+        half = _grad_out_channels_last(make(BOX_GEOMETRIES[0], torch.float16))
+        ok = ("weight_grad_accumulate", (torch.zeros_like(half["weight"]).float(), None, half["grad_out"],
+                                         half["ring"], half["slot"], *_a(BOX_GEOMETRIES[0])))
+        f16_strided = ("weight_grad_accumulate", (torch.zeros_like(t["weight"]), None, t["grad_out"].half(),
+                                                  t["ring"].half(), t["slot"], *_a(g)))
+        left = T.grouped_weight_updates([ok, f16_strided, ("weight_grad_accumulate", ok[1])])
+        assert left == [f16_strided, ("weight_grad_accumulate", ok[1])]
+        bad = ("weight_grad_accumulate", (ok[1][0], None, half["grad_out"][:, 1:], *ok[1][3:]))
+        with pytest.raises(ValueError, match="grad_out must have shape"):
+            T.grouped_weight_updates([bad])
+
+
+@pytest.mark.parametrize("update", ["clip", "tick"])
+def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(update, monkeypatch):
+    """A Triton pipeline holds each layer's weight update (clip: accumulate; tick: the momentum
+    SGD step) until the tick's end and runs them together: per tick one grouped GEMM per kernel
+    shape among them (the three 3x3x3 convs, the 1x1x1 head), no per-layer update at all. The
+    result is the torch backend's (per-layer cuDNN calls and SGD steps), in three stages."""
+    make_net = lambda: classifier_net([(3, 1, 1), (3, 1, 1), (3, 0, 1)], channels=(4, 8, 8, 8), classes=8,
+                                      dtype=torch.float32)
+    video, target = torch.randn(2, 4, 7, 8, 7), torch.randint(0, 8, (2,))
+    ticks = []
+    original = T.grouped_weight_updates
+
+    def counted(calls):
+        before = T.launches["grouped_weight_update"]
+        left = original(calls)
+        ticks.append((len(calls), len({args[0].shape[2:] for _, args in calls}),
+                      T.launches["grouped_weight_update"] - before, len(left)))
+        return left
+    monkeypatch.setattr(T, "grouped_weight_updates", counted)
+    results = {}
+    torch.manual_seed(0)
+    start = make_net().state_dict()
+    for backend in ("torch", "triton"):
+        net = make_net()
+        net.load_state_dict(start)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) if update == "tick" else None
+        T.paths.clear()
+        ticks.clear()
+        with T.using(path="box"):  # float32 on the box path, as 16-bit activations take it on a GPU
+            out = SidewaysPipeline(stages_of(net, 3), backend=backend, update=update, optimizer=opt).backward_clip(
+                video, target)
+        after = [p.detach().clone() for p in net.parameters()] if update == "tick" else grads(net)
+        results[backend] = (out.loss, after)
+    assert len(ticks) >= 7 and max(n for n, *_ in ticks) == 4  # every layer's update in the steady ticks
+    assert all(launched == shapes and left == 0 for _, shapes, launched, left in ticks), ticks
+    assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "grouped")}
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4

@@ -8,6 +8,7 @@ by ``bench/gpu_report.py``; until an architecture is measured: Triton for 16-bit
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -72,15 +73,44 @@ OPS = ("ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_
 
 def kernels(name: str) -> types.SimpleNamespace:
     """The op functions of backend ``name``, with the signatures of ``torch.ops.sideways``.
-    ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel)."""
+    ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel).
+    ``group``: where the backend runs several layers' weight updates as one launch (Triton, and
+    ``auto`` where the dispatch picks Triton), a function taking ``(op, args)`` calls of the two
+    weight ops and returning those it did not run; else None."""
     if name == "auto":
-        return types.SimpleNamespace(**{op: _dispatched(op) for op in OPS})
+        return types.SimpleNamespace(**{op: _dispatched(op) for op in OPS}, group=_dispatched_group)
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
-        return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS})
+        return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None)
+    group = None
     if name == "triton":
-        importlib.import_module("sideways_kernels.triton")  # registers torch.ops.sideways_triton
+        group = _autocast_neutral(importlib.import_module("sideways_kernels.triton").grouped_weight_updates)
     source = torch.ops.sideways_triton if name == "triton" else torch_backend
-    return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS})
+    return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group)
+
+
+class WeightUpdates:
+    """A tick's weight updates, held until the tick's end and then run as few launches as the
+    backend can (``kernels(...).group``): every layer's update of a tick reads only that layer's
+    ring and error, and nothing later in the tick reads the weights it writes (each stage's
+    forward ran before its backward, the next tick's forwards come after), so deferring them
+    changes no result. A weight met a second time in a tick first runs what is held."""
+
+    def __init__(self, ops: types.SimpleNamespace):
+        self.ops = ops
+        self.held: list = []  # (op, args)
+        self._targets: set = set()
+
+    def add(self, op: str, args: tuple) -> None:
+        if id(args[0]) in self._targets:
+            self.run()
+        self.held.append((op, args))
+        self._targets.add(id(args[0]))
+
+    def run(self) -> None:
+        held, self.held, self._targets = self.held, [], set()
+        if held:
+            for op, args in self.ops.group(held):
+                getattr(self.ops, op)(*args)
 
 
 def _autocast_neutral(fn):
@@ -131,17 +161,33 @@ def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = No
     return measured or dispatch["unmeasured"].get(name, "cuda")
 
 
+def _dispatched_group(calls: list) -> list:
+    """``group`` of the dispatch: the calls whose op the dispatch sends to Triton are grouped by
+    it, the rest returned (with those Triton did not take)."""
+    mine, rest = [], []
+    for op, args in calls:
+        t = args[_ACTIVATION_ARG[op][0]]
+        (mine if _dispatched(op).target(t) == "triton" else rest).append((op, args))
+    return (kernels("triton").group(mine) if mine else []) + rest
+
+
+@functools.lru_cache(maxsize=None)
 def _dispatched(op: str):
     kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton", "torch")}
     index, arg_name = _ACTIVATION_ARG[op]
 
-    def call(*args, **kwargs):
-        t = args[index] if len(args) > index else kwargs[arg_name]
+    def target(t: torch.Tensor) -> str:
+        """The backend this op runs on for activations like ``t``."""
         key = (op, t.dtype, t.device.index)
         name = _chosen.get(key)
         if name is None:
             major, minor = torch.cuda.get_device_capability(t.device)
             name = _chosen[key] = choose(op, t.dtype, f"sm_{major}{minor}")
-        return kernels_of[name](*args, **kwargs)
+        return name
+
+    def call(*args, **kwargs):
+        t = args[index] if len(args) > index else kwargs[arg_name]
+        return kernels_of[target(t)](*args, **kwargs)
     call.__name__ = call.__qualname__ = op
+    call.target = target
     return call

@@ -65,6 +65,7 @@ class Engine:
         self.observer: Optional[Callable] = None  # observer(node, inputs, output, seconds): the cost probe
         self.tick_optimizer = None
         self._layers: list = []  # the streaming SidewaysConv3d layers of the current run
+        self._updates: list = []  # backend.WeightUpdates of the current run: each tick's, run at its end
         self._members: Optional[tuple] = None  # _find_members() of the current run
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
@@ -224,6 +225,9 @@ class Engine:
             self._join(streams)
             if self.timer is not None:
                 self.timer.stop()
+        self.at = "the tick's weight updates"
+        for updates in self._updates:
+            updates.run()
         if stepped and self.tick_optimizer is not None:
             self.at = "the per-tick optimizer step"
             self.tick_optimizer.step()
@@ -438,24 +442,29 @@ class Engine:
 
     @contextlib.contextmanager
     def _streaming(self, mode: str, backend, optimizer, smoothing: int = 1):
-        layers = []
+        """Every streaming layer's state for a run. In Sideways mode a backend that groups weight
+        updates (``kernels(...).group``) gets them held and run once per tick (:meth:`_tick`)."""
+        layers, updates = [], {}
         try:
             for k in range(self.lo, self.hi):
-                kernels = _backend.kernels(_backend.resolve(self.device(k), backend))
+                name = _backend.resolve(self.device(k), backend)
+                kernels = _backend.kernels(name)
+                if mode == "sideways" and kernels.group is not None and name not in updates:
+                    updates[name] = _backend.WeightUpdates(kernels)
                 for i in self.stages[k]:
                     node = self.graph.nodes[i]
                     node.begin(mode)
-                    if isinstance(node, ChainNode):
-                        for layer in node.layers:
-                            layer._stream = _Stream(mode, kernels, optimizer, clock=node.clock, smoothing=smoothing)
-                            layers.append(layer)
-                    elif isinstance(node, ConvNode):
-                        node.module._stream = _Stream(mode, kernels, optimizer, smoothing=smoothing)
-                        layers.append(node.module)
-            self._layers, self._members = layers, self._find_members()
+                    streamed = node.layers if isinstance(node, ChainNode) else \
+                        [node.module] if isinstance(node, ConvNode) else []
+                    for layer in streamed:
+                        clock = node.clock if isinstance(node, ChainNode) else None
+                        layer._stream = _Stream(mode, kernels, optimizer, clock=clock, smoothing=smoothing,
+                                                updates=updates.get(name))
+                        layers.append(layer)
+            self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
             yield
         finally:
-            self._layers, self._members = [], None
+            self._layers, self._members, self._updates = [], None, []
             for layer in layers:
                 layer._stream = None
 

@@ -50,6 +50,15 @@ class _Stream:
     geometry: Optional[tuple] = None  # (F.pad args or None, conv2d args): fixed for the run
     smoothing: int = 1  # weight updates pair the mean of the last k windows with the mean of the last k errors
     history: Optional[collections.deque] = None  # smoothing > 1: (window in time order, error) of the last k
+    updates: Optional[object] = None  # backend.WeightUpdates: the weight update waits for the tick's end
+
+    def weight_op(self, op: str, *args) -> None:
+        """Weight op ``op`` ("weight_grad_accumulate" or "sgd_tick_update") now, or held for the
+        tick's grouped launch."""
+        if self.updates is not None:
+            self.updates.add(op, args)
+        else:
+            getattr(self.kernels, op)(*args)
 
 
 class SidewaysConv3d(nn.Conv3d):
@@ -299,7 +308,7 @@ class _SidewaysTick(torch.autograd.Function):
                         if layer.bias.grad is None:
                             layer.bias.grad = torch.zeros_like(layer.bias)
                         grad_b = layer.bias.grad
-                    s.kernels.weight_grad_accumulate(layer.weight.grad, grad_b, grad_out, ring, slot, *args)
+                    s.weight_op("weight_grad_accumulate", layer.weight.grad, grad_b, grad_out, ring, slot, *args)
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
         return grad_frame, None, None, None, None, None, None
@@ -374,7 +383,7 @@ def _fused_sgd(s: _Stream, layer: SidewaysConv3d, ring, grad_out, slot, args, tr
     together = bias_group is group and (momentum == 0 or _has_buffer(opt, layer.weight) == _has_buffer(opt, layer.bias))
     buf, first = _momentum_buffer(opt, layer.weight, momentum)
     bias, bias_buf = (layer.bias, _momentum_buffer(opt, layer.bias, momentum)[0]) if together else (None, None)
-    s.kernels.sgd_tick_update(layer.weight, buf, bias, bias_buf, grad_out, ring, slot, *args, *hyper, first)
+    s.weight_op("sgd_tick_update", layer.weight, buf, bias, bias_buf, grad_out, ring, slot, *args, *hyper, first)
     if train_b and not together:
         grad_b = grad_out.sum((0, 2, 3), dtype=layer.bias.dtype)
         if bias_group is None:

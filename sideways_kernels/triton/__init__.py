@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import os
 import weakref
@@ -23,6 +24,7 @@ from typing import List, Optional
 
 import torch
 import triton
+import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime import _allocation  # the allocator's context variable (the same in Triton 3.6 and 3.9)
 
@@ -32,8 +34,8 @@ from .configs import DEFAULT, DEFAULT_BOX, FINISH, Config, configs_for, prune, p
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
-__all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update", "launches",
-           "using", "picked"]
+__all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update",
+           "grouped_weight_updates", "launches", "using", "picked"]
 
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -421,6 +423,219 @@ def _partials(device: torch.device, floats: int) -> torch.Tensor:
     """The split-K weight update's fp32 partials, ``[splits, taps, C_out, C_in/groups]``: fresh
     per call (from the caching allocator), so two streams' updates never share them."""
     return torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+
+
+# --- every layer's weight update of a tick in one launch ------------------------------------
+
+
+@dataclasses.dataclass
+class _Update:
+    """One layer's weight update, from the arguments of ``weight_grad_accumulate`` (``target``: the
+    gradients, added to) or of ``sgd_tick_update`` (``target``: the weight, stepped)."""
+    target: torch.Tensor
+    buffer: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    bias_buffer: Optional[torch.Tensor]
+    grad_out: torch.Tensor
+    ring: torch.Tensor
+    slot: int
+    geometry: tuple  # stride, padding, dilation, dilation_t, groups
+    hyper: tuple = (0.0, 0.0, 0.0, 0.0)  # lr, momentum, dampening, weight decay
+    sgd: bool = False
+    nesterov: bool = False
+    first_step: bool = False
+    call: tuple = ()  # (op, args) it came from
+
+    @classmethod
+    def of(cls, op: str, args: tuple) -> "_Update":
+        if op == "weight_grad_accumulate":
+            grad_w, grad_b, grad_out, ring, slot, *geometry = args
+            return cls(grad_w, None, grad_b, None, grad_out, ring, slot, tuple(geometry), call=(op, args))
+        weight, buf, bias, bias_buf, grad_out, ring, slot, *rest = args
+        geometry, (lr, momentum, dampening, weight_decay, nesterov, first) = tuple(rest[:5]), rest[5:]
+        _check(momentum == 0 or buf is not None, "momentum_buffer is required when momentum != 0")
+        _check(not nesterov or (momentum > 0 and dampening == 0), "nesterov needs momentum > 0 and dampening == 0")
+        keep = (lambda b: b) if momentum != 0 else (lambda b: None)
+        return cls(weight, keep(buf), bias, keep(bias_buf), grad_out, ring, slot, geometry,
+                   (float(lr), float(momentum), float(dampening), float(weight_decay)), True, bool(nesterov),
+                   bool(first), (op, args))
+
+    def shape(self) -> tuple:
+        """What one grouped launch shares: the kernel's shape, the step, the dtypes, the device."""
+        return (*self.target.shape[2:], self.sgd, self.nesterov, self.ring.dtype, self.target.dtype, self.ring.device)
+
+    def groupable(self) -> bool:
+        """Whether the grouped kernels take it: the box path (:func:`box_path`) and dense parameters
+        and buffers of one dtype (the finish writes them in memory order). Checks the op's
+        arguments as the op would (a bad one raises here, as it would there)."""
+        geometry = _geometry(self.ring, self.slot, self.target, *self.geometry)
+        _check_grad_out(self.grad_out, self.ring, geometry[1], geometry[5], *geometry[9:])
+        stride, groups = self.geometry[0], self.geometry[4]
+        if box_path(self.ring.device, self.ring.dtype, stride, groups, (geometry[2], geometry[5]),
+                    (self.ring, self.grad_out)) is not None:
+            return False
+        params = [self.target, self.buffer, self.bias, self.bias_buffer]
+        dense = all(t is None or (t.is_contiguous() and t.dtype == self.target.dtype) for t in params)
+        same = all(b is None or b.shape == p.shape for p, b in ((self.target, self.buffer), (self.bias, self.bias_buffer)))
+        return dense and same
+
+
+def grouped_weight_updates(calls: list) -> list:
+    """Run ``calls`` — ``(op, args)`` of ``weight_grad_accumulate`` or ``sgd_tick_update``, each
+    layer's of a tick — as grouped launches where they can be: per kernel shape (and step and
+    dtype), one :func:`.boxes._grouped_box_weight_update_kernel` over every layer's tiles (the
+    bias gradients summed in it too, as items of their own) and one :func:`.kernels._grouped_weight_finish_kernel` per
+    shape plus one for the biases; up to ``kernels.GROUP`` layers a launch. Returns the calls it
+    did not run (not on the box path, a non-dense parameter, a parameter met a second time: its
+    later updates; inside a CUDA-graph capture, a launch whose tables were never made), for the
+    caller to run in order after it. The results are the ops' (the
+    bias summed in another order: float32 rounding)."""
+    groups: dict = {}
+    left, seen = [], set()
+    for op, args in calls:
+        update = _Update.of(op, args)
+        if id(update.target) in seen or not update.groupable():
+            left.append((op, args))
+            continue
+        seen.add(id(update.target))
+        groups.setdefault(update.shape(), []).append(update)
+    for updates in groups.values():
+        for lo in range(0, len(updates), K.GROUP):
+            chunk = updates[lo:lo + K.GROUP]
+            if not _grouped_launch(chunk):
+                left.extend(u.call for u in chunk)
+    return left
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _grouped_config(updates: list, device: torch.device) -> Config:
+    """One box config for a grouped launch: the chosen one, the interpreter's default, or the first
+    tile shape of its list (configs.py) in the box width that wastes least on the largest frame."""
+    cfg = _chosen["box_config"]
+    if cfg is not None:
+        return cfg
+    if INTERPRET or device.type != "cuda":
+        return DEFAULT_BOX
+    largest = max(updates, key=lambda u: u.grad_out.shape[2] * u.grad_out.shape[3])
+    listed = configs_for("box_grouped_weight_update", _capability(device))
+    widths = [c for c in listed if c._replace(BOX_W=0) == listed[0]._replace(BOX_W=0)]
+    return prune_boxes(widths, *largest.grad_out.shape[2:], lambda c: c.BLOCK_K)[0]
+
+
+def _grouped_launch(updates: list) -> bool:
+    """One grouped GEMM and its finishes for ``updates`` (one shape, at most ``kernels.GROUP``);
+    False (nothing run) inside a CUDA-graph capture that would need a new table."""
+    u0 = updates[0]
+    device, k_t, k_h, k_w = u0.ring.device, *u0.target.shape[2:]
+    taps = k_t * k_h * k_w
+    per_tile = 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1
+    cfg = _grouped_config(updates, device)
+    bh = cfg.BLOCK_K // cfg.BOX_W
+    tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * triton.cdiv(u.ring.shape[2], cfg.BLOCK_N) * (taps // per_tile)
+             for u in updates]
+    rows, items, finish, bias_rows, hyper, floats = [], [0], [], [], [], 0
+    for u, n in zip(updates, tiles):
+        _, b, c, h, w = u.ring.shape
+        c_out, h_out, w_out = u.grad_out.shape[1:]
+        splits = _chosen["split"] or split_k(sum(tiles), triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W) * b,
+                                              1, _sms(device))
+        at, floats = floats, floats + splits * taps * c_out * c
+        bias_at = -1
+        if u.bias is not None:
+            bias_at, floats = floats, floats + splits * c_out
+            bias_rows.append((u, bias_at, splits, c_out))
+        stride, padding, dilation, dilation_t, _ = u.geometry
+        rows.append([at, bias_at, *_tma_strides(u.grad_out), *_tma_strides(u.ring), b, c, h, w, c_out, h_out, w_out,
+                     u.ring.shape[0], u.slot, *padding, *dilation, dilation_t, splits])
+        bias_items = triton.cdiv(c_out, cfg.BLOCK_M) * splits if u.bias is not None else 0  # boxes._box_bias_item
+        items.append(items[-1] + n * splits + bias_items)
+        finish.append((u.target, u.buffer, at, splits, c_out, c, u.first_step))
+        hyper.append(u.hyper)
+    G = len(updates)
+    finishes = [_finish_plan(finish, hyper, (k_t, k_h, k_w), device)]
+    if bias_rows:
+        finishes.append(_finish_plan([(u.bias, u.bias_buffer, at, splits, c_out, 1, u.first_step)
+                                      for u, at, splits, c_out in bias_rows], [u.hyper for u, *_ in bias_rows],
+                                     (1, 1, 1), device))
+    table = _table([v for r in rows for v in r] + items, torch.int64, device)
+    if table is None or any(f is None for f in finishes):
+        return False
+    partials = _partials(device, floats)
+    _descriptor_scratch(device)
+    X._grouped_box_weight_update_kernel[_persistent(items[-1], device)](
+        partials, table, G, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
+        KT=k_t, KH=k_h, KW=k_w, TAPS=per_tile, DTYPE=_TL_DTYPE[u0.ring.dtype], G_P2=triton.next_power_of_2(G),
+        **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launches["grouped_weight_update"] += 1
+    paths[("weight_update", "grouped")] += G
+    for run in finishes:
+        run(partials, u0)
+    written = [t for u in updates for t in (u.target, u.buffer, u.bias, u.bias_buffer) if t is not None]
+    torch.autograd.graph.increment_version(written)  # as ATen's in-place ops do (the 16-bit weight caches)
+    return True
+
+
+def _addresses(tensors) -> list:
+    """``kernels.GROUP`` addresses for a grouped launch's arguments: the tensors', then the first's
+    again in the unused places (never read)."""
+    ptrs = [t.data_ptr() for t in tensors]
+    return ptrs + ptrs[:1] * (K.GROUP - len(ptrs))
+
+
+def _finish_plan(problems: list, hyper: list, kernel: tuple, device):
+    """The launch of :func:`.kernels._grouped_weight_finish_kernel` for ``problems`` — (target,
+    momentum buffer or None, partials' offset, splits, C_OUT, CG, first step) — as a function of
+    (partials, an update of the launch), its tables made now; None if one cannot be."""
+    taps_p2 = triton.next_power_of_2(kernel[0] * kernel[1] * kernel[2])
+    pairs = max(1, FINISH.BLOCK_M // taps_p2)
+    blocks = [0]
+    for _, _, _, _, c_out, cg, _ in problems:
+        blocks.append(blocks[-1] + triton.cdiv(c_out * cg, pairs))
+    rows = [[at, splits, c_out, cg, int(buf is not None), int(first)] for _, buf, at, splits, c_out, cg, first in problems]
+    table = _table([v for r in rows for v in r] + blocks, torch.int64, device)
+    factors = _table([v for h in hyper for v in h], torch.float32, device)
+    if table is None or factors is None:
+        return None
+    G = len(problems)
+
+    def run(partials, u0: _Update):
+        K._grouped_weight_finish_kernel[(blocks[-1],)](
+            partials, table, factors, G, *_addresses(t for t, *_ in problems),
+            *_addresses(b if b is not None else t for t, b, *_ in problems),
+            KT=kernel[0], KH=kernel[1], KW=kernel[2], SGD=u0.sgd, NESTEROV=u0.nesterov,
+            TARGET=_TL_DTYPE[problems[0][0].dtype], G_P2=triton.next_power_of_2(G), TAPS_P2=taps_p2, BLOCK_MC=pairs,
+            num_warps=FINISH.num_warps)
+        launches["grouped_weight_finish"] += 1
+    return run
+
+
+_tables: collections.OrderedDict = collections.OrderedDict()  # (values, dtype, device) -> (table, kept)
+TABLES = 1024  # tables kept besides those a CUDA graph reads (a learning-rate schedule makes new ones)
+
+
+def _table(values: list, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """A grouped launch's table on ``device``, or None inside a CUDA-graph capture that would need a
+    new one. Its values hold no addresses, so a tick's table is the same every time the tick's
+    phase comes round: made the first time (a pipeline runs a phase eagerly before it captures
+    it; a copy from the host cannot be captured), reused after, so no tick copies from the host.
+    Those a capture read are kept for good (its replays read them); of the rest the last TABLES."""
+    key = (tuple(values), dtype, device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    entry = _tables.get(key)
+    if entry is None:
+        if capturing:
+            return None
+        entry = (torch.tensor(values, dtype=dtype, device=device), False)
+        loose = [k for k, (_, kept) in _tables.items() if not kept]
+        for k in loose[:max(0, len(loose) + 1 - TABLES)]:
+            del _tables[k]
+    if capturing:
+        entry = (entry[0], True)
+    _tables[key] = entry
+    _tables.move_to_end(key)
+    return entry[0]
 
 
 @triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})

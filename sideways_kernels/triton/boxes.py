@@ -22,7 +22,7 @@ to keep that waste small.
 import triton
 import triton.language as tl
 
-from .kernels import _store_partial, _tap_slot
+from .kernels import _address, _field, _problem, _store_partial, _tap_slot
 
 
 @triton.jit
@@ -87,6 +87,60 @@ def _box_forward_kernel(
 
 
 @triton.jit
+def _box_weight_item(g_d, ring_d, partials, tile, split, chunk, boxes, boxes_h, boxes_w, tiles_m, tiles_n, C, C_OUT, R,
+                     slot, pad_h, pad_w, dil_h, dil_w, dil_t,
+                     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
+    """One work item of a weight update: split ``split`` (boxes ``split·chunk`` onwards) of output
+    tile ``tile`` (BLOCK_M output x BLOCK_N input channels of TAPS consecutive taps), left as fp32
+    partials (:func:`.kernels._store_partial`). The error box of a K step is loaded once and meets
+    each tap's shifted ring box, one accumulator per tap."""
+    BH: tl.constexpr = BLOCK_K // BOX_W
+    tap0 = tile // (tiles_m * tiles_n) * TAPS
+    m0 = tile // tiles_n % tiles_m * BLOCK_M
+    c0 = tile % tiles_n * BLOCK_N
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for box in range(split * chunk, tl.minimum(split * chunk + chunk, boxes)):
+        b, y0, x0 = _box_of(box, boxes_h, boxes_w, BH, BOX_W)
+        e = tl.trans(g_d.load([b, y0, x0, m0]).reshape(BLOCK_K, BLOCK_M))  # loaded once, used by every tap
+        acc0 = tl.dot(e, _ring_box(ring_d, slot, tap0, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R,
+                                   KT, KH, KW, BLOCK_K, BLOCK_N), acc0)
+        if TAPS > 1:
+            acc1 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 1, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
+                                       R, KT, KH, KW, BLOCK_K, BLOCK_N), acc1)
+        if TAPS > 2:
+            acc2 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 2, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
+                                       R, KT, KH, KW, BLOCK_K, BLOCK_N), acc2)
+    _store_partial(partials, split, tap0, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc0,
+                   BLOCK_M, BLOCK_N)
+    if TAPS > 1:
+        _store_partial(partials, split, tap0 + 1, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc1,
+                       BLOCK_M, BLOCK_N)
+    if TAPS > 2:
+        _store_partial(partials, split, tap0 + 2, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc2,
+                       BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _box_bias_item(g_d, bias_partials, m_tile, split, chunk, boxes, boxes_h, boxes_w, C_OUT, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
+    """The bias gradient's work item of a grouped weight update: the error's sum over split
+    ``split``'s boxes for output channels ``m_tile·BLOCK_M ..``, at ``bias_partials[split, m]``. Its
+    own item, not a sum inside the GEMM's: that would pull each error box from shared memory into
+    registers beside the accumulators (on sm_90a: 255 registers and spills)."""
+    BH: tl.constexpr = BLOCK_K // BOX_W
+    m0 = m_tile * BLOCK_M
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for box in range(split * chunk, tl.minimum(split * chunk + chunk, boxes)):
+        b, y0, x0 = _box_of(box, boxes_h, boxes_w, BH, BOX_W)
+        acc += tl.sum(g_d.load([b, y0, x0, m0]).reshape(BLOCK_K, BLOCK_M).to(tl.float32), axis=0)
+    m = m0 + tl.arange(0, BLOCK_M)
+    tl.store(bias_partials + split * C_OUT + m, acc, mask=m < C_OUT)
+
+
+@triton.jit
 def _box_weight_update_kernel(
         grad_out, ring, partials,
         g_b, g_h, g_w,  # grad_out strides (channels: 1)
@@ -97,10 +151,9 @@ def _box_weight_update_kernel(
     """dW[m, c, tap] = sum over positions (b, y, x) of grad_out[b, y, x, m] · ring[tap slot, b, shifted, c].
     M = C_OUT, N = C, K = positions, stepped one BH x BW box of output positions at a time.
 
-    A tile is BLOCK_M output channels x BLOCK_N input channels of TAPS consecutive taps (1-3): the
-    error box of a K step is loaded once and meets each tap's shifted ring box, one accumulator
-    per tap. Work items are (tile, split): each split runs its share of the tile's boxes and
-    leaves fp32 partials (:func:`.kernels._store_partial`), which the second launch
+    A tile is BLOCK_M output channels x BLOCK_N input channels of TAPS consecutive taps (1-3).
+    Work items are (tile, split) (:func:`_box_weight_item`): each split runs its share of the
+    tile's boxes and leaves fp32 partials, which the second launch
     (:func:`.kernels._weight_finish_kernel`) sums in split order and applies.
     ``split_rotation`` renumbers the splits (0 in the ops; tests check that the result does not
     depend on which program ran which split)."""
@@ -113,30 +166,55 @@ def _box_weight_update_kernel(
     tiles = tiles_m * tiles_n * (KT * KH * KW // TAPS)
     chunk = tl.cdiv(boxes, splits)
     for item in tl.range(tl.program_id(0), tiles * splits, tl.num_programs(0)):
-        tile = item // splits
-        split = (item % splits + split_rotation) % splits
-        tap0 = tile // (tiles_m * tiles_n) * TAPS
-        m0 = tile // tiles_n % tiles_m * BLOCK_M
-        c0 = tile % tiles_n * BLOCK_N
-        acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for box in range(split * chunk, tl.minimum(split * chunk + chunk, boxes)):
-            b, y0, x0 = _box_of(box, boxes_h, boxes_w, BH, BOX_W)
-            e = tl.trans(g_d.load([b, y0, x0, m0]).reshape(BLOCK_K, BLOCK_M))  # loaded once, used by every tap
-            acc0 = tl.dot(e, _ring_box(ring_d, slot, tap0, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R,
-                                       KT, KH, KW, BLOCK_K, BLOCK_N), acc0)
-            if TAPS > 1:
-                acc1 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 1, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
-                                           R, KT, KH, KW, BLOCK_K, BLOCK_N), acc1)
-            if TAPS > 2:
-                acc2 = tl.dot(e, _ring_box(ring_d, slot, tap0 + 2, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t,
-                                           R, KT, KH, KW, BLOCK_K, BLOCK_N), acc2)
-        _store_partial(partials, split, tap0, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc0,
-                       BLOCK_M, BLOCK_N)
-        if TAPS > 1:
-            _store_partial(partials, split, tap0 + 1, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc1,
-                           BLOCK_M, BLOCK_N)
-        if TAPS > 2:
-            _store_partial(partials, split, tap0 + 2, m0, C_OUT - m0, c0, C - c0, C_OUT, C, KT * KH * KW, acc2,
-                           BLOCK_M, BLOCK_N)
+        _box_weight_item(g_d, ring_d, partials, item // splits, (item % splits + split_rotation) % splits, chunk,
+                         boxes, boxes_h, boxes_w, tiles_m, tiles_n, C, C_OUT, R, slot, pad_h, pad_w, dil_h, dil_w,
+                         dil_t, KT, KH, KW, TAPS, BLOCK_M, BLOCK_N, BLOCK_K, BOX_W)
+
+
+@triton.jit
+def _grouped_box_weight_update_kernel(
+        partials, table, G,
+        e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,  # the errors' addresses
+        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,  # the rings'
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, DTYPE: tl.constexpr,
+        G_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BOX_W: tl.constexpr):
+    """:func:`_box_weight_update_kernel` for several problems at once — each layer of a tick whose
+    kernel has this shape — in one persistent launch: the programs walk the problems' work items
+    together, so small layers fill the SMs beside large ones and a tick's updates cost one launch.
+    ``table`` (int64): per problem (24 fields) its partials' offset, its bias partials' offset (-1:
+    no bias; else its items are followed by :func:`_box_bias_item`'s), the error's strides (b, h, w), the ring's (r, b,
+    h, w), B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits; then
+    ``starts`` (G + 1: each problem's first item, then their total). ``DTYPE``: the activations'.
+    A problem's descriptors are made where its item is taken."""
+    BH: tl.constexpr = BLOCK_K // BOX_W
+    starts = table + 24 * G
+    for item in tl.range(tl.program_id(0), tl.load(starts + G), tl.num_programs(0)):
+        g = _problem(starts, G, item, G_P2)
+        row = table + g * 24
+        grad_out = _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
+        ring = _address(g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15)
+        bias_at = tl.load(row + 1)
+        B, C, H, W = _field(row, 9), _field(row, 10), _field(row, 11), _field(row, 12)
+        C_OUT, H_OUT, W_OUT, R = _field(row, 13), _field(row, 14), _field(row, 15), _field(row, 16)
+        splits = _field(row, 23)
+        g_d = tl.make_tensor_descriptor(grad_out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                        [tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), 1],
+                                        [1, BH, BOX_W, BLOCK_M])
+        ring_d = tl.make_tensor_descriptor(ring.to(tl.pointer_type(DTYPE)), [R, B, H, W, C],
+                                           [tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), 1],
+                                           [1, 1, BH, BOX_W, BLOCK_N])
+        boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
+        boxes = B * boxes_h * boxes_w
+        tiles_m, tiles_n = tl.cdiv(C_OUT, BLOCK_M), tl.cdiv(C, BLOCK_N)
+        local = (item - tl.load(starts + g)).to(tl.int32)
+        gemm_items = tiles_m * tiles_n * (KT * KH * KW // TAPS) * splits
+        if local < gemm_items:
+            _box_weight_item(g_d, ring_d, partials + tl.load(row), local // splits, local % splits,
+                             tl.cdiv(boxes, splits), boxes, boxes_h, boxes_w, tiles_m, tiles_n, C, C_OUT, R,
+                             _field(row, 17), _field(row, 18), _field(row, 19), _field(row, 20), _field(row, 21),
+                             _field(row, 22), KT, KH, KW, TAPS, BLOCK_M, BLOCK_N, BLOCK_K, BOX_W)
+        else:
+            local -= gemm_items
+            _box_bias_item(g_d, partials + bias_at, local // splits, local % splits, tl.cdiv(boxes, splits), boxes,
+                           boxes_h, boxes_w, C_OUT, BLOCK_M, BLOCK_K, BOX_W)

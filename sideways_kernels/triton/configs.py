@@ -69,6 +69,13 @@ BOX = {
         90: [C(128, 64, 64, 4, 8, 8), C(128, 64, 64, 4, 8, 16), C(128, 64, 128, 3, 8, 16), C(128, 64, 128, 3, 8, 8),
              C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16)],
     },
+    # A tick's layers in one launch (boxes._grouped_box_weight_update_kernel), not autotuned: the
+    # first shape, in the box width that wastes least. Each item reads its problem's geometry from
+    # a table, which takes registers the single-layer kernel has as arguments: its tiles spill
+    # with 4 warps or 128 rows (255 registers), 64x64 with 8 warps takes 162.
+    "box_grouped_weight_update": {
+        90: [C(64, 64, 64, 4, 8, 8), C(64, 64, 64, 4, 8, 16), C(64, 64, 64, 3, 8, 8), C(64, 64, 64, 3, 8, 16)],
+    },
 }
 # The weight update's second launch (kernels._weight_finish_kernel), not tuned: BLOCK_M weight
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that

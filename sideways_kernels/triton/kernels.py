@@ -105,9 +105,11 @@ def _window_input_grad_kernel(
 
 @triton.jit
 def _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay,
-                     SGD: tl.constexpr, HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
+                     SGD: tl.constexpr, HAS_BUFFER, NESTEROV: tl.constexpr, FIRST_STEP):
     """Add the weight gradient ``acc`` to grad_weight (``target``), or apply torch.optim.SGD's
-    step with it to the weight; ``offs``/``ok``: the elements' offsets and which are real."""
+    step with it to the weight; ``offs``/``ok``: the elements' offsets and which are real.
+    ``HAS_BUFFER`` and ``FIRST_STEP`` are constants in one layer's launch and read from the
+    problem table in a grouped one."""
     p = tl.load(target + offs, mask=ok, other=0.0).to(tl.float32)
     if SGD:
         d = acc + weight_decay * p
@@ -141,6 +143,33 @@ def _store_partial(partials, split, tap, row0, rows_valid, col0, cols_valid, C_O
 
 
 @triton.jit
+def _finish_pairs(partials, target, momentum_buffer, block, splits, C_OUT, CG, t_o, t_c, t_t, t_h, t_w,
+                  lr, momentum, dampening, weight_decay, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  SGD: tl.constexpr, HAS_BUFFER, NESTEROV: tl.constexpr, FIRST_STEP, DENSE: tl.constexpr,
+                  TAPS_P2: tl.constexpr, BLOCK_MC: tl.constexpr):
+    """Block ``block`` of a weight update's finish: every tap of BLOCK_MC (output, input channel)
+    pairs, the splits' partials (``partials``: dense ``[splits, taps, C_OUT, CG]``, fp32) summed in
+    split order, then the epilogue on ``target`` (strides ``t_*``)."""
+    TAPS: tl.constexpr = KT * KH * KW
+    tap = tl.arange(0, TAPS_P2)
+    mc = block * BLOCK_MC + tl.arange(0, BLOCK_MC)  # m · CG + c
+    ok = (tap < TAPS)[:, None] & (mc < C_OUT * CG)[None, :]
+    plane = TAPS * C_OUT * CG  # one split's partials
+    cell = tap[:, None] * (C_OUT * CG) + mc[None, :]
+    acc = tl.zeros((TAPS_P2, BLOCK_MC), dtype=tl.float32)
+    for split in tl.range(0, splits, num_stages=3):  # loads pipelined (configs.FINISH), the sum in split order
+        acc += tl.load(partials + cell + split * plane, mask=ok, other=0.0)
+    if DENSE:
+        offs = mc[None, :] * TAPS + tap[:, None]
+    else:
+        m, c = mc // CG, mc % CG
+        j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
+        offs = (m * t_o + c * t_c)[None, :] + (j * t_t + kh * t_h + kw * t_w)[:, None]
+    _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay, SGD, HAS_BUFFER,
+                     NESTEROV, FIRST_STEP)
+
+
+@triton.jit
 def _weight_finish_kernel(
         partials, target, momentum_buffer, splits, C_OUT, CG,
         t_o, t_c, t_t, t_h, t_w,  # target (grad_weight or weight) strides; the buffer shares them
@@ -158,23 +187,76 @@ def _weight_finish_kernel(
     run in the first launch, by the program arriving last at a tile: that program summed all
     splits alone, a chain of dependent loads, while the other SMs idled — on an H100 more than
     half of the update.)"""
-    TAPS: tl.constexpr = KT * KH * KW
-    tap = tl.arange(0, TAPS_P2)
-    mc = tl.program_id(0) * BLOCK_MC + tl.arange(0, BLOCK_MC)  # m · CG + c
-    ok = (tap < TAPS)[:, None] & (mc < C_OUT * CG)[None, :]
-    plane = TAPS * C_OUT * CG  # one split's partials
-    cell = tap[:, None] * (C_OUT * CG) + mc[None, :]
-    acc = tl.zeros((TAPS_P2, BLOCK_MC), dtype=tl.float32)
-    for split in tl.range(0, splits, num_stages=3):  # loads pipelined (configs.FINISH), the sum in split order
-        acc += tl.load(partials + cell + split * plane, mask=ok, other=0.0)
-    if DENSE:
-        offs = mc[None, :] * TAPS + tap[:, None]
-    else:
-        m, c = mc // CG, mc % CG
-        j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
-        offs = (m * t_o + c * t_c)[None, :] + (j * t_t + kh * t_h + kw * t_w)[:, None]
-    _weight_epilogue(acc, target, momentum_buffer, offs, ok, lr, momentum, dampening, weight_decay, SGD, HAS_BUFFER,
-                     NESTEROV, FIRST_STEP)
+    _finish_pairs(partials, target, momentum_buffer, tl.program_id(0), splits, C_OUT, CG, t_o, t_c, t_t, t_h, t_w,
+                  lr, momentum, dampening, weight_decay, KT, KH, KW, SGD, HAS_BUFFER, NESTEROV, FIRST_STEP, DENSE,
+                  TAPS_P2, BLOCK_MC)
+
+
+# A grouped launch takes at most this many problems: their tensors' addresses are kernel
+# arguments (a CUDA graph captures arguments; a device table of addresses would have to be copied
+# from the host inside the capture, where the addresses are first known).
+GROUP = 16
+
+
+@triton.jit
+def _address(g, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
+    """Argument ``a<g>``, an address (int64): problem ``g``'s tensor in a grouped launch."""
+    a = a0
+    a = tl.where(g == 1, a1, a)
+    a = tl.where(g == 2, a2, a)
+    a = tl.where(g == 3, a3, a)
+    a = tl.where(g == 4, a4, a)
+    a = tl.where(g == 5, a5, a)
+    a = tl.where(g == 6, a6, a)
+    a = tl.where(g == 7, a7, a)
+    a = tl.where(g == 8, a8, a)
+    a = tl.where(g == 9, a9, a)
+    a = tl.where(g == 10, a10, a)
+    a = tl.where(g == 11, a11, a)
+    a = tl.where(g == 12, a12, a)
+    a = tl.where(g == 13, a13, a)
+    a = tl.where(g == 14, a14, a)
+    a = tl.where(g == 15, a15, a)
+    return a
+
+
+@triton.jit
+def _field(row, i):
+    """Field ``i`` of a problem's row of a grouped launch's table, as int32."""
+    return tl.load(row + i).to(tl.int32)
+
+
+@triton.jit
+def _problem(starts, G, index, G_P2: tl.constexpr):
+    """The problem whose range of work (``starts[g]`` up to ``starts[g + 1]``) holds ``index``."""
+    first = tl.load(starts + tl.arange(0, G_P2), mask=tl.arange(0, G_P2) < G, other=2 ** 62)
+    return tl.sum((first <= index).to(tl.int32)) - 1
+
+
+@triton.jit
+def _grouped_weight_finish_kernel(
+        partials, table, hyper, G,
+        t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15,  # targets' addresses
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,  # momentum buffers' (or a target's)
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, NESTEROV: tl.constexpr,
+        TARGET: tl.constexpr, G_P2: tl.constexpr, TAPS_P2: tl.constexpr, BLOCK_MC: tl.constexpr):
+    """The finish of :func:`_weight_finish_kernel` for every problem of a grouped weight update
+    (each layer of a tick whose kernel has this shape, or each layer's bias as a problem of one
+    tap) in one launch: program ``p`` finishes block ``p - starts[g]`` of problem ``g``. ``table``
+    (int64): per problem its partials' offset, splits, C_OUT, CG, has-buffer, first-step (6
+    fields), then ``starts`` (G + 1: each problem's first block, then their total); ``hyper``
+    (fp32): per problem lr, momentum, dampening, weight decay. Targets are dense, of ``TARGET``."""
+    block = tl.program_id(0)
+    g = _problem(table + 6 * G, G, block, G_P2)
+    row = table + g * 6
+    target = _address(g, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+    buffer = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
+    lr, momentum = tl.load(hyper + g * 4), tl.load(hyper + g * 4 + 1)
+    dampening, weight_decay = tl.load(hyper + g * 4 + 2), tl.load(hyper + g * 4 + 3)
+    _finish_pairs(partials + tl.load(row), target.to(tl.pointer_type(TARGET)), buffer.to(tl.pointer_type(TARGET)),
+                  block - tl.load(table + 6 * G + g), _field(row, 1), _field(row, 2), _field(row, 3), 0, 0, 0, 0, 0,
+                  lr, momentum, dampening, weight_decay, KT, KH, KW,
+                  SGD, tl.load(row + 4) != 0, NESTEROV, tl.load(row + 5) != 0, True, TAPS_P2, BLOCK_MC)
 
 
 @triton.jit
