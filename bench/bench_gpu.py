@@ -416,11 +416,12 @@ def _memory_parts(net, video, pipe) -> dict:
 # What the GPU run measures end to end (issue 19): C3D and a converted r3d_18 (causal: its lag
 # 7 instead of 54 frames; 'same' once, at the long clip), T = 16 and 48, clip BP beside Sideways
 # per backend with graphs (the default) and without; a long clip (T = 256) where clip BP's
-# memory grows and Sideways' does not.
+# memory grows and Sideways' does not. "triton-per-layer": the Triton backend with each layer's
+# weight update launched alone (as before a tick's were grouped), beside "triton".
 E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for T in (16, 48)]  # model(video)
        + [(net, pad, "sideways", backend, graphs, T) for net, pad in (("c3d", "same"), ("r3d_18", "causal"))
-          for T in (16, 48) for backend in (None, "torch", "triton", "cuda") for graphs in (None, False)
-          if graphs is None or backend in (None, "torch")]
+          for T in (16, 48) for backend in (None, "torch", "triton", "triton-per-layer", "cuda")
+          for graphs in (None, False) if graphs is None or backend in (None, "torch")]
        + [("r3d_18", "same", "sideways", None, None, 48), ("c3d", "same", "clip_bp", None, None, 256),
           ("c3d", "same", "sideways", None, None, 256)])
 
@@ -432,14 +433,18 @@ def _e2e_id(case) -> str:
 
 
 @pytest.mark.parametrize("case", E2E, ids=_e2e_id)
-def test_end_to_end(benchmark, case):
+def test_end_to_end(benchmark, case, monkeypatch):
     """frames/s and peak memory, clip BP and Sideways, per network, clip length, backend and graphs."""
     net, pad, impl, backend, graphs, T = case
     benchmark.group = f"gpu-train-{net}-T{T}"
     if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("sideways::ring_conv_forward", "CUDA"):
         pytest.skip("CUDA kernels not built")
-    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend, graphs=graphs, temporal_padding=pad),
-                             rounds=1, iterations=1)
+    if backend == "triton-per-layer":
+        import sideways_kernels.triton as triton_backend
+        monkeypatch.setattr(triton_backend, "grouped_weight_updates", lambda calls: calls)  # every call left
+    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend and backend.replace("-per-layer", ""),
+                                                graphs=graphs, temporal_padding=pad), rounds=1, iterations=1)
+    row["backend"] = backend or row["backend"]
     benchmark.extra_info.update(row)
     _row(**row)
 

@@ -159,3 +159,27 @@ def test_auto_names_the_default_wherever_a_backend_is_named(monkeypatch, how):
     with pytest.raises(ValueError, match="SIDEWAYS_BACKEND must be one of"):
         monkeypatch.setenv("SIDEWAYS_BACKEND", "bogus")
         backend.requested()
+
+
+def test_weight_updates_hold_what_the_backend_groups_and_keep_each_weight_s_order():
+    """backend.WeightUpdates: a call the backend would not group runs at once; the others wait
+    for run(), which hands them to ``group`` and runs what it returns, in order; a weight met a
+    second time first runs what is held (its earlier update must land first)."""
+    log = []
+    w1, w2, other = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    ops = types.SimpleNamespace(
+        groups=lambda op, args: args[0] is not other,
+        group=lambda calls: log.append(("group", [a[0] for _, a in calls])) or calls[1:],  # leaves all but the first
+        weight_grad_accumulate=lambda *args: log.append(("alone", args[0])),
+        sgd_tick_update=lambda *args: log.append(("alone", args[0])))
+    updates = backend.WeightUpdates(ops)
+    updates.add("weight_grad_accumulate", (w1, 1))
+    updates.add("sgd_tick_update", (other, 2))
+    assert log == [("alone", other)]
+    updates.add("weight_grad_accumulate", (w2, 3))
+    updates.add("weight_grad_accumulate", (w1, 4))  # w1 again: the held ones run first
+    assert log[1:] == [("group", [w1, w2]), ("alone", w2)]
+    updates.run()
+    assert log[3:] == [("group", [w1])]
+    updates.run()  # nothing held: nothing runs
+    assert len(log) == 4

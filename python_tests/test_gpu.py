@@ -306,3 +306,56 @@ def test_triton_box_kernels_on_gpu(g, dtype):
         torch.testing.assert_close(y_graph, y_eager)
         torch.testing.assert_close(w_graph, w_eager)
         torch.testing.assert_close(buf_graph, buf_eager)
+
+
+def test_a_tick_s_grouped_weight_update_on_gpu_equals_each_layer_s_and_replays_in_a_graph():
+    """The grouped weight update (every layer of a tick in one launch, sm_90 TMA boxes, bf16):
+    the weights and momentum buffers each layer's own op leaves (same split count), the biases
+    within float32 rounding; then captured in a CUDA graph (its tables made by the eager run
+    before, as a pipeline's warm-up makes them) and replayed: the eager result again. A launch
+    whose tables are new inside a capture comes back to the caller instead of failing it."""
+    T = pytest.importorskip("sideways_kernels.triton")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the box kernels need sm_90 (TMA)")
+    torch.manual_seed(0)
+    shapes = [Geometry(8, 64, 128, 28, 28, 3, (3, 3), padding=(1, 1)), Geometry(8, 128, 128, 14, 14, 3, (3, 3),
+                                                                                padding=(1, 1)),
+              Geometry(8, 128, 256, 7, 7, 3, (3, 3), padding=(1, 1))]
+    layers = []
+    for g in shapes:
+        ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=torch.bfloat16, device="cuda")
+        ring.copy_(torch.randn(ring.shape))
+        grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randn(g.out_channels, g.channels, g.k_t, *g.k_hw, device="cuda") / (g.channels * 27) ** 0.5
+        layers.append((g, ring, grad_out, w, torch.randn(g.out_channels, device="cuda")))
+
+    def calls(params):
+        return [("sgd_tick_update", (w, buf, b, b_buf, grad_out, ring, 1, *_a(g), 0.01, 0.9, 0.0, 1e-4, False, False))
+                for (g, ring, grad_out, _, _), (w, buf, b, b_buf) in zip(layers, params)]
+
+    def fresh():
+        return [(w.clone(), torch.ones_like(w), b.clone(), torch.ones_like(b)) for *_, w, b in layers]
+    grouped, alone = fresh(), fresh()
+    with T.using(split=3):
+        T.launches.clear()
+        assert T.grouped_weight_updates(calls(grouped)) == []
+        assert T.launches["grouped_weight_update"] == 1
+        for op, args in calls(alone):
+            T.sgd_tick_update(*args)
+    for p, q in zip(grouped, alone):
+        assert torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+        torch.testing.assert_close(p[2], q[2], rtol=1e-5, atol=1e-5)
+    with T.using(split=3):
+        captured, eager = fresh(), fresh()
+        T.grouped_weight_updates(calls(eager))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            assert T.grouped_weight_updates(calls(captured)) == []
+            left = T.grouped_weight_updates(calls(captured)[:1] + [("sgd_tick_update", calls(captured)[1][1][:-5]
+                                                                     + (0.02, 0.9, 0.0, 1e-4, False, False))])
+        assert len(left) == 2  # new learning rate: new tables, not made inside a capture
+        graph.replay()
+        torch.cuda.synchronize()
+    for p, q in zip(captured, eager):
+        assert torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])

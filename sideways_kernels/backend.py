@@ -76,16 +76,20 @@ def kernels(name: str) -> types.SimpleNamespace:
     ``cpp`` and ``cuda`` are the same dispatcher ops (the tensors' device picks the kernel).
     ``group``: where the backend runs several layers' weight updates as one launch (Triton, and
     ``auto`` where the dispatch picks Triton), a function taking ``(op, args)`` calls of the two
-    weight ops and returning those it did not run; else None."""
+    weight ops and returning those it did not run, and ``groups(op, args)``, whether a call goes
+    there; else None."""
     if name == "auto":
-        return types.SimpleNamespace(**{op: _dispatched(op) for op in OPS}, group=_dispatched_group)
+        return types.SimpleNamespace(**{op: _dispatched(op) for op in OPS}, group=kernels("triton").group,
+                                     groups=lambda op, args: _dispatched(op).target(args[_ACTIVATION_ARG[op][0]])
+                                     == "triton")
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None)
     group = None
     if name == "triton":
         group = _autocast_neutral(importlib.import_module("sideways_kernels.triton").grouped_weight_updates)
     source = torch.ops.sideways_triton if name == "triton" else torch_backend
-    return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group)
+    return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group,
+                                 groups=lambda op, args: True)
 
 
 class WeightUpdates:
@@ -93,7 +97,9 @@ class WeightUpdates:
     backend can (``kernels(...).group``): every layer's update of a tick reads only that layer's
     ring and error, and nothing later in the tick reads the weights it writes (each stage's
     forward ran before its backward, the next tick's forwards come after), so deferring them
-    changes no result. A weight met a second time in a tick first runs what is held."""
+    changes no result. A weight met a second time in a tick first runs what is held. A call the
+    backend would not group (``auto``'s choice for the dtype is not Triton) runs at once, on its
+    stage's stream, beside the other stages' work."""
 
     def __init__(self, ops: types.SimpleNamespace):
         self.ops = ops
@@ -101,6 +107,9 @@ class WeightUpdates:
         self._targets: set = set()
 
     def add(self, op: str, args: tuple) -> None:
+        if not self.ops.groups(op, args):
+            getattr(self.ops, op)(*args)
+            return
         if id(args[0]) in self._targets:
             self.run()
         self.held.append((op, args))
@@ -159,16 +168,6 @@ def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = No
     name = str(dtype).replace("torch.", "")
     measured = dispatch.get("measured", {}).get(arch, {}).get("ops", {}).get(op, {}).get(name)
     return measured or dispatch["unmeasured"].get(name, "cuda")
-
-
-def _dispatched_group(calls: list) -> list:
-    """``group`` of the dispatch: the calls whose op the dispatch sends to Triton are grouped by
-    it, the rest returned (with those Triton did not take)."""
-    mine, rest = [], []
-    for op, args in calls:
-        t = args[_ACTIVATION_ARG[op][0]]
-        (mine if _dispatched(op).target(t) == "triton" else rest).append((op, args))
-    return (kernels("triton").group(mine) if mine else []) + rest
 
 
 @functools.lru_cache(maxsize=None)
