@@ -449,7 +449,7 @@ class Engine:
             for k in range(self.lo, self.hi):
                 name = _backend.resolve(self.device(k), backend)
                 kernels = _backend.kernels(name)
-                if mode == "sideways" and kernels.group is not None and name not in updates:
+                if mode == "sideways" and getattr(kernels, "group", None) is not None and name not in updates:
                     updates[name] = _backend.WeightUpdates(kernels)
                 for i in self.stages[k]:
                     node = self.graph.nodes[i]
