@@ -429,6 +429,33 @@ class TickSummary:
     other_us: float
 
 
+def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
+    """The launches the Triton backend makes today for a tick's weight updates (``problems``:
+    ``Schedule.problems``): the layers on the box path (16-bit, spatial stride 1, one group,
+    channels in multiples of 8) grouped — per kernel shape and 16 layers one GEMM and one finish,
+    plus one finish for their biases —, each other layer alone (its GEMM, its finish and, with a
+    bias, the bias's sum and step)."""
+    from sideways_kernels.graph import ChainNode
+    graph = pipe.graph
+    layers = [(graph.nodes[q.node].layers if isinstance(graph.nodes[q.node], ChainNode)
+               else [graph.nodes[q.node].module])[q.layer] for q in problems if q.op == "weight"]
+    shapes: dict = {}
+    alone = 0
+    for m in layers:
+        if tuple(m.stride[1:]) == (1, 1) and m.groups == 1 and m.in_channels % 8 == 0 and m.out_channels % 8 == 0:
+            shapes.setdefault(tuple(m.kernel_size), []).append(m)
+        else:
+            alone += 2 + 2 * (m.bias is not None)
+    grouped = 0
+    for group in shapes.values():
+        for lo in range(0, len(group), 16):
+            chunk = group[lo:lo + 16]
+            grouped += 2 + any(m.bias is not None for m in chunk)
+    n_grouped = sum(len(g) for g in shapes.values())
+    return grouped + alone, (f"{n_grouped} layers grouped in {grouped} launches ({len(shapes)} kernel shapes), "
+                             f"{len(layers) - n_grouped} alone in {alone}")
+
+
 def summarize(ticks: list, plans: list, index: Optional[int] = None) -> TickSummary:
     """The tick a steady state repeats (the busiest steady tick), else the busiest tick."""
     if index is None:
@@ -549,6 +576,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     p(f"today: {n_today} launches this tick ({n_sideways} sideways ops, {n_today - n_sideways} ATen kernels); "
       f"{mean_launches:.0f} per tick on average over the clip")
     p(f"planned (grouped, Schedule.problems): {planned} — " + "; ".join(parts))
+    built, how = built_weight_launches(pipe, schedule.problems(plans[s.index]))
+    p(f"built so far: the weight updates on the Triton backend, {built} launches this tick — {how}")
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
       f"from the H200 C3D tick (B8 56x56 per-tick SGD: {H200['tick_graph_ms']} ms in a graph, "
       f"{H200['tick_eager_ms']} ms eager) over the {costs.launches} launches and {costs.modelled_ms:.3f} ms of "

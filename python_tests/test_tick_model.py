@@ -142,3 +142,16 @@ def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, 
     assert engine.held_bytes() == sum(got.held.values()) == sum(expected.values()) > 0
     assert got.held["rings"] == sum(m._ring.untyped_storage().nbytes() for m in net.modules()
                                     if isinstance(m, SidewaysConv3d))
+
+
+def test_built_weight_launches_count_what_the_triton_backend_groups():
+    """The report's "built so far" line: in a tick where all five convs of the small C3D update,
+    the one on the box path (8 -> 8 channels) is grouped — its GEMM, its finish, its bias's
+    finish — and the four others (3, 4, 6 channels; the 5-class head) run alone, 2 launches and
+    a bias sum and step each: 3 + 16."""
+    net, pipe = _c3d()
+    schedule = pipe._schedule(T, "sideways", True)
+    full = [ps for ps in (schedule.problems(plan) for plan in schedule) if sum(q.op == "weight" for q in ps) == 5]
+    assert full
+    count, how = tm.built_weight_launches(pipe, full[0])
+    assert count == 3 + 16 and how.startswith("1 layers grouped in 3 launches (1 kernel shapes), 4 alone in 16")
