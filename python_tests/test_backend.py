@@ -69,6 +69,10 @@ def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
     assert calls == [("ring_conv_forward", "triton"), ("ring_conv_forward", "cuda"), ("window_input_grad", "cuda"),
                      ("weight_grad_accumulate", "triton"), ("sgd_tick_update", "cuda"),
                      ("weight_grad_accumulate", "triton")]
+    # a tick holds for grouping exactly the weight updates the dispatch sends to Triton
+    groups = backend.kernels("auto").groups
+    assert groups("weight_grad_accumulate", (None, None, bf16)) and groups("sgd_tick_update", (None,) * 4 + (bf16,))
+    assert not groups("sgd_tick_update", (None,) * 4 + (fp32,))
 
 
 def _gpu_report():

@@ -145,13 +145,16 @@ def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, 
 
 
 def test_built_weight_launches_count_what_the_triton_backend_groups():
-    """The report's "built so far" line: in a tick where all five convs of the small C3D update,
-    the one on the box path (8 -> 8 channels) is grouped — its GEMM, its finish, its bias's
-    finish — and the four others (3, 4, 6 channels; the 5-class head) run alone, 2 launches and
-    a bias sum and step each: 3 + 16."""
-    net, pipe = _c3d()
-    schedule = pipe._schedule(T, "sideways", True)
-    full = [ps for ps in (schedule.problems(plan) for plan in schedule) if sum(q.op == "weight" for q in ps) == 5]
-    assert full
-    count, how = tm.built_weight_launches(pipe, full[0])
-    assert count == 3 + 16 and how.startswith("1 layers grouped in 3 launches (1 kernel shapes), 4 alone in 16")
+    """The report's "built so far" line, in a tick where all five convs of a small C3D update:
+    the convs on the box path (8 -> 8 channels) grouped — one GEMM, one finish, one finish for
+    all their biases —, the others (3, 4, 6 channels; the 5-class head) alone, 2 launches and a
+    bias sum and step each. Widths 4, 6, 8, 8: 1 grouped (3) + 4 alone (16); widths 8, 8, 8, 8:
+    3 grouped (3) + the stem and the head (8)."""
+    for widths, count, how in (((4, 6, 8, 8), 3 + 16, "1 layers grouped in 3 launches (1 kernel shapes), 4 alone in 16"),
+                               ((8, 8, 8, 8), 3 + 8, "3 layers grouped in 3 launches (1 kernel shapes), 2 alone in 8")):
+        net = models.c3d(5, widths=widths, conv=SidewaysConv3d)
+        pipe = SidewaysPipeline(models.stages(net, 4))
+        schedule = pipe._schedule(T, "sideways", True)
+        full = [ps for ps in (schedule.problems(plan) for plan in schedule) if sum(q.op == "weight" for q in ps) == 5]
+        assert full
+        assert tm.built_weight_launches(pipe, full[0]) == (count, how)

@@ -575,7 +575,9 @@ def _layer_updates(sgd: dict, *, seed=0):
     return grouped, alone
 
 
-@pytest.mark.parametrize("sgd", [None, *SGD_CONFIGS], ids=lambda h: "accumulate" if h is None else sgd_id(h))
+# dampening without momentum: torch.optim.SGD ignores it (no momentum buffer is read or written)
+@pytest.mark.parametrize("sgd", [None, *SGD_CONFIGS, dict(lr=0.1, dampening=0.5)],
+                         ids=lambda h: "accumulate" if h is None else sgd_id(h))
 def test_grouped_weight_updates_equal_each_layer_s_op(sgd, poisoned_partials):
     """A tick's weight updates in grouped launches (one GEMM and one finish per kernel shape, one
     finish for every bias) leave what each layer's own op leaves, with the same split count: the
@@ -650,6 +652,11 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
                       T.launches["grouped_weight_update"] - before, len(left)))
         return left
     monkeypatch.setattr(T, "grouped_weight_updates", counted)
+    from sideways_kernels import backend
+    from sideways_kernels.engine import Engine
+    order = []  # the held updates run only once every stage's stream joined (they read the stages' errors)
+    for cls, name in ((Engine, "_fork"), (Engine, "_join"), (backend.WeightUpdates, "run")):
+        monkeypatch.setattr(cls, name, lambda *a, _f=getattr(cls, name), _n=name, **k: order.append(_n) or _f(*a, **k))
     results = {}
     torch.manual_seed(0)
     start = make_net().state_dict()
@@ -659,6 +666,7 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) if update == "tick" else None
         T.paths.clear()
         ticks.clear()
+        order.clear()  # (the Triton run's, last)
         with T.using(path="box"):  # float32 on the box path, as 16-bit activations take it on a GPU
             out = SidewaysPipeline(stages_of(net, 3), backend=backend, update=update, optimizer=opt).backward_clip(
                 video, target)
@@ -666,6 +674,62 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
         results[backend] = (out.loss, after)
     assert len(ticks) >= 7 and max(n for n, *_ in ticks) == 4  # every layer's update in the steady ticks
     assert all(launched == shapes and left == 0 for _, shapes, launched, left in ticks), ticks
+    ticks_order = " ".join(order).split("_fork")[1:]  # each tick: its streams fork, join, then the updates run
+    assert ticks_order and {t.split() == ["_join", "run"] for t in ticks_order} == {True}, set(ticks_order)
     assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "grouped")}
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
+
+
+def test_grouped_launches_split_what_they_must_and_take_every_problem_s_own_tensors(poisoned_partials):
+    """17 layers of one kernel shape (more than one launch takes: two GEMM launches, each problem
+    reading its own error, ring and weight out of the 16 address arguments), and in the same
+    call updates of that shape that must not share a launch: an accumulation beside SGD steps,
+    a nesterov step beside a plain one. Each equals its own op. A weight in channels-last memory
+    (the finish writes in memory order) comes back to run alone."""
+    g = _box_geometry(batch=1, channels=8, out_channels=8, height=3, width=5, k_t=1, k_hw=(1, 1))
+    grouped, alone = [], []
+    torch.manual_seed(1)
+    for i in range(20):
+        t = _grad_out_channels_last(make(g, torch.float32))
+        if i < 17:
+            op, tail = "weight_grad_accumulate", ()
+            args = (torch.randn_like(t["weight"]), torch.randn_like(t["bias"]))
+        else:
+            op, tail = "sgd_tick_update", (0.1, 0.9, 0.0, 0.0, i == 19, False)
+            args = (t["weight"].clone(), torch.randn_like(t["weight"]), t["bias"].clone(), torch.randn_like(t["bias"]))
+        args = (*args, t["grad_out"], t["ring"], t["slot"], *_a(g), *tail)
+        grouped.append((op, args))
+        alone.append((op, tuple(x.clone() if j < 4 else x for j, x in enumerate(args))))
+    t = _grad_out_channels_last(make(BOX_GEOMETRIES[0], torch.float32))
+    strided = ("weight_grad_accumulate", (torch.zeros_like(t["weight"]).contiguous(memory_format=torch.channels_last_3d),
+                                          None, t["grad_out"], t["ring"], t["slot"], *_a(BOX_GEOMETRIES[0])))
+    T.launches.clear()
+    with T.using(path="box", split=1):
+        assert T.grouped_weight_updates(grouped + [strided]) == [strided]
+        for op, args in alone:
+            getattr(S, op)(*args)
+    assert T.launches["grouped_weight_update"] == 4  # 16 + 1 accumulations, the plain step, the nesterov one
+    for (op, args), (_, own) in zip(grouped, alone):
+        for k in range(4 if op == "sgd_tick_update" else 2):
+            exact = k == 0 or (k == 1 and op == "sgd_tick_update")
+            if exact:
+                assert torch.equal(args[k], own[k]), (op, k)
+            else:
+                torch.testing.assert_close(args[k], own[k], rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_launch_tables_are_reused_and_those_a_graph_reads_never_dropped(monkeypatch):
+    """A grouped launch's tables are made once per content and reused (no copy from the host per
+    tick); of the loose ones the last TABLES are kept, while one a CUDA-graph capture used (marked
+    kept) stays whatever comes after: a replay reads it."""
+    monkeypatch.setattr(T, "_tables", type(T._tables)())
+    monkeypatch.setattr(T, "TABLES", 2)
+    cpu = torch.device("cpu")
+    first = T._table([1, 2, 3], torch.int64, cpu)
+    assert T._table([1, 2, 3], torch.int64, cpu) is first
+    T._tables[((9,), torch.int64, cpu)] = (torch.tensor([9]), True)  # as a capture leaves it
+    for v in range(4):
+        T._table([v], torch.int64, cpu)
+    assert ((9,), torch.int64, cpu) in T._tables
+    assert sum(not kept for _, kept in T._tables.values()) == 2 and ((1, 2, 3), torch.int64, cpu) not in T._tables

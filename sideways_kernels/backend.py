@@ -8,7 +8,6 @@ by ``bench/gpu_report.py``; until an architecture is measured: Triton for 16-bit
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import json
 import os
@@ -79,9 +78,9 @@ def kernels(name: str) -> types.SimpleNamespace:
     weight ops and returning those it did not run, and ``groups(op, args)``, whether a call goes
     there; else None."""
     if name == "auto":
-        return types.SimpleNamespace(**{op: _dispatched(op) for op in OPS}, group=kernels("triton").group,
-                                     groups=lambda op, args: _dispatched(op).target(args[_ACTIVATION_ARG[op][0]])
-                                     == "triton")
+        ops = {op: _dispatched(op) for op in OPS}
+        return types.SimpleNamespace(**ops, group=getattr(kernels("triton"), "group", None),
+                                     groups=lambda op, args: ops[op].target(args[_ACTIVATION_ARG[op][0]]) == "triton")
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None)
     group = None
@@ -170,7 +169,6 @@ def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = No
     return measured or dispatch["unmeasured"].get(name, "cuda")
 
 
-@functools.lru_cache(maxsize=None)
 def _dispatched(op: str):
     kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton", "torch")}
     index, arg_name = _ACTIVATION_ARG[op]
