@@ -9,6 +9,9 @@ target=GPUTarget("cuda", arch, 32))``:
 - the box kernels (boxes.py: TMA boxes, wgmma, persistent) for sm_90a, bf16 — the only
   architecture and type the ops send them; the input gradient is the forward's kernel on the
   error (one slot, no bias), compiled in that specialisation.
+- a tick's weight updates grouped (``box_grouped_weight_update``: every layer's tiles in one
+  persistent launch, the tensors' addresses as int64 arguments; ``grouped_weight_finish``: its
+  finish for every layer, accumulating or the SGD step), in their own config list.
 One line each: registers, stack (spills), shared memory, and what the PTX does — the matrix
 instruction family (``wgmma``, ``mma``, or ``fma`` without tensor cores), ``tma``
 (``cp.async.bulk.tensor``), ``cp.async`` (pipelined element copies), and ``persistent`` (the
