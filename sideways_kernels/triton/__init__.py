@@ -384,7 +384,7 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
     taps, K_total, cg = k_t * k_h * k_w, B * h_out * w_out, C // groups
     shape = dict(KT=k_t, KH=k_h, KW=k_w)
     box = _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (C, c_out), (ring, grad_out)))
-    per_tile = (3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1) if box else 1  # taps sharing one error box
+    per_tile = _taps_per_tile(taps) if box else 1
     # a kernel argument (the finish's too), so one value for every config the autotuner tries
     splits = _chosen["split"] or _weight_update_splits(c_out, cg, groups, taps, per_tile, K_total, device)
     partials = _partials(device, splits * taps * c_out * cg)
@@ -408,6 +408,17 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
         partials, target, buffer if buffer is not None else target, splits, c_out, cg, *target.stride(), *hyper,
         **shape, SGD=sgd, HAS_BUFFER=buffer is not None, NESTEROV=nesterov, FIRST_STEP=first_step,
         DENSE=target.is_contiguous(), TAPS_P2=taps_p2, BLOCK_MC=pairs, num_warps=FINISH.num_warps)
+
+
+def _taps_per_tile(taps: int) -> int:
+    """Taps a box weight-update tile takes (one accumulator each), sharing each error box it loads."""
+    return 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1
+
+
+def _check_sgd(momentum_buffer, momentum: float, dampening: float, nesterov: bool) -> None:
+    """The SGD step's own checks, as torch.optim.SGD makes them."""
+    _check(momentum == 0 or momentum_buffer is not None, "momentum_buffer is required when momentum != 0")
+    _check(not nesterov or (momentum > 0 and dampening == 0), "nesterov needs momentum > 0 and dampening == 0")
 
 
 def _weight_update_splits(c_out: int, cg: int, groups: int, taps: int, per_tile: int, positions: int,
@@ -453,10 +464,10 @@ class _Update:
             return cls(grad_w, None, grad_b, None, grad_out, ring, slot, tuple(geometry), call=(op, args))
         weight, buf, bias, bias_buf, grad_out, ring, slot, *rest = args
         geometry, (lr, momentum, dampening, weight_decay, nesterov, first) = tuple(rest[:5]), rest[5:]
-        _check(momentum == 0 or buf is not None, "momentum_buffer is required when momentum != 0")
-        _check(not nesterov or (momentum > 0 and dampening == 0), "nesterov needs momentum > 0 and dampening == 0")
-        keep = (lambda b: b) if momentum != 0 else (lambda b: None)
-        return cls(weight, keep(buf), bias, keep(bias_buf), grad_out, ring, slot, geometry,
+        _check_sgd(buf, momentum, dampening, nesterov)
+        if momentum == 0:  # no buffer is read or written
+            buf = bias_buf = None
+        return cls(weight, buf, bias, bias_buf, grad_out, ring, slot, geometry,
                    (float(lr), float(momentum), float(dampening), float(weight_decay)), True, bool(nesterov),
                    bool(first), (op, args))
 
@@ -530,7 +541,7 @@ def _grouped_launch(updates: list) -> bool:
     u0 = updates[0]
     device, k_t, k_h, k_w = u0.ring.device, *u0.target.shape[2:]
     taps = k_t * k_h * k_w
-    per_tile = 3 if taps % 3 == 0 else 2 if taps % 2 == 0 else 1
+    per_tile = _taps_per_tile(taps)
     cfg = _grouped_config(updates, device)
     bh = cfg.BLOCK_K // cfg.BOX_W
     tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * triton.cdiv(u.ring.shape[2], cfg.BLOCK_N) * (taps // per_tile)
@@ -655,8 +666,7 @@ def sgd_tick_update(weight: torch.Tensor, momentum_buffer: Optional[torch.Tensor
                     slot: int, stride: List[int], padding: List[int], dilation: List[int], dilation_t: int,
                     groups: int, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                     first_step: bool) -> None:
-    _check(momentum == 0 or momentum_buffer is not None, "momentum_buffer is required when momentum != 0")
-    _check(not nesterov or (momentum > 0 and dampening == 0), "nesterov needs momentum > 0 and dampening == 0")
+    _check_sgd(momentum_buffer, momentum, dampening, nesterov)
     _launch_weight_update(weight, momentum_buffer if momentum != 0 else None, grad_out, ring, slot, stride, padding,
                           dilation, dilation_t, groups, (lr, momentum, dampening, weight_decay), sgd=True,
                           nesterov=nesterov, first_step=first_step)
