@@ -166,8 +166,8 @@ class _Recorder(TorchDispatchMode):
         if not self.ticks or namespace == "prim":
             return out
         self._follow(f"{namespace}.{name}", args, kwargs, out)
-        if namespace == "aten" and name in NOT_KERNELS:
-            return out
+        if namespace == "aten" and (name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS):
+            return out  # (in-place views too: unsqueeze_, as_strided_, ...)
         if namespace == "sideways":
             self.ticks[-1].append(_sideways_launch(name, args, out, self))
         else:
