@@ -271,6 +271,84 @@ def test_forward_and_input_grad(benchmark, op, shape, impl):
     _op_case(benchmark, op, shape, impl)
 
 
+# C3D's layers that update in one steady tick at B8, 112² (4 stages: the RGB stem, then each after a
+# 2x2 pool), as (C_in, C_out, batch, spatial)
+TICK_LAYERS = [(3, 64, 8, 112), (64, 128, 8, 56), (128, 256, 8, 28), (256, 256, 8, 14)]
+TICK_IMPLS = ["torch", "triton", "triton-per-layer"]
+
+
+def _tick_calls(op: str, layers: list) -> list:
+    """(op, args) of each layer's weight update, as the engine holds them to the tick's end."""
+    calls = []
+    for L in layers:
+        if op == "weight_accumulate":
+            calls.append(("weight_grad_accumulate", (torch.zeros_like(L.weight), torch.zeros_like(L.bias),
+                                                     L.grad_out, L.ring, SLOT, *ARGS)))
+        else:
+            w, b = L.weight.clone(), L.bias.clone()
+            calls.append(("sgd_tick_update", (w, torch.zeros_like(w), b, torch.zeros_like(b), L.grad_out, L.ring, SLOT,
+                                              *ARGS, *HYPER.values(), True)))
+    return calls
+
+
+@pytest.mark.parametrize("impl", TICK_IMPLS)
+@pytest.mark.parametrize("op", ["weight_sgd", "weight_accumulate"])
+def test_tick_weight_updates(benchmark, op, impl):
+    """A tick's weight updates (C3D's four updating layers, with biases) as the engine runs them at
+    the tick's end: each layer's op on the torch backend (cuDNN and ATen, what the dispatch of
+    2026-11-27 runs), each on Triton, or Triton's grouped launches (``grouped_weight_updates``:
+    what the Triton backend, and ``auto`` where it picks Triton, run). Checked against float64 per
+    layer. Where these rows exist, the dispatch's entry for the op is the faster of torch and
+    triton here: the ops' rows time one layer alone, without the grouping."""
+    if impl.startswith("triton"):
+        pytest.importorskip("triton")
+    layers = [_Layer(*shape) for shape in TICK_LAYERS]
+    k = backend.kernels("torch" if impl == "torch" else "triton")
+    calls = _tick_calls(op, layers)
+    grouped = impl == "triton"
+
+    def tick():
+        for name, args in (k.group(calls) if grouped else calls):
+            getattr(k, name)(*args)
+    tick()
+    for shape, L, (_, args) in zip(TICK_LAYERS, layers, calls):  # the first call: from zero / a fresh buffer
+        got, expected = args[0].double(), _expected(op, shape, L)
+        if op == "weight_sgd":
+            got, expected = got - L.weight.double(), expected - L.weight.double()
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert error < 2e-2, f"{impl} {op} {shape}: relative error {error:.3g} against reference.py"
+    benchmark.group = f"gpu-tick-{op}"
+    median = _timed(benchmark, tick)
+    graph_s, graph_error = _graph_time(tick)
+    _row(kind="tick_updates", op=op, impl=impl, layers=[list(s) for s in TICK_LAYERS], median_s=median,
+         graph_s=graph_s, graph_error=graph_error)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_bias_grad(benchmark, shape, impl):
+    """The bias gradient of each shape's error (bf16, channels-last; fp32 sum): ATen's column
+    reduction (torch, what the torch backend runs until this is measured) against Triton's
+    (``sideways_kernels.triton.bias_grad``): dispatch.json's ``bias_grad`` entry."""
+    L = _Layer(*shape)
+    if impl == "triton":
+        pytest.importorskip("triton")
+        from sideways_kernels.triton import bias_grad
+        fn = lambda: bias_grad(L.grad_out)
+    else:
+        fn = lambda: L.grad_out.sum((0, 2, 3), dtype=torch.float32)
+    expected = L.grad_out.double().sum((0, 2, 3))
+    error = ((fn().double() - expected).abs().max() / expected.abs().max()).item()
+    assert error < 1e-4, f"{impl} bias_grad {shape}: relative error {error:.3g} against float64"
+    benchmark.group = f"gpu-bias_grad-{'-'.join(map(str, shape))}"
+    median = _timed(benchmark, fn)
+    graph_s, graph_error = _graph_time(fn)
+    gbps = L.grad_out.numel() * L.grad_out.element_size() / (graph_s or median) / 1e9
+    benchmark.extra_info.update(gb_per_s=gbps, error=error)
+    _row(kind="op", op="bias_grad", shape=list(shape), impl=impl, median_s=median, tflops=None, gb_per_s=gbps,
+         error=error, graph_s=graph_s, graph_error=graph_error)
+
+
 # --- 3. CUDA-graph ticks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graph"])

@@ -11,7 +11,9 @@ target=GPUTarget("cuda", arch, 32))``:
   error (one slot, no bias), compiled in that specialisation.
 - a tick's weight updates grouped (``box_grouped_weight_update``: every layer's tiles in one
   persistent launch, the tensors' addresses as int64 arguments; ``grouped_weight_finish``: its
-  finish for every layer, accumulating or the SGD step), in their own config list.
+  finish for every layer, accumulating or the SGD step), in their own config list;
+- the bias gradient's column sum (``column_sum``: fp32 partials of the error's rows, fp32 and
+  bf16) and its finish, in their one config (configs.COLUMN_SUM).
 One line each: registers, stack (spills), shared memory, and what the PTX does — the matrix
 instruction family (``wgmma``, ``mma``, or ``fma`` without tensor cores), ``tma``
 (``cp.async.bulk.tensor``), ``cp.async`` (pipelined element copies), and ``persistent`` (the
@@ -46,14 +48,15 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sideways_kernels", "triton")
 
 GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
-           "grouped_weight_finish", "grouped_weight_finish_sgd")
+           "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
         "box_grouped_weight_update": "box_grouped_weight_update", "weight_finish": None, "weight_finish_sgd": None,
-        "grouped_weight_finish": None, "grouped_weight_finish_sgd": None}  # None: one fixed config (configs.FINISH)
+        "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
+        "column_sum": None, "column_sum_finish": None}  # (configs.COLUMN_SUM)
 
 
 # The strides a launch passes as 1 (Triton's JIT specialises an int equal to 1 into a constant):
@@ -63,10 +66,11 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
-        "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": ()}
+        "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
+        "column_sum_finish": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
-           "dil_w", "dil_t", "splits", "split_rotation", "G"}
+           "dil_w", "dil_t", "splits", "split_rotation", "G", "M", "P", "rows_per_program"}
 
 
 def kernels_module(name: str):
@@ -105,11 +109,17 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
                                            G_P2=16)),
         "grouped_weight_finish": (K._grouped_weight_finish_kernel, dict(partials="*fp32", table="*i64", hyper="*fp32"),
                                   dict(taps, SGD=sgd, NESTEROV=sgd, TARGET=tl.float32, G_P2=16)),
+        # the bias gradient: the error's rows summed per channel (fp32 partials), then the partials
+        "column_sum": (K._column_sum_kernel, dict(x=act, partials="*fp32"),
+                       dict(BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_N, STAGES=cfg.num_stages)),
+        "column_sum_finish": (K._column_sum_finish_kernel, dict(partials="*fp32", out="*fp32"),
+                              dict(ACCUMULATE=True, BLOCK_P=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_N, STAGES=cfg.num_stages)),
     }[base]
     if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
     finish = base in ("weight_finish", "grouped_weight_finish")
-    const.update(dict(TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if finish else cfg.meta())
+    if not base.startswith("column_sum"):
+        const.update(dict(TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if finish else cfg.meta())
     if base == "weight_finish":
         const.update(DENSE=True)
     const.update({name: 1 for name in UNIT[base]})
@@ -156,7 +166,7 @@ def check(job: tuple) -> dict:
         problems.append(f"spills ({result['stack']} B of stack)")
     if shared > SHARED_MEMORY[arch]:
         problems.append(f"shared memory {shared} B over the limit {SHARED_MEMORY[arch]} B")
-    if arch == 90 and dtype != "fp32" and family != "wgmma":
+    if arch == 90 and dtype != "fp32" and family != "wgmma" and kernel != "column_sum":  # (a sum: no matmul)
         problems.append("16-bit on sm_90a without wgmma")
     if dtype != "fp32" and not pipelined:  # e.g. a mask or offset whose alignment Triton cannot see
         problems.append("16-bit loads not software-pipelined (no async copies): num_stages has no effect")
@@ -176,8 +186,12 @@ def jobs_for(archs, kernels, dtypes) -> list:
             for d in dtypes:
                 if k.startswith("box") and (arch != 90 or d == "fp32"):
                     continue  # the ops send the box kernels 16-bit work on sm_90 only
-                if "weight_finish" in k:
-                    jobs += [(k, arch, "fp32", configs.FINISH)] if d == "fp32" else []  # fp32 partials and weights
+                if "weight_finish" in k or k == "column_sum_finish":
+                    fixed = configs.FINISH if "weight_finish" in k else configs.COLUMN_SUM
+                    jobs += [(k, arch, "fp32", fixed)] if d == "fp32" else []  # fp32 partials and weights
+                    continue
+                if k == "column_sum":
+                    jobs.append((k, arch, d, configs.COLUMN_SUM))
                     continue
                 jobs += [(k, arch, d, cfg) for cfg in configs.configs_for(KIND[k], arch, 4 if d == "fp32" else 2)]
     return jobs

@@ -24,7 +24,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OP_NAMES = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
-            "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
+            "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update",
+            "bias_grad": "bias_grad"}  # a part of the weight ops: ATen's sum (torch) or Triton's
 CUDNN = ("cudnn_ncdhw", "cudnn_cl")  # cuDNN called directly on the window, in either layout
 BACKENDS = ("torch", "cuda", "triton")  # what the default dispatch chooses among per op
 GOALS = {"forward": 1.0, "input_grad": 1.0, "weight_accumulate": 1.3, "weight_sgd": 1.3}  # issue 12's targets
@@ -49,15 +50,17 @@ def tables(rows: list[dict], device: str) -> list[str]:
     out.append(f"bf16 matmul ceiling measured in this run: "
                f"{f'{ceiling:.0f} TFLOP/s' if ceiling else 'not measured'}.")
     out += ["", "ms: one call as a user makes it (host work included); graph ms: its GPU time alone (calls "
-            "replayed from a CUDA graph). torch: the torch backend's op (cuDNN on the ring, as the pipeline calls it).",
+            "replayed from a CUDA graph). torch: the torch backend's op (cuDNN on the ring, as the pipeline calls it); "
+            "for bias_grad, ATen's sum, which its ratios are against.",
             "", "| op | shape (C_in→C_out, B, H=W) | impl | ms | TFLOP/s | % of ceiling | vs best cuDNN "
             "| graph ms | graph vs best cuDNN | goal | config |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ops = [r for r in rows if r["kind"] == "op"]
     for op in OP_NAMES:
         for shape in sorted({tuple(r["shape"]) for r in ops if r["op"] == op}):
             case = {r["impl"]: r for r in ops if r["op"] == op and tuple(r["shape"]) == shape}
-            base = min((case[i]["median_s"] for i in CUDNN if i in case), default=None)
-            graph_base = min((case[i]["graph_s"] for i in CUDNN if case.get(i, {}).get("graph_s")), default=None)
+            against = CUDNN if op != "bias_grad" else ("torch",)  # (no cuDNN call sums a bias gradient)
+            base = min((case[i]["median_s"] for i in against if i in case), default=None)
+            graph_base = min((case[i]["graph_s"] for i in against if case.get(i, {}).get("graph_s")), default=None)
             for impl in (*CUDNN, *BACKENDS):
                 r = case.get(impl)
                 if r is None:
@@ -65,12 +68,27 @@ def tables(rows: list[dict], device: str) -> list[str]:
                 ratio = f"{base / r['median_s']:.2f}×" if base else "–"
                 graph = r.get("graph_s")
                 graph_ratio = f"{graph_base / graph:.2f}×" if graph and graph_base else r.get("graph_error") or "–"
-                goal = f"≥ {GOALS[op]:.1f}×" if impl in ("cuda", "triton") else ""
-                frac = f"{100 * r['tflops'] / ceiling:.0f}%" if ceiling else "–"
+                goal = f"≥ {GOALS[op]:.1f}×" if impl in ("cuda", "triton") and op in GOALS else ""
+                frac = f"{100 * r['tflops'] / ceiling:.0f}%" if ceiling and r.get("tflops") else "–"
+                flops = f"{r['tflops']:.1f}" if r.get("tflops") else f"{r['gb_per_s']:.0f} GB/s" if r.get("gb_per_s") \
+                    else "–"
                 out.append(f"| {op} | {shape[0]}→{shape[1]}, B{shape[2]}, {shape[3]} | {impl} | "
-                           f"{r['median_s'] * 1e3:.3f} | {r['tflops']:.1f} | {frac} | {ratio} | "
+                           f"{r['median_s'] * 1e3:.3f} | {flops} | {frac} | {ratio} | "
                            f"{f'{graph * 1e3:.3f}' if graph else '–'} | {graph_ratio} | {goal} | "
                            f"{r.get('config') or ''} |")
+    updates = [r for r in rows if r["kind"] == "tick_updates"]
+    if updates:
+        out += ["", f"A tick's weight updates ({len(updates[0]['layers'])} C3D layers with biases, B8, 112²: "
+                "(C_in, C_out, B, H) " + ", ".join(str(tuple(l)) for l in updates[0]["layers"]) + "), as the engine "
+                "runs them at the tick's end; triton: grouped launches; ratios against the torch backend per layer:",
+                "", "| op | impl | ms | graph ms | graph vs torch |", "|---|---|---|---|---|"]
+        for op in sorted({r["op"] for r in updates}):
+            case = {r["impl"]: r for r in updates if r["op"] == op}
+            base = case.get("torch", {}).get("graph_s")
+            for impl, r in case.items():
+                graph = r.get("graph_s")
+                out.append(f"| {op} | {impl} | {r['median_s'] * 1e3:.3f} | {f'{graph * 1e3:.3f}' if graph else '–'} | "
+                           f"{f'{base / graph:.2f}×' if graph and base else r.get('graph_error') or '–'} |")
     ticks = {r["graphs"]: r["ms_per_tick"] for r in rows if r["kind"] == "tick"}
     if ticks:
         out += ["", "| pipeline tick (c3d 64–256, B8, 56², bf16) | ms per tick | vs eager |", "|---|---|---|"]
@@ -117,7 +135,9 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     """``base`` with ``measured[arch]``: per op, the fastest backend (torch, cuda, triton) by the
     geometric mean of its times over the shapes all measured ones ran: the GPU time of a call
     (CUDA-graph replay, as the pipeline runs by default on CUDA) where every one has it, else the
-    eager call's. An op this run did not measure keeps ``base``'s entry for the architecture,
+    eager call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the
+    torch backend's per layer against Triton's grouped launches) decide between torch and triton
+    where both ran: that is how the pipeline runs them, and one layer alone leaves out the grouping. An op this run did not measure keeps ``base``'s entry for the architecture,
     named in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to
     an unmeasured default)."""
     ops = {}
@@ -131,6 +151,12 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
             continue
         geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in shared) / len(shared)) for impl in times}
         ops[name] = {"bfloat16": min(geo, key=geo.get)}
+    for op, name in OP_NAMES.items():  # a tick's weight updates, grouped as the pipeline runs them, decide
+        tick = {r["impl"]: r for r in rows
+                if r["kind"] == "tick_updates" and r["op"] == op and r["impl"] in ("torch", "triton")}
+        if len(tick) == 2:
+            key = "graph_s" if all(r.get("graph_s") for r in tick.values()) else "median_s"
+            ops[name] = {"bfloat16": min(tick, key=lambda impl: tick[impl][key])}
     table = json.loads(json.dumps(base))
     if ops:
         earlier = table.get("measured", {}).get(arch, {}).get("ops", {})

@@ -101,6 +101,17 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     rows += [dict(kind="op", op="forward", shape=[64, 128, 8, 56], impl=i, median_s=t / 1e3, tflops=1.0,
                   graph_s=t / 2e3) for i, t in (("cudnn_ncdhw", 2.0), ("cudnn_cl", 1.5))]
     rows.append(dict(kind="op", op="input_grad", shape=[64, 128, 8, 56], impl="cuda", median_s=1e-3, tflops=1.0))
+    rows += [dict(kind="op", op="bias_grad", shape=[64, 128, 8, 56], impl=i, median_s=t / 1e3, tflops=None,
+                  gb_per_s=g, graph_s=t / 4e3) for i, t, g in (("torch", 0.04, 320.0), ("triton", 0.01, 1280.0))]
+    # a tick's weight updates, grouped: they decide the weight ops where torch and (grouped) triton both ran —
+    # accumulating, triton's 0.4 ms beats torch's 0.5 (eager: triton's capture failed, so no graph times
+    # compared); the SGD tick without a grouped row leaves the SGD op to its op rows (torch)
+    layers = [[3, 64, 8, 112], [64, 128, 8, 56]]
+    tick = lambda op, impl, t, g: dict(kind="tick_updates", op=op, impl=impl, layers=layers, median_s=t / 1e3,
+                                       graph_s=g and g / 1e3, graph_error=None if g else "capture failed")
+    rows += [tick("weight_accumulate", "torch", 0.5, 0.2), tick("weight_accumulate", "triton", 0.4, None),
+             tick("weight_accumulate", "triton-per-layer", 0.9, 0.3),
+             tick("weight_sgd", "torch", 0.5, 0.2), tick("weight_sgd", "triton-per-layer", 0.1, 0.05)]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "op", "op": "forw')  # cut mid-line
     loaded = report.load(str(path))
@@ -108,13 +119,20 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     text = "\n".join(report.tables(loaded, "H100"))
     assert "| forward | 64→128, B8, 56 | cuda | 1.000 | 100.0 | 12% | 1.50× | 0.900 | 0.83× |" in text
     assert "| weight_sgd | 64→128, B8, 56 | torch | 1.500 |" in text
+    assert "| bias_grad | 64→128, B8, 56 | triton | 0.010 | 1280 GB/s | – | 4.00× | 0.003 | 4.00× |  |" in text
+    assert "| weight_accumulate | triton-per-layer | 0.900 | 0.300 | 0.67× |" in text
+    assert "| weight_accumulate | triton | 0.400 | – | capture failed |" in text
     table = report.dispatch(loaded, "H100", "sm_90", backend.table())
     ops = table["measured"]["sm_90"]["ops"]  # forward by GPU time (graph), the weight update by the eager call's
     earlier = backend.table()["measured"]["sm_90"]["ops"]  # the ops this run did not measure keep their entry
-    assert ops == {**earlier, "sgd_tick_update": {"bfloat16": "torch"}, "ring_conv_forward": {"bfloat16": "triton"}}
-    assert table["measured"]["sm_90"]["from_earlier_runs"] == sorted(set(earlier) - {"sgd_tick_update",
-                                                                                    "ring_conv_forward"})
+    assert ops == {**earlier, "sgd_tick_update": {"bfloat16": "torch"}, "ring_conv_forward": {"bfloat16": "triton"},
+                   "bias_grad": {"bfloat16": "triton"}, "weight_grad_accumulate": {"bfloat16": "triton"}}
+    assert table["measured"]["sm_90"]["from_earlier_runs"] == sorted(
+        set(earlier) - {"sgd_tick_update", "ring_conv_forward", "bias_grad", "weight_grad_accumulate"})
+    assert backend.choose("bias_grad", torch.bfloat16, "sm_90", table) == "triton"
+    assert backend.choose("bias_grad", torch.bfloat16, "sm_80", table) == "torch"  # a helper unmeasured: ATen's
     assert backend.choose("sgd_tick_update", torch.bfloat16, "sm_90", table) == "torch"
+    assert backend.choose("weight_grad_accumulate", torch.bfloat16, "sm_90", table) == "triton"
     assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "triton"
     assert backend.choose("window_input_grad", torch.bfloat16, "sm_90", table) == \
         backend.choose("window_input_grad", torch.bfloat16, "sm_90")  # not measured here: as before

@@ -359,3 +359,36 @@ def test_a_tick_s_grouped_weight_update_on_gpu_equals_each_layer_s_and_replays_i
         torch.cuda.synchronize()
     for p, q in zip(captured, eager):
         assert torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_bias_grad_on_gpu_sums_in_fp32_and_the_dispatch_sends_it_where_measured(dtype, monkeypatch):
+    """Triton's column sum on the GPU (C3D's first error, and a small odd one) against float64,
+    the same bits twice and in a CUDA graph; backend.bias_grad runs it only where the dispatch
+    table measured it faster (else ATen's sum, no launch of it)."""
+    pytest.importorskip("triton")
+    import sideways_kernels.triton as T
+    from sideways_kernels import backend
+    for shape in [(8, 64, 112, 112), (3, 10, 7, 9)]:
+        g = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+        expected = g.double().sum((0, 2, 3))
+        got = T.bias_grad(g)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * g[:, 0].numel() ** 0.5)
+        assert torch.equal(T.bias_grad(g), got)
+        graph = torch.cuda.CUDAGraph()
+        T.bias_grad(g)  # warm (compiled) before the capture
+        with torch.cuda.graph(graph):
+            replayed = T.bias_grad(g)
+        graph.replay()
+        assert torch.equal(replayed, got)
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    name = str(dtype).replace("torch.", "")
+    for choice in ("triton", "torch"):
+        table = dict(backend.table(), measured={arch: dict(ops={"bias_grad": {name: choice}})})
+        monkeypatch.setattr(backend, "_table", table)
+        monkeypatch.setattr(backend, "_chosen", {})
+        before = T.launches["bias_grad"]
+        got = backend.bias_grad(g, torch.float32)
+        assert T.launches["bias_grad"] - before == (choice == "triton")
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)

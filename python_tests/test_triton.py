@@ -56,6 +56,45 @@ def test_triton_ops_match_reference(g, dtype):
     _close(grad_b, exp_b, dtype)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 64, 9, 11), (1, 96, 33, 40), (2, 130, 4, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bias_grad_sums_the_error_per_channel_in_a_fixed_order(shape, dtype):
+    """T.bias_grad: the error's sum over (b, h, w) in fp32 — channel counts below, at and above a
+    tile's 64 and not powers of two, row counts not multiples of a tile's 64 —, added into a
+    gradient in its dtype, the same bits on a second call, with two launches; an error that is not
+    channels-last, ATen's sum."""
+    g = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    expected = g.double().sum((0, 2, 3))
+    before = T.launches["bias_grad"]
+    got = T.bias_grad(g)
+    assert T.launches["bias_grad"] == before + 1 and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * shape[0] * shape[2] * shape[3])
+    assert torch.equal(T.bias_grad(g), got)
+    old = torch.randn(shape[1], dtype=torch.float32)
+    into = old.clone()
+    assert T.bias_grad(g, into) is into
+    torch.testing.assert_close(into.double(), old.double() + expected, rtol=1e-5,
+                               atol=1e-5 * shape[0] * shape[2] * shape[3])
+    plain = g.contiguous()  # [B, C, H, W] rows: not the kernel's layout
+    if not plain.is_contiguous(memory_format=torch.channels_last):
+        launched = T.launches["bias_grad"]
+        torch.testing.assert_close(T.bias_grad(plain).double(), expected, rtol=1e-5, atol=1e-3)
+        assert T.launches["bias_grad"] == launched
+    with pytest.raises(ValueError, match=rf"out must have shape \[{shape[1]}\]"):
+        T.bias_grad(g, torch.zeros(shape[1] + 1))
+
+
+def test_bias_grad_sums_more_partials_than_its_finish_takes_at_once(monkeypatch):
+    """On a GPU the first pass leaves hundreds of partial rows; the finish takes them
+    ``COLUMN_SUM.BLOCK_K`` at a time: here, with SMs enough for a program per block of rows, two
+    such steps and a part."""
+    monkeypatch.setattr(T, "_sms", lambda device: 10_000)
+    steps = T.COLUMN_SUM.BLOCK_K
+    g = torch.randn(1, 16, T.COLUMN_SUM.BLOCK_M, 2 * steps + 3).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(T.bias_grad(g).double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+
+
 def _sgd_ticks_match_torch_optim_sgd(t, g, hyper):
     """Three ticks of S.sgd_tick_update (so the second and third run the dampened momentum
     step) against torch.optim.SGD.step on the reference gradient: weight, bias and the weight's
@@ -477,11 +516,14 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
         seen.setdefault(name, []).append(dict(zip(kernel.arg_names, args)))
         return original(kernel, name, grid, args, meta, device, *rest, **kw)
 
-    def wrap_spy(kernel):  # the weight update's finish is launched directly, not through _launch
-        if kernel is not T.K._weight_finish_kernel:
+    direct = {T.K._weight_finish_kernel: "weight_finish", T.K._column_sum_kernel: "column_sum",
+              T.K._column_sum_finish_kernel: "column_sum_finish"}
+
+    def wrap_spy(kernel):  # the weight update's finish and the bias sums are launched directly, not through _launch
+        if kernel not in direct:
             return wrap(kernel)
         launcher = wrap(kernel)
-        record = lambda *args, **kw: seen.setdefault("weight_finish", []).append(dict(zip(kernel.arg_names, args)))
+        record = lambda *args, **kw: seen.setdefault(direct[kernel], []).append(dict(zip(kernel.arg_names, args)))
         return type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **kw: (record(*a), launcher[grid](*a, **kw))})()
     monkeypatch.setattr(T, "_launch", spy)
     monkeypatch.setattr(T, "wrap_triton", wrap_spy)

@@ -112,7 +112,8 @@ def _weight_grad(grad_out, ring, slot, weight_shape, stride, padding, dilation):
 
 
 def _bias_grad(grad_out, dtype):
-    return grad_out.sum((0, 2, 3), dtype=dtype)
+    from . import backend  # (it imports this module)
+    return backend.bias_grad(grad_out, dtype)
 
 
 def weight_grad_accumulate(grad_weight, grad_bias, grad_out, ring, slot, stride, padding, dilation, dilation_t,

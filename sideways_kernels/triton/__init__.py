@@ -30,12 +30,12 @@ from triton.runtime import _allocation  # the allocator's context variable (the 
 
 from . import boxes as X
 from . import kernels as K
-from .configs import DEFAULT, DEFAULT_BOX, FINISH, Config, configs_for, prune, prune_boxes, split_k
+from .configs import COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, Config, configs_for, prune, prune_boxes, split_k
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update",
-           "grouped_weight_updates", "launches", "using", "picked"]
+           "grouped_weight_updates", "bias_grad", "launches", "using", "picked"]
 
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -649,13 +649,49 @@ def _table(values: list, dtype: torch.dtype, device: torch.device) -> Optional[t
     return entry[0]
 
 
+def bias_grad(grad_out: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The bias gradient of a conv whose output error is ``grad_out`` [B, C, H, W]: its sum over
+    (b, h, w) in fp32, added into ``out`` where given (an accumulating gradient, in its dtype),
+    else returned as a new fp32 tensor. Two launches: fp32 partials of blocks of rows
+    (:func:`.kernels._column_sum_kernel`), then their sum in row order — the same bits every run. ``grad_out`` channels-last and dense (rows of C channels) on a device
+    Triton runs on; anything else is ATen's sum."""
+    c = grad_out.shape[1] if grad_out.dim() == 4 else 0
+    if out is not None:
+        _check(tuple(out.shape) == (c,) and out.device == grad_out.device,
+               f"out must have shape [{c}] on {grad_out.device}, got {tuple(out.shape)} on {out.device}")
+    rows_of_channels = grad_out.dim() == 4 and grad_out.is_contiguous(memory_format=torch.channels_last)
+    if (not rows_of_channels or grad_out.dtype not in DTYPES or grad_out.numel() == 0
+            or (grad_out.device.type != "cuda" and not INTERPRET) or (out is not None and not out.is_contiguous())):
+        total = grad_out.sum((0, 2, 3), dtype=torch.float32)
+        return total if out is None else out.add_(total)
+    m = grad_out.numel() // c
+    block_m, block_c = COLUMN_SUM.BLOCK_M, min(COLUMN_SUM.BLOCK_N, triton.next_power_of_2(c))
+    column_blocks = triton.cdiv(c, block_c)
+    # two programs an SM, each streaming its rows pipelined: few partials, so that the finish
+    # (one program per column block) has little to sum
+    programs = max(1, min(triton.cdiv(m, block_m), 2 * _sms(grad_out.device) // column_blocks))
+    rows = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+    programs = triton.cdiv(m, rows)
+    partials = torch.empty((programs, c), dtype=torch.float32, device=grad_out.device)
+    _descriptor_scratch(grad_out.device)
+    steps = dict(num_warps=COLUMN_SUM.num_warps, num_stages=COLUMN_SUM.num_stages)
+    wrap_triton(K._column_sum_kernel)[(programs, column_blocks)](grad_out, partials, m, c, c, rows, BLOCK_M=block_m,
+                                                                 BLOCK_C=block_c, STAGES=COLUMN_SUM.num_stages, **steps)
+    total = out if out is not None else torch.empty(c, dtype=torch.float32, device=grad_out.device)
+    wrap_triton(K._column_sum_finish_kernel)[(column_blocks,)](partials, total, programs, c,
+                                                               ACCUMULATE=out is not None, BLOCK_P=COLUMN_SUM.BLOCK_K,
+                                                               BLOCK_C=block_c, STAGES=COLUMN_SUM.num_stages, **steps)
+    launches["bias_grad"] += 1
+    return total
+
+
 @triton_op("sideways_triton::weight_grad_accumulate", mutates_args={"grad_weight", "grad_bias"})
 def weight_grad_accumulate(grad_weight: torch.Tensor, grad_bias: Optional[torch.Tensor], grad_out: torch.Tensor,
                            ring: torch.Tensor, slot: int, stride: List[int], padding: List[int], dilation: List[int],
                            dilation_t: int, groups: int) -> None:
     _launch_weight_update(grad_weight, None, grad_out, ring, slot, stride, padding, dilation, dilation_t, groups)
     if grad_bias is not None:
-        grad_bias.add_(grad_out.sum((0, 2, 3), dtype=grad_bias.dtype))
+        bias_grad(grad_out, grad_bias)
     launches["weight_grad_accumulate"] += 1
 
 
@@ -670,8 +706,8 @@ def sgd_tick_update(weight: torch.Tensor, momentum_buffer: Optional[torch.Tensor
     _launch_weight_update(weight, momentum_buffer if momentum != 0 else None, grad_out, ring, slot, stride, padding,
                           dilation, dilation_t, groups, (lr, momentum, dampening, weight_decay), sgd=True,
                           nesterov=nesterov, first_step=first_step)
-    if bias is not None:  # a vector: one torch pass, not worth a kernel
-        sgd_step(bias, bias_momentum_buffer if momentum != 0 else None, grad_out.sum((0, 2, 3), dtype=bias.dtype), lr,
+    if bias is not None:  # the step of a vector: torch's
+        sgd_step(bias, bias_momentum_buffer if momentum != 0 else None, bias_grad(grad_out).to(bias.dtype), lr,
                  momentum, dampening, weight_decay, nesterov, first_step)
     launches["sgd_tick_update"] += 1
 

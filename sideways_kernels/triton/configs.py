@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 __all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
-           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH"]
+           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM"]
 
 
 class Config(NamedTuple):
@@ -81,6 +81,10 @@ BOX = {
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
 # many run at once, its loop over the splits pipelined num_stages deep.
 FINISH = C(1024, 0, 0, 3, 4)
+# The bias gradient's column sum (kernels._column_sum_kernel and its finish), not tuned: BLOCK_M
+# rows of BLOCK_N channels a step (64 bf16 channels: one 128-byte row), the finish's BLOCK_K
+# partial rows a step.
+COLUMN_SUM = C(64, 64, 64, 3, 4)
 # The interpreter's box config when a test does not name one.
 DEFAULT_BOX = Config(64, 64, 64, 1, 4, 8)
 # fp32 activations run exact fp32 FMA (no tensor cores): small tiles, the same for every kernel.

@@ -310,3 +310,41 @@ def _weight_update_kernel(
         acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
     _store_partial(partials, split, tap, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
                    cg - c_tile * BLOCK_N, C_OUT, cg, KT * KH * KW, acc, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _column_sum_kernel(x, partials, M, C, stride_m, rows_per_program, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       STAGES: tl.constexpr):
+    """partials[p, c] = the fp32 sum of x[r, c] over program p's rows (``rows_per_program``, a
+    multiple of BLOCK_M): the first pass of a bias gradient, the error [B, C, H, W] channels-last
+    read as M = B·H·W rows of C. Rows are read whole (the channels are contiguous), so a tile is
+    one coalesced block where ATen's column reduction spreads few columns over many threads; the
+    loop's loads are pipelined ``STAGES`` deep (Triton pipelines a loop without a dot only when
+    asked)."""
+    p, cb = tl.program_id(0), tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    end = tl.minimum(p * rows_per_program + rows_per_program, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in tl.range(p * rows_per_program, end, BLOCK_M, num_stages=STAGES):
+        r = r0 + tl.arange(0, BLOCK_M)
+        acc += tl.load(x + r.to(tl.int64)[:, None] * stride_m + c[None, :], mask=(r < end)[:, None] & c_ok[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(partials + p * C + c, tl.sum(acc, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _column_sum_finish_kernel(partials, out, P, C, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+    """out[c] = (out[c] +) the sum over p of partials[p, c], in p's order: the same bits on every
+    run (no atomics), whatever the GPU's scheduling."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in tl.range(0, P, BLOCK_P, num_stages=STAGES):
+        p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(partials + p[:, None] * C + c[None, :], mask=(p < P)[:, None] & c_ok[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    if ACCUMULATE:
+        total += tl.load(out + c, mask=c_ok).to(tl.float32)
+    tl.store(out + c, total.to(out.dtype.element_ty), mask=c_ok)
