@@ -80,6 +80,10 @@ STD_LONGER = [("digits", "r2plus1d_18", "causal", SHORT_CLIP, 3 * STD_EPOCHS)]
 # the gradient-alignment probe of section 6: which network and setting, how many training clips
 ALIGN_MODEL, ALIGN_PADDING, ALIGN_BATCHES = "r2plus1d_18", "causal", 4
 ALIGN_DIGIT_SPEEDS = (0.0, 0.5)  # still and slow, beside the dataset's own (MovingDigits' default)
+# (dataset, network, temporal padding, clip, digits' px/frame): the digits setting of section 6 with the
+# probe's slower digits, to tell whether Sideways' gap there follows the digits' speed (a layer pairs
+# activations and errors of frames apart)
+STD_SLOWER = [("digits", "r2plus1d_18", "causal", SHORT_CLIP, speed) for speed in ALIGN_DIGIT_SPEEDS]
 FIT_LEVEL = 0.99
 
 
@@ -143,12 +147,17 @@ def alignment(dataset: str, speed=None, seed: int = 0) -> list[float]:
     return [statistics.mean(c) for c in cosines]
 
 
+def _own_speed() -> float:
+    """MovingDigits' own px/frame (``--digit-speed``'s default)."""
+    sys.path.insert(0, ROOT)
+    from sideways_kernels import data
+    return data.DIGIT_SPEED
+
+
 def alignments() -> dict:
     """The probe's rows: digits at ``ALIGN_DIGIT_SPEEDS`` (still, then slow) and at their own
     speed, and motion; ``by``: the same cosines by role, for the discussion."""
-    from sideways_kernels import data
-    import inspect
-    own = inspect.signature(data.MovingDigits).parameters["speed"].default
+    own = _own_speed()
     still, slow = (alignment("digits", s) for s in ALIGN_DIGIT_SPEEDS)
     by = dict(still=still, slow=slow, own=alignment("digits"), motion=alignment("motion"))
     rows = {f"digits, {ALIGN_DIGIT_SPEEDS[0]:g} px/frame": still, f"digits, {ALIGN_DIGIT_SPEEDS[1]:g} px/frame": slow,
@@ -164,27 +173,33 @@ def std_settings(dataset: str) -> list:
     return [(model, padding, clip) for datasets, model, padding, clip in STD_SETTINGS if dataset in datasets]
 
 
-def std_name(dataset: str, model: str, padding: str, clip: int, mode: str, epochs: int = STD_EPOCHS) -> str:
-    return f"std-{dataset}-{model}-{padding}{clip}-" + (f"e{epochs}-" if epochs != STD_EPOCHS else "") + mode
+def std_name(dataset: str, model: str, padding: str, clip: int, mode: str, epochs: int = STD_EPOCHS,
+             speed=None) -> str:
+    return (f"std-{dataset}-{model}-{padding}{clip}-" + (f"e{epochs}-" if epochs != STD_EPOCHS else "")
+            + (f"speed{speed:g}-" if speed is not None else "") + mode)
 
 
-def std_config(dataset: str, model: str, padding: str, clip: int, mode: str, epochs: int = STD_EPOCHS) -> Config:
-    """One run of section 6: STD's command (for ``epochs``) on this setting; Sideways on a clip no
-    longer than the 'same' lag gets ``--allow-short-clips``."""
+def std_config(dataset: str, model: str, padding: str, clip: int, mode: str, epochs: int = STD_EPOCHS,
+               speed=None) -> Config:
+    """One run of section 6: STD's command (for ``epochs``, and the digits at ``speed`` px/frame
+    where given) on this setting; Sideways on a clip no longer than the 'same' lag gets
+    ``--allow-short-clips``."""
     args = list(STD)
     args[args.index("--epochs") + 1] = str(epochs)
     allow = ["--allow-short-clips"] if mode == "sideways" and padding == "same" and \
         clip <= network_facts(model)["lag_same"] else []
-    return Config(std_name(dataset, model, padding, clip, mode, epochs), "BP" if mode == "bp" else "Sideways",
+    slower = ["--digit-speed", f"{speed:g}"] if speed is not None else []
+    return Config(std_name(dataset, model, padding, clip, mode, epochs, speed), "BP" if mode == "bp" else "Sideways",
                   tuple(args + ["--dataset", dataset, "--model", model, "--clip-len", str(clip),
-                                "--temporal-padding", padding, "--mode", mode, *allow]))
+                                "--temporal-padding", padding, "--mode", mode, *allow, *slower]))
 
 
 def _std_configs() -> list:
-    settings = [(dataset, model, padding, std_clip(model, padding, clip), STD_EPOCHS)
+    settings = [(dataset, model, padding, std_clip(model, padding, clip), STD_EPOCHS, None)
                 for dataset in STD_DATASETS for model, padding, clip in std_settings(dataset)]
-    return [std_config(*setting[:4], mode, setting[4]) for setting in settings + STD_LONGER
-            for mode in ("bp", "sideways")]
+    settings += [(*setting, None) for setting in STD_LONGER]
+    settings += [(*setting[:4], STD_EPOCHS, setting[4]) for setting in STD_SLOWER]
+    return [std_config(*setting[:4], mode, *setting[4:]) for setting in settings for mode in ("bp", "sideways")]
 
 
 CONFIGS = [
@@ -535,6 +550,21 @@ def std_section(R, probe: dict) -> list[str]:
                 cell(R, n, m) for m in ("final val acc", "best val acc", "train acc", "val ECE")) + " |")
         lines += ["", f"- Sideways − BP: final validation accuracy {said(R, sw, bp, 'final val acc')}, training "
                   f"accuracy {said(R, sw, bp, 'train acc')}.", ""]
+    lines += [f"**Slower digits** (--dataset digits, {STD_SLOWER[0][1]}, {STD_SLOWER[0][2]}, {STD_SLOWER[0][3]} "
+              f"frames, `--epochs {STD_EPOCHS}`, the digits moving at `--digit-speed` px/frame instead of the "
+              f"dataset's {_own_speed():g}; the rest as above)", "",
+              "| px/frame | mode | final val acc | best val acc | train acc | val ECE |", "|---|---|---|---|---|---|"]
+    for dataset, model, padding, clip, speed in STD_SLOWER:
+        for mode in ("bp", "sideways"):
+            n = std_name(dataset, model, padding, clip, mode, speed=speed)
+            lines.append(f"| {speed:g} | {BY_NAME[n].label} | " + " | ".join(
+                cell(R, n, m) for m in ("final val acc", "best val acc", "train acc", "val ECE")) + " |")
+    lines += ["", "- Sideways − BP: " + "; ".join(
+        f"at {speed:g} px/frame final validation accuracy "
+        f"{said(R, *(std_name(d, model, pad, clip, mo, speed=speed) for mo in ('sideways', 'bp')), 'final val acc')}, "
+        f"training accuracy "
+        f"{said(R, *(std_name(d, model, pad, clip, mo, speed=speed) for mo in ('sideways', 'bp')), 'train acc')}"
+        for d, model, pad, clip, speed in STD_SLOWER) + ".", ""]
     stages = len(next(iter(probe["rows"].values())))
     lines += [f"**Where Sideways' gradient points.** The cosine between Sideways' and BP's clip weight gradient "
               f"of each stage (all its parameters as one vector), at the weights BP trained ({ALIGN_MODEL}, "
@@ -805,6 +835,24 @@ def discussion_numbers(R: dict, probe: dict) -> dict:
     train_d, _, train_within = compare(R, sw, bp, "train acc")
     v["long_pace_word"] = ("more slowly than BP" if train_d < 0 and not train_within else
                            "as fast as BP, within seed noise")
+    # 6. slower digits: the gaps at each speed, the dataset's own last
+    gaps = []
+    for i, (dataset, model, padding, clip, speed) in enumerate(STD_SLOWER):
+        sw, bp = (std_name(dataset, model, padding, clip, mode, speed=speed) for mode in ("sideways", "bp"))
+        v[f"slow{i}_speed"] = f"{speed:g}"
+        v[f"slow{i}_sw"], v[f"slow{i}_sw_sd"], v[f"slow{i}_bp"], v[f"slow{i}_bp_sd"] = f3(m(sw)), f3(sd(sw)), \
+            f3(m(bp)), f3(sd(bp))
+        v[f"slow{i}_sw_train"], v[f"slow{i}_bp_train"] = f3(m(sw, "train acc")), f3(m(bp, "train acc"))
+        v[f"slow{i}_diff"], v[f"slow{i}_noise"] = diff(sw, bp), noise(sw, bp)
+        v[f"slow{i}_train_diff"], v[f"slow{i}_train_noise"] = diff(sw, bp, "train acc"), noise(sw, bp, "train acc")
+        gaps.append(m(sw, "train acc") - m(bp, "train acc"))
+    own_sw, own_bp = (std_name("digits", STD_SLOWER[0][1], STD_SLOWER[0][2], STD_SLOWER[0][3], mode)
+                      for mode in ("sideways", "bp"))
+    gaps.append(m(own_sw, "train acc") - m(own_bp, "train acc"))
+    v["slow_own_train_diff"], v["slow_own_train_noise"] = diff(own_sw, own_bp, "train acc"), \
+        noise(own_sw, own_bp, "train acc")
+    v["slow_gap_word"] = ("widens as the digits move faster" if all(a > b for a, b in zip(gaps, gaps[1:])) else
+                          "does not steadily widen as the digits move faster")
     by = probe["by"]
     lower = len(by["own"]) - 1  # every stage but the last
     v["align_lower"] = str(lower)
@@ -877,23 +925,34 @@ def rendered(job) -> dict:
 
 
 def main(argv=None) -> None:
-    render = "--render" in (sys.argv[1:] if argv is None else argv)
+    import argparse
+    p = argparse.ArgumentParser(prog="docs/report.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--render", action="store_true", help="run nothing: the page from the runs there are")
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="run (or reuse) only the configurations whose name contains TEXT; the page shows the "
+                        "others' runs as they are, whatever code made them (as --render)")
+    args = p.parse_args(argv)
+    render = args.render or args.only is not None
     os.makedirs(RUNS, exist_ok=True)
     started = time.time()
     jobs = sorted(((c, s) for c in CONFIGS for s in SEEDS), key=lambda job: -_cost(job[0]))
-    if render:
-        done = [rendered(job) for job in jobs]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            done = list(pool.map(lambda job: run(*job), jobs))
+    to_run = [job for job in jobs if args.only is not None and args.only in job[0].name] if render else jobs
+    if args.only is not None and not to_run:
+        p.error(f"--only {args.only!r}: no configuration's name contains it")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        ran = dict(zip(map(id, to_run), pool.map(lambda job: run(*job), to_run)))
+    done = [ran[id(job)] if id(job) in ran else rendered(job) for job in jobs]
     results = {c.name: sorted((r for r in done if r["config"] == c.name), key=lambda r: r["seed"]) for c in CONFIGS}
     executed = [r for r in done if not r["reused"]]
     load = os.getloadavg()[2]
     cpu_min = sum(r.get("cpu_s", 0.0) for r in done) / 60
     codes = collections.Counter(r.get("code") for r in done)
     made_by = ", ".join(f"{n} by `{c}`" for c, n in codes.most_common())
-    line = ((f"This page was rendered from the {len(done)} runs there were (`--render`: none run); library code "
-             f"(`code_version`) of the runs: {made_by}; of the library now: `{code_version()}`" if render else
+    line = ((f"This page was rendered from the {len(done)} runs there were ("
+             + (f"`--only {args.only}`: {len(executed)} of them run now, {len(to_run) - len(executed)} reused, the "
+                f"rest as they were" if args.only is not None else "`--render`: none run")
+             + f"); library code (`code_version`) of the runs: {made_by}; of the library now: `{code_version()}`"
+             if render else
              f"This generation ran {len(executed)} of the {len(done)} runs in {(time.time() - started) / 60:.0f} min "
              f"wall (load average over the last 15 min at its end: {load:.1f} on {os.cpu_count()} cores)"
              + (f", reusing {len(done) - len(executed)}" if len(done) > len(executed) else ""))
@@ -904,7 +963,8 @@ def main(argv=None) -> None:
     import matplotlib.pyplot as plt
     figures(results, plt)
     probe = alignments()
-    text = page(results, dict(line=line, command="python docs/report.py" + (" --render" if render else "")), probe) + "\n" + discussion(results, probe)
+    text = page(results, dict(line=line, command="python docs/report.py" + (f" --only {args.only}" if args.only is not None else
+                                                         " --render" if render else "")), probe) + "\n" + discussion(results, probe)
     with open(os.path.join(HERE, "REPORT.md"), "w") as f:
         f.write(text)
     readme_check(results)

@@ -37,3 +37,26 @@ def test_render_names_a_missing_run(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RUNS", str(tmp_path))
     with pytest.raises(SystemExit, match="no finished run at"):
         report.main(["--render"])
+
+
+def test_only_runs_the_configurations_it_names_and_renders_the_rest(tmp_path, monkeypatch):
+    """--only TEXT: the runs of the configurations whose name contains TEXT (run or reused), every
+    other one as it is on disk, and the page says so; a TEXT no configuration has is one line."""
+    monkeypatch.setattr(report, "RUNS", str(tmp_path))
+    ran, shown = [], {}
+    fake = lambda config, seed, reused: dict(config=config.name, seed=seed, reused=reused, code="c")
+    monkeypatch.setattr(report, "run", lambda config, seed: ran.append((config.name, seed)) or fake(config, seed, False))
+    monkeypatch.setattr(report, "rendered", lambda job: fake(*job, True))
+    for name in ("figures", "readme_check"):
+        monkeypatch.setattr(report, name, lambda *a: None)
+    monkeypatch.setattr(report, "alignments", lambda: {})
+    monkeypatch.setattr(report, "page", lambda results, timing, probe: shown.update(timing) or "")
+    monkeypatch.setattr(report, "discussion", lambda results, probe: "")
+    monkeypatch.setattr(report, "HERE", str(tmp_path))
+    report.main(["--only", "speed0.5"])
+    named = {c.name for c in report.CONFIGS if "speed0.5" in c.name}
+    assert named and sorted(ran) == sorted((n, s) for n in named for s in report.SEEDS)
+    assert f"{len(ran)} of them run now, 0 reused, the rest as they were" in shown["line"]
+    assert shown["command"] == "python docs/report.py --only speed0.5"
+    with pytest.raises(SystemExit):
+        report.main(["--only", "no such configuration"])

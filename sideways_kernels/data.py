@@ -121,6 +121,9 @@ def _digit_images():
     return torch.from_numpy(d.images).float() / 16.0, torch.from_numpy(d.target).long()
 
 
+DIGIT_SPEED = 1.5  # MovingDigits' pixels per frame (each video: this x 0.6-1.4)
+
+
 class MovingDigits(torch.utils.data.Dataset):
     """Moving-MNIST-style videos of real handwriting: one of the 1,797 8x8 digits scikit-learn
     ships (``sklearn.datasets.load_digits``), upscaled, bouncing off the edges of a canvas with
@@ -131,7 +134,7 @@ class MovingDigits(torch.utils.data.Dataset):
     ``[3, T, size, size]`` in [0, 1]: ink on a zero background (gray, three channels)."""
 
     def __init__(self, num_videos: int, split: str = "train", clip_len: int = 8, frame_stride: int = 1,
-                 size: int = 32, seed: int = 0, clutter: float = 0.0, speed: float = 1.5):
+                 size: int = 32, seed: int = 0, clutter: float = 0.0, speed: float = DIGIT_SPEED):
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
         if num_videos < 1 or clip_len < 1 or frame_stride < 1 or size < 12:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from . import models
 from .backend import NAMES as BACKENDS, resolve as resolve_backend, set_backend
-from .data import (DataError, MovingDigits, MovingTextures, ShuffledFrames, UnreadableVideoWarning, VideoFolder,
-                   unreadable_summary)
+from .data import (DIGIT_SPEED, DataError, MovingDigits, MovingTextures, ShuffledFrames, UnreadableVideoWarning,
+                   VideoFolder, unreadable_summary)
 from .pipeline import NonFiniteError, SidewaysPipeline
 
 __all__ = ["main", "parse_args"]
@@ -132,6 +132,9 @@ def _parser() -> _Parser:
     d.add_argument("--data", default=None, help="a folder of videos (UCF101 layout) or of .npy/.pt tensors "
                                                 "(instead of --dataset; default: the embedded --dataset)")
     d.add_argument("--clutter", type=float, default=0.0, help="digits: brightness of static stroke clutter (0-1)")
+    d.add_argument("--digit-speed", type=float, default=DIGIT_SPEED,
+                   help="digits: how far a digit moves per frame, in pixels (each video's speed is this x 0.6-1.4; 0: "
+                        "still)")
     d.add_argument("--shuffle-frames", action="store_true",
                    help="every clip's frames in random order (a control: destroys temporal smoothness)")
     d.add_argument("--clip-len", type=pos(int), default=8,
@@ -204,6 +207,10 @@ def _check_options(p: _Parser, args: argparse.Namespace) -> None:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0 <= args.clutter <= 1:
         p.error(f"--clutter must be in [0, 1], got {args.clutter}")
+    if not 0 <= args.digit_speed < args.size:
+        p.error(f"--digit-speed must be in [0, --size), got {args.digit_speed}")
+    if "digit_speed" in args.given and (args.dataset != "digits" or args.data is not None):
+        p.error("--digit-speed applies to --dataset digits only")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
 
@@ -366,8 +373,10 @@ def build_data(cfg: dict):
         except DataError as exc:  # the folder's problem, said as the option's
             raise DataError(f"--data: {exc}") from None
     elif cfg.get("dataset", "motion") == "digits":
-        sets = (MovingDigits(cfg["train_videos"], "train", seed=cfg["seed"] * 2 + 1000, clutter=cfg["clutter"], **common),
-                MovingDigits(cfg["val_videos"], "val", seed=cfg["seed"] * 2 + 1001, clutter=cfg["clutter"], **common))
+        # a run made before --digit-speed existed had the default
+        common.update(clutter=cfg["clutter"], speed=cfg.get("digit_speed", DIGIT_SPEED))
+        sets = (MovingDigits(cfg["train_videos"], "train", seed=cfg["seed"] * 2 + 1000, **common),
+                MovingDigits(cfg["val_videos"], "val", seed=cfg["seed"] * 2 + 1001, **common))
     else:
         sets = (MovingTextures(cfg["train_videos"], seed=cfg["seed"] * 2 + 1000, **common),
                 MovingTextures(cfg["val_videos"], seed=cfg["seed"] * 2 + 1001, **common))
