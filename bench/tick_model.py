@@ -13,15 +13,18 @@ every result written once), the launch plan (kernels per tick today, and the pla
 launch count), and a predicted time from stated rates, beside clip BP's measured time per
 frame. ``--measure`` (a CUDA GPU) times the same clip and prints measured beside predicted.
 
-The rates (``H200``) are the figures of ``../shared/measurements/h200-2026-11-27/`` (one H200,
-bf16): the 774 TFLOP/s matmul ceiling, cuDNN's and our Triton kernels' measured per-op rates
-(results.md; a layer takes the rate measured at the C3D shape whose input channels are nearest),
-the cost of one eager launch inferred from the C3D tick there (10.66 ms eager vs 2.06 ms from a
-CUDA graph, over the launches this model counts for that tick), clip BP's frames/s (e2e.log) —
-and HBM bandwidth, a datasheet figure (not measured). FLOPs of the input gradient follow
-results.md's convention (every temporal tap: what cuDNN computes; the Triton and CUDA
-backends sum the taps' weights first and do 1/k_t of it). Launches are counted with the
-CPU's backend, where a sideways op is one kernel; on a GPU the Triton and CUDA backends add a
+The rates (``GPU``) are one H100's (``bench/measurements/h100-2026-11-27/`` and ``-28/``, bf16):
+the 780 TFLOP/s matmul ceiling; each op's GPU time (replayed from a CUDA graph) at seven C3D and
+r3d_18 layer shapes for cuDNN's best layout, the torch backend, the CUDA and the Triton kernels
+(a layer takes the rate of the shape nearest its channels); "today" prices each op at the
+backend dispatch.json picks for it; the cost of a launch is inferred from a measured clip
+(REFERENCE_TICK: r3d_18, eager vs replayed from CUDA graphs, over the launches this model counts
+there); clip BP's and Sideways' measured frames/s end to end — and HBM bandwidth, a datasheet
+figure (not measured). What changed since those runs (bench/RESULTS.md) is priced at the old
+rates. FLOPs of the input gradient follow the benchmarks' convention (every temporal tap: what
+cuDNN computes; the Triton and CUDA backends sum the taps' weights first and do 1/k_t of it).
+Launches are counted with the CPU's backend, where a sideways op is one kernel; on a GPU the
+Triton and CUDA backends add a
 few small ones (split-K counters, weight relayouts after an update): not counted here.
 """
 from __future__ import annotations
@@ -50,26 +53,48 @@ from sideways_kernels.pipeline import frame_logits  # noqa: E402
 
 aten = torch.ops.aten
 
-# --- the rates: ../shared/measurements/h200-2026-11-27/ (one NVIDIA H200, bf16) ------------------
-H200 = dict(
-    matmul_tflops=774.0,  # measured: a large bf16 torch.matmul (results.md)
-    hbm_tb_s=4.8,  # NOT measured: the H200 datasheet's HBM3e bandwidth
-    # results.md, TFLOP/s per op at the three C3D shapes (C_in, C_out, B, H=W): the best cuDNN
-    # layout, and our Triton kernels (the default backend for bf16 on sm_90)
-    shapes=[(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14)],
-    cudnn=dict(forward=[133.0, 244.6, 241.7], input_grad=[54.2, 127.0, 102.1],
-               weight_accumulate=[174.0, 302.6, 250.6], weight_sgd=[96.5, 178.9, 182.1]),
-    triton=dict(forward=[37.1, 60.2, 56.1], input_grad=[40.9, 139.8, 88.0],
-                weight_accumulate=[27.8, 43.1, 38.7], weight_sgd=[24.3, 40.3, 39.7]),
-    # results.md: a C3D (64-256) tick at B8, 56x56, T64, per-tick SGD, 4 stages, bf16 autocast
-    tick_eager_ms=10.662, tick_graph_ms=2.062,
-    # e2e.log: clip BP (nn.Conv3d + autograd) frames/s at B8, 112x112, bf16 autocast
-    clip_bp_fps={("c3d", 16): 14676, ("c3d", 48): 16616, ("r3d_18", 16): 6550, ("r3d_18", 48): 9125},
+# --- the rates: bench/measurements/h100-2026-11-27/ and -28/ (one NVIDIA H100 80GB HBM3, bf16) -------
+GPU = dict(
+    device="NVIDIA H100 80GB HBM3",
+    matmul_tflops=779.6,  # measured: a large bf16 torch.matmul (2026-11-27, run2)
+    hbm_tb_s=3.35,  # NOT measured: the H100 SXM datasheet's HBM3 bandwidth
+    # µs of one call's GPU time (replayed from a CUDA graph) at these (C_in, C_out, B, H=W), 3x3x3,
+    # bf16: the best cuDNN layout, the torch backend's op as of 2026-11-27 (before its 2-D fold: not
+    # measured since), the CUDA kernels and the Triton kernels (2026-11-27 run2; Triton's weight ops
+    # 2026-11-28 call2, its first redesign: not its coalesced finish since)
+    shapes=[(64, 64, 8, 56), (64, 128, 8, 56), (128, 128, 8, 28), (128, 256, 16, 28), (256, 256, 8, 14),
+            (256, 256, 32, 14), (512, 512, 8, 7)],
+    graph_us=dict(
+        cudnn=dict(forward=[29.7, 35.2, 27.7, 51.7, 27.6, 51.7, 47.3],
+                   input_grad=[83.6, 126.1, 57.8, 145.8, 58.6, 173.6, 76.2],
+                   weight_accumulate=[34.0, 36.0, 19.8, 42.1, 23.4, 45.3, 53.8],
+                   weight_sgd=[48.8, 50.6, 35.5, 63.4, 44.0, 72.5, 116.8]),
+        torch=dict(forward=[48.5, 62.1, 40.8, 74.5, 38.9, 77.7, 84.7],
+                   input_grad=[115.2, 176.1, 88.1, 187.8, 76.1, 148.8, 136.5],
+                   weight_accumulate=[51.3, 56.3, 31.2, 65.3, 36.4, 71.6, 86.3],
+                   weight_sgd=[58.9, 63.3, 40.1, 80.4, 65.6, 95.9, 184.4]),
+        cuda=dict(forward=[272.8, 279.5, 414.4, 513.1, 819.5, 809.6, 1588.4],
+                  input_grad=[120.4, 198.7, 164.4, 293.2, 308.8, 299.2, 593.1],
+                  weight_accumulate=[423.0, 430.9, 238.6, 813.5, 256.8, 815.6, 415.2],
+                  weight_sgd=[431.7, 461.9, 279.1, 864.1, 310.1, 864.0, 813.3]),
+        triton=dict(forward=[46.6, 46.1, 33.6, 55.8, 64.8, 83.0, 160.4],
+                    input_grad=[22.3, 28.7, 20.3, 32.7, 28.6, 34.3, 63.7],
+                    weight_accumulate=[30.5, 50.9, 45.5, 107.7, 91.6, 157.5, 281.7],
+                    weight_sgd=[33.5, 55.4, 51.8, 124.8, 136.2, 206.9, 466.1])),
+    # end to end, B8, 112x112, bf16 autocast, frames/s: clip BP (nn.Conv3d + autograd), and Sideways
+    # with the default dispatch and CUDA graphs (r3d_18: converted, causal, BatchNorm per frame)
+    clip_bp_fps={("c3d", 16): 13971, ("c3d", 48): 13909, ("c3d", 256): 14044, ("r3d_18", 16): 6483,
+                 ("r3d_18", 48): 8424},
+    sideways_fps={("c3d", 48): 9747, ("c3d", 256): 11259, ("r3d_18", 48): 7383},
 )
-REFERENCE_TICK = dict(model="c3d", batch=8, size=56, frames=16, stages=4, update="tick")  # H200's tick_*_ms
+# The tick that prices a launch: r3d_18 (causal, 4 stages) at B8, 112x112, T48 with the default
+# dispatch, 1,070 frames/s eager and 7,542 replayed from CUDA graphs (2026-11-28 call1)
+REFERENCE_TICK = dict(model="r3d_18", batch=8, size=112, frames=48, stages=4, update="clip", eager_fps=1070,
+                      graph_fps=7542)
 
 SIDEWAYS_KIND = {"ring_conv_forward": "forward", "window_input_grad": "input_grad",
                  "weight_grad_accumulate": "weight_accumulate", "sgd_tick_update": "weight_sgd"}
+SIDEWAYS_OP = {kind: op for op, kind in SIDEWAYS_KIND.items()}
 # ATen ops that launch no kernel: views, metadata, allocations
 NOT_KERNELS = {"detach", "view", "_unsafe_view", "unsqueeze", "squeeze", "as_strided", "slice", "select",
                "expand", "permute", "t", "transpose", "alias", "empty", "empty_like", "empty_strided", "new_empty",
@@ -247,15 +272,16 @@ def _sideways_launch(name: str, args, out, rec: _Recorder) -> Launch:
 # --- the networks ----------------------------------------------------------------------------------
 
 def build(model: str, stages: int, update: str = "clip", device: str = "cpu"):
-    """(network, pipeline) as the H200 run built them: C3D 64-256 (bench_gpu's builder), or a
-    converted r3d_18 (width 64, BatchNorm per frame)."""
+    """(network, pipeline) as the GPU runs' end-to-end rows build them: C3D 64-256 (bench_gpu's
+    builder), or a converted r3d_18 (width 64, causal temporal padding, BatchNorm per frame)."""
     import bench_gpu
     if model == "c3d":
         net = bench_gpu._c3d(SidewaysConv3d, device)
         cut = lambda **kw: SidewaysPipeline(models.stages(net, stages), **kw)
     elif model == "r3d_18":
         net = models.r3d_18(10).to(device)
-        cut = lambda **kw: SidewaysPipeline.from_model(net, stages=stages, batchnorm="frame", **kw)
+        cut = lambda **kw: SidewaysPipeline.from_model(net, stages=stages, batchnorm="frame", temporal_padding="causal",
+                                                       **kw)
     else:
         raise ValueError(f"--model must be c3d or r3d_18, got {model!r}")
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9) if update == "tick" else None
@@ -368,26 +394,48 @@ def bp_saved_bytes(net, batch: int, size: int, frames: int, amp: bool = True) ->
 
 # --- the model -------------------------------------------------------------------------------------
 
-def _rate(table: str, kind: str, layer_cin: int) -> float:
-    """TFLOP/s of ``kind`` from H200[table] at the measured shape with the nearest C_in."""
-    shapes = H200["shapes"]
-    i = min(range(len(shapes)), key=lambda j: abs(math.log2(max(layer_cin, 1)) - math.log2(shapes[j][0])))
-    return H200[table][kind][i]
+TABLES = ("today", "cudnn", "triton", "ceiling")  # the rates a tick's GEMMs are priced at
 
 
-def _cin(shape: str) -> int:
-    return int(shape.split("->")[0]) if "->" in shape else 64
+def _rate(table: str, kind: str, problem: tuple) -> float:
+    """TFLOP/s of ``kind`` in ``GPU["graph_us"][table]`` at the measured shape nearest ``problem``
+    (C_in, C_out, output positions B·H·W; log scale)."""
+    shapes = GPU["shapes"]
+    far = lambda s: sum(abs(math.log2(max(c, 1)) - math.log2(m)) for c, m in zip(problem, (*s[:2], s[2] * s[3] ** 2)))
+    i = min(range(len(shapes)), key=lambda j: far(shapes[j]))
+    c_in, c_out, b, hw = shapes[i]
+    return 2 * b * hw * hw * c_out * c_in * 27 / (GPU["graph_us"][table][kind][i] * 1e-6) / 1e12
+
+
+def _problem(launch: Launch) -> tuple:
+    """(C_in, C_out, output positions) of a launch (its shape ``"64->128 56x56 k3x3x3"``; the
+    positions from its FLOPs: 2 per multiply-add of every tap)."""
+    if "->" not in launch.shape:
+        return 64, 64, 8 * 56 * 56
+    c_in, rest = launch.shape.split("->")
+    c_out, taps = int(rest.split()[0]), math.prod(map(int, rest.split()[-1][1:].split("x")))
+    return int(c_in), c_out, max(launch.flops / (2 * int(c_in) * c_out * taps), 1)
+
+
+def today(kind: str) -> str:
+    """The backend the default dispatch runs ``kind`` on for bf16 on sm_90 (dispatch.json)."""
+    from sideways_kernels import backend
+    return backend.choose(SIDEWAYS_OP[kind], torch.bfloat16, "sm_90")
 
 
 def gemm_us(launch: Launch, table: str) -> float:
-    """Predicted µs of one sideways op: its FLOPs at the measured rate, or its bytes at the HBM
-    datasheet bandwidth if that is longer."""
-    rate = H200["matmul_tflops"] if table == "ceiling" else _rate(table, launch.kind, _cin(launch.shape))
-    return max(launch.flops / (rate * 1e12), launch.bytes / (H200["hbm_tb_s"] * 1e12)) * 1e6
+    """Predicted µs of one sideways op: its FLOPs at the measured rate (``table``: cudnn, triton,
+    today — the default dispatch's backend for the op — or the matmul ceiling), or its bytes at the
+    HBM datasheet bandwidth if that is longer."""
+    if table == "ceiling":
+        rate = GPU["matmul_tflops"]
+    else:
+        rate = _rate(today(launch.kind) if table == "today" else table, launch.kind, _problem(launch))
+    return max(launch.flops / (rate * 1e12), launch.bytes / (GPU["hbm_tb_s"] * 1e12)) * 1e6
 
 
 def memory_us(launch: Launch) -> float:
-    return launch.bytes / (H200["hbm_tb_s"] * 1e12) * 1e6
+    return launch.bytes / (GPU["hbm_tb_s"] * 1e12) * 1e6
 
 
 def planned_launches(tick: list[Launch], problems: list) -> tuple[int, list[str]]:
@@ -467,31 +515,37 @@ def summarize(ticks: list, plans: list, index: Optional[int] = None) -> TickSumm
     others = [l for l in tick if l.kind not in GEMM_KINDS]
     return TickSummary(index, plans[index].steady, tick, sum(l.flops for l in tick), sum(l.bytes for l in gemms),
                        sum(l.bytes for l in others), {t: sum(gemm_us(l, t) for l in gemms)
-                                                      for t in ("cudnn", "triton", "ceiling")},
+                                                      for t in TABLES},
                        sum(memory_us(l) for l in others))
 
 
 @dataclasses.dataclass
 class LaunchCosts:
-    """What a launch costs beyond its math, inferred from the H200's C3D tick (eager 10.66 ms,
-    CUDA graph 2.06 ms) and this model of that tick: ``graph_us``, inside a graph (the GPU's
-    launch latency, a small kernel's ramp and tail, stream joins): (graph time - modelled math)
-    / launches; ``eager_us``, on top of that when launched from Python: (eager - graph) /
-    launches."""
+    """What a launch costs beyond its math, inferred from the measured ticks of REFERENCE_TICK
+    (eager and replayed from CUDA graphs, per tick over its clip) and this model of that clip:
+    ``graph_us``, inside a graph (the GPU's launch latency, a small kernel's ramp and tail, stream
+    joins, less what the stages' streams overlap): (graph time - modelled math) / launches, both
+    per tick; ``eager_us``, on top of that when launched from Python: (eager - graph) / launches."""
     launches: int
     modelled_ms: float
     graph_us: float
     eager_us: float
 
 
+def measured_tick_ms(fps: float, batch: int, frames: int, ticks: int) -> float:
+    """ms per tick of a clip measured at ``fps`` frames/s (frames of all ``batch`` clips)."""
+    return batch * frames / fps / ticks * 1e3
+
+
 def launch_costs() -> LaunchCosts:
     r = REFERENCE_TICK
     net, pipe = build(r["model"], r["stages"], r["update"])
     got = record(net, pipe, r["batch"], r["size"], r["frames"])
-    s = summarize(got.ticks, got.plans)
-    n, modelled = len(s.launches), (s.gemm_us["triton"] + s.other_us) / 1e3
-    return LaunchCosts(n, modelled, max(H200["tick_graph_ms"] - modelled, 0.0) * 1e3 / n,
-                       (H200["tick_eager_ms"] - H200["tick_graph_ms"]) * 1e3 / n)
+    ticks = [summarize(got.ticks, got.plans, i) for i in range(len(got.ticks))]
+    n = sum(len(t.launches) for t in ticks) / len(ticks)
+    modelled = sum(t.gemm_us["today"] + t.other_us for t in ticks) / len(ticks) / 1e3
+    graph, eager = (measured_tick_ms(r[k], r["batch"], r["frames"], len(ticks)) for k in ("graph_fps", "eager_fps"))
+    return LaunchCosts(round(n), modelled, max(graph - modelled, 0.0) * 1e3 / n, (eager - graph) * 1e3 / n)
 
 
 def layer_frames(pipe, frames: int) -> dict:
@@ -548,14 +602,16 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     p("")
     p("## Per layer and op (one call; the tick shown)")
     p(f"{'layer':32} {'problem':28} {'op':18} {'calls':>5} {'GFLOP':>8} {'MB min':>8} "
-      f"{'us cuDNN':>9} {'us Triton':>9} {'us ceil':>8}")
+      f"{'us today':>9} {'us cuDNN':>9} {'us Triton':>9} {'us ceil':>8}")
     rows = collections.OrderedDict()
     for l in s.launches:
         if l.kind in GEMM_KINDS:
             rows.setdefault((l.layer, l.kind), [l, 0])[1] += 1
     for (layer, kind), (l, n) in rows.items():
         p(f"{str(layer)[:32]:32} {l.shape[:28]:28} {kind:18} {n:5d} {l.flops / 1e9:8.3f} {l.bytes / 1e6:8.2f} "
-          f"{gemm_us(l, 'cudnn'):9.1f} {gemm_us(l, 'triton'):9.1f} {gemm_us(l, 'ceiling'):8.1f}")
+          + " ".join(f"{gemm_us(l, t):9.1f}" for t in TABLES[:-1]) + f" {gemm_us(l, 'ceiling'):8.1f}")
+    p("(today: " + ", ".join(f"{kind} {today(kind)}" for kind in GEMM_KINDS) + " — dispatch.json's sm_90 bf16 "
+      "choice; a torch op priced at the torch backend's rates of 2026-11-27)")
     p("")
     p("## Other launches of the tick shown (ATen kernels: bytes at the HBM datasheet bandwidth)")
     others = collections.OrderedDict()
@@ -565,7 +621,7 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
             o[0] += 1
             o[1] += l.bytes
     for op, (n, b) in sorted(others.items(), key=lambda kv: -kv[1][1]):
-        p(f"  {op:40} x{n:<4d} {b / 1e6:9.2f} MB {b / (H200['hbm_tb_s'] * 1e12) * 1e6:8.1f} us")
+        p(f"  {op:40} x{n:<4d} {b / 1e6:9.2f} MB {b / (GPU['hbm_tb_s'] * 1e12) * 1e6:8.1f} us")
     n_today = len(s.launches)
     n_sideways = sum(l.kind in GEMM_KINDS for l in s.launches)
     schedule = pipe._schedule(frames, "sideways", True)
@@ -578,20 +634,22 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     p(f"planned (grouped, Schedule.problems): {planned} — " + "; ".join(parts))
     built, how = built_weight_launches(pipe, schedule.problems(plans[s.index]))
     p(f"built so far: the weight updates on the Triton backend, {built} launches this tick — {how}")
+    r = REFERENCE_TICK
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
-      f"from the H200 C3D tick (B8 56x56 per-tick SGD: {H200['tick_graph_ms']} ms in a graph, "
-      f"{H200['tick_eager_ms']} ms eager) over the {costs.launches} launches and {costs.modelled_ms:.3f} ms of "
-      f"modelled math this model finds in that tick")
+      f"from the {GPU['device']}'s {r['model']} clip (B{r['batch']} {r['size']}x{r['size']} T{r['frames']}, default "
+      f"dispatch: {r['graph_fps']} frames/s in graphs, {r['eager_fps']} eager) over the {costs.launches} launches "
+      f"and {costs.modelled_ms:.3f} ms of modelled math this model finds per tick there")
     p("")
     gemm, other = s.gemm_us, s.other_us
-    graph = gemm["triton"] + other + n_today * costs.graph_us
+    graph = gemm["today"] + other + n_today * costs.graph_us
     eager = graph + n_today * costs.eager_us
     grouped = gemm["cudnn"] + planned * costs.graph_us  # every GEMM at cuDNN's rates, elementwise work fused
-    p("## Predicted time of the tick shown (H200 rates; HBM: datasheet)")
+    p(f"## Predicted time of the tick shown ({GPU['device']} rates; HBM: datasheet)")
     p(f"FLOPs {s.flops / 1e9:.1f} GFLOP; bytes: GEMM operands {s.min_bytes / 1e6:.1f} MB (the least a tick "
       f"moves), other launches {s.other_bytes / 1e6:.1f} MB")
-    p(f"GEMMs: {gemm['cudnn'] / 1e3:.3f} ms at cuDNN's rates, {gemm['triton'] / 1e3:.3f} ms at our Triton "
-      f"kernels' (measured), {gemm['ceiling'] / 1e3:.3f} ms at the {H200['matmul_tflops']:.0f} TFLOP/s ceiling")
+    p(f"GEMMs: {gemm['today'] / 1e3:.3f} ms at today's default's rates, {gemm['cudnn'] / 1e3:.3f} ms at cuDNN's, "
+      f"{gemm['triton'] / 1e3:.3f} ms at our Triton kernels', {gemm['ceiling'] / 1e3:.3f} ms at the "
+      f"{GPU['matmul_tflops']:.0f} TFLOP/s ceiling")
     p(f"other launches (memory-bound): {other / 1e3:.3f} ms; per-launch costs: {n_today} x "
       f"({costs.graph_us:.1f} + {costs.eager_us:.1f}) us")
     p(f"=> eager today ~{eager / 1e3:.3f} ms; CUDA graph today ~{graph / 1e3:.3f} ms; grouped ({planned} launches) "
@@ -599,25 +657,32 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
       f"~{gemm['ceiling'] / 1e3:.3f} ms")
     means = [summarize(ticks, plans, i) for i in range(len(ticks))]
     mean = lambda f: sum(f(m) for m in means) / len(means)
-    mean_graph = mean(lambda m: m.gemm_us["triton"] + m.other_us + len(m.launches) * costs.graph_us)
+    mean_graph = mean(lambda m: m.gemm_us["today"] + m.other_us + len(m.launches) * costs.graph_us)
     mean_eager = mean_graph + mean(lambda m: len(m.launches)) * costs.eager_us
     mean_grouped = mean(lambda m: m.gemm_us["cudnn"] + planned_launches(m.launches, schedule.problems(plans[m.index]))[0]
                         * costs.graph_us)
     p(f"mean over the clip's {len(ticks)} ticks: eager today ~{mean_eager / 1e3:.3f} ms, CUDA graph today "
       f"~{mean_graph / 1e3:.3f} ms, grouped in a graph ~{mean_grouped / 1e3:.3f} ms per tick; "
       f"{mean(lambda m: m.flops) / 1e9:.1f} GFLOP per tick")
-    bp = H200["clip_bp_fps"].get((model, frames))
+    bp = GPU["clip_bp_fps"].get((model, frames))
+    sideways = GPU["sideways_fps"].get((model, frames))
     bp_model = per_frame_bp_us(net, pipe, ticks, frames)
     p("")
     p("## Clip BP, per frame (a frame of all B clips: what a tick must take to match it)")
+    measured_at = ", ".join(f"{m} T{t}" for m, t in GPU["clip_bp_fps"])
     if bp is not None and batch == 8 and size == 112:
-        p(f"measured (e2e.log, B8 112x112 T{frames}): {bp} frames/s = {batch / bp * 1e3:.3f} ms per frame")
+        p(f"measured ({GPU['device']}, B8 112x112 T{frames}): {bp} frames/s = {batch / bp * 1e3:.3f} ms per frame")
     else:
-        p("measured (e2e.log): only at B8, 112x112, T16 and T48")
+        p(f"measured ({GPU['device']}): only at B8, 112x112: {measured_at}")
     p(f"model: its convolutions at cuDNN's rates: {bp_model / 1e3:.3f} ms per frame")
     per_frame = lambda ms: ms * len(ticks) / frames
     p(f"Sideways per frame (ticks per frame {len(ticks) / frames:.2f}): eager today ~{per_frame(mean_eager) / 1e3:.3f} "
       f"ms, CUDA graph today ~{per_frame(mean_graph) / 1e3:.3f} ms, grouped ~{per_frame(mean_grouped) / 1e3:.3f} ms")
+    if sideways is not None and batch == 8 and size == 112 and stages == 4 and update == "clip":
+        p(f"measured ({GPU['device']}, default dispatch, CUDA graphs): {sideways} frames/s = "
+          f"{batch / sideways * 1e3:.3f} ms per frame, {measured_tick_ms(sideways, batch, frames, len(ticks)):.3f} ms "
+          f"per tick (predicted above: {mean_graph / 1e3:.3f}; the kernels and the torch backend have changed since: "
+          "bench/RESULTS.md)")
     p("")
     p("## Memory at this size (bf16 activations, fp32 weights and gradients)")
     mib = lambda b: f"{b / 2**20:.1f} MiB"

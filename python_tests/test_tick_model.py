@@ -158,3 +158,28 @@ def test_built_weight_launches_count_what_the_triton_backend_groups():
         full = [ps for ps in (schedule.problems(plan) for plan in schedule) if sum(q.op == "weight" for q in ps) == 5]
         assert full
         assert tm.built_weight_launches(pipe, full[0]) == (count, how)
+
+
+def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_nearest_its_channels(monkeypatch):
+    """gemm_us: a launch with the FLOPs of a measured shape takes that shape's measured GPU time
+    (the table named, or "today": the backend dispatch.json picks for the op); a layer between
+    shapes takes the rate of the nearest in (C_in, C_out, positions); a tick's time from a clip's
+    frames/s."""
+    shapes = tm.GPU["shapes"]
+    flops = lambda s: 2 * s[2] * s[3] * s[3] * s[1] * s[0] * 27
+    at = lambda s, kind="forward", f=None: tm.Launch("sideways.x", kind, "l", f or flops(s), 0.0,
+                                                     f"{s[0]}->{s[1]} {s[3]}x{s[3]} k3x3x3")
+    for i, s in enumerate(shapes):
+        for table in ("cudnn", "triton"):
+            assert tm.gemm_us(at(s), table) == pytest.approx(tm.GPU["graph_us"][table]["forward"][i])
+    ops = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
+           "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
+    assert all(tm.today(kind) == backend.choose(op, torch.bfloat16, "sm_90") for kind, op in ops.items())
+    picked = {}
+    monkeypatch.setattr(tm, "today", lambda kind: picked.setdefault(kind, "triton" if kind == "input_grad" else "torch"))
+    assert tm.gemm_us(at(shapes[1], "input_grad"), "today") == pytest.approx(tm.GPU["graph_us"]["triton"]["input_grad"][1])
+    assert tm.gemm_us(at(shapes[1], "weight_sgd"), "today") == pytest.approx(tm.GPU["graph_us"]["torch"]["weight_sgd"][1])
+    between = at((96, 200, 16, 28))  # nearest (128, 256, B16 28²): log distance 0.78; (128, 128, B8 28²): 2.06
+    rate = lambda i: flops(shapes[i]) / tm.GPU["graph_us"]["cudnn"]["forward"][i]
+    assert tm.gemm_us(between, "cudnn") == pytest.approx(flops((96, 200, 16, 28)) / rate(3))
+    assert tm.measured_tick_ms(7542, 8, 48, 54) == pytest.approx(8 * 48 / 7542 / 54 * 1e3)
