@@ -22,7 +22,9 @@ def test_end_to_end_measures_every_kind_of_case_on_the_cpu(network, impl, paddin
     if impl == "sideways":
         assert row["ticks"] >= 8 and row["graphs"] is False  # no graphs on the CPU
         assert row["temporal_padding"] == (padding if network == "r3d_18" else None)
-        assert row["held_mib"] > 0 and row["derived_mib"] == 0  # rings and buffers; the torch backend copies none
+        # rings and buffers; the torch backend's bf16 forms of the weights a clip keeps (3-tap: a folded one per ring
+        # slot and the taps' sum, 3 1/3 copies of 2 bytes a weight: 1.67x the fp32 weights; 1-tap: 2 copies, 1x)
+        assert row["held_mib"] > 0 and row["params_mib"] < row["derived_mib"] < 1.67 * row["params_mib"]
     params = row["params_mib"]
     assert params > 0 and row["grads_mib"] == pytest.approx(params)  # one clip's fp32 gradients, once
     assert row["video_mib"] == pytest.approx(2 * 3 * 8 * 32 * 32 * 4 / 2 ** 20)

@@ -4,6 +4,7 @@ fall back), in float64 and in bfloat16 against float64, on the CPU and (where th
 a GPU; and the folded path's ATen calls are the few it promises (no window gathered, one
 convolution per op), which is its reason to exist."""
 import collections
+import contextlib
 import types
 
 import pytest
@@ -210,3 +211,81 @@ def test_folded_ops_gather_no_window_and_run_one_convolution():
     assert counts["input_grad"] == {"sum": 1, "_to_copy": 1, "convolution_backward": 1}, counts
     assert counts["accumulate"] == {"convolution_backward": 1, "roll": 1, "add_": 2, "sum": 1}, counts
     assert sum(v for k, v in counts["sgd"].items() if k in conv) == 1 and counts["sgd"].get("_fused_sgd_") == 1, counts
+
+
+def test_a_run_that_keeps_its_weights_makes_their_forms_once_and_in_place():
+    """constant_weights: within it the forward is the ring write, one convolution and the bias,
+    and the input gradient one transposed convolution (the folded forms and the taps' sum made at
+    its start), every slot's output the same bits as without; a weight changed within it is read
+    as without; outside it the forms are never read; the next run rewrites them in place (a CUDA
+    graph of one run reads them in the next) from the weight as it is then."""
+    g = Geometry(2, 8, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    t = make(g, torch.bfloat16, torch.float32)
+    weight = t["weight"].clone()
+    forward = lambda slot, ring=None: tb.ring_conv_forward(t["ring"].clone() if ring is None else ring, t["frame"],
+                                                           slot, weight, t["bias"], *_args(g))
+    down = lambda w=weight: tb.window_input_grad(t["grad_out"], w, (6, 7), g.stride, g.padding, g.dilation, 1)
+    plain = [forward(slot) for slot in range(3)], down()
+    with tb.constant_weights([weight], torch.bfloat16):
+        for slot in range(3):
+            ring = t["ring"].clone()
+            with _Calls() as calls:
+                out = forward(slot, ring)
+            assert torch.equal(out, plain[0][slot])
+            assert _moving(calls) == {"copy_": 1, "convolution": 1, "add_": 1}, calls.names
+        with _Calls() as calls:
+            got = down()
+        assert torch.equal(got, plain[1])
+        assert _moving(calls) == {"convolution_backward": 1}, calls.names
+        assert torch.equal(down(weight.narrow(2, 1, 2)), tb.window_input_grad(  # a view (live taps): its own sum
+            t["grad_out"], weight.narrow(2, 1, 2).clone(), (6, 7), g.stride, g.padding, g.dilation, 1))
+        addresses = [f.data_ptr() for f in tb._forms[id(weight)].folded] + [tb._forms[id(weight)].summed.data_ptr()]
+    ring = t["ring"].clone()
+    with _Calls() as calls:  # outside: made at every call again (the weight as it was: its forms still held)
+        forward(0, ring)
+    assert _moving(calls) == {"copy_": 2, "roll": 1, "convolution": 1, "add_": 1}, calls.names
+    with tb.constant_weights([weight], torch.bfloat16):
+        with torch.no_grad():
+            weight.mul_(2)  # changed within the run: read as it is
+        assert torch.equal(forward(1), tb.ring_conv_forward(t["ring"].clone(), t["frame"], 1, weight.clone(),
+                                                            t["bias"], *_args(g)))
+    with tb.constant_weights([weight], torch.bfloat16):  # the next run: the forms of the doubled weight, in place
+        assert [f.data_ptr() for f in tb._forms[id(weight)].folded] + [tb._forms[id(weight)].summed.data_ptr()] \
+            == addresses
+        doubled = tb._forms[id(weight)]
+        assert torch.equal(doubled.summed, tb._summed(weight, torch.bfloat16))
+        assert all(torch.equal(doubled.folded[s], tb._fold(weight, s, torch.bfloat16, 0)) for s in range(3))
+    del weight, doubled
+    assert not any(f.weight() is None for f in tb._forms.values())  # a dead weight's forms go with it
+
+
+def test_a_clip_update_run_makes_the_weights_forms_once_and_a_per_tick_update_never(monkeypatch):
+    """In a pipeline on the torch backend, a Sideways run that changes no weight (update="clip")
+    makes each weight's forms once, at its start, and its gradients are those of a run that makes
+    them at every call, to the bit; a run with the per-tick update (weights rewritten within the
+    run, inside CUDA graphs where no version moves) never holds them."""
+    from nets import classifier_net, stages_of
+    from sideways_kernels import SidewaysPipeline, backend
+    folds = []
+    real_fold = tb._fold
+    monkeypatch.setattr(tb, "_fold", lambda *a: folds.append(a[1]) or real_fold(*a))
+    video, target = torch.randn(2, 3, 6, 5, 5), torch.randint(0, 7, (2,))
+
+    def clip(update="clip"):
+        torch.manual_seed(0)
+        net = classifier_net([(3, 1, 1), (3, 1, 1)], channels=(3, 8, 8), dtype=torch.float32)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) if update == "tick" else None
+        folds.clear()
+        pipe = SidewaysPipeline(stages_of(net, 2), mode="sideways", backend="torch", update=update, optimizer=opt)
+        pipe.backward_clip(video, target)
+        return [p.grad if update == "clip" else p.detach() for p in net.parameters()], len(folds)
+    held, made = clip()
+    assert made == 3 + 3 + 1  # two 3-tap layers and the 1-tap head, a form per ring slot: at the start only
+    monkeypatch.setattr(backend, "constant_weights", lambda *a: contextlib.nullcontext())
+    every_call, made_each = clip()
+    assert made_each > made and all(torch.equal(a, b) for a, b in zip(held, every_call))
+    monkeypatch.undo()
+    monkeypatch.setattr(tb, "constant_weights", lambda *a: pytest.fail("a per-tick update run held its weights' forms"))
+    clip("tick")
+    with pytest.raises(pytest.fail.Exception):
+        clip("clip")  # (the guard above does fire where a run holds them)

@@ -91,6 +91,23 @@ def kernels(name: str) -> types.SimpleNamespace:
                                  groups=lambda op, args: True)
 
 
+def constant_weights(name: str, layers: list, dtype: torch.dtype):
+    """For a run that changes none of ``layers``' weights: the torch backend's forms of each weight
+    made once for the run (:func:`torch_backend.constant_weights`), for the layers whose forward or
+    input gradient runs there on backend ``name`` (``auto``: as the dispatch sends activations of
+    ``dtype``) and folds (one group, no temporal dilation); a no-op context elsewhere."""
+    def torch_runs(layer) -> bool:
+        if name == "torch":
+            return True
+        if name != "auto" or layer.weight.device.type != "cuda":
+            return False
+        probe = torch.empty(0, dtype=dtype, device=layer.weight.device)
+        return any(_choice(op, probe) == "torch" for op in ("ring_conv_forward", "window_input_grad"))
+    folds = lambda layer: layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
+    weights = [layer.weight for layer in layers if folds(layer) and torch_runs(layer)]
+    return torch_backend.constant_weights(weights, dtype) if weights else contextlib.nullcontext()
+
+
 class WeightUpdates:
     """A tick's weight updates, held until the tick's end and then run as few launches as the
     backend can (``kernels(...).group``): every layer's update of a tick reads only that layer's

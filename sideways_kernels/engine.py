@@ -22,7 +22,7 @@ import torch
 
 from . import backend as _backend
 from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
-from .nn import SidewaysConv3d, _Stream
+from .nn import SidewaysConv3d, _Stream, activation_dtype
 from .schedule import Schedule, StagePlan, TickPlan
 
 __all__ = ["Engine"]
@@ -443,8 +443,10 @@ class Engine:
     @contextlib.contextmanager
     def _streaming(self, mode: str, backend, optimizer, smoothing: int = 1):
         """Every streaming layer's state for a run. In Sideways mode a backend that groups weight
-        updates (``kernels(...).group``) gets them held and run once per tick (:meth:`_tick`)."""
-        layers, updates = [], {}
+        updates (``kernels(...).group``) gets them held and run once per tick (:meth:`_tick`).
+        Without a per-tick optimizer no weight changes within the run: the backends' forms of the
+        weights are made once for it (``backend.constant_weights``)."""
+        layers, updates, backends = [], {}, {}
         try:
             for k in range(self.lo, self.hi):
                 name = _backend.resolve(self.device(k), backend)
@@ -461,8 +463,13 @@ class Engine:
                         layer._stream = _Stream(mode, kernels, optimizer, clock=clock, smoothing=smoothing,
                                                 updates=updates.get(name))
                         layers.append(layer)
+                        backends.setdefault((name, activation_dtype(layer.weight)), []).append(layer)
             self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
-            yield
+            with contextlib.ExitStack() as held:
+                if optimizer is None and mode != "bp":  # (bp runs F.conv3d on the window, not the ops)
+                    for (name, dtype), group in backends.items():
+                        held.enter_context(_backend.constant_weights(name, group, dtype))
+                yield
         finally:
             self._layers, self._members, self._updates = [], None, []
             for layer in layers:

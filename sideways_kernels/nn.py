@@ -324,6 +324,15 @@ def _autocast(frame: torch.Tensor) -> torch.Tensor:
     return frame
 
 
+def activation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's ring and activations take (:func:`_autocast`): autocast's where it is
+    on for the weight's device, else the weight's own."""
+    device_type = weight.device.type
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
 def _smoothed(s: _Stream, ring: torch.Tensor, grad_out: torch.Tensor, slot: int) -> tuple:
     """smoothing = k: this update's (window, error) joins the last k; returns the mean window (in
     time order, newest in the last slot) and the mean error, to pair in the weight update."""

@@ -13,6 +13,11 @@ that way and runs reference.py's definition.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import weakref
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +37,11 @@ def channel_pad(ring: torch.Tensor) -> int:
     CUDA in 16 bits, to a multiple of 8: cuDNN's tensor-core kernels read 8 channels at a time,
     and the stem ran in its generic kernel (15% of C3D's and r3d_18's GPU time per tick as 3-D
     convs on the H100, 2026-11-28). Larger images keep their channels (a copy would cost more)."""
-    channels = ring.shape[0] * ring.shape[2]
-    if ring.is_cuda and ring.dtype in (torch.float16, torch.bfloat16) and channels < 32:
+    return _pad(ring.shape[0] * ring.shape[2], ring.is_cuda, ring.dtype)
+
+
+def _pad(channels: int, cuda: bool, dtype: torch.dtype) -> int:
+    if cuda and dtype in (torch.float16, torch.bfloat16) and channels < 32:
         return -channels % 8
     return 0
 
@@ -54,7 +62,15 @@ def _ring_image(ring: torch.Tensor, pad: int = 0) -> torch.Tensor:
 def _folded_weight(weight: torch.Tensor, slot: int, dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
     """``[C_out, span*C (+ pad), k_h, k_w]`` in ``dtype``, channels-last, whose channels ``s*C..``
     hold the tap that reads slot ``s`` when the window's newest frame is in ``slot``: tap ``j``
-    reads slot ``(slot + 1 + j) % span`` (``reference.tap_slots``); the ``pad`` channels zero."""
+    reads slot ``(slot + 1 + j) % span`` (``reference.tap_slots``); the ``pad`` channels zero.
+    Within :func:`constant_weights` the form made at its start (no launch)."""
+    held = _held(weight, dtype, pad)
+    if held is not None:
+        return held.folded[slot]
+    return _fold(weight, slot, dtype, pad)
+
+
+def _fold(weight: torch.Tensor, slot: int, dtype: torch.dtype, pad: int) -> torch.Tensor:
     c_out, c_in, span, kh, kw = weight.shape
     taps = _dense(weight.permute(0, 3, 4, 2, 1), dtype)  # [o, kh, kw, t, c]
     slots = torch.roll(taps, (slot + 1) % span, dims=3) if (slot + 1) % span else taps
@@ -96,10 +112,84 @@ def ring_conv_forward(ring, frame, slot, weight, bias, stride, padding, dilation
 
 def window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups):
     """``reference.window_input_grad``: every tap sends ``grad_out`` through its transpose onto
-    the same frame, so the sum over taps is one transposed convolution with the summed taps."""
+    the same frame, so the sum over taps is one transposed convolution with the summed taps
+    (within :func:`constant_weights`, the sum made at its start)."""
     shape = (grad_out.shape[0], weight.shape[1] * groups, *input_size)
-    summed = weight.sum(2, dtype=torch.promote_types(weight.dtype, torch.float32))
-    return torch.nn.grad.conv2d_input(shape, summed.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
+    held = _held(weight, grad_out.dtype)
+    summed = held.summed if held is not None else _summed(weight, grad_out.dtype)
+    return torch.nn.grad.conv2d_input(shape, summed, grad_out, stride, padding, dilation, groups)
+
+
+def _summed(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.sum(2, dtype=torch.promote_types(weight.dtype, torch.float32)).to(dtype)
+
+
+# --- weights that a run does not change -----------------------------------------------------------
+
+@dataclasses.dataclass
+class _Forms:
+    """A weight's forms as the ops read them, in ``dtype``: folded for each ring slot (the
+    forward), and its taps' sum (the input gradient)."""
+    weight: weakref.ref
+    version: int
+    dtype: torch.dtype
+    pad: int
+    folded: list
+    summed: torch.Tensor
+    active: bool = False
+
+
+_forms: dict = {}  # id(weight) -> _Forms, kept while the weight lives (graphs read them: one address)
+
+
+def _held(weight: torch.Tensor, dtype: torch.dtype, pad: Optional[int] = None) -> Optional[_Forms]:
+    forms = _forms.get(id(weight))
+    if (forms is None or not forms.active or forms.weight() is not weight or forms.version != weight._version
+            or forms.dtype != dtype or (pad is not None and forms.pad != pad)):
+        return None
+    return forms
+
+
+@contextlib.contextmanager
+def constant_weights(weights: list, dtype: torch.dtype):
+    """A run that changes none of ``weights`` (a clip with ``update="clip"``, or BP): each one's
+    forms (folded for every ring slot, the taps' sum) are made once, in ``dtype``, at the start,
+    and the ops read them instead of making them at every call — two launches fewer a forward and
+    an input gradient (and their passes over the weight). The forms live at one address from run
+    to run (rewritten in place; a CUDA graph captured in one run reads them in the next), while
+    the weight lives. A weight changed within the run (its version moves) is read as the ops
+    would without this; outside it the forms are never read (a per-tick update rewrites the
+    weight inside a CUDA graph, where no version moves)."""
+    held = []
+    try:
+        with torch.no_grad():
+            for weight in weights:
+                held.append(_hold(weight, dtype))
+        yield
+    finally:
+        for forms in held:
+            forms.active = False
+
+
+def _hold(weight: torch.Tensor, dtype: torch.dtype) -> _Forms:
+    span, pad = weight.shape[2], _pad(weight.shape[2] * weight.shape[1], weight.is_cuda, dtype)
+    forms = _forms.get(id(weight))
+    fresh = [_fold(weight, slot, dtype, pad) for slot in range(span)], _summed(weight, dtype)
+    if forms is None or forms.weight() is not weight or forms.dtype != dtype or forms.pad != pad:
+        forms = _forms[id(weight)] = _Forms(weakref.ref(weight, lambda _, key=id(weight): _forget(key)),
+                                            weight._version, dtype, pad, *fresh)
+    else:  # in place: graphs captured in an earlier run read these tensors
+        for held, made in zip(forms.folded + [forms.summed], fresh[0] + [fresh[1]]):
+            held.copy_(made)
+        forms.version = weight._version
+    forms.active = True
+    return forms
+
+
+def _forget(key: int) -> None:
+    forms = _forms.get(key)
+    if forms is not None and forms.weight() is None:
+        del _forms[key]
 
 
 def _weight_grad(grad_out, ring, slot, weight_shape, stride, padding, dilation):
