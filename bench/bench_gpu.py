@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sideways_kernels import SidewaysConv3d, SidewaysPipeline, backend, models, ops, reference as ref
-from sideways_kernels import torch_backend as tb
+from sideways_kernels import forms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -472,8 +472,8 @@ def _memory_parts(net, video, pipe) -> dict:
     (``after_clip_mib``, CUDA), of it the parameters, their gradients and the input clip, what
     the pipeline holds across ticks (rings, FIFOs, double buffers, errors: ``held_mib``) and
     across clips (the graphs' staged inputs and gradient buffers: ``graph_held_mib``), the
-    backends' 16-bit weight copies (``derived_mib``: Triton's, and the torch backend's forms of the
-    weights a run keeps, ``torch_backend.constant_weights``), and the graphs captured. The peak
+    backends' 16-bit weight copies (``derived_mib``: Triton's cache, and the forms of the weights a
+    run keeps, ``sideways_kernels.forms``), and the graphs captured. The peak
     less ``after_clip_mib`` is what a tick (or clip BP's backward) allocates and frees."""
     mib = lambda n: n / 2 ** 20
     storages = lambda ts: sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in ts}.values())
@@ -486,8 +486,7 @@ def _memory_parts(net, video, pipe) -> dict:
         graphs = getattr(pipe, "_graphs", None)
         ours = {id(p) for p in net.parameters()}  # this network's weights' copies, not another's in the process
         derived = [v[3] for v in list(T._derived.values()) if v[0]() is not None and id(v[0]()) in ours]
-        derived += [t for f in list(tb._forms.values()) if f.weight() is not None and id(f.weight()) in ours
-                    for t in f.folded + [f.summed]]  # the torch backend's forms of weights a run keeps
+        derived += forms.tensors_of(net.parameters())  # the forms of the weights a run keeps (either backend)
         parts.update(held_mib=mib(pipe.engine.held_bytes()),
                      graph_held_mib=mib(graphs.held_bytes()) if graphs is not None else None,
                      graphs_captured=sum(c is not None for c in graphs.graphs.values()) if graphs is not None else None,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sideways_kernels import reference as ref, torch_backend as tb
+from sideways_kernels import forms, reference as ref, torch_backend as tb
 from samples import GEOMETRIES, SGD_CONFIGS, Geometry, geometry_id, make, sgd_id
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.bfloat16: (3e-2, 1e-1)}
@@ -214,11 +214,12 @@ def test_folded_ops_gather_no_window_and_run_one_convolution():
 
 
 def test_a_run_that_keeps_its_weights_makes_their_forms_once_and_in_place():
-    """constant_weights: within it the forward is the ring write, one convolution and the bias,
-    and the input gradient one transposed convolution (the folded forms and the taps' sum made at
-    its start), every slot's output the same bits as without; a weight changed within it is read
-    as without; outside it the forms are never read; the next run rewrites them in place (a CUDA
-    graph of one run reads them in the next) from the weight as it is then."""
+    """forms.held(forms_of(...)): within it the forward is the ring write, one convolution and the
+    bias, and the input gradient one transposed convolution (the folded forms and the taps' sum
+    made at its start), every slot's output the same bits as without; a weight changed within it
+    is read as without; outside it the forms are never read; the next run rewrites them in place
+    (a CUDA graph of one run reads them in the next) from the weight as it is then; a dead
+    weight's forms go with it."""
     g = Geometry(2, 8, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
     t = make(g, torch.bfloat16, torch.float32)
     weight = t["weight"].clone()
@@ -226,7 +227,9 @@ def test_a_run_that_keeps_its_weights_makes_their_forms_once_and_in_place():
                                                            slot, weight, t["bias"], *_args(g))
     down = lambda w=weight: tb.window_input_grad(t["grad_out"], w, (6, 7), g.stride, g.padding, g.dilation, 1)
     plain = [forward(slot) for slot in range(3)], down()
-    with tb.constant_weights([weight], torch.bfloat16):
+    run = lambda: forms.held(tb.forms_of(weight, torch.bfloat16, forward=True, input_grad=True))
+    held = lambda: [f.tensor for (at, _), f in forms._forms.items() if at == id(weight)]
+    with run():
         for slot in range(3):
             ring = t["ring"].clone()
             with _Calls() as calls:
@@ -239,24 +242,24 @@ def test_a_run_that_keeps_its_weights_makes_their_forms_once_and_in_place():
         assert _moving(calls) == {"convolution_backward": 1}, calls.names
         assert torch.equal(down(weight.narrow(2, 1, 2)), tb.window_input_grad(  # a view (live taps): its own sum
             t["grad_out"], weight.narrow(2, 1, 2).clone(), (6, 7), g.stride, g.padding, g.dilation, 1))
-        addresses = [f.data_ptr() for f in tb._forms[id(weight)].folded] + [tb._forms[id(weight)].summed.data_ptr()]
+        addresses = [f.data_ptr() for f in held()]
+        assert len(addresses) == 4
     ring = t["ring"].clone()
     with _Calls() as calls:  # outside: made at every call again (the weight as it was: its forms still held)
         forward(0, ring)
     assert _moving(calls) == {"copy_": 2, "roll": 1, "convolution": 1, "add_": 1}, calls.names
-    with tb.constant_weights([weight], torch.bfloat16):
+    with run():
         with torch.no_grad():
             weight.mul_(2)  # changed within the run: read as it is
         assert torch.equal(forward(1), tb.ring_conv_forward(t["ring"].clone(), t["frame"], 1, weight.clone(),
                                                             t["bias"], *_args(g)))
-    with tb.constant_weights([weight], torch.bfloat16):  # the next run: the forms of the doubled weight, in place
-        assert [f.data_ptr() for f in tb._forms[id(weight)].folded] + [tb._forms[id(weight)].summed.data_ptr()] \
-            == addresses
-        doubled = tb._forms[id(weight)]
-        assert torch.equal(doubled.summed, tb._summed(weight, torch.bfloat16))
-        assert all(torch.equal(doubled.folded[s], tb._fold(weight, s, torch.bfloat16, 0)) for s in range(3))
-    del weight, doubled
-    assert not any(f.weight() is None for f in tb._forms.values())  # a dead weight's forms go with it
+    with run():  # the next run: the forms of the doubled weight, in place
+        assert [f.data_ptr() for f in held()] == addresses
+        assert torch.equal(forms.get(weight, ("summed", torch.bfloat16)), tb._summed(weight, torch.bfloat16))
+        assert all(torch.equal(forms.get(weight, ("folded", s, torch.bfloat16, 0)), tb._fold(weight, s, torch.bfloat16, 0))
+                   for s in range(3))
+    del weight, held, run, forward, down
+    assert all(f.weight() is not None for f in forms._forms.values())  # a dead weight's forms go with it
 
 
 def test_a_clip_update_run_makes_the_weights_forms_once_and_a_per_tick_update_never(monkeypatch):
@@ -285,7 +288,7 @@ def test_a_clip_update_run_makes_the_weights_forms_once_and_a_per_tick_update_ne
     every_call, made_each = clip()
     assert made_each > made and all(torch.equal(a, b) for a, b in zip(held, every_call))
     monkeypatch.undo()
-    monkeypatch.setattr(tb, "constant_weights", lambda *a: pytest.fail("a per-tick update run held its weights' forms"))
+    monkeypatch.setattr(forms, "held", lambda *a: pytest.fail("a per-tick update run held its weights' forms"))
     clip("tick")
     with pytest.raises(pytest.fail.Exception):
         clip("clip")  # (the guard above does fire where a run holds them)

@@ -1,6 +1,7 @@
 """The Triton backend on CPU, under Triton's interpreter (float32/float16; bfloat16 comes out
 wrong in the interpreter, so it is checked only on a GPU): every op vs reference.py, and
 whole pipelines with SIDEWAYS_BACKEND=triton against the torch backend."""
+import contextlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before sideways_kernels.triton is imported
@@ -497,6 +498,32 @@ def test_derived_weights_are_kept_only_for_live_whole_weights():
     assert len(T._derived) == before
     del w, made, live
     assert not any(k in T._derived for k in keys)
+
+
+def test_a_clip_update_run_reads_the_weights_forms_made_at_its_start(monkeypatch):
+    """On the Triton backend a run that changes no weight (update="clip") derives each weight's
+    forms (the forward's relayout, the input gradient's taps' sum both ways) once, at its start,
+    and the ops read those where they would otherwise derive at every call (in a CUDA-graph
+    capture or a compile: here, as under a compile), with the gradients of a run that derives at
+    every call, to the bit."""
+    from sideways_kernels import backend
+    derived = []
+    real = T._derive
+    monkeypatch.setattr(T, "_derive", lambda *a: derived.append(a[2:]) or real(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # no eager cache: every call derives
+    video, target = torch.randn(1, 3, 4, 4, 4), torch.randint(0, 7, (1,))
+
+    def clip():
+        torch.manual_seed(0)
+        net = classifier_net([(3, 1, 1)], channels=(3, 8), dtype=torch.float32)
+        derived.clear()
+        SidewaysPipeline(stages_of(net, 2), backend="triton").backward_clip(video, target)
+        return [p.grad for p in net.parameters()], list(derived)
+    held, made = clip()
+    assert sorted(made) == sorted([(False, False), (True, False), (True, True)] * 2)  # 2 convs, at the start only
+    monkeypatch.setattr(backend, "constant_weights", lambda *a: contextlib.nullcontext())
+    every_call, made_each = clip()
+    assert len(made_each) > 2 * len(made) and all(torch.equal(a, b) for a, b in zip(held, every_call))
 
 
 def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(monkeypatch):

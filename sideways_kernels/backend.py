@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import torch_backend
+from . import forms, torch_backend
 from ._loader import backends
 
 # "auto": the default made explicit — on CUDA with both the CUDA kernels and Triton, per op and
@@ -92,20 +92,25 @@ def kernels(name: str) -> types.SimpleNamespace:
 
 
 def constant_weights(name: str, layers: list, dtype: torch.dtype):
-    """For a run that changes none of ``layers``' weights: the torch backend's forms of each weight
-    made once for the run (:func:`torch_backend.constant_weights`), for the layers whose forward or
-    input gradient runs there on backend ``name`` (``auto``: as the dispatch sends activations of
-    ``dtype``) and folds (one group, no temporal dilation); a no-op context elsewhere."""
-    def torch_runs(layer) -> bool:
-        if name == "torch":
-            return True
-        if name != "auto" or layer.weight.device.type != "cuda":
-            return False
-        probe = torch.empty(0, dtype=dtype, device=layer.weight.device)
-        return any(_choice(op, probe) == "torch" for op in ("ring_conv_forward", "window_input_grad"))
-    folds = lambda layer: layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
-    weights = [layer.weight for layer in layers if folds(layer) and torch_runs(layer)]
-    return torch_backend.constant_weights(weights, dtype) if weights else contextlib.nullcontext()
+    """For a run that changes none of ``layers``' weights: the forms of each weight that the
+    forward and the input gradient read on backend ``name`` (``auto``: where the dispatch sends
+    activations of ``dtype``), made once for the run (:mod:`.forms`); the torch backend's for a
+    layer that folds (one group, no temporal dilation), Triton's for any. The CUDA kernels keep
+    their own cache (csrc)."""
+    made = []
+    for layer in layers:
+        weight = layer.weight
+        probe = torch.empty(0, dtype=dtype, device=weight.device)
+        on = {op: (_choice(op, probe) if name == "auto" and weight.is_cuda else name)
+              for op in ("ring_conv_forward", "window_input_grad")}
+        folds = layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
+        for backend_name, module in (("torch", torch_backend if folds else None),
+                                     ("triton", importlib.import_module("sideways_kernels.triton")
+                                      if "triton" in on.values() else None)):
+            if module is not None and backend_name in on.values():
+                made += module.forms_of(weight, dtype, on["ring_conv_forward"] == backend_name,
+                                        on["window_input_grad"] == backend_name)
+    return forms.held(made)
 
 
 class WeightUpdates:

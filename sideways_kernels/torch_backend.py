@@ -13,15 +13,10 @@ that way and runs reference.py's definition.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import weakref
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import forms, reference
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update"]
 
@@ -63,11 +58,9 @@ def _folded_weight(weight: torch.Tensor, slot: int, dtype: torch.dtype, pad: int
     """``[C_out, span*C (+ pad), k_h, k_w]`` in ``dtype``, channels-last, whose channels ``s*C..``
     hold the tap that reads slot ``s`` when the window's newest frame is in ``slot``: tap ``j``
     reads slot ``(slot + 1 + j) % span`` (``reference.tap_slots``); the ``pad`` channels zero.
-    Within :func:`constant_weights` the form made at its start (no launch)."""
-    held = _held(weight, dtype, pad)
-    if held is not None:
-        return held.folded[slot]
-    return _fold(weight, slot, dtype, pad)
+    In a run that holds it (:mod:`.forms`), the form made at the run's start."""
+    held = forms.get(weight, ("folded", slot, dtype, pad))
+    return held if held is not None else _fold(weight, slot, dtype, pad)
 
 
 def _fold(weight: torch.Tensor, slot: int, dtype: torch.dtype, pad: int) -> torch.Tensor:
@@ -113,83 +106,15 @@ def ring_conv_forward(ring, frame, slot, weight, bias, stride, padding, dilation
 def window_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups):
     """``reference.window_input_grad``: every tap sends ``grad_out`` through its transpose onto
     the same frame, so the sum over taps is one transposed convolution with the summed taps
-    (within :func:`constant_weights`, the sum made at its start)."""
+    (in a run that holds it, :mod:`.forms`, the sum made at the run's start)."""
     shape = (grad_out.shape[0], weight.shape[1] * groups, *input_size)
-    held = _held(weight, grad_out.dtype)
-    summed = held.summed if held is not None else _summed(weight, grad_out.dtype)
+    summed = forms.get(weight, ("summed", grad_out.dtype))
+    summed = summed if summed is not None else _summed(weight, grad_out.dtype)
     return torch.nn.grad.conv2d_input(shape, summed, grad_out, stride, padding, dilation, groups)
 
 
 def _summed(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.sum(2, dtype=torch.promote_types(weight.dtype, torch.float32)).to(dtype)
-
-
-# --- weights that a run does not change -----------------------------------------------------------
-
-@dataclasses.dataclass
-class _Forms:
-    """A weight's forms as the ops read them, in ``dtype``: folded for each ring slot (the
-    forward), and its taps' sum (the input gradient)."""
-    weight: weakref.ref
-    version: int
-    dtype: torch.dtype
-    pad: int
-    folded: list
-    summed: torch.Tensor
-    active: bool = False
-
-
-_forms: dict = {}  # id(weight) -> _Forms, kept while the weight lives (graphs read them: one address)
-
-
-def _held(weight: torch.Tensor, dtype: torch.dtype, pad: Optional[int] = None) -> Optional[_Forms]:
-    forms = _forms.get(id(weight))
-    if (forms is None or not forms.active or forms.weight() is not weight or forms.version != weight._version
-            or forms.dtype != dtype or (pad is not None and forms.pad != pad)):
-        return None
-    return forms
-
-
-@contextlib.contextmanager
-def constant_weights(weights: list, dtype: torch.dtype):
-    """A run that changes none of ``weights`` (a clip with ``update="clip"``, or BP): each one's
-    forms (folded for every ring slot, the taps' sum) are made once, in ``dtype``, at the start,
-    and the ops read them instead of making them at every call — two launches fewer a forward and
-    an input gradient (and their passes over the weight). The forms live at one address from run
-    to run (rewritten in place; a CUDA graph captured in one run reads them in the next), while
-    the weight lives. A weight changed within the run (its version moves) is read as the ops
-    would without this; outside it the forms are never read (a per-tick update rewrites the
-    weight inside a CUDA graph, where no version moves)."""
-    held = []
-    try:
-        with torch.no_grad():
-            for weight in weights:
-                held.append(_hold(weight, dtype))
-        yield
-    finally:
-        for forms in held:
-            forms.active = False
-
-
-def _hold(weight: torch.Tensor, dtype: torch.dtype) -> _Forms:
-    span, pad = weight.shape[2], _pad(weight.shape[2] * weight.shape[1], weight.is_cuda, dtype)
-    forms = _forms.get(id(weight))
-    fresh = [_fold(weight, slot, dtype, pad) for slot in range(span)], _summed(weight, dtype)
-    if forms is None or forms.weight() is not weight or forms.dtype != dtype or forms.pad != pad:
-        forms = _forms[id(weight)] = _Forms(weakref.ref(weight, lambda _, key=id(weight): _forget(key)),
-                                            weight._version, dtype, pad, *fresh)
-    else:  # in place: graphs captured in an earlier run read these tensors
-        for held, made in zip(forms.folded + [forms.summed], fresh[0] + [fresh[1]]):
-            held.copy_(made)
-        forms.version = weight._version
-    forms.active = True
-    return forms
-
-
-def _forget(key: int) -> None:
-    forms = _forms.get(key)
-    if forms is not None and forms.weight() is None:
-        del _forms[key]
 
 
 def _weight_grad(grad_out, ring, slot, weight_shape, stride, padding, dilation):
@@ -242,3 +167,12 @@ def sgd_tick_update(weight, momentum_buffer, bias, bias_momentum_buffer, grad_ou
     else:
         for p, g, b in zip(params, grads, bufs):
             reference.sgd_step(p, b, g, lr, momentum, dampening, weight_decay, nesterov, first_step)
+
+
+def forms_of(weight: torch.Tensor, dtype: torch.dtype, forward: bool, input_grad: bool) -> list:
+    """(weight, key, make) of the forms this backend's ``forward`` (folded, one per ring slot)
+    and ``input_grad`` (the taps' sum) read, for a run that holds them (:mod:`.forms`)."""
+    span, pad = weight.shape[2], _pad(weight.shape[2] * weight.shape[1], weight.is_cuda, dtype)
+    made = [(weight, ("folded", slot, dtype, pad), lambda slot=slot: _fold(weight, slot, dtype, pad))
+            for slot in range(span)] if forward else []
+    return made + ([(weight, ("summed", dtype), lambda: _summed(weight, dtype))] if input_grad else [])

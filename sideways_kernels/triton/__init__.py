@@ -28,6 +28,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime import _allocation  # the allocator's context variable (the same in Triton 3.6 and 3.9)
 
+from .. import forms
 from . import boxes as X
 from . import kernels as K
 from .configs import COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, Config, configs_for, prune, prune_boxes, split_k
@@ -343,12 +344,13 @@ def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False, f
     Triton can load 16 bytes at a time and pipeline. Same shape and indexing as the weight.
     Made once per version of that weight tensor (every in-place update bumps ``_version``, this
     module's fused SGD op too: a triton_op bumps the arguments it declares mutated). Inside a
-    CUDA-graph capture or a compile it is always computed, so a replay recomputes it."""
-    def make():
-        if summed:  # [C_out, C/groups, k_h, k_w], memory [k_h, k_w, C_out, C/groups]
-            taps = weight.sum(2).flip(2, 3) if flipped else weight.sum(2)
-            return taps.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-        return weight.to(dtype).permute(2, 3, 4, 1, 0).contiguous().permute(4, 3, 0, 1, 2)
+    CUDA-graph capture or a compile it is always computed, so a replay recomputes it — but in a
+    run that holds the weight's forms (:mod:`..forms`: no weight changes within it) the one made
+    at the run's start is read, in a capture too."""
+    held = forms.get(weight, ("triton", dtype, summed, flipped))
+    if held is not None:
+        return held
+    make = functools.partial(_derive, weight, dtype, summed, flipped)
     capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing or weight._base is not None:
         return make()  # a view (a clip edge's live taps) is a new tensor every call: nothing to reuse
@@ -359,6 +361,22 @@ def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False, f
     result = make()
     _derived[key] = (weakref.ref(weight, functools.partial(_forget, key)), weight._version, dtype, result)
     return result
+
+
+def _derive(weight: torch.Tensor, dtype: torch.dtype, summed: bool, flipped: bool) -> torch.Tensor:
+    if summed:  # [C_out, C/groups, k_h, k_w], memory [k_h, k_w, C_out, C/groups]
+        taps = weight.sum(2).flip(2, 3) if flipped else weight.sum(2)
+        return taps.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    return weight.to(dtype).permute(2, 3, 4, 1, 0).contiguous().permute(4, 3, 0, 1, 2)
+
+
+def forms_of(weight: torch.Tensor, dtype: torch.dtype, forward: bool, input_grad: bool) -> list:
+    """(weight, key, make) of the forms this backend's ``forward`` and ``input_grad`` read (the
+    input gradient's taps' sum both ways: the box kernel's flipped in space, the general one's
+    not), for a run that holds them (:mod:`..forms`)."""
+    kinds = ([(False, False)] if forward else []) + ([(True, False), (True, True)] if input_grad else [])
+    return [(weight, ("triton", dtype, summed, flipped), functools.partial(_derive, weight, dtype, summed, flipped))
+            for summed, flipped in kinds]
 
 
 def _forget(key, _gone) -> None:
