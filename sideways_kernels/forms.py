@@ -61,7 +61,8 @@ def held(forms: Iterable[tuple]):
 
 
 def _hold(weight: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor]) -> _Form:
-    fresh = make()
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):  # as the ops derive: dtypes
+        fresh = make()  # as given
     form = _forms.get((id(weight), key))
     if (form is None or form.weight() is not weight or form.tensor.shape != fresh.shape
             or form.tensor.dtype != fresh.dtype or form.tensor.stride() != fresh.stride()):
