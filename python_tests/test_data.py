@@ -88,7 +88,7 @@ def test_train_and_validation_videos_differ():
         assert not any(torch.equal(val_set[i][0], clip) for i in range(len(val_set)) for clip in seen), dataset
 
 
-def test_digit_speed_reaches_the_videos_and_is_checked(capsys):
+def test_digit_speed_reaches_the_videos_and_is_checked(capsys, tmp_path):
     """--digit-speed: 0 keeps every frame of a clip the same, the default moves the digits, a
     faster speed moves them further; a speed outside [0, --size) (32 by default) and the option on the motion
     data are one line each (exit status 2)."""
@@ -102,10 +102,16 @@ def test_digit_speed_reaches_the_videos_and_is_checked(capsys):
 
     assert shift(first_video("--digit-speed", "0")) == 0
     assert 0 < shift(first_video()) < shift(first_video("--digit-speed", "3"))
-    for argv in (["--digit-speed", "-1"], ["--digit-speed", "32"], ["--dataset", "motion", "--digit-speed", "1"]):
+    for argv in (["--digit-speed", "-1"], ["--digit-speed", "32"], ["--dataset", "motion", "--digit-speed", "1"],
+                 ["--data", str(tmp_path), "--digit-speed", "1"]):
         with pytest.raises(SystemExit) as exit_:
-            train.parse_args(argv if "motion" in argv else ["--dataset", "digits", *argv])
+            train.parse_args(argv if "--digit-speed" != argv[0] else ["--dataset", "digits", *argv])
         assert exit_.value.code == 2 and "--digit-speed" in capsys.readouterr().err
+    # an older run's config (before the option): the dataset's own speed
+    cfg = vars(train.parse_args(["--dataset", "digits", "--train-videos", "4", "--val-videos", "4", "--size", "16",
+                                 "--clip-len", "4"]))
+    del cfg["digit_speed"]
+    assert torch.equal(train.build_data(cfg)[0][0][0], first_video())
 
 
 def test_a_folder_without_split_lists_is_split_by_name_into_disjoint_parts(tmp_path):

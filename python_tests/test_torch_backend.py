@@ -292,3 +292,36 @@ def test_a_clip_update_run_makes_the_weights_forms_once_and_a_per_tick_update_ne
     clip("tick")
     with pytest.raises(pytest.fail.Exception):
         clip("clip")  # (the guard above does fire where a run holds them)
+
+
+def test_the_bias_gradient_is_summed_in_float32_before_the_step():
+    """1025 bf16 ones per channel sum to 1025 in float32 (to 1024 rounded to bf16 first): a plain
+    SGD step with lr 1 moves the fp32 bias by exactly that, as autocast's nn.Conv3d moves it."""
+    g = Geometry(1, 2, 2, 25, 41, 3, (1, 1), layout="ring")
+    t = make(g, torch.bfloat16, torch.float32)
+    bias = torch.zeros(2)
+    tb.sgd_tick_update(t["weight"].clone(), None, bias, None, torch.ones_like(t["grad_out"]), t["ring"], 0, *_args(g),
+                       1.0, 0.0, 0.0, 0.0, False, True)
+    assert torch.equal(bias, torch.full((2,), -1025.0))
+
+
+def test_the_bias_sum_goes_to_triton_only_where_the_dispatch_measured_it_faster(monkeypatch):
+    """backend.bias_grad on CUDA errors (stood in for here): Triton's column sum where dispatch.json
+    says so for the error's dtype, ATen's sum where it says torch or says nothing, and ATen's
+    whenever the torch backend was asked for by name."""
+    from sideways_kernels import backend
+    summed = []
+    fake_triton = types.SimpleNamespace(bias_grad=lambda g: summed.append(g) or g.sum((0, 2, 3), dtype=torch.float32))
+    monkeypatch.setattr(backend.importlib, "import_module", lambda name: fake_triton)
+    monkeypatch.setattr(backend, "backends", lambda: {"triton": True})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    g = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16)
+    for choice, requested, expected in [("triton", None, 1), ("torch", None, 0), (None, None, 0), ("triton", "torch", 0)]:
+        measured = {"sm_90": dict(ops={"bias_grad": {"bfloat16": choice}})} if choice else {}
+        monkeypatch.setattr(backend, "_table", dict(backend.table(), measured=measured))
+        monkeypatch.setattr(backend, "_chosen", {})
+        monkeypatch.setattr(backend, "_override", requested)
+        summed.clear()
+        torch.testing.assert_close(backend.bias_grad(g, torch.float32), g.float().sum((0, 2, 3)))
+        assert len(summed) == expected, (choice, requested)

@@ -209,8 +209,8 @@ def _check_options(p: _Parser, args: argparse.Namespace) -> None:
         p.error(f"--clutter must be in [0, 1], got {args.clutter}")
     if not 0 <= args.digit_speed < args.size:
         p.error(f"--digit-speed must be in [0, --size), got {args.digit_speed}")
-    if "digit_speed" in args.given and (args.dataset != "digits" or args.data is not None):
-        p.error("--digit-speed applies to --dataset digits only")
+    if args.digit_speed != DIGIT_SPEED and (args.dataset != "digits" or args.data is not None):
+        p.error("--digit-speed applies to --dataset digits only")  # (a checkpoint's config holds the default)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
 
