@@ -101,15 +101,14 @@ def constant_weights(name: str, layers: list, dtype: torch.dtype):
     for layer in layers:
         weight = layer.weight
         probe = torch.empty(0, dtype=dtype, device=weight.device)
-        on = {op: (_choice(op, probe) if name == "auto" and weight.is_cuda else name)
-              for op in ("ring_conv_forward", "window_input_grad")}
+        forward, input_grad = (_choice(op, probe) if name == "auto" and weight.is_cuda else name
+                               for op in ("ring_conv_forward", "window_input_grad"))
         folds = layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
-        for backend_name, module in (("torch", torch_backend if folds else None),
-                                     ("triton", importlib.import_module("sideways_kernels.triton")
-                                      if "triton" in on.values() else None)):
-            if module is not None and backend_name in on.values():
-                made += module.forms_of(weight, dtype, on["ring_conv_forward"] == backend_name,
-                                        on["window_input_grad"] == backend_name)
+        if folds and "torch" in (forward, input_grad):
+            made += torch_backend.forms_of(weight, dtype, forward == "torch", input_grad == "torch")
+        if "triton" in (forward, input_grad):
+            made += importlib.import_module("sideways_kernels.triton").forms_of(weight, dtype, forward == "triton",
+                                                                                input_grad == "triton")
     return forms.held(made)
 
 

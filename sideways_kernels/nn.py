@@ -318,19 +318,16 @@ def _autocast(frame: torch.Tensor) -> torch.Tensor:
     """The frame in the autocast dtype where autocast is on, as ``nn.Conv3d`` would cast it: the
     ring, the output and the errors are then 16-bit while the weights stay float32 masters
     (the ops take both; autocast itself stays out of the ops)."""
-    device_type = frame.device.type
-    if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
-        return frame.to(torch.get_autocast_dtype(device_type))
-    return frame
+    return frame.to(activation_dtype(frame))
 
 
-def activation_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype a layer's ring and activations take (:func:`_autocast`): autocast's where it is
-    on for the weight's device, else the weight's own."""
-    device_type = weight.device.type
-    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
+def activation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's ring and activations take, for a frame or a weight ``t``: autocast's
+    where it is on for ``t``'s device (and ``t`` is a float autocast casts), else ``t``'s own."""
+    device_type = t.device.type
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return weight.dtype
+    return t.dtype
 
 
 def _smoothed(s: _Stream, ring: torch.Tensor, grad_out: torch.Tensor, slot: int) -> tuple:
