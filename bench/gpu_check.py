@@ -13,7 +13,8 @@ target=GPUTarget("cuda", arch, 32))``:
   persistent launch, the tensors' addresses as int64 arguments; ``grouped_weight_finish``: its
   finish for every layer, accumulating or the SGD step), in their own config list;
 - the bias gradient's column sum (``column_sum``: fp32 partials of the error's rows, fp32 and
-  bf16) and its finish, in their one config (configs.COLUMN_SUM).
+  bf16) and its finish (a new sum, or ``_add``: into a gradient), in their one config
+  (configs.COLUMN_SUM).
 One line each: registers, stack (spills), shared memory, and what the PTX does — the matrix
 instruction family (``wgmma``, ``mma``, or ``fma`` without tensor cores), ``tma``
 (``cp.async.bulk.tensor``), ``cp.async`` (pipelined element copies), and ``persistent`` (the
@@ -48,7 +49,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sideways_kernels", "triton")
 
 GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
-           "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish")
+           "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
+           "column_sum_finish_add")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
@@ -56,7 +58,7 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
         "box_grouped_weight_update": "box_grouped_weight_update", "weight_finish": None, "weight_finish_sgd": None,
         "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
-        "column_sum": None, "column_sum_finish": None}  # (configs.COLUMN_SUM)
+        "column_sum": None, "column_sum_finish": None, "column_sum_finish_add": None}  # (configs.COLUMN_SUM)
 
 
 # The strides a launch passes as 1 (Triton's JIT specialises an int equal to 1 into a constant):
@@ -86,7 +88,7 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     import triton.language as tl
     K, X = kernels_module("kernels"), kernels_module("boxes")
     act, master = f"*{dtype}", "*fp32"  # 16-bit activations, fp32 master weights (as autocast trains)
-    base = kernel.replace("_sgd", "")
+    base = kernel.replace("_sgd", "").replace("_add", "")
     sgd = kernel.endswith("_sgd")
     taps = dict(KT=3, KH=3, KW=3)
     update_ptrs = dict(grad_out=act, ring=act, partials="*fp32")
@@ -113,7 +115,8 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "column_sum": (K._column_sum_kernel, dict(x=act, partials="*fp32"),
                        dict(BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_N, STAGES=cfg.num_stages)),
         "column_sum_finish": (K._column_sum_finish_kernel, dict(partials="*fp32", out="*fp32"),
-                              dict(ACCUMULATE=True, BLOCK_P=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_N, STAGES=cfg.num_stages)),
+                              dict(ACCUMULATE=kernel.endswith("_add"), BLOCK_P=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_N,
+                                   STAGES=cfg.num_stages)),
     }[base]
     if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
@@ -186,7 +189,7 @@ def jobs_for(archs, kernels, dtypes) -> list:
             for d in dtypes:
                 if k.startswith("box") and (arch != 90 or d == "fp32"):
                     continue  # the ops send the box kernels 16-bit work on sm_90 only
-                if "weight_finish" in k or k == "column_sum_finish":
+                if "weight_finish" in k or k.startswith("column_sum_finish"):
                     fixed = configs.FINISH if "weight_finish" in k else configs.COLUMN_SUM
                     jobs += [(k, arch, "fp32", fixed)] if d == "fp32" else []  # fp32 partials and weights
                     continue

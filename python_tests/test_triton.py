@@ -561,8 +561,9 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
         if kernel not in direct:
             return wrap(kernel)
         launcher = wrap(kernel)
-        record = lambda *args, **kw: seen.setdefault(direct[kernel], []).append(dict(zip(kernel.arg_names, args)))
-        return type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **kw: (record(*a), launcher[grid](*a, **kw))})()
+        record = lambda *args, **kw: seen.setdefault(direct[kernel], []).append({**dict(zip(kernel.arg_names, args)),
+                                                                                   **kw})
+        return type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **kw: (record(*a, **kw), launcher[grid](*a, **kw))})()
     monkeypatch.setattr(T, "_launch", spy)
     monkeypatch.setattr(T, "wrap_triton", wrap_spy)
     monkeypatch.setattr(T, "grouped_weight_updates", lambda calls: calls)  # each layer's op (the grouped
@@ -574,6 +575,9 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
         SidewaysPipeline(stages_of(net, 2), backend="triton", update="tick", optimizer=opt).backward_clip(video, target)
     assert set(seen) == {kernel for kernel in gpu_check.UNIT if "grouped" not in kernel}
     assert not gpu_check.UNIT["box_grouped_weight_update"] and not gpu_check.UNIT["grouped_weight_finish"]
+    # the bias sums' finish both ways (accumulating into a gradient, a new sum for the SGD step): both compiled
+    assert {launch["ACCUMULATE"] for launch in seen["column_sum_finish"]} == {True, False}
+    assert {"column_sum_finish", "column_sum_finish_add"} <= set(gpu_check.KERNELS)
     for kernel, names in gpu_check.UNIT.items():
         for launch in seen.get(kernel, []):  # every layer's
             assert all(launch[n] == 1 for n in names), (kernel, {n: launch[n] for n in names})
