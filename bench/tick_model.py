@@ -112,6 +112,68 @@ class Launch:
     flops: float
     bytes: float
     shape: str = ""  # the conv's problem (sideways ops)
+    kernels: int = 1  # the kernels it launches on a GPU under today's dispatch (a sideways op: see kernels_today)
+    kernels_derived: int = 1  # the same where each call derives the weight's forms (no run holds them)
+
+
+def launch_count(launches: list, held: bool = True) -> int:
+    """The kernels a tick's launches make on a GPU (a sideways op may make several); ``held``:
+    as today's code runs it, else with every call deriving the weight's forms (the code the GPU
+    runs so far measured)."""
+    return sum(l.kernels if held else l.kernels_derived for l in launches)
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts the ATen calls that are kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        if func.namespace == "aten" and not (name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS):
+            self.n += 1
+        if func is aten._fused_sgd_.default:  # counted, not run: it has no fake kernel (and writes only its inputs)
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+_KERNELS_TODAY: dict = {}
+
+
+def kernels_today(name: str, args, held: bool) -> int:
+    """The kernels one sideways op launches on a GPU under today's dispatch (sm_90, bf16): the
+    torch backend's ATen calls, counted by running its function on copies of the op's tensors
+    (``held``: with the run's weight forms made once, sideways_kernels/forms.py, as a run with
+    ``update="clip"`` has them); Triton's forward and input gradient one kernel and the weight
+    derivation it makes per call when not held; anything else one."""
+    kind = SIDEWAYS_KIND[name]
+    key = (name, held, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
+                             tuple(a) if isinstance(a, list) else a for a in args))
+    if key in _KERNELS_TODAY:
+        return _KERNELS_TODAY[key]
+    on = today(kind)
+    copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    weight = copies[{"ring_conv_forward": 3, "window_input_grad": 1}.get(name, 0)]
+    dtype = copies[0].dtype  # the forward's ring, the input gradient's error: the activations'
+    count = _Kernels()
+    if on == "torch":
+        from sideways_kernels import forms, torch_backend
+        made = torch_backend.forms_of(weight, dtype, kind == "forward", kind == "input_grad") if held else []
+        with forms.held(made), count:
+            getattr(torch_backend, name)(*copies)
+        n = count.n
+    elif on == "triton" and kind in ("forward", "input_grad"):
+        import sideways_kernels.triton as triton_backend
+        if not held:
+            with count:
+                triton_backend._derive(weight, dtype, kind == "input_grad", kind == "input_grad")
+        n = 1 + count.n
+    else:
+        n = 1
+    _KERNELS_TODAY[key] = n
+    return n
 
 
 def _nbytes(t) -> int:
@@ -131,10 +193,11 @@ class _Recorder(TorchDispatchMode):
     the memory each tick allocates: its peak while the tick runs (``peaks``) and what of it is
     still alive when the tick ends (``leftover``: storage -> (bytes, the op that made it))."""
 
-    def __init__(self, convs: dict, fake: bool):
+    def __init__(self, convs: dict, fake: bool, held: bool = False):
         super().__init__()
         self.convs = convs  # name -> SidewaysConv3d
         self.fake = fake
+        self.held = held  # the run holds its weights' forms (kernels_today: Launch.kernels)
         self.ticks: list[list[Launch]] = []
         self.peaks: list[int] = []
         self.leftover: list[dict] = []
@@ -266,7 +329,8 @@ def _sideways_launch(name: str, args, out, rec: _Recorder) -> Launch:
         ks = "x".join(str(k) for k in m.kernel_size)
         st = "" if tuple(m.stride) == (1, 1, 1) else " s" + "x".join(str(s) for s in m.stride)
         shape = f"{c}->{m.out_channels} {h}x{w} k{ks}{st}"
-    return Launch(f"sideways.{name}", kind, layer, flops, moved, shape)
+    return Launch(f"sideways.{name}", kind, layer, flops, moved, shape, kernels_today(name, args, rec.held),
+                  kernels_today(name, args, False))
 
 
 # --- the networks ----------------------------------------------------------------------------------
@@ -298,21 +362,25 @@ class Recording:
     grads: int  # bytes of the parameters' gradients after the clip (fp32)
     grad_storages: set  # their storages
     params: int
+    held_forms: bool = False  # the run held its weights' forms (kernels_today)
 
 
-def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake: bool = True) -> Recording:
+def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake: bool = True,
+           held: Optional[bool] = None) -> Recording:
     """Run two training clips, as a training loop does (the gradients set to None in between),
     and count each tick's launches and allocations in the second (the first allocates the
     rings and buffers). ``amp``: bf16 activations as CUDA autocast gives them — emulated by a
     bf16 network and clip (CPU autocast would run pools and others in fp32, which CUDA's does
     not); CUDA autocast's few casts (each frame at the first conv, the logits for the loss)
-    are not counted. The network's parameters are put back as they were."""
+    are not counted. The network's parameters are put back as they were. ``held``: whether the
+    run holds its weights' forms, for counting the kernels of a sideways op (default: as today's
+    code does, with ``update="clip"``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     saved = [(t, t.detach().clone()) for t in [*net.parameters(), *net.buffers()]] if amp else None
     if amp:
         net.to(torch.bfloat16)
     convs = {name: m for name, m in net.named_modules() if isinstance(m, SidewaysConv3d)}
-    rec = _Recorder(convs, fake)
+    rec = _Recorder(convs, fake, pipe.update == "clip" if held is None else held)
     engine = pipe.engine
     own = vars(engine).get("_tick")  # an instance's own _tick (a test's), put back after
     tick = engine._tick
@@ -364,7 +432,7 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
                 pipe.optimizer.state.clear()
             engine.buffers.clear(), engine.fifo.clear(), engine.queue.clear()
     return Recording(rec.ticks, list(schedule), rec.peaks, rec.leftover, held, grads, grad_storages,
-                     sum(p.numel() * 4 for p in net.parameters()))
+                     sum(p.numel() * 4 for p in net.parameters()), rec.held)
 
 
 def kept_across_ticks(got: Recording) -> dict:
@@ -399,12 +467,14 @@ TABLES = ("today", "cudnn", "triton", "ceiling")  # the rates a tick's GEMMs are
 
 def _rate(table: str, kind: str, problem: tuple) -> float:
     """TFLOP/s of ``kind`` in ``GPU["graph_us"][table]`` at the measured shape nearest ``problem``
-    (C_in, C_out, output positions B·H·W; log scale)."""
+    (C_in, C_out, output positions B·H·W; log scale; the geometric mean of the rates of shapes
+    equally near)."""
     shapes = GPU["shapes"]
-    far = lambda s: sum(abs(math.log2(max(c, 1)) - math.log2(m)) for c, m in zip(problem, (*s[:2], s[2] * s[3] ** 2)))
-    i = min(range(len(shapes)), key=lambda j: far(shapes[j]))
-    c_in, c_out, b, hw = shapes[i]
-    return 2 * b * hw * hw * c_out * c_in * 27 / (GPU["graph_us"][table][kind][i] * 1e-6) / 1e12
+    far = [sum(abs(math.log2(max(c, 1)) - math.log2(m)) for c, m in zip(problem, (*s[:2], s[2] * s[3] ** 2)))
+           for s in shapes]
+    nearest = [i for i, d in enumerate(far) if d <= min(far) + 1e-9]  # a tie: their rates' geometric mean
+    rate = lambda i: 2 * math.prod(shapes[i]) * shapes[i][3] * 27 / (GPU["graph_us"][table][kind][i] * 1e-6) / 1e12
+    return math.exp(sum(math.log(rate(i)) for i in nearest) / len(nearest))
 
 
 def _problem(launch: Launch) -> tuple:
@@ -542,7 +612,7 @@ def launch_costs() -> LaunchCosts:
     net, pipe = build(r["model"], r["stages"], r["update"])
     got = record(net, pipe, r["batch"], r["size"], r["frames"])
     ticks = [summarize(got.ticks, got.plans, i) for i in range(len(got.ticks))]
-    n = sum(len(t.launches) for t in ticks) / len(ticks)
+    n = sum(launch_count(t.launches, held=False) for t in ticks) / len(ticks)  # (measured before forms were held)
     modelled = sum(t.gemm_us["today"] + t.other_us for t in ticks) / len(ticks) / 1e3
     graph, eager = (measured_tick_ms(r[k], r["batch"], r["frames"], len(ticks)) for k in ("graph_fps", "eager_fps"))
     return LaunchCosts(round(n), modelled, max(graph - modelled, 0.0) * 1e3 / n, (eager - graph) * 1e3 / n)
@@ -622,15 +692,16 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
             o[1] += l.bytes
     for op, (n, b) in sorted(others.items(), key=lambda kv: -kv[1][1]):
         p(f"  {op:40} x{n:<4d} {b / 1e6:9.2f} MB {b / (GPU['hbm_tb_s'] * 1e12) * 1e6:8.1f} us")
-    n_today = len(s.launches)
-    n_sideways = sum(l.kind in GEMM_KINDS for l in s.launches)
+    n_today = launch_count(s.launches)
+    sideways = [l for l in s.launches if l.kind in GEMM_KINDS]
     schedule = pipe._schedule(frames, "sideways", True)
     planned, parts = planned_launches(s.launches, schedule.problems(plans[s.index]))
-    mean_launches = sum(len(t) for t in ticks) / len(ticks)
+    mean_launches = sum(launch_count(t) for t in ticks) / len(ticks)
     p("")
     p("## Launch plan")
-    p(f"today: {n_today} launches this tick ({n_sideways} sideways ops, {n_today - n_sideways} ATen kernels); "
-      f"{mean_launches:.0f} per tick on average over the clip")
+    p(f"today: {n_today} kernel launches this tick ({len(sideways)} sideways ops in {launch_count(sideways)} kernels "
+      f"under today's dispatch, {n_today - launch_count(sideways)} ATen kernels); {mean_launches:.0f} per tick on "
+      "average over the clip" + (" (the weights' forms made once a clip)" if got.held_forms else ""))
     p(f"planned (grouped, Schedule.problems): {planned} — " + "; ".join(parts))
     built, how = built_weight_launches(pipe, schedule.problems(plans[s.index]))
     p(f"built so far: the weight updates on the Triton backend, {built} launches this tick — {how}")
@@ -657,8 +728,10 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
       f"~{gemm['ceiling'] / 1e3:.3f} ms")
     means = [summarize(ticks, plans, i) for i in range(len(ticks))]
     mean = lambda f: sum(f(m) for m in means) / len(means)
-    mean_graph = mean(lambda m: m.gemm_us["today"] + m.other_us + len(m.launches) * costs.graph_us)
-    mean_eager = mean_graph + mean(lambda m: len(m.launches)) * costs.eager_us
+    graph_of = lambda m, held=True: m.gemm_us["today"] + m.other_us + launch_count(m.launches, held) * costs.graph_us
+    mean_graph = mean(graph_of)
+    mean_derived = mean(lambda m: graph_of(m, held=False))  # every call deriving its weight's forms
+    mean_eager = mean_graph + mean(lambda m: launch_count(m.launches)) * costs.eager_us
     mean_grouped = mean(lambda m: m.gemm_us["cudnn"] + planned_launches(m.launches, schedule.problems(plans[m.index]))[0]
                         * costs.graph_us)
     p(f"mean over the clip's {len(ticks)} ticks: eager today ~{mean_eager / 1e3:.3f} ms, CUDA graph today "
@@ -681,8 +754,9 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     if sideways is not None and batch == 8 and size == 112 and stages == 4 and update == "clip":
         p(f"measured ({GPU['device']}, default dispatch, CUDA graphs): {sideways} frames/s = "
           f"{batch / sideways * 1e3:.3f} ms per frame, {measured_tick_ms(sideways, batch, frames, len(ticks)):.3f} ms "
-          f"per tick (predicted above: {mean_graph / 1e3:.3f}; the kernels and the torch backend have changed since: "
-          "bench/RESULTS.md)")
+          f"per tick; predicted for the code measured (every call deriving its weight's forms): "
+          f"{mean_derived / 1e3:.3f}, for today's: {mean_graph / 1e3:.3f} (the torch backend's fold and the kernels "
+          "changed too since: bench/RESULTS.md)")
     p("")
     p("## Memory at this size (bf16 activations, fp32 weights and gradients)")
     mib = lambda b: f"{b / 2**20:.1f} MiB"
@@ -705,7 +779,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     result = dict(ticks=len(ticks), shown=s.index, launches=n_today, planned=planned, costs=costs, recording=got,
                   sideways_peak=sideways_peak, bp_peak=got.params + got.grads + bp_saved,
                   predicted_eager_ms=eager / 1e3, predicted_graph_ms=graph / 1e3, predicted_grouped_ms=grouped / 1e3,
-                  mean_eager_ms=mean_eager / 1e3, mean_graph_ms=mean_graph / 1e3, mean_grouped_ms=mean_grouped / 1e3)
+                  mean_eager_ms=mean_eager / 1e3, mean_graph_ms=mean_graph / 1e3, mean_grouped_ms=mean_grouped / 1e3,
+                  mean_derived_ms=mean_derived / 1e3)
     if measure:
         result.update(measure_on_gpu(model, batch, size, frames, stages, update, out,
                                      predicted=dict(eager=mean_eager / 1e3, graph=mean_graph / 1e3, peak=sideways_peak)))

@@ -120,9 +120,10 @@ def test_launch_counts_are_what_the_engine_launches(make, update, monkeypatch):
     monkeypatch.setattr(tm, "launch_costs", lambda: costs)
     out = io.StringIO()
     result = tm.report("c3d", 2, 16, T, 4, update, out=out)
-    assert result["launches"] == len(fake[result["shown"]])
-    sideways = sum(l.op.startswith("sideways.") for l in fake[result["shown"]])
-    assert f"today: {result['launches']} launches this tick ({sideways} sideways ops" in out.getvalue()
+    assert result["launches"] == tm.launch_count(fake[result["shown"]])
+    sideways = [l for l in fake[result["shown"]] if l.op.startswith("sideways.")]
+    assert (f"today: {result['launches']} kernel launches this tick ({len(sideways)} sideways ops in "
+            f"{tm.launch_count(sideways)} kernels") in out.getvalue()
 
 
 @pytest.mark.parametrize("make,update", [(_residuals, "clip"), (_c3d, "tick")], ids=["residuals-clip", "c3d-tick"])
@@ -183,3 +184,26 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     rate = lambda i: flops(shapes[i]) / tm.GPU["graph_us"]["cudnn"]["forward"][i]
     assert tm.gemm_us(between, "cudnn") == pytest.approx(flops((96, 200, 16, 28)) / rate(3))
     assert tm.measured_tick_ms(7542, 8, 48, 54) == pytest.approx(8 * 48 / 7542 / 54 * 1e3)
+
+
+def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(monkeypatch):
+    """kernels_today: the torch backend's forward is the ring write, the weight's two derivations,
+    the convolution and the bias — three without the derivations where the run holds the weight's
+    forms; Triton's input gradient one kernel, and its weight derivation's where not held; the SGD
+    tick's fused step counted though it cannot run on fake tensors."""
+    from samples import Geometry, make
+    g = Geometry(2, 8, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    t = make(g, torch.bfloat16, torch.float32)
+    conv = (list(g.stride), list(g.padding), list(g.dilation), 1, 1)
+    forward = (t["ring"], t["frame"], 1, t["weight"], t["bias"], *conv)
+    down = (t["grad_out"], t["weight"], [6, 7], *conv[:3], 1)
+    monkeypatch.setattr(tm, "_KERNELS_TODAY", {})
+    monkeypatch.setattr(tm, "today", lambda kind: "torch")
+    assert tm.kernels_today("ring_conv_forward", forward, held=False) == 5
+    assert tm.kernels_today("ring_conv_forward", forward, held=True) == 3
+    sgd = (t["weight"], torch.zeros_like(t["weight"]), t["bias"], torch.zeros_like(t["bias"]), t["grad_out"], t["ring"],
+           1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
+    assert tm.kernels_today("sgd_tick_update", sgd, held=False) >= 3  # the gradient, the bias's sum, the fused step
+    monkeypatch.setattr(tm, "today", lambda kind: "triton")
+    assert tm.kernels_today("window_input_grad", down, held=True) == 1
+    assert tm.kernels_today("window_input_grad", down, held=False) > 2  # the taps' sum, its flip, the cast, ...
