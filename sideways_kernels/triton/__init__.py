@@ -671,8 +671,9 @@ def bias_grad(grad_out: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     """The bias gradient of a conv whose output error is ``grad_out`` [B, C, H, W]: its sum over
     (b, h, w) in fp32, added into ``out`` where given (an accumulating gradient, in its dtype),
     else returned as a new fp32 tensor. Two launches: fp32 partials of blocks of rows
-    (:func:`.kernels._column_sum_kernel`), then their sum in row order — the same bits every run. ``grad_out`` channels-last and dense (rows of C channels) on a device
-    Triton runs on; anything else is ATen's sum."""
+    (:func:`.kernels._column_sum_kernel`), then their sum in row order — the same bits every
+    run. ``grad_out`` channels-last and dense (rows of C channels) on a device Triton runs on;
+    anything else is ATen's sum."""
     c = grad_out.shape[1] if grad_out.dim() == 4 else 0
     if out is not None:
         _check(tuple(out.shape) == (c,) and out.device == grad_out.device,
@@ -691,7 +692,6 @@ def bias_grad(grad_out: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     rows = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = triton.cdiv(m, rows)
     partials = torch.empty((programs, c), dtype=torch.float32, device=grad_out.device)
-    _descriptor_scratch(grad_out.device)
     steps = dict(num_warps=COLUMN_SUM.num_warps, num_stages=COLUMN_SUM.num_stages)
     wrap_triton(K._column_sum_kernel)[(programs, column_blocks)](grad_out, partials, m, c, c, rows, BLOCK_M=block_m,
                                                                  BLOCK_C=block_c, STAGES=COLUMN_SUM.num_stages, **steps)
