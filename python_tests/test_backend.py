@@ -205,3 +205,28 @@ def test_weight_updates_hold_what_the_backend_groups_and_keep_each_weight_s_orde
     assert log[3:] == [("group", [w1])]
     updates.run()  # nothing held: nothing runs
     assert len(log) == 4
+
+
+def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):
+    """backend.constant_weights: the torch backend's folded forms and taps' sum only for a layer
+    that folds (one group, no temporal dilation), Triton's for any layer on Triton, nothing for
+    the compiled backends; under ``auto`` each op where the dispatch sends activations of the
+    run's dtype (the probe in that dtype)."""
+    from sideways_kernels import SidewaysConv3d, forms
+    plain = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1))
+    grouped = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1), groups=2)
+    dilated = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1), dilation=(2, 1, 1))
+    keys = lambda layer: sorted(str(k[0]) for (at, k) in forms._forms if at == id(layer.weight))
+    with backend.constant_weights("torch", [plain, grouped, dilated], torch.bfloat16):
+        assert keys(plain) == ["folded"] * 3 + ["summed"] and keys(grouped) == keys(dilated) == []
+    with backend.constant_weights("cpp", [plain], torch.float32):
+        assert not forms.get(plain.weight, ("summed", torch.float32))
+    probes = []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(backend, "_choice", lambda op, t: probes.append(t.dtype) or
+                        ("triton" if op == "window_input_grad" else "torch"))
+    fresh = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1))
+    with backend.constant_weights("auto", [fresh], torch.bfloat16):
+        assert set(probes) == {torch.bfloat16}
+        assert sorted(map(str, {k[0] for (at, k) in forms._forms if at == id(fresh.weight)})) == ["folded", "triton"]
+        assert forms.get(fresh.weight, ("summed", torch.bfloat16)) is None  # the input gradient is Triton's

@@ -207,3 +207,12 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     monkeypatch.setattr(tm, "today", lambda kind: "triton")
     assert tm.kernels_today("window_input_grad", down, held=True) == 1
     assert tm.kernels_today("window_input_grad", down, held=False) > 2  # the taps' sum, its flip, the cast, ...
+    op = tm.Launch("sideways.ring_conv_forward", "forward", "l", 0.0, 0.0, kernels=3, kernels_derived=5)
+    other = tm.Launch("aten.relu", "other", None, 0.0, 0.0)
+    assert tm.launch_count([op, other]) == 4 and tm.launch_count([op, other], held=False) == 6
+    # a recording holds the forms as today's code does: with update="clip", not with the per-tick update
+    for update, held in (("clip", True), ("tick", False)):
+        net, pipe = _c3d()
+        if update == "tick":
+            pipe.update, pipe.optimizer = "tick", torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        assert tm.record(net, pipe, 2, 16, T).held_forms is held

@@ -290,6 +290,9 @@ def test_a_clip_update_run_makes_the_weights_forms_once_and_a_per_tick_update_ne
     monkeypatch.undo()
     monkeypatch.setattr(forms, "held", lambda *a: pytest.fail("a per-tick update run held its weights' forms"))
     clip("tick")
+    torch.manual_seed(0)  # nor does BP (it convolves the window with F.conv3d: no op reads a form)
+    net = classifier_net([(3, 1, 1), (3, 1, 1)], channels=(3, 8, 8), dtype=torch.float32)
+    SidewaysPipeline(stages_of(net, 2), mode="bp", backend="torch").backward_clip(video, target)
     with pytest.raises(pytest.fail.Exception):
         clip("clip")  # (the guard above does fire where a run holds them)
 
@@ -325,3 +328,24 @@ def test_the_bias_sum_goes_to_triton_only_where_the_dispatch_measured_it_faster(
         summed.clear()
         torch.testing.assert_close(backend.bias_grad(g, torch.float32), g.float().sum((0, 2, 3)))
         assert len(summed) == expected, (choice, requested)
+
+
+def test_held_forms_are_the_derived_ones_for_16_bit_masters_and_padded_stems(monkeypatch):
+    """The forms a run holds equal what the ops derive, to the bit: for a bf16 master weight (its
+    taps' sum accumulated in fp32 all the same) and for a small stem image padded with zero
+    channels (as on CUDA in 16 bits: here the pad forced), where the held forward derives nothing."""
+    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+    g = Geometry(2, 3, 8, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    t = make(g, torch.bfloat16, torch.bfloat16)
+    weight = t["weight"]
+    made = []
+    real = tb._fold
+    monkeypatch.setattr(tb, "_fold", lambda *a: made.append(a[1:]) or real(*a))
+    plain = tb.ring_conv_forward(t["ring"].clone(), t["frame"], 1, weight, t["bias"], *_args(g))
+    with forms.held(tb.forms_of(weight, torch.bfloat16, forward=True, input_grad=True)):
+        made.clear()
+        assert torch.equal(tb.ring_conv_forward(t["ring"].clone(), t["frame"], 1, weight, t["bias"], *_args(g)), plain)
+        assert made == []  # the padded fold was held (pad 7: 9 channels -> 16)
+        assert torch.equal(forms.get(weight, ("summed", torch.bfloat16)), tb._summed(weight, torch.bfloat16))
+        assert torch.equal(forms.get(weight, ("summed", torch.bfloat16)),
+                           weight.sum(2, dtype=torch.float32).to(torch.bfloat16))

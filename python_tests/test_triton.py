@@ -537,6 +537,19 @@ def test_a_clip_update_run_reads_the_weights_forms_made_at_its_start(monkeypatch
     assert len(made_each) > 2 * len(made) and all(torch.equal(a, b) for a, b in zip(held, every_call))
 
 
+def test_held_forms_are_read_by_the_key_each_op_asks_for():
+    """Within a run that holds them, _weight_as gives each op its own form: the forward's
+    relayout, the general input gradient's taps' sum and the box kernel's flipped one — each the
+    tensor held, equal to what _derive makes."""
+    from sideways_kernels import forms
+    w = torch.randn(8, 4, 3, 3, 3)
+    with forms.held(T.forms_of(w, torch.float16, forward=True, input_grad=True)):
+        for summed, flipped in [(False, False), (True, False), (True, True)]:
+            got = T._weight_as(w, torch.float16, summed=summed, flipped=flipped)
+            assert got is forms.get(w, ("triton", torch.float16, summed, flipped))
+            assert torch.equal(got, T._derive(w, torch.float16, summed, flipped))
+
+
 def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(monkeypatch):
     """bench/gpu_check.py compiles every kernel with its UNIT strides as the constant 1 (channels
     innermost: what lets Triton vectorise and pipeline the loads). Real pipelines must launch
