@@ -137,9 +137,10 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     (CUDA-graph replay, as the pipeline runs by default on CUDA) where every one has it, else the
     eager call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the
     torch backend's per layer against Triton's grouped launches) decide between torch and triton
-    where both ran: that is how the pipeline runs them, and one layer alone leaves out the grouping. An op this run did not measure keeps ``base``'s entry for the architecture,
-    named in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to
-    an unmeasured default)."""
+    where both ran: that is how the pipeline runs them, and one layer alone leaves out the
+    grouping. An op this run did not measure keeps ``base``'s entry for the architecture, named
+    in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to an
+    unmeasured default)."""
     ops = {}
     for op, name in OP_NAMES.items():
         measured = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["impl"] in BACKENDS]
