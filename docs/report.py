@@ -963,8 +963,9 @@ def main(argv=None) -> None:
     import matplotlib.pyplot as plt
     figures(results, plt)
     probe = alignments()
-    text = page(results, dict(line=line, command="python docs/report.py" + (f" --only {args.only}" if args.only is not None else
-                                                         " --render" if render else "")), probe) + "\n" + discussion(results, probe)
+    command = "python docs/report.py" + (f" --only {args.only}" if args.only is not None else
+                                         " --render" if render else "")
+    text = page(results, dict(line=line, command=command), probe) + "\n" + discussion(results, probe)
     with open(os.path.join(HERE, "REPORT.md"), "w") as f:
         f.write(text)
     readme_check(results)
