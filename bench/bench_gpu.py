@@ -195,6 +195,17 @@ def _implementation(op: str, impl: str, L: _Layer):
     return step, lambda: (w.copy_(L.weight), step(True), w)[2]
 
 
+def _checked(op: str, impl: str, shape, L: _Layer, got: torch.Tensor) -> float:
+    """The relative error of an op's result against reference.py in float64 (the SGD step: the
+    step taken, not the weight), asserted below 2e-2."""
+    got, expected = got.double(), _expected(op, shape, L)
+    if op == "weight_sgd":
+        got, expected = got - L.weight.double(), expected - L.weight.double()
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert error < 2e-2, f"{impl} {op} {shape}: relative error {error:.3g} against reference.py"
+    return error
+
+
 def _op_case(benchmark, op, shape, impl):
     if impl == "triton":
         pytest.importorskip("triton")
@@ -205,11 +216,7 @@ def _op_case(benchmark, op, shape, impl):
         from sideways_kernels.triton import paths
         paths.clear()
     timed, result = _implementation(op, impl, L)
-    got, expected = result().double(), _expected(op, shape, L)
-    if op == "weight_sgd":  # compare the step taken, not the weight
-        got, expected = got - L.weight.double(), expected - L.weight.double()
-    error = ((got - expected).abs().max() / expected.abs().max()).item()
-    assert error < 2e-2, f"{impl} {op} {shape}: relative error {error:.3g} against reference.py"
+    error = _checked(op, impl, shape, L, result())
     benchmark.group = f"gpu-{op}-{'-'.join(map(str, shape))}"
     median = _timed(benchmark, timed)
     tflops = L.flops / median / 1e12
@@ -313,11 +320,7 @@ def test_tick_weight_updates(benchmark, op, impl):
             getattr(k, name)(*args)
     tick()
     for shape, L, (_, args) in zip(TICK_LAYERS, layers, calls):  # the first call: from zero / a fresh buffer
-        got, expected = args[0].double(), _expected(op, shape, L)
-        if op == "weight_sgd":
-            got, expected = got - L.weight.double(), expected - L.weight.double()
-        error = ((got - expected).abs().max() / expected.abs().max()).item()
-        assert error < 2e-2, f"{impl} {op} {shape}: relative error {error:.3g} against reference.py"
+        _checked(op, impl, shape, L, args[0])
     benchmark.group = f"gpu-tick-{op}"
     median = _timed(benchmark, tick)
     graph_s, graph_error = _graph_time(tick)

@@ -104,6 +104,13 @@ NOT_KERNELS = {"detach", "view", "_unsafe_view", "unsqueeze", "squeeze", "as_str
 GEMM_KINDS = ("forward", "input_grad", "weight_accumulate", "weight_sgd")
 
 
+def _is_kernel(func) -> bool:
+    """Whether an ATen op launches a kernel (not a view, metadata or an allocation; in-place views
+    too: unsqueeze_, as_strided_, ...)."""
+    name = func._overloadpacket.__name__
+    return func.namespace == "aten" and not (name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS)
+
+
 @dataclasses.dataclass
 class Launch:
     op: str  # "sideways.ring_conv_forward", "aten.relu_", ...
@@ -131,8 +138,7 @@ class _Kernels(TorchDispatchMode):
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._overloadpacket.__name__
-        if func.namespace == "aten" and not (name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS):
+        if _is_kernel(func):
             self.n += 1
         if func is aten._fused_sgd_.default:  # counted, not run: it has no fake kernel (and writes only its inputs)
             return None
@@ -254,8 +260,8 @@ class _Recorder(TorchDispatchMode):
         if not self.ticks or namespace == "prim":
             return out
         self._follow(f"{namespace}.{name}", args, kwargs, out)
-        if namespace == "aten" and (name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS):
-            return out  # (in-place views too: unsqueeze_, as_strided_, ...)
+        if namespace == "aten" and not _is_kernel(func):
+            return out
         if namespace == "sideways":
             self.ticks[-1].append(_sideways_launch(name, args, out, self))
         else:
