@@ -554,17 +554,15 @@ def std_section(R, probe: dict) -> list[str]:
               f"frames, `--epochs {STD_EPOCHS}`, the digits moving at `--digit-speed` px/frame instead of the "
               f"dataset's {_own_speed():g}; the rest as above)", "",
               "| px/frame | mode | final val acc | best val acc | train acc | val ECE |", "|---|---|---|---|---|---|"]
+    differences = []
     for dataset, model, padding, clip, speed in STD_SLOWER:
-        for mode in ("bp", "sideways"):
-            n = std_name(dataset, model, padding, clip, mode, speed=speed)
+        sw, bp = (std_name(dataset, model, padding, clip, mode, speed=speed) for mode in ("sideways", "bp"))
+        for n in (bp, sw):
             lines.append(f"| {speed:g} | {BY_NAME[n].label} | " + " | ".join(
                 cell(R, n, m) for m in ("final val acc", "best val acc", "train acc", "val ECE")) + " |")
-    lines += ["", "- Sideways − BP: " + "; ".join(
-        f"at {speed:g} px/frame final validation accuracy "
-        f"{said(R, *(std_name(d, model, pad, clip, mo, speed=speed) for mo in ('sideways', 'bp')), 'final val acc')}, "
-        f"training accuracy "
-        f"{said(R, *(std_name(d, model, pad, clip, mo, speed=speed) for mo in ('sideways', 'bp')), 'train acc')}"
-        for d, model, pad, clip, speed in STD_SLOWER) + ".", ""]
+        differences.append(f"at {speed:g} px/frame final validation accuracy {said(R, sw, bp, 'final val acc')}, "
+                           f"training accuracy {said(R, sw, bp, 'train acc')}")
+    lines += ["", "- Sideways − BP: " + "; ".join(differences) + ".", ""]
     stages = len(next(iter(probe["rows"].values())))
     lines += [f"**Where Sideways' gradient points.** The cosine between Sideways' and BP's clip weight gradient "
               f"of each stage (all its parameters as one vector), at the weights BP trained ({ALIGN_MODEL}, "
