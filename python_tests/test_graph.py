@@ -452,6 +452,41 @@ def test_batchnorm_frame_policy(mode):
         assert _global_rel(_grads(model), _grads(reference)) <= 1e-9
 
 
+class _Writes(TorchDispatchMode):
+    """How many ATen ops write into each of ``tensors`` (in place or as ``out``)."""
+
+    def __init__(self, tensors: dict):
+        super().__init__()
+        self.tensors, self.count = tensors, dict.fromkeys(tensors, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        mutated = [a for a, arg in zip(args, func._schema.arguments) if arg.alias_info is not None
+                   and arg.alias_info.is_write]
+        mutated += [v for k, v in (kwargs or {}).items() if k == "out"]
+        for name, t in self.tensors.items():
+            if any(isinstance(a, torch.Tensor) and a.data_ptr() == t.data_ptr() for a in mutated):
+                self.count[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["bp", "sideways"])
+def test_a_batchnorm_with_a_momentum_is_counted_once_a_run_not_once_a_frame(mode):
+    """num_batches_tracked of a BatchNorm with a momentum (it does not steer the update) is
+    advanced by the engine when the run ends — one add for the run's frames, not one kernel per
+    frame per norm in every tick (~20 launches a tick of a converted r3d_18); with momentum None
+    (a cumulative average by the count) the module counts each frame itself, as before. The
+    counts themselves: test_batchnorm_frame_policy."""
+    model = _odd_norms(randomize_norms(Residuals().to(DT)).train())
+    video, target = _clip(3, 11, 8, 7), torch.randint(0, 6, (3,))
+    pipe = SidewaysPipeline.from_model(model, stages=2, mode=mode, batchnorm="frame", example=video[:1])
+    before = {name: getattr(model, name).num_batches_tracked.item() for name in ("bn1", "bn2")}
+    with _Writes({name: getattr(model, name).num_batches_tracked for name in ("bn1", "bn2")}) as writes:
+        pipe.backward_clip(video, target)
+    assert writes.count == {"bn1": 1, "bn2": 6}  # bn2: momentum None
+    assert {name: getattr(model, name).num_batches_tracked.item() - before[name] for name in before} == \
+        {"bn1": 11, "bn2": 6}
+
+
 class _RecordPools(TorchDispatchMode):
     """The ATen ops of batch norms and pools, each with its input's number of dims."""
 

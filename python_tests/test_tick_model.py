@@ -126,6 +126,22 @@ def test_launch_counts_are_what_the_engine_launches(make, update, monkeypatch):
             f"{tm.launch_count(sideways)} kernels") in out.getvalue()
 
 
+def test_the_frames_the_engine_counts_are_the_batch_norms_per_frame_adds_it_saves():
+    """counted_frames — the kernels of the code the GPU measured that the engine now saves, a
+    BatchNorm's num_batches_tracked add each frame — is what a run adds to those counters; a
+    BatchNorm with momentum None counts its frames itself (each add still a kernel) and is not
+    among them."""
+    net, pipe = _residuals()
+    net.bn2.momentum = None
+    got = tm.record(net, pipe, 2, 16, T, amp=False, fake=False)
+    counters = lambda: [m.num_batches_tracked.item() for m in (net.bn1, net.bn2)]
+    before = counters()
+    pipe.backward_clip(torch.randn(2, 3, T, 16, 16), torch.zeros(2, dtype=torch.long))
+    added = [a - b for a, b in zip(counters(), before)]
+    assert added[0] > 0 and added[1] > 0
+    assert tm.counted_frames(pipe, got.plans) == added[0]
+
+
 @pytest.mark.parametrize("make,update", [(_residuals, "clip"), (_c3d, "tick")], ids=["residuals-clip", "c3d-tick"])
 def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, update):
     """On real tensors, after a warm-up clip: whatever a tick allocates is gone when it ends, but

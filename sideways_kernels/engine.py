@@ -66,6 +66,7 @@ class Engine:
         self.tick_optimizer = None
         self._layers: list = []  # the streaming SidewaysConv3d layers of the current run
         self._updates: list = []  # backend.WeightUpdates of the current run: each tick's, run at its end
+        self._counted: dict = {}  # node -> [counter, valid firings] of the current run (_count_frames)
         self._members: Optional[tuple] = None  # _find_members() of the current run
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
@@ -114,6 +115,7 @@ class Engine:
                     up, down, done, tick_losses = graphs.run(phase_key(plan), fn, self)
                     # a graph's outputs are rewritten by its next replay (and its pool is shared)
                     done, tick_losses = [o.clone() for o in done], [l.clone() for l in tick_losses]
+                self._count_frames(plan)
                 if losses is not None:
                     losses.extend(tick_losses)
                 if boundary is not None:
@@ -465,6 +467,8 @@ class Engine:
                         layers.append(layer)
                         backends.setdefault((name, activation_dtype(layer.weight)), []).append(layer)
             self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
+            self._counted = {i: [c, 0] for k in range(self.lo, self.hi) for i in self.stages[k]
+                             if (c := self._frame_counter(self.graph.nodes[i])) is not None}
             with contextlib.ExitStack() as held:
                 if optimizer is None and mode != "bp":  # (bp runs F.conv3d on the window, not the ops)
                     for (name, dtype), group in backends.items():
@@ -474,6 +478,25 @@ class Engine:
             self._layers, self._members, self._updates = [], None, []
             for layer in layers:
                 layer._stream = None
+            counted, self._counted = self._counted, {}
+            with torch.no_grad():
+                for counter, n in counted.values():
+                    if n:
+                        counter.add_(n)
+
+    @staticmethod
+    def _frame_counter(node):
+        counter = getattr(node, "frame_counter", None)
+        return counter() if counter is not None else None
+
+    def _count_frames(self, plan: TickPlan) -> None:
+        """After a tick (eager or replayed): one more for each counted node that fired on a valid
+        sample (``LocalNode.frame_counter``); the counters are advanced when the run ends."""
+        if self._counted:
+            for k in range(self.lo, self.hi):
+                for step in plan.stages[k].steps:
+                    if step.fire and step.valid and step.node in self._counted:
+                        self._counted[step.node][1] += 1
 
     def _fork(self) -> list:
         """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything

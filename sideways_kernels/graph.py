@@ -438,15 +438,16 @@ class LocalNode(Node):
     """A frame-local op: ``fn(*input samples)``, applied to each frame as it comes (a join's
     inputs meet on the same sample). ``head``: the pool over all remaining frames (its output
     has no time axis; per frame it is the op on one frame, and ``predict`` accumulates it).
-    ``bn_stats``: a BatchNorm whose per-frame statistics update its running buffers (skipped
-    on the drain's held samples)."""
+    ``fn_no_update``: the op on the drain's held samples (a BatchNorm's, which updates no running
+    statistics). ``frame_counter()``: for this run, a counter the engine advances by one per
+    valid firing in place of the op (a BatchNorm's ``num_batches_tracked``), or None."""
     kind = "local"
 
     def __init__(self, name: str, inputs: Sequence[int], module: Optional[nn.Module], fn: Callable, *,
                  head: Optional[str] = None, timed: bool = True, flops_per_out: float = 1.0,
-                 fn_no_update: Optional[Callable] = None):
+                 fn_no_update: Optional[Callable] = None, frame_counter: Optional[Callable] = None):
         super().__init__(name, inputs, module)
-        self.fn, self.fn_no_update = fn, fn_no_update
+        self.fn, self.fn_no_update, self.frame_counter = fn, fn_no_update, frame_counter
         self.head = head  # "mean" | "max" | None
         self.timed = timed
         self.flops_per_out = flops_per_out
