@@ -50,7 +50,7 @@ TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sid
 
 GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
-           "column_sum_finish_add")
+           "column_sum_finish_add", "split_sum")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
@@ -58,7 +58,8 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
         "box_grouped_weight_update": "box_grouped_weight_update", "weight_finish": None, "weight_finish_sgd": None,
         "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
-        "column_sum": None, "column_sum_finish": None, "column_sum_finish_add": None}  # (configs.COLUMN_SUM)
+        "column_sum": None, "column_sum_finish": None, "column_sum_finish_add": None,  # (configs.COLUMN_SUM)
+        "split_sum": None}  # (configs.SPLIT_SUM)
 
 
 # The strides a launch passes as 1 (Triton's JIT specialises an int equal to 1 into a constant):
@@ -69,7 +70,7 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
         "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
-        "column_sum_finish": ()}
+        "column_sum_finish": (), "split_sum": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
            "dil_w", "dil_t", "splits", "split_rotation", "G", "M", "P", "rows_per_program"}
@@ -100,9 +101,9 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "weight_update": (K._weight_update_kernel, update_ptrs, dict(taps)),
         "weight_finish": (K._weight_finish_kernel, dict(partials="*fp32", target=master, momentum_buffer=master),
                           dict(taps, SGD=sgd, HAS_BUFFER=sgd, NESTEROV=sgd, FIRST_STEP=False)),
-        "box_forward": (X._box_forward_kernel, dict(ring=act, weight=act, bias=master, out=act),
+        "box_forward": (X._box_forward_kernel, dict(ring=act, weight=act, bias=master, out=act, partials="*fp32"),
                         dict(KT=3, KH=3, KW=3, HAS_BIAS=True)),
-        "box_input_grad": (X._box_forward_kernel, dict(ring=act, weight=act, bias=act, out=act),  # the error as a ring
+        "box_input_grad": (X._box_forward_kernel, dict(ring=act, weight=act, bias=act, out=act, partials="*fp32"),
                            dict(KT=1, KH=3, KW=3, HAS_BIAS=False)),
         "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(taps, TAPS=3)),
         # a tick's layers in one launch: their tensors' addresses are int64 arguments
@@ -117,11 +118,14 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "column_sum_finish": (K._column_sum_finish_kernel, dict(partials="*fp32", out="*fp32"),
                               dict(ACCUMULATE=kernel.endswith("_add"), BLOCK_P=cfg.BLOCK_K, BLOCK_C=cfg.BLOCK_N,
                                    STAGES=cfg.num_stages)),
+        # the split-K box forward's second launch: the splits' fp32 partials summed, the bias, the cast
+        "split_sum": (K._split_sum_kernel, dict(partials="*fp32", bias=master, out=act),
+                      dict(HAS_BIAS=True, BLOCK=cfg.BLOCK_M)),
     }[base]
     if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
     finish = base in ("weight_finish", "grouped_weight_finish")
-    if not base.startswith("column_sum"):
+    if not base.startswith(("column_sum", "split_sum")):
         const.update(dict(TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if finish else cfg.meta())
     if base == "weight_finish":
         const.update(DENSE=True)
@@ -169,9 +173,10 @@ def check(job: tuple) -> dict:
         problems.append(f"spills ({result['stack']} B of stack)")
     if shared > SHARED_MEMORY[arch]:
         problems.append(f"shared memory {shared} B over the limit {SHARED_MEMORY[arch]} B")
-    if arch == 90 and dtype != "fp32" and family != "wgmma" and kernel != "column_sum":  # (a sum: no matmul)
+    if arch == 90 and dtype != "fp32" and family != "wgmma" and kernel not in ("column_sum", "split_sum"):  # sums
         problems.append("16-bit on sm_90a without wgmma")
-    if dtype != "fp32" and not pipelined:  # e.g. a mask or offset whose alignment Triton cannot see
+    if dtype != "fp32" and not pipelined and kernel != "split_sum":  # (split_sum loads fp32 partials only)
+        # e.g. a mask or offset whose alignment Triton cannot see
         problems.append("16-bit loads not software-pipelined (no async copies): num_stages has no effect")
     if kernel.startswith("box") and not tma:
         problems.append("a box kernel without TMA copies (cp.async.bulk.tensor)")
@@ -193,8 +198,8 @@ def jobs_for(archs, kernels, dtypes) -> list:
                     fixed = configs.FINISH if "weight_finish" in k else configs.COLUMN_SUM
                     jobs += [(k, arch, "fp32", fixed)] if d == "fp32" else []  # fp32 partials and weights
                     continue
-                if k == "column_sum":
-                    jobs.append((k, arch, d, configs.COLUMN_SUM))
+                if k in ("column_sum", "split_sum"):
+                    jobs.append((k, arch, d, configs.COLUMN_SUM if k == "column_sum" else configs.SPLIT_SUM))
                     continue
                 jobs += [(k, arch, d, cfg) for cfg in configs.configs_for(KIND[k], arch, 4 if d == "fp32" else 2)]
     return jobs

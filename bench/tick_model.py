@@ -58,6 +58,7 @@ GPU = dict(
     device="NVIDIA H100 80GB HBM3",
     matmul_tflops=779.6,  # measured: a large bf16 torch.matmul (2026-11-27, run2)
     hbm_tb_s=3.35,  # NOT measured: the H100 SXM datasheet's HBM3 bandwidth
+    sms=132,  # the H100 SXM's SMs (datasheet): where the box forward and input gradient split over K
     # µs of one call's GPU time (replayed from a CUDA graph) at these (C_in, C_out, B, H=W), 3x3x3,
     # bf16: the best cuDNN layout, the torch backend's op as of 2026-11-27 (before its 2-D fold: not
     # measured since), the CUDA kernels and the Triton kernels (2026-11-27 run2; Triton's weight ops
@@ -120,7 +121,8 @@ class Launch:
     bytes: float
     shape: str = ""  # the conv's problem (sideways ops)
     kernels: int = 1  # the kernels it launches on a GPU under today's dispatch (a sideways op: see kernels_today)
-    kernels_derived: int = 1  # the same where each call derives the weight's forms (no run holds them)
+    kernels_derived: int = 1  # as the code the GPU measured launched it: each call deriving the weight's
+    # forms (no run held them), no box GEMM split over K
 
 
 def launch_count(launches: list, held: bool = True) -> int:
@@ -148,14 +150,15 @@ class _Kernels(TorchDispatchMode):
 _KERNELS_TODAY: dict = {}
 
 
-def kernels_today(name: str, args, held: bool) -> int:
+def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
     """The kernels one sideways op launches on a GPU under today's dispatch (sm_90, bf16): the
     torch backend's ATen calls, counted by running its function on copies of the op's tensors
     (``held``: with the run's weight forms made once, sideways_kernels/forms.py, as a run with
-    ``update="clip"`` has them); Triton's forward and input gradient one kernel and the weight
-    derivation it makes per call when not held; anything else one."""
+    ``update="clip"`` has them); Triton's forward and input gradient one kernel (two where the box
+    kernel splits over K on the GPU's SMs: the partials' sum) and the weight derivation it makes
+    per call when not held; anything else one. ``measured``: as the code the GPU measured (no split)."""
     kind = SIDEWAYS_KIND[name]
-    key = (name, held, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
+    key = (name, held, measured, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
                              tuple(a) if isinstance(a, list) else a for a in args))
     if key in _KERNELS_TODAY:
         return _KERNELS_TODAY[key]
@@ -175,11 +178,32 @@ def kernels_today(name: str, args, held: bool) -> int:
         if not held:
             with count:
                 triton_backend._derive(weight, dtype, kind == "input_grad", kind == "input_grad")
-        n = 1 + count.n
+        n = 1 + count.n + (not measured and _box_splits(name, args) > 1)
     else:
         n = 1
     _KERNELS_TODAY[key] = n
     return n
+
+
+def _box_splits(name: str, args) -> int:
+    """The split count of a Triton forward's or input gradient's box kernel on the GPU (1 off the
+    box path: a spatial stride or groups)."""
+    import sideways_kernels.triton as triton_backend
+    from sideways_kernels.ops import conv_output_size
+    if name == "ring_conv_forward":
+        ring, weight, stride, padding, dilation, groups = args[0], args[3], args[5], args[6], args[7], args[9]
+        _, b, c, h, w = ring.shape
+        c_out, (k_t, k_h, k_w) = weight.shape[0], weight.shape[2:]
+        h_out, w_out = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in
+                        zip((h, w), (k_h, k_w), stride, padding, dilation))
+        taps = k_t * k_h * k_w
+    else:  # the input gradient: the forward's kernel on the error, writing the input's frame
+        grad_out, weight, (h_out, w_out), stride, groups = args[0], args[1], args[2], args[3], args[6]
+        b, c = grad_out.shape[:2]
+        c_out, taps = weight.shape[1], weight.shape[3] * weight.shape[4]
+    if list(stride) != [1, 1] or groups != 1:
+        return 1
+    return triton_backend._box_gemm_splits(b, c, c_out, h_out, w_out, taps, GPU["sms"])
 
 
 def _nbytes(t) -> int:
@@ -336,7 +360,7 @@ def _sideways_launch(name: str, args, out, rec: _Recorder) -> Launch:
         st = "" if tuple(m.stride) == (1, 1, 1) else " s" + "x".join(str(s) for s in m.stride)
         shape = f"{c}->{m.out_channels} {h}x{w} k{ks}{st}"
     return Launch(f"sideways.{name}", kind, layer, flops, moved, shape, kernels_today(name, args, rec.held),
-                  kernels_today(name, args, False))
+                  kernels_today(name, args, False, measured=True))
 
 
 # --- the networks ----------------------------------------------------------------------------------

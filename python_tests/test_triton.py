@@ -331,6 +331,40 @@ def test_box_kernels_match_reference(g, dtype, poisoned_partials):
     assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "box")}
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("g", BOX_GEOMETRIES[:2], ids=geometry_id)
+def test_box_forward_and_input_grad_split_over_k_match_the_reference(g, splits, poisoned_partials):
+    """The box forward and input gradient split over their K steps (taps x channel blocks): 27
+    and 6 steps of the forward in 2, 3 or 7 splits (uneven chunks; more splits than the input
+    gradient's 9 and 3 steps leave some empty), each split's partial on NaN-poisoned memory, then
+    summed with the bias and cast by the second launch; float32 on the box path for an exact
+    check."""
+    t = _grad_out_channels_last(make(g, torch.float32))
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    T.launches.clear()
+    with T.using(path="box", gemm_split=splits):
+        ring = t["ring"].clone()
+        out = S.ring_conv_forward(ring, t["frame"], t["slot"], t["weight"], t["bias"], *a)
+        _close(out, ref.ring_conv_forward(d(t["ring"]).clone(), d(t["frame"]), t["slot"], d(t["weight"]),
+                                          d(t["bias"]), *a), torch.float32)
+        down = S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], 1)
+        _close(down, ref.window_input_grad(d(t["grad_out"]), d(t["weight"]), [g.height, g.width], *a[:3], 1),
+               torch.float32)
+    assert T.launches["split_sum"] == 2
+
+
+def test_the_box_forward_splits_over_k_only_where_its_tiles_leave_sms_idle():
+    """256 channels at 14², B8 (C3D's and r3d_18's layer): 32 tiles of 128x128 for 132 SMs, each
+    108 K steps — split 4 ways; at 56² the same layer has 512 tiles and is not split; a short K
+    (one tap of 64 channels) never is."""
+    assert T._box_gemm_splits(8, 256, 256, 14, 14, 27, 132) == 4
+    assert T._box_gemm_splits(8, 256, 256, 56, 56, 27, 132) == 1
+    assert T._box_gemm_splits(1, 64, 64, 7, 7, 1, 132) == 1
+    with T.using(gemm_split=3):
+        assert T._box_gemm_splits(8, 256, 256, 56, 56, 27, 132) == 3
+
+
 @pytest.mark.parametrize("cfg", every_config(box=True), ids=lambda c: c.name)
 def test_every_box_config_matches_the_reference_with_split_k(cfg, poisoned_partials):
     """Each box config of the lists (the autotuner's choices on sm_90), forced on float32."""
@@ -568,7 +602,7 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
         return original(kernel, name, grid, args, meta, device, *rest, **kw)
 
     direct = {T.K._weight_finish_kernel: "weight_finish", T.K._column_sum_kernel: "column_sum",
-              T.K._column_sum_finish_kernel: "column_sum_finish"}
+              T.K._column_sum_finish_kernel: "column_sum_finish", T.K._split_sum_kernel: "split_sum"}
 
     def wrap_spy(kernel):  # the weight update's finish and the bias sums are launched directly, not through _launch
         if kernel not in direct:
@@ -584,7 +618,8 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     video, target = torch.randn(2, 3, 5, 6, 7), torch.randint(0, 7, (2,))
     with torch.autocast("cpu", torch.float16):
-        SidewaysPipeline(stages_of(net, 2), backend="triton").backward_clip(video, target)
+        with T.using(gemm_split=2):  # the box forward and input gradient split over K, as small frames are
+            SidewaysPipeline(stages_of(net, 2), backend="triton").backward_clip(video, target)
         SidewaysPipeline(stages_of(net, 2), backend="triton", update="tick", optimizer=opt).backward_clip(video, target)
     assert set(seen) == {kernel for kernel in gpu_check.UNIT if "grouped" not in kernel}
     assert not gpu_check.UNIT["box_grouped_weight_update"] and not gpu_check.UNIT["grouped_weight_finish"]

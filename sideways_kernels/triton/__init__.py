@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import weakref
 from typing import List, Optional
@@ -31,7 +32,8 @@ from triton.runtime import _allocation  # the allocator's context variable (the 
 from .. import forms
 from . import boxes as X
 from . import kernels as K
-from .configs import COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, Config, configs_for, prune, prune_boxes, split_k
+from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, SPLIT_SUM, Config, configs_for, prune, prune_boxes,
+                      split_k)
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
@@ -41,24 +43,27 @@ __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_chosen: dict = {"config": None, "box_config": None, "split": None, "path": None, "rotation": 0}  # set by using()
+_chosen: dict = {"config": None, "box_config": None, "split": None, "gemm_split": None, "path": None,
+                 "rotation": 0}  # set by using()
 _autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
 _derived: dict = {}  # (id(weight), summed, flipped) -> (weak reference to it, version, dtype, the weight as read)
 
 
 @contextlib.contextmanager
 def using(config: Optional[Config] = None, split: Optional[int] = None, box_config: Optional[Config] = None,
-          path: Optional[str] = None, rotation: int = 0):
+          path: Optional[str] = None, rotation: int = 0, gemm_split: Optional[int] = None):
     """Run the general kernels with ``config`` and the box kernels with ``box_config`` (instead of
     the autotuner's or the interpreter's default), the weight update with ``split`` programs per
-    tile (instead of the SM-based choice), and every op on ``path``: "box" (refusing a problem
+    tile and the box forward and input gradient with ``gemm_split`` (instead of the SM-based
+    choices), and every op on ``path``: "box" (refusing a problem
     the box kernels cannot take; float32 allowed, for exact tests), "general", or None (the
     choice of :func:`box_path`). ``rotation`` renumbers the weight update's splits, so that
     another split arrives last (tests of its determinism)."""
     if path not in (None, "box", "general"):
         raise ValueError(f"path must be 'box', 'general' or None, got {path!r}")
     before = dict(_chosen)
-    _chosen.update(config=config, split=split, box_config=box_config, path=path, rotation=rotation)
+    _chosen.update(config=config, split=split, box_config=box_config, path=path, rotation=rotation,
+                   gemm_split=gemm_split)
     try:
         yield
     finally:
@@ -272,15 +277,7 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
     weight = _weight_as(weight, ring.dtype)
     launches["ring_conv_forward"] += 1
     if _take_box("ring_conv_forward", box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,))):
-        _descriptor_scratch(ring.device)
-        s_r, s_b, s_h, s_w = _tma_strides(ring)
-        _launch(X._box_forward_kernel, "box_forward",
-                lambda cfg: _persistent(B * triton.cdiv(h_out, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(w_out, cfg.BOX_W)
-                                        * triton.cdiv(c_out, cfg.BLOCK_N), ring.device),
-                [ring, weight, bias if bias is not None else weight, out, s_r, s_b, s_h, s_w, *_tma_strides(out),
-                 B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t],
-                dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None), ring.device,
-                element_size=ring.element_size())
+        _box_gemm("box_forward", ring, weight, bias, out, R, slot, padding, dilation, dilation_t, (k_t, k_h, k_w))
         return out
     M, N = B * h_out * w_out, c_out // groups
     _launch(K._ring_conv_forward_kernel, "ring_conv_forward",
@@ -312,16 +309,10 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
                                                (grad_out,))):
         # the forward's box kernel on the error as a one-slot ring, with the taps' sum flipped in
         # space and the padding that makes a stride-1 transposed conv a conv (boxes.py)
-        _descriptor_scratch(grad_out.device)
         flipped = _weight_as(weight, grad_out.dtype, summed=True, flipped=True)
-        error = grad_out.unsqueeze(0)
         pad = [dilation[i] * (weight.shape[3 + i] - 1) - padding[i] for i in range(2)]
-        _launch(X._box_forward_kernel, "box_input_grad",
-                lambda cfg: _persistent(B * triton.cdiv(H, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(W, cfg.BOX_W)
-                                        * triton.cdiv(cg, cfg.BLOCK_N), grad_out.device),
-                [error, flipped, flipped, grad_in, *_tma_strides(error), *_tma_strides(grad_in),
-                 B, c_out, h_out, w_out, cg, H, W, 1, 0, *pad, *dilation, 1],
-                dict(KT=1, KH=k_h, KW=k_w, HAS_BIAS=False), grad_out.device, element_size=grad_out.element_size())
+        _box_gemm("box_input_grad", grad_out.unsqueeze(0), flipped, None, grad_in, 1, 0, pad, dilation, 1,
+                  (1, k_h, k_w))
         return grad_in
     summed = _weight_as(weight, grad_out.dtype, summed=True)
     M, N = B * H * W, cg
@@ -332,6 +323,42 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
             dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), ONE_GROUP=groups == 1), grad_out.device,
             element_size=grad_out.element_size())
     return grad_in
+
+
+def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, dilation, dilation_t: int, taps: tuple):
+    """:func:`.boxes._box_forward_kernel` (``name``: "box_forward", or "box_input_grad" on the error
+    as a one-slot ring) into ``out`` ``[B, C_OUT, H_OUT, W_OUT]`` (dense channels-last), split over
+    K where its tiles would leave SMs idle (:func:`_box_gemm_splits`), the splits' partials then
+    summed by :func:`.kernels._split_sum_kernel`."""
+    _, B, C, H, W = ring.shape
+    _, c_out, h_out, w_out = out.shape
+    device = ring.device
+    splits = _box_gemm_splits(B, C, c_out, h_out, w_out, math.prod(taps), _sms(device))
+    partials = _partials(device, splits * out.numel() if splits > 1 else 1)
+    _descriptor_scratch(device)
+    tiles = lambda cfg: (B * triton.cdiv(h_out, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(w_out, cfg.BOX_W)
+                         * triton.cdiv(c_out, cfg.BLOCK_N))
+    k_t, k_h, k_w = taps
+    _launch(X._box_forward_kernel, name, lambda cfg: _persistent(tiles(cfg) * splits, device),
+            [ring, weight, bias if bias is not None else weight, out, partials, *_tma_strides(ring),
+             *_tma_strides(out), B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t, splits],
+            dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None), device, element_size=ring.element_size())
+    if splits > 1:
+        launches["split_sum"] += 1
+        block = SPLIT_SUM.BLOCK_M
+        wrap_triton(K._split_sum_kernel)[(triton.cdiv(out.numel(), block),)](
+            partials, bias if bias is not None else out, out, splits, out.numel(), c_out, HAS_BIAS=bias is not None,
+            BLOCK=block, num_warps=SPLIT_SUM.num_warps)
+
+
+def _box_gemm_splits(B: int, C: int, c_out: int, h_out: int, w_out: int, taps: int, sms: int) -> int:
+    """The box forward's (and input gradient's) split count on a GPU of ``sms`` SMs (what
+    ``using(gemm_split=...)`` overrides): :func:`.configs.split_k` for 128x128 tiles of 8x16
+    positions, over K steps of 64 channels of a tap (``C``: the channels read)."""
+    if _chosen["gemm_split"]:
+        return _chosen["gemm_split"]
+    tiles = B * triton.cdiv(h_out, 8) * triton.cdiv(w_out, 16) * triton.cdiv(c_out, 128)
+    return split_k(tiles, taps * triton.cdiv(C, 64), 1, sms)
 
 
 def _weight_as(weight: torch.Tensor, dtype: torch.dtype, summed: bool = False, flipped: bool = False) -> torch.Tensor:

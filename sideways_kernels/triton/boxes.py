@@ -49,10 +49,10 @@ def _box_of(index, boxes_h, boxes_w, BH: tl.constexpr, BW: tl.constexpr):
 
 @triton.jit
 def _box_forward_kernel(
-        ring, weight, bias, out,
+        ring, weight, bias, out, partials,
         s_r, s_b, s_h, s_w,  # ring strides (channels: 1)
         o_b, o_h, o_w,  # out strides (channels: 1)
-        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t,
+        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
     """out[b, y, x, n] = sum over taps and channels of ring[tap slot, b, y - pad + kh·dil, x - pad + kw·dil, c]
@@ -60,6 +60,12 @@ def _box_forward_kernel(
     output channels innermost). Tile: a BH x BW box of output positions x BLOCK_N output channels;
     K steps: (tap, channel block). A K block past C reads zeros from the ring box, so the weight
     rows it pairs with (the next tap's) add nothing.
+
+    Split-K where tiles are few (small frames, many channels: 256 channels at 14², B8, are 32
+    tiles of 128x128 for 132 SMs, each 108 K steps long): work items are (tile, split), split s
+    running K steps ``s·chunk ..``; with ``splits`` > 1 each leaves its fp32 tile in
+    ``partials`` ``[splits, B, H_OUT, W_OUT, C_OUT]`` (masked at the frame's edge) and
+    :func:`.kernels._split_sum_kernel` adds them in split order, the bias and the cast.
 
     The input gradient is this kernel too: at stride 1 the transposed convolution is a
     convolution of the error (a one-slot ring) with the taps' sum flipped in space and padding
@@ -71,19 +77,29 @@ def _box_forward_kernel(
     boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
     tiles_n = tl.cdiv(C_OUT, BLOCK_N)
     c_blocks = tl.cdiv(C, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), B * boxes_h * boxes_w * tiles_n, tl.num_programs(0)):
+    steps = KT * KH * KW * c_blocks
+    chunk = tl.cdiv(steps, splits)
+    for item in tl.range(tl.program_id(0), B * boxes_h * boxes_w * tiles_n * splits, tl.num_programs(0)):
+        tile, split = item // splits, item % splits
         b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
         n0 = tile % tiles_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(KT * KH * KW * c_blocks):
+        for kk in range(split * chunk, tl.minimum(split * chunk + chunk, steps)):
             tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
             a = _ring_box(ring_d, slot, tap, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R, KT, KH, KW,
                           BLOCK_M, BLOCK_K)
             acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
-        if HAS_BIAS:
-            n = n0 + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
-        out_d.store([b, y0, x0, n0], acc.to(out.dtype.element_ty).reshape(1, BH, BOX_W, BLOCK_N))
+        if splits == 1:
+            if HAS_BIAS:
+                n = n0 + tl.arange(0, BLOCK_N)
+                acc += tl.load(bias + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
+            out_d.store([b, y0, x0, n0], acc.to(out.dtype.element_ty).reshape(1, BH, BOX_W, BLOCK_N))
+        else:  # plain stores: a TMA store would stage the fp32 tile in shared memory beside the pipeline's
+            m = tl.arange(0, BLOCK_M)
+            y, x, n = y0 + m // BOX_W, x0 + m % BOX_W, n0 + tl.arange(0, BLOCK_N)
+            row = ((split * B + b).to(tl.int64) * H_OUT + y) * W_OUT + x
+            tl.store(partials + row[:, None] * C_OUT + n[None, :], acc,
+                     mask=((y < H_OUT) & (x < W_OUT))[:, None] & (n < C_OUT)[None, :])
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 __all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
-           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM"]
+           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM"]
 
 
 class Config(NamedTuple):
@@ -81,6 +81,9 @@ BOX = {
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
 # many run at once, its loop over the splits pipelined num_stages deep.
 FINISH = C(1024, 0, 0, 3, 4)
+# The split-K box forward's second launch (kernels._split_sum_kernel), not tuned: BLOCK_M output
+# elements a program, every split's partial of each read in turn.
+SPLIT_SUM = C(1024, 0, 0, 1, 4)
 # The bias gradient's column sum (kernels._column_sum_kernel and its finish), not tuned: BLOCK_M
 # rows of BLOCK_N channels a step (64 bf16 channels: one 128-byte row), the finish's BLOCK_K
 # partial rows a step.

@@ -348,3 +348,20 @@ def _column_sum_finish_kernel(partials, out, P, C, ACCUMULATE: tl.constexpr, BLO
     if ACCUMULATE:
         total += tl.load(out + c, mask=c_ok).to(tl.float32)
     tl.store(out + c, total.to(out.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _split_sum_kernel(partials, bias, out, splits, total, C_OUT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """The split-K box forward's second launch (:func:`.boxes._box_forward_kernel`): ``out`` (dense,
+    channels innermost: ``total`` = positions · C_OUT elements) = the sum of the splits' fp32
+    partials in split order (the same bits every run), + the bias, in ``out``'s dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    at = partials + i
+    for _ in range(splits):
+        acc += tl.load(at, mask=ok, other=0.0)
+        at += total
+    if HAS_BIAS:
+        acc += tl.load(bias + i % C_OUT, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + i, acc.to(out.dtype.element_ty), mask=ok)
