@@ -133,15 +133,17 @@ def tables(rows: list[dict], device: str) -> list[str]:
 
 def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     """``base`` with ``measured[arch]``: per op, the fastest backend (torch, cuda, triton) by the
-    geometric mean of its times over the shapes all measured ones ran: the GPU time of a call
-    (CUDA-graph replay, as the pipeline runs by default on CUDA) where every one has it, else the
-    eager call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the
-    torch backend's per layer against Triton's grouped launches) decide between torch and triton
-    where both ran: that is how the pipeline runs them, and one layer alone leaves out the
-    grouping. An op this run did not measure keeps ``base``'s entry for the architecture, named
-    in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to an
+    geometric mean of its times over the shapes all measured ones ran (``ops``: for a layer whose
+    channels no shape has), and per shape the fastest there (``shapes``: a layer of those channels
+    takes the nearest frame size's; ``backend.choose``) — by the GPU time of a call (CUDA-graph
+    replay, as the pipeline runs by default on CUDA) where every one has it, else the eager
+    call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the torch
+    backend's per layer against Triton's grouped launches) decide between torch and triton where
+    both ran, for every shape: that is how the pipeline runs them, and one layer alone leaves out
+    the grouping. An op this run did not measure keeps ``base``'s entries for the architecture,
+    named in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to an
     unmeasured default)."""
-    ops = {}
+    ops, shapes = {}, {}
     for op, name in OP_NAMES.items():
         measured = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["impl"] in BACKENDS]
         key = "graph_s" if measured and all(r.get("graph_s") for r in measured) else "median_s"
@@ -152,18 +154,24 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
             continue
         geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in shared) / len(shared)) for impl in times}
         ops[name] = {"bfloat16": min(geo, key=geo.get)}
+        shapes[name] = {"bfloat16": [dict(channels=[c_in, c_out], positions=b * h * h,
+                                          backend=min(times, key=lambda impl: times[impl][(c_in, c_out, b, h)]))
+                                     for c_in, c_out, b, h in sorted(shared)]}
     for op, name in OP_NAMES.items():  # a tick's weight updates, grouped as the pipeline runs them, decide
         tick = {r["impl"]: r for r in rows
                 if r["kind"] == "tick_updates" and r["op"] == op and r["impl"] in ("torch", "triton")}
         if len(tick) == 2:
             key = "graph_s" if all(r.get("graph_s") for r in tick.values()) else "median_s"
             ops[name] = {"bfloat16": min(tick, key=lambda impl: tick[impl][key])}
+            shapes.pop(name, None)
     table = json.loads(json.dumps(base))
     if ops:
-        earlier = table.get("measured", {}).get(arch, {}).get("ops", {})
-        carried = sorted(set(earlier) - set(ops))
+        earlier = table.get("measured", {}).get(arch, {})
+        carried = sorted(set(earlier.get("ops", {})) - set(ops))
+        kept = {k: v for k, v in earlier.get("shapes", {}).items() if k in carried}
         table.setdefault("measured", {})[arch] = dict(device=device, date=datetime.date.today().isoformat(),
-                                                      ops={**{k: earlier[k] for k in carried}, **ops},
+                                                      ops={**{k: earlier["ops"][k] for k in carried}, **ops},
+                                                      shapes={**kept, **shapes},
                                                       **({"from_earlier_runs": carried} if carried else {}))
     return table
 

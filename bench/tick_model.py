@@ -162,7 +162,8 @@ def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
                              tuple(a) if isinstance(a, list) else a for a in args))
     if key in _KERNELS_TODAY:
         return _KERNELS_TODAY[key]
-    on = today(kind)
+    from sideways_kernels import backend
+    on = today(kind, backend._layer(name, args))
     copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     weight = copies[{"ring_conv_forward": 3, "window_input_grad": 1}.get(name, 0)]
     dtype = copies[0].dtype  # the forward's ring, the input gradient's error: the activations'
@@ -517,10 +518,17 @@ def _problem(launch: Launch) -> tuple:
     return int(c_in), c_out, max(launch.flops / (2 * int(c_in) * c_out * taps), 1)
 
 
-def today(kind: str) -> str:
-    """The backend the default dispatch runs ``kind`` on for bf16 on sm_90 (dispatch.json)."""
+def today(kind: str, layer: Optional[tuple] = None) -> str:
+    """The backend the default dispatch runs ``kind`` on for bf16 on sm_90 (dispatch.json), for a
+    ``layer`` (C_in, C_out, positions; None: strided, or any) where it measured that layer's
+    channels."""
     from sideways_kernels import backend
-    return backend.choose(SIDEWAYS_OP[kind], torch.bfloat16, "sm_90")
+    return backend.choose(SIDEWAYS_OP[kind], torch.bfloat16, "sm_90", layer=layer)
+
+
+def _layer_of(launch: Launch) -> Optional[tuple]:
+    """A sideways op's layer as the dispatch keys it (:func:`_problem`; None where strided)."""
+    return None if " s" in launch.shape else _problem(launch)
 
 
 def gemm_us(launch: Launch, table: str) -> float:
@@ -530,7 +538,8 @@ def gemm_us(launch: Launch, table: str) -> float:
     if table == "ceiling":
         rate = GPU["matmul_tflops"]
     else:
-        rate = _rate(today(launch.kind) if table == "today" else table, launch.kind, _problem(launch))
+        rate = _rate(today(launch.kind, _layer_of(launch)) if table == "today" else table, launch.kind,
+                     _problem(launch))
     return max(launch.flops / (rate * 1e12), launch.bytes / (GPU["hbm_tb_s"] * 1e12)) * 1e6
 
 

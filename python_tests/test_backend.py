@@ -33,6 +33,11 @@ def test_the_shipped_dispatch_table_names_a_backend_for_every_case():
         assert arch.startswith("sm_") and entry["device"] and entry["date"]
         for op, by_dtype in entry["ops"].items():
             assert op in backend.OPS and set(by_dtype) <= dtypes and set(by_dtype.values()) <= {"cuda", "triton", "torch"}
+        for op, by_dtype in entry.get("shapes", {}).items():  # per layer shape (gpu_report.dispatch)
+            assert op in backend.OPS and set(by_dtype) <= dtypes
+            for shapes in by_dtype.values():
+                assert all(len(s["channels"]) == 2 and s["positions"] > 0 and s["backend"] in {"cuda", "triton", "torch"}
+                           for s in shapes)
 
 
 def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
@@ -73,6 +78,44 @@ def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
     groups = backend.kernels("auto").groups
     assert groups("weight_grad_accumulate", (None, None, bf16)) and groups("sgd_tick_update", (None,) * 4 + (bf16,))
     assert not groups("sgd_tick_update", (None,) * 4 + (fp32,))
+
+
+def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_its_channels(monkeypatch):
+    """Where the architecture's ``shapes`` name a layer's (C_in, C_out), a call goes to the backend
+    measured fastest at the nearest frame size (B·H·W) — the op's overall choice elsewhere; a
+    tick holds for grouping the weight updates of the layers so sent to Triton."""
+    calls = []
+    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
+                                           for op in backend.OPS}) for name in ("cuda", "triton", "torch")}
+    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: fake[name] if name in fake
+                        else _real(name))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    at = lambda c_in, c_out, positions, name: dict(channels=[c_in, c_out], positions=positions, backend=name)
+    shapes = {"ring_conv_forward": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch"), at(16, 32, 8 * 7 * 7, "cuda")]},
+              "window_input_grad": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch")]},
+              "weight_grad_accumulate": {"bfloat16": [at(16, 32, 8 * 56 * 56, "triton"), at(16, 64, 64, "torch")]}}
+    monkeypatch.setattr(backend, "_table", dict(
+        unmeasured=dict(bfloat16="triton"),
+        measured={"sm_90": dict(device="H100", date="2026-01-01", shapes=shapes,
+                                ops={op: {"bfloat16": "cuda"} for op in backend.OPS})}))
+    monkeypatch.setattr(backend, "_chosen", {})
+    auto = backend.kernels("auto")
+    meta = lambda *shape: torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    ring = lambda c, h: meta(3, 8, c, h, h)
+    weight = lambda c_in, c_out: meta(c_out, c_in, 3, 3, 3)
+    one = [1, 1]
+    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 32), None, one)
+    auto.ring_conv_forward(ring(16, 8), None, 0, weight(16, 32), None, one)  # nearest: 7x7
+    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 64), None, one)  # channels not measured
+    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 32), None, [2, 2])  # strided: not as measured
+    auto.window_input_grad(meta(8, 32, 56, 56), weight(16, 32), [56, 56], one, one, one, 1)
+    accumulate = lambda c_in, c_out, h: (None, None, meta(8, c_out, h, h), ring(c_in, h), 0, one)
+    auto.weight_grad_accumulate(*accumulate(16, 32, 56))
+    assert calls == [("ring_conv_forward", "torch"), ("ring_conv_forward", "cuda"), ("ring_conv_forward", "cuda"),
+                     ("ring_conv_forward", "cuda"), ("window_input_grad", "torch"),
+                     ("weight_grad_accumulate", "triton")]
+    assert auto.groups("weight_grad_accumulate", accumulate(16, 32, 56))
+    assert not auto.groups("weight_grad_accumulate", accumulate(16, 64, 56))
 
 
 def _gpu_report():
@@ -137,6 +180,23 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     assert backend.choose("window_input_grad", torch.bfloat16, "sm_90", table) == \
         backend.choose("window_input_grad", torch.bfloat16, "sm_90")  # not measured here: as before
     assert table["unmeasured"] == backend.table()["unmeasured"]
+    # per shape: the forward's fastest at each (the geomean's triton at both here); the weight ops the
+    # tick decided have none (the grouped launch covers every layer); the SGD tick's per shape (triton's
+    # 1.0 ms beats torch's 1.5 at the first, which the geomean gives to torch)
+    shapes = table["measured"]["sm_90"]["shapes"]
+    assert shapes["ring_conv_forward"]["bfloat16"] == [dict(channels=[64, 128], positions=8 * 56 * 56, backend="triton"),
+                                                        dict(channels=[128, 256], positions=16 * 28 * 28,
+                                                             backend="triton")]
+    assert "weight_grad_accumulate" not in shapes
+    assert [s["backend"] for s in shapes["sgd_tick_update"]["bfloat16"]] == ["triton", "torch"]
+    # a shape where another backend wins takes it there, the op's choice elsewhere
+    rows.append(dict(kind="op", op="forward", shape=[256, 256, 8, 14], impl="cuda", median_s=1e-4, graph_s=1e-4))
+    rows.append(dict(kind="op", op="forward", shape=[256, 256, 8, 14], impl="triton", median_s=1e-3, graph_s=1e-3))
+    table = report.dispatch(rows, "H100", "sm_90", backend.table())
+    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table, layer=(256, 256, 8 * 16 * 16)) == "cuda"
+    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table, layer=(64, 128, 8 * 7 * 7)) == "triton"
+    assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table, layer=(32, 32, 100)) == \
+        table["measured"]["sm_90"]["ops"]["ring_conv_forward"]["bfloat16"]
 
 
 def test_end_to_end_rows_are_compared_with_clip_bp_at_the_same_network_and_length():
@@ -223,10 +283,26 @@ def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):
         assert not forms.get(plain.weight, ("summed", torch.float32))
     probes = []
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-    monkeypatch.setattr(backend, "_choice", lambda op, t: probes.append(t.dtype) or
-                        ("triton" if op == "window_input_grad" else "torch"))
+    monkeypatch.setattr(backend, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(backend, "_chosen", {})
+    sm_90 = dict(device="H100", date="2026-01-01", ops={"ring_conv_forward": {"bfloat16": "torch"},
+                                                        "window_input_grad": {"bfloat16": "triton"}})
+    monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="cuda"), measured={"sm_90": sm_90}))
+    choice = backend._choice
+    monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None: probes.append(t.dtype) or choice(op, t, layer))
     fresh = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1))
+    triton_forms = lambda: sorted((k[2], k[3]) for (at, k) in forms._forms if at == id(fresh.weight) and k[0] == "triton")
     with backend.constant_weights("auto", [fresh], torch.bfloat16):
         assert set(probes) == {torch.bfloat16}
         assert sorted(map(str, {k[0] for (at, k) in forms._forms if at == id(fresh.weight)})) == ["folded", "triton"]
         assert forms.get(fresh.weight, ("summed", torch.bfloat16)) is None  # the input gradient is Triton's
+        assert triton_forms() == [(True, False), (True, True)]  # Triton's input-gradient forms, not its forward's
+    # the dispatch measured the layer's channels at two frame sizes, the forward fastest on each backend
+    # at one (the frame's size is not known when the run starts): the forms of both are made
+    sm_90["shapes"] = {"ring_conv_forward": {"bfloat16": [dict(channels=[4, 8], positions=64, backend="triton"),
+                                                          dict(channels=[4, 8], positions=4096, backend="torch"),
+                                                          dict(channels=[8, 8], positions=64, backend="cuda")]}}
+    backend._chosen.clear()
+    with backend.constant_weights("auto", [fresh], torch.bfloat16):
+        assert any(k[0] == "folded" for (at, k) in forms._forms if at == id(fresh.weight))
+        assert triton_forms() == [(False, False), (True, False), (True, True)]

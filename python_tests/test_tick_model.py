@@ -193,7 +193,8 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
            "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
     assert all(tm.today(kind) == backend.choose(op, torch.bfloat16, "sm_90") for kind, op in ops.items())
     picked = {}
-    monkeypatch.setattr(tm, "today", lambda kind: picked.setdefault(kind, "triton" if kind == "input_grad" else "torch"))
+    monkeypatch.setattr(tm, "today", lambda kind, layer=None: picked.setdefault(kind, "triton" if kind == "input_grad"
+                                                                                else "torch"))
     assert tm.gemm_us(at(shapes[1], "input_grad"), "today") == pytest.approx(tm.GPU["graph_us"]["triton"]["input_grad"][1])
     assert tm.gemm_us(at(shapes[1], "weight_sgd"), "today") == pytest.approx(tm.GPU["graph_us"]["torch"]["weight_sgd"][1])
     between = at((96, 200, 16, 28))  # nearest (128, 256, B16 28²): log distance 0.78; (128, 128, B8 28²): 2.06
@@ -214,13 +215,13 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     forward = (t["ring"], t["frame"], 1, t["weight"], t["bias"], *conv)
     down = (t["grad_out"], t["weight"], [6, 7], *conv[:3], 1)
     monkeypatch.setattr(tm, "_KERNELS_TODAY", {})
-    monkeypatch.setattr(tm, "today", lambda kind: "torch")
+    monkeypatch.setattr(tm, "today", lambda kind, layer=None: "torch")
     assert tm.kernels_today("ring_conv_forward", forward, held=False) == 5
     assert tm.kernels_today("ring_conv_forward", forward, held=True) == 3
     sgd = (t["weight"], torch.zeros_like(t["weight"]), t["bias"], torch.zeros_like(t["bias"]), t["grad_out"], t["ring"],
            1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
     assert tm.kernels_today("sgd_tick_update", sgd, held=False) >= 3  # the gradient, the bias's sum, the fused step
-    monkeypatch.setattr(tm, "today", lambda kind: "triton")
+    monkeypatch.setattr(tm, "today", lambda kind, layer=None: "triton")
     assert tm.kernels_today("window_input_grad", down, held=True, measured=True) == 1
     assert tm.kernels_today("window_input_grad", down, held=False, measured=True) > 2  # the taps' sum, flip, cast...
     # where the box kernel splits over K on the GPU's SMs (256 channels at 14², B8), its partials' sum

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import types
 from typing import Optional
@@ -80,7 +81,7 @@ def kernels(name: str) -> types.SimpleNamespace:
     if name == "auto":
         ops = {op: _dispatched(op) for op in OPS}
         return types.SimpleNamespace(**ops, group=getattr(kernels("triton"), "group", None),
-                                     groups=lambda op, args: ops[op].target(args[_ACTIVATION_ARG[op][0]]) == "triton")
+                                     groups=lambda op, args: ops[op].target(args) == "triton")
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None)
     group = None
@@ -101,14 +102,16 @@ def constant_weights(name: str, layers: list, dtype: torch.dtype):
     for layer in layers:
         weight = layer.weight
         probe = torch.empty(0, dtype=dtype, device=weight.device)
-        forward, input_grad = (_choice(op, probe) if name == "auto" and weight.is_cuda else name
+        # (the frame's size is not known yet: every backend a size may take; a strided conv, the op's)
+        channels = (layer.in_channels, layer.out_channels) if tuple(layer.stride[1:]) == (1, 1) else None
+        forward, input_grad = (_choices(op, probe, channels) if name == "auto" and weight.is_cuda else {name}
                                for op in ("ring_conv_forward", "window_input_grad"))
         folds = layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
-        if folds and "torch" in (forward, input_grad):
-            made += torch_backend.forms_of(weight, dtype, forward == "torch", input_grad == "torch")
-        if "triton" in (forward, input_grad):
-            made += importlib.import_module("sideways_kernels.triton").forms_of(weight, dtype, forward == "triton",
-                                                                                input_grad == "triton")
+        if folds and "torch" in forward | input_grad:
+            made += torch_backend.forms_of(weight, dtype, "torch" in forward, "torch" in input_grad)
+        if "triton" in forward | input_grad:
+            made += importlib.import_module("sideways_kernels.triton").forms_of(weight, dtype, "triton" in forward,
+                                                                                "triton" in input_grad)
     return forms.held(made)
 
 
@@ -166,6 +169,9 @@ _chosen: dict = {}  # (op, dtype, device index) -> backend name
 # the argument whose dtype is the activations', by position and name in torch.ops.sideways' schemas
 _ACTIVATION_ARG = {"ring_conv_forward": (0, "ring"), "window_input_grad": (0, "grad_out"),
                    "weight_grad_accumulate": (2, "grad_out"), "sgd_tick_update": (4, "grad_out")}
+# where _layer reads a call's stride, and the positional arguments it needs (the layers pass every one)
+_STRIDE_ARG = {"ring_conv_forward": 5, "window_input_grad": 3, "weight_grad_accumulate": 5, "sgd_tick_update": 7}
+_ARITY = {"ring_conv_forward": 6, "window_input_grad": 7, "weight_grad_accumulate": 6, "sgd_tick_update": 8}
 
 
 def table() -> dict:
@@ -178,16 +184,30 @@ def table() -> dict:
     return _table
 
 
-def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = None) -> str:
+def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = None,
+           layer: Optional[tuple] = None) -> str:
     """``"cuda"``, ``"triton"`` or ``"torch"`` (cuDNN, where it measured fastest) for ``op`` on
-    activations of ``dtype`` on a GPU of ``arch`` (e.g. ``"sm_90"``): the measured choice for that
-    architecture, else the unmeasured default;
+    activations of ``dtype`` on a GPU of ``arch`` (e.g. ``"sm_90"``): for a ``layer`` (C_in, C_out,
+    positions: B·H·W of its input frame) whose channels the architecture measured (``shapes``),
+    the fastest there at the nearest positions; else the op's measured choice for that
+    architecture (over every shape measured), else the unmeasured default;
     a dtype neither names goes to ``"cuda"``, whose binding runs every dtype (ATen beyond its own)
     or refuses it with the op's argument check."""
     dispatch = dispatch or table()
     name = str(dtype).replace("torch.", "")
-    measured = dispatch.get("measured", {}).get(arch, {}).get("ops", {}).get(op, {}).get(name)
+    entry = dispatch.get("measured", {}).get(arch, {})
+    if layer is not None:
+        same = [s for s in _shapes(entry, op, name) if tuple(s["channels"]) == tuple(layer[:2])]
+        if same:
+            return min(same, key=lambda s: abs(math.log(s["positions"] / max(layer[2], 1))))["backend"]
+    measured = entry.get("ops", {}).get(op, {}).get(name)
     return measured or HELPERS.get(op) or dispatch["unmeasured"].get(name, "cuda")
+
+
+def _shapes(entry: dict, op: str, dtype_name: str) -> list:
+    """An architecture's per-shape choices for ``op``: ``{"channels": [C_in, C_out], "positions":
+    B·H·W, "backend": ...}`` each."""
+    return entry.get("shapes", {}).get(op, {}).get(dtype_name, [])
 
 
 # Parts of the ops measured on their own, and their choice until a GPU run has measured them: the
@@ -207,27 +227,62 @@ def bias_grad(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad_out.sum((0, 2, 3), dtype=dtype)
 
 
-def _choice(op: str, t: torch.Tensor) -> str:
-    """:func:`choose` for ``op`` on CUDA activations like ``t`` (made once per dtype and device)."""
-    key = (op, t.dtype, t.device.index)
+def _choice(op: str, t: torch.Tensor, layer: Optional[tuple] = None) -> str:
+    """:func:`choose` for ``op`` on CUDA activations like ``t`` of a ``layer`` (C_in, C_out,
+    positions) or any (made once per dtype, device and layer)."""
+    key = (op, t.dtype, t.device.index, layer)
     name = _chosen.get(key)
     if name is None:
-        major, minor = torch.cuda.get_device_capability(t.device)
-        name = _chosen[key] = choose(op, t.dtype, f"sm_{major}{minor}")
+        name = _chosen[key] = choose(op, t.dtype, _arch(t.device), layer=layer)
     return name
+
+
+def _choices(op: str, t: torch.Tensor, channels: Optional[tuple]) -> set:
+    """Every backend ``op`` may run on for CUDA activations like ``t`` in a layer of ``channels``
+    (C_in, C_out; None: a strided layer), whatever its frame's size: the op's choice and each
+    measured shape's there."""
+    if channels is None:
+        return {_choice(op, t)}
+    name = str(t.dtype).replace("torch.", "")
+    entry = table().get("measured", {}).get(_arch(t.device), {})
+    return {_choice(op, t)} | {s["backend"] for s in _shapes(entry, op, name) if tuple(s["channels"]) == channels}
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _layer(op: str, args: tuple) -> Optional[tuple]:
+    """(C_in, C_out, positions of the input frame) of a call of ``op`` with positional ``args``, or
+    None for a spatially strided conv (the shapes a GPU run measures have stride 1, and a strided
+    conv takes other kernels: the box kernels refuse it)."""
+    stride = args[_STRIDE_ARG[op]]
+    if tuple(stride) != (1, 1):
+        return None
+    if op == "ring_conv_forward":  # (ring [R, B, C, H, W], frame, slot, weight, ...)
+        _, b, c, h, w = args[0].shape
+        return c, args[3].shape[0], b * h * w
+    if op == "window_input_grad":  # (grad_out [B, C_out, H', W'], weight, input_size, ..., groups)
+        weight, (h, w) = args[1], args[2]
+        return weight.shape[1] * args[6], weight.shape[0], args[0].shape[0] * h * w
+    ring, grad_out = (args[3], args[2]) if op == "weight_grad_accumulate" else (args[5], args[4])
+    _, b, c, h, w = ring.shape
+    return c, grad_out.shape[1], b * h * w
 
 
 def _dispatched(op: str):
     kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton", "torch")}
     index, arg_name = _ACTIVATION_ARG[op]
 
-    def target(t: torch.Tensor) -> str:
-        """The backend this op runs on for activations like ``t``."""
-        return _choice(op, t)
+    def target(args: tuple, kwargs: Optional[dict] = None) -> str:
+        """The backend this op runs on for a call with these arguments: by the activations' dtype,
+        and the layer's shape where the dispatch measured its channels."""
+        t = args[index] if len(args) > index else kwargs[arg_name]
+        return _choice(op, t, _layer(op, args) if len(args) >= _ARITY[op] else None)
 
     def call(*args, **kwargs):
-        t = args[index] if len(args) > index else kwargs[arg_name]
-        return kernels_of[target(t)](*args, **kwargs)
+        return kernels_of[target(args, kwargs)](*args, **kwargs)
     call.__name__ = call.__qualname__ = op
     call.target = target
     return call
