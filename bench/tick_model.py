@@ -663,7 +663,7 @@ def counted_frames(pipe, plans: list) -> int:
     running statistics added one to its ``num_batches_tracked`` every frame; the engine now adds a
     run's count once at its end (``LocalNode.frame_counter``)."""
     counted = {node.index for node in pipe.graph.nodes
-               if getattr(node, "frame_counter", None) is not None and node.frame_counter() is not None}
+               if getattr(node, "frame_counter", None) is not None and node.frame_counter.tensor() is not None}
     return sum(step.fire and step.valid and step.node in counted
                for plan in plans for sp in plan.stages for step in sp.steps)
 

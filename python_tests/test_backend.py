@@ -199,6 +199,27 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
         table["measured"]["sm_90"]["ops"]["ring_conv_forward"]["bfloat16"]
 
 
+def test_the_dispatch_compares_graph_times_only_where_every_backend_has_them():
+    """Op rows: a backend whose capture failed has no GPU time, so the op is decided on the eager
+    calls of all (never a None in the mean). Tick rows: graph times where both have them; one side
+    alone (a grouped row missing) decides nothing — the op rows do."""
+    report = _gpu_report()
+    op = lambda name, impl, median, graph: dict(kind="op", op=name, shape=[64, 64, 8, 56], impl=impl,
+                                                median_s=median / 1e3, graph_s=graph and graph / 1e3,
+                                                graph_error=None if graph else "capture failed")
+    tick = lambda name, impl, median, graph: dict(kind="tick_updates", op=name, impl=impl, layers=[[64, 64, 8, 56]],
+                                                  median_s=median / 1e3, graph_s=graph / 1e3)
+    rows = [op("forward", "cuda", 1.0, 0.9), op("forward", "triton", 2.0, None),
+            op("weight_accumulate", "torch", 1.0, 1.0), op("weight_accumulate", "triton", 2.0, 2.0),
+            tick("weight_accumulate", "torch", 0.3, 0.2), tick("weight_accumulate", "triton", 0.2, 0.3),
+            op("weight_sgd", "cuda", 1.0, 1.0), op("weight_sgd", "torch", 2.0, 2.0),
+            tick("weight_sgd", "torch", 0.1, 0.1), tick("weight_sgd", "triton-per-layer", 0.05, 0.05)]
+    ops = report.dispatch(rows, "H100", "sm_90", backend.table())["measured"]["sm_90"]["ops"]
+    assert ops["ring_conv_forward"] == {"bfloat16": "cuda"}  # on the eager calls: 1.0 against 2.0
+    assert ops["weight_grad_accumulate"] == {"bfloat16": "torch"}  # the tick's graph times: 0.2 against 0.3
+    assert ops["sgd_tick_update"] == {"bfloat16": "cuda"}  # no grouped row: the op rows decide
+
+
 def test_end_to_end_rows_are_compared_with_clip_bp_at_the_same_network_and_length():
     report = _gpu_report()
     e2e = lambda **kw: dict(kind="end_to_end", batch=8, size=112, **kw)

@@ -487,6 +487,56 @@ def test_a_batchnorm_with_a_momentum_is_counted_once_a_run_not_once_a_frame(mode
         {"bn1": 11, "bn2": 6}
 
 
+def test_every_stage_s_batchnorms_are_counted_and_the_count_survives_a_run_ended_early():
+    """The engine counts the norms of every stage it runs (bn2 lives in the second), a run closed
+    before its end still adds the frames it ran (a stream the caller stops), and a BatchNorm
+    subclass with a forward of its own counts itself."""
+    model = randomize_norms(Residuals().to(DT)).train()
+    video, target = _clip(3, 11, 8, 7), torch.randint(0, 6, (3,))
+    pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1])
+    counts = lambda: [m.num_batches_tracked.item() for m in (model.bn1, model.bn2)]
+    start = counts()
+    pipe.backward_clip(video, target)
+    assert [a - b for a, b in zip(counts(), start)] == [11, 6]
+    start, mean = counts(), model.bn1.running_mean.clone()
+    stream = pipe.stream(video)
+    next(stream)
+    stream.close()
+    assert not torch.equal(model.bn1.running_mean, mean) and counts()[0] > start[0]
+
+    class OwnForward(nn.BatchNorm3d):
+        def forward(self, x):
+            assert self.num_batches_tracked is not None
+            return super().forward(x)
+    model = Residuals().to(DT).train()
+    model.bn1 = OwnForward(model.bn1.num_features).to(DT)
+    pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1])
+    pipe.backward_clip(video, target)
+    assert model.bn1.num_batches_tracked.item() == 11
+
+
+def test_a_stage_called_as_a_module_counts_its_batchnorms_as_the_model_does():
+    """Outside a run (a GraphStage called on a clip in training mode) a BatchNorm counts itself:
+    only a run that counts its frames has it skip the count. A forward that fails inside a run
+    leaves the counter in place."""
+    model = randomize_norms(Residuals().to(DT)).train()
+    video = _clip(2, 9, 8, 7)
+    pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1])
+    twin = Residuals().to(DT).train()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        composed = video
+        for stage in pipe.stages:
+            composed = stage(composed)
+        twin(video)
+    assert model.bn1.num_batches_tracked.item() == twin.bn1.num_batches_tracked.item() == 1
+    counter = model.bn1.num_batches_tracked
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # B1 1x1 frames: nothing to normalise
+        SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1]).backward_clip(
+            _clip(1, 8, 1, 1), torch.zeros(1, dtype=torch.long))
+    assert model.bn1.num_batches_tracked is counter
+
+
 class _RecordPools(TorchDispatchMode):
     """The ATen ops of batch norms and pools, each with its input's number of dims."""
 
@@ -648,7 +698,8 @@ def test_batchnorm_frozen_policy_and_refusal():
         pipe.backward_clip(video, target)
     # frozen: running statistics, unchanged, the affine parameters trained: the eval-mode objective
     frozen = SidewaysPipeline.from_model(model, stages=2, mode="bp", batchnorm="frozen", example=video[:1])
-    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert any("num_batches" in k for k in before)
     model.zero_grad()
     frozen.backward_clip(video, target)
     got = _grads(model)

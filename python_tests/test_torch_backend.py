@@ -328,6 +328,8 @@ def test_the_bias_sum_goes_to_triton_only_where_the_dispatch_measured_it_faster(
         summed.clear()
         torch.testing.assert_close(backend.bias_grad(g, torch.float32), g.float().sum((0, 2, 3)))
         assert len(summed) == expected, (choice, requested)
+        in_bf16 = backend.bias_grad(g, torch.bfloat16)  # a bf16 bias's gradient: in its dtype, either way
+        assert in_bf16.dtype == torch.bfloat16 and torch.equal(in_bf16, g.float().sum((0, 2, 3)).to(torch.bfloat16))
 
 
 def test_held_forms_are_the_derived_ones_for_16_bit_masters_and_padded_stems(monkeypatch):

@@ -525,6 +525,23 @@ def test_summed_and_cast_weights_are_recomputed_for_a_new_or_updated_weight(dtyp
     check(t, w)
     S.sgd_tick_update(w, None, None, None, t["grad_out"], t["ring"], t["slot"], *a, 0.5, 0.0, 0.0, 0.0, False, True)
     check(t, w)
+    # the same weight met by activations of another dtype: derived again in that dtype, not the last one's
+    other = torch.float32 if dtype != torch.float32 else torch.float16
+    u = make(g, other, param_dtype=torch.float32)
+    u["ring"], u["grad_out"] = t["ring"].to(other), t["grad_out"].to(other)
+    _close(S.ring_conv_forward(u["ring"], None, t["slot"], w, None, *a),
+           ref.ring_conv_forward(u["ring"].double(), None, t["slot"], w.double(), None, *a), other)
+    _close(S.window_input_grad(u["grad_out"], w, [5, 6], *a[:3], 1),
+           ref.window_input_grad(u["grad_out"].double(), w.double(), [5, 6], *a[:3], 1), other)
+
+
+def test_bias_grad_of_an_empty_error_is_zeros():
+    """A batch of nothing: zeros (a new sum) or the accumulated sum unchanged, no launch over no rows."""
+    empty = torch.empty(0, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(T.bias_grad(empty), torch.zeros(3))
+    out = torch.tensor([1.0, 2.0, 3.0])
+    T.bias_grad(empty, out=out)
+    assert torch.equal(out, torch.tensor([1.0, 2.0, 3.0]))
 
 
 def test_derived_weights_are_kept_only_for_live_whole_weights():

@@ -66,7 +66,7 @@ class Engine:
         self.tick_optimizer = None
         self._layers: list = []  # the streaming SidewaysConv3d layers of the current run
         self._updates: list = []  # backend.WeightUpdates of the current run: each tick's, run at its end
-        self._counted: dict = {}  # node -> [counter, valid firings] of the current run (_count_frames)
+        self._counted: dict = {}  # node -> [FrameCounter, its tensor, valid firings] of the current run
         self._members: Optional[tuple] = None  # _find_members() of the current run
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
@@ -467,8 +467,13 @@ class Engine:
                         layers.append(layer)
                         backends.setdefault((name, activation_dtype(layer.weight)), []).append(layer)
             self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
-            self._counted = {i: [c, 0] for k in range(self.lo, self.hi) for i in self.stages[k]
-                             if (c := self._frame_counter(self.graph.nodes[i])) is not None}
+            for k in range(self.lo, self.hi):
+                for i in self.stages[k]:
+                    counter = getattr(self.graph.nodes[i], "frame_counter", None)
+                    tensor = counter.tensor() if counter is not None else None
+                    if tensor is not None:
+                        self._counted[i] = [counter, tensor, 0]
+                        counter.engine = True
             with contextlib.ExitStack() as held:
                 if optimizer is None and mode != "bp":  # (bp runs F.conv3d on the window, not the ops)
                     for (name, dtype), group in backends.items():
@@ -480,14 +485,10 @@ class Engine:
                 layer._stream = None
             counted, self._counted = self._counted, {}
             with torch.no_grad():
-                for counter, n in counted.values():
+                for counter, tensor, n in counted.values():
+                    counter.engine = False
                     if n:
-                        counter.add_(n)
-
-    @staticmethod
-    def _frame_counter(node):
-        counter = getattr(node, "frame_counter", None)
-        return counter() if counter is not None else None
+                        tensor.add_(n)
 
     def _count_frames(self, plan: TickPlan) -> None:
         """After a tick (eager or replayed): one more for each counted node that fired on a valid
@@ -496,7 +497,7 @@ class Engine:
             for k in range(self.lo, self.hi):
                 for step in plan.stages[k].steps:
                     if step.fire and step.valid and step.node in self._counted:
-                        self._counted[step.node][1] += 1
+                        self._counted[step.node][2] += 1
 
     def _fork(self) -> list:
         """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything

@@ -434,18 +434,30 @@ class PoolNode(Node):
         return float(inputs[0].numel()) * self.window.kernel
 
 
+class FrameCounter:
+    """What a frame-local op counts per frame that an engine run may count for it instead (a
+    BatchNorm's ``num_batches_tracked``: one add a run, not a kernel per frame). ``tensor()``: the
+    counter, or None where the op must count itself (it is not updating, or the count steers it).
+    ``engine``: set while a run counts it — only then does the op skip its own count (called as a
+    module, e.g. a ``GraphStage`` on a clip, it counts as usual)."""
+
+    def __init__(self, tensor: Callable[[], Optional[torch.Tensor]]):
+        self.tensor = tensor
+        self.engine = False
+
+
 class LocalNode(Node):
     """A frame-local op: ``fn(*input samples)``, applied to each frame as it comes (a join's
     inputs meet on the same sample). ``head``: the pool over all remaining frames (its output
     has no time axis; per frame it is the op on one frame, and ``predict`` accumulates it).
     ``fn_no_update``: the op on the drain's held samples (a BatchNorm's, which updates no running
-    statistics). ``frame_counter()``: for this run, a counter the engine advances by one per
-    valid firing in place of the op (a BatchNorm's ``num_batches_tracked``), or None."""
+    statistics). ``frame_counter``: a :class:`FrameCounter` the engine may advance in place of
+    the op (a BatchNorm's ``num_batches_tracked``)."""
     kind = "local"
 
     def __init__(self, name: str, inputs: Sequence[int], module: Optional[nn.Module], fn: Callable, *,
                  head: Optional[str] = None, timed: bool = True, flops_per_out: float = 1.0,
-                 fn_no_update: Optional[Callable] = None, frame_counter: Optional[Callable] = None):
+                 fn_no_update: Optional[Callable] = None, frame_counter: Optional["FrameCounter"] = None):
         super().__init__(name, inputs, module)
         self.fn, self.fn_no_update, self.frame_counter = fn, fn_no_update, frame_counter
         self.head = head  # "mean" | "max" | None

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import SOURCE, TEMPORAL_PADDINGS, ConvNode, LocalNode, Node, PoolNode, StreamGraph, _triple
+from .graph import SOURCE, TEMPORAL_PADDINGS, ConvNode, FrameCounter, LocalNode, Node, PoolNode, StreamGraph, _triple
 from .nn import SidewaysConv3d, convert
 
 __all__ = ["trace_model", "StreamingError", "BATCHNORM_POLICIES"]
@@ -376,13 +376,13 @@ class _Builder:
         def frame(x):
             if self.batchnorm == "frozen" and m.training and m.track_running_stats:
                 return frozen(x)
-            if counter() is None:
+            if not counter.engine:
                 return m(x)
             with _uncounted(m):
                 return m(x)
 
-        def counter():
-            return m.num_batches_tracked if self.batchnorm != "frozen" and _engine_counts(m) else None
+        counter = FrameCounter(lambda: m.num_batches_tracked if self.batchnorm != "frozen" and _engine_counts(m)
+                               else None)
         self._local(fxn, dynamic, v, call=frame, flops=2.0, fn_no_update=no_update, frame_counter=counter)
         self.bn_nodes.append((m, fxn.target))
 
