@@ -140,7 +140,8 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the torch
     backend's per layer against Triton's grouped launches) decide between torch and triton where
     both ran, for every shape: that is how the pipeline runs them, and one layer alone leaves out
-    the grouping. An op this run did not measure keeps ``base``'s entries for the architecture,
+    the grouping (the CUDA kernels, which do not group, are not compared there: on every GPU run
+    so far they were the slowest weight ops by far). An op this run did not measure keeps ``base``'s entries for the architecture,
     named in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to an
     unmeasured default)."""
     ops, shapes = {}, {}
