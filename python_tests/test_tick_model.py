@@ -142,6 +142,26 @@ def test_the_frames_the_engine_counts_are_the_batch_norms_per_frame_adds_it_save
     assert tm.counted_frames(pipe, got.plans) == added[0]
 
 
+def test_a_launch_is_priced_from_the_reference_clip_s_measured_ticks(monkeypatch):
+    """launch_costs: the reference clip's launches a tick as the code measured launched them (forms
+    derived per call, every BatchNorm counting each frame), its modelled math, and the per-launch
+    costs that close the gap to its measured graph and eager ticks."""
+    net, pipe = _residuals()
+    monkeypatch.setattr(tm, "build", lambda *a, **kw: (net, pipe))
+    monkeypatch.setattr(tm, "REFERENCE_TICK", dict(model="residuals", batch=2, size=16, frames=T, stages=2,
+                                                   update="clip", eager_fps=50.0, graph_fps=400.0))
+    costs = tm.launch_costs()
+    got = tm.record(net, pipe, 2, 16, T)
+    ticks = [tm.summarize(got.ticks, got.plans, i) for i in range(len(got.ticks))]
+    n = (sum(tm.launch_count(t.launches, held=False) for t in ticks) + tm.counted_frames(pipe, got.plans)) / len(ticks)
+    assert tm.counted_frames(pipe, got.plans) > 0 and costs.launches == round(n)
+    modelled = sum(t.gemm_us["today"] + t.other_us for t in ticks) / len(ticks) / 1e3
+    graph, eager = (tm.measured_tick_ms(fps, 2, T, len(ticks)) for fps in (400.0, 50.0))
+    assert costs.modelled_ms == pytest.approx(modelled)
+    assert costs.graph_us == pytest.approx(max(graph - modelled, 0.0) * 1e3 / n)
+    assert costs.eager_us == pytest.approx((eager - graph) * 1e3 / n)
+
+
 @pytest.mark.parametrize("make,update", [(_residuals, "clip"), (_c3d, "tick")], ids=["residuals-clip", "c3d-tick"])
 def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, update):
     """On real tensors, after a warm-up clip: whatever a tick allocates is gone when it ends, but
