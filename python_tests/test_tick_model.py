@@ -228,6 +228,7 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     the convolution and the bias — three without the derivations where the run holds the weight's
     forms; Triton's input gradient one kernel, and its weight derivation's where not held; the SGD
     tick's fused step counted though it cannot run on fake tensors."""
+    import sideways_kernels.triton as triton_backend
     from samples import Geometry, make
     g = Geometry(2, 8, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
     t = make(g, torch.bfloat16, torch.float32)
@@ -238,12 +239,19 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     monkeypatch.setattr(tm, "today", lambda kind, layer=None: "torch")
     assert tm.kernels_today("ring_conv_forward", forward, held=False) == 5
     assert tm.kernels_today("ring_conv_forward", forward, held=True) == 3
+    # the same shapes in another layout are another count (a ring not in the ops' layout is copied
+    # into one to be read as an image): the count is kept per layout, not per shape
+    other = (t["ring"].contiguous(),) + forward[1:]
+    assert tm.kernels_today("ring_conv_forward", other, held=True) > 3
     sgd = (t["weight"], torch.zeros_like(t["weight"]), t["bias"], torch.zeros_like(t["bias"]), t["grad_out"], t["ring"],
            1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
     assert tm.kernels_today("sgd_tick_update", sgd, held=False) >= 3  # the gradient, the bias's sum, the fused step
     monkeypatch.setattr(tm, "today", lambda kind, layer=None: "triton")
     assert tm.kernels_today("window_input_grad", down, held=True, measured=True) == 1
-    assert tm.kernels_today("window_input_grad", down, held=False, measured=True) > 2  # the taps' sum, flip, cast...
+    derive = tm._Kernels()  # the taps' sum, flipped, cast and laid out: what the box input gradient derives
+    with derive:
+        triton_backend._derive(t["weight"], torch.bfloat16, True, True)
+    assert derive.n > 2 and tm.kernels_today("window_input_grad", down, held=False, measured=True) == 1 + derive.n
     # where the box kernel splits over K on the GPU's SMs (256 channels at 14², B8), its partials' sum
     # too — not in the code the GPU measured (before the split)
     with torch.device("meta"):
