@@ -141,9 +141,9 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     backend's per layer against Triton's grouped launches) decide between torch and triton where
     both ran, for every shape: that is how the pipeline runs them, and one layer alone leaves out
     the grouping (the CUDA kernels, which do not group, are not compared there: on every GPU run
-    so far they were the slowest weight ops by far). An op this run did not measure keeps ``base``'s entries for the architecture,
-    named in ``from_earlier_runs`` (a run of the weight ops alone must not send the forward to an
-    unmeasured default)."""
+    so far they were the slowest weight ops by far). An op this run did not measure keeps
+    ``base``'s entries for the architecture, named in ``from_earlier_runs`` (a run of the weight
+    ops alone must not send the forward to an unmeasured default)."""
     ops, shapes = {}, {}
     for op, name in OP_NAMES.items():
         measured = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["impl"] in BACKENDS]

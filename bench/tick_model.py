@@ -662,10 +662,9 @@ def counted_frames(pipe, plans: list) -> int:
     """The kernels the code measured launched and today's does not: a BatchNorm that updates its
     running statistics added one to its ``num_batches_tracked`` every frame; the engine now adds a
     run's count once at its end (``LocalNode.frame_counter``)."""
-    counted = {node.index for node in pipe.graph.nodes
-               if getattr(node, "frame_counter", None) is not None and node.frame_counter.tensor() is not None}
-    return sum(step.fire and step.valid and step.node in counted
-               for plan in plans for sp in plan.stages for step in sp.steps)
+    from sideways_kernels.engine import counted_firings, frame_counters
+    counted = frame_counters(pipe.graph, range(len(pipe.graph.nodes)))
+    return sum(len(counted_firings(plan, range(len(plan.stages)), counted)) for plan in plans)
 
 
 def layer_frames(pipe, frames: int) -> dict:
@@ -806,8 +805,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
         p(f"measured ({GPU['device']}, default dispatch, CUDA graphs): {sideways} frames/s = "
           f"{batch / sideways * 1e3:.3f} ms per frame, {measured_tick_ms(sideways, batch, frames, len(ticks)):.3f} ms "
           f"per tick; predicted for the code measured (every call deriving its weight's forms, every BatchNorm "
-          f"counting each frame): {mean_derived / 1e3:.3f}, for today's: {mean_graph / 1e3:.3f} (the torch backend's fold and the kernels "
-          "changed too since: bench/RESULTS.md)")
+          f"counting each frame): {mean_derived / 1e3:.3f}, for today's: {mean_graph / 1e3:.3f} (the torch "
+          "backend's fold and the kernels changed too since: bench/RESULTS.md)")
     p("")
     p("## Memory at this size (bf16 activations, fp32 weights and gradients)")
     mib = lambda b: f"{b / 2**20:.1f} MiB"

@@ -36,8 +36,8 @@ def test_the_shipped_dispatch_table_names_a_backend_for_every_case():
         for op, by_dtype in entry.get("shapes", {}).items():  # per layer shape (gpu_report.dispatch)
             assert op in backend.OPS and set(by_dtype) <= dtypes
             for shapes in by_dtype.values():
-                assert all(len(s["channels"]) == 2 and s["positions"] > 0 and s["backend"] in {"cuda", "triton", "torch"}
-                           for s in shapes)
+                assert all(len(s["channels"]) == 2 and s["positions"] > 0
+                           and s["backend"] in {"cuda", "triton", "torch"} for s in shapes)
 
 
 def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
@@ -184,9 +184,9 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     # tick decided have none (the grouped launch covers every layer); the SGD tick's per shape (triton's
     # 1.0 ms beats torch's 1.5 at the first, which the geomean gives to torch)
     shapes = table["measured"]["sm_90"]["shapes"]
-    assert shapes["ring_conv_forward"]["bfloat16"] == [dict(channels=[64, 128], positions=8 * 56 * 56, backend="triton"),
-                                                        dict(channels=[128, 256], positions=16 * 28 * 28,
-                                                             backend="triton")]
+    assert shapes["ring_conv_forward"]["bfloat16"] == [
+        dict(channels=[64, 128], positions=8 * 56 * 56, backend="triton"),
+        dict(channels=[128, 256], positions=16 * 28 * 28, backend="triton")]
     assert "weight_grad_accumulate" not in shapes
     assert [s["backend"] for s in shapes["sgd_tick_update"]["bfloat16"]] == ["triton", "torch"]
     # a shape where another backend wins takes it there, the op's choice elsewhere
@@ -312,7 +312,8 @@ def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):
     choice = backend._choice
     monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None: probes.append(t.dtype) or choice(op, t, layer))
     fresh = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1))
-    triton_forms = lambda: sorted((k[2], k[3]) for (at, k) in forms._forms if at == id(fresh.weight) and k[0] == "triton")
+    triton_forms = lambda: sorted((k[2], k[3]) for (at, k) in forms._forms
+                                  if at == id(fresh.weight) and k[0] == "triton")
     with backend.constant_weights("auto", [fresh], torch.bfloat16):
         assert set(probes) == {torch.bfloat16}
         assert sorted(map(str, {k[0] for (at, k) in forms._forms if at == id(fresh.weight)})) == ["folded", "triton"]

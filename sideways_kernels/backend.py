@@ -197,17 +197,18 @@ def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = No
     name = str(dtype).replace("torch.", "")
     entry = dispatch.get("measured", {}).get(arch, {})
     if layer is not None:
-        same = [s for s in _shapes(entry, op, name) if tuple(s["channels"]) == tuple(layer[:2])]
+        same = _shapes_of(entry, op, name, layer[:2])
         if same:
             return min(same, key=lambda s: abs(math.log(s["positions"] / max(layer[2], 1))))["backend"]
     measured = entry.get("ops", {}).get(op, {}).get(name)
     return measured or HELPERS.get(op) or dispatch["unmeasured"].get(name, "cuda")
 
 
-def _shapes(entry: dict, op: str, dtype_name: str) -> list:
-    """An architecture's per-shape choices for ``op``: ``{"channels": [C_in, C_out], "positions":
-    B·H·W, "backend": ...}`` each."""
-    return entry.get("shapes", {}).get(op, {}).get(dtype_name, [])
+def _shapes_of(entry: dict, op: str, dtype_name: str, channels: tuple) -> list:
+    """An architecture's per-shape choices for ``op`` at ``channels`` (C_in, C_out): ``{"channels":
+    [C_in, C_out], "positions": B·H·W, "backend": ...}`` each."""
+    measured = entry.get("shapes", {}).get(op, {}).get(dtype_name, [])
+    return [s for s in measured if tuple(s["channels"]) == tuple(channels)]
 
 
 # Parts of the ops measured on their own, and their choice until a GPU run has measured them: the
@@ -243,9 +244,9 @@ def _choices(op: str, t: torch.Tensor, channels: Optional[tuple]) -> set:
     measured shape's there."""
     if channels is None:
         return {_choice(op, t)}
-    name = str(t.dtype).replace("torch.", "")
     entry = table().get("measured", {}).get(_arch(t.device), {})
-    return {_choice(op, t)} | {s["backend"] for s in _shapes(entry, op, name) if tuple(s["channels"]) == channels}
+    shapes = _shapes_of(entry, op, str(t.dtype).replace("torch.", ""), channels)
+    return {_choice(op, t)} | {s["backend"] for s in shapes}
 
 
 def _arch(device: torch.device) -> str:

@@ -43,6 +43,25 @@ class _Catch(torch.autograd.Function):
         return None, None, None
 
 
+def frame_counters(graph: StreamGraph, nodes) -> dict:
+    """Of ``nodes`` (indices), those whose frames a run counts in place of the op
+    (``LocalNode.frame_counter``): index -> (the FrameCounter, its tensor for this run)."""
+    found = {}
+    for i in nodes:
+        counter = getattr(graph.nodes[i], "frame_counter", None)
+        tensor = counter.tensor() if counter is not None else None
+        if tensor is not None:
+            found[i] = (counter, tensor)
+    return found
+
+
+def counted_firings(plan: TickPlan, stages, nodes) -> list:
+    """The firings of ``nodes`` in ``plan``'s ``stages`` on a valid sample (not the drain's held
+    ones): each counts a frame."""
+    return [step.node for k in stages for step in plan.stages[k].steps
+            if step.fire and step.valid and step.node in nodes]
+
+
 class Engine:
     """Runs ticks for stages ``[lo, hi)`` of ``graph`` cut into ``stages`` (node lists).
     ``device(k)``: stage k's device. ``boundary``: the exchange with other processes
@@ -467,13 +486,10 @@ class Engine:
                         layers.append(layer)
                         backends.setdefault((name, activation_dtype(layer.weight)), []).append(layer)
             self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
-            for k in range(self.lo, self.hi):
-                for i in self.stages[k]:
-                    counter = getattr(self.graph.nodes[i], "frame_counter", None)
-                    tensor = counter.tensor() if counter is not None else None
-                    if tensor is not None:
-                        self._counted[i] = [counter, tensor, 0]
-                        counter.engine = True
+            local = [i for k in range(self.lo, self.hi) for i in self.stages[k]]
+            for i, (counter, tensor) in frame_counters(self.graph, local).items():
+                self._counted[i] = [counter, tensor, 0]
+                counter.engine = True
             with contextlib.ExitStack() as held:
                 if optimizer is None and mode != "bp":  # (bp runs F.conv3d on the window, not the ops)
                     for (name, dtype), group in backends.items():
@@ -494,10 +510,8 @@ class Engine:
         """After a tick (eager or replayed): one more for each counted node that fired on a valid
         sample (``LocalNode.frame_counter``); the counters are advanced when the run ends."""
         if self._counted:
-            for k in range(self.lo, self.hi):
-                for step in plan.stages[k].steps:
-                    if step.fire and step.valid and step.node in self._counted:
-                        self._counted[step.node][2] += 1
+            for i in counted_firings(plan, range(self.lo, self.hi), self._counted):
+                self._counted[i][2] += 1
 
     def _fork(self) -> list:
         """One CUDA stream per stage on a GPU (None elsewhere), each waiting for everything
