@@ -101,10 +101,13 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "weight_update": (K._weight_update_kernel, update_ptrs, dict(taps)),
         "weight_finish": (K._weight_finish_kernel, dict(partials="*fp32", target=master, momentum_buffer=master),
                           dict(taps, SGD=sgd, HAS_BUFFER=sgd, NESTEROV=sgd, FIRST_STEP=False)),
-        "box_forward": (X._box_forward_kernel, dict(ring=act, weight=act, bias=master, out=act, partials="*fp32"),
-                        dict(KT=3, KH=3, KW=3, HAS_BIAS=True)),
-        "box_input_grad": (X._box_forward_kernel, dict(ring=act, weight=act, bias=act, out=act, partials="*fp32"),
-                           dict(KT=1, KH=3, KW=3, HAS_BIAS=False)),
+        # the tick's frame pushed into the ring in the same launch, as the pipeline's layers run it
+        "box_forward": (X._box_forward_kernel, dict(ring=act, frame=act, weight=act, bias=master, out=act,
+                                                    partials="*fp32"),
+                        dict(KT=3, KH=3, KW=3, HAS_BIAS=True, PUSH=True)),
+        "box_input_grad": (X._box_forward_kernel, dict(ring=act, frame=act, weight=act, bias=act, out=act,
+                                                       partials="*fp32"),
+                           dict(KT=1, KH=3, KW=3, HAS_BIAS=False, PUSH=False)),
         "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(taps, TAPS=3)),
         # a tick's layers in one launch: their tensors' addresses are int64 arguments
         "box_grouped_weight_update": (X._grouped_box_weight_update_kernel, dict(partials="*fp32", table="*i64"),

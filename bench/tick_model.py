@@ -155,8 +155,9 @@ def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
     torch backend's ATen calls, counted by running its function on copies of the op's tensors
     (``held``: with the run's weight forms made once, sideways_kernels/forms.py, as a run with
     ``update="clip"`` has them); Triton's forward and input gradient one kernel (two where the box
-    kernel splits over K on the GPU's SMs: the partials' sum) and the weight derivation it makes
-    per call when not held; anything else one. ``measured``: as the code the GPU measured (no split)."""
+    kernel splits over K on the GPU's SMs: the partials' sum; one more where the forward copies its
+    frame into the ring first) and the weight derivation it makes per call when not held; anything
+    else one. ``measured``: as the code the GPU measured (no split, every frame copied)."""
     kind = SIDEWAYS_KIND[name]
     key = (name, held, measured, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
                              tuple(a) if isinstance(a, list) else a for a in args))
@@ -179,11 +180,22 @@ def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
         if not held:
             with count:
                 triton_backend._derive(weight, dtype, kind == "input_grad", kind == "input_grad")
-        n = 1 + count.n + (not measured and _box_splits(name, args) > 1)
+        n = 1 + count.n + (not measured and _box_splits(name, args) > 1) + _push_copies(name, args, measured)
     else:
         n = 1
     _KERNELS_TODAY[key] = n
     return n
+
+
+def _push_copies(name: str, args, measured: bool) -> int:
+    """1 where a Triton forward copies its frame into the ring in a launch of its own: off the box
+    path (a spatial stride, groups) or for a frame whose channels are not innermost (the video's);
+    the box forward pushes a layer's frame itself. ``measured``: the code measured copied all."""
+    if name != "ring_conv_forward" or args[1] is None:
+        return 0
+    stride, groups = args[5], args[9]
+    fused = list(stride) == [1, 1] and groups == 1 and args[1].stride(1) == 1  # (a recording's fake tensors
+    return int(measured or not fused)  # have no address to check the alignment of: channels of 16 bytes assumed)
 
 
 def _box_splits(name: str, args) -> int:

@@ -261,6 +261,19 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     assert tm.kernels_today("window_input_grad", small, held=True) == 2
     assert tm.kernels_today("window_input_grad", small, held=True, measured=True) == 1
     assert tm.kernels_today("window_input_grad", large, held=True) == 1
+    # Triton's box forward pushes a channels-last frame itself; the video's (NCHW) frame, or any
+    # frame of a strided layer, is copied into the ring by a launch of its own (as the code measured)
+    with torch.device("meta"):  # (a frame large enough not to split over K)
+        ring = torch.empty(3, 8, 64, 56, 56, dtype=torch.bfloat16)
+        frame = torch.empty(8, 64, 56, 56, dtype=torch.bfloat16)
+        fused = (ring, frame.contiguous(memory_format=torch.channels_last), 1, torch.empty(64, 64, 3, 3, 3), None,
+                 *conv)
+    strided = fused[:5] + ([2, 2],) + fused[6:]
+    assert tm.kernels_today("ring_conv_forward", fused, held=True) == 1
+    assert tm.kernels_today("ring_conv_forward", fused, held=True, measured=True) == 2
+    assert tm.kernels_today("ring_conv_forward", fused[:1] + (frame,) + fused[2:], held=True) == 2
+    assert tm.kernels_today("ring_conv_forward", strided, held=True) == 2
+    assert tm.kernels_today("ring_conv_forward", fused[:1] + (None,) + fused[2:], held=True) == 1  # a held frame
     op = tm.Launch("sideways.ring_conv_forward", "forward", "l", 0.0, 0.0, kernels=3, kernels_derived=5)
     other = tm.Launch("aten.relu", "other", None, 0.0, 0.0)
     assert tm.launch_count([op, other]) == 4 and tm.launch_count([op, other], held=False) == 6

@@ -305,16 +305,21 @@ def _grad_out_channels_last(t):
     return t
 
 
+@pytest.mark.parametrize("frame_layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("g", BOX_GEOMETRIES, ids=geometry_id)
-def test_box_kernels_match_reference(g, dtype, poisoned_partials):
+def test_box_kernels_match_reference(g, dtype, frame_layout, poisoned_partials):
     """Every op on the box path (fp32 forced there for an exact check; fp16 goes there by
-    itself), the frame written into its slot, the weight update split 1 and 3 ways on partials
-    poisoned with NaN."""
+    itself), the frame written into its slot — by the forward's own launch where its channels
+    are innermost (a frame the layers hand on), by a copy before it otherwise (the video's) —
+    the weight update split 1 and 3 ways on partials poisoned with NaN."""
     t = _grad_out_channels_last(make(g, dtype, param_dtype=torch.float32))
+    if frame_layout == "channels_last":
+        t["frame"] = t["frame"].contiguous(memory_format=torch.channels_last)
     a = _a(g)
     d = lambda x: None if x is None else x.double()
     T.paths.clear()
+    T.launches.clear()
     with T.using(path="box" if dtype == torch.float32 else None, split=1):
         ring = t["ring"].clone()
         ring[t["slot"]] = float("nan")  # poison the slot the op must write
@@ -322,6 +327,8 @@ def test_box_kernels_match_reference(g, dtype, poisoned_partials):
         expected_ring = d(t["ring"]).clone()
         _close(out, ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a),
                dtype)
+        assert torch.equal(ring.double(), expected_ring)  # the frame in its slot, every other slot as it was
+        assert T.launches["ring_push"] == (frame_layout == "contiguous")
         down = S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], g.groups)
         _close(down, ref.window_input_grad(d(t["grad_out"]), d(t["weight"]), [g.height, g.width], *a[:3], g.groups),
                dtype)
@@ -351,7 +358,15 @@ def test_box_forward_and_input_grad_split_over_k_match_the_reference(g, splits, 
         down = S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *a[:3], 1)
         _close(down, ref.window_input_grad(d(t["grad_out"]), d(t["weight"]), [g.height, g.width], *a[:3], 1),
                torch.float32)
-    assert T.launches["split_sum"] == 2
+        # every split of the newest tap reads the frame, which the same launch pushes into its slot
+        ring = t["ring"].clone()
+        frame = t["frame"].contiguous(memory_format=torch.channels_last)
+        out = S.ring_conv_forward(ring, frame, t["slot"], t["weight"], t["bias"], *a)
+        expected_ring = d(t["ring"]).clone()
+        _close(out, ref.ring_conv_forward(expected_ring, d(frame), t["slot"], d(t["weight"]), d(t["bias"]), *a),
+               torch.float32)
+        assert torch.equal(ring.double(), expected_ring)
+    assert T.launches["split_sum"] == 3 and T.launches["ring_push"] == 1  # (the first forward's frame: NCHW)
 
 
 def test_the_box_forward_splits_over_k_only_where_its_tiles_leave_sms_idle():
@@ -817,6 +832,7 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
         net.load_state_dict(start)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) if update == "tick" else None
         T.paths.clear()
+        T.launches.clear()
         ticks.clear()
         order.clear()  # (the Triton run's, last)
         with T.using(path="box"):  # float32 on the box path, as 16-bit activations take it on a GPU
@@ -829,6 +845,9 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
     ticks_order = " ".join(order).split("_fork")[1:]  # each tick: its streams fork, join, then the updates run
     assert ticks_order and {t.split() == ["_join", "run"] for t in ticks_order} == {True}, set(ticks_order)
     assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "grouped")}
+    # a layer's frame (channels-last, as the layers hand them on) goes into its ring with the forward;
+    # only the video's own frames (NCDHW) take a copy of their own
+    assert T.launches["ring_push"] == video.shape[2]
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
 

@@ -270,15 +270,21 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
                                                                    dilation_t, groups)
     if frame is not None:
         _check(tuple(frame.shape) == (B, C, H, W) and frame.dtype == ring.dtype, "frame must be [B, C, H, W] like the ring")
-        ring[slot].copy_(frame)
+        _check(frame.device == ring.device, f"frame must be on {ring.device} like ring, got {frame.device}")
     if bias is not None:
         _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
     out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
     weight = _weight_as(weight, ring.dtype)
     launches["ring_conv_forward"] += 1
     if _take_box("ring_conv_forward", box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,))):
-        _box_gemm("box_forward", ring, weight, bias, out, R, slot, padding, dilation, dilation_t, (k_t, k_h, k_w))
+        if frame is not None and _tma_strides(frame) is None:  # (the video's own frames: channels not innermost)
+            _push(ring, slot, frame)
+            frame = None
+        _box_gemm("box_forward", ring, weight, bias, out, R, slot, padding, dilation, dilation_t, (k_t, k_h, k_w),
+                  frame)
         return out
+    if frame is not None:
+        _push(ring, slot, frame)
     M, N = B * h_out * w_out, c_out // groups
     _launch(K._ring_conv_forward_kernel, "ring_conv_forward",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
@@ -287,6 +293,12 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
             dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype),
                  ONE_GROUP=groups == 1), ring.device, element_size=ring.element_size())
     return out
+
+
+def _push(ring: torch.Tensor, slot: int, frame: torch.Tensor) -> None:
+    """The frame into its ring slot as a launch of its own (the box forward pushes it itself)."""
+    launches["ring_push"] += 1
+    ring[slot].copy_(frame)
 
 
 @triton_op("sideways_triton::window_input_grad", mutates_args={})
@@ -325,11 +337,13 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
     return grad_in
 
 
-def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, dilation, dilation_t: int, taps: tuple):
+def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, dilation, dilation_t: int, taps: tuple,
+              frame: Optional[torch.Tensor] = None):
     """:func:`.boxes._box_forward_kernel` (``name``: "box_forward", or "box_input_grad" on the error
     as a one-slot ring) into ``out`` ``[B, C_OUT, H_OUT, W_OUT]`` (dense channels-last), split over
     K where its tiles would leave SMs idle (:func:`_box_gemm_splits`), the splits' partials then
-    summed by :func:`.kernels._split_sum_kernel`."""
+    summed by :func:`.kernels._split_sum_kernel`. ``frame`` (channels innermost): pushed into
+    ``slot`` by the same launch."""
     _, B, C, H, W = ring.shape
     _, c_out, h_out, w_out = out.shape
     device = ring.device
@@ -340,9 +354,11 @@ def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, di
                          * triton.cdiv(c_out, cfg.BLOCK_N))
     k_t, k_h, k_w = taps
     _launch(X._box_forward_kernel, name, lambda cfg: _persistent(tiles(cfg) * splits, device),
-            [ring, weight, bias if bias is not None else weight, out, partials, *_tma_strides(ring),
-             *_tma_strides(out), B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t, splits],
-            dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None), device, element_size=ring.element_size())
+            [ring, frame if frame is not None else ring, weight, bias if bias is not None else weight, out, partials,
+             *_tma_strides(ring), *(_tma_strides(frame) if frame is not None else [0, 0, 0]), *_tma_strides(out),
+             B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t, splits],
+            dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PUSH=frame is not None), device,
+            element_size=ring.element_size())
     if splits > 1:
         launches["split_sum"] += 1
         block = SPLIT_SUM.BLOCK_M

@@ -49,11 +49,12 @@ def _box_of(index, boxes_h, boxes_w, BH: tl.constexpr, BW: tl.constexpr):
 
 @triton.jit
 def _box_forward_kernel(
-        ring, weight, bias, out, partials,
+        ring, frame, weight, bias, out, partials,
         s_r, s_b, s_h, s_w,  # ring strides (channels: 1)
+        f_b, f_h, f_w,  # frame strides (channels: 1)
         o_b, o_h, o_w,  # out strides (channels: 1)
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits,
-        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PUSH: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
     """out[b, y, x, n] = sum over taps and channels of ring[tap slot, b, y - pad + kh·dil, x - pad + kw·dil, c]
     · weight[tap, c, n]; ``weight`` is the GEMM layout ``[taps·C, C_OUT]`` (channels of a tap, then
@@ -67,6 +68,12 @@ def _box_forward_kernel(
     ``partials`` ``[splits, B, H_OUT, W_OUT, C_OUT]`` (masked at the frame's edge) and
     :func:`.kernels._split_sum_kernel` adds them in split order, the bias and the cast.
 
+    ``PUSH``: the tick's new ``frame`` (``[B, H, W, C]``, channels innermost) goes into ring
+    ``slot`` in this launch, not in a copy launched before it. Only the newest tap reads that
+    slot (the others read older ones: ``R`` > (KT−1)·dil_t), and its K steps are the last ones
+    (taps are ``(j, kh, kw)``, newest ``j`` last), so they read ``frame`` instead; nothing else
+    in the launch reads the slot, so the programs also copy the frame there, box by box.
+
     The input gradient is this kernel too: at stride 1 the transposed convolution is a
     convolution of the error (a one-slot ring) with the taps' sum flipped in space and padding
     ``dil·(k−1) − pad`` (which may be negative: a box shifts either way)."""
@@ -78,17 +85,26 @@ def _box_forward_kernel(
     tiles_n = tl.cdiv(C_OUT, BLOCK_N)
     c_blocks = tl.cdiv(C, BLOCK_K)
     steps = KT * KH * KW * c_blocks
+    older = (KT - 1) * KH * KW * c_blocks if PUSH else steps  # the K steps that read the ring
     chunk = tl.cdiv(steps, splits)
     for item in tl.range(tl.program_id(0), B * boxes_h * boxes_w * tiles_n * splits, tl.num_programs(0)):
         tile, split = item // splits, item % splits
         b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
         n0 = tile % tiles_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(split * chunk, tl.minimum(split * chunk + chunk, steps)):
+        first, last = split * chunk, tl.minimum(split * chunk + chunk, steps)
+        for kk in range(first, tl.minimum(last, older)):
             tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
             a = _ring_box(ring_d, slot, tap, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R, KT, KH, KW,
                           BLOCK_M, BLOCK_K)
             acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
+        if PUSH:  # the newest tap's steps: the frame, shifted as the tap shifts its slot
+            frame_d = tl.make_tensor_descriptor(frame, [B, H, W, C], [f_b, f_h, f_w, 1], [1, BH, BOX_W, BLOCK_K])
+            for kk in range(tl.maximum(first, older), last):
+                tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
+                _, kh, kw = _tap(tap, KH, KW)
+                a = frame_d.load([b, y0 - pad_h + kh * dil_h, x0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
         if splits == 1:
             if HAS_BIAS:
                 n = n0 + tl.arange(0, BLOCK_N)
@@ -100,6 +116,13 @@ def _box_forward_kernel(
             row = ((split * B + b).to(tl.int64) * H_OUT + y) * W_OUT + x
             tl.store(partials + row[:, None] * C_OUT + n[None, :], acc,
                      mask=((y < H_OUT) & (x < W_OUT))[:, None] & (n < C_OUT)[None, :])
+    if PUSH:  # the frame into its slot (the stores clip the boxes at the frame's edge)
+        frame_d = tl.make_tensor_descriptor(frame, [B, H, W, C], [f_b, f_h, f_w, 1], [1, BH, BOX_W, BLOCK_K])
+        frame_h, frame_w = tl.cdiv(H, BH), tl.cdiv(W, BOX_W)
+        for box in tl.range(tl.program_id(0), B * frame_h * frame_w * c_blocks, tl.num_programs(0)):
+            b, y0, x0 = _box_of(box // c_blocks, frame_h, frame_w, BH, BOX_W)
+            c0 = box % c_blocks * BLOCK_K
+            ring_d.store([slot, b, y0, x0, c0], frame_d.load([b, y0, x0, c0]).reshape(1, 1, BH, BOX_W, BLOCK_K))
 
 
 @triton.jit
