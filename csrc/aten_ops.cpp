@@ -74,10 +74,26 @@ at::Tensor weight2d(const at::Tensor& weight, const RingConv& g, const Window& w
 at::Tensor window_weight_grad(const at::Tensor& grad_out, const at::Tensor& ring,
                               const at::Tensor& weight, const RingConv& g, int64_t slot) {
   auto w = stage_window(ring, g, slot);
+  at::Tensor input = w.input;
+  std::vector<int64_t> stride{g.stride[0], g.stride[1]};
+  // oneDNN's CPU weight gradient of a 1x1 kernel with a spatial stride on channels-last input
+  // first gathers the strided positions into a per-thread workspace and writes past it when the
+  // input has fewer channels than its block (oneDNN issue 6035: hangs, crashes, wrong numbers;
+  // r(2+1)d's downsampling 1x1 convs at small widths). A 1x1 kernel reads exactly those
+  // positions: slice them and run at stride 1; with padding (no slice expresses it) the blocked
+  // NCHW layout, which takes another path. sideways_kernels/torch_backend.py does the same.
+  if (input.is_cpu() && g.k_h == 1 && g.k_w == 1 && (stride[0] > 1 || stride[1] > 1)) {
+    if (g.padding[0] == 0 && g.padding[1] == 0) {
+      input = input.slice(2, 0, c10::nullopt, stride[0]).slice(3, 0, c10::nullopt, stride[1]);
+      stride = {1, 1};
+    } else {
+      input = input.contiguous();
+    }
+  }
   auto grads = at::convolution_backward(
-      grad_out, w.input, weight2d(weight, g, w, ring.scalar_type()), c10::nullopt,
-      {g.stride[0], g.stride[1]}, {g.padding[0], g.padding[1]}, {g.dilation[0], g.dilation[1]},
-      false, {0, 0}, g.groups, {false, true, false});
+      grad_out, input, weight2d(weight, g, w, ring.scalar_type()), c10::nullopt, stride,
+      {g.padding[0], g.padding[1]}, {g.dilation[0], g.dilation[1]}, false, {0, 0}, g.groups,
+      {false, true, false});
   auto per_group = std::get<1>(grads).view(
       {g.out_channels, w.n_groups, g.channels / g.groups, g.k_h, g.k_w});
   return per_group.index_select(1, tap_index(w, grad_out));

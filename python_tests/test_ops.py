@@ -408,3 +408,37 @@ def test_in_place_ops_bump_the_versions_of_what_they_write(name):
     k.weight_grad_accumulate(grad, None, t["grad_out"], t["ring"], t["slot"], *_args(t, geom))
     after = w._version, buf._version, grad._version
     assert all(a > b for a, b in zip(after, before)), f"versions {before} -> {after} (weight, momentum, gradient)"
+
+
+@requires_cpp
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("name", ["cpp", "torch"])
+def test_a_strided_1x1_weight_gradient_stays_off_onednn_s_overflowing_path(name, padding, capfd):
+    """oneDNN's CPU weight gradient of a 1x1 kernel with a spatial stride, on channels-last input
+    with fewer channels than its block, writes past its workspace (oneDNN issue 6035): it hangs,
+    crashes or returns wrong numbers — it hung this test suite in the README's r(2+1)d example,
+    whose downsampling 1x1 convs have 4 channels. The C++ and torch backends slice the strided
+    positions and run at stride 1 (with padding: NCHW input). Checked by oneDNN's own log of the
+    primitives it ran, and against float64."""
+    from sideways_kernels import backend
+    k = backend.kernels(name)
+    torch.manual_seed(0)
+    ring = ops.empty_ring(1, 2, 4, 8, 8, dtype=torch.float32).copy_(torch.randn(1, 2, 4, 8, 8))
+    weight = torch.randn(8, 4, 1, 1, 1)
+    out_hw = [conv_output_size(n, 1, 2, padding, 1) for n in (8, 8)]
+    grad_out = torch.randn(2, 8, *out_hw).contiguous(memory_format=torch.channels_last)
+    conv = ([2, 2], [padding, padding], [1, 1], 1, 1)
+    grad_w, grad_b = torch.zeros_like(weight), torch.zeros(8)
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        k.weight_grad_accumulate(grad_w, grad_b, grad_out, ring, 0, *conv)
+    ran = [line for line in capfd.readouterr().out.splitlines() if ",exec," in line and "backward_weights" in line]
+    assert ran, "oneDNN logged no weight gradient: the check below would check nothing"
+    # (whichever implementation oneDNN picks for the shape: jit_1x1 at 8x8, plain jit at 9x8)
+    strided_nhwc = [line for line in ran if "src:f32::blocked:acdb:" in line and "kh1" in line and "kw1" in line
+                    and ("sh2" in line or "sw2" in line)]
+    assert not strided_nhwc, strided_nhwc
+    expected_w, expected_b = torch.zeros_like(weight, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    ref.weight_grad_accumulate(expected_w, expected_b, grad_out.double(), ring.double(), 0, *conv)
+    torch.testing.assert_close(grad_w.double(), expected_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_b.double(), expected_b, rtol=1e-5, atol=1e-5)

@@ -121,8 +121,18 @@ def _weight_grad(grad_out, ring, slot, weight_shape, stride, padding, dilation):
     """dL/dW of the window's convolution, ``[C_out, C, span, k_h, k_w]`` in the activations' dtype."""
     c_out, c_in, span, kh, kw = weight_shape
     pad = channel_pad(ring)
-    grad2d = torch.nn.grad.conv2d_weight(_ring_image(ring, pad), (c_out, span * c_in + pad, kh, kw), grad_out,
-                                         stride, padding, dilation)
+    image = _ring_image(ring, pad)
+    if image.device.type == "cpu" and kh == kw == 1 and list(stride) != [1, 1]:
+        # oneDNN's CPU weight gradient of a strided 1x1 kernel on channels-last input writes past
+        # its workspace when the input has few channels (oneDNN issue 6035: hangs, crashes, wrong
+        # numbers). A 1x1 kernel reads exactly the strided positions: slice them, stride 1; with
+        # padding, the NCHW layout (another path). As csrc/aten_ops.cpp's window_weight_grad.
+        if list(padding) == [0, 0]:
+            image, stride = image[:, :, ::stride[0], ::stride[1]], [1, 1]
+        else:
+            image = image.contiguous()
+    grad2d = torch.nn.grad.conv2d_weight(image, (c_out, span * c_in + pad, kh, kw), grad_out, stride, padding,
+                                         dilation)
     return _unfolded_grad(grad2d, slot, span, c_in)
 
 

@@ -348,7 +348,7 @@ def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, di
     _, c_out, h_out, w_out = out.shape
     device = ring.device
     splits = _box_gemm_splits(B, C, c_out, h_out, w_out, math.prod(taps), _sms(device))
-    partials = _partials(device, splits * out.numel() if splits > 1 else 1)
+    partials = _partials(device, splits * out.numel()) if splits > 1 else _never_written(device)
     _descriptor_scratch(device)
     tiles = lambda cfg: (B * triton.cdiv(h_out, cfg.BLOCK_M // cfg.BOX_W) * triton.cdiv(w_out, cfg.BOX_W)
                          * triton.cdiv(c_out, cfg.BLOCK_N))
@@ -495,6 +495,18 @@ def _partials(device: torch.device, floats: int) -> torch.Tensor:
     """The split-K weight update's fp32 partials, ``[splits, taps, C_out, C_in/groups]``: fresh
     per call (from the caching allocator), so two streams' updates never share them."""
     return torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+
+
+_NEVER_WRITTEN: dict = {}
+
+
+def _never_written(device: torch.device) -> torch.Tensor:
+    """One fp32 per device for a pointer argument the launch never touches (an unsplit box GEMM's
+    partials): made once, not allocated at every call."""
+    t = _NEVER_WRITTEN.get(device)
+    if t is None:
+        t = _NEVER_WRITTEN[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return t
 
 
 # --- every layer's weight update of a tick in one launch ------------------------------------
