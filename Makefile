@@ -52,11 +52,13 @@ nvcc-check: install
 	@if command -v $(NVCC) > /dev/null; then \
 	  mkdir -p build; rm -f build/nvcc.log; \
 	  for f in $(CU_SOURCES); do \
-	    for arch in "compute_90a,code=sm_90a" "compute_80,code=sm_80"; do \
-	      echo "nvcc $$f ($$arch)"; \
-	      $(NVCC) $(NVCC_FLAGS) -gencode=arch=$$arch $$f -o /tmp/sideways_nvcc.o >> build/nvcc.log 2>&1 || { cat build/nvcc.log; exit 1; }; \
-	    done; \
-	    $(NVCC) -ptx -std=c++17 -gencode=arch=compute_90a,code=sm_90a $$f -o build/sideways_nvcc.ptx || exit 1; \
+	    echo "nvcc $$f (sm_90a, sm_80, and sm_90a's PTX: three compiles side by side)"; \
+	    $(NVCC) $(NVCC_FLAGS) -gencode=arch=compute_90a,code=sm_90a $$f -o build/sideways_nvcc90.o > build/nvcc90.log 2>&1 & p90=$$!; \
+	    $(NVCC) $(NVCC_FLAGS) -gencode=arch=compute_80,code=sm_80 $$f -o build/sideways_nvcc80.o > build/nvcc80.log 2>&1 & p80=$$!; \
+	    $(NVCC) -ptx -std=c++17 -gencode=arch=compute_90a,code=sm_90a $$f -o build/sideways_nvcc.ptx > build/nvccptx.log 2>&1 & pptx=$$!; \
+	    ok=1; wait $$p90 || ok=0; wait $$p80 || ok=0; wait $$pptx || ok=0; \
+	    cat build/nvcc90.log build/nvcc80.log build/nvccptx.log >> build/nvcc.log; \
+	    [ $$ok = 1 ] || { cat build/nvcc.log; exit 1; }; \
 	    for insn in cp.async mma; do \
 	      grep -q "$$insn" build/sideways_nvcc.ptx || { echo "$$f: no $$insn in its sm_90a PTX"; exit 1; }; \
 	      echo "  $$insn: $$(grep -c "$$insn" build/sideways_nvcc.ptx) PTX lines"; \

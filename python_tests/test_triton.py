@@ -305,10 +305,10 @@ def _grad_out_channels_last(t):
     return t
 
 
-@pytest.mark.parametrize("frame_layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("g", BOX_GEOMETRIES, ids=geometry_id)
-def test_box_kernels_match_reference(g, dtype, frame_layout, poisoned_partials):
+@pytest.mark.parametrize("g, frame_layout", [(g, "channels_last") for g in BOX_GEOMETRIES]
+                         + [(BOX_GEOMETRIES[-1], "contiguous")], ids=lambda x: x if isinstance(x, str) else geometry_id(x))
+def test_box_kernels_match_reference(g, frame_layout, dtype, poisoned_partials):
     """Every op on the box path (fp32 forced there for an exact check; fp16 goes there by
     itself), the frame written into its slot — by the forward's own launch where its channels
     are innermost (a frame the layers hand on), by a copy before it otherwise (the video's) —
@@ -808,7 +808,7 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
     result is the torch backend's (per-layer cuDNN calls and SGD steps), in three stages."""
     make_net = lambda: classifier_net([(3, 1, 1), (3, 1, 1), (3, 0, 1)], channels=(4, 8, 8, 8), classes=8,
                                       dtype=torch.float32)
-    video, target = torch.randn(2, 4, 7, 8, 7), torch.randint(0, 8, (2,))
+    video, target = torch.randn(2, 4, 5, 8, 7), torch.randint(0, 8, (2,))
     ticks = []
     original = T.grouped_weight_updates
 
@@ -840,7 +840,7 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
                 video, target)
         after = [p.detach().clone() for p in net.parameters()] if update == "tick" else grads(net)
         results[backend] = (out.loss, after)
-    assert len(ticks) >= 7 and max(n for n, *_ in ticks) == 4  # every layer's update in the steady ticks
+    assert len(ticks) >= 4 and max(n for n, *_ in ticks) == 4  # every layer's update in the steady ticks
     assert all(launched == shapes and left == 0 for _, shapes, launched, left in ticks), ticks
     ticks_order = " ".join(order).split("_fork")[1:]  # each tick: its streams fork, join, then the updates run
     assert ticks_order and {t.split() == ["_join", "run"] for t in ticks_order} == {True}, set(ticks_order)
