@@ -81,6 +81,8 @@ def _box_forward_kernel(
     ring_d = tl.make_tensor_descriptor(ring, [R, B, H, W, C], [s_r, s_b, s_h, s_w, 1], [1, 1, BH, BOX_W, BLOCK_K])
     w_d = tl.make_tensor_descriptor(weight, [KT * KH * KW * C, C_OUT], [C_OUT, 1], [BLOCK_K, BLOCK_N])
     out_d = tl.make_tensor_descriptor(out, [B, H_OUT, W_OUT, C_OUT], [o_b, o_h, o_w, 1], [1, BH, BOX_W, BLOCK_N])
+    if PUSH:  # (made once: a descriptor made on the device is written to global scratch)
+        frame_d = tl.make_tensor_descriptor(frame, [B, H, W, C], [f_b, f_h, f_w, 1], [1, BH, BOX_W, BLOCK_K])
     boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
     tiles_n = tl.cdiv(C_OUT, BLOCK_N)
     c_blocks = tl.cdiv(C, BLOCK_K)
@@ -99,7 +101,6 @@ def _box_forward_kernel(
                           BLOCK_M, BLOCK_K)
             acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
         if PUSH:  # the newest tap's steps: the frame, shifted as the tap shifts its slot
-            frame_d = tl.make_tensor_descriptor(frame, [B, H, W, C], [f_b, f_h, f_w, 1], [1, BH, BOX_W, BLOCK_K])
             for kk in range(tl.maximum(first, older), last):
                 tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
                 _, kh, kw = _tap(tap, KH, KW)
@@ -117,7 +118,6 @@ def _box_forward_kernel(
             tl.store(partials + row[:, None] * C_OUT + n[None, :], acc,
                      mask=((y < H_OUT) & (x < W_OUT))[:, None] & (n < C_OUT)[None, :])
     if PUSH:  # the frame into its slot (the stores clip the boxes at the frame's edge)
-        frame_d = tl.make_tensor_descriptor(frame, [B, H, W, C], [f_b, f_h, f_w, 1], [1, BH, BOX_W, BLOCK_K])
         frame_h, frame_w = tl.cdiv(H, BH), tl.cdiv(W, BOX_W)
         for box in tl.range(tl.program_id(0), B * frame_h * frame_w * c_blocks, tl.num_programs(0)):
             b, y0, x0 = _box_of(box // c_blocks, frame_h, frame_w, BH, BOX_W)
