@@ -51,12 +51,13 @@ TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sid
 GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
-BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_weight_update")
+BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
-        "box_grouped_weight_update": "box_grouped_weight_update", "weight_finish": None, "weight_finish_sgd": None,
+        "box_grouped_forward": "box_grouped_forward", "box_grouped_weight_update": "box_grouped_weight_update",
+        "weight_finish": None, "weight_finish_sgd": None,
         "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
         "column_sum": None, "column_sum_finish": None, "column_sum_finish_add": None,  # (configs.COLUMN_SUM)
         "split_sum": None}  # (configs.SPLIT_SUM)
@@ -69,7 +70,7 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
-        "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
+        "box_grouped_forward": (), "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
         "column_sum_finish": (), "split_sum": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
@@ -110,6 +111,9 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
                            dict(KT=1, KH=3, KW=3, HAS_BIAS=False, PUSH=False)),
         "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(taps, TAPS=3)),
         # a tick's layers in one launch: their tensors' addresses are int64 arguments
+        "box_grouped_forward": (X._grouped_box_forward_kernel, dict(table="*i64"),
+                                dict(taps, PUSH=True, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                     BIAS=tl.float32, G_P2=16)),
         "box_grouped_weight_update": (X._grouped_box_weight_update_kernel, dict(partials="*fp32", table="*i64"),
                                       dict(taps, TAPS=3, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                            G_P2=16)),
@@ -134,7 +138,7 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         const.update(DENSE=True)
     const.update({name: 1 for name in UNIT[base]})
     floats = {"lr", "momentum", "dampening", "weight_decay"}
-    addresses = re.compile(r"[erbt]\d+$")  # a grouped launch's tensors
+    addresses = re.compile(r"[erbtfwo]\d+$")  # a grouped launch's tensors
     sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else
                               "i64" if base.startswith(("grouped", "box_grouped")) and addresses.match(a) else "i32")
            for a in fn.arg_names}

@@ -904,3 +904,56 @@ def test_grouped_launch_tables_are_reused_and_those_a_graph_reads_never_dropped(
         T._table([v], torch.int64, cpu)
     assert ((9,), torch.int64, cpu) in T._tables
     assert sum(not kept for _, kept in T._tables.values()) == 2 and ((1, 2, 3), torch.int64, cpu) not in T._tables
+
+
+# --- every layer's forward of a tick in one launch -------------------------------------------
+
+def _layer_forwards(dtype, *, push=True, seed=0):
+    """Forwards as one tick of a network would run them: the layers of _layer_updates' five
+    geometries (three kernel shapes; one layer without a bias), each pushing a channels-last frame
+    (``push``) into a slot poisoned with NaN. (args for the grouped call, a copy for the op alone,
+    the float64 expected output and ring)."""
+    torch.manual_seed(seed)
+    shapes = [BOX_GEOMETRIES[0], _box_geometry(batch=2, channels=8, out_channels=12, height=6, width=10, k_t=3,
+                                               k_hw=(3, 3), padding=(0, 1), dilation=(2, 1)),
+              BOX_GEOMETRIES[2], _box_geometry(batch=3, channels=12, out_channels=4, height=4, width=9, k_t=2,
+                                               k_hw=(2, 2), padding=(1, 0), dilation_t=1),
+              BOX_GEOMETRIES[3]]
+    cases = []
+    for i, g in enumerate(shapes):
+        t = make(g, dtype, param_dtype=torch.float32, bias=i != 1)
+        frame = t["frame"].contiguous(memory_format=torch.channels_last) if push else None
+        ring = t["ring"].clone()
+        if push:
+            ring[t["slot"]] = float("nan")
+        args = (ring, frame, t["slot"], t["weight"], t["bias"], *_a(g))
+        d = lambda x: None if x is None else x.double()
+        expected_ring = d(t["ring"]).clone()
+        expected = ref.ring_conv_forward(expected_ring, d(frame), t["slot"], d(t["weight"]), d(t["bias"]), *_a(g))
+        cases.append((args, (ring.clone(), *args[1:]), expected, expected_ring))
+    return cases
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "no_push"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grouped_forwards_equal_each_layer_s_op(dtype, push):
+    """A tick's forwards in grouped launches (one per kernel shape: three for five layers) give
+    each layer's own op's output to the bit (the same sums in the same order: the op unsplit) and
+    push each frame into its slot; both match float64 reference.py."""
+    cases = _layer_forwards(dtype, push=push)
+    T.launches.clear()
+    T.paths.clear()
+    with T.using(path="box" if dtype == torch.float32 else None, gemm_split=1):
+        outs = T.grouped_ring_conv_forwards([args for args, *_ in cases])
+        counted = dict(T.launches)
+        own = [S.ring_conv_forward(*copy) for _, copy, *_ in cases]
+    # fp16 rows of 12 or 4 channels are not whole 16-byte units: those layers run alone, on the general path
+    boxed = [args for args, *_ in cases if dtype == torch.float32 or args[0].shape[2] % 8 == args[3].shape[0] % 8 == 0]
+    assert T.paths[("ring_conv_forward", "grouped")] == len(boxed) == (5 if dtype == torch.float32 else 3)
+    assert counted["grouped_forward"] == len({tuple(args[3].shape[2:]) for args in boxed})
+    assert counted.get("ring_push", 0) == (push and 5 - len(boxed))
+    for (args, copy, expected, expected_ring), out, mine in zip(cases, outs, own):
+        assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == expected.shape
+        assert torch.equal(out, mine)
+        _close(out, expected, dtype)
+        assert torch.equal(args[0].double(), expected_ring) and torch.equal(args[0], copy[0])

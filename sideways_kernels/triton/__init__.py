@@ -38,7 +38,7 @@ from ..ops import conv_output_size
 from ..reference import sgd_step
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update",
-           "grouped_weight_updates", "bias_grad", "launches", "using", "picked"]
+           "grouped_weight_updates", "grouped_ring_conv_forwards", "bias_grad", "launches", "using", "picked"]
 
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -266,13 +266,8 @@ def _persistent(tiles: int, device: torch.device):
 def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: int, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], stride: List[int], padding: List[int], dilation: List[int],
                       dilation_t: int, groups: int) -> torch.Tensor:
-    R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _geometry(ring, slot, weight, stride, padding, dilation,
-                                                                   dilation_t, groups)
-    if frame is not None:
-        _check(tuple(frame.shape) == (B, C, H, W) and frame.dtype == ring.dtype, "frame must be [B, C, H, W] like the ring")
-        _check(frame.device == ring.device, f"frame must be on {ring.device} like ring, got {frame.device}")
-    if bias is not None:
-        _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
+    R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _forward_geometry(ring, frame, slot, weight, bias, stride,
+                                                                           padding, dilation, dilation_t, groups)
     out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
     weight = _weight_as(weight, ring.dtype)
     launches["ring_conv_forward"] += 1
@@ -293,6 +288,18 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
             dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype),
                  ONE_GROUP=groups == 1), ring.device, element_size=ring.element_size())
     return out
+
+
+def _forward_geometry(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups) -> tuple:
+    """:func:`_geometry`, and the checks of a forward's frame and bias."""
+    geometry = _geometry(ring, slot, weight, stride, padding, dilation, dilation_t, groups)
+    _, B, C, H, W, c_out = geometry[:6]
+    if frame is not None:
+        _check(tuple(frame.shape) == (B, C, H, W) and frame.dtype == ring.dtype, "frame must be [B, C, H, W] like the ring")
+        _check(frame.device == ring.device, f"frame must be on {ring.device} like ring, got {frame.device}")
+    if bias is not None:
+        _check(tuple(bias.shape) == (c_out,), f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
+    return geometry
 
 
 def _push(ring: torch.Tensor, slot: int, frame: torch.Tensor) -> None:
@@ -594,18 +601,18 @@ def grouped_weight_updates(calls: list) -> list:
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _grouped_config(updates: list, device: torch.device) -> Config:
-    """One box config for a grouped launch: the chosen one, the interpreter's default, or the first
-    tile shape of its list (configs.py) in the box width that wastes least on the largest frame."""
+def _grouped_config(kind: str, height: int, width: int, positions_of, device: torch.device) -> Config:
+    """One box config for a grouped launch of ``kind`` (configs.py): the chosen one, the
+    interpreter's default, or the first tile shape of its list in the box width that wastes least
+    on the largest frame, ``height x width`` (``positions_of(cfg)``: a box's positions)."""
     cfg = _chosen["box_config"]
     if cfg is not None:
         return cfg
     if INTERPRET or device.type != "cuda":
         return DEFAULT_BOX
-    largest = max(updates, key=lambda u: u.grad_out.shape[2] * u.grad_out.shape[3])
-    listed = configs_for("box_grouped_weight_update", _capability(device))
+    listed = configs_for(kind, _capability(device))
     widths = [c for c in listed if c._replace(BOX_W=0) == listed[0]._replace(BOX_W=0)]
-    return prune_boxes(widths, *largest.grad_out.shape[2:], lambda c: c.BLOCK_K)[0]
+    return prune_boxes(widths, height, width, positions_of)[0]
 
 
 def _grouped_launch(updates: list) -> bool:
@@ -615,7 +622,8 @@ def _grouped_launch(updates: list) -> bool:
     device, k_t, k_h, k_w = u0.ring.device, *u0.target.shape[2:]
     taps = k_t * k_h * k_w
     per_tile = _taps_per_tile(taps)
-    cfg = _grouped_config(updates, device)
+    largest = max(updates, key=lambda u: u.grad_out.shape[2] * u.grad_out.shape[3])
+    cfg = _grouped_config("box_grouped_weight_update", *largest.grad_out.shape[2:], lambda c: c.BLOCK_K, device)
     bh = cfg.BLOCK_K // cfg.BOX_W
     tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * triton.cdiv(u.ring.shape[2], cfg.BLOCK_N) * (taps // per_tile)
              for u in updates]
@@ -659,6 +667,99 @@ def _grouped_launch(updates: list) -> bool:
     written = [t for u in updates for t in (u.target, u.buffer, u.bias, u.bias_buffer) if t is not None]
     torch.autograd.graph.increment_version(written)  # as ATen's in-place ops do (the 16-bit weight caches)
     return True
+
+
+# --- the forwards of a tick's layers in one launch ---------------------------------------------
+
+
+def grouped_ring_conv_forwards(calls: list) -> list:
+    """The outputs of ``calls`` — the arguments of :func:`ring_conv_forward`, each layer's of a
+    tick — computed as grouped launches where they can be: per kernel shape (and dtypes, device,
+    whether frames are pushed), one :func:`.boxes._grouped_box_forward_kernel` over every layer's
+    tiles that also pushes every frame into its slot; up to ``kernels.GROUP`` layers a launch. A
+    call off the box path (:func:`box_path`), with a frame whose channels are not innermost, on a
+    ring met before in ``calls`` (it runs after the others), or in a launch whose table a
+    CUDA-graph capture cannot make, runs as :func:`ring_conv_forward` alone. The results are the
+    op's: the same sums in the same order, except that the op alone may split K on a GPU."""
+    outs: list = [None] * len(calls)
+    groups: dict = {}
+    alone, later, rings = [], [], set()
+    for i, args in enumerate(calls):
+        if id(args[0]) in rings:
+            later.append(i)
+            continue
+        rings.add(id(args[0]))
+        key = _forward_group(args)
+        (alone if key is None else groups.setdefault(key, [])).append(i)
+    for members in groups.values():
+        for lo in range(0, len(members), K.GROUP):
+            chunk = members[lo:lo + K.GROUP]
+            got = _grouped_forward_launch([calls[i] for i in chunk])
+            if got is None:
+                alone.extend(chunk)
+            else:
+                for i, out in zip(chunk, got):
+                    outs[i] = out
+    for i in sorted(alone) + later:
+        outs[i] = ring_conv_forward(*calls[i])
+    return outs
+
+
+def _forward_group(args: tuple) -> Optional[tuple]:
+    """What a forward shares with those grouped with it (kernel shape, dtypes, device, whether its
+    frame is pushed), or None where the grouped kernel cannot take it. Checks the arguments as
+    the op does (a bad one raises here, as it would there)."""
+    ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups = args
+    geometry = _forward_geometry(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups)
+    C, c_out = geometry[2], geometry[5]
+    if box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,)) is not None:
+        return None
+    if frame is not None and _tma_strides(frame) is None:
+        return None
+    return (*weight.shape[2:], ring.dtype, bias.dtype if bias is not None else ring.dtype, ring.device,
+            frame is not None)
+
+
+def _grouped_forward_launch(calls: list) -> Optional[list]:
+    """One grouped forward for ``calls`` (one :func:`_forward_group`, at most ``kernels.GROUP``):
+    their outputs, or None (nothing run) inside a CUDA-graph capture that would need a new table."""
+    ring0, frame0, _, weight0, bias0 = calls[0][:5]
+    device, dtype, push = ring0.device, ring0.dtype, frame0 is not None
+    k_t, k_h, k_w = weight0.shape[2:]
+    largest = max(calls, key=lambda a: a[0].shape[3] * a[0].shape[4])
+    cfg = _grouped_config("box_grouped_forward", *largest[0].shape[3:], lambda c: c.BLOCK_M, device)
+    bh = cfg.BLOCK_M // cfg.BOX_W
+    rows, tiles, boxes, outs = [], [0], [0], []
+    for ring, frame, slot, weight, bias, _, padding, dilation, dilation_t, _ in calls:
+        R, B, C, H, W = ring.shape
+        c_out = weight.shape[0]
+        h_out, w_out = (conv_output_size(H, k_h, 1, padding[0], dilation[0]),
+                        conv_output_size(W, k_w, 1, padding[1], dilation[1]))
+        out = torch.empty((B, c_out, h_out, w_out), dtype=dtype, device=device, memory_format=torch.channels_last)
+        outs.append(out)
+        rows.append([*_tma_strides(ring), *(_tma_strides(frame) if push else [0, 0, 0]), *_tma_strides(out),
+                     B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t, int(bias is not None)])
+        tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
+                     * triton.cdiv(c_out, cfg.BLOCK_N))
+        boxes.append(boxes[-1] + B * triton.cdiv(H, bh) * triton.cdiv(W, cfg.BOX_W) * triton.cdiv(C, cfg.BLOCK_K))
+    table = _table([v for r in rows for v in r] + tiles + (boxes if push else []), torch.int64, device)
+    if table is None:
+        return None
+    G = len(calls)
+    weights = [_weight_as(a[3], dtype) for a in calls]  # (alive until the launch has read their addresses)
+    _descriptor_scratch(device)
+    X._grouped_box_forward_kernel[_persistent(max(tiles[-1], boxes[-1] if push else 0), device)](
+        table, G, *_addresses(a[0] for a in calls), *_addresses(a[1] if push else a[0] for a in calls),
+        *_addresses(weights),
+        *_addresses(a[4] if a[4] is not None else a[0] for a in calls), *_addresses(outs),
+        KT=k_t, KH=k_h, KW=k_w, PUSH=push, DTYPE=_TL_DTYPE[dtype],
+        BIAS=_TL_DTYPE[bias0.dtype if bias0 is not None else dtype], G_P2=triton.next_power_of_2(G), **cfg.meta(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launches["grouped_forward"] += 1
+    paths[("ring_conv_forward", "grouped")] += G
+    if push:
+        torch.autograd.graph.increment_version([a[0] for a in calls])  # as the op does (it mutates the ring)
+    return outs
 
 
 def _addresses(tensors) -> list:

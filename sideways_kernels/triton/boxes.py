@@ -48,6 +48,38 @@ def _box_of(index, boxes_h, boxes_w, BH: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
+def _forward_tile(ring_d, frame_d, w_d, b, y0, x0, n0, first, last, older, c_blocks, C, slot, pad_h, pad_w, dil_h,
+                  dil_w, dil_t, R, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PUSH: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 sum of K steps ``first .. last`` (taps x channel blocks) of the forward's output
+    tile at ``(b, y0, x0)``, channels ``n0 ..``: steps before ``older`` read the ring, the rest (the
+    newest tap's, with ``PUSH``) the tick's frame, shifted as the tap shifts its slot."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(first, tl.minimum(last, older)):
+        tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
+        a = _ring_box(ring_d, slot, tap, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R, KT, KH, KW,
+                      BLOCK_M, BLOCK_K)
+        acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
+    if PUSH:
+        for kk in range(tl.maximum(first, older), last):
+            tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
+            _, kh, kw = _tap(tap, KH, KW)
+            a = frame_d.load([b, y0 - pad_h + kh * dil_h, x0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+            acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
+    return acc
+
+
+@triton.jit
+def _push_box(ring_d, frame_d, box, slot, c_blocks, H, W, BH: tl.constexpr, BOX_W: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Box ``box`` of a ``[B, H/BH, W/BOX_W, C/BLOCK_K]`` walk of the frame into its ring slot (the
+    store clips it at the frame's edge)."""
+    b, y0, x0 = _box_of(box // c_blocks, tl.cdiv(H, BH), tl.cdiv(W, BOX_W), BH, BOX_W)
+    c0 = box % c_blocks * BLOCK_K
+    ring_d.store([slot, b, y0, x0, c0], frame_d.load([b, y0, x0, c0]).reshape(1, 1, BH, BOX_W, BLOCK_K))
+
+
+@triton.jit
 def _box_forward_kernel(
         ring, frame, weight, bias, out, partials,
         s_r, s_b, s_h, s_w,  # ring strides (channels: 1)
@@ -83,6 +115,8 @@ def _box_forward_kernel(
     out_d = tl.make_tensor_descriptor(out, [B, H_OUT, W_OUT, C_OUT], [o_b, o_h, o_w, 1], [1, BH, BOX_W, BLOCK_N])
     if PUSH:  # (made once: a descriptor made on the device is written to global scratch)
         frame_d = tl.make_tensor_descriptor(frame, [B, H, W, C], [f_b, f_h, f_w, 1], [1, BH, BOX_W, BLOCK_K])
+    else:
+        frame_d = ring_d  # (never read)
     boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
     tiles_n = tl.cdiv(C_OUT, BLOCK_N)
     c_blocks = tl.cdiv(C, BLOCK_K)
@@ -93,19 +127,9 @@ def _box_forward_kernel(
         tile, split = item // splits, item % splits
         b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
         n0 = tile % tiles_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first, last = split * chunk, tl.minimum(split * chunk + chunk, steps)
-        for kk in range(first, tl.minimum(last, older)):
-            tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
-            a = _ring_box(ring_d, slot, tap, b, y0, x0, c0, pad_h, pad_w, dil_h, dil_w, dil_t, R, KT, KH, KW,
-                          BLOCK_M, BLOCK_K)
-            acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
-        if PUSH:  # the newest tap's steps: the frame, shifted as the tap shifts its slot
-            for kk in range(tl.maximum(first, older), last):
-                tap, c0 = kk // c_blocks, kk % c_blocks * BLOCK_K
-                _, kh, kw = _tap(tap, KH, KW)
-                a = frame_d.load([b, y0 - pad_h + kh * dil_h, x0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
-                acc = tl.dot(a, w_d.load([tap * C + c0, n0]), acc)
+        acc = _forward_tile(ring_d, frame_d, w_d, b, y0, x0, n0, first, last, older, c_blocks, C, slot, pad_h, pad_w,
+                            dil_h, dil_w, dil_t, R, KT, KH, KW, PUSH, BLOCK_M, BLOCK_N, BLOCK_K)
         if splits == 1:
             if HAS_BIAS:
                 n = n0 + tl.arange(0, BLOCK_N)
@@ -118,11 +142,95 @@ def _box_forward_kernel(
             tl.store(partials + row[:, None] * C_OUT + n[None, :], acc,
                      mask=((y < H_OUT) & (x < W_OUT))[:, None] & (n < C_OUT)[None, :])
     if PUSH:  # the frame into its slot (the stores clip the boxes at the frame's edge)
-        frame_h, frame_w = tl.cdiv(H, BH), tl.cdiv(W, BOX_W)
-        for box in tl.range(tl.program_id(0), B * frame_h * frame_w * c_blocks, tl.num_programs(0)):
-            b, y0, x0 = _box_of(box // c_blocks, frame_h, frame_w, BH, BOX_W)
-            c0 = box % c_blocks * BLOCK_K
-            ring_d.store([slot, b, y0, x0, c0], frame_d.load([b, y0, x0, c0]).reshape(1, 1, BH, BOX_W, BLOCK_K))
+        for box in tl.range(tl.program_id(0), B * tl.cdiv(H, BH) * tl.cdiv(W, BOX_W) * c_blocks, tl.num_programs(0)):
+            _push_box(ring_d, frame_d, box, slot, c_blocks, H, W, BH, BOX_W, BLOCK_K)
+
+
+FORWARD_FIELDS = tl.constexpr(25)  # a problem's row in a grouped forward's table
+
+
+@triton.jit
+def _grouped_box_forward_kernel(
+        table, G,
+        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,  # the rings' addresses
+        f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15,  # the frames' (PUSH; else any)
+        w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,  # the weights' (GEMM layout)
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,  # the biases' (or any)
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,  # the outputs'
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PUSH: tl.constexpr, DTYPE: tl.constexpr,
+        BIAS: tl.constexpr, G_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
+    """:func:`_box_forward_kernel` for several problems at once — the forwards of a tick's layers
+    whose kernel has this shape — in one persistent launch (no split-K: the layers' tiles together
+    fill the SMs). ``table`` (int64): per problem (FORWARD_FIELDS) the ring's strides (r, b, h, w),
+    the frame's (b, h, w), the output's (b, h, w), B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
+    pad_h, pad_w, dil_h, dil_w, dil_t, whether it has a bias; then each problem's first tile and
+    their total (G + 1), and with ``PUSH`` each problem's first box of its frame's copy into its
+    slot and their total (G + 1). ``DTYPE``: the activations'; ``BIAS``: the biases'. A problem's
+    descriptors are made where its item is taken."""
+    BH: tl.constexpr = BLOCK_M // BOX_W
+    tiles = table + FORWARD_FIELDS * G
+    for item in tl.range(tl.program_id(0), tl.load(tiles + G), tl.num_programs(0)):
+        g = _problem(tiles, G, item, G_P2)
+        row = table + g * FORWARD_FIELDS
+        ring_d, frame_d, B, C, H, W, R, slot = _forward_problem(
+            row, g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
+            f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
+        C_OUT, H_OUT, W_OUT = _field(row, 14), _field(row, 15), _field(row, 16)
+        weight = _address(g, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
+        out = _address(g, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
+        w_d = tl.make_tensor_descriptor(weight.to(tl.pointer_type(DTYPE)), [KT * KH * KW * C, C_OUT], [C_OUT, 1],
+                                        [BLOCK_K, BLOCK_N])
+        out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                          [tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), 1],
+                                          [1, BH, BOX_W, BLOCK_N])
+        boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
+        tiles_n = tl.cdiv(C_OUT, BLOCK_N)
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        steps = KT * KH * KW * c_blocks
+        older = (KT - 1) * KH * KW * c_blocks if PUSH else steps
+        tile = (item - tl.load(tiles + g)).to(tl.int32)
+        b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
+        n0 = tile % tiles_n * BLOCK_N
+        acc = _forward_tile(ring_d, frame_d, w_d, b, y0, x0, n0, 0, steps, older, c_blocks, C, slot, _field(row, 19),
+                            _field(row, 20), _field(row, 21), _field(row, 22), _field(row, 23), R, KT, KH, KW, PUSH,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+        if tl.load(row + 24) != 0:
+            bias = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
+            n = n0 + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias.to(tl.pointer_type(BIAS)) + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
+        out_d.store([b, y0, x0, n0], acc.to(DTYPE).reshape(1, BH, BOX_W, BLOCK_N))
+    if PUSH:  # every frame into its slot: no tile of the launch reads a slot being pushed
+        boxes = tiles + G + 1
+        for box in tl.range(tl.program_id(0), tl.load(boxes + G), tl.num_programs(0)):
+            g = _problem(boxes, G, box, G_P2)
+            ring_d, frame_d, B, C, H, W, R, slot = _forward_problem(
+                table + g * FORWARD_FIELDS, g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
+                f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
+            _push_box(ring_d, frame_d, (box - tl.load(boxes + g)).to(tl.int32), slot, tl.cdiv(C, BLOCK_K), H, W, BH,
+                      BOX_W, BLOCK_K)
+
+
+@triton.jit
+def _forward_problem(row, g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
+                     f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH: tl.constexpr,
+                     DTYPE: tl.constexpr, BH: tl.constexpr, BOX_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Problem ``g`` of a grouped forward (its ``row`` of the table): the descriptors of its ring
+    and (``PUSH``) its frame, and B, C, H, W, R, slot."""
+    B, C, H, W = _field(row, 10), _field(row, 11), _field(row, 12), _field(row, 13)
+    R, slot = _field(row, 17), _field(row, 18)
+    ring = _address(g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15)
+    ring_d = tl.make_tensor_descriptor(ring.to(tl.pointer_type(DTYPE)), [R, B, H, W, C],
+                                       [tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), 1],
+                                       [1, 1, BH, BOX_W, BLOCK_K])
+    if PUSH:
+        frame = _address(g, f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15)
+        frame_d = tl.make_tensor_descriptor(frame.to(tl.pointer_type(DTYPE)), [B, H, W, C],
+                                            [tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), 1],
+                                            [1, BH, BOX_W, BLOCK_K])
+    else:
+        frame_d = ring_d  # (never read)
+    return ring_d, frame_d, B, C, H, W, R, slot
 
 
 @triton.jit

@@ -76,6 +76,11 @@ BOX = {
     "box_grouped_weight_update": {
         90: [C(64, 64, 64, 4, 8, 8), C(64, 64, 64, 4, 8, 16), C(64, 64, 64, 3, 8, 8), C(64, 64, 64, 3, 8, 16)],
     },
+    # A tick's forwards in one launch (boxes._grouped_box_forward_kernel), not autotuned: the
+    # first shape, in the box width that wastes least on the largest frame.
+    "box_grouped_forward": {
+        90: [C(128, 128, 64, 4, 8, 16), C(128, 128, 64, 4, 8, 8)],
+    },
 }
 # The weight update's second launch (kernels._weight_finish_kernel), not tuned: BLOCK_M weight
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
