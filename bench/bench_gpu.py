@@ -331,6 +331,37 @@ def test_tick_weight_updates(benchmark, op, impl):
          graph_s=graph_s, graph_error=graph_error)
 
 
+@pytest.mark.parametrize("impl", TICK_IMPLS)
+@pytest.mark.parametrize("op", ["forward", "input_grad"])
+def test_tick_first_convs(benchmark, op, impl):
+    """A tick's stage-first convs (C3D's three upper stages' first convs) as the engine runs them:
+    their forwards (each pushing its frame) ahead of the stages, their input gradients after the
+    stages' backwards — each layer's op on the torch backend (cuDNN), each on Triton, or Triton's
+    grouped launch (``grouped_ring_conv_forwards``, ``grouped_window_input_grads``: what the
+    Triton backend, and ``auto`` where it picks Triton, run). Checked against float64 per layer."""
+    if impl.startswith("triton"):
+        pytest.importorskip("triton")
+    shapes = TICK_LAYERS[1:]  # (the stem reads the video's own frames and sends no error)
+    layers = [_Layer(*shape) for shape in shapes]
+    k = backend.kernels("torch" if impl == "torch" else "triton")
+    if op == "forward":
+        calls, one, grouped = ([(L.ring, L.frame, SLOT, L.weight, L.bias, *ARGS) for L in layers], k.ring_conv_forward,
+                               k.group_forwards)
+    else:
+        calls, one, grouped = ([(L.grad_out, L.weight, L.hw, *ARGS[:3], 1) for L in layers], k.window_input_grad,
+                               k.group_input_grads)
+
+    def tick():
+        return grouped(calls) if impl == "triton" else [one(*args) for args in calls]
+    for shape, L, out in zip(shapes, layers, tick()):
+        _checked(op, impl, shape, L, out)
+    benchmark.group = f"gpu-tick-first-{op}"
+    median = _timed(benchmark, tick)
+    graph_s, graph_error = _graph_time(tick)
+    _row(kind="tick_first_convs", op=op, impl=impl, layers=[list(s) for s in shapes], median_s=median,
+         graph_s=graph_s, graph_error=graph_error)
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_bias_grad(benchmark, shape, impl):
@@ -504,7 +535,7 @@ def _memory_parts(net, video, pipe) -> dict:
 # 7 instead of 54 frames; 'same' once, at the long clip), T = 16 and 48, clip BP beside Sideways
 # per backend with graphs (the default) and without; a long clip (T = 256) where clip BP's
 # memory grows and Sideways' does not. "triton-per-layer": the Triton backend with each layer's
-# weight update launched alone (as before a tick's were grouped), beside "triton".
+# weight update and forward launched alone (as before a tick's were grouped), beside "triton".
 E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for T in (16, 48)]  # model(video)
        + [(net, pad, "sideways", backend, graphs, T) for net, pad in (("c3d", "same"), ("r3d_18", "causal"))
           for T in (16, 48) for backend in (None, "torch", "triton", "triton-per-layer", "cuda")
@@ -526,9 +557,11 @@ def test_end_to_end(benchmark, case, monkeypatch):
     benchmark.group = f"gpu-train-{net}-T{T}"
     if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("sideways::ring_conv_forward", "CUDA"):
         pytest.skip("CUDA kernels not built")
-    if backend == "triton-per-layer":
+    if backend == "triton-per-layer":  # every weight update and forward launched alone
         import sideways_kernels.triton as triton_backend
+        from sideways_kernels.engine import Engine
         monkeypatch.setattr(triton_backend, "grouped_weight_updates", lambda calls: calls)  # every call left
+        monkeypatch.setattr(Engine, "_forwards_ahead", lambda self, plan, arrivals: None)
     row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend and backend.replace("-per-layer", ""),
                                                 graphs=graphs, temporal_padding=pad), rounds=1, iterations=1)
     row["backend"] = backend or row["backend"]

@@ -11,7 +11,9 @@ target=GPUTarget("cuda", arch, 32))``:
   error (one slot, no bias), compiled in that specialisation.
 - a tick's weight updates grouped (``box_grouped_weight_update``: every layer's tiles in one
   persistent launch, the tensors' addresses as int64 arguments; ``grouped_weight_finish``: its
-  finish for every layer, accumulating or the SGD step), in their own config list;
+  finish for every layer, accumulating or the SGD step), in their own config list; the stages'
+  first forwards grouped (``box_grouped_forward``, pushing the frames) and their input gradients
+  (``box_grouped_input_grad``: the same kernel on the errors), in theirs;
 - the bias gradient's column sum (``column_sum``: fp32 partials of the error's rows, fp32 and
   bf16) and its finish (a new sum, or ``_add``: into a gradient), in their one config
   (configs.COLUMN_SUM).
@@ -51,12 +53,14 @@ TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sid
 GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
-BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_weight_update")
+BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_input_grad",
+       "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
-        "box_grouped_forward": "box_grouped_forward", "box_grouped_weight_update": "box_grouped_weight_update",
+        "box_grouped_forward": "box_grouped_forward", "box_grouped_input_grad": "box_grouped_forward",
+        "box_grouped_weight_update": "box_grouped_weight_update",
         "weight_finish": None, "weight_finish_sgd": None,
         "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
         "column_sum": None, "column_sum_finish": None, "column_sum_finish_add": None,  # (configs.COLUMN_SUM)
@@ -70,7 +74,7 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
-        "box_grouped_forward": (), "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
+        "box_grouped_forward": (), "box_grouped_input_grad": (), "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
         "column_sum_finish": (), "split_sum": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
@@ -114,6 +118,11 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "box_grouped_forward": (X._grouped_box_forward_kernel, dict(table="*i64"),
                                 dict(taps, PUSH=True, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                      BIAS=tl.float32, G_P2=16)),
+        # a tick's stage-first input gradients: the same kernel on the errors (one slot, no push)
+        "box_grouped_input_grad": (X._grouped_box_forward_kernel, dict(table="*i64"),
+                                   dict(KT=1, KH=3, KW=3, PUSH=False,
+                                        DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                        BIAS=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")), G_P2=16)),
         "box_grouped_weight_update": (X._grouped_box_weight_update_kernel, dict(partials="*fp32", table="*i64"),
                                       dict(taps, TAPS=3, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                            G_P2=16)),
@@ -226,7 +235,7 @@ def main(argv=None) -> int:
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         for r in pool.map(check, jobs):
             kernel, arch, dtype, cfg = r["job"]
-            head = f"{kernel:<21} sm_{arch}{'a' if arch == 90 else ' '} {dtype:<4} {cfg.name:<24}"
+            head = f"{kernel:<22} sm_{arch}{'a' if arch == 90 else ' '} {dtype:<4} {cfg.name:<24}"
             if "error" in r:
                 failed += 1
                 print(f"{head} FAILED to compile: {r['error']}", flush=True)

@@ -76,11 +76,17 @@ def tables(rows: list[dict], device: str) -> list[str]:
                            f"{r['median_s'] * 1e3:.3f} | {flops} | {frac} | {ratio} | "
                            f"{f'{graph * 1e3:.3f}' if graph else '–'} | {graph_ratio} | {goal} | "
                            f"{r.get('config') or ''} |")
-    updates = [r for r in rows if r["kind"] == "tick_updates"]
-    if updates:
-        out += ["", f"A tick's weight updates ({len(updates[0]['layers'])} C3D layers with biases, B8, 112²: "
-                "(C_in, C_out, B, H) " + ", ".join(str(tuple(l)) for l in updates[0]["layers"]) + "), as the engine "
-                "runs them at the tick's end; triton: grouped launches; ratios against the torch backend per layer:",
+    for kind, what in (("tick_updates", "weight updates ({} C3D layers with biases, B8, 112²: (C_in, C_out, B, H) "
+                                         "{}), as the engine runs them at the tick's end"),
+                       ("tick_first_convs", "stage-first convs ({} C3D layers, B8, 112²: (C_in, C_out, B, H) {}), as "
+                                            "the engine runs them: forwards ahead of the stages, input gradients "
+                                            "after their backwards")):
+        updates = [r for r in rows if r["kind"] == kind]
+        if not updates:
+            continue
+        layers = updates[0]["layers"]
+        out += ["", f"A tick's {what.format(len(layers), ', '.join(str(tuple(l)) for l in layers))}; triton: grouped "
+                "launches; ratios against the torch backend per layer:",
                 "", "| op | impl | ms | graph ms | graph vs torch |", "|---|---|---|---|---|"]
         for op in sorted({r["op"] for r in updates}):
             case = {r["impl"]: r for r in updates if r["op"] == op}

@@ -51,7 +51,7 @@ $PY -c 'import sideways_kernels as s; b = s.backends(); print(b); assert b["cuda
 # pytest's -k for a phase from its *_K variable: nothing (the whole phase) or the expression
 only() { local k=$1 default=$2; k=${k:-$default}; [ -n "$k" ] && printf '%s\n' -k "$k"; }
 mapfile -t tests_k < <(only "${TESTS_K:-}" "")
-mapfile -t ops_k < <(only "${OPS_K:-}" "ceiling or weight_update or forward_and_input_grad or bias_grad")
+mapfile -t ops_k < <(only "${OPS_K:-}" "ceiling or weight_update or forward_and_input_grad or bias_grad or tick_first_convs")
 mapfile -t e2e_k < <(only "${E2E_K:-}" "tick or end_to_end")
 
 if [ "${TESTS_K:-}" != skip ]; then

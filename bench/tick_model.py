@@ -604,14 +604,11 @@ def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
     channels in multiples of 8) grouped — per kernel shape and 16 layers one GEMM and one finish,
     plus one finish for their biases —, each other layer alone (its GEMM, its finish and, with a
     bias, the bias's sum and step)."""
-    from sideways_kernels.graph import ChainNode
-    graph = pipe.graph
-    layers = [(graph.nodes[q.node].layers if isinstance(graph.nodes[q.node], ChainNode)
-               else [graph.nodes[q.node].module])[q.layer] for q in problems if q.op == "weight"]
+    layers = [_problem_layer(pipe, q) for q in problems if q.op == "weight"]
     shapes: dict = {}
     alone = 0
     for m in layers:
-        if tuple(m.stride[1:]) == (1, 1) and m.groups == 1 and m.in_channels % 8 == 0 and m.out_channels % 8 == 0:
+        if _on_box_path(m):
             shapes.setdefault(tuple(m.kernel_size), []).append(m)
         else:
             alone += 2 + 2 * (m.bias is not None)
@@ -623,6 +620,46 @@ def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
     n_grouped = sum(len(g) for g in shapes.values())
     return grouped + alone, (f"{n_grouped} layers grouped in {grouped} launches ({len(shapes)} kernel shapes), "
                              f"{len(layers) - n_grouped} alone in {alone}")
+
+
+def built_first_conv_launches(pipe, problems: list, op: str) -> tuple[int, str]:
+    """The launches the Triton backend makes today for a tick's forwards or input gradients
+    (``op``; ``problems``: ``Schedule.problems``): every stage's first conv, where it reads the
+    stage's arriving sample on the box path, grouped with the other stages' — the forwards (each
+    pushing a frame; not the stem's: the video's own NCDHW frames) ahead of the stages, the input
+    gradients after their backwards —, per kernel shape (an input gradient's: its taps summed,
+    k_h x k_w) and 16 layers one launch, where two or more go (Engine._forwards_ahead); every
+    other one in a launch of its own (counted as one: a split-K sum or a frame's copy not
+    included)."""
+    from sideways_kernels.engine import _leading_conv
+    from sideways_kernels.graph import ChainNode
+    graph, inputs = pipe.graph, pipe._schedule(1, "sideways", True).inputs
+    grouped: dict = {}
+    mine = [q for q in problems if q.op == op]
+    for q in mine:
+        node, m = graph.nodes[q.node], _problem_layer(pipe, q)
+        leads = _leading_conv(node.module) is m if isinstance(node, ChainNode) else q.layer == 0
+        if q.stage > 0 and (op == "input_grad" or q.action == "push") and list(node.inputs) == [inputs[q.stage]] \
+                and leads and _on_box_path(m):
+            grouped.setdefault(tuple(m.kernel_size[1 if op == "input_grad" else 0:]), []).append(m)
+    n = sum(len(g) for g in grouped.values())
+    what = {"forward": "forwards ahead", "input_grad": "input gradients after the backwards"}[op]
+    if n < 2:
+        return len(mine), f"no two stages' first convs to group; {len(mine)} alone"
+    launches = sum(math.ceil(len(g) / 16) for g in grouped.values())
+    return launches + len(mine) - n, (f"{n} stages' first {what} in {launches} launches "
+                                      f"({len(grouped)} kernel shapes), {len(mine) - n} alone")
+
+
+def _problem_layer(pipe, q) -> SidewaysConv3d:
+    from sideways_kernels.graph import ChainNode
+    node = pipe.graph.nodes[q.node]
+    return (node.layers if isinstance(node, ChainNode) else [node.module])[q.layer]
+
+
+def _on_box_path(m: SidewaysConv3d) -> bool:
+    """Whether a layer's ops take Triton's box kernels on a GPU in 16 bits (triton.box_path)."""
+    return tuple(m.stride[1:]) == (1, 1) and m.groups == 1 and m.in_channels % 8 == 0 and m.out_channels % 8 == 0
 
 
 def summarize(ticks: list, plans: list, index: Optional[int] = None) -> TickSummary:
@@ -766,6 +803,9 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     p(f"planned (grouped, Schedule.problems): {planned} — " + "; ".join(parts))
     built, how = built_weight_launches(pipe, schedule.problems(plans[s.index]))
     p(f"built so far: the weight updates on the Triton backend, {built} launches this tick — {how}")
+    for op, what in (("forward", "forwards"), ("input_grad", "input gradients")):
+        built, how = built_first_conv_launches(pipe, schedule.problems(plans[s.index]), op)
+        p(f"built so far: the {what} on the Triton backend, {built} launches this tick — {how}")
     r = REFERENCE_TICK
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
       f"from the {GPU['device']}'s {r['model']} clip (B{r['batch']} {r['size']}x{r['size']} T{r['frames']}, default "

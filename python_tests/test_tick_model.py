@@ -197,6 +197,28 @@ def test_built_weight_launches_count_what_the_triton_backend_groups():
         assert tm.built_weight_launches(pipe, full[0]) == (count, how)
 
 
+def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
+    """The report's "built so far" lines of forwards and input gradients, in a tick where all
+    five convs of a small C3D push a frame and run forwards, and one where four send errors down:
+    each upper stage's first conv on the box path grouped with the others (one launch per kernel
+    shape); the stem (the video's frames; it sends no error) and the head alone. Widths 8, 8, 8,
+    8: three grouped in one launch + 2 (+ 1: the head's input gradient); widths 4, 6, 8, 8: one on
+    the box path, nothing to group."""
+    for widths, grouped in (((4, 6, 8, 8), False), ((8, 8, 8, 8), True)):
+        net = models.c3d(5, widths=widths, conv=SidewaysConv3d)
+        pipe = SidewaysPipeline(models.stages(net, 4))
+        schedule = pipe._schedule(8, "sideways", True)  # (at T=5 the stages all run only in the drain)
+        problems = [schedule.problems(plan) for plan in schedule]
+        forwards = [ps for ps in problems if [q.action for q in ps if q.op == "forward"] == ["push"] * 5]
+        grads = [ps for ps in problems if sum(q.op == "input_grad" for q in ps) == 4]
+        assert forwards and grads
+        for op, ps, n in (("forward", forwards[0], 5), ("input_grad", grads[0], 4)):
+            what = "forwards ahead" if op == "forward" else "input gradients after the backwards"
+            expected = ((n - 2, f"3 stages' first {what} in 1 launches (1 kernel shapes), {n - 3} alone") if grouped
+                        else (n, f"no two stages' first convs to group; {n} alone"))
+            assert tm.built_first_conv_launches(pipe, ps, op) == expected, (widths, op)
+
+
 def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_nearest_its_channels(monkeypatch):
     """gemm_us: a launch with the FLOPs of a measured shape takes that shape's measured GPU time
     (the table named, or "today": the backend dispatch.json picks for the op); a layer between

@@ -706,19 +706,23 @@ def test_every_thread_launching_box_kernels_gets_the_descriptor_scratch_allocato
 
 # --- every layer's weight update of a tick in one launch ------------------------------------
 
+# a tick's layers: two of each of two kernel shapes (channels, frames, padding and dilations differ), one of a
+# third shape
+_LAYER_SHAPES = [BOX_GEOMETRIES[0], _box_geometry(batch=2, channels=8, out_channels=12, height=6, width=10, k_t=3,
+                                                  k_hw=(3, 3), padding=(0, 1), dilation=(2, 1)),
+                 BOX_GEOMETRIES[2], _box_geometry(batch=3, channels=12, out_channels=4, height=4, width=9, k_t=2,
+                                                  k_hw=(2, 2), padding=(1, 0), dilation_t=1),
+                 BOX_GEOMETRIES[3]]
+
+
 def _layer_updates(sgd: dict, *, seed=0):
     """Weight updates as one tick of a network would hand them over: two layers of each of two
     kernel shapes (so two launches of two problems each; their channels, frames, slots, padding
     and dilations differ) and one of a third shape; one layer without a bias; float32 forced onto
     the box path (exact). Each: (op, args) for the grouped call and a copy for the op itself."""
     torch.manual_seed(seed)
-    shapes = [BOX_GEOMETRIES[0], _box_geometry(batch=2, channels=8, out_channels=12, height=6, width=10, k_t=3,
-                                               k_hw=(3, 3), padding=(0, 1), dilation=(2, 1)),
-              BOX_GEOMETRIES[2], _box_geometry(batch=3, channels=12, out_channels=4, height=4, width=9, k_t=2,
-                                               k_hw=(2, 2), padding=(1, 0), dilation_t=1),
-              BOX_GEOMETRIES[3]]
     grouped, alone = [], []
-    for i, g in enumerate(shapes):
+    for i, g in enumerate(_LAYER_SHAPES):
         t = _grad_out_channels_last(make(g, torch.float32, bias=i != 1))
         a = _a(g)
         if sgd is None:
@@ -844,7 +848,8 @@ def test_a_tick_runs_its_layers_weight_updates_as_one_launch_per_kernel_shape(up
     assert all(launched == shapes and left == 0 for _, shapes, launched, left in ticks), ticks
     ticks_order = " ".join(order).split("_fork")[1:]  # each tick: its streams fork, join, then the updates run
     assert ticks_order and {t.split() == ["_join", "run"] for t in ticks_order} == {True}, set(ticks_order)
-    assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "grouped")}
+    assert set(T.paths) == {("ring_conv_forward", "box"), ("ring_conv_forward", "grouped"), ("window_input_grad", "box"),
+                            ("window_input_grad", "grouped"), ("weight_update", "grouped")}
     # a layer's frame (channels-last, as the layers hand them on) goes into its ring with the forward;
     # only the video's own frames (NCDHW) take a copy of their own
     assert T.launches["ring_push"] == video.shape[2]
@@ -914,13 +919,8 @@ def _layer_forwards(dtype, *, push=True, seed=0):
     (``push``) into a slot poisoned with NaN. (args for the grouped call, a copy for the op alone,
     the float64 expected output and ring)."""
     torch.manual_seed(seed)
-    shapes = [BOX_GEOMETRIES[0], _box_geometry(batch=2, channels=8, out_channels=12, height=6, width=10, k_t=3,
-                                               k_hw=(3, 3), padding=(0, 1), dilation=(2, 1)),
-              BOX_GEOMETRIES[2], _box_geometry(batch=3, channels=12, out_channels=4, height=4, width=9, k_t=2,
-                                               k_hw=(2, 2), padding=(1, 0), dilation_t=1),
-              BOX_GEOMETRIES[3]]
     cases = []
-    for i, g in enumerate(shapes):
+    for i, g in enumerate(_LAYER_SHAPES):
         t = make(g, dtype, param_dtype=torch.float32, bias=i != 1)
         frame = t["frame"].contiguous(memory_format=torch.channels_last) if push else None
         ring = t["ring"].clone()
@@ -957,3 +957,112 @@ def test_grouped_forwards_equal_each_layer_s_op(dtype, push):
         assert torch.equal(out, mine)
         _close(out, expected, dtype)
         assert torch.equal(args[0].double(), expected_ring) and torch.equal(args[0], copy[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grouped_input_grads_equal_each_layer_s_op(dtype):
+    """A tick's input gradients in grouped launches (the box forward's kernel on each error, one
+    launch per kernel shape) give each layer's own op's result to the bit, and float64
+    reference.py's; what the box path cannot take (fp16 rows of 12 or 4 channels) runs alone."""
+    torch.manual_seed(0)
+    cases = []
+    for g in _LAYER_SHAPES:
+        t = _grad_out_channels_last(make(g, dtype, param_dtype=torch.float32))
+        a = _a(g)
+        cases.append((t["grad_out"], t["weight"], [g.height, g.width], *a[:3], g.groups))
+    T.launches.clear()
+    T.paths.clear()
+    with T.using(path="box" if dtype == torch.float32 else None, gemm_split=1):
+        got = T.grouped_window_input_grads(cases)
+        counted = dict(T.launches)
+        own = [S.window_input_grad(*args) for args in cases]
+    boxed = [args for args in cases if dtype == torch.float32 or args[0].shape[1] % 8 == args[1].shape[1] % 8 == 0]
+    assert T.paths[("window_input_grad", "grouped")] == len(boxed) == (5 if dtype == torch.float32 else 3)
+    assert counted["grouped_input_grad"] == len({tuple(args[1].shape[3:]) for args in boxed})
+    d = lambda x: x.double()
+    for args, out, mine in zip(cases, got, own):
+        assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, mine)
+        _close(out, ref.window_input_grad(d(args[0]), d(args[1]), *args[2:]), dtype)
+
+
+def test_every_stage_s_first_forward_and_input_gradient_run_in_one_launch_per_tick(monkeypatch):
+    """Sideways' depth-parallel tick: a stage's first conv reads the sample that arrived from
+    below last tick, so every stage's first forward of a tick runs before the stages, in one
+    grouped launch per kernel shape, and each stage takes its output; that conv's input gradient
+    goes only into the error its stage sends down, read next tick, so they all run after the
+    stages' backwards, grouped too. A chain cut one conv per stage: the upper stages' 3x3x3 convs
+    share a launch, the 2x3x3 one has its own (the stem's forward, on the video's own NCDHW
+    frames, runs alone; it sends no error). No grouped conv runs an op of its own. Losses and
+    gradients are the torch backend's (each layer's cuDNN call)."""
+    make_net = lambda: classifier_net([(3, 1, 1), (3, 1, 1), (2, 1, 1), (3, 0, 1)], channels=(8, 8, 16, 8),
+                                      classes=8, dtype=torch.float32)
+    video, target = torch.randn(2, 8, 6, 8, 7), torch.randint(0, 8, (2,))
+    seen = {"forward": [], "input_grad": []}  # per grouped call: (calls, of them on the box path, kernel shapes, launches)
+
+    def counting(kind, original, frame_of):
+        def counted(calls):
+            before = T.launches[f"grouped_{kind}"]
+            outs = original(calls)
+            boxed = [a for a in calls if T._tma_strides(frame_of(a)) is not None]  # not the video's frame
+            shapes = {tuple(a[1].shape[-2:]) if kind == "input_grad" else tuple(a[3].shape[-3:]) for a in boxed}
+            seen[kind].append((len(calls), len(boxed), len(shapes), T.launches[f"grouped_{kind}"] - before))
+            return outs
+        return counted
+    monkeypatch.setattr(T, "grouped_ring_conv_forwards", counting("forward", T.grouped_ring_conv_forwards,
+                                                                  lambda a: a[1]))
+    monkeypatch.setattr(T, "grouped_window_input_grads", counting("input_grad", T.grouped_window_input_grads,
+                                                                  lambda a: a[0]))
+    from sideways_kernels import torch_backend
+    ops = {"ring_conv_forward": 0, "window_input_grad": 0}  # the torch backend's: every call of the run
+    for op in ops:
+        monkeypatch.setattr(torch_backend, op, lambda *a, _f=getattr(torch_backend, op), _op=op:
+                            ops.__setitem__(_op, ops[_op] + 1) or _f(*a))
+    torch.manual_seed(0)
+    start = make_net().state_dict()
+    results = {}
+    for backend in ("torch", "triton"):
+        net = make_net()
+        net.load_state_dict(start)
+        T.paths.clear()
+        T.launches.clear()
+        for calls in seen.values():
+            calls.clear()
+        with T.using(path="box"):
+            out = SidewaysPipeline(stages_of(net, 4), backend=backend).backward_clip(video, target)
+        results[backend] = (out.loss, grads(net))
+    for kind, op in (("forward", "ring_conv_forward"), ("input_grad", "window_input_grad")):
+        calls = seen[kind]
+        assert all(launched == shapes for _, _, shapes, launched in calls), (kind, calls)
+        # three stages' convs: the forwards of the 3x3x3 ones together, the 2x3x3 apart; their input
+        # gradients (the taps summed: a 3x3 kernel each) all in one launch
+        launches = {"forward": 2, "input_grad": 1}[kind]
+        assert any(boxed == 3 and launched == launches for _, boxed, _, launched in calls), (kind, calls)
+        assert all(n - boxed in (0, 1) for n, boxed, *_ in calls)  # the stem's alone
+        grouped = sum(boxed for _, boxed, *_ in calls)
+        assert T.paths[(op, "grouped")] == grouped > 0
+        assert T.launches[op] == ops[op] - grouped  # the others ran the op alone, once
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
+
+
+def test_a_conv_behind_a_hook_or_a_module_of_its_own_does_not_run_ahead():
+    """Only a conv the stage's module surely applies first to its input runs ahead: down plain
+    nn.Sequential modules without forward pre-hooks (which may change the input)."""
+    from sideways_kernels import SidewaysConv3d
+    from sideways_kernels.engine import _leading_conv
+    conv = SidewaysConv3d(8, 8, 3, padding=1)
+    assert _leading_conv(torch.nn.Sequential(torch.nn.Sequential(conv, torch.nn.ReLU()), torch.nn.ReLU())) is conv
+    assert _leading_conv(torch.nn.Sequential(torch.nn.ReLU(), conv)) is None
+
+    class Block(torch.nn.Sequential):
+        def forward(self, x):
+            return super().forward(x * 2)
+    assert _leading_conv(Block(conv)) is None
+    hooked = torch.nn.Sequential(conv)
+    handle = hooked.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    assert _leading_conv(hooked) is None
+    handle.remove()
+    handle = conv.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    assert _leading_conv(hooked) is None
+    handle.remove()
+    assert _leading_conv(hooked) is conv

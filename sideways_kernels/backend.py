@@ -77,19 +77,47 @@ def kernels(name: str) -> types.SimpleNamespace:
     ``group``: where the backend runs several layers' weight updates as one launch (Triton, and
     ``auto`` where the dispatch picks Triton), a function taking ``(op, args)`` calls of the two
     weight ops and returning those it did not run, and ``groups(op, args)``, whether a call goes
-    there; else None."""
+    there; else None. ``group_forwards`` likewise, for several layers' forwards: a function taking
+    a list of ``ring_conv_forward`` argument tuples and returning their outputs, and
+    ``groups_forward(args)``, whether a call goes there; ``group_input_grads``, a function taking
+    a list of ``window_input_grad`` argument tuples and returning their results (grouped where
+    they go to Triton, each other one by its op)."""
     if name == "auto":
         ops = {op: _dispatched(op) for op in OPS}
-        return types.SimpleNamespace(**ops, group=getattr(kernels("triton"), "group", None),
-                                     groups=lambda op, args: ops[op].target(args) == "triton")
+        triton_ops = kernels("triton")
+        return types.SimpleNamespace(**ops, group=getattr(triton_ops, "group", None),
+                                     groups=lambda op, args: ops[op].target(args) == "triton",
+                                     group_forwards=getattr(triton_ops, "group_forwards", None),
+                                     groups_forward=lambda args: ops["ring_conv_forward"].target(args) == "triton",
+                                     group_input_grads=_grouped_where_dispatched(
+                                         ops["window_input_grad"], getattr(triton_ops, "group_input_grads", None)))
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
-        return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None)
-    group = None
+        return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None,
+                                     group_forwards=None, group_input_grads=None)
+    group = group_forwards = group_input_grads = None
     if name == "triton":
-        group = _autocast_neutral(importlib.import_module("sideways_kernels.triton").grouped_weight_updates)
+        module = importlib.import_module("sideways_kernels.triton")
+        group = _autocast_neutral(module.grouped_weight_updates)
+        group_forwards = _autocast_neutral(module.grouped_ring_conv_forwards)
+        group_input_grads = _autocast_neutral(module.grouped_window_input_grads)
     source = torch.ops.sideways_triton if name == "triton" else torch_backend
     return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group,
-                                 groups=lambda op, args: True)
+                                 groups=lambda op, args: True, group_forwards=group_forwards,
+                                 groups_forward=lambda args: True, group_input_grads=group_input_grads)
+
+
+def _grouped_where_dispatched(op, grouped):
+    """``auto``'s grouped call of ``op``: the calls the dispatch sends to Triton through Triton's
+    ``grouped``, each other one through the dispatch, in their order (None without ``grouped``)."""
+    if grouped is None:
+        return None
+
+    def run(calls: list) -> list:
+        mine = [i for i, args in enumerate(calls) if op.target(args) == "triton"]
+        outs = dict(zip(mine, grouped([calls[i] for i in mine]) if mine else []))
+        return [outs[i] if i in outs else op(*args) for i, args in enumerate(calls)]
+    run.__wrapped__ = getattr(grouped, "__wrapped__", grouped)
+    return run
 
 
 def constant_weights(name: str, layers: list, dtype: torch.dtype):

@@ -87,6 +87,8 @@ class Engine:
         self._updates: list = []  # backend.WeightUpdates of the current run: each tick's, run at its end
         self._counted: dict = {}  # node -> [FrameCounter, its tensor, valid firings] of the current run
         self._members: Optional[tuple] = None  # _find_members() of the current run
+        self._deferred: dict = {}  # stage -> the window_input_grad calls of its first conv held this tick
+        self._group_input_grads = None  # the backend's grouped call for them
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
     # --- a run -------------------------------------------------------------------------------
@@ -202,23 +204,13 @@ class Engine:
         parity = plan.tick % 2
         boundary = self.boundary
         stepped = False
+        arrivals = {k: self._arrival(k, plan, x0, up) for k in range(self.lo, self.hi)}
+        self._deferred, pending = {}, {}
+        self._forwards_ahead(plan, arrivals)
         streams = self._fork()
         try:
             for k in range(self.lo, self.hi):
-                sp = plan.stages[k]
-                if k == 0:
-                    x_in = x0 if sp.arrive is not None else None
-                elif k == self.lo:  # waited for only now: it arrived during our last tick
-                    got = boundary.receive("act", plan.tick, self.mode)
-                    x_in = None if got is None else got[0]
-                else:
-                    x_in = up[k]
-                if sp.keep_arrival:  # the last sample of the clip from below: held samples are copies of it
-                    self._carry("held", 0, k, x_in.detach())
-                if k > 0 and sp.arrive is not None and not sp.arrive_real:
-                    x_in = self.buffers.get(("held", 0, k))
-                if sp.arrive is not None and x_in is None:
-                    raise RuntimeError(f"stage {k} expected a sample at tick {plan.tick} and got none")
+                sp, x_in = plan.stages[k], arrivals[k]
                 if not sp.steps and not sp.takes_error and not sp.queued:
                     continue
                 if self.timer is not None:
@@ -237,15 +229,19 @@ class Engine:
                     else:
                         nxt = out if self.mode == "bp" else self._carry("act", parity, k + 1, out.detach())
                         new_up[k + 1] = nxt.to(self.device(k + 1)) if self.mode == "bp" else nxt
-                if err is not None:
-                    if k == self.lo and k > 0 and boundary is not None:
-                        boundary.send("down", plan.tick, err, mode=self.mode)
-                    elif k > 0:
-                        new_down[k - 1] = self._carry("err", parity, k - 1, err)
+                if isinstance(err, list):  # its first conv's input gradient is still to come (below)
+                    pending[k] = (err, x_in)
+                elif err is not None:
+                    self._send_down(k, err, plan.tick, new_down)
         finally:
             self._join(streams)
+            for layer in self._layers:  # (an output run ahead for a stage that did not take it)
+                layer._stream.ahead = layer._stream.defer_input_grad = None
             if self.timer is not None:
                 self.timer.stop()
+        if pending:
+            self.at = "the stages' first input gradients, grouped"
+            self._deferred_errors(pending, plan.tick, new_down)
         self.at = "the tick's weight updates"
         for updates in self._updates:
             updates.run()
@@ -254,6 +250,115 @@ class Engine:
             self.tick_optimizer.step()
             self.tick_optimizer.zero_grad(set_to_none=True)
         return new_up, new_down, done, losses
+
+    def _arrival(self, k: int, plan: TickPlan, x0, up: list):
+        """The sample stage ``k`` takes this tick (None: none): the video's frame, the boundary's
+        (the first local stage of a rank: it arrived during our last tick), the double buffer's,
+        or the held copy of the clip's last sample (the drain)."""
+        sp = plan.stages[k]
+        if k == 0:
+            x_in = x0 if sp.arrive is not None else None
+        elif k == self.lo:
+            got = self.boundary.receive("act", plan.tick, self.mode)
+            x_in = None if got is None else got[0]
+        else:
+            x_in = up[k]
+        if sp.keep_arrival:  # the last sample of the clip from below: held samples are copies of it
+            self._carry("held", 0, k, x_in.detach())
+        if k > 0 and sp.arrive is not None and not sp.arrive_real:
+            x_in = self.buffers.get(("held", 0, k))
+        if sp.arrive is not None and x_in is None:
+            raise RuntimeError(f"stage {k} expected a sample at tick {plan.tick} and got none")
+        return x_in
+
+    def _forwards_ahead(self, plan: TickPlan, arrivals: dict) -> None:
+        """Every stage's first conv, where it reads the stage's arriving sample, run before the
+        stages in one grouped launch per kernel shape, where the backend groups forwards
+        (``kernels(...).group_forwards``: Triton's box kernels); each stage then finds its output
+        (:meth:`~.nn.SidewaysConv3d.forward_ahead`). Only a stage's first conv can go ahead: it
+        reads last tick's sample, a later one what this tick's nodes make. A lone forward runs in
+        its stage as before. Then those convs' input gradients are held (:meth:`_defer_input_grads`)."""
+        if self.mode == "bp" or self.observer is not None:
+            return
+        batches: dict = {}
+        firsts = []  # (stage, layer) of the convs found
+        for k in range(self.lo, self.hi):
+            found = self._first_conv(k, plan.stages[k], arrivals[k])
+            if found is None:
+                continue
+            layer, action, slot = found
+            firsts.append((k, layer))
+            kernels = layer._stream.kernels
+            grouped = getattr(kernels, "group_forwards", None)
+            args = layer.forward_ahead(arrivals[k], action, slot) if grouped is not None else None
+            if args is not None and kernels.groups_forward(args):
+                batches.setdefault(_grouping(grouped), []).append((layer, args))
+        for batch in batches.values():
+            if len(batch) < 2:
+                continue
+            self.at = "the stages' first forwards, grouped"
+            outs = batch[0][0]._stream.kernels.group_forwards([args for _, args in batch])
+            for (layer, args), out in zip(batch, outs):
+                layer._stream.ahead = ((args[1].data_ptr(), args[2]), out)
+        self._defer_input_grads(plan, firsts)
+
+    def _defer_input_grads(self, plan: TickPlan, firsts: list) -> None:
+        """The input gradients of the stages' first convs (``firsts``: (stage, layer)) held until
+        every stage's backward has run, then run in one grouped launch per kernel shape where the
+        backend groups them (``kernels(...).group_input_grads``) and two or more stages send an
+        error down this tick: each goes only into the error its stage sends down (the stage's
+        input, a leaf of this tick's graph), which nothing reads before the tick's end."""
+        backs = [(k, layer) for k, layer in firsts if self.mode == "sideways" and plan.stages[k].backward
+                 and plan.stages[k].sends_error and getattr(layer._stream.kernels, "group_input_grads", None) is not None]
+        grouping = {_grouping(layer._stream.kernels.group_input_grads) for _, layer in backs}
+        if len(backs) < 2 or len(grouping) != 1:
+            return
+        for k, layer in backs:
+            self._deferred[k] = calls = []
+            layer._stream.defer_input_grad = calls.append
+        self._group_input_grads = backs[0][1]._stream.kernels.group_input_grads
+
+    def _deferred_errors(self, pending: dict, tick: int, new_down: list) -> None:
+        """The errors of the stages whose first conv's input gradient was held (``pending``: stage
+        -> (the error's other parts, the stage's input)): those gradients in grouped launches, then
+        each error sent down."""
+        calls = [(k, args) for k in pending for args in self._deferred[k]]
+        grads = self._group_input_grads([args for _, args in calls]) if calls else []
+        for (k, _), grad in zip(calls, grads):
+            pending[k][0].append(grad.unsqueeze(2))
+        for k, (parts, x_in) in pending.items():
+            self._send_down(k, functools.reduce(torch.add, parts) if parts else torch.zeros_like(x_in), tick, new_down)
+
+    def _send_down(self, k: int, err: torch.Tensor, tick: int, new_down: list) -> None:
+        """Stage ``k``'s error for the stage below: across the boundary, or into its double buffer."""
+        if k == self.lo and k > 0 and self.boundary is not None:
+            self.boundary.send("down", tick, err, mode=self.mode)
+        elif k > 0:
+            new_down[k - 1] = self._carry("err", tick % 2, k - 1, err)
+
+    def _first_conv(self, k: int, sp: StagePlan, x_in) -> Optional[tuple]:
+        """(layer, ring action, slot) of stage ``k``'s first step when it is a conv of the stage's
+        arriving sample (a conv node that emits, or a chain stage whose nn.Sequential starts with
+        the conv) on the ring ops, else None."""
+        if x_in is None or not sp.steps:
+            return None
+        step = sp.steps[0]
+        node = self.graph.nodes[step.node]
+        if not step.fire or step.stores or list(node.inputs) != [self.inputs[k]] or step.inputs[0] != "new":
+            return None
+        if isinstance(node, ConvNode):
+            action, slot, emits, _ = step.work
+            layer = node.module if emits else None
+        elif isinstance(node, ChainNode):
+            layer = _leading_conv(node.module)
+            if layer is not None:
+                action, slot = node.steps(step.m, self.schedule.length(node.inputs[0]))[0]
+        else:
+            layer = None
+        s = None if layer is None else layer._stream
+        if s is None or s.mode == "bp":
+            return None
+        return layer, action, slot
 
     def _stage(self, k: int, sp: StagePlan, x_in, err_in, above: bool, tick: int, done: list):
         """One stage's tick: its steps, the top's loss, the Sideways backward of what is due.
@@ -323,6 +428,8 @@ class Engine:
                 torch.autograd.backward([t for t, _ in tensors], [g for _, g in tensors])
             if sp.sends_error:
                 parts = ([leaf.grad] if leaf is not None and leaf.grad is not None else []) + caught
+                if k in self._deferred:  # the rest of it is its first conv's input gradient, at the tick's end
+                    return out, parts, (loss if mode == "bp" else None if loss is None else loss.detach())
                 err = functools.reduce(torch.add, parts) if parts else torch.zeros_like(x_in)
         elif mode == "sideways" and sp.takes_error and err_in is not None:
             self._queue_add(out_node, err_in, flags)
@@ -535,6 +642,22 @@ class Engine:
             if s is not None:
                 self._home[s.device].wait_stream(s)
                 torch.cuda.set_stream(self._home[s.device])
+
+
+def _grouping(fn):
+    """What decides which layers share a grouped call: the backend's function (each stage's
+    backend wraps the same one)."""
+    return getattr(fn, "__wrapped__", fn)
+
+
+def _leading_conv(module: torch.nn.Module) -> Optional[SidewaysConv3d]:
+    """The SidewaysConv3d a module's forward applies first to its input: down the first children
+    of plain nn.Sequential modules (no hooks that could change the input; a subclass may
+    compute otherwise), else None."""
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    while type(module) is torch.nn.Sequential and len(module) and not module._forward_pre_hooks and not hooks:
+        module = module[0]
+    return module if isinstance(module, SidewaysConv3d) and not module._forward_pre_hooks else None
 
 
 class _StageTimer:

@@ -51,6 +51,8 @@ class _Stream:
     smoothing: int = 1  # weight updates pair the mean of the last k windows with the mean of the last k errors
     history: Optional[collections.deque] = None  # smoothing > 1: (window in time order, error) of the last k
     updates: Optional[object] = None  # backend.WeightUpdates: the weight update waits for the tick's end
+    ahead: Optional[tuple] = None  # ((frame's address, slot), output): this tick's forward, run ahead (Engine)
+    defer_input_grad: Optional[Callable] = None  # takes this tick's window_input_grad args, run later (Engine)
 
     def weight_op(self, op: str, *args) -> None:
         """Weight op ``op`` ("weight_grad_accumulate" or "sgd_tick_update") now, or held for the
@@ -189,6 +191,41 @@ class SidewaysConv3d(nn.Conv3d):
         taps read a frame of the clip (None: all; :func:`live_taps`) — Sideways sends the error
         down through those only."""
         s = self._stream
+        frame = self._stream_frame(x)
+        if s.mode == "bp":  # F.conv3d: autocast applies as to any conv
+            return self._window_forward(frame, action, emit)
+        frame = _autocast(frame)
+        self._ready_ring(frame, action, slot)
+        push = frame if action == PUSH else None
+        if not emit:  # a strided layer between outputs: the frame only goes into the ring (Sideways
+            with torch.no_grad():  # hands an error to the frame that completes a window)
+                if push is not None:
+                    self._ring[slot].copy_(push)
+            return None
+        if s.mode == "infer" or not torch.is_grad_enabled():
+            out = _ring_forward(s, self._ring, push, slot, self.weight, self.bias)
+        else:
+            return _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
+        return out.unsqueeze(2)
+
+    def forward_ahead(self, x: torch.Tensor, action: str, slot: int) -> Optional[tuple]:
+        """The ring op's arguments of this tick's forward of ``x`` (a push that emits), for a grouped
+        launch ahead of the stages (Engine), having done what :meth:`stream_step` does before the op
+        (the ring made, or zeroed at the run's first step); the launch's output goes to
+        :attr:`_Stream.ahead`, where the stage's own call finds it. None where the forward is not
+        one to run ahead: not streaming with the ring ops, not a push, a frame padded or cast
+        first (a new tensor each call)."""
+        s = self._stream
+        if s is None or s.mode == "bp" or action != PUSH:
+            return None
+        frame = self._stream_frame(x)
+        if s.geometry[0] is not None or frame.dtype != activation_dtype(frame):
+            return None
+        return (self._ready_ring(frame, action, slot), frame, slot, self.weight, self.bias, *s.geometry[1])
+
+    def _stream_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked, as the 4-D frame the ring takes (padded first where the op cannot pad)."""
+        s = self._stream
         if x.dim() != 5 or x.shape[2] != 1:
             raise ValueError(f"inside a pipeline {type(self).__name__} receives one frame [B, C, 1, H, W], "
                              f"got shape {tuple(x.shape)}")
@@ -197,13 +234,14 @@ class SidewaysConv3d(nn.Conv3d):
         if s.geometry is None:
             padding, pre_pad = self._spatial_padding()
             s.geometry = (pre_pad, self.conv2d_args(padding))
-        pre_pad, args = s.geometry
+        pre_pad = s.geometry[0]
         frame = x.squeeze(2)
-        if pre_pad is not None:
-            frame = F.pad(frame, *pre_pad)
-        if s.mode == "bp":  # F.conv3d: autocast applies as to any conv
-            return self._window_forward(frame, action, emit)
-        frame = _autocast(frame)
+        return F.pad(frame, *pre_pad) if pre_pad is not None else frame
+
+    def _ready_ring(self, frame: torch.Tensor, action: str, slot: int) -> torch.Tensor:
+        """The ring, ready for ``frame``'s step: made (or zeroed: the clip's start padding) at the
+        run's first step, slot ``slot`` zeroed for a ZEROS step."""
+        s = self._stream
         if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
             shape = (self.span, *frame.shape)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
@@ -215,17 +253,7 @@ class SidewaysConv3d(nn.Conv3d):
         if action == ZEROS:
             with torch.no_grad():
                 self._ring[slot].zero_()
-        push = frame if action == PUSH else None
-        if not emit:  # a strided layer between outputs: the frame only goes into the ring (Sideways
-            with torch.no_grad():  # hands an error to the frame that completes a window)
-                if push is not None:
-                    self._ring[slot].copy_(push)
-            return None
-        if s.mode == "infer" or not torch.is_grad_enabled():
-            out = s.kernels.ring_conv_forward(self._ring, push, slot, self.weight, self.bias, *args)
-        else:
-            return _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
-        return out.unsqueeze(2)
+        return self._ring
 
     def _window_forward(self, frame: torch.Tensor, action: str, emit: bool):
         """bp mode: the window is a list of graph-connected frames, so autograd through the
@@ -267,7 +295,7 @@ class _SidewaysTick(torch.autograd.Function):
         # Everything the backward needs, as of this tick (it may run after the run ended).
         ctx.layer, ctx.stream, ctx.ring, ctx.slot, ctx.live = layer, s, layer._ring, slot, live
         ctx.input_hw = list(frame.shape[-2:])
-        out = s.kernels.ring_conv_forward(layer._ring, push, slot, weight, bias, *s.geometry[1])
+        out = _ring_forward(s, layer._ring, push, slot, weight, bias)
         # [B, C', 1, H', W'] by changing the fresh output's own shape, not as a view of it: a view
         # made here may not be modified in place (ReLU(inplace=True) next), and a copy would cost
         # a pass over the activation every tick.
@@ -289,8 +317,11 @@ class _SidewaysTick(torch.autograd.Function):
                 weight = weight.narrow(2, ctx.live.index(True), sum(ctx.live))  # a run: a view, same strides
             elif ctx.live is not None:  # no tap reads the clip
                 weight = torch.zeros_like(weight)
-            grad_frame = s.kernels.window_input_grad(grad_out, weight, ctx.input_hw, stride, padding, dilation,
-                                                     groups)
+            call = (grad_out, weight, ctx.input_hw, stride, padding, dilation, groups)
+            if s.defer_input_grad is not None:  # the engine runs it with other stages' at the tick's end
+                s.defer_input_grad(call)
+            else:
+                grad_frame = s.kernels.window_input_grad(*call)
         train_w = ctx.needs_input_grad[2]
         train_b = layer.bias is not None and ctx.needs_input_grad[3]
         slot = ctx.slot
@@ -312,6 +343,15 @@ class _SidewaysTick(torch.autograd.Function):
                 elif train_b:
                     _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
         return grad_frame, None, None, None, None, None, None
+
+
+def _ring_forward(s: _Stream, ring, push, slot: int, weight, bias) -> torch.Tensor:
+    """This tick's ring op — or its output, where the engine ran it ahead in a grouped launch
+    (:meth:`SidewaysConv3d.forward_ahead`) for this frame and slot (the frame already pushed)."""
+    ahead, s.ahead = s.ahead, None
+    if ahead is not None and push is not None and ahead[0] == (push.data_ptr(), slot):
+        return ahead[1]
+    return s.kernels.ring_conv_forward(ring, push, slot, weight, bias, *s.geometry[1])
 
 
 def _autocast(frame: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from ..ops import conv_output_size
 from ..reference import sgd_step
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update",
-           "grouped_weight_updates", "grouped_ring_conv_forwards", "bias_grad", "launches", "using", "picked"]
+           "grouped_weight_updates", "grouped_ring_conv_forwards", "grouped_window_input_grads", "bias_grad", "launches", "using", "picked"]
 
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -311,27 +311,15 @@ def _push(ring: torch.Tensor, slot: int, frame: torch.Tensor) -> None:
 @triton_op("sideways_triton::window_input_grad", mutates_args={})
 def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: List[int], stride: List[int],
                       padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
-    _check(grad_out.dim() == 4 and weight.dim() == 5, "grad_out must be 4-D and weight 5-D")
-    _check(grad_out.dtype in DTYPES, f"the Triton backend runs {DTYPES}; grad_out is {grad_out.dtype}")
-    B, c_out, h_out, w_out = grad_out.shape
-    _check(weight.shape[0] == c_out and c_out % groups == 0, "grad_out.size(1) must be weight.size(0), divisible by groups")
-    H, W = input_size
-    k_h, k_w = weight.shape[3:]
-    _check(conv_output_size(H, k_h, stride[0], padding[0], dilation[0]) == h_out
-           and conv_output_size(W, k_w, stride[1], padding[1], dilation[1]) == w_out,
-           f"grad_out's {h_out}x{w_out} is not the conv output size for input_size {input_size}")
-    cg = weight.shape[1]
+    B, c_out, h_out, w_out, cg, H, W, k_h, k_w = _input_grad_geometry(grad_out, weight, input_size, stride, padding,
+                                                                      dilation, groups)
     grad_in = torch.empty((B, cg * groups, H, W), dtype=grad_out.dtype, device=grad_out.device,
                           memory_format=torch.channels_last)
     launches["window_input_grad"] += 1
     if _take_box("window_input_grad", box_path(grad_out.device, grad_out.dtype, stride, groups, (cg, c_out),
                                                (grad_out,))):
-        # the forward's box kernel on the error as a one-slot ring, with the taps' sum flipped in
-        # space and the padding that makes a stride-1 transposed conv a conv (boxes.py)
-        flipped = _weight_as(weight, grad_out.dtype, summed=True, flipped=True)
-        pad = [dilation[i] * (weight.shape[3 + i] - 1) - padding[i] for i in range(2)]
-        _box_gemm("box_input_grad", grad_out.unsqueeze(0), flipped, None, grad_in, 1, 0, pad, dilation, 1,
-                  (1, k_h, k_w))
+        box = _input_grad_box(grad_out, weight, padding, dilation, grad_in)
+        _box_gemm("box_input_grad", box.ring, box.weight, None, grad_in, 1, 0, box.padding, dilation, 1, box.taps)
         return grad_in
     summed = _weight_as(weight, grad_out.dtype, summed=True)
     M, N = B * H * W, cg
@@ -342,6 +330,20 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
             dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), ONE_GROUP=groups == 1), grad_out.device,
             element_size=grad_out.element_size())
     return grad_in
+
+
+def _input_grad_geometry(grad_out, weight, input_size, stride, padding, dilation, groups) -> tuple:
+    """The checks of an input gradient's arguments: B, C_out, H', W', C/groups, H, W, k_h, k_w."""
+    _check(grad_out.dim() == 4 and weight.dim() == 5, "grad_out must be 4-D and weight 5-D")
+    _check(grad_out.dtype in DTYPES, f"the Triton backend runs {DTYPES}; grad_out is {grad_out.dtype}")
+    B, c_out, h_out, w_out = grad_out.shape
+    _check(weight.shape[0] == c_out and c_out % groups == 0, "grad_out.size(1) must be weight.size(0), divisible by groups")
+    H, W = input_size
+    k_h, k_w = weight.shape[3:]
+    _check(conv_output_size(H, k_h, stride[0], padding[0], dilation[0]) == h_out
+           and conv_output_size(W, k_w, stride[1], padding[1], dilation[1]) == w_out,
+           f"grad_out's {h_out}x{w_out} is not the conv output size for input_size {input_size}")
+    return B, c_out, h_out, w_out, weight.shape[1], H, W, k_h, k_w
 
 
 def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, dilation, dilation_t: int, taps: tuple,
@@ -669,7 +671,33 @@ def _grouped_launch(updates: list) -> bool:
     return True
 
 
-# --- the forwards of a tick's layers in one launch ---------------------------------------------
+# --- the forwards (and input gradients) of a tick's layers in one launch -------------------------
+
+
+@dataclasses.dataclass
+class _Box:
+    """One problem of a grouped box launch (:func:`.boxes._grouped_box_forward_kernel`): ``out``
+    ``[B, C_OUT, H_OUT, W_OUT]`` (dense channels-last) = the convolution of ``ring`` ``[R, B, C, H,
+    W]`` (window's newest frame in ``slot``) with ``weight`` in the GEMM layout ``[taps·C, C_OUT]``
+    (``taps``: k_t, k_h, k_w) at stride 1, plus ``bias``; ``frame``: pushed into ``slot`` by the
+    same launch. A forward, or an input gradient: the error as a one-slot ring and the taps' sum
+    flipped in space (as :func:`window_input_grad`'s box path)."""
+    ring: torch.Tensor
+    frame: Optional[torch.Tensor]
+    slot: int
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    padding: list
+    dilation: list
+    dilation_t: int
+    taps: tuple
+    out: torch.Tensor
+
+    def key(self) -> tuple:
+        """What a problem shares with those it is launched with."""
+        dtype = self.ring.dtype
+        return (*self.taps, dtype, self.bias.dtype if self.bias is not None else dtype, self.ring.device,
+                self.frame is not None)
 
 
 def grouped_ring_conv_forwards(calls: list) -> list:
@@ -678,88 +706,115 @@ def grouped_ring_conv_forwards(calls: list) -> list:
     whether frames are pushed), one :func:`.boxes._grouped_box_forward_kernel` over every layer's
     tiles that also pushes every frame into its slot; up to ``kernels.GROUP`` layers a launch. A
     call off the box path (:func:`box_path`), with a frame whose channels are not innermost, on a
-    ring met before in ``calls`` (it runs after the others), or in a launch whose table a
-    CUDA-graph capture cannot make, runs as :func:`ring_conv_forward` alone. The results are the
-    op's: the same sums in the same order, except that the op alone may split K on a GPU."""
-    outs: list = [None] * len(calls)
-    groups: dict = {}
-    alone, later, rings = [], [], set()
-    for i, args in enumerate(calls):
-        if id(args[0]) in rings:
-            later.append(i)
-            continue
+    ring met before in ``calls``, or in a launch whose table a CUDA-graph capture cannot make,
+    runs as :func:`ring_conv_forward` alone, after the grouped launches, in order. The results
+    are the op's: the same sums in the same order, except that the op alone may split K on a
+    GPU. Bad arguments raise as the op would."""
+    boxes, rings = [], set()
+    for args in calls:
+        boxes.append(_forward_box(*args) if id(args[0]) not in rings else None)
         rings.add(id(args[0]))
-        key = _forward_group(args)
-        (alone if key is None else groups.setdefault(key, [])).append(i)
-    for members in groups.values():
-        for lo in range(0, len(members), K.GROUP):
-            chunk = members[lo:lo + K.GROUP]
-            got = _grouped_forward_launch([calls[i] for i in chunk])
-            if got is None:
-                alone.extend(chunk)
-            else:
-                for i, out in zip(chunk, got):
-                    outs[i] = out
-    for i in sorted(alone) + later:
-        outs[i] = ring_conv_forward(*calls[i])
-    return outs
+    return _grouped_boxes("ring_conv_forward", boxes, lambda i: ring_conv_forward(*calls[i]))
 
 
-def _forward_group(args: tuple) -> Optional[tuple]:
-    """What a forward shares with those grouped with it (kernel shape, dtypes, device, whether its
-    frame is pushed), or None where the grouped kernel cannot take it. Checks the arguments as
-    the op does (a bad one raises here, as it would there)."""
-    ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups = args
-    geometry = _forward_geometry(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups)
-    C, c_out = geometry[2], geometry[5]
+def grouped_window_input_grads(calls: list) -> list:
+    """The input gradients of ``calls`` — the arguments of :func:`window_input_grad`, each
+    layer's of a tick — as :func:`grouped_ring_conv_forwards` computes forwards: the box path's
+    input gradient is the forward's kernel on the error, so per kernel shape one grouped launch;
+    what the box path cannot take runs alone."""
+    return _grouped_boxes("window_input_grad", [_input_grad_box_of(*args) for args in calls],
+                          lambda i: window_input_grad(*calls[i]))
+
+
+def _forward_box(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups) -> Optional[_Box]:
+    """A forward as a grouped launch's problem, or None where the grouped kernel cannot take it."""
+    R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _forward_geometry(ring, frame, slot, weight, bias, stride,
+                                                                           padding, dilation, dilation_t, groups)
     if box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,)) is not None:
         return None
     if frame is not None and _tma_strides(frame) is None:
         return None
-    return (*weight.shape[2:], ring.dtype, bias.dtype if bias is not None else ring.dtype, ring.device,
-            frame is not None)
+    out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
+    return _Box(ring, frame, slot, _weight_as(weight, ring.dtype), bias, list(padding), list(dilation), dilation_t,
+                (k_t, k_h, k_w), out)
 
 
-def _grouped_forward_launch(calls: list) -> Optional[list]:
-    """One grouped forward for ``calls`` (one :func:`_forward_group`, at most ``kernels.GROUP``):
-    their outputs, or None (nothing run) inside a CUDA-graph capture that would need a new table."""
-    ring0, frame0, _, weight0, bias0 = calls[0][:5]
-    device, dtype, push = ring0.device, ring0.dtype, frame0 is not None
-    k_t, k_h, k_w = weight0.shape[2:]
-    largest = max(calls, key=lambda a: a[0].shape[3] * a[0].shape[4])
-    cfg = _grouped_config("box_grouped_forward", *largest[0].shape[3:], lambda c: c.BLOCK_M, device)
+def _input_grad_box_of(grad_out, weight, input_size, stride, padding, dilation, groups) -> Optional[_Box]:
+    """An input gradient as a grouped launch's problem, or None where the box path cannot take it."""
+    B, c_out, _, _, cg, H, W, _, _ = _input_grad_geometry(grad_out, weight, input_size, stride, padding, dilation,
+                                                          groups)
+    if box_path(grad_out.device, grad_out.dtype, stride, groups, (cg, c_out), (grad_out,)) is not None:
+        return None
+    grad_in = torch.empty((B, cg, H, W), dtype=grad_out.dtype, device=grad_out.device, memory_format=torch.channels_last)
+    return _input_grad_box(grad_out, weight, padding, dilation, grad_in)
+
+
+def _input_grad_box(grad_out, weight, padding, dilation, grad_in) -> _Box:
+    """The box path's input gradient: the forward's box kernel on the error as a one-slot ring,
+    with the taps' sum flipped in space and the padding that makes a stride-1 transposed conv a
+    conv (boxes.py)."""
+    flipped = _weight_as(weight, grad_out.dtype, summed=True, flipped=True)
+    pad = [dilation[i] * (weight.shape[3 + i] - 1) - padding[i] for i in range(2)]
+    return _Box(grad_out.unsqueeze(0), None, 0, flipped, None, pad, list(dilation), 1, (1, *weight.shape[3:]), grad_in)
+
+
+def _grouped_boxes(op: str, boxes: list, alone) -> list:
+    """The outputs of ``boxes`` (a :class:`_Box` or None each): per :meth:`_Box.key`, grouped
+    launches of up to ``kernels.GROUP``; then ``alone(i)`` for each None and each problem of a
+    launch that could not be made, in order."""
+    outs: list = [None] * len(boxes)
+    groups: dict = {}
+    left = []
+    for i, box in enumerate(boxes):
+        (left if box is None else groups.setdefault(box.key(), [])).append(i)
+    for members in groups.values():
+        for lo in range(0, len(members), K.GROUP):
+            chunk = members[lo:lo + K.GROUP]
+            if _grouped_box_launch(op, [boxes[i] for i in chunk]):
+                for i in chunk:
+                    outs[i] = boxes[i].out
+            else:
+                left.extend(chunk)
+    for i in sorted(left):
+        outs[i] = alone(i)
+    return outs
+
+
+def _grouped_box_launch(op: str, boxes: list) -> bool:
+    """One :func:`.boxes._grouped_box_forward_kernel` for ``boxes`` (one key, at most
+    ``kernels.GROUP``); False (nothing run) inside a CUDA-graph capture that would need a new
+    table."""
+    b0 = boxes[0]
+    device, dtype, push = b0.ring.device, b0.ring.dtype, b0.frame is not None
+    largest = max(boxes, key=lambda b: b.out.shape[2] * b.out.shape[3])
+    cfg = _grouped_config("box_grouped_forward", *largest.out.shape[2:], lambda c: c.BLOCK_M, device)
     bh = cfg.BLOCK_M // cfg.BOX_W
-    rows, tiles, boxes, outs = [], [0], [0], []
-    for ring, frame, slot, weight, bias, _, padding, dilation, dilation_t, _ in calls:
-        R, B, C, H, W = ring.shape
-        c_out = weight.shape[0]
-        h_out, w_out = (conv_output_size(H, k_h, 1, padding[0], dilation[0]),
-                        conv_output_size(W, k_w, 1, padding[1], dilation[1]))
-        out = torch.empty((B, c_out, h_out, w_out), dtype=dtype, device=device, memory_format=torch.channels_last)
-        outs.append(out)
-        rows.append([*_tma_strides(ring), *(_tma_strides(frame) if push else [0, 0, 0]), *_tma_strides(out),
-                     B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t, int(bias is not None)])
+    rows, tiles, pushed = [], [0], [0]
+    for b in boxes:
+        R, B, C, H, W = b.ring.shape
+        _, c_out, h_out, w_out = b.out.shape
+        rows.append([*_tma_strides(b.ring), *(_tma_strides(b.frame) if push else [0, 0, 0]), *_tma_strides(b.out),
+                     B, C, H, W, c_out, h_out, w_out, R, b.slot, *b.padding, *b.dilation, b.dilation_t,
+                     int(b.bias is not None)])
         tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
                      * triton.cdiv(c_out, cfg.BLOCK_N))
-        boxes.append(boxes[-1] + B * triton.cdiv(H, bh) * triton.cdiv(W, cfg.BOX_W) * triton.cdiv(C, cfg.BLOCK_K))
-    table = _table([v for r in rows for v in r] + tiles + (boxes if push else []), torch.int64, device)
+        pushed.append(pushed[-1] + B * triton.cdiv(H, bh) * triton.cdiv(W, cfg.BOX_W) * triton.cdiv(C, cfg.BLOCK_K))
+    table = _table([v for r in rows for v in r] + tiles + (pushed if push else []), torch.int64, device)
     if table is None:
-        return None
-    G = len(calls)
-    weights = [_weight_as(a[3], dtype) for a in calls]  # (alive until the launch has read their addresses)
+        return False
+    G = len(boxes)
     _descriptor_scratch(device)
-    X._grouped_box_forward_kernel[_persistent(max(tiles[-1], boxes[-1] if push else 0), device)](
-        table, G, *_addresses(a[0] for a in calls), *_addresses(a[1] if push else a[0] for a in calls),
-        *_addresses(weights),
-        *_addresses(a[4] if a[4] is not None else a[0] for a in calls), *_addresses(outs),
-        KT=k_t, KH=k_h, KW=k_w, PUSH=push, DTYPE=_TL_DTYPE[dtype],
-        BIAS=_TL_DTYPE[bias0.dtype if bias0 is not None else dtype], G_P2=triton.next_power_of_2(G), **cfg.meta(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    launches["grouped_forward"] += 1
-    paths[("ring_conv_forward", "grouped")] += G
+    X._grouped_box_forward_kernel[_persistent(max(tiles[-1], pushed[-1] if push else 0), device)](
+        table, G, *_addresses(b.ring for b in boxes), *_addresses(b.frame if push else b.ring for b in boxes),
+        *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
+        *_addresses(b.out for b in boxes), KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push,
+        DTYPE=_TL_DTYPE[dtype], BIAS=_TL_DTYPE[b0.bias.dtype if b0.bias is not None else dtype],
+        G_P2=triton.next_power_of_2(G), **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launches[f"grouped_{'forward' if op == 'ring_conv_forward' else 'input_grad'}"] += 1
+    paths[(op, "grouped")] += G
     if push:
-        torch.autograd.graph.increment_version([a[0] for a in calls])  # as the op does (it mutates the ring)
-    return outs
+        torch.autograd.graph.increment_version([b.ring for b in boxes])  # as the op does (it mutates the ring)
+    return True
 
 
 def _addresses(tensors) -> list:
