@@ -364,6 +364,50 @@ def test_a_tick_s_grouped_weight_update_on_gpu_equals_each_layer_s_and_replays_i
         assert torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
 
 
+def test_a_tick_s_grouped_first_convs_on_gpu_equal_each_layer_s_and_replay_in_a_graph():
+    """The stages' first forwards (pushing their frames) and input gradients grouped (sm_90 TMA
+    boxes, bf16, one launch each for layers of three sizes): each layer's own op's results (unsplit,
+    so to the bit); then captured in a CUDA graph (tables made by the eager run before) and
+    replayed: the same again."""
+    T = pytest.importorskip("sideways_kernels.triton")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the box kernels need sm_90 (TMA)")
+    torch.manual_seed(0)
+    shapes = [Geometry(8, 64, 128, 56, 56, 3, (3, 3), padding=(1, 1)), Geometry(8, 128, 256, 28, 28, 3, (3, 3),
+                                                                                padding=(1, 1)),
+              Geometry(8, 256, 256, 14, 14, 3, (3, 3), padding=(1, 1))]
+    layers = []
+    for g in shapes:
+        ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=torch.bfloat16, device="cuda")
+        ring.copy_(torch.randn(ring.shape))
+        frame = torch.randn(g.batch, g.channels, g.height, g.width, device="cuda").to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randn(g.out_channels, g.channels, g.k_t, *g.k_hw, device="cuda") / (g.channels * 27) ** 0.5
+        layers.append((g, ring, frame, grad_out, w, torch.randn(g.out_channels, device="cuda")))
+    forwards = lambda rings: [(r, frame, 1, w, b, *_a(g)) for (g, _, frame, _, w, b), r in zip(layers, rings)]
+    grads = [(grad_out, w, [g.height, g.width], *_a(g)[:3], 1) for g, _, _, grad_out, w, _ in layers]
+    with T.using(gemm_split=1):
+        T.launches.clear()
+        rings = [ring.clone() for _, ring, *_ in layers]
+        outs, down = T.grouped_ring_conv_forwards(forwards(rings)), T.grouped_window_input_grads(grads)
+        assert T.launches["grouped_forward"] == T.launches["grouped_input_grad"] == 1
+        alone_rings = [ring.clone() for _, ring, *_ in layers]
+        for args, out, r, mine in zip(forwards(alone_rings), outs, rings, alone_rings):
+            assert torch.equal(out, T.ring_conv_forward(*args)) and torch.equal(r, mine)
+        for args, got in zip(grads, down):
+            assert torch.equal(got, T.window_input_grad(*args))
+        graph = torch.cuda.CUDAGraph()
+        captured = [ring.clone() for _, ring, *_ in layers]
+        with torch.cuda.graph(graph):
+            outs_g, down_g = T.grouped_ring_conv_forwards(forwards(captured)), T.grouped_window_input_grads(grads)
+        graph.replay()
+        torch.cuda.synchronize()
+    for a, b in zip(outs_g + down_g + captured, outs + down + rings):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_bias_grad_on_gpu_sums_in_fp32_and_the_dispatch_sends_it_where_measured(dtype, monkeypatch):
     """Triton's column sum on the GPU (C3D's first error, and a small odd one) against float64,
