@@ -474,8 +474,28 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
             if pipe.optimizer is not None:
                 pipe.optimizer.state.clear()
             engine.buffers.clear(), engine.fifo.clear(), engine.queue.clear()
+    _group_today(rec.ticks, schedule, pipe, {id(m): name for name, m in convs.items()})
     return Recording(rec.ticks, list(schedule), rec.peaks, rec.leftover, held, grads, grad_storages,
                      sum(p.numel() * 4 for p in net.parameters()), rec.held)
+
+
+def _group_today(ticks: list, schedule, pipe, names: dict) -> None:
+    """Where today's dispatch sends the stages' first convs' forwards or input gradients to
+    Triton, the engine groups them (Engine._forwards_ahead, _defer_input_grads): in each tick such
+    launches share one kernel per kernel shape (``Launch.kernels``: 1 for the first of a group, 0
+    for the others; their split-K sums gone). ``names``: id(layer) -> its name."""
+    for tick, plan in zip(ticks, schedule):
+        problems = schedule.problems(plan)
+        for op in ("forward", "input_grad"):
+            groups, _ = _stage_first(pipe, problems, op)
+            launches = {l.layer: l for l in tick if l.kind == op}
+            chosen = [[launches[names[id(m)]] for m in group if names.get(id(m)) in launches
+                       and today(op, _layer_of(launches[names[id(m)]])) == "triton"] for group in groups.values()]
+            if sum(map(len, chosen)) < 2:
+                continue
+            for group in chosen:
+                for i, launch in enumerate(group):
+                    launch.kernels = int(i % 16 == 0)
 
 
 def kept_across_ticks(got: Recording) -> dict:
@@ -624,13 +644,25 @@ def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
 
 def built_first_conv_launches(pipe, problems: list, op: str) -> tuple[int, str]:
     """The launches the Triton backend makes today for a tick's forwards or input gradients
-    (``op``; ``problems``: ``Schedule.problems``): every stage's first conv, where it reads the
-    stage's arriving sample on the box path, grouped with the other stages' — the forwards (each
-    pushing a frame; not the stem's: the video's own NCDHW frames) ahead of the stages, the input
-    gradients after their backwards —, per kernel shape (an input gradient's: its taps summed,
-    k_h x k_w) and 16 layers one launch, where two or more go (Engine._forwards_ahead); every
-    other one in a launch of its own (counted as one: a split-K sum or a frame's copy not
-    included)."""
+    (``op``; ``problems``: ``Schedule.problems``): the stages' first convs (:func:`_stage_first`)
+    grouped, per kernel shape and 16 layers one launch, where two or more go; every other one in a
+    launch of its own (counted as one: a split-K sum or a frame's copy not included)."""
+    grouped, mine = _stage_first(pipe, problems, op)
+    n = sum(len(g) for g in grouped.values())
+    what = {"forward": "forwards ahead", "input_grad": "input gradients after the backwards"}[op]
+    if n < 2:
+        return len(mine), f"no two stages' first convs to group; {len(mine)} alone"
+    launches = sum(math.ceil(len(g) / 16) for g in grouped.values())
+    return launches + len(mine) - n, (f"{n} stages' first {what} in {launches} launches "
+                                      f"({len(grouped)} kernel shapes), {len(mine) - n} alone")
+
+
+def _stage_first(pipe, problems: list, op: str) -> tuple[dict, list]:
+    """Of a tick's ``op`` problems (forward or input_grad; all of them the second item), the
+    stages' first convs the engine groups on the box path, by kernel shape (an input gradient's:
+    its taps summed, k_h x k_w): each stage's first conv where it reads the stage's arriving sample
+    — the forwards (each pushing a frame; not the stem's: the video's own NCDHW frames) ahead of
+    the stages, the input gradients after their backwards (Engine._forwards_ahead)."""
     from sideways_kernels.engine import _leading_conv
     from sideways_kernels.graph import ChainNode
     graph, inputs = pipe.graph, pipe._schedule(1, "sideways", True).inputs
@@ -642,13 +674,7 @@ def built_first_conv_launches(pipe, problems: list, op: str) -> tuple[int, str]:
         if q.stage > 0 and (op == "input_grad" or q.action == "push") and list(node.inputs) == [inputs[q.stage]] \
                 and leads and _on_box_path(m):
             grouped.setdefault(tuple(m.kernel_size[1 if op == "input_grad" else 0:]), []).append(m)
-    n = sum(len(g) for g in grouped.values())
-    what = {"forward": "forwards ahead", "input_grad": "input gradients after the backwards"}[op]
-    if n < 2:
-        return len(mine), f"no two stages' first convs to group; {len(mine)} alone"
-    launches = sum(math.ceil(len(g) / 16) for g in grouped.values())
-    return launches + len(mine) - n, (f"{n} stages' first {what} in {launches} launches "
-                                      f"({len(grouped)} kernel shapes), {len(mine) - n} alone")
+    return grouped, mine
 
 
 def _problem_layer(pipe, q) -> SidewaysConv3d:

@@ -219,6 +219,27 @@ def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
             assert tm.built_first_conv_launches(pipe, ps, op) == expected, (widths, op)
 
 
+def test_today_s_count_groups_the_stages_first_input_gradients_the_dispatch_sends_to_triton():
+    """Today's dispatch sends sm_90's bf16 input gradients to Triton, so the engine groups the
+    stages' first convs' ones: in the recording those launches share one kernel a tick (the
+    first counts it, the others 0); the forwards (cuDNN's, per layer) and every other layer's
+    input gradient keep their own."""
+    net = models.c3d(5, widths=(8, 8, 8, 8), conv=SidewaysConv3d)
+    pipe = SidewaysPipeline(models.stages(net, 4))
+    assert tm.today("input_grad") == "triton" and tm.today("forward") == "torch"
+    firsts = {"1.0", "2.0", "3.0"}  # the upper stages' first convs (the stem sends no error; 4.1 is the head)
+    grouped = 0
+    for tick in tm.record(net, pipe, 2, 16, 8).ticks:
+        mine = [l.kernels for l in tick if l.kind == "input_grad" and l.layer in firsts]
+        if len(mine) >= 2:
+            assert mine == [1] + [0] * (len(mine) - 1)
+            grouped += 1
+        else:
+            assert all(k >= 1 for k in mine)
+        assert all(l.kernels >= 1 for l in tick if l.kind != "input_grad" or l.layer not in firsts)
+    assert grouped >= 3
+
+
 def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_nearest_its_channels(monkeypatch):
     """gemm_us: a launch with the FLOPs of a measured shape takes that shape's measured GPU time
     (the table named, or "today": the backend dispatch.json picks for the op); a layer between
