@@ -83,7 +83,7 @@ $(TRITON_VENV)/.installed:
 
 gpu-check: install $(TRITON_VENV)/.installed
 	$(PY) bench/gpu_check.py
-	$(TRITON_VENV)/bin/python bench/gpu_check.py
+	$(TRITON_VENV)/bin/python bench/gpu_check.py --arch 90  # the device image's Triton, on its architecture
 
 clean:
 	rm -rf build build-cmake *.egg-info sideways_kernels/*.so $(TRITON_VENV)
