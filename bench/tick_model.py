@@ -487,7 +487,7 @@ def _group_today(ticks: list, schedule, pipe, names: dict) -> None:
     for tick, plan in zip(ticks, schedule):
         problems = schedule.problems(plan)
         for op in ("forward", "input_grad"):
-            groups, _ = _stage_first(pipe, problems, op)
+            groups, _ = _stage_first(pipe, schedule.inputs, problems, op)
             launches = {l.layer: l for l in tick if l.kind == op}
             chosen = [[launches[names[id(m)]] for m in group if names.get(id(m)) in launches
                        and today(op, _layer_of(launches[names[id(m)]])) == "triton"] for group in groups.values()]
@@ -647,7 +647,7 @@ def built_first_conv_launches(pipe, problems: list, op: str) -> tuple[int, str]:
     (``op``; ``problems``: ``Schedule.problems``): the stages' first convs (:func:`_stage_first`)
     grouped, per kernel shape and 16 layers one launch, where two or more go; every other one in a
     launch of its own (counted as one: a split-K sum or a frame's copy not included)."""
-    grouped, mine = _stage_first(pipe, problems, op)
+    grouped, mine = _stage_first(pipe, pipe._schedule(1, "sideways", True).inputs, problems, op)
     n = sum(len(g) for g in grouped.values())
     what = {"forward": "forwards ahead", "input_grad": "input gradients after the backwards"}[op]
     if n < 2:
@@ -657,15 +657,16 @@ def built_first_conv_launches(pipe, problems: list, op: str) -> tuple[int, str]:
                                       f"({len(grouped)} kernel shapes), {len(mine) - n} alone")
 
 
-def _stage_first(pipe, problems: list, op: str) -> tuple[dict, list]:
+def _stage_first(pipe, inputs: list, problems: list, op: str) -> tuple[dict, list]:
     """Of a tick's ``op`` problems (forward or input_grad; all of them the second item), the
     stages' first convs the engine groups on the box path, by kernel shape (an input gradient's:
     its taps summed, k_h x k_w): each stage's first conv where it reads the stage's arriving sample
     — the forwards (each pushing a frame; not the stem's: the video's own NCDHW frames) ahead of
-    the stages, the input gradients after their backwards (Engine._forwards_ahead)."""
+    the stages, the input gradients after their backwards (Engine._forwards_ahead). ``inputs``:
+    the schedule's, the producer entering each stage."""
     from sideways_kernels.engine import _leading_conv
     from sideways_kernels.graph import ChainNode
-    graph, inputs = pipe.graph, pipe._schedule(1, "sideways", True).inputs
+    graph = pipe.graph
     grouped: dict = {}
     mine = [q for q in problems if q.op == op]
     for q in mine:

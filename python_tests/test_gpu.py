@@ -311,6 +311,24 @@ def test_triton_box_kernels_on_gpu(g, dtype):
         torch.testing.assert_close(buf_graph, buf_eager)
 
 
+def _bf16_layers(shapes: list) -> list:
+    """Per geometry, a layer's tensors on the GPU as a pipeline hands them to the box kernels: (g,
+    its bf16 ring, a bf16 error and the next frame, both channels-last, its fp32 weight and bias),
+    as (g, ring, grad_out, weight, bias, frame)."""
+    layers = []
+    for g in shapes:
+        ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=torch.bfloat16, device="cuda")
+        ring.copy_(torch.randn(ring.shape))
+        grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randn(g.out_channels, g.channels, g.k_t, *g.k_hw, device="cuda") / (g.channels * 27) ** 0.5
+        b = torch.randn(g.out_channels, device="cuda")
+        frame = torch.randn(g.batch, g.channels, g.height, g.width, device="cuda").to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        layers.append((g, ring, grad_out, w, b, frame))
+    return layers
+
+
 def test_a_tick_s_grouped_weight_update_on_gpu_equals_each_layer_s_and_replays_in_a_graph():
     """The grouped weight update (every layer of a tick in one launch, sm_90 TMA boxes, bf16):
     the weights and momentum buffers each layer's own op leaves (same split count), the biases
@@ -324,21 +342,14 @@ def test_a_tick_s_grouped_weight_update_on_gpu_equals_each_layer_s_and_replays_i
     shapes = [Geometry(8, 64, 128, 28, 28, 3, (3, 3), padding=(1, 1)), Geometry(8, 128, 128, 14, 14, 3, (3, 3),
                                                                                 padding=(1, 1)),
               Geometry(8, 128, 256, 7, 7, 3, (3, 3), padding=(1, 1))]
-    layers = []
-    for g in shapes:
-        ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=torch.bfloat16, device="cuda")
-        ring.copy_(torch.randn(ring.shape))
-        grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(torch.bfloat16).contiguous(
-            memory_format=torch.channels_last)
-        w = torch.randn(g.out_channels, g.channels, g.k_t, *g.k_hw, device="cuda") / (g.channels * 27) ** 0.5
-        layers.append((g, ring, grad_out, w, torch.randn(g.out_channels, device="cuda")))
+    layers = _bf16_layers(shapes)
 
     def calls(params):
         return [("sgd_tick_update", (w, buf, b, b_buf, grad_out, ring, 1, *_a(g), 0.01, 0.9, 0.0, 1e-4, False, False))
-                for (g, ring, grad_out, _, _), (w, buf, b, b_buf) in zip(layers, params)]
+                for (g, ring, grad_out, *_), (w, buf, b, b_buf) in zip(layers, params)]
 
     def fresh():
-        return [(w.clone(), torch.ones_like(w), b.clone(), torch.ones_like(b)) for *_, w, b in layers]
+        return [(w.clone(), torch.ones_like(w), b.clone(), torch.ones_like(b)) for _, _, _, w, b, _ in layers]
     grouped, alone = fresh(), fresh()
     with T.using(split=3):
         T.launches.clear()
@@ -376,18 +387,9 @@ def test_a_tick_s_grouped_first_convs_on_gpu_equal_each_layer_s_and_replay_in_a_
     shapes = [Geometry(8, 64, 128, 56, 56, 3, (3, 3), padding=(1, 1)), Geometry(8, 128, 256, 28, 28, 3, (3, 3),
                                                                                 padding=(1, 1)),
               Geometry(8, 256, 256, 14, 14, 3, (3, 3), padding=(1, 1))]
-    layers = []
-    for g in shapes:
-        ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=torch.bfloat16, device="cuda")
-        ring.copy_(torch.randn(ring.shape))
-        frame = torch.randn(g.batch, g.channels, g.height, g.width, device="cuda").to(torch.bfloat16).contiguous(
-            memory_format=torch.channels_last)
-        grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(torch.bfloat16).contiguous(
-            memory_format=torch.channels_last)
-        w = torch.randn(g.out_channels, g.channels, g.k_t, *g.k_hw, device="cuda") / (g.channels * 27) ** 0.5
-        layers.append((g, ring, frame, grad_out, w, torch.randn(g.out_channels, device="cuda")))
-    forwards = lambda rings: [(r, frame, 1, w, b, *_a(g)) for (g, _, frame, _, w, b), r in zip(layers, rings)]
-    grads = [(grad_out, w, [g.height, g.width], *_a(g)[:3], 1) for g, _, _, grad_out, w, _ in layers]
+    layers = _bf16_layers(shapes)
+    forwards = lambda rings: [(r, frame, 1, w, b, *_a(g)) for (g, _, _, w, b, frame), r in zip(layers, rings)]
+    grads = [(grad_out, w, [g.height, g.width], *_a(g)[:3], 1) for g, _, grad_out, w, _, _ in layers]
     with T.using(gemm_split=1):
         T.launches.clear()
         rings = [ring.clone() for _, ring, *_ in layers]

@@ -355,10 +355,7 @@ class Engine:
                 action, slot = node.steps(step.m, self.schedule.length(node.inputs[0]))[0]
         else:
             layer = None
-        s = None if layer is None else layer._stream
-        if s is None or s.mode == "bp":
-            return None
-        return layer, action, slot
+        return None if layer is None or layer._stream is None else (layer, action, slot)
 
     def _stage(self, k: int, sp: StagePlan, x_in, err_in, above: bool, tick: int, done: list):
         """One stage's tick: its steps, the top's loss, the Sideways backward of what is due.

@@ -38,7 +38,8 @@ from ..ops import conv_output_size
 from ..reference import sgd_step
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update",
-           "grouped_weight_updates", "grouped_ring_conv_forwards", "grouped_window_input_grads", "bias_grad", "launches", "using", "picked"]
+           "grouped_weight_updates", "grouped_ring_conv_forwards", "grouped_window_input_grads", "bias_grad",
+           "launches", "using", "picked"]
 
 launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
