@@ -410,6 +410,49 @@ def test_a_tick_s_grouped_first_convs_on_gpu_equal_each_layer_s_and_replay_in_a_
         assert torch.equal(a, b)
 
 
+def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cuda_graphs(monkeypatch):
+    """Stages that are a conv and its ReLU, run by the engine itself on Triton (sm_90 TMA boxes,
+    bf16 autocast: every such stage's forward in one launch with the ReLU, the next stage's buffer
+    and the error's mask in its epilogue; their input gradients in one): the per-stage path's
+    losses and gradients to the bit; captured in CUDA graphs and replayed over two clips, the
+    eager results."""
+    pytest.importorskip("sideways_kernels.triton")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the box kernels need sm_90 (TMA)")
+    from sideways_kernels.engine import Engine
+
+    def chain():
+        torch.manual_seed(0)
+        stages = [torch.nn.Sequential(sk.SidewaysConv3d(64 if k else 16, 64, 3, padding=1), torch.nn.ReLU())
+                  for k in range(4)]
+        stages[-1].extend([torch.nn.AdaptiveAvgPool3d((None, 1, 1)), sk.SidewaysConv3d(64, 10, 1)])
+        return [stage.cuda() for stage in stages]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    clips = [(torch.randn(2, 16, 12, 28, 28, device="cuda", generator=g),
+              torch.randint(0, 10, (2,), device="cuda", generator=g)) for _ in range(2)]
+    results = {}
+    for way, graphs in (("own", False), ("per stage", False), ("own", True)):
+        stages = chain()
+        pipe = SidewaysPipeline(stages, backend="triton", cuda_graph=graphs)
+        rows = []
+        with monkeypatch.context() as m:
+            if way == "per stage":
+                m.setattr(Engine, "_own_stage", lambda *args: None)
+            for video, target in clips:
+                with torch.autocast("cuda", torch.bfloat16):
+                    r = pipe.backward_clip(video, target)
+                rows.append((r.loss, [p.grad.clone() for s in stages for p in s.parameters()]))
+                for s in stages:
+                    s.zero_grad()
+        if graphs:
+            assert pipe._graphs.replays > 0 and not pipe._graphs.failed, pipe._graphs.failed
+        results[way, graphs] = rows
+    for own, per_stage, graphed in zip(results["own", False], results["per stage", False], results["own", True]):
+        assert torch.equal(own[0], per_stage[0]) and all(torch.equal(a, b) for a, b in zip(own[1], per_stage[1]))
+        torch.testing.assert_close(graphed[0], own[0], rtol=1e-5, atol=1e-6)
+        assert rel_error(graphed[1], own[1]) < 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_bias_grad_on_gpu_sums_in_fp32_and_the_dispatch_sends_it_where_measured(dtype, monkeypatch):
     """Triton's column sum on the GPU (C3D's first error, and a small odd one) against float64,

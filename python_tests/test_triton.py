@@ -1,6 +1,7 @@
 """The Triton backend on CPU, under Triton's interpreter (float32/float16; bfloat16 comes out
 wrong in the interpreter, so it is checked only on a GPU): every op vs reference.py, and
 whole pipelines with SIDEWAYS_BACKEND=triton against the torch backend."""
+import collections
 import contextlib
 import os
 
@@ -751,8 +752,8 @@ def _layer_updates(sgd: dict, *, seed=0):
 @pytest.mark.parametrize("sgd", [None, *SGD_CONFIGS[2:], dict(lr=0.1, dampening=0.5)],
                          ids=lambda h: "accumulate" if h is None else sgd_id(h))
 def test_grouped_weight_updates_equal_each_layer_s_op(sgd, poisoned_partials):
-    """A tick's weight updates in grouped launches (one GEMM and one finish per kernel shape, one
-    finish for every bias) leave what each layer's own op leaves, with the same split count: the
+    """A tick's weight updates in grouped launches (one GEMM and one finish per kernel shape, the
+    biases finished with the weights) leave what each layer's own op leaves, with the same split count: the
     weights and momentum buffers to the bit (the same sums in the same order), the biases (summed
     by the grouped kernel's own items instead of bias_grad's column sum) within float32 rounding
     of their sums; and both match float64
@@ -766,7 +767,7 @@ def test_grouped_weight_updates_equal_each_layer_s_op(sgd, poisoned_partials):
         for op, args in alone:
             getattr(S, op)(*args)
     assert T.launches["grouped_weight_update"] == 3 and T.paths[("weight_update", "grouped")] == 5
-    assert T.launches["grouped_weight_finish"] == 6  # three shapes: their weights, their biases
+    assert T.launches["grouped_weight_finish"] == 3  # three shapes: their weights and biases together
     for (op, args), (_, own), exp in zip(grouped, alone, expected):
         getattr(ref, op)(*exp)
         exact = (0,) if op == "weight_grad_accumulate" else (0, 1)  # the weight's (or its gradient's) tensors
@@ -780,6 +781,29 @@ def test_grouped_weight_updates_equal_each_layer_s_op(sgd, poisoned_partials):
                 ulps = 8 * torch.finfo(torch.float32).eps * g.abs().sum((0, 2, 3)).max().item()
                 torch.testing.assert_close(args[k], own[k], rtol=0, atol=ulps * max(1.0, (sgd or {}).get("lr", 1.0)))
             _close(args[k], exp[k], torch.float32)
+
+
+def test_a_grouped_weight_update_s_finish_takes_its_biases_in_groups_of_sixteen():
+    """Nine layers of one shape with biases: one GEMM launch, and their 18 finish problems (nine
+    weights, nine biases) in two finish launches (a launch takes 16 problems' addresses); every
+    gradient what the layer's own op leaves."""
+    g = _box_geometry(batch=1, channels=8, out_channels=8, height=3, width=4, k_t=2, k_hw=(1, 1), padding=(0, 0))
+    torch.manual_seed(3)
+    grouped, alone = [], []
+    for _ in range(9):
+        t = _grad_out_channels_last(make(g, torch.float32, bias=True))
+        args = (torch.randn_like(t["weight"]), torch.randn_like(t["bias"]), t["grad_out"], t["ring"], t["slot"], *_a(g))
+        grouped.append(("weight_grad_accumulate", args))
+        alone.append(tuple(x.clone() if j < 2 else x for j, x in enumerate(args)))
+    T.launches.clear()
+    with T.using(path="box", split=1):
+        assert T.grouped_weight_updates(grouped) == []
+        for args in alone:
+            S.weight_grad_accumulate(*args)
+    assert T.launches["grouped_weight_update"] == 1 and T.launches["grouped_weight_finish"] == 2
+    for (_, args), own in zip(grouped, alone):
+        assert torch.equal(args[0], own[0])
+        torch.testing.assert_close(args[1], own[1], rtol=1e-6, atol=1e-5)
 
 
 def test_grouped_weight_updates_leave_what_they_cannot_take_in_order():
@@ -963,6 +987,48 @@ def test_grouped_forwards_equal_each_layer_s_op(dtype, push):
         assert torch.equal(args[0].double(), expected_ring) and torch.equal(args[0], copy[0])
 
 
+def test_grouped_stage_forwards_write_relu_outputs_and_mask_the_waiting_errors():
+    """As chain stages (conv, ReLU): each grouped forward writes ReLU(its op's output) into the
+    buffer given (a 5-D double buffer's frame) and masks the error waiting there in place as
+    autograd's ReLU backward would — to the bit; fp16, so two of the five layers run alone (their
+    rows are not 16-byte units) and do the same after their op. Positive and negative outputs
+    both occur; one layer has no waiting error, one no ReLU."""
+    cases = _layer_forwards(torch.float16)
+    stages, expected = [], []
+    for i, (args, copy, *_) in enumerate(cases):
+        own = S.ring_conv_forward(*copy)
+        relu = i != 2
+        out = torch.full_like(own, float("nan")).unsqueeze(2)[:, :, 0]  # a [B, C, 1, H, W] buffer's frame
+        error = None if i == 3 else torch.randn_like(own)
+        y = torch.relu(own) if relu else own
+        assert (y > 0).any() and (y <= 0).any()
+        stages.append((out, relu, error))
+        expected.append((y, None if error is None else torch.ops.aten.threshold_backward(error, y, 0)))
+    T.launches.clear()
+    got = T.grouped_ring_conv_forwards([args for args, *_ in cases], stages)
+    boxed = [args for args, *_ in cases if args[0].shape[2] % 8 == args[3].shape[0] % 8 == 0]
+    assert T.launches["grouped_forward"] == len({tuple(args[3].shape[2:]) for args in boxed}) and len(boxed) == 3
+    assert T.launches["ring_conv_forward"] == 2
+    for (out, _, error), g, (y, masked) in zip(stages, got, expected):
+        assert g is out and torch.equal(out, y)
+        assert error is None or torch.equal(error, masked)
+
+
+def test_grouped_input_grads_go_into_the_buffers_given():
+    """``outs``: each input gradient written where the caller says (the double buffer below), the
+    grouped ones and those run alone, to the bit."""
+    torch.manual_seed(0)
+    cases = []
+    for g in _LAYER_SHAPES:
+        t = _grad_out_channels_last(make(g, torch.float16, param_dtype=torch.float32))
+        cases.append((t["grad_out"], t["weight"], [g.height, g.width], *_a(g)[:3], g.groups))
+    own = [S.window_input_grad(*args) for args in cases]
+    outs = [torch.full_like(o, float("nan")) for o in own]
+    got = T.grouped_window_input_grads(cases, outs)
+    for g, out, mine in zip(got, outs, own):
+        assert g is out and torch.equal(out, mine)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_grouped_input_grads_equal_each_layer_s_op(dtype):
     """A tick's input gradients in grouped launches (the box forward's kernel on each error, one
@@ -1006,9 +1072,9 @@ def test_every_stage_s_first_forward_and_input_gradient_run_in_one_launch_per_ti
     seen = {"forward": [], "input_grad": []}  # per grouped call: (calls, of them on the box path, kernel shapes, launches)
 
     def counting(kind, original, frame_of):
-        def counted(calls):
+        def counted(calls, epilogues=None):
             before = T.launches[f"grouped_{kind}"]
-            outs = original(calls)
+            outs = original(calls, epilogues)
             boxed = [a for a in calls if T._tma_strides(frame_of(a)) is not None]  # not the video's frame
             shapes = {tuple(a[1].shape[-2:]) if kind == "input_grad" else tuple(a[3].shape[-3:]) for a in boxed}
             seen[kind].append((len(calls), len(boxed), len(shapes), T.launches[f"grouped_{kind}"] - before))
@@ -1050,6 +1116,131 @@ def test_every_stage_s_first_forward_and_input_gradient_run_in_one_launch_per_ti
     assert T.paths[("weight_update", "grouped")] and ("weight_update", "box") not in T.paths  # every update grouped
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     assert rel_error(results["triton"][1], results["torch"][1]) < 1e-4
+
+
+# aten ops that only make or describe memory: no kernel runs for them on a GPU
+_NO_KERNEL = {"empty.memory_format", "empty_strided.default", "empty_like.default", "detach.default", "view.default",
+              "squeeze.dim", "squeeze_.dim", "unsqueeze.default", "unsqueeze_.default", "select.int", "slice.Tensor",
+              "as_strided.default", "as_strided_.default", "alias.default", "t.default", "transpose.int",
+              "permute.default", "expand.default", "lift_fresh.default", "_unsafe_view.default"}
+
+
+@contextlib.contextmanager
+def _kernels_per_tick(monkeypatch):
+    """Per tick of the runs inside: (plan, Counter of the kernels it ran) — every aten op that runs
+    a kernel and every Triton launch (by kernel name; the interpreter's own torch calls inside a
+    launch are that kernel's work, not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    import triton.runtime.interpreter as interpreter
+    from sideways_kernels.engine import Engine
+    ticks = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func).removeprefix("aten.")
+            if name not in _NO_KERNEL:
+                ticks[-1][1][name] += 1
+            return func(*args, **(kwargs or {}))
+
+    launch, tick = interpreter.GridExecutor.__call__, Engine._tick
+
+    def launched(self, *args, **kwargs):
+        if ticks:
+            ticks[-1][1]["triton:" + self.fn.__name__] += 1
+        with _disable_current_modes():
+            return launch(self, *args, **kwargs)
+
+    def counted(self, plan, *args):
+        ticks.append((plan, collections.Counter()))
+        with Count():
+            return tick(self, plan, *args)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launched)
+    monkeypatch.setattr(Engine, "_tick", counted)
+    yield ticks
+
+
+def _conv_relu_chain(depth: int) -> list:
+    """``depth`` stages: a 3x1x1 conv (8 channels, padded in time; the interpreter's cheapest window)
+    and its ReLU each, the top one also a classifier's pooling and 1x1x1 head."""
+    from sideways_kernels import SidewaysConv3d
+    stages = [torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), torch.nn.ReLU())
+              for _ in range(depth)]
+    stages[-1].extend([torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(8, 8, 1)])
+    return stages
+
+
+def test_a_chain_s_conv_relu_stages_cost_four_launches_a_tick_at_any_depth(monkeypatch):
+    """A stage that is just a conv and its ReLU is the engine's to run: every such stage's forward
+    in one grouped launch whose epilogue applies the ReLU, writes the next stage's double buffer and
+    masks the error that arrived for the stage in place (the ReLU's backward); their input
+    gradients in one grouped launch, straight into the double buffers below; their weight updates
+    in the tick's grouped GEMM and finish. So a steady tick of a chain costs the same kernels at
+    depth 2 and 4 (the top stage's head and loss besides), where the per-stage path runs a ReLU, its
+    backward and buffer copies per stage; and the results are that path's to the bit, and the
+    torch backend's."""
+    from sideways_kernels.engine import Engine
+    video, target = torch.randn(1, 8, 13, 4, 4).contiguous(memory_format=torch.channels_last_3d), torch.tensor([3])
+    steady, results = {}, {}
+    runs = [(2, "own"), (2, "torch"), (4, "own"), (4, "per stage"), (4, "torch")]
+    with _kernels_per_tick(monkeypatch) as ticks:
+        for depth, way in runs:
+            torch.manual_seed(depth)
+            stages = _conv_relu_chain(depth)
+            with monkeypatch.context() as m:
+                if way == "per stage":
+                    m.setattr(Engine, "_own_stage", lambda *args: None)
+                ticks.clear()
+                with T.using(path="box"):
+                    out = SidewaysPipeline(stages, backend="torch" if way == "torch" else "triton").backward_clip(video,
+                                                                                                                   target)
+            results[depth, way] = (out.loss, grads(torch.nn.Sequential(*stages)))
+            # (the first steady tick also makes the gradients' tensors)
+            steady[depth, way] = [counts for plan, counts in ticks if plan.steady][1:]
+    for depth, way in runs:
+        if way == "torch":
+            continue
+        assert len(steady[depth, way]) >= 2, (depth, way, "too few steady ticks to test: a longer clip")
+        assert all(counts == steady[depth, way][0] for counts in steady[depth, way])
+        torch.testing.assert_close(results[depth, way][0], results[depth, "torch"][0], rtol=1e-5, atol=1e-6)
+        assert rel_error(results[depth, way][1], results[depth, "torch"][1]) < 1e-4
+    own, per_stage = steady[4, "own"][0], steady[4, "per stage"][0]
+    assert steady[2, "own"][0] == own
+    assert own["triton:_grouped_box_forward_kernel"] == 2  # every stage's first forward; their input gradients
+    assert own["triton:_grouped_box_weight_update_kernel"] == own["triton:_grouped_weight_finish_kernel"] == 2
+    assert own["relu.default"] == own["threshold_backward.default"] == 1  # the top stage's
+    assert per_stage["relu.default"] == per_stage["threshold_backward.default"] == 4  # each stage's
+    assert sum(per_stage.values()) > sum(own.values())
+    assert results[4, "own"][0] == results[4, "per stage"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[4, "own"][1], results[4, "per stage"][1]))
+
+
+def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the_per_stage_path(monkeypatch):
+    """Float16 autocast (a float32 video, cast at the stem, whose NCDHW frames make its forward run
+    alone with the same epilogue after the op), per-tick SGD with momentum: the weights and momentum
+    buffers after the clip are the per-stage path's to the bit, while the stages ran themselves."""
+    from sideways_kernels.engine import Engine
+    video, target = torch.randn(1, 8, 9, 4, 4), torch.tensor([5])
+    after, owned = {}, []
+    for way in ("own", "per stage"):
+        torch.manual_seed(0)
+        stages = _conv_relu_chain(3)
+        params = [p for stage in stages for p in stage.parameters()]
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        with monkeypatch.context() as m:
+            if way == "per stage":
+                m.setattr(Engine, "_own_stage", lambda *args: None)
+            else:
+                def own_stage(self, k, *args, _own=Engine._own_stage):
+                    found = _own(self, k, *args)
+                    if found is not None:
+                        owned.append(k)
+                    return found
+                m.setattr(Engine, "_own_stage", own_stage)
+            with torch.autocast("cpu", torch.float16):
+                SidewaysPipeline(stages, backend="triton", update="tick", optimizer=opt).backward_clip(video, target)
+        after[way] = [t.clone() for p in params for t in (p, opt.state[p]["momentum_buffer"])]
+    assert {0, 1} <= set(owned)
+    assert all(torch.equal(a, b) for a, b in zip(after["own"], after["per stage"]))
 
 
 def test_a_conv_behind_a_hook_or_a_module_of_its_own_does_not_run_ahead():

@@ -78,10 +78,11 @@ def kernels(name: str) -> types.SimpleNamespace:
     ``auto`` where the dispatch picks Triton), a function taking ``(op, args)`` calls of the two
     weight ops and returning those it did not run, and ``groups(op, args)``, whether a call goes
     there; else None. ``group_forwards`` likewise, for several layers' forwards: a function taking
-    a list of ``ring_conv_forward`` argument tuples and returning their outputs, and
+    a list of ``ring_conv_forward`` argument tuples (and optionally, per call, a chain stage's
+    epilogue: ``triton.grouped_ring_conv_forwards``) and returning their outputs, and
     ``groups_forward(args)``, whether a call goes there; ``group_input_grads``, a function taking
-    a list of ``window_input_grad`` argument tuples and returning their results (grouped where
-    they go to Triton, each other one by its op)."""
+    a list of ``window_input_grad`` argument tuples (and optionally, per call, where its result
+    goes) and returning their results (grouped where they go to Triton, each other one by its op)."""
     if name == "auto":
         ops = {op: _dispatched(op) for op in OPS}
         triton_ops = kernels("triton")
@@ -112,10 +113,12 @@ def _grouped_where_dispatched(op, grouped):
     if grouped is None:
         return None
 
-    def run(calls: list) -> list:
+    def run(calls: list, outs: Optional[list] = None) -> list:
+        outs = outs or [None] * len(calls)
         mine = [i for i, args in enumerate(calls) if op.target(args) == "triton"]
-        outs = dict(zip(mine, grouped([calls[i] for i in mine]) if mine else []))
-        return [outs[i] if i in outs else op(*args) for i, args in enumerate(calls)]
+        got = dict(zip(mine, grouped([calls[i] for i in mine], [outs[i] for i in mine]) if mine else []))
+        alone = lambda i: op(*calls[i]) if outs[i] is None else outs[i].copy_(op(*calls[i]))
+        return [got[i] if i in got else alone(i) for i in range(len(calls))]
     run.__wrapped__ = getattr(grouped, "__wrapped__", grouped)
     return run
 

@@ -13,6 +13,7 @@ exact backprop; ``"infer"`` runs forward only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import time
@@ -22,7 +23,7 @@ import torch
 
 from . import backend as _backend
 from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
-from .nn import SidewaysConv3d, _Stream, activation_dtype
+from .nn import PUSH, SidewaysConv3d, _Stream, activation_dtype, weight_step
 from .schedule import Schedule, StagePlan, TickPlan
 
 __all__ = ["Engine"]
@@ -88,7 +89,8 @@ class Engine:
         self._counted: dict = {}  # node -> [FrameCounter, its tensor, valid firings] of the current run
         self._members: Optional[tuple] = None  # _find_members() of the current run
         self._deferred: dict = {}  # stage -> the window_input_grad calls of its first conv held this tick
-        self._group_input_grads = None  # the backend's grouped call for them
+        self._deferred_layers: dict = {}  # stage -> that conv
+        self._plain: dict = {}  # stage -> (its conv, ReLU after it) where its module is just that (this run)
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
     # --- a run -------------------------------------------------------------------------------
@@ -205,12 +207,16 @@ class Engine:
         boundary = self.boundary
         stepped = False
         arrivals = {k: self._arrival(k, plan, x0, up) for k in range(self.lo, self.hi)}
-        self._deferred, pending = {}, {}
-        self._forwards_ahead(plan, arrivals)
+        self._deferred, self._deferred_layers, pending = {}, {}, {}
+        own = self._forwards_ahead(plan, arrivals, down)
         streams = self._fork()
         try:
             for k in range(self.lo, self.hi):
                 sp, x_in = plan.stages[k], arrivals[k]
+                if k in own:  # its forward ran ahead into the next stage's buffer; its backward comes below
+                    new_up[k + 1] = own[k].out
+                    stepped = True
+                    continue
                 if not sp.steps and not sp.takes_error and not sp.queued:
                     continue
                 if self.timer is not None:
@@ -239,9 +245,9 @@ class Engine:
                 layer._stream.ahead = layer._stream.defer_input_grad = None
             if self.timer is not None:
                 self.timer.stop()
-        if pending:
+        if pending or own:
             self.at = "the stages' first input gradients, grouped"
-            self._deferred_errors(pending, plan.tick, new_down)
+            self._deferred_errors(pending, own, plan.tick, new_down)
         self.at = "the tick's weight updates"
         for updates in self._updates:
             updates.run()
@@ -271,17 +277,24 @@ class Engine:
             raise RuntimeError(f"stage {k} expected a sample at tick {plan.tick} and got none")
         return x_in
 
-    def _forwards_ahead(self, plan: TickPlan, arrivals: dict) -> None:
+    def _forwards_ahead(self, plan: TickPlan, arrivals: dict, down: list) -> dict:
         """Every stage's first conv, where it reads the stage's arriving sample, run before the
         stages in one grouped launch per kernel shape, where the backend groups forwards
         (``kernels(...).group_forwards``: Triton's box kernels); each stage then finds its output
         (:meth:`~.nn.SidewaysConv3d.forward_ahead`). Only a stage's first conv can go ahead: it
         reads last tick's sample, a later one what this tick's nodes make. A lone forward runs in
-        its stage as before. Then those convs' input gradients are held (:meth:`_defer_input_grads`)."""
+        its stage as before. Then those convs' input gradients are held (:meth:`_defer_input_grads`).
+
+        A stage that is just a conv and its ReLU (:meth:`_own_stage`) is then the engine's to run:
+        its launch's epilogue applies the ReLU, writes the output straight into the next stage's
+        double buffer and masks the error that arrived for it in place (the ReLU's backward), so
+        the stage runs nothing of its own; its input gradient and weight update come after the
+        stages (:meth:`_deferred_errors`). Returns those stages: stage -> :class:`_Own`."""
         if self.mode == "bp" or self.observer is not None:
-            return
+            return {}
         batches: dict = {}
         firsts = []  # (stage, layer) of the convs found
+        own = {}
         for k in range(self.lo, self.hi):
             found = self._first_conv(k, plan.stages[k], arrivals[k])
             if found is None:
@@ -290,44 +303,97 @@ class Engine:
             firsts.append((k, layer))
             kernels = layer._stream.kernels
             grouped = getattr(kernels, "group_forwards", None)
-            args = layer.forward_ahead(arrivals[k], action, slot) if grouped is not None else None
-            if args is not None and kernels.groups_forward(args):
-                batches.setdefault(_grouping(grouped), []).append((layer, args))
+            plain = self._own_stage(k, plan.stages[k], action, down[k]) if grouped is not None else None
+            args = layer.forward_ahead(arrivals[k], action, slot, cast=plain is not None) if grouped is not None else None
+            if args is None or not kernels.groups_forward(args):
+                continue
+            epilogue = None
+            if plain is not None:
+                out = self._frame_buffer("act", plan.tick % 2, k + 1, down[k])
+                own[k] = _Own(layer, plain[1], out, down[k][:, :, 0], arrivals[k], args[0], args[2])
+                epilogue = (out[:, :, 0], plain[1], own[k].error)
+            batches.setdefault(_grouping(grouped), []).append((k, layer, args, epilogue))
         for batch in batches.values():
-            if len(batch) < 2:
+            if len(batch) < 2 and batch[0][3] is None:
                 continue
             self.at = "the stages' first forwards, grouped"
-            outs = batch[0][0]._stream.kernels.group_forwards([args for _, args in batch])
-            for (layer, args), out in zip(batch, outs):
-                layer._stream.ahead = ((args[1].data_ptr(), args[2]), out)
-        self._defer_input_grads(plan, firsts)
+            outs = batch[0][1]._stream.kernels.group_forwards([args for _, _, args, _ in batch],
+                                                              [epilogue for *_, epilogue in batch])
+            for (k, layer, args, epilogue), out in zip(batch, outs):
+                if epilogue is None:
+                    layer._stream.ahead = ((args[1].data_ptr(), args[2]), out)
+        self._defer_input_grads(plan, [(k, layer) for k, layer in firsts if k not in own], len(own))
+        return own
 
-    def _defer_input_grads(self, plan: TickPlan, firsts: list) -> None:
+    def _own_stage(self, k: int, sp: StagePlan, action: str, err_in) -> Optional[tuple]:
+        """(conv, ReLU after it) where stage ``k`` is the engine's to run this tick
+        (:meth:`_forwards_ahead`), else None: its module is a conv and its ReLU (``_plain``), it
+        pushes its sample, emits into a double buffer of this process on its device, and
+        back-propagates the error that arrived for it, nothing else (no waiting error, no held
+        sample). Not while stages are timed (``stage_times``: an own stage has no time of its own)."""
+        plain = self._plain.get(k)
+        if plain is None or err_in is None or self.timer is not None or k >= self.hi - 1 \
+                or self.device(k + 1) != self.device(k):
+            return None
+        if k == self.lo and k > 0 and self.boundary is not None:  # its error goes to another process
+            return None
+        if action != PUSH or sp.out is None or not (sp.backward and sp.takes_error) or sp.queued \
+                or sp.keep_arrival or sp.roots != (self.outputs[k],) or sp.sends_error != (k > 0):
+            return None
+        if k > 0 and self.device(k - 1) != self.device(k):
+            return None
+        return plain
+
+    def _defer_input_grads(self, plan: TickPlan, firsts: list, owned: int) -> None:
         """The input gradients of the stages' first convs (``firsts``: (stage, layer)) held until
-        every stage's backward has run, then run in one grouped launch per kernel shape where the
-        backend groups them (``kernels(...).group_input_grads``) and two or more stages send an
-        error down this tick: each goes only into the error its stage sends down (the stage's
-        input, a leaf of this tick's graph), which nothing reads before the tick's end."""
+        every stage's backward has run, then run in one grouped launch per kernel shape (with those
+        of the ``owned`` stages the engine runs itself) where the backend groups them
+        (``kernels(...).group_input_grads``) and two or more go together: each goes only into the
+        error its stage sends down (the stage's input, a leaf of this tick's graph), which nothing
+        reads before the tick's end."""
         backs = [(k, layer) for k, layer in firsts if self.mode == "sideways" and plan.stages[k].backward
                  and plan.stages[k].sends_error and getattr(layer._stream.kernels, "group_input_grads", None) is not None]
-        grouping = {_grouping(layer._stream.kernels.group_input_grads) for _, layer in backs}
-        if len(backs) < 2 or len(grouping) != 1:
+        if len(backs) + owned < 2:
             return
         for k, layer in backs:
             self._deferred[k] = calls = []
             layer._stream.defer_input_grad = calls.append
-        self._group_input_grads = backs[0][1]._stream.kernels.group_input_grads
+            self._deferred_layers[k] = layer
 
-    def _deferred_errors(self, pending: dict, tick: int, new_down: list) -> None:
+    def _deferred_errors(self, pending: dict, own: dict, tick: int, new_down: list) -> None:
         """The errors of the stages whose first conv's input gradient was held (``pending``: stage
-        -> (the error's other parts, the stage's input)): those gradients in grouped launches, then
-        each error sent down."""
-        calls = [(k, args) for k in pending for args in self._deferred[k]]
-        grads = self._group_input_grads([args for _, args in calls]) if calls else []
-        for (k, _), grad in zip(calls, grads):
-            pending[k][0].append(grad.unsqueeze(2))
+        -> (the error's other parts, the stage's input)) and of the stages the engine runs itself
+        (``own``): those gradients in grouped launches (an own stage's straight into the double
+        buffer below), each error sent down; then the own stages' weight updates (held for the
+        tick's grouped launch)."""
+        batches: dict = {}  # grouping -> (the backend's grouped call, [(stage, window_input_grad args, out or None)])
+        for k in pending:
+            fn = self._deferred_layers[k]._stream.kernels.group_input_grads
+            for args in self._deferred[k]:
+                batches.setdefault(_grouping(fn), (fn, []))[1].append((k, args, None))
+        for k, stage in own.items():
+            layer = stage.layer
+            if not stage.error.is_contiguous(memory_format=torch.channels_last):  # (the weight update's layout)
+                stage.error = stage.error.contiguous(memory_format=torch.channels_last)
+            if k == 0:
+                continue
+            stride, padding, dilation, _, groups = layer._stream.geometry[1]
+            below = self._frame_buffer("err", tick % 2, k - 1, stage.input)
+            new_down[k - 1] = below
+            fn = layer._stream.kernels.group_input_grads
+            call = (stage.error, layer.weight, list(stage.input.shape[-2:]), stride, padding, dilation, groups)
+            batches.setdefault(_grouping(fn), (fn, []))[1].append((k, call, below[:, :, 0]))
+        for fn, calls in batches.values():
+            grads = fn([args for _, args, _ in calls], [out for *_, out in calls])
+            for (k, _, out), grad in zip(calls, grads):
+                if out is None:
+                    pending[k][0].append(grad.unsqueeze(2))
         for k, (parts, x_in) in pending.items():
             self._send_down(k, functools.reduce(torch.add, parts) if parts else torch.zeros_like(x_in), tick, new_down)
+        for stage in own.values():
+            layer = stage.layer
+            weight_step(layer, layer._stream, stage.ring, stage.error, stage.slot, layer.weight.requires_grad,
+                        layer.bias is not None and layer.bias.requires_grad)
 
     def _send_down(self, k: int, err: torch.Tensor, tick: int, new_down: list) -> None:
         """Stage ``k``'s error for the stage below: across the boundary, or into its double buffer."""
@@ -506,11 +572,24 @@ class Engine:
         buf = self.buffers.get(key)
         device = self.device(i)
         if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device \
-                or buf.stride() != value.stride():
+                or any(a != b for a, b, n in zip(buf.stride(), value.stride(), value.shape) if n > 1):
             # Same memory layout as the value: a channels-last activation meeting a contiguous
             # gradient makes every elementwise backward take a slow strided path.
             buf = self.buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
         return buf.copy_(value, non_blocking=True)
+
+    def _frame_buffer(self, kind: str, parity: int, i: int, like: torch.Tensor) -> torch.Tensor:
+        """The double buffer (kind, parity) of stage ``i`` for a launch to write a frame into: shaped
+        and typed as ``like`` (``[B, C, 1, H, W]``), on stage ``i``'s device, its frame channels-last
+        (the layout the grouped kernels write): the one there where it is so, else a new one."""
+        key = (kind, parity, i)
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != self.device(i) \
+                or not buf[:, :, 0].is_contiguous(memory_format=torch.channels_last):
+            B, C, _, H, W = like.shape
+            buf = self.buffers[key] = torch.empty((B, C, H, W), dtype=like.dtype, device=self.device(i),
+                                                  memory_format=torch.channels_last).unsqueeze(2)
+        return buf
 
     def held_bytes(self) -> int:
         """Bytes this engine keeps across ticks by construction (constant in the clip length):
@@ -590,6 +669,8 @@ class Engine:
                         layers.append(layer)
                         backends.setdefault((name, activation_dtype(layer.weight)), []).append(layer)
             self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
+            self._plain = {k: found for k in range(self.lo, self.hi) if (found := self._conv_and_relu(k)) is not None} \
+                if mode == "sideways" else {}
             local = [i for k in range(self.lo, self.hi) for i in self.stages[k]]
             for i, (counter, tensor) in frame_counters(self.graph, local).items():
                 self._counted[i] = [counter, tensor, 0]
@@ -600,7 +681,7 @@ class Engine:
                         held.enter_context(_backend.constant_weights(name, group, dtype))
                 yield
         finally:
-            self._layers, self._members, self._updates = [], None, []
+            self._layers, self._members, self._updates, self._plain = [], None, [], {}
             for layer in layers:
                 layer._stream = None
             counted, self._counted = self._counted, {}
@@ -609,6 +690,19 @@ class Engine:
                     counter.engine = False
                     if n:
                         tensor.add_(n)
+
+    def _conv_and_relu(self, k: int) -> Optional[tuple]:
+        """(conv, whether a ReLU follows it) where stage ``k`` is one chain node whose module is a
+        conv and its ReLU (:func:`conv_and_relu`), on a backend that groups forwards and input
+        gradients: a stage the engine can run itself (:meth:`_forwards_ahead`). Else None."""
+        nodes = [self.graph.nodes[i] for i in self.stages[k]]
+        found = conv_and_relu(nodes[0].module) if len(nodes) == 1 and isinstance(nodes[0], ChainNode) else None
+        if found is None:
+            return None
+        kernels = found[0]._stream.kernels
+        if getattr(kernels, "group_forwards", None) is None or getattr(kernels, "group_input_grads", None) is None:
+            return None
+        return found
 
     def _count_frames(self, plan: TickPlan) -> None:
         """After a tick (eager or replayed): one more for each counted node that fired on a valid
@@ -639,6 +733,37 @@ class Engine:
             if s is not None:
                 self._home[s.device].wait_stream(s)
                 torch.cuda.set_stream(self._home[s.device])
+
+
+@dataclasses.dataclass
+class _Own:
+    """A stage the engine runs itself this tick (:meth:`Engine._forwards_ahead`): its conv, whether
+    a ReLU follows, the next stage's double buffer its output goes into (``[B, C, 1, H, W]``), the
+    error that arrived for its output (masked in place by the forward's epilogue), the sample it
+    takes (the shape of the error it sends down), and the ring and slot of its forward."""
+    layer: SidewaysConv3d
+    relu: bool
+    out: torch.Tensor
+    error: torch.Tensor
+    input: torch.Tensor
+    ring: torch.Tensor
+    slot: int
+
+
+def conv_and_relu(module: torch.nn.Module) -> Optional[tuple]:
+    """(conv, whether a ReLU follows it) where ``module`` is a plain ``nn.Sequential`` of a
+    SidewaysConv3d and optionally an ``nn.ReLU``, with no hooks anywhere (a hook or a subclass may
+    compute otherwise): a stage module the engine can run itself. Else None."""
+    if type(module) is not torch.nn.Sequential or len(module) not in (1, 2) or type(module[0]) is not SidewaysConv3d:
+        return None
+    if len(module) == 2 and type(module[1]) is not torch.nn.ReLU:
+        return None
+    hooked = lambda m: m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    found = torch.nn.modules.module
+    if any(hooked(m) for m in (module, *module)) or found._global_forward_hooks or found._global_forward_pre_hooks \
+            or found._global_backward_hooks or found._global_backward_pre_hooks:
+        return None
+    return module[0], len(module) == 2
 
 
 def _grouping(fn):

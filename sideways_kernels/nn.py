@@ -208,17 +208,20 @@ class SidewaysConv3d(nn.Conv3d):
             return _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
         return out.unsqueeze(2)
 
-    def forward_ahead(self, x: torch.Tensor, action: str, slot: int) -> Optional[tuple]:
+    def forward_ahead(self, x: torch.Tensor, action: str, slot: int, cast: bool = False) -> Optional[tuple]:
         """The ring op's arguments of this tick's forward of ``x`` (a push that emits), for a grouped
         launch ahead of the stages (Engine), having done what :meth:`stream_step` does before the op
         (the ring made, or zeroed at the run's first step); the launch's output goes to
         :attr:`_Stream.ahead`, where the stage's own call finds it. None where the forward is not
         one to run ahead: not streaming with the ring ops, not a push, a frame padded or cast
-        first (a new tensor each call)."""
+        first (a new tensor each call) — ``cast``: cast here (autocast's dtype), for a stage the
+        engine runs itself (no call of the stage looks for the output then)."""
         s = self._stream
         if s is None or s.mode == "bp" or action != PUSH:
             return None
         frame = self._stream_frame(x)
+        if cast:
+            frame = _autocast(frame)
         if s.geometry[0] is not None or frame.dtype != activation_dtype(frame):
             return None
         return (self._ready_ring(frame, action, slot), frame, slot, self.weight, self.bias, *s.geometry[1])
@@ -324,25 +327,34 @@ class _SidewaysTick(torch.autograd.Function):
                 grad_frame = s.kernels.window_input_grad(*call)
         train_w = ctx.needs_input_grad[2]
         train_b = layer.bias is not None and ctx.needs_input_grad[3]
-        slot = ctx.slot
-        if s.smoothing > 1 and (train_w or train_b):
-            ring, grad_out, slot = _smoothed(s, ring, grad_out, slot)
-        with torch.no_grad():
-            if s.optimizer is not None and train_w and _group_of(s.optimizer, layer.weight) is not None:
-                _fused_sgd(s, layer, ring, grad_out, slot, args, train_b)
-            else:
-                if train_w:
-                    if layer.weight.grad is None:
-                        layer.weight.grad = torch.zeros_like(layer.weight)
-                    grad_b = None
-                    if train_b:
-                        if layer.bias.grad is None:
-                            layer.bias.grad = torch.zeros_like(layer.bias)
-                        grad_b = layer.bias.grad
-                    s.weight_op("weight_grad_accumulate", layer.weight.grad, grad_b, grad_out, ring, slot, *args)
-                elif train_b:
-                    _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
+        weight_step(layer, s, ring, grad_out, ctx.slot, train_w, train_b)
         return grad_frame, None, None, None, None, None, None
+
+
+def weight_step(layer: SidewaysConv3d, s: _Stream, ring: torch.Tensor, grad_out: torch.Tensor, slot: int,
+                train_w: bool, train_b: bool) -> None:
+    """The Sideways weight update of a streaming layer (``s``: its stream state of the tick, which a
+    backward may outlive): ``grad_out`` (this tick's error at its output, ``[B, C_out, H', W']``
+    channels-last) paired with every tap's frame of ``ring`` as it is now (newest in ``slot``):
+    accumulated into the gradients, or applied by the fused SGD op in per-tick mode (now, or held
+    for the tick's grouped launch)."""
+    args = s.geometry[1]
+    if s.smoothing > 1 and (train_w or train_b):
+        ring, grad_out, slot = _smoothed(s, ring, grad_out, slot)
+    with torch.no_grad():
+        if s.optimizer is not None and train_w and _group_of(s.optimizer, layer.weight) is not None:
+            _fused_sgd(s, layer, ring, grad_out, slot, args, train_b)
+        elif train_w:
+            if layer.weight.grad is None:
+                layer.weight.grad = torch.zeros_like(layer.weight)
+            grad_b = None
+            if train_b:
+                if layer.bias.grad is None:
+                    layer.bias.grad = torch.zeros_like(layer.bias)
+                grad_b = layer.bias.grad
+            s.weight_op("weight_grad_accumulate", layer.weight.grad, grad_b, grad_out, ring, slot, *args)
+        elif train_b:
+            _accumulate(layer.bias, grad_out.sum((0, 2, 3), dtype=layer.bias.dtype))
 
 
 def _ring_forward(s: _Stream, ring, push, slot: int, weight, bias) -> torch.Tensor:

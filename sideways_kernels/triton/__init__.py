@@ -578,8 +578,9 @@ def grouped_weight_updates(calls: list) -> list:
     """Run ``calls`` — ``(op, args)`` of ``weight_grad_accumulate`` or ``sgd_tick_update``, each
     layer's of a tick — as grouped launches where they can be: per kernel shape (and step and
     dtype), one :func:`.boxes._grouped_box_weight_update_kernel` over every layer's tiles (the
-    bias gradients summed in it too, as items of their own) and one :func:`.kernels._grouped_weight_finish_kernel` per
-    shape plus one for the biases; up to ``kernels.GROUP`` layers a launch. Returns the calls it
+    bias gradients summed in it too, as items of their own) and one :func:`.kernels._grouped_weight_finish_kernel`
+    for their weights and biases (per ``kernels.GROUP`` of those); up to ``kernels.GROUP`` layers a
+    launch. Returns the calls it
     did not run (not on the box path, a non-dense parameter, a parameter met a second time: its
     later updates; inside a CUDA-graph capture, a launch whose tables were never made), for the
     caller to run in order after it. The results are the ops' (the
@@ -649,13 +650,11 @@ def _grouped_launch(updates: list) -> bool:
         finish.append((u.target, u.buffer, at, splits, c_out, c, u.first_step))
         hyper.append(u.hyper)
     G = len(updates)
-    finishes = [_finish_plan(finish, hyper, (k_t, k_h, k_w), device)]
-    if bias_rows:
-        finishes.append(_finish_plan([(u.bias, u.bias_buffer, at, splits, c_out, 1, u.first_step)
-                                      for u, at, splits, c_out in bias_rows], [u.hyper for u, *_ in bias_rows],
-                                     (1, 1, 1), device))
+    finish += [(u.bias, u.bias_buffer, at, splits, c_out, 1, u.first_step) for u, at, splits, c_out in bias_rows]
+    hyper += [u.hyper for u, *_ in bias_rows]
+    finish_launch = _finish_plan(finish, hyper, (k_t, k_h, k_w), len(updates), device)
     table = _table([v for r in rows for v in r] + items, torch.int64, device)
-    if table is None or any(f is None for f in finishes):
+    if table is None or finish_launch is None:
         return False
     partials = _partials(device, floats)
     _descriptor_scratch(device)
@@ -665,8 +664,7 @@ def _grouped_launch(updates: list) -> bool:
         **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launches["grouped_weight_update"] += 1
     paths[("weight_update", "grouped")] += G
-    for run in finishes:
-        run(partials, u0)
+    finish_launch(partials, u0)
     written = [t for u in updates for t in (u.target, u.buffer, u.bias, u.bias_buffer) if t is not None]
     torch.autograd.graph.increment_version(written)  # as ATen's in-place ops do (the 16-bit weight caches)
     return True
@@ -693,6 +691,8 @@ class _Box:
     dilation_t: int
     taps: tuple
     out: torch.Tensor
+    relu: bool = False  # the output through a ReLU (a forward's epilogue)
+    error: Optional[torch.Tensor] = None  # like ``out``: masked in place by the ReLU's mask (a chain stage's)
 
     def key(self) -> tuple:
         """What a problem shares with those it is launched with."""
@@ -701,7 +701,7 @@ class _Box:
                 self.frame is not None)
 
 
-def grouped_ring_conv_forwards(calls: list) -> list:
+def grouped_ring_conv_forwards(calls: list, stages: Optional[list] = None) -> list:
     """The outputs of ``calls`` — the arguments of :func:`ring_conv_forward`, each layer's of a
     tick — computed as grouped launches where they can be: per kernel shape (and dtypes, device,
     whether frames are pushed), one :func:`.boxes._grouped_box_forward_kernel` over every layer's
@@ -710,43 +710,88 @@ def grouped_ring_conv_forwards(calls: list) -> list:
     ring met before in ``calls``, or in a launch whose table a CUDA-graph capture cannot make,
     runs as :func:`ring_conv_forward` alone, after the grouped launches, in order. The results
     are the op's: the same sums in the same order, except that the op alone may split K on a
-    GPU. Bad arguments raise as the op would."""
+    GPU. Bad arguments raise as the op would.
+
+    ``stages`` (one per call, or None): each call as a Sideways chain stage's forward, ``(out,
+    relu, error)``: the output written into ``out`` (``[B, C_OUT, H_OUT, W_OUT]``, the next
+    stage's double buffer) through a ReLU where ``relu``, and ``error`` (like ``out``, or None: the
+    error that arrived for this output) masked in place by that ReLU's mask, in the launch's
+    epilogue; what runs alone does the same after its op."""
+    stages = stages or [None] * len(calls)
     boxes, rings = [], set()
-    for args in calls:
-        boxes.append(_forward_box(*args) if id(args[0]) not in rings else None)
+    for args, stage in zip(calls, stages):
+        box = _forward_box(*args, stage=stage) if id(args[0]) not in rings else None
+        boxes.append(box)
         rings.add(id(args[0]))
-    return _grouped_boxes("ring_conv_forward", boxes, lambda i: ring_conv_forward(*calls[i]))
+    return _grouped_boxes("ring_conv_forward", boxes, lambda i: _stage_epilogue(ring_conv_forward(*calls[i]), stages[i]))
 
 
-def grouped_window_input_grads(calls: list) -> list:
+def _stage_epilogue(out: torch.Tensor, stage: Optional[tuple]) -> torch.Tensor:
+    """A forward run alone, then what a grouped launch's epilogue does for a chain stage (``stage``:
+    (out, relu, error); :func:`grouped_ring_conv_forwards`)."""
+    if stage is None:
+        return out
+    target, relu, error = stage
+    with torch.no_grad():  # (the buffers given are no autograd graph's; the op's output may need a gradient)
+        torch.clamp(out, min=0, out=target) if relu else target.copy_(out)  # (ATen's relu is this clamp)
+        if error is not None:
+            error.copy_(torch.ops.aten.threshold_backward(error, target, 0))
+    return target
+
+
+def grouped_window_input_grads(calls: list, outs: Optional[list] = None) -> list:
     """The input gradients of ``calls`` — the arguments of :func:`window_input_grad`, each
     layer's of a tick — as :func:`grouped_ring_conv_forwards` computes forwards: the box path's
     input gradient is the forward's kernel on the error, so per kernel shape one grouped launch;
-    what the box path cannot take runs alone."""
-    return _grouped_boxes("window_input_grad", [_input_grad_box_of(*args) for args in calls],
-                          lambda i: window_input_grad(*calls[i]))
+    what the box path cannot take runs alone. ``outs`` (one per call, or None): where each goes
+    (``[B, C, H, W]``: the double buffer of the stage below)."""
+    outs = outs or [None] * len(calls)
+
+    def alone(i):
+        grad = window_input_grad(*calls[i])
+        return grad if outs[i] is None else outs[i].copy_(grad)
+    return _grouped_boxes("window_input_grad", [_input_grad_box_of(*args, grad_in=out) for args, out in zip(calls, outs)],
+                          alone)
 
 
-def _forward_box(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups) -> Optional[_Box]:
-    """A forward as a grouped launch's problem, or None where the grouped kernel cannot take it."""
+def _forward_box(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups,
+                 stage: Optional[tuple] = None) -> Optional[_Box]:
+    """A forward as a grouped launch's problem (``stage``: its epilogue, as
+    :func:`grouped_ring_conv_forwards` takes it), or None where the grouped kernel cannot take it."""
     R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _forward_geometry(ring, frame, slot, weight, bias, stride,
                                                                            padding, dilation, dilation_t, groups)
+    shape = (B, c_out, h_out, w_out)
+    out, relu, error = stage if stage is not None else (None, False, None)
+    for name, t in (("out", out), ("error", error)):
+        _check(t is None or (tuple(t.shape) == shape and t.dtype == ring.dtype and t.device == ring.device),
+               f"a stage's {name} must be {list(shape)} of the ring's dtype and device, got "
+               f"{None if t is None else (list(t.shape), t.dtype, t.device)}")
     if box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,)) is not None:
         return None
-    if frame is not None and _tma_strides(frame) is None:
+    if any(t is not None and _tma_strides(t) is None for t in (frame, out, error)):
         return None
-    out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty(shape, dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
     return _Box(ring, frame, slot, _weight_as(weight, ring.dtype), bias, list(padding), list(dilation), dilation_t,
-                (k_t, k_h, k_w), out)
+                (k_t, k_h, k_w), out, relu, error)
 
 
-def _input_grad_box_of(grad_out, weight, input_size, stride, padding, dilation, groups) -> Optional[_Box]:
-    """An input gradient as a grouped launch's problem, or None where the box path cannot take it."""
+def _input_grad_box_of(grad_out, weight, input_size, stride, padding, dilation, groups,
+                       grad_in: Optional[torch.Tensor] = None) -> Optional[_Box]:
+    """An input gradient as a grouped launch's problem (into ``grad_in`` where given), or None where
+    the box path cannot take it."""
     B, c_out, _, _, cg, H, W, _, _ = _input_grad_geometry(grad_out, weight, input_size, stride, padding, dilation,
                                                           groups)
+    _check(grad_in is None or (tuple(grad_in.shape) == (B, cg, H, W) and grad_in.dtype == grad_out.dtype
+                               and grad_in.device == grad_out.device),
+           f"an input gradient's out must be {[B, cg, H, W]} of grad_out's dtype and device")
     if box_path(grad_out.device, grad_out.dtype, stride, groups, (cg, c_out), (grad_out,)) is not None:
         return None
-    grad_in = torch.empty((B, cg, H, W), dtype=grad_out.dtype, device=grad_out.device, memory_format=torch.channels_last)
+    if grad_in is None:
+        grad_in = torch.empty((B, cg, H, W), dtype=grad_out.dtype, device=grad_out.device,
+                              memory_format=torch.channels_last)
+    elif _tma_strides(grad_in) is None:
+        return None
     return _input_grad_box(grad_out, weight, padding, dilation, grad_in)
 
 
@@ -796,7 +841,8 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
         _, c_out, h_out, w_out = b.out.shape
         rows.append([*_tma_strides(b.ring), *(_tma_strides(b.frame) if push else [0, 0, 0]), *_tma_strides(b.out),
                      B, C, H, W, c_out, h_out, w_out, R, b.slot, *b.padding, *b.dilation, b.dilation_t,
-                     int(b.bias is not None)])
+                     int(b.bias is not None), int(b.relu) | 2 * int(b.error is not None),
+                     *(_tma_strides(b.error) if b.error is not None else [0, 0, 0])])
         tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
                      * triton.cdiv(c_out, cfg.BLOCK_N))
         pushed.append(pushed[-1] + B * triton.cdiv(H, bh) * triton.cdiv(W, cfg.BOX_W) * triton.cdiv(C, cfg.BLOCK_K))
@@ -808,13 +854,15 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
     X._grouped_box_forward_kernel[_persistent(max(tiles[-1], pushed[-1] if push else 0), device)](
         table, G, *_addresses(b.ring for b in boxes), *_addresses(b.frame if push else b.ring for b in boxes),
         *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
-        *_addresses(b.out for b in boxes), KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push,
+        *_addresses(b.out for b in boxes), *_addresses(b.error if b.error is not None else b.out for b in boxes),
+        KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push,
         DTYPE=_TL_DTYPE[dtype], BIAS=_TL_DTYPE[b0.bias.dtype if b0.bias is not None else dtype],
         G_P2=triton.next_power_of_2(G), **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launches[f"grouped_{'forward' if op == 'ring_conv_forward' else 'input_grad'}"] += 1
     paths[(op, "grouped")] += G
-    if push:
-        torch.autograd.graph.increment_version([b.ring for b in boxes])  # as the op does (it mutates the ring)
+    written = [b.ring for b in boxes] if push else []  # (as the op does: it mutates the ring)
+    written += [b.out for b in boxes] + [b.error for b in boxes if b.error is not None]
+    torch.autograd.graph.increment_version(written)  # (outputs given: a double buffer)
     return True
 
 
@@ -825,30 +873,38 @@ def _addresses(tensors) -> list:
     return ptrs + ptrs[:1] * (K.GROUP - len(ptrs))
 
 
-def _finish_plan(problems: list, hyper: list, kernel: tuple, device):
-    """The launch of :func:`.kernels._grouped_weight_finish_kernel` for ``problems`` — (target,
-    momentum buffer or None, partials' offset, splits, C_OUT, CG, first step) — as a function of
-    (partials, an update of the launch), its tables made now; None if one cannot be."""
+def _finish_plan(problems: list, hyper: list, kernel: tuple, weights: int, device):
+    """The launches of :func:`.kernels._grouped_weight_finish_kernel` for ``problems`` — (target,
+    momentum buffer or None, partials' offset, splits, C_OUT, CG, first step): the first
+    ``weights`` of ``kernel``'s taps, the rest biases; one launch per ``kernels.GROUP`` of them —
+    as a function of (partials, an update of the launch), their tables made now; None if one
+    cannot be."""
     taps_p2 = triton.next_power_of_2(kernel[0] * kernel[1] * kernel[2])
     pairs = max(1, FINISH.BLOCK_M // taps_p2)
-    blocks = [0]
-    for _, _, _, _, c_out, cg, _ in problems:
-        blocks.append(blocks[-1] + triton.cdiv(c_out * cg, pairs))
-    rows = [[at, splits, c_out, cg, int(buf is not None), int(first)] for _, buf, at, splits, c_out, cg, first in problems]
-    table = _table([v for r in rows for v in r] + blocks, torch.int64, device)
-    factors = _table([v for h in hyper for v in h], torch.float32, device)
-    if table is None or factors is None:
-        return None
-    G = len(problems)
+    launches_ = []
+    for lo in range(0, len(problems), K.GROUP):
+        chunk = problems[lo:lo + K.GROUP]
+        blocks = [0]
+        for _, _, _, _, c_out, cg, _ in chunk:
+            blocks.append(blocks[-1] + triton.cdiv(c_out * cg, pairs))
+        rows = [[at, splits, c_out, cg, int(buf is not None), int(first), int(lo + i >= weights)]
+                for i, (_, buf, at, splits, c_out, cg, first) in enumerate(chunk)]
+        table = _table([v for r in rows for v in r] + blocks, torch.int64, device)
+        factors = _table([v for h in hyper[lo:lo + K.GROUP] for v in h], torch.float32, device)
+        if table is None or factors is None:
+            return None
+        launches_.append((chunk, blocks[-1], table, factors))
 
     def run(partials, u0: _Update):
-        K._grouped_weight_finish_kernel[(blocks[-1],)](
-            partials, table, factors, G, *_addresses(t for t, *_ in problems),
-            *_addresses(b if b is not None else t for t, b, *_ in problems),
-            KT=kernel[0], KH=kernel[1], KW=kernel[2], SGD=u0.sgd, NESTEROV=u0.nesterov,
-            TARGET=_TL_DTYPE[problems[0][0].dtype], G_P2=triton.next_power_of_2(G), TAPS_P2=taps_p2, BLOCK_MC=pairs,
-            num_warps=FINISH.num_warps)
-        launches["grouped_weight_finish"] += 1
+        for chunk, n_blocks, table, factors in launches_:
+            G = len(chunk)
+            K._grouped_weight_finish_kernel[(n_blocks,)](
+                partials, table, factors, G, *_addresses(t for t, *_ in chunk),
+                *_addresses(b if b is not None else t for t, b, *_ in chunk),
+                KT=kernel[0], KH=kernel[1], KW=kernel[2], SGD=u0.sgd, NESTEROV=u0.nesterov,
+                TARGET=_TL_DTYPE[chunk[0][0].dtype], G_P2=triton.next_power_of_2(G), TAPS_P2=taps_p2,
+                BLOCK_MC=pairs, num_warps=FINISH.num_warps)
+            launches["grouped_weight_finish"] += 1
     return run
 
 

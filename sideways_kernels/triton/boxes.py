@@ -146,7 +146,7 @@ def _box_forward_kernel(
             _push_box(ring_d, frame_d, box, slot, c_blocks, H, W, BH, BOX_W, BLOCK_K)
 
 
-FORWARD_FIELDS = tl.constexpr(25)  # a problem's row in a grouped forward's table
+FORWARD_FIELDS = tl.constexpr(29)  # a problem's row in a grouped forward's table
 
 
 @triton.jit
@@ -157,6 +157,7 @@ def _grouped_box_forward_kernel(
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,  # the weights' (GEMM layout)
         b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,  # the biases' (or any)
         o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,  # the outputs'
+        e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,  # the errors masked (or any)
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PUSH: tl.constexpr, DTYPE: tl.constexpr,
         BIAS: tl.constexpr, G_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
@@ -164,10 +165,17 @@ def _grouped_box_forward_kernel(
     whose kernel has this shape — in one persistent launch (no split-K: the layers' tiles together
     fill the SMs). ``table`` (int64): per problem (FORWARD_FIELDS) the ring's strides (r, b, h, w),
     the frame's (b, h, w), the output's (b, h, w), B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
-    pad_h, pad_w, dil_h, dil_w, dil_t, whether it has a bias; then each problem's first tile and
-    their total (G + 1), and with ``PUSH`` each problem's first box of its frame's copy into its
-    slot and their total (G + 1). ``DTYPE``: the activations'; ``BIAS``: the biases'. A problem's
-    descriptors are made where its item is taken."""
+    pad_h, pad_w, dil_h, dil_w, dil_t, whether it has a bias, its epilogue (bit 0: a ReLU; bit 1: the
+    error waiting at this output masked in place by the output's ReLU mask), the error's strides
+    (b, h, w); then each problem's first tile and their total (G + 1), and with ``PUSH`` each
+    problem's first box of its frame's copy into its slot and their total (G + 1). ``DTYPE``: the
+    activations'; ``BIAS``: the biases'. A problem's descriptors are made where its item is taken.
+
+    The epilogue is a stage of a Sideways chain (conv, ReLU): its output goes up as the next
+    stage's sample, and the error that arrived from above for it (written last tick) meets this
+    tick's ReLU, as autograd's ``threshold_backward`` would apply it — the mask taken from the
+    output as stored (16-bit), so it is the mask of the ReLU a per-layer tick runs after the op.
+    The input gradient and the weight update then read the masked error."""
     BH: tl.constexpr = BLOCK_M // BOX_W
     tiles = table + FORWARD_FIELDS * G
     for item in tl.range(tl.program_id(0), tl.load(tiles + G), tl.num_programs(0)):
@@ -199,7 +207,18 @@ def _grouped_box_forward_kernel(
             bias = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
             n = n0 + tl.arange(0, BLOCK_N)
             acc += tl.load(bias.to(tl.pointer_type(BIAS)) + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
-        out_d.store([b, y0, x0, n0], acc.to(DTYPE).reshape(1, BH, BOX_W, BLOCK_N))
+        epilogue = tl.load(row + 25)
+        if epilogue & 1:
+            acc = tl.maximum(acc, 0.0)
+        y = acc.to(DTYPE)
+        out_d.store([b, y0, x0, n0], y.reshape(1, BH, BOX_W, BLOCK_N))
+        if epilogue & 2:
+            err = _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
+            err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                              [tl.load(row + 26), tl.load(row + 27), tl.load(row + 28), 1],
+                                              [1, BH, BOX_W, BLOCK_N])
+            e = err_d.load([b, y0, x0, n0]).reshape(BLOCK_M, BLOCK_N)
+            err_d.store([b, y0, x0, n0], tl.where(y > 0, e, tl.zeros_like(e)).reshape(1, BH, BOX_W, BLOCK_N))
     if PUSH:  # every frame into its slot: no tile of the launch reads a slot being pushed
         boxes = tiles + G + 1
         for box in tl.range(tl.program_id(0), tl.load(boxes + G), tl.num_programs(0)):

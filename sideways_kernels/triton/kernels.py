@@ -241,22 +241,29 @@ def _grouped_weight_finish_kernel(
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SGD: tl.constexpr, NESTEROV: tl.constexpr,
         TARGET: tl.constexpr, G_P2: tl.constexpr, TAPS_P2: tl.constexpr, BLOCK_MC: tl.constexpr):
     """The finish of :func:`_weight_finish_kernel` for every problem of a grouped weight update
-    (each layer of a tick whose kernel has this shape, or each layer's bias as a problem of one
+    (each layer of a tick whose kernel has this shape, and each layer's bias as a problem of one
     tap) in one launch: program ``p`` finishes block ``p - starts[g]`` of problem ``g``. ``table``
-    (int64): per problem its partials' offset, splits, C_OUT, CG, has-buffer, first-step (6
-    fields), then ``starts`` (G + 1: each problem's first block, then their total); ``hyper``
-    (fp32): per problem lr, momentum, dampening, weight decay. Targets are dense, of ``TARGET``."""
+    (int64): per problem its partials' offset, splits, C_OUT, CG, has-buffer, first-step, whether
+    it is a bias (7 fields), then ``starts`` (G + 1: each problem's first block, then their total);
+    ``hyper`` (fp32): per problem lr, momentum, dampening, weight decay. Targets are dense, of
+    ``TARGET``."""
     block = tl.program_id(0)
-    g = _problem(table + 6 * G, G, block, G_P2)
-    row = table + g * 6
+    g = _problem(table + 7 * G, G, block, G_P2)
+    row = table + g * 7
     target = _address(g, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
     buffer = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     lr, momentum = tl.load(hyper + g * 4), tl.load(hyper + g * 4 + 1)
     dampening, weight_decay = tl.load(hyper + g * 4 + 2), tl.load(hyper + g * 4 + 3)
-    _finish_pairs(partials + tl.load(row), target.to(tl.pointer_type(TARGET)), buffer.to(tl.pointer_type(TARGET)),
-                  block - tl.load(table + 6 * G + g), _field(row, 1), _field(row, 2), _field(row, 3), 0, 0, 0, 0, 0,
-                  lr, momentum, dampening, weight_decay, KT, KH, KW,
-                  SGD, tl.load(row + 4) != 0, NESTEROV, tl.load(row + 5) != 0, True, TAPS_P2, BLOCK_MC)
+    target, buffer = target.to(tl.pointer_type(TARGET)), buffer.to(tl.pointer_type(TARGET))
+    block -= tl.load(table + 7 * G + g)
+    splits, c_out, cg = _field(row, 1), _field(row, 2), _field(row, 3)
+    has_buffer, first = tl.load(row + 4) != 0, tl.load(row + 5) != 0
+    if tl.load(row + 6) != 0:  # a bias: one tap
+        _finish_pairs(partials + tl.load(row), target, buffer, block, splits, c_out, cg, 0, 0, 0, 0, 0, lr, momentum,
+                      dampening, weight_decay, 1, 1, 1, SGD, has_buffer, NESTEROV, first, True, 1, BLOCK_MC)
+    else:
+        _finish_pairs(partials + tl.load(row), target, buffer, block, splits, c_out, cg, 0, 0, 0, 0, 0, lr, momentum,
+                      dampening, weight_decay, KT, KH, KW, SGD, has_buffer, NESTEROV, first, True, TAPS_P2, BLOCK_MC)
 
 
 @triton.jit
