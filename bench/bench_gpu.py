@@ -421,6 +421,16 @@ def _c3d(conv, device="cuda", width: int = 64):
     return models.c3d(10, widths=(width, 2 * width, 4 * width, 4 * width), conv=conv).to(device)
 
 
+def _chain(conv, device="cuda", width: int = 64, stages: int = 4, classes: int = 10):
+    """A chain of ``stages`` stages, each a 3x3x3 conv (``width`` channels; the stem takes the
+    video's 3) and its ReLU, the top one also pooling and a 1x1x1 head: stages the engine runs
+    itself on the Triton backend (engine.conv_and_relu), but the top (bench/tick_model.py builds it
+    too)."""
+    mods = [nn.Sequential(conv(3 if k == 0 else width, width, 3, padding=1), nn.ReLU()) for k in range(stages)]
+    mods[-1].extend([nn.AdaptiveAvgPool3d((None, 1, 1)), conv(width, classes, 1)])
+    return nn.Sequential(*mods).to(device)
+
+
 def _clip_bp(net, video, target):
     """Plain backprop of the clip: the mean over frames of a per-frame head's losses (C3D), or
     the loss of a clip classifier's logits (r3d_18 pools over time itself)."""
@@ -439,8 +449,8 @@ def training_step(network: str, impl: str, T: int, *, backend=None, graphs=None,
     """(one training clip as a call, the network, the clip, the pipeline or None) under bf16
     autocast, as :func:`end_to_end` times it and ``bench/profile_clip.py`` profiles it. Each clip
     starts with the gradients set to None, as a training loop's ``zero_grad()`` leaves them.
-    ``network``: "c3d" (4 stages of its blocks) or "r3d_18" (``from_model``, 4 stages, BatchNorm
-    per frame, ``temporal_padding``); ``impl``: "clip_bp" (plain autograd over the clip,
+    ``network``: "c3d" (4 stages of its blocks), "chain" (:func:`_chain`, 4 stages) or "r3d_18"
+    (``from_model``, 4 stages, BatchNorm per frame, ``temporal_padding``); ``impl``: "clip_bp" (plain autograd over the clip,
     nn.Conv3d) or "sideways" with ``backend`` (None: the default) and ``graphs`` (None: the
     default)."""
     torch.manual_seed(0)
@@ -448,6 +458,8 @@ def training_step(network: str, impl: str, T: int, *, backend=None, graphs=None,
     conv = nn.Conv3d if impl == "clip_bp" else SidewaysConv3d
     if network == "c3d":
         net = _c3d(conv, device, width)
+    elif network == "chain":
+        net = _chain(conv, device, width)
     else:
         net = models.r3d_18(10, width=width).to(device)
     video = torch.randn(batch, 3, T, size, size, device=device)
@@ -460,6 +472,7 @@ def training_step(network: str, impl: str, T: int, *, backend=None, graphs=None,
     else:
         kw = dict(backend=backend, cuda_graph=graphs)
         pipe = (SidewaysPipeline(models.stages(net, 4), **kw) if network == "c3d" else
+                SidewaysPipeline(list(net), **kw) if network == "chain" else
                 SidewaysPipeline.from_model(net, stages=4, batchnorm="frame", temporal_padding=temporal_padding,
                                             example=video[:1, :, :2], **kw))
 
@@ -495,7 +508,7 @@ def end_to_end(network: str, impl: str, T: int, *, backend=None, graphs=None, te
     median = sorted(times)[len(times) // 2]
     graphs_ = getattr(pipe, "_graphs", None) if pipe is not None else None
     return dict(kind="end_to_end", network=network,
-                temporal_padding=temporal_padding if network != "c3d" and impl == "sideways" else None,
+                temporal_padding=temporal_padding if network == "r3d_18" and impl == "sideways" else None,
                 impl=impl, backend=backend or ("default" if impl == "sideways" else None),
                 graphs=None if pipe is None else bool(graphs_ is not None and not graphs_.failed and graphs_.replays),
                 T=T, batch=batch, size=size, median_s=median, frames_per_s=batch * T / median,
@@ -536,12 +549,17 @@ def _memory_parts(net, video, pipe) -> dict:
 # per backend with graphs (the default) and without; a long clip (T = 256) where clip BP's
 # memory grows and Sideways' does not. "triton-per-layer": the Triton backend with each layer's
 # weight update and forward launched alone (as before a tick's were grouped), beside "triton".
+# A chain of conv-ReLU stages (T = 48): "triton" with its stages run by the engine itself, beside
+# "triton-per-stage" (the same launches grouped, each stage's ReLU, its backward and its buffer
+# copies its own), the default and clip BP.
 E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for T in (16, 48)]  # model(video)
        + [(net, pad, "sideways", backend, graphs, T) for net, pad in (("c3d", "same"), ("r3d_18", "causal"))
           for T in (16, 48) for backend in (None, "torch", "triton", "triton-per-layer", "cuda")
           for graphs in (None, False) if graphs is None or backend in (None, "torch")]
        + [("r3d_18", "same", "sideways", None, None, 48), ("c3d", "same", "clip_bp", None, None, 256),
-          ("c3d", "same", "sideways", None, None, 256)])
+          ("c3d", "same", "sideways", None, None, 256)]
+       + [("chain", "same", impl, backend, None, 48) for impl, backend in
+          (("clip_bp", None), ("sideways", None), ("sideways", "triton"), ("sideways", "triton-per-stage"))])
 
 
 def _e2e_id(case) -> str:
@@ -561,8 +579,11 @@ def test_end_to_end(benchmark, case, monkeypatch):
         import sideways_kernels.triton as triton_backend
         from sideways_kernels.engine import Engine
         monkeypatch.setattr(triton_backend, "grouped_weight_updates", lambda calls: calls)  # every call left
-        monkeypatch.setattr(Engine, "_forwards_ahead", lambda self, plan, arrivals: None)
-    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend and backend.replace("-per-layer", ""),
+        monkeypatch.setattr(Engine, "_forwards_ahead", lambda self, plan, arrivals, down: {})
+    if backend == "triton-per-stage":  # no stage run by the engine itself
+        from sideways_kernels.engine import Engine
+        monkeypatch.setattr(Engine, "_own_stage", lambda *args: None)
+    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend and backend.split("-per-")[0],
                                                 graphs=graphs, temporal_padding=pad), rounds=1, iterations=1)
     row["backend"] = backend or row["backend"]
     benchmark.extra_info.update(row)

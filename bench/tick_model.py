@@ -1,6 +1,6 @@
 """A tick model you can read without a GPU: where a Sideways training tick's time should go.
 
-    python bench/tick_model.py --model c3d|r3d_18 --batch 8 --size 112 [--frames 48] [--stages 4]
+    python bench/tick_model.py --model c3d|r3d_18|chain --batch 8 --size 112 [--frames 48] [--stages 4]
                                [--update clip|tick] [--measure]
 
 The pipeline runs a training clip with bf16 activations on *fake* tensors (shapes, dtypes and
@@ -389,10 +389,30 @@ def build(model: str, stages: int, update: str = "clip", device: str = "cpu"):
         net = models.r3d_18(10).to(device)
         cut = lambda **kw: SidewaysPipeline.from_model(net, stages=stages, batchnorm="frame", temporal_padding="causal",
                                                        **kw)
+    elif model == "chain":
+        net = chain(stages)
+        cut = lambda **kw: SidewaysPipeline(list(net), **kw)
     else:
-        raise ValueError(f"--model must be c3d or r3d_18, got {model!r}")
+        raise ValueError(f"--model must be c3d, r3d_18 or chain, got {model!r}")
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9) if update == "tick" else None
     return net, cut(update=update, optimizer=opt, cuda_graph=False)
+
+
+def chain(stages: int, width: int = 64) -> torch.nn.Sequential:
+    """The end-to-end rows' chain of conv-ReLU stages (bench_gpu._chain), on the CPU."""
+    import bench_gpu
+    return bench_gpu._chain(SidewaysConv3d, "cpu", width, stages)
+
+
+def own_stages(pipe) -> list:
+    """The stages the engine runs itself in a steady tick on a backend that groups forwards (the
+    Triton backend's; Engine._own_stage): every stage but the top whose module is a conv and its
+    ReLU."""
+    from sideways_kernels.engine import conv_and_relu
+    from sideways_kernels.graph import ChainNode
+    nodes = [[pipe.graph.nodes[i] for i in stage] for stage in pipe.engine.stages]
+    return [k for k, stage in enumerate(nodes[:-1])
+            if len(stage) == 1 and isinstance(stage[0], ChainNode) and conv_and_relu(stage[0].module) is not None]
 
 
 @dataclasses.dataclass
@@ -621,8 +641,8 @@ class TickSummary:
 def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
     """The launches the Triton backend makes today for a tick's weight updates (``problems``:
     ``Schedule.problems``): the layers on the box path (16-bit, spatial stride 1, one group,
-    channels in multiples of 8) grouped — per kernel shape and 16 layers one GEMM and one finish,
-    plus one finish for their biases —, each other layer alone (its GEMM, its finish and, with a
+    channels in multiples of 8) grouped — per kernel shape and 16 layers one GEMM and a finish per
+    16 of their weights and biases —, each other layer alone (its GEMM, its finish and, with a
     bias, the bias's sum and step)."""
     layers = [_problem_layer(pipe, q) for q in problems if q.op == "weight"]
     shapes: dict = {}
@@ -636,7 +656,7 @@ def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
     for group in shapes.values():
         for lo in range(0, len(group), 16):
             chunk = group[lo:lo + 16]
-            grouped += 2 + any(m.bias is not None for m in chunk)
+            grouped += 1 + math.ceil((len(chunk) + sum(m.bias is not None for m in chunk)) / 16)
     n_grouped = sum(len(g) for g in shapes.values())
     return grouped + alone, (f"{n_grouped} layers grouped in {grouped} launches ({len(shapes)} kernel shapes), "
                              f"{len(layers) - n_grouped} alone in {alone}")
@@ -833,6 +853,12 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     for op, what in (("forward", "forwards"), ("input_grad", "input gradients")):
         built, how = built_first_conv_launches(pipe, schedule.problems(plans[s.index]), op)
         p(f"built so far: the {what} on the Triton backend, {built} launches this tick — {how}")
+    own = own_stages(pipe)
+    if own:
+        p(f"built so far: {len(own)} stages the engine runs itself (a conv and its ReLU) on the Triton backend — "
+          f"their forwards, input gradients and weight updates in the grouped launches above, whatever the depth; "
+          f"each one's ReLU, ReLU backward and two double-buffer copies ({4 * len(own)} launches this tick) in "
+          "those launches' epilogues")
     r = REFERENCE_TICK
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
       f"from the {GPU['device']}'s {r['model']} clip (B{r['batch']} {r['size']}x{r['size']} T{r['frames']}, default "
@@ -956,7 +982,7 @@ def measure_on_gpu(model, batch, size, frames, stages, update, out=sys.stdout, c
 
 def main(argv=None) -> None:
     a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    a.add_argument("--model", choices=["c3d", "r3d_18"], default="c3d")
+    a.add_argument("--model", choices=["c3d", "r3d_18", "chain"], default="c3d")
     a.add_argument("--batch", type=int, default=8)
     a.add_argument("--size", type=int, default=112)
     a.add_argument("--frames", type=int, default=48)

@@ -13,7 +13,8 @@ spec.loader.exec_module(bench_gpu)
 
 
 @pytest.mark.parametrize("network,impl,padding", [("c3d", "clip_bp", "same"), ("c3d", "sideways", "same"),
-                                                  ("r3d_18", "clip_bp", "same"), ("r3d_18", "sideways", "causal")])
+                                                  ("r3d_18", "clip_bp", "same"), ("r3d_18", "sideways", "causal"),
+                                                  ("chain", "clip_bp", "same"), ("chain", "sideways", "same")])
 def test_end_to_end_measures_every_kind_of_case_on_the_cpu(network, impl, padding):
     # 8 frames: causal r3d_18's three temporal strides each keep whole stride groups (8 -> 4 -> 2 -> 1)
     row = bench_gpu.end_to_end(network, impl, 8, backend="torch" if impl == "sideways" else None,
@@ -33,7 +34,7 @@ def test_end_to_end_measures_every_kind_of_case_on_the_cpu(network, impl, paddin
 def test_the_gpu_run_s_end_to_end_matrix_names_each_case_once():
     ids = [bench_gpu._e2e_id(c) for c in bench_gpu.E2E]
     assert len(ids) == len(set(ids))
-    assert {c[0] for c in bench_gpu.E2E} == {"c3d", "r3d_18"} and {c[5] for c in bench_gpu.E2E} == {16, 48, 256}
+    assert {c[0] for c in bench_gpu.E2E} == {"c3d", "r3d_18", "chain"} and {c[5] for c in bench_gpu.E2E} == {16, 48, 256}
 
 
 def test_profile_clip_runs_and_measures_the_union_of_kernel_intervals(capsys):

@@ -183,12 +183,12 @@ def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, 
 
 def test_built_weight_launches_count_what_the_triton_backend_groups():
     """The report's "built so far" line, in a tick where all five convs of a small C3D update:
-    the convs on the box path (8 -> 8 channels) grouped — one GEMM, one finish, one finish for
-    all their biases —, the others (3, 4, 6 channels; the 5-class head) alone, 2 launches and a
-    bias sum and step each. Widths 4, 6, 8, 8: 1 grouped (3) + 4 alone (16); widths 8, 8, 8, 8:
-    3 grouped (3) + the stem and the head (8)."""
-    for widths, count, how in (((4, 6, 8, 8), 3 + 16, "1 layers grouped in 3 launches (1 kernel shapes), 4 alone in 16"),
-                               ((8, 8, 8, 8), 3 + 8, "3 layers grouped in 3 launches (1 kernel shapes), 2 alone in 8")):
+    the convs on the box path (8 -> 8 channels) grouped — one GEMM, one finish for their weights
+    and biases —, the others (3, 4, 6 channels; the 5-class head) alone, 2 launches and a bias sum
+    and step each. Widths 4, 6, 8, 8: 1 grouped (2) + 4 alone (16); widths 8, 8, 8, 8: 3 grouped
+    (2) + the stem and the head (8)."""
+    for widths, count, how in (((4, 6, 8, 8), 2 + 16, "1 layers grouped in 2 launches (1 kernel shapes), 4 alone in 16"),
+                               ((8, 8, 8, 8), 2 + 8, "3 layers grouped in 2 launches (1 kernel shapes), 2 alone in 8")):
         net = models.c3d(5, widths=widths, conv=SidewaysConv3d)
         pipe = SidewaysPipeline(models.stages(net, 4))
         schedule = pipe._schedule(T, "sideways", True)
@@ -217,6 +217,19 @@ def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
             expected = ((n - 2, f"3 stages' first {what} in 1 launches (1 kernel shapes), {n - 3} alone") if grouped
                         else (n, f"no two stages' first convs to group; {n} alone"))
             assert tm.built_first_conv_launches(pipe, ps, op) == expected, (widths, op)
+
+
+def test_the_stages_the_engine_runs_itself_are_the_conv_relu_stages_below_the_top():
+    """The report's line on the stages the engine runs itself: in ``--model chain`` every stage but
+    the top (its head and loss), stem included; in C3D (several convs and a pool a stage) none; a
+    hook on a stage's ReLU takes that stage out."""
+    net = tm.chain(4, width=8)
+    assert tm.own_stages(SidewaysPipeline(list(net))) == [0, 1, 2]
+    handle = net[1][1].register_forward_hook(lambda *args: None)
+    assert tm.own_stages(SidewaysPipeline(list(net))) == [0, 2]
+    handle.remove()
+    c3d = models.c3d(5, widths=(8, 8, 8, 8), conv=SidewaysConv3d)
+    assert tm.own_stages(SidewaysPipeline(models.stages(c3d, 4))) == []
 
 
 def test_today_s_count_groups_the_stages_first_input_gradients_the_dispatch_sends_to_triton():
