@@ -12,7 +12,8 @@ target=GPUTarget("cuda", arch, 32))``:
 - a tick's weight updates grouped (``box_grouped_weight_update``: every layer's tiles in one
   persistent launch, the tensors' addresses as int64 arguments; ``grouped_weight_finish``: its
   finish for every layer, accumulating or the SGD step), in their own config list; the stages'
-  first forwards grouped (``box_grouped_forward``, pushing the frames) and their input gradients
+  first forwards grouped (``box_grouped_forward``, pushing the frames; ``_pool``: with the 1x2x2
+  max pool of the stages the engine runs itself) and their input gradients
   (``box_grouped_input_grad``: the same kernel on the errors), in theirs;
 - the bias gradient's column sum (``column_sum``: fp32 partials of the error's rows, fp32 and
   bf16) and its finish (a new sum, or ``_add``: into a gradient), in their one config
@@ -53,13 +54,14 @@ TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sid
 GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
-BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_input_grad",
-       "box_grouped_weight_update")
+BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_forward_pool",
+       "box_grouped_input_grad", "box_grouped_weight_update")
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
-        "box_grouped_forward": "box_grouped_forward", "box_grouped_input_grad": "box_grouped_forward",
+        "box_grouped_forward": "box_grouped_forward", "box_grouped_forward_pool": "box_grouped_forward",
+        "box_grouped_input_grad": "box_grouped_forward",
         "box_grouped_weight_update": "box_grouped_weight_update",
         "weight_finish": None, "weight_finish_sgd": None,
         "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
@@ -74,7 +76,7 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
-        "box_grouped_forward": (), "box_grouped_input_grad": (), "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
+        "box_grouped_forward": (), "box_grouped_forward_pool": (), "box_grouped_input_grad": (), "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
         "column_sum_finish": (), "split_sum": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
@@ -116,11 +118,17 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         "box_weight_update": (X._box_weight_update_kernel, update_ptrs, dict(taps, TAPS=3)),
         # a tick's layers in one launch: their tensors' addresses are int64 arguments
         "box_grouped_forward": (X._grouped_box_forward_kernel, dict(table="*i64"),
-                                dict(taps, PUSH=True, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                dict(taps, PUSH=True, POOL=False,
+                                     DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                      BIAS=tl.float32, G_P2=16)),
+        # chain stages the engine runs itself with a 1x2x2 max pool after the ReLU (C3D's blocks)
+        "box_grouped_forward_pool": (X._grouped_box_forward_kernel, dict(table="*i64"),
+                                     dict(taps, PUSH=True, POOL=True,
+                                          DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                          BIAS=tl.float32, G_P2=16)),
         # a tick's stage-first input gradients: the same kernel on the errors (one slot, no push)
         "box_grouped_input_grad": (X._grouped_box_forward_kernel, dict(table="*i64"),
-                                   dict(KT=1, KH=3, KW=3, PUSH=False,
+                                   dict(KT=1, KH=3, KW=3, PUSH=False, POOL=False,
                                         DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                         BIAS=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")), G_P2=16)),
         "box_grouped_weight_update": (X._grouped_box_weight_update_kernel, dict(partials="*fp32", table="*i64"),
@@ -147,7 +155,7 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         const.update(DENSE=True)
     const.update({name: 1 for name in UNIT[base]})
     floats = {"lr", "momentum", "dampening", "weight_decay"}
-    addresses = re.compile(r"[erbtfwo]\d+$")  # a grouped launch's tensors
+    addresses = re.compile(r"[erbtfwoc]\d+$")  # a grouped launch's tensors
     sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else
                               "i64" if base.startswith(("grouped", "box_grouped")) and addresses.match(a) else "i32")
            for a in fn.arg_names}

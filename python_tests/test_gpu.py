@@ -410,10 +410,12 @@ def test_a_tick_s_grouped_first_convs_on_gpu_equal_each_layer_s_and_replay_in_a_
         assert torch.equal(a, b)
 
 
-def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cuda_graphs(monkeypatch):
-    """Stages that are a conv and its ReLU, run by the engine itself on Triton (sm_90 TMA boxes,
-    bf16 autocast: every such stage's forward in one launch with the ReLU, the next stage's buffer
-    and the error's mask in its epilogue; their input gradients in one): the per-stage path's
+@pytest.mark.parametrize("pool", [False, True], ids=["conv_relu", "c3d_blocks"])
+def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cuda_graphs(pool, monkeypatch):
+    """Stages that are a conv and its ReLU (and a 1x2x2 max pool: C3D's blocks; 28² -> 14² -> 7² ->
+    3², the last one floor), run by the engine itself on Triton (sm_90 TMA boxes, bf16 autocast:
+    every such stage's forward in one launch with the ReLU, the pool, the next stage's buffer and
+    the error's backward in its epilogue; their input gradients in one): the per-stage path's
     losses and gradients to the bit; captured in CUDA graphs and replayed over two clips, the
     eager results."""
     pytest.importorskip("sideways_kernels.triton")
@@ -423,7 +425,8 @@ def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cud
 
     def chain():
         torch.manual_seed(0)
-        stages = [torch.nn.Sequential(sk.SidewaysConv3d(64 if k else 16, 64, 3, padding=1), torch.nn.ReLU())
+        stages = [torch.nn.Sequential(sk.SidewaysConv3d(64 if k else 16, 64, 3, padding=1), torch.nn.ReLU(),
+                                      *([torch.nn.MaxPool3d((1, 2, 2))] if pool and k < 3 else []))
                   for k in range(4)]
         stages[-1].extend([torch.nn.AdaptiveAvgPool3d((None, 1, 1)), sk.SidewaysConv3d(64, 10, 1)])
         return [stage.cuda() for stage in stages]

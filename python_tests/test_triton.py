@@ -1002,16 +1002,51 @@ def test_grouped_stage_forwards_write_relu_outputs_and_mask_the_waiting_errors()
         error = None if i == 3 else torch.randn_like(own)
         y = torch.relu(own) if relu else own
         assert (y > 0).any() and (y <= 0).any()
-        stages.append((out, relu, error))
+        stages.append((out, relu, error, None))
         expected.append((y, None if error is None else torch.ops.aten.threshold_backward(error, y, 0)))
     T.launches.clear()
     got = T.grouped_ring_conv_forwards([args for args, *_ in cases], stages)
     boxed = [args for args, *_ in cases if args[0].shape[2] % 8 == args[3].shape[0] % 8 == 0]
     assert T.launches["grouped_forward"] == len({tuple(args[3].shape[2:]) for args in boxed}) and len(boxed) == 3
     assert T.launches["ring_conv_forward"] == 2
-    for (out, _, error), g, (y, masked) in zip(stages, got, expected):
+    for (out, _, error, _), g, (y, masked) in zip(stages, got, expected):
         assert g is out and torch.equal(out, y)
         assert error is None or torch.equal(error, masked)
+
+
+def test_grouped_stage_forwards_pool_after_the_relu_as_c3d_s_blocks():
+    """Chain stages of a conv, its ReLU and a 1x2x2 max pool (C3D's blocks): the pooled ReLU output
+    into the buffer given, and the error at the conv's output — the pooled error at each window's
+    first maximum where positive — what autograd through ReLU and max pool gives, to the bit.
+    Integer-valued data (exact fp16 sums), so windows tie (the first maximum must win) and odd
+    output sizes drop their last row or column (floor); the two layers off the box path do the same
+    after their op."""
+    import torch.nn.functional as F
+    cases = _layer_forwards(torch.float16)
+    with torch.no_grad():
+        for args, copy, *_ in cases:
+            for t in (args[0], copy[0], args[1], args[3], args[4]):
+                if t is not None:
+                    t.copy_((t * 2).round().clamp(-2, 2))
+    stages, expected, ties = [], [], 0
+    for args, copy, *_ in cases:
+        own = S.ring_conv_forward(*copy).float().requires_grad_()
+        pooled = F.max_pool2d(torch.relu(own), 2)
+        error = torch.randn(pooled.shape).to(torch.float16).contiguous(memory_format=torch.channels_last)
+        pooled.backward(error.float())
+        windows = torch.relu(own.detach())[..., :pooled.shape[2] * 2, :pooled.shape[3] * 2].unfold(2, 2, 2).unfold(3, 2, 2)
+        top = windows.flatten(-2).max(-1).values
+        ties += int(((windows.flatten(-2) == top[..., None]).sum(-1) > 1)[top > 0].sum())
+        nan = lambda shape: torch.full(shape, float("nan"), dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        stages.append((nan(pooled.shape), True, error.clone(), nan(own.shape)))
+        expected.append((pooled.detach().half(), own.grad.half()))
+    assert ties > 0
+    T.launches.clear()
+    got = T.grouped_ring_conv_forwards([args for args, *_ in cases], stages)
+    assert T.launches["grouped_forward"] >= 1 and T.launches["ring_conv_forward"] == 2
+    for (out, _, _, at_conv), g, (pooled, grad) in zip(stages, got, expected):
+        assert g is out and torch.equal(out, pooled) and torch.equal(at_conv, grad)
 
 
 def test_grouped_input_grads_go_into_the_buffers_given():
@@ -1241,6 +1276,69 @@ def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the
         after[way] = [t.clone() for p in params for t in (p, opt.state[p]["momentum_buffer"])]
     assert {0, 1} <= set(owned)
     assert all(torch.equal(a, b) for a, b in zip(after["own"], after["per stage"]))
+
+
+def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypatch):
+    """Stages of C3D's shape — a block (conv, in-place ReLU, 1x2x2 max pool) in a stage's
+    nn.Sequential — run by the engine itself (the pool in the forward's epilogue, the error at the
+    conv's output through the pool's and the ReLU's backward there): the per-stage path's losses
+    and gradients to the bit, and the torch backend's."""
+    from sideways_kernels import SidewaysConv3d
+    from sideways_kernels.engine import Engine
+
+    def blocks():
+        torch.manual_seed(0)
+        stages = [torch.nn.Sequential(torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)),
+                                                          torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d((1, 2, 2))))
+                  for _ in range(3)]
+        stages[-1].extend([torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(8, 8, 1)])
+        return stages
+    video, target = torch.randn(1, 8, 11, 8, 8).contiguous(memory_format=torch.channels_last_3d), torch.tensor([2])
+    results, owned = {}, set()
+    for way in ("own", "per stage", "torch"):
+        stages = blocks()
+        with monkeypatch.context() as m:
+            if way == "per stage":
+                m.setattr(Engine, "_own_stage", lambda *args: None)
+            elif way == "own":
+                def own_stage(self, k, *args, _own=Engine._own_stage):
+                    found = _own(self, k, *args)
+                    if found is not None and found[2]:
+                        owned.add(k)
+                    return found
+                m.setattr(Engine, "_own_stage", own_stage)
+            with T.using(path="box"):
+                out = SidewaysPipeline(stages, backend="torch" if way == "torch" else "triton").backward_clip(video,
+                                                                                                              target)
+        results[way] = (out.loss, grads(torch.nn.Sequential(*stages)))
+    assert owned == {0, 1}
+    assert results["own"][0] == results["per stage"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["own"][1], results["per stage"][1]))
+    torch.testing.assert_close(results["own"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    assert rel_error(results["own"][1], results["torch"][1]) < 1e-4
+
+
+def test_a_pipeline_says_once_which_convs_run_their_ops_alone_on_the_triton_backend():
+    """One line per pipeline naming the convs the Triton backend cannot put in a tick's grouped
+    launches and why (here the 3-channel stem); none where every conv can go there."""
+    import warnings
+    from sideways_kernels import SidewaysConv3d
+    video, target = torch.randn(1, 3, 3, 2, 2), torch.tensor([1])
+    stages = _conv_relu_chain(2)
+    stages[0][0] = SidewaysConv3d(3, 8, (3, 1, 1), padding=(1, 0, 0))
+    pipe = SidewaysPipeline(stages, backend="triton")
+    with warnings.catch_warnings(record=True) as said, torch.autocast("cpu", torch.float16):
+        warnings.simplefilter("always")
+        pipe.backward_clip(video, target)
+        pipe.backward_clip(video, target)
+    alone = [str(w.message) for w in said if "run each op alone" in str(w.message)]
+    assert alone == ["on the Triton backend 1 of 3 convs run each op alone, outside the tick's grouped launches "
+                     "(the same results, more launches): stage 0.0: channel counts (3, 8) are not multiples of 8 "
+                     "(16-byte rows)"]
+    with warnings.catch_warnings(record=True) as said, torch.autocast("cpu", torch.float16):
+        warnings.simplefilter("always")
+        SidewaysPipeline(_conv_relu_chain(2), backend="triton").backward_clip(torch.randn(1, 8, 3, 2, 2), target)
+    assert not [w for w in said if "run each op alone" in str(w.message)]
 
 
 def test_a_conv_behind_a_hook_or_a_module_of_its_own_does_not_run_ahead():

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -90,7 +91,8 @@ class Engine:
         self._members: Optional[tuple] = None  # _find_members() of the current run
         self._deferred: dict = {}  # stage -> the window_input_grad calls of its first conv held this tick
         self._deferred_layers: dict = {}  # stage -> that conv
-        self._plain: dict = {}  # stage -> (its conv, ReLU after it) where its module is just that (this run)
+        self._plain: dict = {}  # stage -> (its conv, ReLU, pool) where its module is just those (this run)
+        self._said_alone = False  # _say_what_runs_alone warned
         self.at = ""  # what the tick is doing now (a node's name, a stage's backward): named when a capture fails
 
     # --- a run -------------------------------------------------------------------------------
@@ -285,11 +287,13 @@ class Engine:
         reads last tick's sample, a later one what this tick's nodes make. A lone forward runs in
         its stage as before. Then those convs' input gradients are held (:meth:`_defer_input_grads`).
 
-        A stage that is just a conv and its ReLU (:meth:`_own_stage`) is then the engine's to run:
-        its launch's epilogue applies the ReLU, writes the output straight into the next stage's
-        double buffer and masks the error that arrived for it in place (the ReLU's backward), so
-        the stage runs nothing of its own; its input gradient and weight update come after the
-        stages (:meth:`_deferred_errors`). Returns those stages: stage -> :class:`_Own`."""
+        A stage that is just a conv, its ReLU and maybe a 1x2x2 max pool (:meth:`_own_stage`) is
+        then the engine's to run: its launch's epilogue applies the ReLU (and the pool), writes the
+        output straight into the next stage's double buffer and masks the error that arrived for it
+        in place (the ReLU's backward; with the pool, the error at the conv's output goes to a buffer
+        of the stage's, through the pool's backward), so the stage runs nothing of its own; its input
+        gradient and weight update come after the stages (:meth:`_deferred_errors`). Returns those
+        stages: stage -> :class:`_Own`."""
         if self.mode == "bp" or self.observer is not None:
             return {}
         batches: dict = {}
@@ -303,15 +307,19 @@ class Engine:
             firsts.append((k, layer))
             kernels = layer._stream.kernels
             grouped = getattr(kernels, "group_forwards", None)
-            plain = self._own_stage(k, plan.stages[k], action, down[k]) if grouped is not None else None
+            plain = self._own_stage(k, plan.stages[k], action, arrivals[k], down[k]) if grouped is not None else None
             args = layer.forward_ahead(arrivals[k], action, slot, cast=plain is not None) if grouped is not None else None
             if args is None or not kernels.groups_forward(args):
                 continue
             epilogue = None
             if plain is not None:
-                out = self._frame_buffer("act", plan.tick % 2, k + 1, down[k])
-                own[k] = _Own(layer, plain[1], out, down[k][:, :, 0], arrivals[k], args[0], args[2])
-                epilogue = (out[:, :, 0], plain[1], own[k].error)
+                _, relu, pool = plain
+                out = self._frame_buffer("act", plan.tick % 2, k + 1, down[k].shape, down[k].dtype)
+                at_conv = self._frame_buffer("conv error", 0, k, _conv_output(layer, arrivals[k]), down[k].dtype) \
+                    if pool else None
+                epilogue = (out[:, :, 0], relu, down[k][:, :, 0], at_conv[:, :, 0] if pool else None)
+                own[k] = _Own(layer, out, at_conv[:, :, 0] if pool else down[k][:, :, 0], arrivals[k], args[0],
+                              args[2])
             batches.setdefault(_grouping(grouped), []).append((k, layer, args, epilogue))
         for batch in batches.values():
             if len(batch) < 2 and batch[0][3] is None:
@@ -325,15 +333,16 @@ class Engine:
         self._defer_input_grads(plan, [(k, layer) for k, layer in firsts if k not in own], len(own))
         return own
 
-    def _own_stage(self, k: int, sp: StagePlan, action: str, err_in) -> Optional[tuple]:
-        """(conv, ReLU after it) where stage ``k`` is the engine's to run this tick
-        (:meth:`_forwards_ahead`), else None: its module is a conv and its ReLU (``_plain``), it
-        pushes its sample, emits into a double buffer of this process on its device, and
-        back-propagates the error that arrived for it, nothing else (no waiting error, no held
-        sample). Not while stages are timed (``stage_times``: an own stage has no time of its own)."""
+    def _own_stage(self, k: int, sp: StagePlan, action: str, x_in, err_in) -> Optional[tuple]:
+        """(conv, ReLU after it, pool after that) where stage ``k`` is the engine's to run this tick
+        (:meth:`_forwards_ahead`), else None: its module is a conv, its ReLU and maybe a max pool
+        (``_plain``), it pushes its sample, emits into a double buffer of this process on its
+        device, and back-propagates the error that arrived for it (in the dtype its activations
+        take), nothing else (no waiting error, no held sample). Not while stages are timed
+        (``stage_times``: an own stage has no time of its own)."""
         plain = self._plain.get(k)
         if plain is None or err_in is None or self.timer is not None or k >= self.hi - 1 \
-                or self.device(k + 1) != self.device(k):
+                or self.device(k + 1) != self.device(k) or err_in.dtype != activation_dtype(x_in):
             return None
         if k == self.lo and k > 0 and self.boundary is not None:  # its error goes to another process
             return None
@@ -378,7 +387,7 @@ class Engine:
             if k == 0:
                 continue
             stride, padding, dilation, _, groups = layer._stream.geometry[1]
-            below = self._frame_buffer("err", tick % 2, k - 1, stage.input)
+            below = self._frame_buffer("err", tick % 2, k - 1, stage.input.shape, stage.input.dtype)
             new_down[k - 1] = below
             fn = layer._stream.kernels.group_input_grads
             call = (stage.error, layer.weight, list(stage.input.shape[-2:]), stride, padding, dilation, groups)
@@ -578,16 +587,16 @@ class Engine:
             buf = self.buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
         return buf.copy_(value, non_blocking=True)
 
-    def _frame_buffer(self, kind: str, parity: int, i: int, like: torch.Tensor) -> torch.Tensor:
-        """The double buffer (kind, parity) of stage ``i`` for a launch to write a frame into: shaped
-        and typed as ``like`` (``[B, C, 1, H, W]``), on stage ``i``'s device, its frame channels-last
-        (the layout the grouped kernels write): the one there where it is so, else a new one."""
+    def _frame_buffer(self, kind: str, parity: int, i: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The buffer (kind, parity) of stage ``i`` for a launch to write a frame into: ``shape``
+        (``[B, C, 1, H, W]``) and ``dtype``, on stage ``i``'s device, its frame channels-last (the
+        layout the grouped kernels write): the one there where it is so, else a new one."""
         key = (kind, parity, i)
         buf = self.buffers.get(key)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != self.device(i) \
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != self.device(i) \
                 or not buf[:, :, 0].is_contiguous(memory_format=torch.channels_last):
-            B, C, _, H, W = like.shape
-            buf = self.buffers[key] = torch.empty((B, C, H, W), dtype=like.dtype, device=self.device(i),
+            B, C, _, H, W = shape
+            buf = self.buffers[key] = torch.empty((B, C, H, W), dtype=dtype, device=self.device(i),
                                                   memory_format=torch.channels_last).unsqueeze(2)
         return buf
 
@@ -600,7 +609,8 @@ class Engine:
         """What this engine keeps across ticks, in bytes, by kind: the layers' ``rings`` (a conv's
         last inputs), the temporal pools' ``pool rings``, the joins' ``FIFO slots`` (delay lines),
         the ``waiting errors`` (an error held for its producer's next firing), the ``double
-        buffers`` (activations and errors between stages) and the ``held samples`` (each stage's
+        buffers`` (activations and errors between stages, and a pooled stage's error at its conv
+        when the engine runs it) and the ``held samples`` (each stage's
         copy of the last sample of the clip, for the drain). Everything else a tick allocates is
         freed by the end of the tick; the parameters' gradients, the optimizer's state and the
         backends' caches of weights are not the engine's."""
@@ -650,7 +660,7 @@ class Engine:
         updates (``kernels(...).group``) gets them held and run once per tick (:meth:`_tick`).
         Without a per-tick optimizer no weight changes within the run: the backends' forms of the
         weights are made once for it (``backend.constant_weights``)."""
-        layers, updates, backends = [], {}, {}
+        layers, updates, backends, named = [], {}, {}, []
         try:
             for k in range(self.lo, self.hi):
                 name = _backend.resolve(self.device(k), backend)
@@ -662,15 +672,20 @@ class Engine:
                     node.begin(mode)
                     streamed = node.layers if isinstance(node, ChainNode) else \
                         [node.module] if isinstance(node, ConvNode) else []
+                    names = {id(m): f"{node.name}.{n}" if n else node.name for n, m in node.module.named_modules()} \
+                        if streamed else {}
                     for layer in streamed:
+                        named.append((names[id(layer)], layer, name))
                         clock = node.clock if isinstance(node, ChainNode) else None
                         layer._stream = _Stream(mode, kernels, optimizer, clock=clock, smoothing=smoothing,
                                                 updates=updates.get(name))
                         layers.append(layer)
                         backends.setdefault((name, activation_dtype(layer.weight)), []).append(layer)
             self._layers, self._members, self._updates = layers, self._find_members(), list(updates.values())
-            self._plain = {k: found for k in range(self.lo, self.hi) if (found := self._conv_and_relu(k)) is not None} \
+            self._plain = {k: found for k in range(self.lo, self.hi) if (found := self._conv_relu_pool(k)) is not None} \
                 if mode == "sideways" else {}
+            if mode == "sideways":
+                self._say_what_runs_alone(named)
             local = [i for k in range(self.lo, self.hi) for i in self.stages[k]]
             for i, (counter, tensor) in frame_counters(self.graph, local).items():
                 self._counted[i] = [counter, tensor, 0]
@@ -691,12 +706,31 @@ class Engine:
                     if n:
                         tensor.add_(n)
 
-    def _conv_and_relu(self, k: int) -> Optional[tuple]:
-        """(conv, whether a ReLU follows it) where stage ``k`` is one chain node whose module is a
-        conv and its ReLU (:func:`conv_and_relu`), on a backend that groups forwards and input
-        gradients: a stage the engine can run itself (:meth:`_forwards_ahead`). Else None."""
+    def _say_what_runs_alone(self, named: list) -> None:
+        """Once per engine, one line naming the convs (``named``: (name, layer, backend)) that the
+        Triton backend cannot put in a tick's grouped launches — off its box kernels
+        (``triton.box_path`` says why: a stride, groups, channel counts, float32, …) — so each of
+        their ops runs alone, on the general kernels: the same results, more launches."""
+        mine = [(name, layer) for name, layer, backend in named if backend == "triton"]
+        if self._said_alone or not mine:
+            return
+        from .triton import box_path
+        alone = [(name, reason) for name, layer in mine if (reason := box_path(
+            layer.weight.device, activation_dtype(layer.weight), layer.stride[1:], layer.groups,
+            (layer.in_channels // layer.groups, layer.out_channels), ())) is not None]
+        if alone:
+            self._said_alone = True
+            warnings.warn(f"on the Triton backend {len(alone)} of {len(mine)} convs run each op alone, outside the "
+                          "tick's grouped launches (the same results, more launches): "
+                          + "; ".join(f"{name}: {reason}" for name, reason in alone), stacklevel=5)
+
+    def _conv_relu_pool(self, k: int) -> Optional[tuple]:
+        """(conv, ReLU after it, pool after that) where stage ``k`` is one chain node whose module is
+        a conv, its ReLU and maybe a max pool (:func:`conv_relu_pool`), on a backend that groups
+        forwards and input gradients: a stage the engine can run itself (:meth:`_forwards_ahead`).
+        Else None."""
         nodes = [self.graph.nodes[i] for i in self.stages[k]]
-        found = conv_and_relu(nodes[0].module) if len(nodes) == 1 and isinstance(nodes[0], ChainNode) else None
+        found = conv_relu_pool(nodes[0].module) if len(nodes) == 1 and isinstance(nodes[0], ChainNode) else None
         if found is None:
             return None
         kernels = found[0]._stream.kernels
@@ -737,12 +771,12 @@ class Engine:
 
 @dataclasses.dataclass
 class _Own:
-    """A stage the engine runs itself this tick (:meth:`Engine._forwards_ahead`): its conv, whether
-    a ReLU follows, the next stage's double buffer its output goes into (``[B, C, 1, H, W]``), the
-    error that arrived for its output (masked in place by the forward's epilogue), the sample it
-    takes (the shape of the error it sends down), and the ring and slot of its forward."""
+    """A stage the engine runs itself this tick (:meth:`Engine._forwards_ahead`): its conv, the
+    next stage's double buffer its output goes into (``[B, C, 1, H, W]``), the error at the conv's
+    output the forward's epilogue leaves (the one that arrived, masked in place; or, after a pool,
+    its own buffer's), the sample it takes (the shape of the error it sends down), and the ring and
+    slot of its forward."""
     layer: SidewaysConv3d
-    relu: bool
     out: torch.Tensor
     error: torch.Tensor
     input: torch.Tensor
@@ -750,20 +784,45 @@ class _Own:
     slot: int
 
 
-def conv_and_relu(module: torch.nn.Module) -> Optional[tuple]:
-    """(conv, whether a ReLU follows it) where ``module`` is a plain ``nn.Sequential`` of a
-    SidewaysConv3d and optionally an ``nn.ReLU``, with no hooks anywhere (a hook or a subclass may
-    compute otherwise): a stage module the engine can run itself. Else None."""
-    if type(module) is not torch.nn.Sequential or len(module) not in (1, 2) or type(module[0]) is not SidewaysConv3d:
-        return None
-    if len(module) == 2 and type(module[1]) is not torch.nn.ReLU:
-        return None
-    hooked = lambda m: m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+def conv_relu_pool(module: torch.nn.Module) -> Optional[tuple]:
+    """(conv, whether a ReLU follows it, whether a 1x2x2 max pool follows that) where ``module`` is,
+    through plain ``nn.Sequential`` nesting, a SidewaysConv3d, optionally an ``nn.ReLU`` and then
+    optionally an ``nn.MaxPool3d`` over 1x2x2 windows (C3D's blocks), with no hooks anywhere (a
+    hook or a subclass may compute otherwise): a stage module the engine can run itself. Else None."""
     found = torch.nn.modules.module
-    if any(hooked(m) for m in (module, *module)) or found._global_forward_hooks or found._global_forward_pre_hooks \
-            or found._global_backward_hooks or found._global_backward_pre_hooks:
+    if found._global_forward_hooks or found._global_forward_pre_hooks or found._global_backward_hooks \
+            or found._global_backward_pre_hooks:
         return None
-    return module[0], len(module) == 2
+    leaves = []
+
+    def walk(m) -> bool:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+        if type(m) is torch.nn.Sequential:
+            return all(walk(child) for child in m)
+        leaves.append(m)
+        return True
+    if not walk(module) or not leaves or type(leaves[0]) is not SidewaysConv3d:
+        return None
+    relu = len(leaves) > 1 and type(leaves[1]) is torch.nn.ReLU
+    rest = leaves[1 + relu:]
+    pool = relu and len(rest) == 1 and _max_pool_2x2(rest[0])
+    return (leaves[0], relu, pool) if len(rest) == pool else None
+
+
+def _max_pool_2x2(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is ``nn.MaxPool3d((1, 2, 2))``: 1x2x2 windows, stride, no padding or dilation, floor."""
+    t = torch.nn.modules.utils._triple
+    return type(m) is torch.nn.MaxPool3d and t(m.kernel_size) == (1, 2, 2) and t(m.stride) == (1, 2, 2) \
+        and t(m.padding) == (0, 0, 0) and t(m.dilation) == (1, 1, 1) and not m.ceil_mode and not m.return_indices
+
+
+def _conv_output(layer: SidewaysConv3d, x: torch.Tensor) -> tuple:
+    """The shape ``[B, C_out, 1, H', W']`` of ``layer``'s output frame for the frame ``x`` (padded by the op)."""
+    stride, padding, dilation = layer.stride[1:], layer._spatial_padding()[0], layer.dilation[1:]
+    hw = [(x.shape[3 + i] + 2 * padding[i] - dilation[i] * (layer.kernel_size[1 + i] - 1) - 1) // stride[i] + 1
+          for i in range(2)]
+    return (x.shape[0], layer.out_channels, 1, *hw)
 
 
 def _grouping(fn):

@@ -693,12 +693,13 @@ class _Box:
     out: torch.Tensor
     relu: bool = False  # the output through a ReLU (a forward's epilogue)
     error: Optional[torch.Tensor] = None  # like ``out``: masked in place by the ReLU's mask (a chain stage's)
+    conv_error: Optional[torch.Tensor] = None  # a 2x2 max pool after the ReLU: the error at the conv's output
 
     def key(self) -> tuple:
         """What a problem shares with those it is launched with."""
         dtype = self.ring.dtype
         return (*self.taps, dtype, self.bias.dtype if self.bias is not None else dtype, self.ring.device,
-                self.frame is not None)
+                self.frame is not None, self.conv_error is not None)
 
 
 def grouped_ring_conv_forwards(calls: list, stages: Optional[list] = None) -> list:
@@ -713,10 +714,14 @@ def grouped_ring_conv_forwards(calls: list, stages: Optional[list] = None) -> li
     GPU. Bad arguments raise as the op would.
 
     ``stages`` (one per call, or None): each call as a Sideways chain stage's forward, ``(out,
-    relu, error)``: the output written into ``out`` (``[B, C_OUT, H_OUT, W_OUT]``, the next
-    stage's double buffer) through a ReLU where ``relu``, and ``error`` (like ``out``, or None: the
-    error that arrived for this output) masked in place by that ReLU's mask, in the launch's
-    epilogue; what runs alone does the same after its op."""
+    relu, error, conv_error)``: the output written into ``out`` (``[B, C_OUT, H_OUT, W_OUT]``, the
+    next stage's double buffer) through a ReLU where ``relu``, and ``error`` (like ``out``, or
+    None: the error that arrived for this output) masked in place by that ReLU's mask, in the
+    launch's epilogue; with ``conv_error`` (``[B, C_OUT, H_OUT, W_OUT]``; a ReLU and an error
+    given) a 1x2x2 max pool follows the ReLU: ``out`` and ``error`` are the pooled output's (half
+    the height and width, floor) and the error at the conv's output goes to ``conv_error`` (each
+    window's error at its first maximum, where positive; the pool's and the ReLU's backward). What
+    runs alone does the same after its op."""
     stages = stages or [None] * len(calls)
     boxes, rings = [], set()
     for args, stage in zip(calls, stages):
@@ -731,8 +736,16 @@ def _stage_epilogue(out: torch.Tensor, stage: Optional[tuple]) -> torch.Tensor:
     (out, relu, error); :func:`grouped_ring_conv_forwards`)."""
     if stage is None:
         return out
-    target, relu, error = stage
+    target, relu, error, conv_error = stage
     with torch.no_grad():  # (the buffers given are no autograd graph's; the op's output may need a gradient)
+        if conv_error is not None:
+            y = torch.relu(out)
+            pooled, where = torch.ops.aten.max_pool2d_with_indices(y, [2, 2], [2, 2])
+            target.copy_(pooled)
+            masked = torch.ops.aten.threshold_backward(error, pooled, 0)
+            conv_error.copy_(torch.ops.aten.max_pool2d_with_indices_backward(masked, y, [2, 2], [2, 2], [0, 0],
+                                                                             [1, 1], False, where))
+            return target
         torch.clamp(out, min=0, out=target) if relu else target.copy_(out)  # (ATen's relu is this clamp)
         if error is not None:
             error.copy_(torch.ops.aten.threshold_backward(error, target, 0))
@@ -760,20 +773,22 @@ def _forward_box(ring, frame, slot, weight, bias, stride, padding, dilation, dil
     :func:`grouped_ring_conv_forwards` takes it), or None where the grouped kernel cannot take it."""
     R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _forward_geometry(ring, frame, slot, weight, bias, stride,
                                                                            padding, dilation, dilation_t, groups)
-    shape = (B, c_out, h_out, w_out)
-    out, relu, error = stage if stage is not None else (None, False, None)
-    for name, t in (("out", out), ("error", error)):
-        _check(t is None or (tuple(t.shape) == shape and t.dtype == ring.dtype and t.device == ring.device),
-               f"a stage's {name} must be {list(shape)} of the ring's dtype and device, got "
+    out, relu, error, conv_error = stage if stage is not None else (None, False, None, None)
+    _check(conv_error is None or (relu and error is not None), "a stage's pool needs its ReLU and its error")
+    shape = (B, c_out, h_out // 2, w_out // 2) if conv_error is not None else (B, c_out, h_out, w_out)
+    for name, t, want in (("out", out, shape), ("error", error, shape), ("conv_error", conv_error,
+                                                                         (B, c_out, h_out, w_out))):
+        _check(t is None or (tuple(t.shape) == want and t.dtype == ring.dtype and t.device == ring.device),
+               f"a stage's {name} must be {list(want)} of the ring's dtype and device, got "
                f"{None if t is None else (list(t.shape), t.dtype, t.device)}")
     if box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,)) is not None:
         return None
-    if any(t is not None and _tma_strides(t) is None for t in (frame, out, error)):
+    if any(t is not None and _tma_strides(t) is None for t in (frame, out, error, conv_error)):
         return None
     if out is None:
         out = torch.empty(shape, dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
     return _Box(ring, frame, slot, _weight_as(weight, ring.dtype), bias, list(padding), list(dilation), dilation_t,
-                (k_t, k_h, k_w), out, relu, error)
+                (k_t, k_h, k_w), out, relu, error, conv_error)
 
 
 def _input_grad_box_of(grad_out, weight, input_size, stride, padding, dilation, groups,
@@ -831,18 +846,21 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
     ``kernels.GROUP``); False (nothing run) inside a CUDA-graph capture that would need a new
     table."""
     b0 = boxes[0]
-    device, dtype, push = b0.ring.device, b0.ring.dtype, b0.frame is not None
-    largest = max(boxes, key=lambda b: b.out.shape[2] * b.out.shape[3])
-    cfg = _grouped_config("box_grouped_forward", *largest.out.shape[2:], lambda c: c.BLOCK_M, device)
+    device, dtype, push, pool = b0.ring.device, b0.ring.dtype, b0.frame is not None, b0.conv_error is not None
+    at_conv = lambda b: b.conv_error if pool else b.out  # (the conv's output: the tiles cover it)
+    largest = max(boxes, key=lambda b: at_conv(b).shape[2] * at_conv(b).shape[3])
+    cfg = _grouped_config("box_grouped_forward", *at_conv(largest).shape[2:], lambda c: c.BLOCK_M, device)
     bh = cfg.BLOCK_M // cfg.BOX_W
+    assert not pool or (bh % 2 == 0 and cfg.BOX_W % 2 == 0), "a pooled tile holds whole 2x2 windows"
     rows, tiles, pushed = [], [0], [0]
     for b in boxes:
         R, B, C, H, W = b.ring.shape
-        _, c_out, h_out, w_out = b.out.shape
+        _, c_out, h_out, w_out = at_conv(b).shape
         rows.append([*_tma_strides(b.ring), *(_tma_strides(b.frame) if push else [0, 0, 0]), *_tma_strides(b.out),
                      B, C, H, W, c_out, h_out, w_out, R, b.slot, *b.padding, *b.dilation, b.dilation_t,
                      int(b.bias is not None), int(b.relu) | 2 * int(b.error is not None),
-                     *(_tma_strides(b.error) if b.error is not None else [0, 0, 0])])
+                     *(_tma_strides(b.error) if b.error is not None else [0, 0, 0]),
+                     *(_tma_strides(b.conv_error) if pool else [0, 0, 0])])
         tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
                      * triton.cdiv(c_out, cfg.BLOCK_N))
         pushed.append(pushed[-1] + B * triton.cdiv(H, bh) * triton.cdiv(W, cfg.BOX_W) * triton.cdiv(C, cfg.BLOCK_K))
@@ -855,13 +873,13 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
         table, G, *_addresses(b.ring for b in boxes), *_addresses(b.frame if push else b.ring for b in boxes),
         *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
         *_addresses(b.out for b in boxes), *_addresses(b.error if b.error is not None else b.out for b in boxes),
-        KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push,
+        *_addresses(at_conv(b) for b in boxes), KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push, POOL=pool,
         DTYPE=_TL_DTYPE[dtype], BIAS=_TL_DTYPE[b0.bias.dtype if b0.bias is not None else dtype],
         G_P2=triton.next_power_of_2(G), **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launches[f"grouped_{'forward' if op == 'ring_conv_forward' else 'input_grad'}"] += 1
     paths[(op, "grouped")] += G
     written = [b.ring for b in boxes] if push else []  # (as the op does: it mutates the ring)
-    written += [b.out for b in boxes] + [b.error for b in boxes if b.error is not None]
+    written += [t for b in boxes for t in (b.out, b.error, b.conv_error) if t is not None]
     torch.autograd.graph.increment_version(written)  # (outputs given: a double buffer)
     return True
 

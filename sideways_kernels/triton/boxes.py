@@ -146,7 +146,7 @@ def _box_forward_kernel(
             _push_box(ring_d, frame_d, box, slot, c_blocks, H, W, BH, BOX_W, BLOCK_K)
 
 
-FORWARD_FIELDS = tl.constexpr(29)  # a problem's row in a grouped forward's table
+FORWARD_FIELDS = tl.constexpr(32)  # a problem's row in a grouped forward's table
 
 
 @triton.jit
@@ -158,7 +158,9 @@ def _grouped_box_forward_kernel(
         b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,  # the biases' (or any)
         o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,  # the outputs'
         e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,  # the errors masked (or any)
-        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PUSH: tl.constexpr, DTYPE: tl.constexpr,
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,  # POOL: the errors at the convs'
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PUSH: tl.constexpr, POOL: tl.constexpr,
+        DTYPE: tl.constexpr,
         BIAS: tl.constexpr, G_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BOX_W: tl.constexpr):
     """:func:`_box_forward_kernel` for several problems at once — the forwards of a tick's layers
@@ -167,15 +169,22 @@ def _grouped_box_forward_kernel(
     the frame's (b, h, w), the output's (b, h, w), B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
     pad_h, pad_w, dil_h, dil_w, dil_t, whether it has a bias, its epilogue (bit 0: a ReLU; bit 1: the
     error waiting at this output masked in place by the output's ReLU mask), the error's strides
-    (b, h, w); then each problem's first tile and their total (G + 1), and with ``PUSH`` each
-    problem's first box of its frame's copy into its slot and their total (G + 1). ``DTYPE``: the
-    activations'; ``BIAS``: the biases'. A problem's descriptors are made where its item is taken.
+    (b, h, w), the conv-resolution error's strides (b, h, w; ``POOL``); then each problem's first
+    tile and their total (G + 1), and with ``PUSH`` each problem's first box of its frame's copy
+    into its slot and their total (G + 1). ``DTYPE``: the activations'; ``BIAS``: the biases'. A
+    problem's descriptors are made where its item is taken.
 
     The epilogue is a stage of a Sideways chain (conv, ReLU): its output goes up as the next
     stage's sample, and the error that arrived from above for it (written last tick) meets this
     tick's ReLU, as autograd's ``threshold_backward`` would apply it — the mask taken from the
     output as stored (16-bit), so it is the mask of the ReLU a per-layer tick runs after the op.
-    The input gradient and the weight update then read the masked error."""
+    The input gradient and the weight update then read the masked error.
+
+    ``POOL``: a 1x2x2 max pool follows the ReLU (C3D's blocks): the output is pooled (``out`` is
+    ``[B, C_OUT, H_OUT/2, W_OUT/2]``, floor), the waiting error is the pooled output's, and the
+    error at the conv's output goes to the ``c`` tensors — the pooled error at each window's first
+    maximum (PyTorch's max pool backward), masked by the ReLU (:func:`_pool_epilogue`). A tile's
+    box has even sides, so it holds whole windows."""
     BH: tl.constexpr = BLOCK_M // BOX_W
     tiles = table + FORWARD_FIELDS * G
     for item in tl.range(tl.program_id(0), tl.load(tiles + G), tl.num_programs(0)):
@@ -189,9 +198,14 @@ def _grouped_box_forward_kernel(
         out = _address(g, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
         w_d = tl.make_tensor_descriptor(weight.to(tl.pointer_type(DTYPE)), [KT * KH * KW * C, C_OUT], [C_OUT, 1],
                                         [BLOCK_K, BLOCK_N])
-        out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
-                                          [tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), 1],
-                                          [1, BH, BOX_W, BLOCK_N])
+        if POOL:
+            out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT // 2, W_OUT // 2, C_OUT],
+                                              [tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), 1],
+                                              [1, BH // 2, BOX_W // 2, BLOCK_N])
+        else:
+            out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                              [tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), 1],
+                                              [1, BH, BOX_W, BLOCK_N])
         boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
         tiles_n = tl.cdiv(C_OUT, BLOCK_N)
         c_blocks = tl.cdiv(C, BLOCK_K)
@@ -211,14 +225,28 @@ def _grouped_box_forward_kernel(
         if epilogue & 1:
             acc = tl.maximum(acc, 0.0)
         y = acc.to(DTYPE)
-        out_d.store([b, y0, x0, n0], y.reshape(1, BH, BOX_W, BLOCK_N))
-        if epilogue & 2:
-            err = _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
-            err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+        err = _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
+        if POOL:  # (ReLU and the error always: the host's rule)
+            err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT // 2, W_OUT // 2, C_OUT],
                                               [tl.load(row + 26), tl.load(row + 27), tl.load(row + 28), 1],
-                                              [1, BH, BOX_W, BLOCK_N])
-            e = err_d.load([b, y0, x0, n0]).reshape(BLOCK_M, BLOCK_N)
-            err_d.store([b, y0, x0, n0], tl.where(y > 0, e, tl.zeros_like(e)).reshape(1, BH, BOX_W, BLOCK_N))
+                                              [1, BH // 2, BOX_W // 2, BLOCK_N])
+            pooled, at_conv = _pool_epilogue(y, err_d.load([b, y0 // 2, x0 // 2, n0]).reshape(BH // 2, BOX_W // 2,
+                                                                                               BLOCK_N),
+                                             BH, BOX_W, BLOCK_N)
+            out_d.store([b, y0 // 2, x0 // 2, n0], pooled.reshape(1, BH // 2, BOX_W // 2, BLOCK_N))
+            conv_err = _address(g, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+            conv_err_d = tl.make_tensor_descriptor(conv_err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                                   [tl.load(row + 29), tl.load(row + 30), tl.load(row + 31), 1],
+                                                   [1, BH, BOX_W, BLOCK_N])
+            conv_err_d.store([b, y0, x0, n0], at_conv.reshape(1, BH, BOX_W, BLOCK_N))
+        else:
+            out_d.store([b, y0, x0, n0], y.reshape(1, BH, BOX_W, BLOCK_N))
+            if epilogue & 2:
+                err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                                  [tl.load(row + 26), tl.load(row + 27), tl.load(row + 28), 1],
+                                                  [1, BH, BOX_W, BLOCK_N])
+                e = err_d.load([b, y0, x0, n0]).reshape(BLOCK_M, BLOCK_N)
+                err_d.store([b, y0, x0, n0], tl.where(y > 0, e, tl.zeros_like(e)).reshape(1, BH, BOX_W, BLOCK_N))
     if PUSH:  # every frame into its slot: no tile of the launch reads a slot being pushed
         boxes = tiles + G + 1
         for box in tl.range(tl.program_id(0), tl.load(boxes + G), tl.num_programs(0)):
@@ -228,6 +256,28 @@ def _grouped_box_forward_kernel(
                 f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
             _push_box(ring_d, frame_d, (box - tl.load(boxes + g)).to(tl.int32), slot, tl.cdiv(C, BLOCK_K), H, W, BH,
                       BOX_W, BLOCK_K)
+
+
+@triton.jit
+def _pool_epilogue(y, pooled_error, BH: tl.constexpr, BW: tl.constexpr, N: tl.constexpr):
+    """A ``[BH·BW positions, N]`` tile of ReLU outputs (rows: a BH x BW box, row-major) through a
+    2x2 max pool: (the pooled ``[BH/2, BW/2, N]`` tile, the error at the tile's positions) — each
+    window's ``pooled_error`` at its first maximum in row-major order (PyTorch's max pool backward
+    sends it there), zero where the maximum is not positive (the ReLU's backward there)."""
+    windows = tl.permute(y.reshape(BH // 2, 2, BW // 2, 2, N), (0, 2, 4, 1, 3))  # [BH/2, BW/2, N, dy, dx]
+    left, right = tl.split(windows)
+    v00, v10 = tl.split(left)
+    v01, v11 = tl.split(right)
+    top = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11))
+    f00 = v00 == top
+    f01 = (v01 == top) & ~f00
+    f10 = (v10 == top) & ~(f00 | f01)
+    f11 = ~(f00 | f01 | f10)
+    zero = tl.zeros_like(pooled_error)
+    e = tl.where(top > 0, pooled_error, zero)
+    left = tl.join(tl.where(f00, e, zero), tl.where(f10, e, zero))
+    right = tl.join(tl.where(f01, e, zero), tl.where(f11, e, zero))
+    return top, tl.permute(tl.join(left, right), (0, 3, 1, 4, 2)).reshape(BH * BW, N)
 
 
 @triton.jit
