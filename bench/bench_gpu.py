@@ -424,7 +424,7 @@ def _c3d(conv, device="cuda", width: int = 64):
 def _chain(conv, device="cuda", width: int = 64, stages: int = 4, classes: int = 10):
     """A chain of ``stages`` stages, each a 3x3x3 conv (``width`` channels; the stem takes the
     video's 3) and its ReLU, the top one also pooling and a 1x1x1 head: stages the engine runs
-    itself on the Triton backend (engine.conv_and_relu), but the top (bench/tick_model.py builds it
+    itself on the Triton backend (engine.conv_relu_pool), but the top (bench/tick_model.py builds it
     too)."""
     mods = [nn.Sequential(conv(3 if k == 0 else width, width, 3, padding=1), nn.ReLU()) for k in range(stages)]
     mods[-1].extend([nn.AdaptiveAvgPool3d((None, 1, 1)), conv(width, classes, 1)])

@@ -404,15 +404,16 @@ def chain(stages: int, width: int = 64) -> torch.nn.Sequential:
     return bench_gpu._chain(SidewaysConv3d, "cpu", width, stages)
 
 
-def own_stages(pipe) -> list:
+def own_stages(pipe) -> dict:
     """The stages the engine runs itself in a steady tick on a backend that groups forwards (the
-    Triton backend's; Engine._own_stage): every stage but the top whose module is a conv and its
-    ReLU."""
-    from sideways_kernels.engine import conv_and_relu
+    Triton backend's; Engine._own_stage): every stage but the top whose module is a conv, its ReLU
+    and maybe a 1x2x2 max pool — stage -> (conv, ReLU, pool)."""
+    from sideways_kernels.engine import conv_relu_pool
     from sideways_kernels.graph import ChainNode
     nodes = [[pipe.graph.nodes[i] for i in stage] for stage in pipe.engine.stages]
-    return [k for k, stage in enumerate(nodes[:-1])
-            if len(stage) == 1 and isinstance(stage[0], ChainNode) and conv_and_relu(stage[0].module) is not None]
+    found = {k: conv_relu_pool(stage[0].module) for k, stage in enumerate(nodes[:-1])
+             if len(stage) == 1 and isinstance(stage[0], ChainNode)}
+    return {k: f for k, f in found.items() if f is not None}
 
 
 @dataclasses.dataclass
@@ -665,16 +666,18 @@ def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
 def built_first_conv_launches(pipe, problems: list, op: str) -> tuple[int, str]:
     """The launches the Triton backend makes today for a tick's forwards or input gradients
     (``op``; ``problems``: ``Schedule.problems``): the stages' first convs (:func:`_stage_first`)
-    grouped, per kernel shape and 16 layers one launch, where two or more go; every other one in a
-    launch of its own (counted as one: a split-K sum or a frame's copy not included)."""
+    grouped, per kernel shape (a forward's also per epilogue: a stage run by the engine with a pool
+    apart) and 16 layers one launch, where two or more go; every other one in a launch of its own
+    (counted as one: a split-K sum or a frame's copy not included)."""
     grouped, mine = _stage_first(pipe, pipe._schedule(1, "sideways", True).inputs, problems, op)
     n = sum(len(g) for g in grouped.values())
     what = {"forward": "forwards ahead", "input_grad": "input gradients after the backwards"}[op]
     if n < 2:
         return len(mine), f"no two stages' first convs to group; {len(mine)} alone"
     launches = sum(math.ceil(len(g) / 16) for g in grouped.values())
+    kinds = "kernel shapes and epilogues" if op == "forward" else "kernel shapes"
     return launches + len(mine) - n, (f"{n} stages' first {what} in {launches} launches "
-                                      f"({len(grouped)} kernel shapes), {len(mine) - n} alone")
+                                      f"({len(grouped)} {kinds}), {len(mine) - n} alone")
 
 
 def _stage_first(pipe, inputs: list, problems: list, op: str) -> tuple[dict, list]:
@@ -689,12 +692,13 @@ def _stage_first(pipe, inputs: list, problems: list, op: str) -> tuple[dict, lis
     graph = pipe.graph
     grouped: dict = {}
     mine = [q for q in problems if q.op == op]
+    pooled = {k for k, (_, _, pool) in own_stages(pipe).items() if pool} if op == "forward" else set()
     for q in mine:
         node, m = graph.nodes[q.node], _problem_layer(pipe, q)
         leads = _leading_conv(node.module) is m if isinstance(node, ChainNode) else q.layer == 0
         if q.stage > 0 and (op == "input_grad" or q.action == "push") and list(node.inputs) == [inputs[q.stage]] \
-                and leads and _on_box_path(m):
-            grouped.setdefault(tuple(m.kernel_size[1 if op == "input_grad" else 0:]), []).append(m)
+                and leads and _on_box_path(m):  # (a stage run by the engine with a pool: a launch of its own kind)
+            grouped.setdefault((*m.kernel_size[1 if op == "input_grad" else 0:], q.stage in pooled), []).append(m)
     return grouped, mine
 
 
@@ -855,10 +859,11 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
         p(f"built so far: the {what} on the Triton backend, {built} launches this tick — {how}")
     own = own_stages(pipe)
     if own:
-        p(f"built so far: {len(own)} stages the engine runs itself (a conv and its ReLU) on the Triton backend — "
-          f"their forwards, input gradients and weight updates in the grouped launches above, whatever the depth; "
-          f"each one's ReLU, ReLU backward and two double-buffer copies ({4 * len(own)} launches this tick) in "
-          "those launches' epilogues")
+        pools = sum(pool for _, _, pool in own.values())
+        p(f"built so far: {len(own)} stages the engine runs itself (a conv, its ReLU, {pools} of them a 1x2x2 max "
+          "pool) on the Triton backend — their forwards, input gradients and weight updates in the grouped launches "
+          "above, whatever the depth; each one's ReLU, ReLU backward, pool and pool backward and two double-buffer "
+          f"copies ({4 * len(own) + 2 * pools} launches a steady tick) in those launches' epilogues")
     r = REFERENCE_TICK
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
       f"from the {GPU['device']}'s {r['model']} clip (B{r['batch']} {r['size']}x{r['size']} T{r['frames']}, default "

@@ -201,9 +201,10 @@ def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
     """The report's "built so far" lines of forwards and input gradients, in a tick where all
     five convs of a small C3D push a frame and run forwards, and one where four send errors down:
     each upper stage's first conv on the box path grouped with the others (one launch per kernel
-    shape); the stem (the video's frames; it sends no error) and the head alone. Widths 8, 8, 8,
-    8: three grouped in one launch + 2 (+ 1: the head's input gradient); widths 4, 6, 8, 8: one on
-    the box path, nothing to group."""
+    shape; a forward's also per epilogue: C3D's lower blocks, run by the engine with their pool,
+    apart from the top's); the stem (the video's frames; it sends no error) and the head alone.
+    Widths 8, 8, 8, 8: three forwards in two launches + 2, three input gradients in one + 2 (the
+    head's too); widths 4, 6, 8, 8: one on the box path, nothing to group."""
     for widths, grouped in (((4, 6, 8, 8), False), ((8, 8, 8, 8), True)):
         net = models.c3d(5, widths=widths, conv=SidewaysConv3d)
         pipe = SidewaysPipeline(models.stages(net, 4))
@@ -214,22 +215,26 @@ def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
         assert forwards and grads
         for op, ps, n in (("forward", forwards[0], 5), ("input_grad", grads[0], 4)):
             what = "forwards ahead" if op == "forward" else "input gradients after the backwards"
-            expected = ((n - 2, f"3 stages' first {what} in 1 launches (1 kernel shapes), {n - 3} alone") if grouped
-                        else (n, f"no two stages' first convs to group; {n} alone"))
+            launches, kinds = (2, "2 kernel shapes and epilogues") if op == "forward" else (1, "1 kernel shapes")
+            expected = ((n - 3 + launches, f"3 stages' first {what} in {launches} launches ({kinds}), {n - 3} alone")
+                        if grouped else (n, f"no two stages' first convs to group; {n} alone"))
             assert tm.built_first_conv_launches(pipe, ps, op) == expected, (widths, op)
 
 
-def test_the_stages_the_engine_runs_itself_are_the_conv_relu_stages_below_the_top():
+def test_the_stages_the_engine_runs_itself_are_the_conv_relu_pool_stages_below_the_top():
     """The report's line on the stages the engine runs itself: in ``--model chain`` every stage but
-    the top (its head and loss), stem included; in C3D (several convs and a pool a stage) none; a
-    hook on a stage's ReLU takes that stage out."""
+    the top (its head and loss), stem included; C3D's blocks (conv, ReLU, 1x2x2 max pool) but the
+    top's; R(2+1)D's (two convs a block) none; a hook on a stage's ReLU takes that stage out."""
     net = tm.chain(4, width=8)
-    assert tm.own_stages(SidewaysPipeline(list(net))) == [0, 1, 2]
+    assert set(tm.own_stages(SidewaysPipeline(list(net)))) == {0, 1, 2}
     handle = net[1][1].register_forward_hook(lambda *args: None)
-    assert tm.own_stages(SidewaysPipeline(list(net))) == [0, 2]
+    assert set(tm.own_stages(SidewaysPipeline(list(net)))) == {0, 2}
     handle.remove()
     c3d = models.c3d(5, widths=(8, 8, 8, 8), conv=SidewaysConv3d)
-    assert tm.own_stages(SidewaysPipeline(models.stages(c3d, 4))) == []
+    own = tm.own_stages(SidewaysPipeline(models.stages(c3d, 4)))
+    assert set(own) == {0, 1, 2} and all(pool for _, _, pool in own.values())
+    r21d = models.r2plus1d(5, widths=(8, 8, 8, 8), conv=SidewaysConv3d)
+    assert tm.own_stages(SidewaysPipeline(models.stages(r21d, 4))) == {}
 
 
 def test_today_s_count_groups_the_stages_first_input_gradients_the_dispatch_sends_to_triton():
