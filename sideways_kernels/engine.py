@@ -720,9 +720,12 @@ class Engine:
             (layer.in_channels // layer.groups, layer.out_channels), ())) is not None]
         if alone:
             self._said_alone = True
+            why: dict = {}
+            for name, reason in alone:
+                why.setdefault(reason, []).append(name)
             warnings.warn(f"on the Triton backend {len(alone)} of {len(mine)} convs run each op alone, outside the "
                           "tick's grouped launches (the same results, more launches): "
-                          + "; ".join(f"{name}: {reason}" for name, reason in alone), stacklevel=5)
+                          + "; ".join(f"{reason}: {', '.join(names)}" for reason, names in why.items()), stacklevel=5)
 
     def _conv_relu_pool(self, k: int) -> Optional[tuple]:
         """(conv, ReLU after it, pool after that) where stage ``k`` is one chain node whose module is

@@ -733,7 +733,7 @@ def grouped_ring_conv_forwards(calls: list, stages: Optional[list] = None) -> li
 
 def _stage_epilogue(out: torch.Tensor, stage: Optional[tuple]) -> torch.Tensor:
     """A forward run alone, then what a grouped launch's epilogue does for a chain stage (``stage``:
-    (out, relu, error); :func:`grouped_ring_conv_forwards`)."""
+    (out, relu, error, conv_error); :func:`grouped_ring_conv_forwards`)."""
     if stage is None:
         return out
     target, relu, error, conv_error = stage
