@@ -25,6 +25,7 @@ import torch
 from . import backend as _backend
 from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
 from .nn import PUSH, SidewaysConv3d, _Stream, activation_dtype, weight_step
+from .ops import conv_output_size
 from .schedule import Schedule, StagePlan, TickPlan
 
 __all__ = ["Engine"]
@@ -315,7 +316,7 @@ class Engine:
             if plain is not None:
                 _, relu, pool = plain
                 out = self._frame_buffer("act", plan.tick % 2, k + 1, down[k].shape, down[k].dtype)
-                at_conv = self._frame_buffer("conv error", 0, k, _conv_output(layer, arrivals[k]), down[k].dtype) \
+                at_conv = self._frame_buffer("conv error", 0, k, _conv_output(args), down[k].dtype) \
                     if pool else None
                 epilogue = (out[:, :, 0], relu, down[k][:, :, 0], at_conv[:, :, 0] if pool else None)
                 own[k] = _Own(layer, out, at_conv[:, :, 0] if pool else down[k][:, :, 0], arrivals[k], args[0],
@@ -672,10 +673,8 @@ class Engine:
                     node.begin(mode)
                     streamed = node.layers if isinstance(node, ChainNode) else \
                         [node.module] if isinstance(node, ConvNode) else []
-                    names = {id(m): f"{node.name}.{n}" if n else node.name for n, m in node.module.named_modules()} \
-                        if streamed else {}
                     for layer in streamed:
-                        named.append((names[id(layer)], layer, name))
+                        named.append((node, layer, name))
                         clock = node.clock if isinstance(node, ChainNode) else None
                         layer._stream = _Stream(mode, kernels, optimizer, clock=clock, smoothing=smoothing,
                                                 updates=updates.get(name))
@@ -707,22 +706,23 @@ class Engine:
                         tensor.add_(n)
 
     def _say_what_runs_alone(self, named: list) -> None:
-        """Once per engine, one line naming the convs (``named``: (name, layer, backend)) that the
+        """Once per engine, one line naming the convs (``named``: (node, layer, backend)) that the
         Triton backend cannot put in a tick's grouped launches — off its box kernels
         (``triton.box_path`` says why: a stride, groups, channel counts, float32, …) — so each of
         their ops runs alone, on the general kernels: the same results, more launches."""
-        mine = [(name, layer) for name, layer, backend in named if backend == "triton"]
+        mine = [(node, layer) for node, layer, backend in named if backend == "triton"]
         if self._said_alone or not mine:
             return
         from .triton import box_path
-        alone = [(name, reason) for name, layer in mine if (reason := box_path(
+        alone = [(node, layer, reason) for node, layer in mine if (reason := box_path(
             layer.weight.device, activation_dtype(layer.weight), layer.stride[1:], layer.groups,
             (layer.in_channels // layer.groups, layer.out_channels), ())) is not None]
         if alone:
             self._said_alone = True
             why: dict = {}
-            for name, reason in alone:
-                why.setdefault(reason, []).append(name)
+            for node, layer, reason in alone:
+                sub = next(n for n, m in node.module.named_modules() if m is layer)
+                why.setdefault(reason, []).append(f"{node.name}.{sub}" if sub else node.name)
             warnings.warn(f"on the Triton backend {len(alone)} of {len(mine)} convs run each op alone, outside the "
                           "tick's grouped launches (the same results, more launches): "
                           + "; ".join(f"{reason}: {', '.join(names)}" for reason, names in why.items()), stacklevel=5)
@@ -820,12 +820,13 @@ def _max_pool_2x2(m: torch.nn.Module) -> bool:
         and t(m.padding) == (0, 0, 0) and t(m.dilation) == (1, 1, 1) and not m.ceil_mode and not m.return_indices
 
 
-def _conv_output(layer: SidewaysConv3d, x: torch.Tensor) -> tuple:
-    """The shape ``[B, C_out, 1, H', W']`` of ``layer``'s output frame for the frame ``x`` (padded by the op)."""
-    stride, padding, dilation = layer.stride[1:], layer._spatial_padding()[0], layer.dilation[1:]
-    hw = [(x.shape[3 + i] + 2 * padding[i] - dilation[i] * (layer.kernel_size[1 + i] - 1) - 1) // stride[i] + 1
+def _conv_output(args: tuple) -> tuple:
+    """The shape ``[B, C_out, 1, H', W']`` of the output frame of a ring op's forward (``args``:
+    ``ring_conv_forward``'s)."""
+    ring, _, _, weight, _, stride, padding, dilation = args[:8]
+    hw = [conv_output_size(ring.shape[3 + i], weight.shape[3 + i], stride[i], padding[i], dilation[i])
           for i in range(2)]
-    return (x.shape[0], layer.out_channels, 1, *hw)
+    return (ring.shape[1], weight.shape[0], 1, *hw)
 
 
 def _grouping(fn):
