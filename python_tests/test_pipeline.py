@@ -594,3 +594,21 @@ def test_an_in_place_activation_after_a_streaming_conv_trains_as_an_out_of_place
     b = SidewaysPipeline(stages_of(ref, 2), cuda_graph=False).backward_clip(video, target)
     assert torch.equal(a.loss, b.loss)
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), ref.parameters()))
+
+
+def test_a_clip_on_stage_0_s_device_is_checked_for_nan_in_one_go():
+    """The video's finiteness: one isfinite over the clip, not one per frame launched every tick
+    (the NaN's frame is still named, test_non_finite_video_and_bad_targets)."""
+    net, pipe = _pipe()
+    video, target = _video(T=6), torch.randint(0, 7, (2,))
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.isfinite and args[0].dim() == 5:
+                seen.append(args[0].shape[2])
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        pipe.backward_clip(video, target)
+    assert seen == [6]
