@@ -408,12 +408,9 @@ def own_stages(pipe) -> dict:
     """The stages the engine runs itself in a steady tick on a backend that groups forwards (the
     Triton backend's; Engine._own_stage): every stage but the top whose module is a conv, its ReLU
     and maybe a 1x2x2 max pool — stage -> (conv, ReLU, pool)."""
-    from sideways_kernels.engine import conv_relu_pool
-    from sideways_kernels.graph import ChainNode
-    nodes = [[pipe.graph.nodes[i] for i in stage] for stage in pipe.engine.stages]
-    found = {k: conv_relu_pool(stage[0].module) for k, stage in enumerate(nodes[:-1])
-             if len(stage) == 1 and isinstance(stage[0], ChainNode)}
-    return {k: f for k, f in found.items() if f is not None}
+    from sideways_kernels.engine import stage_conv_relu_pool
+    return {k: found for k, nodes in enumerate(pipe.engine.stages[:-1])
+            if (found := stage_conv_relu_pool(pipe.graph, nodes)) is not None}
 
 
 @dataclasses.dataclass
@@ -649,7 +646,7 @@ def built_weight_launches(pipe, problems: list) -> tuple[int, str]:
     shapes: dict = {}
     alone = 0
     for m in layers:
-        if _on_box_path(m):
+        if _on_box_path(m, _reads_video(pipe, m)):
             shapes.setdefault(tuple(m.kernel_size), []).append(m)
         else:
             alone += 2 + 2 * (m.bias is not None)
@@ -684,20 +681,23 @@ def _stage_first(pipe, inputs: list, problems: list, op: str) -> tuple[dict, lis
     """Of a tick's ``op`` problems (forward or input_grad; all of them the second item), the
     stages' first convs the engine groups on the box path, by kernel shape (an input gradient's:
     its taps summed, k_h x k_w): each stage's first conv where it reads the stage's arriving sample
-    — the forwards (each pushing a frame; not the stem's: the video's own NCDHW frames) ahead of
-    the stages, the input gradients after their backwards (Engine._forwards_ahead). ``inputs``:
-    the schedule's, the producer entering each stage."""
+    — the forwards (each pushing a frame; the stem's where the engine runs its stage, which copies
+    the video's NCDHW frame into a channels-last one first) ahead of the stages, the input
+    gradients after their backwards (Engine._forwards_ahead). ``inputs``: the schedule's, the
+    producer entering each stage."""
     from sideways_kernels.engine import _leading_conv
     from sideways_kernels.graph import ChainNode
     graph = pipe.graph
     grouped: dict = {}
     mine = [q for q in problems if q.op == op]
-    pooled = {k for k, (_, _, pool) in own_stages(pipe).items() if pool} if op == "forward" else set()
+    own = own_stages(pipe)
+    pooled = {k for k, (_, _, pool) in own.items() if pool} if op == "forward" else set()
     for q in mine:
         node, m = graph.nodes[q.node], _problem_layer(pipe, q)
         leads = _leading_conv(node.module) is m if isinstance(node, ChainNode) else q.layer == 0
-        if q.stage > 0 and (op == "input_grad" or q.action == "push") and list(node.inputs) == [inputs[q.stage]] \
-                and leads and _on_box_path(m):  # (a stage run by the engine with a pool: a launch of its own kind)
+        if (q.stage > 0 or (op == "forward" and 0 in own)) and (op == "input_grad" or q.action == "push") \
+                and list(node.inputs) == [inputs[q.stage]] and leads and _on_box_path(m, q.stage == 0):
+            # (a stage run by the engine with a pool: a launch of its own kind)
             grouped.setdefault((*m.kernel_size[1 if op == "input_grad" else 0:], q.stage in pooled), []).append(m)
     return grouped, mine
 
@@ -708,9 +708,17 @@ def _problem_layer(pipe, q) -> SidewaysConv3d:
     return (node.layers if isinstance(node, ChainNode) else [node.module])[q.layer]
 
 
-def _on_box_path(m: SidewaysConv3d) -> bool:
-    """Whether a layer's ops take Triton's box kernels on a GPU in 16 bits (triton.box_path)."""
-    return tuple(m.stride[1:]) == (1, 1) and m.groups == 1 and m.in_channels % 8 == 0 and m.out_channels % 8 == 0
+def _on_box_path(m: SidewaysConv3d, video: bool = False) -> bool:
+    """Whether a layer's ops take Triton's box kernels on a GPU in 16 bits (triton.box_path);
+    ``video``: it reads the video (the stem: a forward and a weight update, its rings in 16-byte rows,
+    whatever its input channels)."""
+    return tuple(m.stride[1:]) == (1, 1) and m.groups == 1 and m.out_channels % 8 == 0 and \
+        (video or m.in_channels % 8 == 0)
+
+
+def _reads_video(pipe, m: SidewaysConv3d) -> bool:
+    from sideways_kernels.engine import reads_video
+    return reads_video(pipe.graph, pipe.engine.stages[0], pipe._schedule(1, "sideways", True).inputs[0], m)
 
 
 def summarize(ticks: list, plans: list, index: Optional[int] = None) -> TickSummary:

@@ -183,12 +183,12 @@ def test_the_engine_keeps_nothing_across_ticks_but_what_held_bytes_counts(make, 
 
 def test_built_weight_launches_count_what_the_triton_backend_groups():
     """The report's "built so far" line, in a tick where all five convs of a small C3D update:
-    the convs on the box path (8 -> 8 channels) grouped — one GEMM, one finish for their weights
-    and biases —, the others (3, 4, 6 channels; the 5-class head) alone, 2 launches and a bias sum
-    and step each. Widths 4, 6, 8, 8: 1 grouped (2) + 4 alone (16); widths 8, 8, 8, 8: 3 grouped
-    (2) + the stem and the head (8)."""
+    the convs on the box path (8 -> 8 channels, and the stem 3 -> 8: its rings in 16-byte rows)
+    grouped — one GEMM, one finish for their weights and biases —, the others (4 or 6 channels;
+    the 5-class head) alone, 2 launches and a bias sum and step each. Widths 4, 6, 8, 8: 1 grouped
+    (2) + 4 alone (16); widths 8, 8, 8, 8: 4 grouped (2) + the head (4)."""
     for widths, count, how in (((4, 6, 8, 8), 2 + 16, "1 layers grouped in 2 launches (1 kernel shapes), 4 alone in 16"),
-                               ((8, 8, 8, 8), 2 + 8, "3 layers grouped in 2 launches (1 kernel shapes), 2 alone in 8")):
+                               ((8, 8, 8, 8), 2 + 4, "4 layers grouped in 2 launches (1 kernel shapes), 1 alone in 4")):
         net = models.c3d(5, widths=widths, conv=SidewaysConv3d)
         pipe = SidewaysPipeline(models.stages(net, 4))
         schedule = pipe._schedule(T, "sideways", True)
@@ -202,9 +202,10 @@ def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
     five convs of a small C3D push a frame and run forwards, and one where four send errors down:
     each upper stage's first conv on the box path grouped with the others (one launch per kernel
     shape; a forward's also per epilogue: C3D's lower blocks, run by the engine with their pool,
-    apart from the top's); the stem (the video's frames; it sends no error) and the head alone.
-    Widths 8, 8, 8, 8: three forwards in two launches + 2, three input gradients in one + 2 (the
-    head's too); widths 4, 6, 8, 8: one on the box path, nothing to group."""
+    apart from the top's), the stem's forward too (the engine runs its stage: the video's frame
+    copied into a channels-last one; it sends no error) and the head alone. Widths 8, 8, 8, 8:
+    four forwards in two launches + 1, three input gradients in one + 2 (the head's too); widths
+    4, 6, 8, 8: one on the box path, nothing to group."""
     for widths, grouped in (((4, 6, 8, 8), False), ((8, 8, 8, 8), True)):
         net = models.c3d(5, widths=widths, conv=SidewaysConv3d)
         pipe = SidewaysPipeline(models.stages(net, 4))
@@ -215,8 +216,8 @@ def test_built_first_conv_launches_count_the_stages_first_convs_grouped():
         assert forwards and grads
         for op, ps, n in (("forward", forwards[0], 5), ("input_grad", grads[0], 4)):
             what = "forwards ahead" if op == "forward" else "input gradients after the backwards"
-            launches, kinds = (2, "2 kernel shapes and epilogues") if op == "forward" else (1, "1 kernel shapes")
-            expected = ((n - 3 + launches, f"3 stages' first {what} in {launches} launches ({kinds}), {n - 3} alone")
+            launches, kinds, m = (2, "2 kernel shapes and epilogues", 4) if op == "forward" else (1, "1 kernel shapes", 3)
+            expected = ((n - m + launches, f"{m} stages' first {what} in {launches} launches ({kinds}), {n - m} alone")
                         if grouped else (n, f"no two stages' first convs to group; {n} alone"))
             assert tm.built_first_conv_launches(pipe, ps, op) == expected, (widths, op)
 

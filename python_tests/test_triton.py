@@ -341,6 +341,63 @@ def test_box_kernels_match_reference(g, frame_layout, dtype, poisoned_partials):
     assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "box")}
 
 
+def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(poisoned_partials):
+    """The RGB stem's ring: 3 fp16 channels are 6 bytes, so a ring in ops.empty_ring's plain layout
+    has no TMA-able strides and takes the general path; stored in 16-byte rows (aligned=True) it
+    takes the box kernels — the forward (its frame pushed by the launch from a channels-last frame
+    of such rows, or copied first from an NCHW one) and the weight update, alone and in grouped
+    launches beside an 8-channel layer of the same kernel shape — each descriptor zero-filling the
+    channels past the third: reference.py's results, and the grouped ones the ops' to the bit."""
+    from sideways_kernels import ops
+    dtype = torch.float16
+    g = _box_geometry(batch=2, channels=3, out_channels=16, height=5, width=6, k_t=3, k_hw=(3, 3), padding=(1, 1))
+    t = _grad_out_channels_last(make(g, dtype, param_dtype=torch.float32))
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    reason = T.box_path(t["ring"].device, dtype, g.stride, g.groups, (g.out_channels,), (t["ring"],))
+    assert reason is not None and "16-byte units" in reason, reason
+    aligned = lambda r: ops.empty_ring(*r.shape, dtype=dtype, aligned=True).copy_(r)  # (a clone would lose the rows)
+    ring = aligned(t["ring"])
+    frame = ops.empty_frame(*t["frame"].shape, dtype=dtype, aligned=True).copy_(t["frame"])
+    assert ring.stride(0) == frame.stride(3) == 8 and T.box_path(ring.device, dtype, g.stride, g.groups,
+                                                                  (g.out_channels,), (ring, frame)) is None
+    T.paths.clear()
+    T.launches.clear()
+    for pushed in (frame, t["frame"]):  # pushed by the launch; copied first (NCHW)
+        mine = aligned(ring)
+        out = S.ring_conv_forward(mine, pushed, t["slot"], t["weight"], t["bias"], *a)
+        expected_ring = d(ring).clone()
+        _close(out, ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a),
+               dtype)
+        assert torch.equal(mine.double(), expected_ring)
+    assert T.launches["ring_push"] == 1
+    for split in (1, 3):
+        with T.using(split=split):
+            _update_twice_matches_reference(g, t, ring, a)
+    assert set(T.paths) == {("ring_conv_forward", "box"), ("weight_update", "box")}
+    wide = _box_geometry(batch=2, channels=8, out_channels=16, height=5, width=6, k_t=3, k_hw=(3, 3), padding=(1, 1))
+    u = _grad_out_channels_last(make(wide, dtype, param_dtype=torch.float32))
+    u["frame"] = u["frame"].contiguous(memory_format=torch.channels_last)
+    calls = [(aligned(ring), frame, t["slot"], t["weight"], t["bias"], *a),
+             (u["ring"].clone(), u["frame"], u["slot"], u["weight"], u["bias"], *_a(wide))]
+    alone = [S.ring_conv_forward(aligned(c[0]), *c[1:]) for c in calls]
+    T.paths.clear()
+    grouped = T.grouped_ring_conv_forwards(calls)
+    assert T.paths[("ring_conv_forward", "grouped")] == 2
+    assert all(torch.equal(x, y) for x, y in zip(grouped, alone))
+    updates = [("weight_grad_accumulate", (torch.zeros_like(x["weight"]), torch.zeros_like(x["bias"]), x["grad_out"],
+                                           r, x["slot"], *_a(geo))) for x, r, geo in ((t, ring, g), (u, u["ring"], wide))]
+    own = [(*(v.clone() for v in args[:3]), aligned(args[3]), *args[4:]) for _, args in updates]
+    with T.using(split=2):
+        assert T.grouped_weight_updates(updates) == []
+        for args in own:
+            S.weight_grad_accumulate(*args)
+    assert T.paths[("weight_update", "grouped")] == 2
+    for (_, args), mine in zip(updates, own):
+        assert torch.equal(args[0], mine[0])
+        torch.testing.assert_close(args[1], mine[1], rtol=0, atol=1e-3)  # (two orders of the bias's fp32 sum)
+
+
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("g", BOX_GEOMETRIES[:2], ids=geometry_id)
 def test_box_forward_and_input_grad_split_over_k_match_the_reference(g, splits, poisoned_partials):
@@ -1194,12 +1251,12 @@ def _kernels_per_tick(monkeypatch):
     yield ticks
 
 
-def _conv_relu_chain(depth: int) -> list:
+def _conv_relu_chain(depth: int, video_channels: int = 8) -> list:
     """``depth`` stages: a 3x1x1 conv (8 channels, padded in time; the interpreter's cheapest window)
     and its ReLU each, the top one also a classifier's pooling and 1x1x1 head."""
     from sideways_kernels import SidewaysConv3d
-    stages = [torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), torch.nn.ReLU())
-              for _ in range(depth)]
+    stages = [torch.nn.Sequential(SidewaysConv3d(8 if i else video_channels, 8, (3, 1, 1), padding=(1, 0, 0)),
+                                  torch.nn.ReLU()) for i in range(depth)]
     stages[-1].extend([torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(8, 8, 1)])
     return stages
 
@@ -1212,15 +1269,16 @@ def test_a_chain_s_conv_relu_stages_cost_four_launches_a_tick_at_any_depth(monke
     in the tick's grouped GEMM and finish. So a steady tick of a chain costs the same kernels at
     depth 2 and 3 (the top stage's head and loss besides), where the per-stage path runs a ReLU, its
     backward and buffer copies per stage; and the results are that path's to the bit, and the
-    torch backend's."""
+    torch backend's. The stem reads an RGB video's NCDHW frames: each is copied into a
+    channels-last frame of 16-byte rows, its ring stored in them too, and it joins the launches."""
     from sideways_kernels.engine import Engine
-    video, target = torch.randn(1, 8, 10, 4, 4).contiguous(memory_format=torch.channels_last_3d), torch.tensor([3])
+    video, target = torch.randn(1, 3, 10, 4, 4), torch.tensor([3])
     steady, results = {}, {}
     runs = [(2, "own"), (2, "torch"), (3, "own"), (3, "per stage"), (3, "torch")]
     with _kernels_per_tick(monkeypatch) as ticks:
         for depth, way in runs:
             torch.manual_seed(depth)
-            stages = _conv_relu_chain(depth)
+            stages = _conv_relu_chain(depth, video_channels=3)
             with monkeypatch.context() as m:
                 if way == "per stage":
                     m.setattr(Engine, "_own_stage", lambda *args: None)
@@ -1250,15 +1308,18 @@ def test_a_chain_s_conv_relu_stages_cost_four_launches_a_tick_at_any_depth(monke
 
 
 def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the_per_stage_path(monkeypatch):
-    """Float16 autocast (a float32 video, cast at the stem, whose NCDHW frames make its forward run
-    alone with the same epilogue after the op), per-tick SGD with momentum: the weights and momentum
-    buffers after the clip are the per-stage path's to the bit, while the stages ran themselves."""
+    """Float16 autocast (a float32 RGB video, cast at the stem into the engine's channels-last frame),
+    a stage whose conv the box kernels cannot take (two groups: its forward runs alone, the same
+    epilogue after the op), per-tick SGD with momentum: the weights and momentum buffers after the
+    clip are the per-stage path's to the bit, while the stages ran themselves."""
+    from sideways_kernels import SidewaysConv3d
     from sideways_kernels.engine import Engine
-    video, target = torch.randn(1, 8, 9, 4, 4), torch.tensor([5])
+    video, target = torch.randn(1, 3, 9, 4, 4), torch.tensor([5])
     after, owned = {}, []
     for way in ("own", "per stage"):
         torch.manual_seed(0)
-        stages = _conv_relu_chain(3)
+        stages = _conv_relu_chain(3, video_channels=3)
+        stages[1][0] = SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0), groups=2)
         params = [p for stage in stages for p in stage.parameters()]
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         with monkeypatch.context() as m:
@@ -1280,21 +1341,21 @@ def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the
 
 def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypatch):
     """Stages of C3D's shape — a block (conv, in-place ReLU, 1x2x2 max pool) in a stage's
-    nn.Sequential — run by the engine itself (the pool in the forward's epilogue, the error at the
-    conv's output through the pool's and the ReLU's backward there): the per-stage path's losses
-    and gradients to the bit, and the torch backend's."""
+    nn.Sequential, the first on an RGB video — run by the engine itself (the pool in the forward's
+    epilogue, the error at the conv's output through the pool's and the ReLU's backward there): the
+    per-stage path's losses and gradients to the bit, and the torch backend's."""
     from sideways_kernels import SidewaysConv3d
     from sideways_kernels.engine import Engine
 
     def blocks():
         torch.manual_seed(0)
-        stages = [torch.nn.Sequential(torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)),
+        stages = [torch.nn.Sequential(torch.nn.Sequential(SidewaysConv3d(c, 8, (3, 1, 1), padding=(1, 0, 0)),
                                                           torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d((1, 2, 2))))
-                  for _ in range(2)]  # (4x4 -> 2x2 -> 1x1)
+                  for c in (3, 8)]  # (4x4 -> 2x2 -> 1x1)
         stages.append(torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), torch.nn.ReLU(),
                                           torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(8, 8, 1)))
         return stages
-    video, target = torch.randn(1, 8, 9, 4, 4).contiguous(memory_format=torch.channels_last_3d), torch.tensor([2])
+    video, target = torch.randn(1, 3, 9, 4, 4), torch.tensor([2])
     results, owned = {}, set()
     for way in ("own", "per stage", "torch"):
         stages = blocks()
@@ -1321,21 +1382,21 @@ def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypa
 
 def test_a_pipeline_says_once_which_convs_run_their_ops_alone_on_the_triton_backend():
     """One line per pipeline naming the convs the Triton backend cannot put in a tick's grouped
-    launches and why (here the 3-channel stem); none where every conv can go there."""
+    launches and why (here two groups; not the 3-channel stem: its ring and frames are stored in
+    16-byte rows, and it sends no error down); none where every conv can go there."""
     import warnings
     from sideways_kernels import SidewaysConv3d
     video, target = torch.randn(1, 3, 3, 2, 2), torch.tensor([1])
-    stages = _conv_relu_chain(2)
-    stages[0][0] = SidewaysConv3d(3, 8, (3, 1, 1), padding=(1, 0, 0))
+    stages = _conv_relu_chain(3, video_channels=3)
+    stages[1][0] = SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0), groups=2)
     pipe = SidewaysPipeline(stages, backend="triton")
     with warnings.catch_warnings(record=True) as said, torch.autocast("cpu", torch.float16):
         warnings.simplefilter("always")
         pipe.backward_clip(video, target)
         pipe.backward_clip(video, target)
     alone = [str(w.message) for w in said if "run each op alone" in str(w.message)]
-    assert alone == ["on the Triton backend 1 of 3 convs run each op alone, outside the tick's grouped launches "
-                     "(the same results, more launches): channel counts (3, 8) are not multiples of 8 (16-byte rows): "
-                     "stage 0.0"]
+    assert alone == ["on the Triton backend 1 of 4 convs run each op alone, outside the tick's grouped launches "
+                     "(the same results, more launches): groups=2: stage 1.0"]
     with warnings.catch_warnings(record=True) as said, torch.autocast("cpu", torch.float16):
         warnings.simplefilter("always")
         SidewaysPipeline(_conv_relu_chain(2), backend="triton").backward_clip(torch.randn(1, 8, 3, 2, 2), target)

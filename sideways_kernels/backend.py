@@ -82,7 +82,10 @@ def kernels(name: str) -> types.SimpleNamespace:
     epilogue: ``triton.grouped_ring_conv_forwards``) and returning their outputs, and
     ``groups_forward(args)``, whether a call goes there; ``group_input_grads``, a function taking
     a list of ``window_input_grad`` argument tuples (and optionally, per call, where its result
-    goes) and returning their results (grouped where they go to Triton, each other one by its op)."""
+    goes) and returning their results (grouped where they go to Triton, each other one by its op).
+    ``aligned_rows``: whether the layers store rings and frames of few channels (the RGB stem's) in
+    16-byte rows (``ops.aligned_channels``), as Triton's box kernels read them — not for the torch
+    backend, whose fold reads a ring as one image (a padded one would be copied every call)."""
     if name == "auto":
         ops = {op: _dispatched(op) for op in OPS}
         triton_ops = kernels("triton")
@@ -91,10 +94,11 @@ def kernels(name: str) -> types.SimpleNamespace:
                                      group_forwards=getattr(triton_ops, "group_forwards", None),
                                      groups_forward=lambda args: ops["ring_conv_forward"].target(args) == "triton",
                                      group_input_grads=_grouped_where_dispatched(
-                                         ops["window_input_grad"], getattr(triton_ops, "group_input_grads", None)))
+                                         ops["window_input_grad"], getattr(triton_ops, "group_input_grads", None)),
+                                     aligned_rows=False)
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None,
-                                     group_forwards=None, group_input_grads=None)
+                                     group_forwards=None, group_input_grads=None, aligned_rows=False)
     group = group_forwards = group_input_grads = None
     if name == "triton":
         module = importlib.import_module("sideways_kernels.triton")
@@ -104,7 +108,8 @@ def kernels(name: str) -> types.SimpleNamespace:
     source = torch.ops.sideways_triton if name == "triton" else torch_backend
     return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group,
                                  groups=lambda op, args: True, group_forwards=group_forwards,
-                                 groups_forward=lambda args: True, group_input_grads=group_input_grads)
+                                 groups_forward=lambda args: True, group_input_grads=group_input_grads,
+                                 aligned_rows=name == "triton")
 
 
 def _grouped_where_dispatched(op, grouped):

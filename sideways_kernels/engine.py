@@ -25,7 +25,7 @@ import torch
 from . import backend as _backend
 from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
 from .nn import PUSH, SidewaysConv3d, _Stream, activation_dtype, weight_step
-from .ops import conv_output_size
+from .ops import aligned_channels, conv_output_size, empty_frame
 from .schedule import Schedule, StagePlan, TickPlan
 
 __all__ = ["Engine"]
@@ -309,7 +309,12 @@ class Engine:
             kernels = layer._stream.kernels
             grouped = getattr(kernels, "group_forwards", None)
             plain = self._own_stage(k, plan.stages[k], action, arrivals[k], down[k]) if grouped is not None else None
-            args = layer.forward_ahead(arrivals[k], action, slot, cast=plain is not None) if grouped is not None else None
+            into = None
+            if plain is not None and k == 0:  # the video's frame: cast into a channels-last frame the launch reads
+                x = arrivals[k]
+                into = self._frame_buffer("in", 0, k, x.shape, activation_dtype(x),
+                                          getattr(kernels, "aligned_rows", False))[:, :, 0]
+            args = layer.forward_ahead(arrivals[k], action, slot, into=into) if grouped is not None else None
             if args is None or not kernels.groups_forward(args):
                 continue
             epilogue = None
@@ -588,17 +593,21 @@ class Engine:
             buf = self.buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
         return buf.copy_(value, non_blocking=True)
 
-    def _frame_buffer(self, kind: str, parity: int, i: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    def _frame_buffer(self, kind: str, parity: int, i: int, shape, dtype: torch.dtype,
+                      aligned: bool = False) -> torch.Tensor:
         """The buffer (kind, parity) of stage ``i`` for a launch to write a frame into: ``shape``
         (``[B, C, 1, H, W]``) and ``dtype``, on stage ``i``'s device, its frame channels-last (the
-        layout the grouped kernels write): the one there where it is so, else a new one."""
+        layout the grouped kernels write; ``aligned``: in 16-byte rows, ``ops.empty_frame``): the
+        one there where it is so, else a new one."""
         key = (kind, parity, i)
         buf = self.buffers.get(key)
+        B, C, _, H, W = shape
+        row = aligned_channels(C, dtype) if aligned else C
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != self.device(i) \
-                or not buf[:, :, 0].is_contiguous(memory_format=torch.channels_last):
-            B, C, _, H, W = shape
-            buf = self.buffers[key] = torch.empty((B, C, H, W), dtype=dtype, device=self.device(i),
-                                                  memory_format=torch.channels_last).unsqueeze(2)
+                or any(a != b for a, b, n in zip(buf[:, :, 0].stride(), (H * W * row, 1, W * row, row), (B, C, H, W))
+                       if n > 1):
+            buf = self.buffers[key] = empty_frame(B, C, H, W, dtype=dtype, device=self.device(i),
+                                                  aligned=aligned).unsqueeze(2)
         return buf
 
     def held_bytes(self) -> int:
@@ -610,11 +619,11 @@ class Engine:
         """What this engine keeps across ticks, in bytes, by kind: the layers' ``rings`` (a conv's
         last inputs), the temporal pools' ``pool rings``, the joins' ``FIFO slots`` (delay lines),
         the ``waiting errors`` (an error held for its producer's next firing), the ``double
-        buffers`` (activations and errors between stages, and a pooled stage's error at its conv
-        when the engine runs it) and the ``held samples`` (each stage's
-        copy of the last sample of the clip, for the drain). Everything else a tick allocates is
-        freed by the end of the tick; the parameters' gradients, the optimizer's state and the
-        backends' caches of weights are not the engine's."""
+        buffers`` (activations and errors between stages, and where the engine runs a stage itself a
+        pooled stage's error at its conv and the stem's frame in the activations' dtype) and the
+        ``held samples`` (each stage's copy of the last sample of the clip, for the drain).
+        Everything else a tick allocates is freed by the end of the tick; the parameters'
+        gradients, the optimizer's state and the backends' caches of weights are not the engine's."""
         seen: set = set()
         out: dict = {}
         for kind, tensors in self._persistent_by_kind().items():
@@ -674,7 +683,8 @@ class Engine:
                     streamed = node.layers if isinstance(node, ChainNode) else \
                         [node.module] if isinstance(node, ConvNode) else []
                     for layer in streamed:
-                        named.append((node, layer, name))
+                        named.append((node, layer, name,
+                                      k == 0 and reads_video(self.graph, [i], self.inputs[0], layer)))
                         clock = node.clock if isinstance(node, ChainNode) else None
                         layer._stream = _Stream(mode, kernels, optimizer, clock=clock, smoothing=smoothing,
                                                 updates=updates.get(name))
@@ -706,17 +716,20 @@ class Engine:
                         tensor.add_(n)
 
     def _say_what_runs_alone(self, named: list) -> None:
-        """Once per engine, one line naming the convs (``named``: (node, layer, backend)) that the
-        Triton backend cannot put in a tick's grouped launches — off its box kernels
-        (``triton.box_path`` says why: a stride, groups, channel counts, float32, …) — so each of
-        their ops runs alone, on the general kernels: the same results, more launches."""
-        mine = [(node, layer) for node, layer, backend in named if backend == "triton"]
+        """Once per engine, one line naming the convs (``named``: (node, layer, backend, whether it
+        reads the video)) that the Triton backend cannot put in a tick's grouped launches — off its
+        box kernels (``triton.box_path`` says why: a stride, groups, channel counts, float32, …) —
+        so each of their ops runs alone, on the general kernels: the same results, more launches.
+        The video's conv (the RGB stem) needs no input gradient, and its ring and frame are stored
+        in 16-byte rows: its input channels need not fill them."""
+        mine = [(node, layer, video) for node, layer, backend, video in named if backend == "triton"]
         if self._said_alone or not mine:
             return
         from .triton import box_path
-        alone = [(node, layer, reason) for node, layer in mine if (reason := box_path(
+        alone = [(node, layer, reason) for node, layer, video in mine if (reason := box_path(
             layer.weight.device, activation_dtype(layer.weight), layer.stride[1:], layer.groups,
-            (layer.in_channels // layer.groups, layer.out_channels), ())) is not None]
+            (layer.out_channels,) if video else (layer.in_channels // layer.groups, layer.out_channels), ()))
+            is not None]
         if alone:
             self._said_alone = True
             why: dict = {}
@@ -732,8 +745,7 @@ class Engine:
         a conv, its ReLU and maybe a max pool (:func:`conv_relu_pool`), on a backend that groups
         forwards and input gradients: a stage the engine can run itself (:meth:`_forwards_ahead`).
         Else None."""
-        nodes = [self.graph.nodes[i] for i in self.stages[k]]
-        found = conv_relu_pool(nodes[0].module) if len(nodes) == 1 and isinstance(nodes[0], ChainNode) else None
+        found = stage_conv_relu_pool(self.graph, self.stages[k])
         if found is None:
             return None
         kernels = found[0]._stream.kernels
@@ -811,6 +823,25 @@ def conv_relu_pool(module: torch.nn.Module) -> Optional[tuple]:
     rest = leaves[1 + relu:]
     pool = relu and len(rest) == 1 and _max_pool_2x2(rest[0])
     return (leaves[0], relu, pool) if len(rest) == pool else None
+
+
+def stage_conv_relu_pool(graph: StreamGraph, nodes) -> Optional[tuple]:
+    """:func:`conv_relu_pool` of a stage (``nodes``: its nodes' indices in ``graph``) that is one
+    chain node, else None."""
+    stage = [graph.nodes[i] for i in nodes]
+    return conv_relu_pool(stage[0].module) if len(stage) == 1 and isinstance(stage[0], ChainNode) else None
+
+
+def reads_video(graph: StreamGraph, stage_nodes, source: int, layer: SidewaysConv3d) -> bool:
+    """Whether ``layer`` is the conv a stage's node (``stage_nodes``: the first stage's) applies
+    first to the video (``source``: the graph's input): the RGB stem, which sends no error down."""
+    for i in stage_nodes:
+        node = graph.nodes[i]
+        if list(node.inputs) == [source]:
+            module = getattr(node, "module", None)
+            if layer is (_leading_conv(module) if isinstance(node, ChainNode) else module):
+                return True
+    return False
 
 
 def _max_pool_2x2(m: torch.nn.Module) -> bool:

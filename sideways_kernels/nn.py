@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import empty_ring
+from .ops import aligned_channels, empty_ring
 from .reference import sgd_step
 
 __all__ = ["SidewaysConv3d", "convert", "StreamClock"]
@@ -208,21 +208,26 @@ class SidewaysConv3d(nn.Conv3d):
             return _SidewaysTick.apply(frame, push, self.weight, self.bias, self, slot, live)
         return out.unsqueeze(2)
 
-    def forward_ahead(self, x: torch.Tensor, action: str, slot: int, cast: bool = False) -> Optional[tuple]:
+    def forward_ahead(self, x: torch.Tensor, action: str, slot: int,
+                      into: Optional[torch.Tensor] = None) -> Optional[tuple]:
         """The ring op's arguments of this tick's forward of ``x`` (a push that emits), for a grouped
         launch ahead of the stages (Engine), having done what :meth:`stream_step` does before the op
         (the ring made, or zeroed at the run's first step); the launch's output goes to
         :attr:`_Stream.ahead`, where the stage's own call finds it. None where the forward is not
         one to run ahead: not streaming with the ring ops, not a push, a frame padded or cast
-        first (a new tensor each call) — ``cast``: cast here (autocast's dtype), for a stage the
-        engine runs itself (no call of the stage looks for the output then)."""
+        first (a new tensor each call). ``into``: a frame buffer (``[B, C, H, W]``) the frame is
+        copied into first, cast to its dtype — for a stage the engine runs itself, whose video frame
+        (a float32 NCDHW slice) becomes a channels-last frame of the activations there (no call of
+        the stage looks for the output then)."""
         s = self._stream
         if s is None or s.mode == "bp" or action != PUSH:
             return None
         frame = self._stream_frame(x)
-        if cast:
-            frame = _autocast(frame)
-        if s.geometry[0] is not None or frame.dtype != activation_dtype(frame):
+        if s.geometry[0] is not None:
+            return None
+        if into is not None:
+            frame = into.copy_(frame)
+        if frame.dtype != activation_dtype(frame):
             return None
         return (self._ready_ring(frame, action, slot), frame, slot, self.weight, self.bias, *s.geometry[1])
 
@@ -246,10 +251,11 @@ class SidewaysConv3d(nn.Conv3d):
         run's first step, slot ``slot`` zeroed for a ZEROS step."""
         s = self._stream
         if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
-            shape = (self.span, *frame.shape)
+            shape, aligned = (self.span, *frame.shape), getattr(s.kernels, "aligned_rows", False)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
-                    or self._ring.device != frame.device:
-                self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device)
+                    or self._ring.device != frame.device or self._ring.stride(0) != _row(frame.shape[1], frame.dtype,
+                                                                                       aligned):
+                self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device, aligned=aligned)
             else:
                 self._ring.zero_()
             s.fresh = False
@@ -364,6 +370,11 @@ def _ring_forward(s: _Stream, ring, push, slot: int, weight, bias) -> torch.Tens
     if ahead is not None and push is not None and ahead[0] == (push.data_ptr(), slot):
         return ahead[1]
     return s.kernels.ring_conv_forward(ring, push, slot, weight, bias, *s.geometry[1])
+
+
+def _row(channels: int, dtype: torch.dtype, aligned: bool) -> int:
+    """The elements a ring's row of ``channels`` takes (``ops.empty_ring``): its slots' stride."""
+    return aligned_channels(channels, dtype) if aligned else channels
 
 
 def _autocast(frame: torch.Tensor) -> torch.Tensor:

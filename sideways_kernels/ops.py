@@ -22,6 +22,8 @@ from ._loader import cpp_available
 
 __all__ = [
     "empty_ring",
+    "empty_frame",
+    "aligned_channels",
     "ring_conv_forward",
     "window_input_grad",
     "weight_grad_accumulate",
@@ -76,11 +78,31 @@ def _out_hw(ring, weight, stride, padding, dilation):
             for i in range(2)]
 
 
-def empty_ring(span: int, batch: int, channels: int, height: int, width: int, *, dtype=None, device=None) -> torch.Tensor:
+def empty_ring(span: int, batch: int, channels: int, height: int, width: int, *, dtype=None, device=None,
+               aligned: bool = False) -> torch.Tensor:
     """A zeroed ring ``[span, B, C, H, W]`` in the layout the CPU kernels run fastest on:
     memory ordered ``[B, H, W, span, C]``, so the whole ring is one channels-last image with
-    ``span*C`` channels and a window conv needs no gather. Any layout is accepted by the ops."""
-    return torch.zeros(batch, height, width, span, channels, dtype=dtype, device=device).permute(3, 0, 4, 1, 2)
+    ``span*C`` channels and a window conv needs no gather. Any layout is accepted by the ops.
+    ``aligned``: every row of C channels starts on a 16-byte boundary (:func:`aligned_channels`)."""
+    rows = aligned_channels(channels, dtype) if aligned else channels
+    ring = torch.zeros(batch, height, width, span, rows, dtype=dtype, device=device)
+    return ring[..., :channels].permute(3, 0, 4, 1, 2)
+
+
+def empty_frame(batch: int, channels: int, height: int, width: int, *, dtype=None, device=None,
+                aligned: bool = False) -> torch.Tensor:
+    """An uninitialised channels-last frame ``[B, C, H, W]``; ``aligned`` as in :func:`empty_ring`."""
+    rows = aligned_channels(channels, dtype) if aligned else channels
+    return torch.empty(batch, height, width, rows, dtype=dtype, device=device)[..., :channels].permute(0, 3, 1, 2)
+
+
+def aligned_channels(channels: int, dtype=None) -> int:
+    """``channels`` rounded up to whole 16-byte rows: what a tensor of few channels (the RGB stem's
+    3) is stored with where TMA descriptors read it (Triton's box kernels: every stride but the
+    channels' a multiple of 16 bytes). The channels past ``channels`` are never read: a descriptor
+    of ``channels`` zero-fills them."""
+    per_row = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-channels // per_row) * per_row
 
 
 # --- op 1: streaming forward -------------------------------------------------

@@ -211,9 +211,12 @@ def _tma_strides(t: torch.Tensor) -> Optional[list]:
 def box_path(device: torch.device, dtype: torch.dtype, stride, groups: int, channels: tuple, tensors: tuple) -> Optional[str]:
     """Why a problem cannot take the box kernels (boxes.py), or None when it can: they need TMA
     (an sm_90+ GPU, or the interpreter), 16-bit activations, spatial stride 1 (a box cannot skip
-    positions; padding and dilation are shifts, which boxes express), one group, channel counts
-    whose rows are whole 16-byte units (the weights' descriptors step by them), and
-    ``tensors`` (rings, frames) with channels innermost and 16-byte aligned strides and base.
+    positions; padding and dilation are shifts, which boxes express), one group, ``channels``
+    (the counts the weights' descriptors step by: a forward's and a weight update's output
+    channels, an input gradient's both) in whole 16-byte rows, and ``tensors`` (rings, frames)
+    with channels innermost and 16-byte aligned strides and base — a ring of few channels (the
+    RGB stem's 3) stored in 16-byte rows (``ops.empty_ring(..., aligned=True)``) has them, and
+    its descriptor zero-fills the channels past its own.
     ``using(path=...)`` overrides: "general" always, "box" also for float32 (exact tests)."""
     forced = _chosen["path"]
     if forced == "general":
@@ -229,8 +232,12 @@ def box_path(device: torch.device, dtype: torch.dtype, stride, groups: int, chan
     size = torch.tensor([], dtype=dtype).element_size()
     if any(c * size % 16 for c in channels):
         return f"channel counts {channels} are not multiples of {16 // size} (16-byte rows)"
-    if any(_tma_strides(t) is None for t in tensors):
-        return "a tensor's channels are not innermost, or its strides or base are not 16-byte aligned"
+    for t in tensors:
+        if _tma_strides(t) is None:
+            c = t.shape[t.dim() - 3]
+            if t.stride(t.dim() - 3) == 1 and c * size % 16:
+                return f"{c} channels in rows of {c}, not whole 16-byte units (ops.empty_ring(..., aligned=True))"
+            return "a tensor's channels are not innermost, or its strides or base are not 16-byte aligned"
     return None
 
 
@@ -272,7 +279,7 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
     out = torch.empty((B, c_out, h_out, w_out), dtype=ring.dtype, device=ring.device, memory_format=torch.channels_last)
     weight = _weight_as(weight, ring.dtype)
     launches["ring_conv_forward"] += 1
-    if _take_box("ring_conv_forward", box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,))):
+    if _take_box("ring_conv_forward", box_path(ring.device, ring.dtype, stride, groups, (c_out,), (ring,))):
         if frame is not None and _tma_strides(frame) is None:  # (the video's own frames: channels not innermost)
             _push(ring, slot, frame)
             frame = None
@@ -454,7 +461,7 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
     device = ring.device
     taps, K_total, cg = k_t * k_h * k_w, B * h_out * w_out, C // groups
     shape = dict(KT=k_t, KH=k_h, KW=k_w)
-    box = _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (C, c_out), (ring, grad_out)))
+    box = _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (c_out,), (ring, grad_out)))
     per_tile = _taps_per_tile(taps) if box else 1
     # a kernel argument (the finish's too), so one value for every config the autotuner tries
     splits = _chosen["split"] or _weight_update_splits(c_out, cg, groups, taps, per_tile, K_total, device)
@@ -565,7 +572,7 @@ class _Update:
         geometry = _geometry(self.ring, self.slot, self.target, *self.geometry)
         _check_grad_out(self.grad_out, self.ring, geometry[1], geometry[5], *geometry[9:])
         stride, groups = self.geometry[0], self.geometry[4]
-        if box_path(self.ring.device, self.ring.dtype, stride, groups, (geometry[2], geometry[5]),
+        if box_path(self.ring.device, self.ring.dtype, stride, groups, (geometry[5],),
                     (self.ring, self.grad_out)) is not None:
             return False
         params = [self.target, self.buffer, self.bias, self.bias_buffer]
@@ -781,7 +788,7 @@ def _forward_box(ring, frame, slot, weight, bias, stride, padding, dilation, dil
         _check(t is None or (tuple(t.shape) == want and t.dtype == ring.dtype and t.device == ring.device),
                f"a stage's {name} must be {list(want)} of the ring's dtype and device, got "
                f"{None if t is None else (list(t.shape), t.dtype, t.device)}")
-    if box_path(ring.device, ring.dtype, stride, groups, (C, c_out), (ring,)) is not None:
+    if box_path(ring.device, ring.dtype, stride, groups, (c_out,), (ring,)) is not None:
         return None
     if any(t is not None and _tma_strides(t) is None for t in (frame, out, error, conv_error)):
         return None
@@ -797,9 +804,9 @@ def _input_grad_box_of(grad_out, weight, input_size, stride, padding, dilation, 
     the box path cannot take it."""
     B, c_out, _, _, cg, H, W, _, _ = _input_grad_geometry(grad_out, weight, input_size, stride, padding, dilation,
                                                           groups)
-    _check(grad_in is None or (tuple(grad_in.shape) == (B, cg, H, W) and grad_in.dtype == grad_out.dtype
+    _check(grad_in is None or (tuple(grad_in.shape) == (B, cg * groups, H, W) and grad_in.dtype == grad_out.dtype
                                and grad_in.device == grad_out.device),
-           f"an input gradient's out must be {[B, cg, H, W]} of grad_out's dtype and device")
+           f"an input gradient's out must be {[B, cg * groups, H, W]} of grad_out's dtype and device")
     if box_path(grad_out.device, grad_out.dtype, stride, groups, (cg, c_out), (grad_out,)) is not None:
         return None
     if grad_in is None:
