@@ -551,7 +551,11 @@ def _memory_parts(net, video, pipe) -> dict:
 # weight update and forward launched alone (as before a tick's were grouped), beside "triton".
 # A chain of conv-ReLU stages (T = 48): "triton" with its stages run by the engine itself, beside
 # "triton-per-stage" (the same launches grouped, each stage's ReLU, its backward and its buffer
-# copies its own), the default and clip BP.
+# copies its own), the default and clip BP. "default-epilogues" (the chain and C3D, T = 48): the
+# default dispatch with its stage_epilogue entry "triton" — the conv-ReLU(-pool) stages run by the
+# engine, their forwards where the dispatch sends them (cuDNN), every stage's epilogue in one
+# Triton launch a tick — beside the default (entry "torch": ATen's per stage); gpu_report.py
+# writes the entry from these pairs.
 E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for T in (16, 48)]  # model(video)
        + [(net, pad, "sideways", backend, graphs, T) for net, pad in (("c3d", "same"), ("r3d_18", "causal"))
           for T in (16, 48) for backend in (None, "torch", "triton", "triton-per-layer", "cuda")
@@ -559,7 +563,8 @@ E2E = ([(net, "same", "clip_bp", None, None, T) for net in ("c3d", "r3d_18") for
        + [("r3d_18", "same", "sideways", None, None, 48), ("c3d", "same", "clip_bp", None, None, 256),
           ("c3d", "same", "sideways", None, None, 256)]
        + [("chain", "same", impl, backend, None, 48) for impl, backend in
-          (("clip_bp", None), ("sideways", None), ("sideways", "triton"), ("sideways", "triton-per-stage"))])
+          (("clip_bp", None), ("sideways", None), ("sideways", "triton"), ("sideways", "triton-per-stage"))]
+       + [(net, "same", "sideways", "default-epilogues", None, 48) for net in ("chain", "c3d")])
 
 
 def _e2e_id(case) -> str:
@@ -583,7 +588,12 @@ def test_end_to_end(benchmark, case, monkeypatch):
     if backend == "triton-per-stage":  # no stage run by the engine itself
         from sideways_kernels.engine import Engine
         monkeypatch.setattr(Engine, "_own_stage", lambda *args: None)
-    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=backend and backend.split("-per-")[0],
+    if backend == "default-epilogues":  # the default dispatch, its stage_epilogue entry "triton"
+        from sideways_kernels import backend as dispatch
+        monkeypatch.setitem(dispatch.HELPERS, "stage_epilogue", "triton")
+        monkeypatch.setattr(dispatch, "_chosen", {})
+    named = backend and backend.split("-per-")[0]
+    row = benchmark.pedantic(lambda: end_to_end(net, impl, T, backend=None if named == "default-epilogues" else named,
                                                 graphs=graphs, temporal_padding=pad), rounds=1, iterations=1)
     row["backend"] = backend or row["backend"]
     benchmark.extra_info.update(row)

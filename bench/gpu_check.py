@@ -14,7 +14,8 @@ target=GPUTarget("cuda", arch, 32))``:
   finish for every layer, accumulating or the SGD step), in their own config list; the stages'
   first forwards grouped (``box_grouped_forward``, pushing the frames; ``_pool``: with the 1x2x2
   max pool of the stages the engine runs itself) and their input gradients
-  (``box_grouped_input_grad``: the same kernel on the errors), in theirs;
+  (``box_grouped_input_grad``: the same kernel on the errors), in theirs; and the stages'
+  epilogues after forwards run elsewhere (``box_grouped_stage_epilogue``, ``_pool``: no GEMM);
 - the bias gradient's column sum (``column_sum``: fp32 partials of the error's rows, fp32 and
   bf16) and its finish (a new sum, or ``_add``: into a gradient), in their one config
   (configs.COLUMN_SUM).
@@ -55,13 +56,16 @@ GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_fi
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_forward_pool",
-       "box_grouped_input_grad", "box_grouped_weight_update")
+       "box_grouped_input_grad", "box_grouped_weight_update", "box_grouped_stage_epilogue",
+       "box_grouped_stage_epilogue_pool")
+NO_MMA = ("column_sum", "split_sum", "box_grouped_stage_epilogue", "box_grouped_stage_epilogue_pool")  # no GEMM
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
 KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
         "box_grouped_forward": "box_grouped_forward", "box_grouped_forward_pool": "box_grouped_forward",
-        "box_grouped_input_grad": "box_grouped_forward",
+        "box_grouped_input_grad": "box_grouped_forward", "box_grouped_stage_epilogue": "box_grouped_forward",
+        "box_grouped_stage_epilogue_pool": "box_grouped_forward",
         "box_grouped_weight_update": "box_grouped_weight_update",
         "weight_finish": None, "weight_finish_sgd": None,
         "grouped_weight_finish": None, "grouped_weight_finish_sgd": None,  # None: one fixed config (configs.FINISH)
@@ -76,7 +80,9 @@ KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update
 # take no unit strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
-        "box_grouped_forward": (), "box_grouped_forward_pool": (), "box_grouped_input_grad": (), "box_grouped_weight_update": (), "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
+        "box_grouped_forward": (), "box_grouped_forward_pool": (), "box_grouped_input_grad": (),
+        "box_grouped_weight_update": (), "box_grouped_stage_epilogue": (), "box_grouped_stage_epilogue_pool": (),
+        "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
         "column_sum_finish": (), "split_sum": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
@@ -131,6 +137,14 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
                                    dict(KT=1, KH=3, KW=3, PUSH=False, POOL=False,
                                         DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                         BIAS=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")), G_P2=16)),
+        # chain stages' epilogues after forwards run elsewhere (cuDNN): no GEMM, TMA loads and stores
+        "box_grouped_stage_epilogue": (X._grouped_stage_epilogue_kernel, dict(table="*i64"),
+                                       dict(POOL=False, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                            BIAS=tl.float32, G_P2=16)),
+        "box_grouped_stage_epilogue_pool": (X._grouped_stage_epilogue_kernel, dict(table="*i64"),
+                                            dict(POOL=True,
+                                                 DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
+                                                 BIAS=tl.float32, G_P2=16)),
         "box_grouped_weight_update": (X._grouped_box_weight_update_kernel, dict(partials="*fp32", table="*i64"),
                                       dict(taps, TAPS=3, DTYPE=getattr(tl, {"bf16": "bfloat16"}.get(dtype, "float32")),
                                            G_P2=16)),
@@ -150,12 +164,13 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
     finish = base in ("weight_finish", "grouped_weight_finish")
     if not base.startswith(("column_sum", "split_sum")):
-        const.update(dict(TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if finish else cfg.meta())
+        meta = {k: v for k, v in cfg.meta().items() if k in fn.arg_names}  # (an epilogue has no BLOCK_K)
+        const.update(dict(TAPS_P2=32, BLOCK_MC=cfg.BLOCK_M // 32) if finish else meta)
     if base == "weight_finish":
         const.update(DENSE=True)
     const.update({name: 1 for name in UNIT[base]})
     floats = {"lr", "momentum", "dampening", "weight_decay"}
-    addresses = re.compile(r"[erbtfwoc]\d+$")  # a grouped launch's tensors
+    addresses = re.compile(r"[aerbtfwoc]\d+$")  # a grouped launch's tensors
     sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else
                               "i64" if base.startswith(("grouped", "box_grouped")) and addresses.match(a) else "i32")
            for a in fn.arg_names}
@@ -197,9 +212,9 @@ def check(job: tuple) -> dict:
         problems.append(f"spills ({result['stack']} B of stack)")
     if shared > SHARED_MEMORY[arch]:
         problems.append(f"shared memory {shared} B over the limit {SHARED_MEMORY[arch]} B")
-    if arch == 90 and dtype != "fp32" and family != "wgmma" and kernel not in ("column_sum", "split_sum"):  # sums
+    if arch == 90 and dtype != "fp32" and family != "wgmma" and kernel not in NO_MMA:
         problems.append("16-bit on sm_90a without wgmma")
-    if dtype != "fp32" and not pipelined and kernel != "split_sum":  # (split_sum loads fp32 partials only)
+    if dtype != "fp32" and not pipelined and kernel not in NO_MMA[1:]:  # (split_sum: fp32; an epilogue: one load)
         # e.g. a mask or offset whose alignment Triton cannot see
         problems.append("16-bit loads not software-pipelined (no async copies): num_stages has no effect")
     if kernel.startswith("box") and not tma:

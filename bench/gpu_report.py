@@ -171,6 +171,9 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
             key = "graph_s" if all(r.get("graph_s") for r in tick.values()) else "median_s"
             ops[name] = {"bfloat16": min(tick, key=lambda impl: tick[impl][key])}
             shapes.pop(name, None)
+    epilogue = stage_epilogue(rows)
+    if epilogue is not None:
+        ops["stage_epilogue"] = {"bfloat16": epilogue}
     table = json.loads(json.dumps(base))
     if ops:
         earlier = table.get("measured", {}).get(arch, {})
@@ -181,6 +184,20 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
                                                       shapes={**kept, **shapes},
                                                       **({"from_earlier_runs": carried} if carried else {}))
     return table
+
+
+def stage_epilogue(rows: list[dict]) -> "str | None":
+    """dispatch.json's ``stage_epilogue``: "triton" where the end-to-end rows of the default dispatch
+    with it ("default-epilogues": chain stages run by the engine, their epilogues in one Triton
+    launch a tick) beat the default beside them (ATen's per stage) — the geometric mean of their
+    frames/s ratios over the (network, T) both ran — else "torch"; None without such a pair."""
+    e2e = {(r["network"], r["T"], r.get("backend")): r["frames_per_s"] for r in rows
+           if r["kind"] == "end_to_end" and r["impl"] == "sideways"}
+    ratios = [fps / e2e[net, T, "default"] for (net, T, b), fps in e2e.items()
+              if b == "default-epilogues" and (net, T, "default") in e2e]
+    if not ratios:
+        return None
+    return "triton" if math.exp(sum(map(math.log, ratios)) / len(ratios)) > 1 else "torch"
 
 
 def main(argv=None) -> int:

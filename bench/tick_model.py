@@ -872,6 +872,11 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
           "pool) on the Triton backend — their forwards, input gradients and weight updates in the grouped launches "
           "above, whatever the depth; each one's ReLU, ReLU backward, pool and pool backward and two double-buffer "
           f"copies ({4 * len(own) + 2 * pools} launches a steady tick) in those launches' epilogues")
+        from sideways_kernels import backend
+        p(f"built so far on the default dispatch, where dispatch.json's stage_epilogue is \"triton\" (today, sm_90 "
+          f"bf16: \"{backend.choose('stage_epilogue', torch.bfloat16, 'sm_90')}\"): the same {len(own)} stages run by "
+          "the engine, their forwards where the dispatch sends them (cuDNN) and every one's epilogue in 1 launch a "
+          "steady tick")
     r = REFERENCE_TICK
     p(f"a launch costs {costs.graph_us:.1f} us in a graph and {costs.eager_us:.1f} us more from Python, inferred "
       f"from the {GPU['device']}'s {r['model']} clip (B{r['batch']} {r['size']}x{r['size']} T{r['frames']}, default "

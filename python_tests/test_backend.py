@@ -199,6 +199,24 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
         table["measured"]["sm_90"]["ops"]["ring_conv_forward"]["bfloat16"]
 
 
+def test_the_stage_epilogue_entry_is_decided_by_end_to_end_rows():
+    """dispatch.json's ``stage_epilogue``: Triton where the default with it ran faster end to end than
+    the default beside it (the geometric mean over the networks both ran), else ATen's per stage;
+    unmeasured, ATen's (a helper's choice until a GPU run has measured it)."""
+    report = _gpu_report()
+    e2e = lambda net, name, fps: dict(kind="end_to_end", network=net, impl="sideways", backend=name, T=48,
+                                      frames_per_s=fps)
+    rows = [e2e("chain", "default", 100.0), e2e("chain", "default-epilogues", 150.0), e2e("c3d", "default", 100.0),
+            e2e("c3d", "default-epilogues", 90.0), e2e("r3d_18", "default-epilogues", 10.0)]  # (no pair: not counted)
+    assert report.stage_epilogue(rows) == "triton"  # sqrt(1.5 * 0.9) = 1.16
+    table = report.dispatch(rows, "H100", "sm_90", backend.table())
+    assert backend.choose("stage_epilogue", torch.bfloat16, "sm_90", table) == "triton"
+    rows[1]["frames_per_s"] = 100.0
+    assert report.stage_epilogue(rows) == "torch"
+    assert report.stage_epilogue(rows[:1]) is None
+    assert backend.choose("stage_epilogue", torch.bfloat16, "sm_90") == "torch"
+
+
 def test_the_dispatch_compares_graph_times_only_where_every_backend_has_them():
     """Op rows: a backend whose capture failed has no GPU time, so the op is decided on the eager
     calls of all (never a None in the mean). Tick rows: graph times where both have them; one side

@@ -410,35 +410,44 @@ def test_a_tick_s_grouped_first_convs_on_gpu_equal_each_layer_s_and_replay_in_a_
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["triton", "default-epilogues"])
 @pytest.mark.parametrize("pool", [False, True], ids=["conv_relu", "c3d_blocks"])
-def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cuda_graphs(pool, monkeypatch):
+def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cuda_graphs(pool, backend, monkeypatch):
     """Stages that are a conv and its ReLU (and a 1x2x2 max pool: C3D's blocks; 28² -> 14² -> 7² ->
-    3², the last one floor), run by the engine itself on Triton (sm_90 TMA boxes, bf16 autocast:
-    every such stage's forward in one launch with the ReLU, the pool, the next stage's buffer and
-    the error's backward in its epilogue; their input gradients in one): the per-stage path's
-    losses and gradients to the bit; captured in CUDA graphs and replayed over two clips, the
-    eager results."""
+    3², the last one floor), the first on an RGB video (its ring and frame in 16-byte rows, TMA
+    zero-filling the channels past the third), run by the engine itself (bf16 autocast) — on
+    Triton (sm_90 TMA boxes: every such stage's forward in one launch with the ReLU, the pool, the
+    next stage's buffer and the error's backward in its epilogue; their input gradients in one),
+    or on the default dispatch with its stage_epilogue entry "triton" (the forwards where it sends
+    them, the epilogues in one Triton launch): the per-stage path's losses and gradients to the
+    bit; captured in CUDA graphs and replayed over two clips, the eager results."""
     pytest.importorskip("sideways_kernels.triton")
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the box kernels need sm_90 (TMA)")
+    from sideways_kernels import backend as dispatch
     from sideways_kernels.engine import Engine
 
     def chain():
         torch.manual_seed(0)
-        stages = [torch.nn.Sequential(sk.SidewaysConv3d(64 if k else 16, 64, 3, padding=1), torch.nn.ReLU(),
+        stages = [torch.nn.Sequential(sk.SidewaysConv3d(64 if k else 3, 64, 3, padding=1), torch.nn.ReLU(),
                                       *([torch.nn.MaxPool3d((1, 2, 2))] if pool and k < 3 else []))
                   for k in range(4)]
         stages[-1].extend([torch.nn.AdaptiveAvgPool3d((None, 1, 1)), sk.SidewaysConv3d(64, 10, 1)])
         return [stage.cuda() for stage in stages]
     g = torch.Generator(device="cuda").manual_seed(1)
-    clips = [(torch.randn(2, 16, 12, 28, 28, device="cuda", generator=g),
+    clips = [(torch.randn(2, 3, 12, 28, 28, device="cuda", generator=g),
               torch.randint(0, 10, (2,), device="cuda", generator=g)) for _ in range(2)]
+    import sideways_kernels.triton as T
     results = {}
     for way, graphs in (("own", False), ("per stage", False), ("own", True)):
         stages = chain()
-        pipe = SidewaysPipeline(stages, backend="triton", cuda_graph=graphs)
+        pipe = SidewaysPipeline(stages, backend="triton" if backend == "triton" else None, cuda_graph=graphs)
+        T.launches.clear()
         rows = []
         with monkeypatch.context() as m:
+            if backend != "triton":
+                m.setitem(dispatch.HELPERS, "stage_epilogue", "triton" if way == "own" else "torch")
+                m.setattr(dispatch, "_chosen", {})
             if way == "per stage":
                 m.setattr(Engine, "_own_stage", lambda *args: None)
             for video, target in clips:
@@ -449,6 +458,8 @@ def test_a_chain_s_own_stages_on_gpu_equal_the_per_stage_path_eagerly_and_in_cud
                     s.zero_grad()
         if graphs:
             assert pipe._graphs.replays > 0 and not pipe._graphs.failed, pipe._graphs.failed
+        elif way == "own":  # (the stem's forward grouped: its ring in 16-byte rows; cuDNN's forwards not)
+            assert T.launches["grouped_stage_epilogue" if backend != "triton" else "grouped_forward"] > 0
         results[way, graphs] = rows
     for own, per_stage, graphed in zip(results["own", False], results["per stage", False], results["own", True]):
         assert torch.equal(own[0], per_stage[0]) and all(torch.equal(a, b) for a, b in zip(own[1], per_stage[1]))

@@ -227,6 +227,22 @@ EVERY_CONFIG = every_config()
 
 
 @pytest.fixture
+def strict_launches(monkeypatch):
+    """Every Triton launch's keywords are the kernel's parameters or launch options: the interpreter
+    drops any other, a compiled launch on a GPU refuses it."""
+    import inspect
+    import triton.runtime.interpreter as interpreter
+    options = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid"}
+    launch = interpreter.GridExecutor.__call__
+
+    def checked(self, *args, **kwargs):
+        unknown = set(kwargs) - set(inspect.signature(self.fn).parameters) - options
+        assert not unknown, f"{self.fn.__name__} launched with unknown keywords {sorted(unknown)}"
+        return launch(self, *args, **kwargs)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked)
+
+
+@pytest.fixture
 def poisoned_partials(monkeypatch):
     """Every weight update's split-K partials start as NaN, so a partial that the finish reads
     but no program wrote shows in the result."""
@@ -341,7 +357,8 @@ def test_box_kernels_match_reference(g, frame_layout, dtype, poisoned_partials):
     assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "box")}
 
 
-def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(poisoned_partials):
+def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(poisoned_partials,
+                                                                                       strict_launches):
     """The RGB stem's ring: 3 fp16 channels are 6 bytes, so a ring in ops.empty_ring's plain layout
     has no TMA-able strides and takes the general path; stored in 16-byte rows (aligned=True) it
     takes the box kernels — the forward (its frame pushed by the launch from a channels-last frame
@@ -380,9 +397,10 @@ def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_
     u["frame"] = u["frame"].contiguous(memory_format=torch.channels_last)
     calls = [(aligned(ring), frame, t["slot"], t["weight"], t["bias"], *a),
              (u["ring"].clone(), u["frame"], u["slot"], u["weight"], u["bias"], *_a(wide))]
-    alone = [S.ring_conv_forward(aligned(c[0]), *c[1:]) for c in calls]
     T.paths.clear()
-    grouped = T.grouped_ring_conv_forwards(calls)
+    with T.using(gemm_split=1):  # (the op alone may split K where its tiles are few: another order of the sum)
+        alone = [S.ring_conv_forward(aligned(c[0]), *c[1:]) for c in calls]
+        grouped = T.grouped_ring_conv_forwards(calls)
     assert T.paths[("ring_conv_forward", "grouped")] == 2
     assert all(torch.equal(x, y) for x, y in zip(grouped, alone))
     updates = [("weight_grad_accumulate", (torch.zeros_like(x["weight"]), torch.zeros_like(x["bias"]), x["grad_out"],
@@ -1106,6 +1124,41 @@ def test_grouped_stage_forwards_pool_after_the_relu_as_c3d_s_blocks():
         assert g is out and torch.equal(out, pooled) and torch.equal(at_conv, grad)
 
 
+def test_stage_epilogues_after_forwards_run_elsewhere_take_one_launch_per_pool_kind(strict_launches):
+    """A chain stage's epilogue after its forward ran elsewhere (cuDNN's output, its bias not added):
+    the bias, the ReLU, the 1x2x2 pool, the output into the buffer given and the waiting error
+    through the pool's and the ReLU's backward — ATen's ops (the per-stage path's) to the bit, in
+    one grouped launch per pool kind for every stage whose tensors TMA takes; a stage of 4 fp16
+    channels (8-byte rows) gets ATen's ops. Odd frame sizes (the pool floors), one stage without a
+    bias, one without a ReLU or a waiting error."""
+    torch.manual_seed(0)
+    dtype = torch.float16
+    frame = lambda *shape: torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    specs = [(16, 5, 7, True, True, False, True), (8, 4, 4, False, False, False, False),
+             (8, 6, 5, True, True, True, True), (16, 7, 9, True, True, True, False),
+             (4, 4, 6, True, True, False, True)]  # (C_OUT, H, W, ReLU, error, pool, bias)
+    convs, biases, stages, copies = [], [], [], []
+    for c, h, w, relu, waiting, pool, has_bias in specs:
+        conv = frame(2, c, h, w)
+        bias = torch.randn(c) if has_bias else None
+        size = (h // 2, w // 2) if pool else (h, w)
+        stage = (torch.full((2, c, *size), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last),
+                 relu, frame(2, c, *size) if waiting else None, frame(2, c, h, w) if pool else None)
+        convs.append(conv)
+        biases.append(bias)
+        stages.append(stage)
+        copies.append((conv.clone(), tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in stage)))
+    T.launches.clear()
+    T.paths.clear()
+    outs = T.stage_epilogues(convs, biases, stages)
+    assert T.launches["grouped_stage_epilogue"] == 2 and T.paths[("stage_epilogue", "grouped")] == 4
+    for (conv, stage), bias, out, mine in zip(copies, biases, outs, stages):
+        expected = T._stage_epilogue(conv, stage, bias)
+        assert out is mine[0] and torch.equal(out, expected)
+        for got, want in zip(mine[2:], stage[2:]):
+            assert got is None or torch.equal(got, want)
+
+
 def test_grouped_input_grads_go_into_the_buffers_given():
     """``outs``: each input gradient written where the caller says (the double buffer below), the
     grouped ones and those run alone, to the bit."""
@@ -1339,26 +1392,67 @@ def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the
     assert all(torch.equal(a, b) for a, b in zip(after["own"], after["per stage"]))
 
 
-def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypatch):
+def _c3d_blocks() -> list:
+    """Three stages of C3D's shape: two blocks (conv, in-place ReLU, 1x2x2 max pool; the first on
+    an RGB video) each in a stage's nn.Sequential, and a top stage (conv, ReLU, head)."""
+    from sideways_kernels import SidewaysConv3d
+    torch.manual_seed(0)
+    stages = [torch.nn.Sequential(torch.nn.Sequential(SidewaysConv3d(c, 8, (3, 1, 1), padding=(1, 0, 0)),
+                                                      torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d((1, 2, 2))))
+              for c in (3, 8)]  # (4x4 -> 2x2 -> 1x1)
+    stages.append(torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), torch.nn.ReLU(),
+                                      torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(8, 8, 1)))
+    return stages
+
+
+def test_auto_s_cudnn_forwards_leave_the_stages_epilogues_to_one_launch_a_tick(monkeypatch, strict_launches):
+    """Where the dispatch sends forwards and weight updates to cuDNN (the torch backend) and
+    dispatch.json's ``stage_epilogue`` says Triton, C3D's blocks are still the engine's to run: each
+    forward by the torch backend, its bias left to the epilogue (that backend adds it after the
+    convolution), and every such stage's bias, ReLU, pool, output into the next stage's buffer
+    and their backwards in one Triton launch a tick — the per-stage path's losses and gradients to
+    the bit (its choice "torch": ATen's ops through autograd)."""
+    from sideways_kernels import backend
+    from sideways_kernels.engine import Engine
+    monkeypatch.setattr(backend, "resolve", lambda device, name=None: "auto")  # (auto runs on CUDA only)
+    monkeypatch.setattr(backend, "_arch", lambda device: "sm_90")
+    owned = []  # per tick, how many stages the engine ran itself
+
+    def ahead(self, *args, _ahead=Engine._forwards_ahead):
+        own = _ahead(self, *args)
+        owned.append(len(own))
+        return own
+    monkeypatch.setattr(Engine, "_forwards_ahead", ahead)
+    video, target = torch.randn(1, 3, 9, 4, 4), torch.tensor([2])
+    results, launched = {}, {}
+    for way in ("triton", "torch"):
+        owned.clear()
+        route = {"window_input_grad": "triton", "stage_epilogue": way}
+        monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None, _r=route: _r.get(op, "torch"))
+        stages = _c3d_blocks()
+        T.launches.clear()
+        with T.using(path="box"):
+            out = SidewaysPipeline(stages).backward_clip(video, target)
+        results[way] = (out.loss, grads(torch.nn.Sequential(*stages)))
+        launched[way] = (T.launches["grouped_stage_epilogue"], T.launches["grouped_forward"], list(owned))
+    ticks = launched["triton"][2]
+    assert max(ticks) == 2 and launched["triton"][0] == sum(n > 0 for n in ticks)  # one launch a tick for both
+    assert launched["torch"][0] == 0 and max(launched["torch"][2]) == 0
+    assert launched["triton"][1] == launched["torch"][1]  # (the input gradients' grouped launches only)
+    assert results["triton"][0] == results["torch"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["triton"][1], results["torch"][1]))
+
+
+def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypatch, strict_launches):
     """Stages of C3D's shape — a block (conv, in-place ReLU, 1x2x2 max pool) in a stage's
     nn.Sequential, the first on an RGB video — run by the engine itself (the pool in the forward's
     epilogue, the error at the conv's output through the pool's and the ReLU's backward there): the
     per-stage path's losses and gradients to the bit, and the torch backend's."""
-    from sideways_kernels import SidewaysConv3d
     from sideways_kernels.engine import Engine
-
-    def blocks():
-        torch.manual_seed(0)
-        stages = [torch.nn.Sequential(torch.nn.Sequential(SidewaysConv3d(c, 8, (3, 1, 1), padding=(1, 0, 0)),
-                                                          torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d((1, 2, 2))))
-                  for c in (3, 8)]  # (4x4 -> 2x2 -> 1x1)
-        stages.append(torch.nn.Sequential(SidewaysConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), torch.nn.ReLU(),
-                                          torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(8, 8, 1)))
-        return stages
     video, target = torch.randn(1, 3, 9, 4, 4), torch.tensor([2])
     results, owned = {}, set()
     for way in ("own", "per stage", "torch"):
-        stages = blocks()
+        stages = _c3d_blocks()
         with monkeypatch.context() as m:
             if way == "per stage":
                 m.setattr(Engine, "_own_stage", lambda *args: None)

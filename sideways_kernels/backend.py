@@ -85,20 +85,28 @@ def kernels(name: str) -> types.SimpleNamespace:
     goes) and returning their results (grouped where they go to Triton, each other one by its op).
     ``aligned_rows``: whether the layers store rings and frames of few channels (the RGB stem's) in
     16-byte rows (``ops.aligned_channels``), as Triton's box kernels read them — not for the torch
-    backend, whose fold reads a ring as one image (a padded one would be copied every call)."""
+    backend, whose fold reads a ring as one image (a padded one would be copied every call).
+    ``stage_epilogue(args)``: whether a chain stage the engine runs itself may have this forward
+    run by itself, not grouped, and its epilogue in a grouped Triton launch of its own
+    (``group_forwards`` does both; ``auto``: where dispatch.json's ``stage_epilogue`` says Triton)."""
     if name == "auto":
         ops = {op: _dispatched(op) for op in OPS}
         triton_ops = kernels("triton")
+        forward = ops["ring_conv_forward"]
         return types.SimpleNamespace(**ops, group=getattr(triton_ops, "group", None),
                                      groups=lambda op, args: ops[op].target(args) == "triton",
-                                     group_forwards=getattr(triton_ops, "group_forwards", None),
-                                     groups_forward=lambda args: ops["ring_conv_forward"].target(args) == "triton",
+                                     group_forwards=_forwards_where_dispatched(
+                                         forward, getattr(triton_ops, "group_forwards", None)),
+                                     groups_forward=lambda args: forward.target(args) == "triton",
+                                     stage_epilogue=lambda args: backends()["triton"]
+                                     and _choice("stage_epilogue", args[0]) == "triton",
                                      group_input_grads=_grouped_where_dispatched(
                                          ops["window_input_grad"], getattr(triton_ops, "group_input_grads", None)),
                                      aligned_rows=False)
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None,
-                                     group_forwards=None, group_input_grads=None, aligned_rows=False)
+                                     group_forwards=None, group_input_grads=None, aligned_rows=False,
+                                     stage_epilogue=lambda args: False)
     group = group_forwards = group_input_grads = None
     if name == "triton":
         module = importlib.import_module("sideways_kernels.triton")
@@ -109,7 +117,29 @@ def kernels(name: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group,
                                  groups=lambda op, args: True, group_forwards=group_forwards,
                                  groups_forward=lambda args: True, group_input_grads=group_input_grads,
-                                 aligned_rows=name == "triton")
+                                 aligned_rows=name == "triton", stage_epilogue=lambda args: False)
+
+
+def _forwards_where_dispatched(op, grouped):
+    """``auto``'s grouped forwards (``triton.grouped_ring_conv_forwards``'s arguments): the calls
+    the dispatch sends to Triton through Triton's ``grouped``; each other one by the dispatch
+    (cuDNN, say), then the epilogues of those that are chain stages in Triton's grouped launch
+    (``triton.forwards_then_epilogues``; a torch-backend forward's bias added there, as that
+    backend adds it after its convolution); in their order (None without ``grouped``)."""
+    if grouped is None:
+        return None
+    from . import triton as _triton
+
+    def run(calls: list, stages: Optional[list] = None) -> list:
+        stages = stages or [None] * len(calls)
+        mine = [i for i, args in enumerate(calls) if op.target(args) == "triton"]
+        got = dict(zip(mine, grouped([calls[i] for i in mine], [stages[i] for i in mine]) if mine else []))
+        rest = [i for i in range(len(calls)) if i not in got]
+        got.update(zip(rest, _triton.forwards_then_epilogues(op, [calls[i] for i in rest], [stages[i] for i in rest],
+                                                             lambda args: op.target(args) == "torch")))
+        return [got[i] for i in range(len(calls))]
+    run.__wrapped__ = getattr(grouped, "__wrapped__", grouped)
+    return run
 
 
 def _grouped_where_dispatched(op, grouped):
@@ -248,8 +278,11 @@ def _shapes_of(entry: dict, op: str, dtype_name: str, channels: tuple) -> list:
 
 
 # Parts of the ops measured on their own, and their choice until a GPU run has measured them: the
-# bias gradient (the error's sum over b, h, w) in ATen or Triton (``bias_grad``).
-HELPERS = {"bias_grad": "torch"}
+# bias gradient (the error's sum over b, h, w) in ATen or Triton (``bias_grad``); a chain stage's
+# epilogue (bias, ReLU, pool, their backwards) after a cuDNN forward: ATen's per stage through
+# autograd ("torch"), or the engine running the stage with every such stage's epilogue in one
+# Triton launch ("triton": ``stage_epilogue``, measured end to end).
+HELPERS = {"bias_grad": "torch", "stage_epilogue": "torch"}
 
 
 def bias_grad(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

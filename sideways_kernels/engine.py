@@ -293,8 +293,10 @@ class Engine:
         output straight into the next stage's double buffer and masks the error that arrived for it
         in place (the ReLU's backward; with the pool, the error at the conv's output goes to a buffer
         of the stage's, through the pool's backward), so the stage runs nothing of its own; its input
-        gradient and weight update come after the stages (:meth:`_deferred_errors`). Returns those
-        stages: stage -> :class:`_Own`."""
+        gradient and weight update come after the stages (:meth:`_deferred_errors`). Where the
+        forward is not grouped (``auto`` sends it to cuDNN) but the backend allows
+        (``kernels(...).stage_epilogue``), the forward runs by itself and every such stage's epilogue
+        in one launch after it. Returns those stages: stage -> :class:`_Own`."""
         if self.mode == "bp" or self.observer is not None:
             return {}
         batches: dict = {}
@@ -315,7 +317,8 @@ class Engine:
                 into = self._frame_buffer("in", 0, k, x.shape, activation_dtype(x),
                                           getattr(kernels, "aligned_rows", False))[:, :, 0]
             args = layer.forward_ahead(arrivals[k], action, slot, into=into) if grouped is not None else None
-            if args is None or not kernels.groups_forward(args):
+            if args is None or not (kernels.groups_forward(args) or (plain is not None
+                                                                     and kernels.stage_epilogue(args))):
                 continue
             epilogue = None
             if plain is not None:

@@ -735,12 +735,108 @@ def grouped_ring_conv_forwards(calls: list, stages: Optional[list] = None) -> li
         box = _forward_box(*args, stage=stage) if id(args[0]) not in rings else None
         boxes.append(box)
         rings.add(id(args[0]))
-    return _grouped_boxes("ring_conv_forward", boxes, lambda i: _stage_epilogue(ring_conv_forward(*calls[i]), stages[i]))
+    outs = _grouped_boxes("ring_conv_forward", boxes, lambda i: None)
+    alone = [i for i, out in enumerate(outs) if out is None]
+    for i, out in zip(alone, forwards_then_epilogues(ring_conv_forward, [calls[i] for i in alone],
+                                                      [stages[i] for i in alone])):
+        outs[i] = out
+    return outs
 
 
-def _stage_epilogue(out: torch.Tensor, stage: Optional[tuple]) -> torch.Tensor:
-    """A forward run alone, then what a grouped launch's epilogue does for a chain stage (``stage``:
-    (out, relu, error, conv_error); :func:`grouped_ring_conv_forwards`)."""
+def forwards_then_epilogues(forward, calls: list, stages: list, bias_after=lambda args: False) -> list:
+    """``calls`` (:func:`ring_conv_forward`'s arguments) run one by one by ``forward`` (this op, or
+    the one the dispatch picks), then their chain stages' epilogues (``stages``, as
+    :func:`grouped_ring_conv_forwards` takes them, or None) together (:func:`stage_epilogues`).
+    ``bias_after(args)``: the forward adds its bias after rounding its output (the torch
+    backend's ``add_``), so the epilogue adds it instead, with the same rounding; else the forward
+    adds it. Their outputs, in order."""
+    after = [stage is not None and args[4] is not None and bias_after(args) for args, stage in zip(calls, stages)]
+    convs = [forward(*args[:4], None, *args[5:]) if moved else forward(*args) for args, moved in zip(calls, after)]
+    staged = [i for i, stage in enumerate(stages) if stage is not None]
+    done = stage_epilogues([convs[i] for i in staged], [calls[i][4] if after[i] else None for i in staged],
+                           [stages[i] for i in staged])
+    for i, out in zip(staged, done):
+        convs[i] = out
+    return convs
+
+
+def stage_epilogues(convs: list, biases: list, stages: list) -> list:
+    """What a grouped forward's epilogue does for chain stages (``stages``: (out, relu, error,
+    conv_error) each, as :func:`grouped_ring_conv_forwards` takes them), after their forwards ran
+    elsewhere (``convs``: each conv's output ``[B, C_OUT, H_OUT, W_OUT]``; ``biases``: each one's
+    bias where the forward has not added it, else None): one
+    :func:`.boxes._grouped_stage_epilogue_kernel` per pool kind (and bias dtype) and
+    ``kernels.GROUP`` stages over those whose tensors TMA descriptors take (:func:`box_path`:
+    sm_90 or the interpreter, 16-bit, channels-last frames in 16-byte rows); ATen's ops for the
+    rest (:func:`_stage_epilogue`), with the same results. Returns each stage's output."""
+    outs: list = [None] * len(convs)
+    groups: dict = {}
+    for i, (conv, stage) in enumerate(zip(convs, stages)):
+        out, relu, error, conv_error = stage
+        _check(conv_error is None or (relu and error is not None), "a stage's pool needs its ReLU and its error")
+        if box_path(conv.device, conv.dtype, [1, 1], 1, (conv.shape[1],),
+                    tuple(t for t in (conv, out, error, conv_error) if t is not None)) is None:
+            groups.setdefault((conv.dtype, conv.device, conv_error is not None), []).append(i)
+        else:
+            outs[i] = _stage_epilogue(conv, stage, biases[i])
+    by_bias: dict = {}  # (a launch reads its biases in one dtype; a stage without one goes with any)
+    for key, members in groups.items():
+        kinds = {biases[i].dtype for i in members if biases[i] is not None} or {None}
+        first = next(iter(kinds))
+        for i in members:
+            by_bias.setdefault((key, biases[i].dtype if biases[i] is not None else first), []).append(i)
+    for members in by_bias.values():
+        for lo in range(0, len(members), K.GROUP):
+            chunk = members[lo:lo + K.GROUP]
+            if _grouped_epilogue_launch([convs[i] for i in chunk], [biases[i] for i in chunk],
+                                        [stages[i] for i in chunk]):
+                for i in chunk:
+                    outs[i] = stages[i][0]
+            else:
+                for i in chunk:
+                    outs[i] = _stage_epilogue(convs[i], stages[i], biases[i])
+    return outs
+
+
+def _grouped_epilogue_launch(convs: list, biases: list, stages: list) -> bool:
+    """One :func:`.boxes._grouped_stage_epilogue_kernel` (one pool kind, dtypes and device, at most
+    ``kernels.GROUP`` stages); False (nothing run) inside a CUDA-graph capture that would need a
+    new table."""
+    c0, pool = convs[0], stages[0][3] is not None
+    largest = max(convs, key=lambda c: c.shape[2] * c.shape[3])
+    cfg = _grouped_config("box_grouped_forward", *largest.shape[2:], lambda c: c.BLOCK_M, c0.device)
+    bh = cfg.BLOCK_M // cfg.BOX_W
+    rows, tiles = [], [0]
+    for conv, bias, (out, relu, error, conv_error) in zip(convs, biases, stages):
+        B, c_out, h_out, w_out = conv.shape
+        rows.append([*_tma_strides(conv), B, c_out, h_out, w_out, int(bias is not None), *_tma_strides(out),
+                     int(relu) | 2 * int(error is not None), *(_tma_strides(error) if error is not None else [0, 0, 0]),
+                     *(_tma_strides(conv_error) if pool else [0, 0, 0])])
+        tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
+                     * triton.cdiv(c_out, cfg.BLOCK_N))
+    table = _table([v for r in rows for v in r] + tiles, torch.int64, c0.device)
+    if table is None:
+        return False
+    G = len(convs)
+    _descriptor_scratch(c0.device)
+    X._grouped_stage_epilogue_kernel[_persistent(tiles[-1], c0.device)](
+        table, G, *_addresses(convs), *_addresses(b if b is not None else c for b, c in zip(biases, convs)),
+        *_addresses(st[0] for st in stages), *_addresses(st[2] if st[2] is not None else st[0] for st in stages),
+        *_addresses(st[3] if pool else st[0] for st in stages), POOL=pool, DTYPE=_TL_DTYPE[c0.dtype],
+        BIAS=_TL_DTYPE[next((b.dtype for b in biases if b is not None), c0.dtype)], G_P2=triton.next_power_of_2(G),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BOX_W=cfg.BOX_W, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launches["grouped_stage_epilogue"] += 1
+    paths[("stage_epilogue", "grouped")] += G
+    return True
+
+
+def _stage_epilogue(out: torch.Tensor, stage: Optional[tuple], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What a grouped launch's epilogue does for a chain stage (``stage``: (out, relu, error,
+    conv_error); :func:`grouped_ring_conv_forwards`), after a forward run alone (``out``: its
+    output, ``bias`` not added yet: added here as the torch backend adds it), in ATen's ops."""
+    if bias is not None:
+        with torch.no_grad():
+            out.add_(bias.view(1, -1, 1, 1))  # (in the output's dtype, computed in float32: one rounding)
     if stage is None:
         return out
     target, relu, error, conv_error = stage

@@ -198,14 +198,6 @@ def _grouped_box_forward_kernel(
         out = _address(g, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
         w_d = tl.make_tensor_descriptor(weight.to(tl.pointer_type(DTYPE)), [KT * KH * KW * C, C_OUT], [C_OUT, 1],
                                         [BLOCK_K, BLOCK_N])
-        if POOL:
-            out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT // 2, W_OUT // 2, C_OUT],
-                                              [tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), 1],
-                                              [1, BH // 2, BOX_W // 2, BLOCK_N])
-        else:
-            out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
-                                              [tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), 1],
-                                              [1, BH, BOX_W, BLOCK_N])
         boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
         tiles_n = tl.cdiv(C_OUT, BLOCK_N)
         c_blocks = tl.cdiv(C, BLOCK_K)
@@ -219,34 +211,10 @@ def _grouped_box_forward_kernel(
                             BLOCK_M, BLOCK_N, BLOCK_K)
         if tl.load(row + 24) != 0:
             bias = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
-            n = n0 + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias.to(tl.pointer_type(BIAS)) + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
-        epilogue = tl.load(row + 25)
-        if epilogue & 1:
-            acc = tl.maximum(acc, 0.0)
-        y = acc.to(DTYPE)
-        err = _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
-        if POOL:  # (ReLU and the error always: the host's rule)
-            err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT // 2, W_OUT // 2, C_OUT],
-                                              [tl.load(row + 26), tl.load(row + 27), tl.load(row + 28), 1],
-                                              [1, BH // 2, BOX_W // 2, BLOCK_N])
-            pooled, at_conv = _pool_epilogue(y, err_d.load([b, y0 // 2, x0 // 2, n0]).reshape(BH // 2, BOX_W // 2,
-                                                                                               BLOCK_N),
-                                             BH, BOX_W, BLOCK_N)
-            out_d.store([b, y0 // 2, x0 // 2, n0], pooled.reshape(1, BH // 2, BOX_W // 2, BLOCK_N))
-            conv_err = _address(g, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
-            conv_err_d = tl.make_tensor_descriptor(conv_err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
-                                                   [tl.load(row + 29), tl.load(row + 30), tl.load(row + 31), 1],
-                                                   [1, BH, BOX_W, BLOCK_N])
-            conv_err_d.store([b, y0, x0, n0], at_conv.reshape(1, BH, BOX_W, BLOCK_N))
-        else:
-            out_d.store([b, y0, x0, n0], y.reshape(1, BH, BOX_W, BLOCK_N))
-            if epilogue & 2:
-                err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
-                                                  [tl.load(row + 26), tl.load(row + 27), tl.load(row + 28), 1],
-                                                  [1, BH, BOX_W, BLOCK_N])
-                e = err_d.load([b, y0, x0, n0]).reshape(BLOCK_M, BLOCK_N)
-                err_d.store([b, y0, x0, n0], tl.where(y > 0, e, tl.zeros_like(e)).reshape(1, BH, BOX_W, BLOCK_N))
+            acc += _bias_row(bias.to(tl.pointer_type(BIAS)), n0, C_OUT, BLOCK_N)
+        _stage_store(acc, row, out, _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15),
+                     _address(g, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15),
+                     b, y0, x0, n0, B, C_OUT, H_OUT, W_OUT, 7, 25, 26, POOL, DTYPE, BH, BOX_W, BLOCK_N)
     if PUSH:  # every frame into its slot: no tile of the launch reads a slot being pushed
         boxes = tiles + G + 1
         for box in tl.range(tl.program_id(0), tl.load(boxes + G), tl.num_programs(0)):
@@ -256,6 +224,102 @@ def _grouped_box_forward_kernel(
                 f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
             _push_box(ring_d, frame_d, (box - tl.load(boxes + g)).to(tl.int32), slot, tl.cdiv(C, BLOCK_K), H, W, BH,
                       BOX_W, BLOCK_K)
+
+
+@triton.jit
+def _bias_row(bias, n0, C_OUT, BLOCK_N: tl.constexpr):
+    """``[1, BLOCK_N]`` fp32: the bias of output channels ``n0 ..`` (0 past C_OUT)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(bias + n, mask=n < C_OUT, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _stage_store(acc, row, out, err, conv_err, b, y0, x0, n0, B, C_OUT, H_OUT, W_OUT, OUT_AT: tl.constexpr,
+                 FLAGS_AT: tl.constexpr, ERR_AT: tl.constexpr, POOL: tl.constexpr, DTYPE: tl.constexpr,
+                 BH: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A Sideways chain stage's epilogue of the fp32 tile ``acc`` (its bias added) of a conv's
+    output ``[B, H_OUT, W_OUT, C_OUT]`` at ``(b, y0, x0)``, channels ``n0 ..``: a ReLU (flag bit 0),
+    the result in ``DTYPE`` stored to ``out`` and the error that arrived for it (``err``, written
+    last tick) masked in place by the ReLU's mask (bit 1; the mask of the 16-bit output as stored,
+    so autograd's ``threshold_backward`` to the bit); with ``POOL``, a 1x2x2 max pool after the ReLU
+    (``out`` and ``err`` are the pooled output's, half the size, floor) and the error at the conv's
+    output stored to ``conv_err`` (:func:`_pool_epilogue`; ReLU and error always: the host's rule).
+    ``row``: the problem's table row — the output's strides (b, h, w) at ``OUT_AT``, the flags at
+    ``FLAGS_AT``, the error's strides at ``ERR_AT`` and (``POOL``) the conv error's after them."""
+    epilogue = tl.load(row + FLAGS_AT)
+    if epilogue & 1:
+        acc = tl.maximum(acc, 0.0)
+    y = acc.to(DTYPE)
+    o_b, o_h, o_w = tl.load(row + OUT_AT), tl.load(row + OUT_AT + 1), tl.load(row + OUT_AT + 2)
+    e_b, e_h, e_w = tl.load(row + ERR_AT), tl.load(row + ERR_AT + 1), tl.load(row + ERR_AT + 2)
+    if POOL:
+        out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT // 2, W_OUT // 2, C_OUT],
+                                          [o_b, o_h, o_w, 1], [1, BH // 2, BOX_W // 2, BLOCK_N])
+        err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT // 2, W_OUT // 2, C_OUT],
+                                          [e_b, e_h, e_w, 1], [1, BH // 2, BOX_W // 2, BLOCK_N])
+        pooled, at_conv = _pool_epilogue(y, err_d.load([b, y0 // 2, x0 // 2, n0]).reshape(BH // 2, BOX_W // 2,
+                                                                                           BLOCK_N),
+                                         BH, BOX_W, BLOCK_N)
+        out_d.store([b, y0 // 2, x0 // 2, n0], pooled.reshape(1, BH // 2, BOX_W // 2, BLOCK_N))
+        conv_err_d = tl.make_tensor_descriptor(conv_err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                               [tl.load(row + ERR_AT + 3), tl.load(row + ERR_AT + 4),
+                                                tl.load(row + ERR_AT + 5), 1], [1, BH, BOX_W, BLOCK_N])
+        conv_err_d.store([b, y0, x0, n0], at_conv.reshape(1, BH, BOX_W, BLOCK_N))
+    else:
+        out_d = tl.make_tensor_descriptor(out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                          [o_b, o_h, o_w, 1], [1, BH, BOX_W, BLOCK_N])
+        out_d.store([b, y0, x0, n0], y.reshape(1, BH, BOX_W, BLOCK_N))
+        if epilogue & 2:
+            err_d = tl.make_tensor_descriptor(err.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                              [e_b, e_h, e_w, 1], [1, BH, BOX_W, BLOCK_N])
+            e = err_d.load([b, y0, x0, n0]).reshape(BH * BOX_W, BLOCK_N)
+            err_d.store([b, y0, x0, n0], tl.where(y > 0, e, tl.zeros_like(e)).reshape(1, BH, BOX_W, BLOCK_N))
+
+
+EPILOGUE_FIELDS = tl.constexpr(18)  # a problem's row in a grouped stage epilogue's table
+
+
+@triton.jit
+def _grouped_stage_epilogue_kernel(
+        table, G,
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,  # the convs' outputs (no bias)
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,  # the biases' (or any)
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,  # the outputs'
+        e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,  # the errors masked (or any)
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,  # POOL: the errors at the convs'
+        POOL: tl.constexpr, DTYPE: tl.constexpr, BIAS: tl.constexpr, G_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BOX_W: tl.constexpr):
+    """The epilogues of :func:`_grouped_box_forward_kernel` (:func:`_stage_store`) for convs whose
+    forwards ran elsewhere (cuDNN, where the dispatch sends them, or a conv off the box path): one
+    persistent launch over every such stage's output tiles instead of a bias add, a ReLU, a pool,
+    a copy into the next stage's buffer and their backwards per stage. ``table`` (int64): per
+    problem (EPILOGUE_FIELDS) the conv output's strides (b, h, w), B, C_OUT, H_OUT, W_OUT, whether
+    it has a bias, the output's strides (b, h, w), the flags, the error's strides (b, h, w) and the
+    conv error's (``POOL``); then each problem's first tile and their total (G + 1). The conv
+    output holds no bias: it is added here in fp32 before the one rounding to ``DTYPE``, as the
+    torch backend's separate ``add_`` rounds."""
+    BH: tl.constexpr = BLOCK_M // BOX_W
+    tiles = table + EPILOGUE_FIELDS * G
+    for item in tl.range(tl.program_id(0), tl.load(tiles + G), tl.num_programs(0)):
+        g = _problem(tiles, G, item, G_P2)
+        row = table + g * EPILOGUE_FIELDS
+        B, C_OUT, H_OUT, W_OUT = _field(row, 3), _field(row, 4), _field(row, 5), _field(row, 6)
+        conv = _address(g, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+        conv_d = tl.make_tensor_descriptor(conv.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
+                                           [tl.load(row), tl.load(row + 1), tl.load(row + 2), 1],
+                                           [1, BH, BOX_W, BLOCK_N])
+        tiles_n = tl.cdiv(C_OUT, BLOCK_N)
+        tile = (item - tl.load(tiles + g)).to(tl.int32)
+        b, y0, x0 = _box_of(tile // tiles_n, tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W), BH, BOX_W)
+        n0 = tile % tiles_n * BLOCK_N
+        acc = conv_d.load([b, y0, x0, n0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        if tl.load(row + 7) != 0:
+            bias = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
+            acc += _bias_row(bias.to(tl.pointer_type(BIAS)), n0, C_OUT, BLOCK_N)
+        _stage_store(acc, row, _address(g, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15),
+                     _address(g, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15),
+                     _address(g, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15),
+                     b, y0, x0, n0, B, C_OUT, H_OUT, W_OUT, 8, 11, 12, POOL, DTYPE, BH, BOX_W, BLOCK_N)
 
 
 @triton.jit
