@@ -295,9 +295,9 @@ def _grouped_stage_epilogue_kernel(
     a copy into the next stage's buffer and their backwards per stage. ``table`` (int64): per
     problem (EPILOGUE_FIELDS) the conv output's strides (b, h, w), B, C_OUT, H_OUT, W_OUT, whether
     it has a bias, the output's strides (b, h, w), the flags, the error's strides (b, h, w) and the
-    conv error's (``POOL``); then each problem's first tile and their total (G + 1). The conv
-    output holds no bias: it is added here in fp32 before the one rounding to ``DTYPE``, as the
-    torch backend's separate ``add_`` rounds."""
+    conv error's (``POOL``); then each problem's first tile and their total (G + 1). A bias given
+    here is one the conv output does not hold yet (cuDNN's, which the torch backend adds after the
+    convolution): added in fp32 before the one rounding to ``DTYPE``, as that ``add_`` rounds."""
     BH: tl.constexpr = BLOCK_M // BOX_W
     tiles = table + EPILOGUE_FIELDS * G
     for item in tl.range(tl.program_id(0), tl.load(tiles + G), tl.num_programs(0)):
