@@ -1124,6 +1124,21 @@ def test_grouped_stage_forwards_pool_after_the_relu_as_c3d_s_blocks():
         assert g is out and torch.equal(out, pooled) and torch.equal(at_conv, grad)
 
 
+def test_a_layer_s_ring_is_stored_as_its_backend_reads_it():
+    """The stem's ring in 16-byte rows on the Triton backend (3 float32 channels in rows of 4), in
+    plain rows of 3 on the torch backend, whose fold reads the ring as one image — made anew when
+    a pipeline of the same layers runs on the other backend; the losses the same either way."""
+    video, target = torch.randn(1, 3, 5, 2, 2), torch.tensor([1])
+    stages = _conv_relu_chain(2, video_channels=3)
+    stem = stages[0][0]
+    losses = []
+    for name, row in (("triton", 4), ("torch", 3), ("triton", 4)):
+        losses.append(SidewaysPipeline(stages, backend=name).backward_clip(video, target).loss)
+        assert stem._ring.stride(0) == row, name
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert losses[0] == losses[2]
+
+
 def test_stage_epilogues_after_forwards_run_elsewhere_take_one_launch_per_pool_kind(strict_launches):
     """A chain stage's epilogue after its forward ran elsewhere (cuDNN's output, its bias not added):
     the bias, the ReLU, the 1x2x2 pool, the output into the buffer given and the waiting error
