@@ -121,39 +121,36 @@ def kernels(name: str) -> types.SimpleNamespace:
 
 
 def _forwards_where_dispatched(op, grouped):
-    """``auto``'s grouped forwards (``triton.grouped_ring_conv_forwards``'s arguments): the calls
-    the dispatch sends to Triton through Triton's ``grouped``; each other one by the dispatch
-    (cuDNN, say), then the epilogues of those that are chain stages in Triton's grouped launch
-    (``triton.forwards_then_epilogues``; a torch-backend forward's bias added there, as that
-    backend adds it after its convolution); in their order (None without ``grouped``)."""
+    """``auto``'s grouped forwards (``triton.grouped_ring_conv_forwards``'s arguments, per call a
+    chain stage's epilogue or None): as :func:`_grouped_where_dispatched`; each call the dispatch
+    sends elsewhere (cuDNN, say) by it, then the epilogues of those that are chain stages in
+    Triton's grouped launch (``triton.forwards_then_epilogues``; a torch-backend forward's bias
+    added there, as that backend adds it after its convolution)."""
+    def alone(calls: list, stages: list) -> list:
+        from . import triton as _triton
+        return _triton.forwards_then_epilogues(op, calls, stages, lambda args: op.target(args) == "torch")
+    return _grouped_where_dispatched(op, grouped, alone)
+
+
+def _grouped_where_dispatched(op, grouped, alone=None):
+    """``auto``'s grouped call of ``op`` (a list of calls' arguments and, optionally, one extra per
+    call: where its result goes, or a forward's stage): the calls the dispatch sends to Triton
+    through Triton's ``grouped``, the others through ``alone(calls, extras)`` (default: each by the
+    dispatch, its result copied into the extra where one is given); in their order (None without
+    ``grouped``)."""
     if grouped is None:
         return None
-    from . import triton as _triton
+    if alone is None:
+        def alone(calls: list, outs: list) -> list:
+            return [op(*args) if out is None else out.copy_(op(*args)) for args, out in zip(calls, outs)]
 
-    def run(calls: list, stages: Optional[list] = None) -> list:
-        stages = stages or [None] * len(calls)
+    def run(calls: list, extras: Optional[list] = None) -> list:
+        extras = extras or [None] * len(calls)
         mine = [i for i, args in enumerate(calls) if op.target(args) == "triton"]
-        got = dict(zip(mine, grouped([calls[i] for i in mine], [stages[i] for i in mine]) if mine else []))
+        got = dict(zip(mine, grouped([calls[i] for i in mine], [extras[i] for i in mine]) if mine else []))
         rest = [i for i in range(len(calls)) if i not in got]
-        got.update(zip(rest, _triton.forwards_then_epilogues(op, [calls[i] for i in rest], [stages[i] for i in rest],
-                                                             lambda args: op.target(args) == "torch")))
+        got.update(zip(rest, alone([calls[i] for i in rest], [extras[i] for i in rest]) if rest else []))
         return [got[i] for i in range(len(calls))]
-    run.__wrapped__ = getattr(grouped, "__wrapped__", grouped)
-    return run
-
-
-def _grouped_where_dispatched(op, grouped):
-    """``auto``'s grouped call of ``op``: the calls the dispatch sends to Triton through Triton's
-    ``grouped``, each other one through the dispatch, in their order (None without ``grouped``)."""
-    if grouped is None:
-        return None
-
-    def run(calls: list, outs: Optional[list] = None) -> list:
-        outs = outs or [None] * len(calls)
-        mine = [i for i, args in enumerate(calls) if op.target(args) == "triton"]
-        got = dict(zip(mine, grouped([calls[i] for i in mine], [outs[i] for i in mine]) if mine else []))
-        alone = lambda i: op(*calls[i]) if outs[i] is None else outs[i].copy_(op(*calls[i]))
-        return [got[i] if i in got else alone(i) for i in range(len(calls))]
     run.__wrapped__ = getattr(grouped, "__wrapped__", grouped)
     return run
 

@@ -25,7 +25,7 @@ import torch
 from . import backend as _backend
 from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
 from .nn import PUSH, SidewaysConv3d, _Stream, activation_dtype, weight_step
-from .ops import aligned_channels, conv_output_size, empty_frame
+from .ops import conv_output_size, empty_frame, row_length
 from .schedule import Schedule, StagePlan, TickPlan
 
 __all__ = ["Engine"]
@@ -590,7 +590,7 @@ class Engine:
         buf = self.buffers.get(key)
         device = self.device(i)
         if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != device \
-                or any(a != b for a, b, n in zip(buf.stride(), value.stride(), value.shape) if n > 1):
+                or not _same_strides(buf, value.stride()):
             # Same memory layout as the value: a channels-last activation meeting a contiguous
             # gradient makes every elementwise backward take a slow strided path.
             buf = self.buffers[key] = torch.empty_like(value, device=device, memory_format=torch.preserve_format)
@@ -605,10 +605,9 @@ class Engine:
         key = (kind, parity, i)
         buf = self.buffers.get(key)
         B, C, _, H, W = shape
-        row = aligned_channels(C, dtype) if aligned else C
+        row = row_length(C, dtype, aligned)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != self.device(i) \
-                or any(a != b for a, b, n in zip(buf[:, :, 0].stride(), (H * W * row, 1, W * row, row), (B, C, H, W))
-                       if n > 1):
+                or not _same_strides(buf[:, :, 0], (H * W * row, 1, W * row, row)):
             buf = self.buffers[key] = empty_frame(B, C, H, W, dtype=dtype, device=self.device(i),
                                                   aligned=aligned).unsqueeze(2)
         return buf
@@ -861,6 +860,12 @@ def _conv_output(args: tuple) -> tuple:
     hw = [conv_output_size(ring.shape[3 + i], weight.shape[3 + i], stride[i], padding[i], dilation[i])
           for i in range(2)]
     return (ring.shape[1], weight.shape[0], 1, *hw)
+
+
+def _same_strides(t: torch.Tensor, strides) -> bool:
+    """Whether ``t`` steps through memory as ``strides`` do, on every dimension it has more than
+    one of (a dimension of size 1 is never stepped: its stride is free)."""
+    return all(a == b for a, b, n in zip(t.stride(), strides, t.shape) if n > 1)
 
 
 def _grouping(fn):

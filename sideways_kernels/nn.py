@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import aligned_channels, empty_ring
+from .ops import empty_ring, row_length
 from .reference import sgd_step
 
 __all__ = ["SidewaysConv3d", "convert", "StreamClock"]
@@ -253,8 +253,8 @@ class SidewaysConv3d(nn.Conv3d):
         if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
             shape, aligned = (self.span, *frame.shape), getattr(s.kernels, "aligned_rows", False)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
-                    or self._ring.device != frame.device or self._ring.stride(0) != _row(frame.shape[1], frame.dtype,
-                                                                                       aligned):
+                    or self._ring.device != frame.device \
+                    or self._ring.stride(0) != row_length(frame.shape[1], frame.dtype, aligned):
                 self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device, aligned=aligned)
             else:
                 self._ring.zero_()
@@ -370,11 +370,6 @@ def _ring_forward(s: _Stream, ring, push, slot: int, weight, bias) -> torch.Tens
     if ahead is not None and push is not None and ahead[0] == (push.data_ptr(), slot):
         return ahead[1]
     return s.kernels.ring_conv_forward(ring, push, slot, weight, bias, *s.geometry[1])
-
-
-def _row(channels: int, dtype: torch.dtype, aligned: bool) -> int:
-    """The elements a ring's row of ``channels`` takes (``ops.empty_ring``): its slots' stride."""
-    return aligned_channels(channels, dtype) if aligned else channels
 
 
 def _autocast(frame: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "empty_ring",
     "empty_frame",
     "aligned_channels",
+    "row_length",
     "ring_conv_forward",
     "window_input_grad",
     "weight_grad_accumulate",
@@ -84,16 +85,21 @@ def empty_ring(span: int, batch: int, channels: int, height: int, width: int, *,
     memory ordered ``[B, H, W, span, C]``, so the whole ring is one channels-last image with
     ``span*C`` channels and a window conv needs no gather. Any layout is accepted by the ops.
     ``aligned``: every row of C channels starts on a 16-byte boundary (:func:`aligned_channels`)."""
-    rows = aligned_channels(channels, dtype) if aligned else channels
-    ring = torch.zeros(batch, height, width, span, rows, dtype=dtype, device=device)
+    ring = torch.zeros(batch, height, width, span, row_length(channels, dtype, aligned), dtype=dtype, device=device)
     return ring[..., :channels].permute(3, 0, 4, 1, 2)
 
 
 def empty_frame(batch: int, channels: int, height: int, width: int, *, dtype=None, device=None,
                 aligned: bool = False) -> torch.Tensor:
     """An uninitialised channels-last frame ``[B, C, H, W]``; ``aligned`` as in :func:`empty_ring`."""
-    rows = aligned_channels(channels, dtype) if aligned else channels
-    return torch.empty(batch, height, width, rows, dtype=dtype, device=device)[..., :channels].permute(0, 3, 1, 2)
+    frame = torch.empty(batch, height, width, row_length(channels, dtype, aligned), dtype=dtype, device=device)
+    return frame[..., :channels].permute(0, 3, 1, 2)
+
+
+def row_length(channels: int, dtype=None, aligned: bool = False) -> int:
+    """The elements a position's row of ``channels`` takes in :func:`empty_ring` and
+    :func:`empty_frame`: the stride between neighbouring positions (a ring's, between slots)."""
+    return aligned_channels(channels, dtype) if aligned else channels
 
 
 def aligned_channels(channels: int, dtype=None) -> int:

@@ -772,8 +772,7 @@ def stage_epilogues(convs: list, biases: list, stages: list) -> list:
     outs: list = [None] * len(convs)
     groups: dict = {}
     for i, (conv, stage) in enumerate(zip(convs, stages)):
-        out, relu, error, conv_error = stage
-        _check(conv_error is None or (relu and error is not None), "a stage's pool needs its ReLU and its error")
+        out, relu, error, conv_error = _stage_parts(stage)
         if box_path(conv.device, conv.dtype, [1, 1], 1, (conv.shape[1],),
                     tuple(t for t in (conv, out, error, conv_error) if t is not None)) is None:
             groups.setdefault((conv.dtype, conv.device, conv_error is not None), []).append(i)
@@ -810,8 +809,7 @@ def _grouped_epilogue_launch(convs: list, biases: list, stages: list) -> bool:
     for conv, bias, (out, relu, error, conv_error) in zip(convs, biases, stages):
         B, c_out, h_out, w_out = conv.shape
         rows.append([*_tma_strides(conv), B, c_out, h_out, w_out, int(bias is not None), *_tma_strides(out),
-                     int(relu) | 2 * int(error is not None), *(_tma_strides(error) if error is not None else [0, 0, 0]),
-                     *(_tma_strides(conv_error) if pool else [0, 0, 0])])
+                     *_stage_fields(relu, error, conv_error)])
         tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
                      * triton.cdiv(c_out, cfg.BLOCK_N))
     table = _table([v for r in rows for v in r] + tiles, torch.int64, c0.device)
@@ -828,6 +826,21 @@ def _grouped_epilogue_launch(convs: list, biases: list, stages: list) -> bool:
     launches["grouped_stage_epilogue"] += 1
     paths[("stage_epilogue", "grouped")] += G
     return True
+
+
+def _stage_parts(stage: Optional[tuple]) -> tuple:
+    """A chain stage's epilogue ``(out, relu, error, conv_error)`` (None: no epilogue), checked."""
+    out, relu, error, conv_error = stage if stage is not None else (None, False, None, None)
+    _check(conv_error is None or (relu and error is not None), "a stage's pool needs its ReLU and its error")
+    return out, relu, error, conv_error
+
+
+def _stage_fields(relu: bool, error: Optional[torch.Tensor], conv_error: Optional[torch.Tensor]) -> list:
+    """A stage's epilogue in a grouped launch's table, as :func:`.boxes._stage_store` reads it from
+    its flags on: the flags (bit 0 a ReLU, bit 1 the error masked), the error's strides (b, h, w),
+    the conv-resolution error's (a pool; zeros where there is none)."""
+    strides = lambda t: _tma_strides(t) if t is not None else [0, 0, 0]
+    return [int(relu) | 2 * int(error is not None), *strides(error), *strides(conv_error)]
 
 
 def _stage_epilogue(out: torch.Tensor, stage: Optional[tuple], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -876,8 +889,7 @@ def _forward_box(ring, frame, slot, weight, bias, stride, padding, dilation, dil
     :func:`grouped_ring_conv_forwards` takes it), or None where the grouped kernel cannot take it."""
     R, B, C, H, W, c_out, k_t, k_h, k_w, h_out, w_out = _forward_geometry(ring, frame, slot, weight, bias, stride,
                                                                            padding, dilation, dilation_t, groups)
-    out, relu, error, conv_error = stage if stage is not None else (None, False, None, None)
-    _check(conv_error is None or (relu and error is not None), "a stage's pool needs its ReLU and its error")
+    out, relu, error, conv_error = _stage_parts(stage)
     shape = (B, c_out, h_out // 2, w_out // 2) if conv_error is not None else (B, c_out, h_out, w_out)
     for name, t, want in (("out", out, shape), ("error", error, shape), ("conv_error", conv_error,
                                                                          (B, c_out, h_out, w_out))):
@@ -961,9 +973,7 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
         _, c_out, h_out, w_out = at_conv(b).shape
         rows.append([*_tma_strides(b.ring), *(_tma_strides(b.frame) if push else [0, 0, 0]), *_tma_strides(b.out),
                      B, C, H, W, c_out, h_out, w_out, R, b.slot, *b.padding, *b.dilation, b.dilation_t,
-                     int(b.bias is not None), int(b.relu) | 2 * int(b.error is not None),
-                     *(_tma_strides(b.error) if b.error is not None else [0, 0, 0]),
-                     *(_tma_strides(b.conv_error) if pool else [0, 0, 0])])
+                     int(b.bias is not None), *_stage_fields(b.relu, b.error, b.conv_error)])
         tiles.append(tiles[-1] + B * triton.cdiv(h_out, bh) * triton.cdiv(w_out, cfg.BOX_W)
                      * triton.cdiv(c_out, cfg.BLOCK_N))
         pushed.append(pushed[-1] + B * triton.cdiv(H, bh) * triton.cdiv(W, cfg.BOX_W) * triton.cdiv(C, cfg.BLOCK_K))
