@@ -105,11 +105,24 @@ NOT_KERNELS = {"detach", "view", "_unsafe_view", "unsqueeze", "squeeze", "as_str
 GEMM_KINDS = ("forward", "input_grad", "weight_accumulate", "weight_sgd")
 
 
-def _is_kernel(func) -> bool:
+def _is_kernel(func, args=(), kwargs=None, out=None) -> bool:
     """Whether an ATen op launches a kernel (not a view, metadata or an allocation; in-place views
-    too: unsqueeze_, as_strided_, ...)."""
+    too: unsqueeze_, as_strided_, ...). Given its arguments and output: not an op that may or may
+    not copy (``reshape``, ``flatten``, ``contiguous``: composite ops that can reach a dispatch
+    mode undecomposed) where it returned a view of its input."""
     name = func._overloadpacket.__name__
-    return func.namespace == "aten" and not (name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS)
+    if func.namespace != "aten" or name in NOT_KERNELS or name.endswith("_") and name[:-1] in NOT_KERNELS:
+        return False
+    return out is None or not _returned_a_view(func, args, kwargs or {}, out)
+
+
+def _returned_a_view(func, args, kwargs: dict, out) -> bool:
+    """Whether a functional op's every output lies in the storage of one of its inputs."""
+    outs = _tensors(out)
+    if func._schema.is_mutable or not outs:
+        return False
+    inputs = {t.untyped_storage()._cdata for t in _tensors(list(args) + list(kwargs.values()))}
+    return all(t.untyped_storage()._cdata in inputs for t in outs)
 
 
 @dataclasses.dataclass
@@ -140,11 +153,12 @@ class _Kernels(TorchDispatchMode):
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if _is_kernel(func):
-            self.n += 1
         if func is aten._fused_sgd_.default:  # counted, not run: it has no fake kernel (and writes only its inputs)
+            self.n += 1
             return None
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.n += _is_kernel(func, args, kwargs, out)
+        return out
 
 
 _KERNELS_TODAY: dict = {}
@@ -297,7 +311,7 @@ class _Recorder(TorchDispatchMode):
         if not self.ticks or namespace == "prim":
             return out
         self._follow(f"{namespace}.{name}", args, kwargs, out)
-        if namespace == "aten" and not _is_kernel(func):
+        if namespace == "aten" and not _is_kernel(func, args, kwargs, out):
             return out
         if namespace == "sideways":
             self.ticks[-1].append(_sideways_launch(name, args, out, self))

@@ -345,3 +345,31 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
         if update == "tick":
             pipe.update, pipe.optimizer = "tick", torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         assert tm.record(net, pipe, 2, 16, T).held_forms is held
+
+
+def test_a_sideways_op_counts_the_same_kernels_on_a_recording_s_fake_tensors_as_on_real_ones(monkeypatch):
+    """A recording counts an op's kernels from its dispatch mode, below autograd, where ``reshape``
+    and ``flatten`` reach the counter undecomposed: they are kernels only where they copy (the
+    torch backend reads its ring and unfolds its weight gradient through views of them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from samples import Geometry, make
+    g = Geometry(2, 8, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    conv = [list(g.stride), list(g.padding), list(g.dilation), 1, 1]
+    monkeypatch.setattr(tm, "today", lambda kind, layer=None: "torch")
+
+    def counts():
+        t = make(g, torch.bfloat16, torch.float32)
+        forward = (t["ring"], t["frame"], 1, t["weight"], t["bias"], *conv)
+        accumulate = (torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], 1, *conv)
+        monkeypatch.setattr(tm, "_KERNELS_TODAY", {})
+        return [tm.kernels_today("ring_conv_forward", forward, held=True),
+                tm.kernels_today("weight_grad_accumulate", accumulate, held=True)]
+    real = counts()
+    with FakeTensorMode(), torch._C._AutoDispatchBelowAutograd():
+        recorded = counts()
+    assert real == recorded == [3, 3]  # the ring write, the convolution, the bias; the weight gradient, its roll, the add
+    copied = tm._Kernels()  # a reshape that must copy is one kernel; one that views is none
+    with FakeTensorMode(), torch._C._AutoDispatchBelowAutograd(), copied:
+        x = torch.empty(4, 6).t()
+        x.reshape(24), x.t().reshape(24), x.flatten(), x.contiguous()
+    assert copied.n == 3
