@@ -3,6 +3,7 @@ wrong in the interpreter, so it is checked only on a GPU): every op vs reference
 whole pipelines with SIDEWAYS_BACKEND=triton against the torch backend."""
 import collections
 import contextlib
+import functools
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before sideways_kernels.triton is imported
@@ -357,14 +358,33 @@ def test_box_kernels_match_reference(g, frame_layout, dtype, poisoned_partials):
     assert set(T.paths) == {("ring_conv_forward", "box"), ("window_input_grad", "box"), ("weight_update", "box")}
 
 
-def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(poisoned_partials,
+@contextlib.contextmanager
+def _descriptor_blocks():
+    """The block shapes of the tensor descriptors the interpreted kernels make within."""
+    import triton.language as tl
+    made, make = [], tl.make_tensor_descriptor
+
+    @functools.wraps(make)  # (a builtin to the interpreter, as the function it stands for)
+    def spy(base, shape, strides, block_shape, *args, **kwargs):
+        made.append([int(b) for b in block_shape])
+        return make(base, shape, strides, block_shape, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tl, "make_tensor_descriptor", spy)
+        yield made
+
+
+@pytest.mark.parametrize("small", [T.SMALL_CHANNELS, 0], ids=["narrow", "wide"])
+def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(small, poisoned_partials,
                                                                                        strict_launches):
     """The RGB stem's ring: 3 fp16 channels are 6 bytes, so a ring in ops.empty_ring's plain layout
     has no TMA-able strides and takes the general path; stored in 16-byte rows (aligned=True) it
     takes the box kernels — the forward (its frame pushed by the launch from a channels-last frame
     of such rows, or copied first from an NCHW one) and the weight update, alone and in grouped
     launches beside an 8-channel layer of the same kernel shape — each descriptor zero-filling the
-    channels past the third: reference.py's results, and the grouped ones the ops' to the bit."""
+    channels past the third: reference.py's results, and the grouped ones the ops' to the bit. The
+    grouped launches read both rings in blocks of SMALL_CHANNELS channels (a forward's K step, a
+    weight update tile's input channels), not the launch's 64 — or of 64 where no problem is
+    narrow (``small=0``), as the ops alone then do."""
     from sideways_kernels import ops
     dtype = torch.float16
     g = _box_geometry(batch=2, channels=3, out_channels=16, height=5, width=6, k_t=3, k_hw=(3, 3), padding=(1, 1))
@@ -398,19 +418,25 @@ def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_
     calls = [(aligned(ring), frame, t["slot"], t["weight"], t["bias"], *a),
              (u["ring"].clone(), u["frame"], u["slot"], u["weight"], u["bias"], *_a(wide))]
     T.paths.clear()
-    with T.using(gemm_split=1):  # (the op alone may split K where its tiles are few: another order of the sum)
+    block = small or T.DEFAULT_BOX.BLOCK_K  # (the ring's channels, as the ring descriptors' last block)
+    rings = lambda blocks: {b[-1] for b in blocks if len(b) == 5}
+    with T.using(gemm_split=1, small_channels=small):  # (the op alone may split K where its tiles are few)
         alone = [S.ring_conv_forward(aligned(c[0]), *c[1:]) for c in calls]
-        grouped = T.grouped_ring_conv_forwards(calls)
+        with _descriptor_blocks() as made:
+            grouped = T.grouped_ring_conv_forwards(calls)
     assert T.paths[("ring_conv_forward", "grouped")] == 2
     assert all(torch.equal(x, y) for x, y in zip(grouped, alone))
+    assert block in rings(made)  # the tiles' K steps (the frames' push into their slots: BLOCK_K)
     updates = [("weight_grad_accumulate", (torch.zeros_like(x["weight"]), torch.zeros_like(x["bias"]), x["grad_out"],
                                            r, x["slot"], *_a(geo))) for x, r, geo in ((t, ring, g), (u, u["ring"], wide))]
     own = [(*(v.clone() for v in args[:3]), aligned(args[3]), *args[4:]) for _, args in updates]
-    with T.using(split=2):
-        assert T.grouped_weight_updates(updates) == []
+    with T.using(split=2, small_channels=small):
+        with _descriptor_blocks() as made:
+            assert T.grouped_weight_updates(updates) == []
         for args in own:
             S.weight_grad_accumulate(*args)
     assert T.paths[("weight_update", "grouped")] == 2
+    assert rings(made) == {small or T.DEFAULT_BOX.BLOCK_N}
     for (_, args), mine in zip(updates, own):
         assert torch.equal(args[0], mine[0])
         torch.testing.assert_close(args[1], mine[1], rtol=0, atol=1e-3)  # (two orders of the bias's fp32 sum)
@@ -750,6 +776,24 @@ def test_box_width_is_chosen_to_waste_least_at_the_frame_edge():
     assert prune_boxes([narrow, wide], 56, 56, lambda c: c.BLOCK_M) == [wide]  # a tie: the wider rows
     assert prune_boxes([narrow, wide], 8, 64, lambda c: c.BLOCK_M) == [wide]  # 8x16 boxes fit exactly
     assert prune_boxes([wide, narrow], 64, 8, lambda c: c.BLOCK_M) == [narrow]  # 16x8 boxes fit exactly
+
+
+def test_the_autotuner_steps_through_few_channels_in_narrow_blocks_and_many_in_wide_ones():
+    """Of a box kernel's list, a problem of at most SMALL_CHANNELS channels (the RGB stem's 3) keeps
+    the configs whose channel block is that narrow — a forward's K step, a weight update tile's input
+    channels — and any other problem the wider ones (a 64-channel block of 3 real ones is 21x the
+    MMA work); a list without such configs is kept whole."""
+    from sideways_kernels.triton.configs import BOX, SMALL_CHANNELS, fit_channels
+    for kind, block in (("box_gemm", lambda c: c.BLOCK_K), ("box_weight_update", lambda c: c.BLOCK_N)):
+        listed = BOX[kind][90]
+        for channels in (3, 8, SMALL_CHANNELS):
+            kept = fit_channels(listed, channels, block)
+            assert kept and {block(c) for c in kept} == {SMALL_CHANNELS}, (kind, channels)
+        for channels in (SMALL_CHANNELS + 8, 64, 512):
+            kept = fit_channels(listed, channels, block)
+            assert kept and min(block(c) for c in kept) > SMALL_CHANNELS, (kind, channels)
+        wide = [c for c in listed if block(c) > SMALL_CHANNELS]
+        assert fit_channels(wide, 3, block) == wide
 
 
 def test_every_thread_launching_box_kernels_gets_the_descriptor_scratch_allocator():

@@ -32,8 +32,8 @@ from triton.runtime import _allocation  # the allocator's context variable (the 
 from .. import forms
 from . import boxes as X
 from . import kernels as K
-from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, SPLIT_SUM, Config, configs_for, prune, prune_boxes,
-                      split_k)
+from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, SMALL_CHANNELS, SPLIT_SUM, Config, configs_for,
+                      fit_channels, prune, prune_boxes, split_k)
 from ..ops import conv_output_size
 from ..reference import sgd_step
 
@@ -45,26 +45,28 @@ launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _chosen: dict = {"config": None, "box_config": None, "split": None, "gemm_split": None, "path": None,
-                 "rotation": 0}  # set by using()
+                 "rotation": 0, "small_channels": SMALL_CHANNELS}  # set by using()
 _autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
 _derived: dict = {}  # (id(weight), summed, flipped) -> (weak reference to it, version, dtype, the weight as read)
 
 
 @contextlib.contextmanager
 def using(config: Optional[Config] = None, split: Optional[int] = None, box_config: Optional[Config] = None,
-          path: Optional[str] = None, rotation: int = 0, gemm_split: Optional[int] = None):
+          path: Optional[str] = None, rotation: int = 0, gemm_split: Optional[int] = None,
+          small_channels: int = SMALL_CHANNELS):
     """Run the general kernels with ``config`` and the box kernels with ``box_config`` (instead of
     the autotuner's or the interpreter's default), the weight update with ``split`` programs per
     tile and the box forward and input gradient with ``gemm_split`` (instead of the SM-based
     choices), and every op on ``path``: "box" (refusing a problem
     the box kernels cannot take; float32 allowed, for exact tests), "general", or None (the
     choice of :func:`box_path`). ``rotation`` renumbers the weight update's splits, so that
-    another split arrives last (tests of its determinism)."""
+    another split arrives last (tests of its determinism). ``small_channels``: the grouped launches'
+    problems of at most this many channels take their narrow channel block (0: none does)."""
     if path not in (None, "box", "general"):
         raise ValueError(f"path must be 'box', 'general' or None, got {path!r}")
     before = dict(_chosen)
     _chosen.update(config=config, split=split, box_config=box_config, path=path, rotation=rotation,
-                   gemm_split=gemm_split)
+                   gemm_split=gemm_split, small_channels=small_channels)
     try:
         yield
     finally:
@@ -98,6 +100,9 @@ _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
     "box_input_grad": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_M),
     "box_weight_update": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_K),
 }
+# box kernel -> the config's block of the problem's C channels (a forward's K step, a weight
+# update tile's input channels): SMALL_CHANNELS wide for problems of that many channels or fewer
+_CHANNEL_BLOCK = {"box_forward": "BLOCK_K", "box_input_grad": "BLOCK_K", "box_weight_update": "BLOCK_N"}
 _SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
 _KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
 _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
@@ -110,14 +115,16 @@ def _as_config(c) -> Config:
     return Config(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, c.num_warps, k.get("BOX_W", 0))
 
 
-def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_size: int = 2):
+def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_size: int = 2, channels: int = 0):
     """One launch of ``kernel``: with the chosen config, the interpreter's default, or the
     autotuner's pick over its kind's list for the architecture and activation size, pruned for
-    the problem. ``grid(config)``."""
+    the problem. ``grid(config)``. ``channels``: a box kernel's C, whose block the interpreter's
+    default narrows where the grouped launches do (:data:`_CHANNEL_BLOCK`)."""
     box = name.startswith("box")
     cfg = _chosen["box_config" if box else "config"]
     if cfg is None and (INTERPRET or device.type != "cuda"):
-        cfg = DEFAULT_BOX if box else DEFAULT
+        cfg = DEFAULT if not box else DEFAULT_BOX if channels > _chosen["small_channels"] else \
+            DEFAULT_BOX._replace(**{_CHANNEL_BLOCK[name]: SMALL_CHANNELS})
     if cfg is not None:
         wrap_triton(kernel)[grid(cfg)](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
                                        num_stages=cfg.num_stages)
@@ -132,6 +139,7 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
             keep = prune(ours, m, n, tensor.element_size(), capability)
             if box:
                 frame, positions_of = _BOXES[name]
+                keep = fit_channels(keep, problem["C"], lambda c: getattr(c, _CHANNEL_BLOCK[name]))
                 keep = prune_boxes(keep, *frame(problem), positions_of)
             names = {c.name for c in keep}
             return [c for c, o in zip(configs, ours) if o.name in names]
@@ -375,7 +383,7 @@ def _box_gemm(name: str, ring, weight, bias, out, R: int, slot: int, padding, di
              *_tma_strides(ring), *(_tma_strides(frame) if frame is not None else [0, 0, 0]), *_tma_strides(out),
              B, C, H, W, c_out, h_out, w_out, R, slot, *padding, *dilation, dilation_t, splits],
             dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PUSH=frame is not None), device,
-            element_size=ring.element_size())
+            element_size=ring.element_size(), channels=C)
     if splits > 1:
         launches["split_sum"] += 1
         block = SPLIT_SUM.BLOCK_M
@@ -472,7 +480,7 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
         _launch(X._box_weight_update_kernel, "box_weight_update", lambda cfg: _persistent(tiles_of(cfg) * splits, device),
                 [grad_out, ring, partials, *_tma_strides(grad_out), *_tma_strides(ring), B, C, H, W, c_out, h_out,
                  w_out, R, slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"]],
-                dict(**shape, TAPS=per_tile), device, element_size=ring.element_size())
+                dict(**shape, TAPS=per_tile), device, element_size=ring.element_size(), channels=C)
     else:  # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
         tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * taps * triton.cdiv(cg, cfg.BLOCK_N)
         _launch(K._weight_update_kernel, "weight_update", lambda cfg: (tiles_of(cfg), splits, groups),
@@ -636,7 +644,9 @@ def _grouped_launch(updates: list) -> bool:
     largest = max(updates, key=lambda u: u.grad_out.shape[2] * u.grad_out.shape[3])
     cfg = _grouped_config("box_grouped_weight_update", *largest.grad_out.shape[2:], lambda c: c.BLOCK_K, device)
     bh = cfg.BLOCK_K // cfg.BOX_W
-    tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * triton.cdiv(u.ring.shape[2], cfg.BLOCK_N) * (taps // per_tile)
+    small = _chosen["small_channels"]
+    tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * (taps // per_tile)
+             * triton.cdiv(u.ring.shape[2], SMALL_CHANNELS if u.ring.shape[2] <= small else cfg.BLOCK_N)
              for u in updates]
     rows, items, finish, bias_rows, hyper, floats = [], [0], [], [], [], 0
     for u, n in zip(updates, tiles):
@@ -666,7 +676,7 @@ def _grouped_launch(updates: list) -> bool:
     partials = _partials(device, floats)
     _descriptor_scratch(device)
     X._grouped_box_weight_update_kernel[_persistent(items[-1], device)](
-        partials, table, G, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
+        partials, table, G, small, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
         KT=k_t, KH=k_h, KW=k_w, TAPS=per_tile, DTYPE=_TL_DTYPE[u0.ring.dtype], G_P2=triton.next_power_of_2(G),
         **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launches["grouped_weight_update"] += 1
@@ -983,7 +993,7 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
     G = len(boxes)
     _descriptor_scratch(device)
     X._grouped_box_forward_kernel[_persistent(max(tiles[-1], pushed[-1] if push else 0), device)](
-        table, G, *_addresses(b.ring for b in boxes), *_addresses(b.frame if push else b.ring for b in boxes),
+        table, G, _chosen["small_channels"], *_addresses(b.ring for b in boxes), *_addresses(b.frame if push else b.ring for b in boxes),
         *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
         *_addresses(b.out for b in boxes), *_addresses(b.error if b.error is not None else b.out for b in boxes),
         *_addresses(at_conv(b) for b in boxes), KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push, POOL=pool,

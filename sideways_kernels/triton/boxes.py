@@ -22,7 +22,13 @@ to keep that waste small.
 import triton
 import triton.language as tl
 
+from . import configs
 from .kernels import _address, _field, _problem, _store_partial, _tap_slot
+
+# The channel block of a grouped launch's problems of at most this many channels (the RGB stem's
+# 3, in 16-byte rows): their K step (forward) or tile's input channels (weight update) is this
+# wide, not the launch's 64 — a 64-channel block of 3 real ones is 21x the work.
+SMALL_CHANNELS = tl.constexpr(configs.SMALL_CHANNELS)
 
 
 @triton.jit
@@ -151,7 +157,7 @@ FORWARD_FIELDS = tl.constexpr(32)  # a problem's row in a grouped forward's tabl
 
 @triton.jit
 def _grouped_box_forward_kernel(
-        table, G,
+        table, G, small,
         r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,  # the rings' addresses
         f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15,  # the frames' (PUSH; else any)
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,  # the weights' (GEMM layout)
@@ -190,25 +196,18 @@ def _grouped_box_forward_kernel(
     for item in tl.range(tl.program_id(0), tl.load(tiles + G), tl.num_programs(0)):
         g = _problem(tiles, G, item, G_P2)
         row = table + g * FORWARD_FIELDS
-        ring_d, frame_d, B, C, H, W, R, slot = _forward_problem(
-            row, g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
-            f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
-        C_OUT, H_OUT, W_OUT = _field(row, 14), _field(row, 15), _field(row, 16)
+        ring = _address(g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15)
+        frame = _address(g, f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15)
         weight = _address(g, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
-        out = _address(g, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
-        w_d = tl.make_tensor_descriptor(weight.to(tl.pointer_type(DTYPE)), [KT * KH * KW * C, C_OUT], [C_OUT, 1],
-                                        [BLOCK_K, BLOCK_N])
-        boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
-        tiles_n = tl.cdiv(C_OUT, BLOCK_N)
-        c_blocks = tl.cdiv(C, BLOCK_K)
-        steps = KT * KH * KW * c_blocks
-        older = (KT - 1) * KH * KW * c_blocks if PUSH else steps
         tile = (item - tl.load(tiles + g)).to(tl.int32)
-        b, y0, x0 = _box_of(tile // tiles_n, boxes_h, boxes_w, BH, BOX_W)
-        n0 = tile % tiles_n * BLOCK_N
-        acc = _forward_tile(ring_d, frame_d, w_d, b, y0, x0, n0, 0, steps, older, c_blocks, C, slot, _field(row, 19),
-                            _field(row, 20), _field(row, 21), _field(row, 22), _field(row, 23), R, KT, KH, KW, PUSH,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+        if _field(row, 11) <= small:  # few channels (the RGB stem's): K steps of SMALL_CHANNELS
+            acc, b, y0, x0, n0 = _grouped_forward_tile(row, tile, ring, frame, weight, KT, KH, KW, PUSH, DTYPE,
+                                                       BH, BOX_W, BLOCK_M, BLOCK_N, SMALL_CHANNELS)
+        else:
+            acc, b, y0, x0, n0 = _grouped_forward_tile(row, tile, ring, frame, weight, KT, KH, KW, PUSH, DTYPE,
+                                                       BH, BOX_W, BLOCK_M, BLOCK_N, BLOCK_K)
+        B, C_OUT, H_OUT, W_OUT = _field(row, 10), _field(row, 14), _field(row, 15), _field(row, 16)
+        out = _address(g, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
         if tl.load(row + 24) != 0:
             bias = _address(g, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
             acc += _bias_row(bias.to(tl.pointer_type(BIAS)), n0, C_OUT, BLOCK_N)
@@ -220,8 +219,10 @@ def _grouped_box_forward_kernel(
         for box in tl.range(tl.program_id(0), tl.load(boxes + G), tl.num_programs(0)):
             g = _problem(boxes, G, box, G_P2)
             ring_d, frame_d, B, C, H, W, R, slot = _forward_problem(
-                table + g * FORWARD_FIELDS, g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
-                f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
+                table + g * FORWARD_FIELDS, _address(g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14,
+                                                     r15),
+                _address(g, f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15), PUSH, DTYPE, BH,
+                BOX_W, BLOCK_K)
             _push_box(ring_d, frame_d, (box - tl.load(boxes + g)).to(tl.int32), slot, tl.cdiv(C, BLOCK_K), H, W, BH,
                       BOX_W, BLOCK_K)
 
@@ -345,19 +346,39 @@ def _pool_epilogue(y, pooled_error, BH: tl.constexpr, BW: tl.constexpr, N: tl.co
 
 
 @triton.jit
-def _forward_problem(row, g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
-                     f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15, PUSH: tl.constexpr,
-                     DTYPE: tl.constexpr, BH: tl.constexpr, BOX_W: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Problem ``g`` of a grouped forward (its ``row`` of the table): the descriptors of its ring
-    and (``PUSH``) its frame, and B, C, H, W, R, slot."""
+def _grouped_forward_tile(row, tile, ring, frame, weight, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                          PUSH: tl.constexpr, DTYPE: tl.constexpr, BH: tl.constexpr, BOX_W: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile ``tile`` of a grouped forward's problem (its ``row`` of the table; its ring's,
+    frame's and weight's addresses), in K steps of BLOCK_K channels: (the fp32 sum, b, y0, x0, n0)."""
+    ring_d, frame_d, B, C, H, W, R, slot = _forward_problem(row, ring, frame, PUSH, DTYPE, BH, BOX_W, BLOCK_K)
+    C_OUT, H_OUT, W_OUT = _field(row, 14), _field(row, 15), _field(row, 16)
+    w_d = tl.make_tensor_descriptor(weight.to(tl.pointer_type(DTYPE)), [KT * KH * KW * C, C_OUT], [C_OUT, 1],
+                                    [BLOCK_K, BLOCK_N])
+    tiles_n = tl.cdiv(C_OUT, BLOCK_N)
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    steps = KT * KH * KW * c_blocks
+    older = (KT - 1) * KH * KW * c_blocks if PUSH else steps
+    b, y0, x0 = _box_of(tile // tiles_n, tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W), BH, BOX_W)
+    n0 = tile % tiles_n * BLOCK_N
+    acc = _forward_tile(ring_d, frame_d, w_d, b, y0, x0, n0, 0, steps, older, c_blocks, C, slot, _field(row, 19),
+                        _field(row, 20), _field(row, 21), _field(row, 22), _field(row, 23), R, KT, KH, KW, PUSH,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+    return acc, b, y0, x0, n0
+
+
+@triton.jit
+def _forward_problem(row, ring, frame, PUSH: tl.constexpr, DTYPE: tl.constexpr, BH: tl.constexpr,
+                     BOX_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A grouped forward's problem (its ``row`` of the table, its ring's and frame's addresses): the
+    descriptors of its ring and (``PUSH``) its frame, boxes of BLOCK_K channels, and B, C, H, W, R,
+    slot."""
     B, C, H, W = _field(row, 10), _field(row, 11), _field(row, 12), _field(row, 13)
     R, slot = _field(row, 17), _field(row, 18)
-    ring = _address(g, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15)
     ring_d = tl.make_tensor_descriptor(ring.to(tl.pointer_type(DTYPE)), [R, B, H, W, C],
                                        [tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), 1],
                                        [1, 1, BH, BOX_W, BLOCK_K])
     if PUSH:
-        frame = _address(g, f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15)
         frame_d = tl.make_tensor_descriptor(frame.to(tl.pointer_type(DTYPE)), [B, H, W, C],
                                             [tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), 1],
                                             [1, BH, BOX_W, BLOCK_K])
@@ -453,7 +474,7 @@ def _box_weight_update_kernel(
 
 @triton.jit
 def _grouped_box_weight_update_kernel(
-        partials, table, G,
+        partials, table, G, small,
         e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,  # the errors' addresses
         r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,  # the rings'
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, DTYPE: tl.constexpr,
@@ -481,20 +502,39 @@ def _grouped_box_weight_update_kernel(
         g_d = tl.make_tensor_descriptor(grad_out.to(tl.pointer_type(DTYPE)), [B, H_OUT, W_OUT, C_OUT],
                                         [tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), 1],
                                         [1, BH, BOX_W, BLOCK_M])
-        ring_d = tl.make_tensor_descriptor(ring.to(tl.pointer_type(DTYPE)), [R, B, H, W, C],
-                                           [tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), 1],
-                                           [1, 1, BH, BOX_W, BLOCK_N])
         boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
         boxes = B * boxes_h * boxes_w
-        tiles_m, tiles_n = tl.cdiv(C_OUT, BLOCK_M), tl.cdiv(C, BLOCK_N)
+        few = C <= small  # few channels (the RGB stem's): tiles of SMALL_CHANNELS input channels
+        tiles_m, tiles_n = tl.cdiv(C_OUT, BLOCK_M), tl.cdiv(C, tl.where(few, SMALL_CHANNELS, BLOCK_N))
         local = (item - tl.load(starts + g)).to(tl.int32)
         gemm_items = tiles_m * tiles_n * (KT * KH * KW // TAPS) * splits
         if local < gemm_items:
-            _box_weight_item(g_d, ring_d, partials + tl.load(row), local // splits, local % splits,
-                             tl.cdiv(boxes, splits), boxes, boxes_h, boxes_w, tiles_m, tiles_n, C, C_OUT, R,
-                             _field(row, 17), _field(row, 18), _field(row, 19), _field(row, 20), _field(row, 21),
-                             _field(row, 22), KT, KH, KW, TAPS, BLOCK_M, BLOCK_N, BLOCK_K, BOX_W)
+            if few:
+                _grouped_weight_item(g_d, ring, row, partials, local, splits, boxes, boxes_h, boxes_w, tiles_m,
+                                     tiles_n, B, C, H, W, C_OUT, R, KT, KH, KW, TAPS, DTYPE, BLOCK_M,
+                                     SMALL_CHANNELS, BLOCK_K, BOX_W)
+            else:
+                _grouped_weight_item(g_d, ring, row, partials, local, splits, boxes, boxes_h, boxes_w, tiles_m,
+                                     tiles_n, B, C, H, W, C_OUT, R, KT, KH, KW, TAPS, DTYPE, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, BOX_W)
         else:
             local -= gemm_items
             _box_bias_item(g_d, partials + bias_at, local // splits, local % splits, tl.cdiv(boxes, splits), boxes,
                            boxes_h, boxes_w, C_OUT, BLOCK_M, BLOCK_K, BOX_W)
+
+
+@triton.jit
+def _grouped_weight_item(g_d, ring, row, partials, local, splits, boxes, boxes_h, boxes_w, tiles_m, tiles_n, B, C, H,
+                         W, C_OUT, R, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+                         DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BOX_W: tl.constexpr):
+    """GEMM item ``local`` of a grouped weight update's problem (its table ``row``), in tiles of
+    BLOCK_N input channels: its ring's descriptor in boxes that wide, then :func:`_box_weight_item`."""
+    BH: tl.constexpr = BLOCK_K // BOX_W
+    ring_d = tl.make_tensor_descriptor(ring.to(tl.pointer_type(DTYPE)), [R, B, H, W, C],
+                                       [tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), 1],
+                                       [1, 1, BH, BOX_W, BLOCK_N])
+    _box_weight_item(g_d, ring_d, partials + tl.load(row), local // splits, local % splits, tl.cdiv(boxes, splits),
+                     boxes, boxes_h, boxes_w, tiles_m, tiles_n, C, C_OUT, R, _field(row, 17), _field(row, 18),
+                     _field(row, 19), _field(row, 20), _field(row, 21), _field(row, 22), KT, KH, KW, TAPS, BLOCK_M,
+                     BLOCK_N, BLOCK_K, BOX_W)

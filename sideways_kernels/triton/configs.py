@@ -16,7 +16,8 @@ import math
 from typing import NamedTuple
 
 __all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
-           "box_waste", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM"]
+           "box_waste", "fit_channels", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM",
+           "SMALL_CHANNELS"]
 
 
 class Config(NamedTuple):
@@ -63,11 +64,13 @@ CONFIGS = {
 BOX = {
     "box_gemm": {
         90: [C(128, 128, 64, 4, 8, 16), C(128, 128, 64, 4, 8, 8), C(128, 256, 64, 3, 8, 16), C(128, 256, 64, 3, 8, 8),
-             C(128, 64, 64, 4, 4, 16), C(128, 64, 64, 4, 4, 8), C(64, 128, 64, 4, 4, 8)],
+             C(128, 64, 64, 4, 4, 16), C(128, 64, 64, 4, 4, 8), C(64, 128, 64, 4, 4, 8),
+             C(128, 64, 16, 4, 4, 16), C(128, 64, 16, 4, 4, 8)],  # few channels: K steps of 16
     },
     "box_weight_update": {
         90: [C(128, 64, 64, 4, 8, 8), C(128, 64, 64, 4, 8, 16), C(128, 64, 128, 3, 8, 16), C(128, 64, 128, 3, 8, 8),
-             C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16)],
+             C(64, 64, 64, 4, 4, 8), C(64, 64, 64, 4, 4, 16),
+             C(64, 16, 64, 4, 4, 8), C(64, 16, 64, 4, 4, 16)],  # few channels: tiles of 16 input channels
     },
     # A tick's layers in one launch (boxes._grouped_box_weight_update_kernel), not autotuned: the
     # first shape, in the box width that wastes least. Each item reads its problem's geometry from
@@ -82,6 +85,12 @@ BOX = {
         90: [C(128, 128, 64, 4, 8, 16), C(128, 128, 64, 4, 8, 8)],
     },
 }
+# Problems of at most this many channels (the RGB stem's 3, stored in 16-byte rows) step through
+# them in blocks this wide: a forward's K step, a weight update tile's input channels — in the
+# grouped launches by a branch of their own (boxes.SMALL_CHANNELS), in the autotuned lists by
+# their configs of this block (:func:`fit_channels`). 16: wgmma's K for 16-bit operands, and
+# a TMA box row of 32 bytes.
+SMALL_CHANNELS = 16
 # The weight update's second launch (kernels._weight_finish_kernel), not tuned: BLOCK_M weight
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
 # many run at once, its loop over the splits pipelined num_stages deep.
@@ -126,6 +135,14 @@ def box_waste(height: int, width: int, positions: int, box_w: int) -> float:
     one of a ``height x width`` frame (1.0: none wasted; boxes past the edge compute zeros)."""
     box_h = positions // box_w
     return math.ceil(height / box_h) * box_h * math.ceil(width / box_w) * box_w / (height * width)
+
+
+def fit_channels(configs: list[Config], channels: int, block_of) -> list[Config]:
+    """Of a box kind's configs, those whose channel block (``block_of(cfg)``: a forward's BLOCK_K,
+    a weight update's BLOCK_N) is SMALL_CHANNELS for a problem of at most that many channels, and
+    wider for any other (all of them where none is)."""
+    few = channels <= SMALL_CHANNELS
+    return [c for c in configs if (block_of(c) <= SMALL_CHANNELS) == few] or configs
 
 
 def prune_boxes(configs: list[Config], height: int, width: int, positions_of) -> list[Config]:
