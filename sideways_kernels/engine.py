@@ -25,7 +25,7 @@ import torch
 from . import backend as _backend
 from .graph import ChainNode, ConvNode, PoolNode, StreamGraph, substitute
 from .nn import PUSH, SidewaysConv3d, _Stream, activation_dtype, weight_step
-from .ops import conv_output_size, empty_frame, row_length
+from .ops import empty_frame, ring_output_hw, row_length
 from .schedule import Schedule, StagePlan, TickPlan
 
 __all__ = ["Engine"]
@@ -857,9 +857,7 @@ def _conv_output(args: tuple) -> tuple:
     """The shape ``[B, C_out, 1, H', W']`` of the output frame of a ring op's forward (``args``:
     ``ring_conv_forward``'s)."""
     ring, _, _, weight, _, stride, padding, dilation = args[:8]
-    hw = [conv_output_size(ring.shape[3 + i], weight.shape[3 + i], stride[i], padding[i], dilation[i])
-          for i in range(2)]
-    return (ring.shape[1], weight.shape[0], 1, *hw)
+    return (ring.shape[1], weight.shape[0], 1, *ring_output_hw(ring, weight, stride, padding, dilation))
 
 
 def _same_strides(t: torch.Tensor, strides) -> bool:

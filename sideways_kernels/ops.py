@@ -30,6 +30,7 @@ __all__ = [
     "weight_grad_accumulate",
     "sgd_tick_update",
     "conv_output_size",
+    "ring_output_hw",
 ]
 
 Pair = Sequence[int]
@@ -74,7 +75,9 @@ def _check_ring_conv(ring, slot, weight, stride, padding, dilation, dilation_t, 
     return _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
 
 
-def _out_hw(ring, weight, stride, padding, dilation):
+def ring_output_hw(ring, weight, stride, padding, dilation) -> list:
+    """``[H_out, W_out]`` of a ring op's output frame (``ring`` ``[R, B, C, H, W]``, ``weight``
+    ``[C_out, C/groups, k_t, k_h, k_w]``)."""
     return [conv_output_size(ring.shape[3 + i], weight.shape[3 + i], stride[i], padding[i], dilation[i])
             for i in range(2)]
 
@@ -192,7 +195,7 @@ if cpp_available():
     def _ring_conv_forward_fake(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups):
         torch._check(ring.dim() == 5 and weight.dim() == 5, lambda: "ring and weight must be 5-D")
         _check_devices(ring, "ring", frame=frame, weight=weight, bias=bias)
-        h, w = _out_hw(ring, weight, stride, padding, dilation)
+        h, w = ring_output_hw(ring, weight, stride, padding, dilation)
         return torch.empty((ring.shape[1], weight.shape[0], h, w), dtype=ring.dtype, device=ring.device,
                            memory_format=torch.channels_last)
 

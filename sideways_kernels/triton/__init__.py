@@ -34,7 +34,7 @@ from . import boxes as X
 from . import kernels as K
 from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, SMALL_CHANNELS, SPLIT_SUM, Config, configs_for,
                       fit_channels, prune, prune_boxes, split_k)
-from ..ops import conv_output_size
+from ..ops import conv_output_size, ring_output_hw
 from ..reference import sgd_step
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update",
@@ -1142,7 +1142,7 @@ def sgd_tick_update(weight: torch.Tensor, momentum_buffer: Optional[torch.Tensor
 # Shapes only, so tracing never runs a kernel (under the interpreter it cannot).
 @ring_conv_forward.register_fake
 def _(ring, frame, slot, weight, bias, stride, padding, dilation, dilation_t, groups):
-    h, w = (conv_output_size(ring.shape[3 + i], weight.shape[3 + i], stride[i], padding[i], dilation[i]) for i in range(2))
+    h, w = ring_output_hw(ring, weight, stride, padding, dilation)
     return torch.empty((ring.shape[1], weight.shape[0], h, w), dtype=ring.dtype, device=ring.device,
                        memory_format=torch.channels_last)
 
