@@ -597,14 +597,29 @@ def _layer_of(launch: Launch) -> Optional[tuple]:
 
 def gemm_us(launch: Launch, table: str) -> float:
     """Predicted µs of one sideways op: its FLOPs at the measured rate (``table``: cudnn, triton,
-    today — the default dispatch's backend for the op — or the matmul ceiling), or its bytes at the
-    HBM datasheet bandwidth if that is longer."""
+    today — the default dispatch's backend for the op — or the matmul ceiling; on Triton times
+    :func:`channel_waste`), or its bytes at the HBM datasheet bandwidth if that is longer."""
+    flops = launch.flops
     if table == "ceiling":
         rate = GPU["matmul_tflops"]
     else:
-        rate = _rate(today(launch.kind, _layer_of(launch)) if table == "today" else table, launch.kind,
-                     _problem(launch))
-    return max(launch.flops / (rate * 1e12), launch.bytes / (GPU["hbm_tb_s"] * 1e12)) * 1e6
+        backend = today(launch.kind, _layer_of(launch)) if table == "today" else table
+        rate = _rate(backend, launch.kind, _problem(launch))
+        flops *= channel_waste(launch) if backend == "triton" else 1.0
+    return max(flops / (rate * 1e12), launch.bytes / (GPU["hbm_tb_s"] * 1e12)) * 1e6
+
+
+def channel_waste(launch: Launch) -> float:
+    """The MMA work per real FLOP of a sideways op on Triton's box kernels, which step through the
+    channels a problem reduces over (a forward's and weight update's input channels, an input
+    gradient's output channels) in blocks: configs.SMALL_CHANNELS wide for that many or fewer,
+    else 64 — the RGB stem's 3 channels cost 16/3 of their FLOPs (the measured rates, of 64 and more
+    channels, waste none)."""
+    from sideways_kernels.triton.configs import SMALL_CHANNELS
+    c_in, c_out, _ = _problem(launch)
+    channels = c_out if launch.kind == "input_grad" else c_in
+    block = SMALL_CHANNELS if channels <= SMALL_CHANNELS else 64
+    return -(-channels // block) * block / channels
 
 
 def memory_us(launch: Launch) -> float:

@@ -283,6 +283,15 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     rate = lambda i: flops(shapes[i]) / tm.GPU["graph_us"]["cudnn"]["forward"][i]
     assert tm.gemm_us(between, "cudnn") == pytest.approx(flops((96, 200, 16, 28)) / rate(3))
     assert tm.measured_tick_ms(7542, 8, 48, 54) == pytest.approx(8 * 48 / 7542 / 54 * 1e3)
+    # the RGB stem on Triton's box kernels: its 3 channels stepped through 16 at a time (cuDNN's rate as measured);
+    # an input gradient steps through the error's channels (the layer's output channels): 24 in a block of 64
+    stem = tm.Launch("sideways.x", "forward", "l", flops((64, 64, 8, 56)) * 3 / 64, 0.0, "3->64 56x56 k3x3x3")
+    down = tm.Launch("sideways.x", "input_grad", "l", flops((64, 64, 8, 56)) * 24 / 64, 0.0, "64->24 56x56 k3x3x3")
+    us = lambda launch, table: launch.flops / (tm._rate(table, launch.kind, tm._problem(launch)) * 1e12) * 1e6
+    assert tm.channel_waste(stem) == 16 / 3 and tm.channel_waste(down) == 64 / 24 and tm.channel_waste(at(shapes[0])) == 1
+    assert tm.gemm_us(stem, "triton") == pytest.approx(16 / 3 * us(stem, "triton"))
+    assert tm.gemm_us(down, "triton") == pytest.approx(64 / 24 * us(down, "triton"))
+    assert tm.gemm_us(stem, "cudnn") == pytest.approx(us(stem, "cudnn"))
 
 
 def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(monkeypatch):
