@@ -612,15 +612,13 @@ def gemm_us(launch: Launch, table: str) -> float:
 def channel_waste(launch: Launch) -> float:
     """The MMA work per real FLOP of a sideways op on the Triton kernels, which step through the
     channels a problem reduces over (a forward's and weight update's input channels, an input
-    gradient's output channels) in blocks of 64 (sm_90's configs) — the box kernels (stride 1) in
-    blocks of configs.SMALL_CHANNELS for that many or fewer: C3D's RGB stem costs 16/3 of its FLOPs
-    there, r3d_18's (strided: the general kernels) 64/3. The measured rates, of 64 and more
-    channels, waste none."""
+    gradient's output channels) in blocks of 64 (sm_90's configs), of configs.SMALL_CHANNELS for
+    that many or fewer: an RGB stem costs 16/3 of its FLOPs there. The measured rates, of 64 and
+    more channels, waste none."""
     from sideways_kernels.triton.configs import SMALL_CHANNELS
     c_in, c_out, _ = _problem(launch)
     channels = c_out if launch.kind == "input_grad" else c_in
-    box = " s" not in launch.shape
-    block = SMALL_CHANNELS if box and channels <= SMALL_CHANNELS else 64
+    block = SMALL_CHANNELS if channels <= SMALL_CHANNELS else 64
     return -(-channels // block) * block / channels
 
 

@@ -778,22 +778,35 @@ def test_box_width_is_chosen_to_waste_least_at_the_frame_edge():
     assert prune_boxes([wide, narrow], 64, 8, lambda c: c.BLOCK_M) == [narrow]  # 16x8 boxes fit exactly
 
 
-def test_the_autotuner_steps_through_few_channels_in_narrow_blocks_and_many_in_wide_ones():
-    """Of a box kernel's list, a problem of at most SMALL_CHANNELS channels (the RGB stem's 3) keeps
-    the configs whose channel block is that narrow — a forward's K step, a weight update tile's input
-    channels — and any other problem the wider ones (a 64-channel block of 3 real ones is 21x the
-    MMA work); a list without such configs is kept whole."""
-    from sideways_kernels.triton.configs import BOX, SMALL_CHANNELS, fit_channels
-    for kind, block in (("box_gemm", lambda c: c.BLOCK_K), ("box_weight_update", lambda c: c.BLOCK_N)):
-        listed = BOX[kind][90]
-        for channels in (3, 8, SMALL_CHANNELS):
-            kept = fit_channels(listed, channels, block)
-            assert kept and {block(c) for c in kept} == {SMALL_CHANNELS}, (kind, channels)
-        for channels in (SMALL_CHANNELS + 8, 64, 512):
-            kept = fit_channels(listed, channels, block)
-            assert kept and min(block(c) for c in kept) > SMALL_CHANNELS, (kind, channels)
-        wide = [c for c in listed if block(c) > SMALL_CHANNELS]
-        assert fit_channels(wide, 3, block) == wide
+@pytest.mark.parametrize("kind, arch", [("box_gemm", 90), ("box_weight_update", 90), ("gemm", 90), ("gemm", 80),
+                                        ("weight_update", 90), ("weight_update", 80)])
+def test_the_autotuner_steps_through_few_channels_in_narrow_blocks_and_many_in_wide_ones(kind, arch):
+    """Of a kernel's 16-bit list, a problem of at most SMALL_CHANNELS channels (the RGB stem's 3, a
+    grouped conv's few per group) keeps the configs whose channel block is that narrow — a
+    forward's or input gradient's K step, a weight update tile's input channels — and any other
+    problem the wider ones (a 64-channel block of 3 real ones is 21x the MMA work); a list without
+    such configs (fp32's) is kept whole. Which block a kernel steps its channels by, and which
+    channels: T._CHANNEL_BLOCK (per group on the general kernels)."""
+    from sideways_kernels.triton.configs import SMALL_CHANNELS, configs_for, fit_channels
+    field = "BLOCK_N" if "weight_update" in kind else "BLOCK_K"
+    block = lambda c: getattr(c, field)
+    kernels = [k for k, kk in T._KIND.items() if kk == kind]
+    assert kernels and all(T._CHANNEL_BLOCK[k][1] == field for k in kernels)
+    # the channels stepped through: the ring's (per group), an input gradient's error's; C=24, C_OUT=48, 8 groups
+    stepped = {"ring_conv_forward": 3, "window_input_grad": 6, "weight_update": 3, "box_forward": 24,
+               "box_input_grad": 24, "box_weight_update": 24}
+    assert all(T._CHANNEL_BLOCK[k][0](dict(C=24, C_OUT=48, groups=8)) == stepped[k] for k in kernels)
+    listed = configs_for(kind, arch)
+    for channels in (3, 8, SMALL_CHANNELS):
+        kept = fit_channels(listed, channels, block)
+        assert kept and {block(c) for c in kept} == {SMALL_CHANNELS}, (kind, channels)
+    for channels in (SMALL_CHANNELS + 8, 64, 512):
+        kept = fit_channels(listed, channels, block)
+        assert kept and min(block(c) for c in kept) > SMALL_CHANNELS, (kind, channels)
+    wide = [c for c in listed if block(c) > SMALL_CHANNELS]
+    assert fit_channels(wide, 3, block) == wide
+    if not kind.startswith("box"):  # fp32's list (the box kernels have none: 16-bit only)
+        assert fit_channels(configs_for(kind, arch, 4), 3, block) == configs_for(kind, arch, 4)
 
 
 def test_every_thread_launching_box_kernels_gets_the_descriptor_scratch_allocator():

@@ -100,9 +100,14 @@ _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
     "box_input_grad": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_M),
     "box_weight_update": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_K),
 }
-# box kernel -> the config's block of the problem's C channels (a forward's K step, a weight
-# update tile's input channels): SMALL_CHANNELS wide for problems of that many channels or fewer
-_CHANNEL_BLOCK = {"box_forward": "BLOCK_K", "box_input_grad": "BLOCK_K", "box_weight_update": "BLOCK_N"}
+# kernel -> (the channels its K loop or tile steps through, the config's block of them: a forward's
+# and input gradient's K step, a weight update tile's input channels): SMALL_CHANNELS wide for
+# problems of that many channels or fewer (configs.fit_channels)
+_CHANNEL_BLOCK = {"ring_conv_forward": (lambda a: a["C"] // a["groups"], "BLOCK_K"),
+                  "window_input_grad": (lambda a: a["C_OUT"] // a["groups"], "BLOCK_K"),
+                  "weight_update": (lambda a: a["C"] // a["groups"], "BLOCK_N"),
+                  "box_forward": (lambda a: a["C"], "BLOCK_K"), "box_input_grad": (lambda a: a["C"], "BLOCK_K"),
+                  "box_weight_update": (lambda a: a["C"], "BLOCK_N")}
 _SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
 _KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
 _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
@@ -124,7 +129,7 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
     cfg = _chosen["box_config" if box else "config"]
     if cfg is None and (INTERPRET or device.type != "cuda"):
         cfg = DEFAULT if not box else DEFAULT_BOX if channels > _chosen["small_channels"] else \
-            DEFAULT_BOX._replace(**{_CHANNEL_BLOCK[name]: SMALL_CHANNELS})
+            DEFAULT_BOX._replace(**{_CHANNEL_BLOCK[name][1]: SMALL_CHANNELS})
     if cfg is not None:
         wrap_triton(kernel)[grid(cfg)](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
                                        num_stages=cfg.num_stages)
@@ -136,10 +141,11 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
             problem = {**named_args, **kwargs}
             m, n, tensor = _PROBLEM[name](problem)
             ours = [_as_config(c) for c in configs]
-            keep = prune(ours, m, n, tensor.element_size(), capability)
+            channels, block = _CHANNEL_BLOCK[name]
+            keep = fit_channels(prune(ours, m, n, tensor.element_size(), capability), channels(problem),
+                                lambda c: getattr(c, block))
             if box:
                 frame, positions_of = _BOXES[name]
-                keep = fit_channels(keep, problem["C"], lambda c: getattr(c, _CHANNEL_BLOCK[name]))
                 keep = prune_boxes(keep, *frame(problem), positions_of)
             names = {c.name for c in keep}
             return [c for c, o in zip(configs, ours) if o.name in names]

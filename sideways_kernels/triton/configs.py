@@ -45,15 +45,17 @@ C = Config
 # of the kind. The weight update's kind is its split-K GEMM, the same for accumulating and for
 # the SGD step (both run in the second, untuned launch: kernels._weight_finish_kernel).
 CONFIGS = {
-    "gemm": {  # ring_conv_forward and window_input_grad
-        90: [C(128, 128, 64, 4, 8), C(128, 64, 64, 4, 4), C(64, 128, 64, 4, 4), C(64, 64, 64, 5, 4)],
+    "gemm": {  # ring_conv_forward and window_input_grad; the last: few channels (fit_channels), K steps of 16
+        90: [C(128, 128, 64, 4, 8), C(128, 64, 64, 4, 4), C(64, 128, 64, 4, 4), C(64, 64, 64, 5, 4),
+             C(128, 64, 16, 4, 4)],
         80: [C(128, 256, 32, 3, 8), C(128, 128, 32, 4, 8), C(256, 64, 32, 3, 8), C(128, 64, 32, 4, 4),
-             C(64, 128, 32, 4, 4), C(64, 64, 32, 5, 4)],
+             C(64, 128, 32, 4, 4), C(64, 64, 32, 5, 4), C(128, 64, 16, 4, 8)],
     },
-    "weight_update": {
-        90: [C(128, 128, 64, 3, 8), C(128, 64, 64, 4, 8), C(64, 128, 64, 4, 8), C(64, 64, 64, 4, 8), C(64, 64, 64, 5, 4)],
+    "weight_update": {  # the last: few channels, tiles of 16 input channels
+        90: [C(128, 128, 64, 3, 8), C(128, 64, 64, 4, 8), C(64, 128, 64, 4, 8), C(64, 64, 64, 4, 8), C(64, 64, 64, 5, 4),
+             C(64, 16, 64, 4, 4)],
         80: [C(128, 128, 32, 3, 8), C(256, 64, 32, 3, 8), C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8),
-             C(64, 64, 32, 5, 4)],
+             C(64, 64, 32, 5, 4), C(64, 16, 32, 4, 4)],
     },
 }
 # The box kernels (boxes.py, sm_90: TMA + wgmma, persistent), 16-bit. A forward/input-gradient
@@ -85,11 +87,11 @@ BOX = {
         90: [C(128, 128, 64, 4, 8, 16), C(128, 128, 64, 4, 8, 8)],
     },
 }
-# Problems of at most this many channels (the RGB stem's 3, stored in 16-byte rows) step through
-# them in blocks this wide: a forward's K step, a weight update tile's input channels — in the
-# grouped launches by a branch of their own (boxes.SMALL_CHANNELS), in the autotuned lists by
-# their configs of this block (:func:`fit_channels`). 16: wgmma's K for 16-bit operands, and
-# a TMA box row of 32 bytes.
+# Problems of at most this many channels (the RGB stem's 3; a grouped conv's few per group) step
+# through them in blocks this wide: a forward's or input gradient's K step, a weight update tile's
+# input channels — in the grouped launches by a branch of their own (boxes.SMALL_CHANNELS), in the
+# autotuned lists by their configs of this block (:func:`fit_channels`). 16: the tensor cores' K
+# for 16-bit operands, and a TMA box row of 32 bytes.
 SMALL_CHANNELS = 16
 # The weight update's second launch (kernels._weight_finish_kernel), not tuned: BLOCK_M weight
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
@@ -138,9 +140,9 @@ def box_waste(height: int, width: int, positions: int, box_w: int) -> float:
 
 
 def fit_channels(configs: list[Config], channels: int, block_of) -> list[Config]:
-    """Of a box kind's configs, those whose channel block (``block_of(cfg)``: a forward's BLOCK_K,
-    a weight update's BLOCK_N) is SMALL_CHANNELS for a problem of at most that many channels, and
-    wider for any other (all of them where none is)."""
+    """Of a kind's configs, those whose channel block (``block_of(cfg)``: a forward's BLOCK_K, a
+    weight update's BLOCK_N) is SMALL_CHANNELS for a problem of at most that many channels, and
+    wider for any other (all of them where none is: fp32's lists)."""
     few = channels <= SMALL_CHANNELS
     return [c for c in configs if (block_of(c) <= SMALL_CHANNELS) == few] or configs
 
