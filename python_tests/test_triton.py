@@ -1231,6 +1231,43 @@ def test_stage_epilogues_after_forwards_run_elsewhere_take_one_launch_per_pool_k
             assert got is None or torch.equal(got, want)
 
 
+def test_stage_epilogues_take_wide_stages_any_output_layout_mixed_bias_dtypes_and_more_than_a_group(strict_launches):
+    """Stage epilogues as a GPU tick meets them: 80 output channels (two channel tiles of the
+    interpreter's 64: C3D's 256 and 512 are several on the GPU), pooled or not; an output that is
+    a view of a wider buffer (its strides not the error's); biases in fp32 and fp16 in one call
+    (a launch per bias dtype); 17 stages (more than a launch takes) — ATen's ops to the bit. A
+    pooled stage without the error that arrived for it is refused."""
+    torch.manual_seed(1)
+    dtype = torch.float16
+    frame = lambda *shape: torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def stage(c, h, w, pool, bias_dtype=torch.float32, wide_out=False):
+        size = (h // 2, w // 2) if pool else (h, w)
+        out = torch.full((2, *size, 2 * c if wide_out else c), float("nan"), dtype=dtype)[..., :c].permute(0, 3, 1, 2)
+        return frame(2, c, h, w), torch.randn(c).to(bias_dtype), (out, True, frame(2, c, *size),
+                                                                  frame(2, c, h, w) if pool else None)
+
+    calls = {"wide": [stage(80, 4, 6, False), stage(80, 6, 4, True)],
+             "layouts and bias dtypes": [stage(16, 4, 6, False, wide_out=True), stage(16, 5, 3, False, torch.float16),
+                                         stage(8, 3, 4, False)],
+             "more than a group": [stage(8, 2, 4, False) for _ in range(17)]}
+    launches = {"wide": 2, "layouts and bias dtypes": 2, "more than a group": 2}
+    for name, cases in calls.items():
+        copies = [(conv.clone(), tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in st))
+                  for conv, _, st in cases]
+        T.launches.clear()
+        T.paths.clear()
+        outs = T.stage_epilogues([c for c, _, _ in cases], [b for _, b, _ in cases], [st for *_, st in cases])
+        assert T.launches["grouped_stage_epilogue"] == launches[name], name
+        assert T.paths[("stage_epilogue", "grouped")] == len(cases), name
+        for (conv, st), (_, bias, mine), out in zip(copies, cases, outs):
+            assert out is mine[0] and torch.equal(out, T._stage_epilogue(conv, st, bias)), name
+            assert all(got is None or torch.equal(got, want) for got, want in zip(mine[2:], st[2:])), name
+    conv, bias, (out, _, _, at_conv) = stage(16, 4, 6, True)
+    with pytest.raises(ValueError, match="pool needs"):
+        T.stage_epilogues([conv], [bias], [(out, True, None, at_conv)])
+
+
 def test_grouped_input_grads_go_into_the_buffers_given():
     """``outs``: each input gradient written where the caller says (the double buffer below), the
     grouped ones and those run alone, to the bit."""
