@@ -442,3 +442,21 @@ def test_a_strided_1x1_weight_gradient_stays_off_onednn_s_overflowing_path(name,
     ref.weight_grad_accumulate(expected_w, expected_b, grad_out.double(), ring.double(), 0, *conv)
     torch.testing.assert_close(grad_w.double(), expected_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_b.double(), expected_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, rows", [(torch.float16, {1: 8, 3: 8, 8: 8, 9: 16, 16: 16}),
+                                         (torch.bfloat16, {3: 8, 8: 8, 24: 24}),
+                                         (torch.float32, {1: 4, 3: 4, 4: 4, 5: 8, 64: 64})])
+def test_a_ring_or_frame_in_16_byte_rows_takes_the_fewest_whole_rows(dtype, rows):
+    """``aligned=True``: each position's (a ring's: each slot's) channels start on a 16-byte
+    boundary, in the fewest whole 16-byte units that hold them — no more (a channel count already
+    whole keeps its rows); a ring starts zeroed."""
+    for channels, row in rows.items():
+        assert ops.aligned_channels(channels, dtype) == ops.row_length(channels, dtype, aligned=True) == row
+        assert ops.row_length(channels, dtype) == channels
+        ring = ops.empty_ring(3, 2, channels, 4, 5, dtype=dtype, aligned=True)
+        frame = ops.empty_frame(2, channels, 4, 5, dtype=dtype, aligned=True)
+        assert ring.shape == (3, 2, channels, 4, 5) and frame.shape == (2, channels, 4, 5)
+        assert ring.stride(0) == frame.stride(3) == row and ring.stride(4) == 3 * row and ring.stride(2) == 1
+        assert (row * ring.element_size()) % 16 == 0 and not ring.untyped_storage().nbytes() % (16 * 3)
+        assert ring.count_nonzero() == 0

@@ -367,10 +367,11 @@ def test_non_finite_loss_leaves_batchnorm_buffers_as_they_were(mode):
 
 def test_non_finite_video_and_bad_targets():
     net, pipe = _pipe()
-    video = _video(T=6)
-    video[0, 1, 3, 2, 2] = float("nan")
-    with pytest.raises(ValueError, match="frame 3 .* NaN"):
-        pipe.backward_clip(video, torch.randint(0, 7, (2,)))
+    for bad in ("nan", "inf", "-inf"):  # (NaN reaches the clip's minimum and maximum, +inf only the max)
+        video = _video(T=6)
+        video[0, 1, 3, 2, 2] = float(bad)
+        with pytest.raises(ValueError, match="frame 3 .* NaN or inf"):
+            pipe.backward_clip(video, torch.randint(0, 7, (2,)))
     with pytest.raises(ValueError, match="video must be"):
         pipe.backward_clip(torch.randn(3, 6, 8, 7), torch.randint(0, 7, (2,)))
     with pytest.raises(ValueError, match="per-frame target"):

@@ -306,11 +306,12 @@ def _box_geometry(layout="ring", **kw):
     return Geometry(layout=layout, **kw)
 
 
-# channel counts that are whole 16-byte rows in fp16 (multiples of 8) but not of the block sizes,
+# channel counts that are whole 16-byte rows in fp16 (multiples of 8) but not of the block sizes
+# (72 output channels: two tiles of 64, the second partial; an input gradient's K of 72),
 # frames that are no multiple of a box, padding at every edge (more than the kernel reaches, too),
 # dilation in space and time, and 27, 6, 8 and 1 taps (three, three, two and one taps per tile)
 BOX_GEOMETRIES = [
-    _box_geometry(batch=2, channels=16, out_channels=24, height=9, width=11, k_t=3, k_hw=(3, 3), padding=(1, 1)),
+    _box_geometry(batch=2, channels=16, out_channels=72, height=9, width=11, k_t=3, k_hw=(3, 3), padding=(1, 1)),
     _box_geometry(batch=1, channels=8, out_channels=16, height=7, width=13, k_t=2, k_hw=(1, 3), dilation_t=2,
                   padding=(0, 2), dilation=(1, 2)),
     _box_geometry(batch=3, channels=24, out_channels=8, height=6, width=5, k_t=2, k_hw=(2, 2), padding=(2, 1),
@@ -1473,11 +1474,13 @@ def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the
     """Float16 autocast (a float32 RGB video, cast at the stem into the engine's channels-last frame),
     a stage whose conv the box kernels cannot take (two groups: its forward runs alone, the same
     epilogue after the op), per-tick SGD with momentum: the weights and momentum buffers after the
-    clip are the per-stage path's to the bit, while the stages ran themselves."""
+    clip are the per-stage path's to the bit, while the stages ran themselves — the stem's in the
+    grouped forward's launch (never alone before an epilogue launch), from one frame the engine
+    keeps across ticks."""
     from sideways_kernels import SidewaysConv3d
     from sideways_kernels.engine import Engine
     video, target = torch.randn(1, 3, 9, 4, 4), torch.tensor([5])
-    after, owned = {}, []
+    after, owned, alone, frames = {}, set(), [], set()
     for way in ("own", "per stage"):
         torch.manual_seed(0)
         stages = _conv_relu_chain(3, video_channels=3)
@@ -1488,16 +1491,31 @@ def test_stages_the_engine_runs_itself_under_autocast_and_per_tick_sgd_equal_the
             if way == "per stage":
                 m.setattr(Engine, "_own_stage", lambda *args: None)
             else:
-                def own_stage(self, k, *args, _own=Engine._own_stage):
-                    found = _own(self, k, *args)
-                    if found is not None:
-                        owned.append(k)
-                    return found
-                m.setattr(Engine, "_own_stage", own_stage)
+                def ahead(self, *args, _ahead=Engine._forwards_ahead):
+                    own = _ahead(self, *args)
+                    owned.update(own)
+                    return own
+
+                def then_epilogues(forward, calls, staged, *args, _then=T.forwards_then_epilogues):
+                    alone.extend(call[3] for call, stage in zip(calls, staged) if stage is not None)
+                    return _then(forward, calls, staged, *args)
+
+                def frame_buffer(self, kind, *args, _buffer=Engine._frame_buffer):
+                    got = _buffer(self, kind, *args)
+                    if kind == "in":
+                        frames.add(got.data_ptr())
+                    return got
+                m.setattr(Engine, "_forwards_ahead", ahead)
+                m.setattr(T, "forwards_then_epilogues", then_epilogues)
+                m.setattr(Engine, "_frame_buffer", frame_buffer)
             with torch.autocast("cpu", torch.float16):
                 SidewaysPipeline(stages, backend="triton", update="tick", optimizer=opt).backward_clip(video, target)
+            if way == "own":
+                stem, grouped_conv = stages[0][0].weight, stages[1][0].weight
         after[way] = [t.clone() for p in params for t in (p, opt.state[p]["momentum_buffer"])]
-    assert {0, 1} <= set(owned)
+    assert owned == {0, 1}
+    assert alone and all(w is grouped_conv for w in alone) and not any(w is stem for w in alone)
+    assert len(frames) == 1  # the video's frames cast into one 16-byte-row frame of the engine's
     assert all(torch.equal(a, b) for a, b in zip(after["own"], after["per stage"]))
 
 
@@ -1550,6 +1568,29 @@ def test_auto_s_cudnn_forwards_leave_the_stages_epilogues_to_one_launch_a_tick(m
     assert launched["triton"][1] == launched["torch"][1]  # (the input gradients' grouped launches only)
     assert results["triton"][0] == results["torch"][0]
     assert all(torch.equal(a, b) for a, b in zip(results["triton"][1], results["torch"][1]))
+
+
+def test_auto_s_grouped_calls_that_the_dispatch_sends_elsewhere_keep_their_bias_and_go_where_told(monkeypatch):
+    """``auto``'s grouped forwards and input gradients where the dispatch sends them to cuDNN (the
+    torch backend): a forward that is no chain stage keeps its bias (only a stage's epilogue may
+    take it over), and an input gradient goes into the buffer given — the torch backend's results
+    to the bit."""
+    from sideways_kernels import backend, ops, torch_backend
+    monkeypatch.setattr(backend, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None: "torch")
+    auto = backend.kernels("auto")
+    torch.manual_seed(0)
+    dtype = torch.float16
+    cl = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last)
+    ring = ops.empty_ring(3, 2, 8, 5, 6, dtype=dtype).copy_(torch.randn(3, 2, 8, 5, 6))
+    forward = (ring, cl(torch.randn(2, 8, 5, 6)), 1, torch.randn(16, 8, 3, 3, 3), torch.randn(16), [1, 1], [1, 1],
+               [1, 1], 1, 1)
+    mine = torch_backend.ring_conv_forward(ops.empty_ring(3, 2, 8, 5, 6, dtype=dtype).copy_(ring), *forward[1:])
+    assert torch.equal(auto.group_forwards([forward], [None])[0], mine)
+    down = (cl(torch.randn(2, 16, 5, 6)), forward[3], [5, 6], [1, 1], [1, 1], [1, 1], 1)
+    out = cl(torch.full((2, 8, 5, 6), float("nan")))
+    got = auto.group_input_grads([down], [out])[0]
+    assert torch.equal(out, torch_backend.window_input_grad(*down)) and torch.equal(got, out)
 
 
 def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypatch, strict_launches):
