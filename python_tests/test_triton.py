@@ -307,17 +307,18 @@ def _box_geometry(layout="ring", **kw):
 
 
 # channel counts that are whole 16-byte rows in fp16 (multiples of 8) but not of the block sizes
-# (72 output channels: two tiles of 64, the second partial; an input gradient's K of 72),
+# (72 output or input channels: two tiles of 64, the second partial, of a forward's output, a
+# weight update's input channels, a K of 72),
 # frames that are no multiple of a box, padding at every edge (more than the kernel reaches, too),
 # dilation in space and time, and 27, 6, 8 and 1 taps (three, three, two and one taps per tile)
 BOX_GEOMETRIES = [
-    _box_geometry(batch=2, channels=16, out_channels=72, height=9, width=11, k_t=3, k_hw=(3, 3), padding=(1, 1)),
+    _box_geometry(batch=2, channels=16, out_channels=24, height=9, width=11, k_t=3, k_hw=(3, 3), padding=(1, 1)),
     _box_geometry(batch=1, channels=8, out_channels=16, height=7, width=13, k_t=2, k_hw=(1, 3), dilation_t=2,
                   padding=(0, 2), dilation=(1, 2)),
-    _box_geometry(batch=3, channels=24, out_channels=8, height=6, width=5, k_t=2, k_hw=(2, 2), padding=(2, 1),
+    _box_geometry(batch=3, channels=72, out_channels=8, height=6, width=5, k_t=2, k_hw=(2, 2), padding=(2, 1),
                   dilation=(2, 1)),
     # a 1x1 kernel padded in height: the input gradient's flipped padding dil*(k-1)-pad is -1
-    _box_geometry(batch=2, channels=16, out_channels=8, height=5, width=6, k_t=1, k_hw=(1, 1), padding=(1, 0)),
+    _box_geometry(batch=2, channels=16, out_channels=72, height=5, width=6, k_t=1, k_hw=(1, 1), padding=(1, 0)),
 ]
 
 
