@@ -999,7 +999,8 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
     G = len(boxes)
     _descriptor_scratch(device)
     X._grouped_box_forward_kernel[_persistent(max(tiles[-1], pushed[-1] if push else 0), device)](
-        table, G, _chosen["small_channels"], *_addresses(b.ring for b in boxes), *_addresses(b.frame if push else b.ring for b in boxes),
+        table, G, _chosen["small_channels"], *_addresses(b.ring for b in boxes),
+        *_addresses(b.frame if push else b.ring for b in boxes),
         *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
         *_addresses(b.out for b in boxes), *_addresses(b.error if b.error is not None else b.out for b in boxes),
         *_addresses(at_conv(b) for b in boxes), KT=b0.taps[0], KH=b0.taps[1], KW=b0.taps[2], PUSH=push, POOL=pool,

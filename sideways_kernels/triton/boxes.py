@@ -178,7 +178,8 @@ def _grouped_box_forward_kernel(
     (b, h, w), the conv-resolution error's strides (b, h, w; ``POOL``); then each problem's first
     tile and their total (G + 1), and with ``PUSH`` each problem's first box of its frame's copy
     into its slot and their total (G + 1). ``DTYPE``: the activations'; ``BIAS``: the biases'. A
-    problem's descriptors are made where its item is taken.
+    problem's descriptors are made where its item is taken; one of at most ``small`` channels (0:
+    none) takes K steps of SMALL_CHANNELS, not BLOCK_K.
 
     The epilogue is a stage of a Sideways chain (conv, ReLU): its output goes up as the next
     stage's sample, and the error that arrived from above for it (written last tick) meets this
@@ -487,7 +488,8 @@ def _grouped_box_weight_update_kernel(
     no bias; else its items are followed by :func:`_box_bias_item`'s), the error's strides (b, h, w), the ring's (r, b,
     h, w), B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits; then
     ``starts`` (G + 1: each problem's first item, then their total). ``DTYPE``: the activations'.
-    A problem's descriptors are made where its item is taken."""
+    A problem's descriptors are made where its item is taken; one of at most ``small`` input
+    channels (0: none) takes tiles of SMALL_CHANNELS of them, not BLOCK_N."""
     BH: tl.constexpr = BLOCK_K // BOX_W
     starts = table + 24 * G
     for item in tl.range(tl.program_id(0), tl.load(starts + G), tl.num_programs(0)):
