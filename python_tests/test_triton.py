@@ -307,18 +307,18 @@ def _box_geometry(layout="ring", **kw):
 
 
 # channel counts that are whole 16-byte rows in fp16 (multiples of 8) but not of the block sizes
-# (72 output or input channels: two tiles of 64, the second partial, of a forward's output, a
-# weight update's input channels, a K of 72),
+# (72 on the 1x1 kernel: two tiles of 64, the second partial, of a forward's output channels and a
+# weight update's input channels, and K steps across two blocks),
 # frames that are no multiple of a box, padding at every edge (more than the kernel reaches, too),
 # dilation in space and time, and 27, 6, 8 and 1 taps (three, three, two and one taps per tile)
 BOX_GEOMETRIES = [
     _box_geometry(batch=2, channels=16, out_channels=24, height=9, width=11, k_t=3, k_hw=(3, 3), padding=(1, 1)),
     _box_geometry(batch=1, channels=8, out_channels=16, height=7, width=13, k_t=2, k_hw=(1, 3), dilation_t=2,
                   padding=(0, 2), dilation=(1, 2)),
-    _box_geometry(batch=3, channels=72, out_channels=8, height=6, width=5, k_t=2, k_hw=(2, 2), padding=(2, 1),
+    _box_geometry(batch=3, channels=24, out_channels=8, height=6, width=5, k_t=2, k_hw=(2, 2), padding=(2, 1),
                   dilation=(2, 1)),
     # a 1x1 kernel padded in height: the input gradient's flipped padding dil*(k-1)-pad is -1
-    _box_geometry(batch=2, channels=16, out_channels=72, height=5, width=6, k_t=1, k_hw=(1, 1), padding=(1, 0)),
+    _box_geometry(batch=2, channels=72, out_channels=72, height=5, width=6, k_t=1, k_hw=(1, 1), padding=(1, 0)),
 ]
 
 
@@ -375,8 +375,7 @@ def _descriptor_blocks():
         yield made
 
 
-@pytest.mark.parametrize("small", [T.SMALL_CHANNELS, 0], ids=["narrow", "wide"])
-def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(small, poisoned_partials,
+def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_grouped(poisoned_partials,
                                                                                        strict_launches):
     """The RGB stem's ring: 3 fp16 channels are 6 bytes, so a ring in ops.empty_ring's plain layout
     has no TMA-able strides and takes the general path; stored in 16-byte rows (aligned=True) it
@@ -385,8 +384,8 @@ def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_
     launches beside an 8-channel layer of the same kernel shape — each descriptor zero-filling the
     channels past the third: reference.py's results, and the grouped ones the ops' to the bit. The
     grouped launches read both rings in blocks of SMALL_CHANNELS channels (a forward's K step, a
-    weight update tile's input channels), not the launch's 64 — or of 64 where no problem is
-    narrow (``small=0``), as the ops alone then do."""
+    weight update tile's input channels), not the launch's 64 (the wide blocks: every problem of
+    more channels, test_grouped_forwards_equal_each_layer_s_op and the like)."""
     from sideways_kernels import ops
     dtype = torch.float16
     g = _box_geometry(batch=2, channels=3, out_channels=16, height=5, width=6, k_t=3, k_hw=(3, 3), padding=(1, 1))
@@ -420,25 +419,24 @@ def test_a_ring_of_few_channels_in_16_byte_rows_takes_the_box_kernels_alone_and_
     calls = [(aligned(ring), frame, t["slot"], t["weight"], t["bias"], *a),
              (u["ring"].clone(), u["frame"], u["slot"], u["weight"], u["bias"], *_a(wide))]
     T.paths.clear()
-    block = small or T.DEFAULT_BOX.BLOCK_K  # (the ring's channels, as the ring descriptors' last block)
-    rings = lambda blocks: {b[-1] for b in blocks if len(b) == 5}
-    with T.using(gemm_split=1, small_channels=small):  # (the op alone may split K where its tiles are few)
+    rings = lambda blocks: {b[-1] for b in blocks if len(b) == 5}  # (the ring descriptors' channel blocks)
+    with T.using(gemm_split=1):  # (the op alone may split K where its tiles are few: another order of the sum)
         alone = [S.ring_conv_forward(aligned(c[0]), *c[1:]) for c in calls]
         with _descriptor_blocks() as made:
             grouped = T.grouped_ring_conv_forwards(calls)
     assert T.paths[("ring_conv_forward", "grouped")] == 2
     assert all(torch.equal(x, y) for x, y in zip(grouped, alone))
-    assert block in rings(made)  # the tiles' K steps (the frames' push into their slots: BLOCK_K)
+    assert T.SMALL_CHANNELS in rings(made)  # the tiles' K steps (the frames' push into their slots: BLOCK_K)
     updates = [("weight_grad_accumulate", (torch.zeros_like(x["weight"]), torch.zeros_like(x["bias"]), x["grad_out"],
                                            r, x["slot"], *_a(geo))) for x, r, geo in ((t, ring, g), (u, u["ring"], wide))]
     own = [(*(v.clone() for v in args[:3]), aligned(args[3]), *args[4:]) for _, args in updates]
-    with T.using(split=2, small_channels=small):
+    with T.using(split=2):
         with _descriptor_blocks() as made:
             assert T.grouped_weight_updates(updates) == []
         for args in own:
             S.weight_grad_accumulate(*args)
     assert T.paths[("weight_update", "grouped")] == 2
-    assert rings(made) == {small or T.DEFAULT_BOX.BLOCK_N}
+    assert rings(made) == {T.SMALL_CHANNELS}
     for (_, args), mine in zip(updates, own):
         assert torch.equal(args[0], mine[0])
         torch.testing.assert_close(args[1], mine[1], rtol=0, atol=1e-3)  # (two orders of the bias's fp32 sum)
