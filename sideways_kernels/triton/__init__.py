@@ -45,28 +45,26 @@ launches: collections.Counter = collections.Counter()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _chosen: dict = {"config": None, "box_config": None, "split": None, "gemm_split": None, "path": None,
-                 "rotation": 0, "small_channels": SMALL_CHANNELS}  # set by using()
+                 "rotation": 0}  # set by using()
 _autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
 _derived: dict = {}  # (id(weight), summed, flipped) -> (weak reference to it, version, dtype, the weight as read)
 
 
 @contextlib.contextmanager
 def using(config: Optional[Config] = None, split: Optional[int] = None, box_config: Optional[Config] = None,
-          path: Optional[str] = None, rotation: int = 0, gemm_split: Optional[int] = None,
-          small_channels: int = SMALL_CHANNELS):
+          path: Optional[str] = None, rotation: int = 0, gemm_split: Optional[int] = None):
     """Run the general kernels with ``config`` and the box kernels with ``box_config`` (instead of
     the autotuner's or the interpreter's default), the weight update with ``split`` programs per
     tile and the box forward and input gradient with ``gemm_split`` (instead of the SM-based
     choices), and every op on ``path``: "box" (refusing a problem
     the box kernels cannot take; float32 allowed, for exact tests), "general", or None (the
     choice of :func:`box_path`). ``rotation`` renumbers the weight update's splits, so that
-    another split arrives last (tests of its determinism). ``small_channels``: the grouped launches'
-    problems of at most this many channels take their narrow channel block (0: none does)."""
+    another split arrives last (tests of its determinism)."""
     if path not in (None, "box", "general"):
         raise ValueError(f"path must be 'box', 'general' or None, got {path!r}")
     before = dict(_chosen)
     _chosen.update(config=config, split=split, box_config=box_config, path=path, rotation=rotation,
-                   gemm_split=gemm_split, small_channels=small_channels)
+                   gemm_split=gemm_split)
     try:
         yield
     finally:
@@ -128,7 +126,7 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
     box = name.startswith("box")
     cfg = _chosen["box_config" if box else "config"]
     if cfg is None and (INTERPRET or device.type != "cuda"):
-        cfg = DEFAULT if not box else DEFAULT_BOX if channels > _chosen["small_channels"] else \
+        cfg = DEFAULT if not box else DEFAULT_BOX if channels > SMALL_CHANNELS else \
             DEFAULT_BOX._replace(**{_CHANNEL_BLOCK[name][1]: SMALL_CHANNELS})
     if cfg is not None:
         wrap_triton(kernel)[grid(cfg)](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
@@ -650,9 +648,8 @@ def _grouped_launch(updates: list) -> bool:
     largest = max(updates, key=lambda u: u.grad_out.shape[2] * u.grad_out.shape[3])
     cfg = _grouped_config("box_grouped_weight_update", *largest.grad_out.shape[2:], lambda c: c.BLOCK_K, device)
     bh = cfg.BLOCK_K // cfg.BOX_W
-    small = _chosen["small_channels"]
     tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * (taps // per_tile)
-             * triton.cdiv(u.ring.shape[2], SMALL_CHANNELS if u.ring.shape[2] <= small else cfg.BLOCK_N)
+             * triton.cdiv(u.ring.shape[2], SMALL_CHANNELS if u.ring.shape[2] <= SMALL_CHANNELS else cfg.BLOCK_N)
              for u in updates]
     rows, items, finish, bias_rows, hyper, floats = [], [0], [], [], [], 0
     for u, n in zip(updates, tiles):
@@ -682,7 +679,7 @@ def _grouped_launch(updates: list) -> bool:
     partials = _partials(device, floats)
     _descriptor_scratch(device)
     X._grouped_box_weight_update_kernel[_persistent(items[-1], device)](
-        partials, table, G, small, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
+        partials, table, G, SMALL_CHANNELS, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
         KT=k_t, KH=k_h, KW=k_w, TAPS=per_tile, DTYPE=_TL_DTYPE[u0.ring.dtype], G_P2=triton.next_power_of_2(G),
         **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launches["grouped_weight_update"] += 1
@@ -999,7 +996,7 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
     G = len(boxes)
     _descriptor_scratch(device)
     X._grouped_box_forward_kernel[_persistent(max(tiles[-1], pushed[-1] if push else 0), device)](
-        table, G, _chosen["small_channels"], *_addresses(b.ring for b in boxes),
+        table, G, SMALL_CHANNELS, *_addresses(b.ring for b in boxes),
         *_addresses(b.frame if push else b.ring for b in boxes),
         *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
         *_addresses(b.out for b in boxes), *_addresses(b.error if b.error is not None else b.out for b in boxes),
