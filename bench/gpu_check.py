@@ -3,8 +3,9 @@
 Every kernel x every config of its list for the architecture and activation type
 (sideways_kernels/triton/configs.py) is compiled with ``triton.compile(...,
 target=GPUTarget("cuda", arch, 32))``:
-- the general kernels (kernels.py: forward, input gradient, the weight update's split-K GEMM)
-  for sm_90a and sm_80, fp32 and bf16, and the weight update's second launch (the splits' sum
+- the general kernels (kernels.py: forward, input gradient, the weight update's split-K GEMM;
+  the forward and GEMM also with few channels' taps folded into K, ``_fold``) for sm_90a and
+  sm_80, fp32 and bf16, and the weight update's second launch (the splits' sum
   and the epilogue: accumulating, or the SGD step; fp32 whatever the activations);
 - the box kernels (boxes.py: TMA boxes, wgmma, persistent) for sm_90a, bf16 — the only
   architecture and type the ops send them; the input gradient is the forward's kernel on the
@@ -52,7 +53,8 @@ import types
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sideways_kernels", "triton")
 
-GENERAL = ("ring_conv_forward", "window_input_grad", "weight_update", "weight_finish", "weight_finish_sgd",
+GENERAL = ("ring_conv_forward", "ring_conv_forward_fold", "window_input_grad", "weight_update", "weight_update_fold",
+           "weight_finish", "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_forward_pool",
@@ -61,8 +63,9 @@ BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forwar
 NO_MMA = ("column_sum", "split_sum", "box_grouped_stage_epilogue", "box_grouped_stage_epilogue_pool")  # no GEMM
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
-KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
-        "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
+KIND = {"ring_conv_forward": "gemm", "ring_conv_forward_fold": "gemm", "window_input_grad": "gemm",
+        "weight_update": "weight_update", "weight_update_fold": "weight_update", "box_forward": "box_gemm",
+        "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
         "box_grouped_forward": "box_grouped_forward", "box_grouped_forward_pool": "box_grouped_forward",
         "box_grouped_input_grad": "box_grouped_forward", "box_grouped_stage_epilogue": "box_grouped_forward",
         "box_grouped_stage_epilogue_pool": "box_grouped_forward",
@@ -102,7 +105,7 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     import triton.language as tl
     K, X = kernels_module("kernels"), kernels_module("boxes")
     act, master = f"*{dtype}", "*fp32"  # 16-bit activations, fp32 master weights (as autocast trains)
-    base = kernel.replace("_sgd", "").replace("_add", "")
+    base = kernel.replace("_sgd", "").replace("_add", "").replace("_fold", "")
     sgd = kernel.endswith("_sgd")
     taps = dict(KT=3, KH=3, KW=3)
     update_ptrs = dict(grad_out=act, ring=act, partials="*fp32")
@@ -162,6 +165,8 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     }[base]
     if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
         const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
+    if base in ("ring_conv_forward", "weight_update"):  # _fold: few channels, the taps folded into K
+        const.update(FOLD=kernel.endswith("_fold"))
     finish = base in ("weight_finish", "grouped_weight_finish")
     if not base.startswith(("column_sum", "split_sum")):
         meta = {k: v for k, v in cfg.meta().items() if k in fn.arg_names}  # (an epilogue has no BLOCK_K)

@@ -290,8 +290,10 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     down = tm.Launch("sideways.x", "input_grad", "l", flops((64, 64, 8, 56)) * 24 / 64, 0.0, "64->24 56x56 k3x3x3")
     us = lambda launch, table: launch.flops / (tm._rate(table, launch.kind, tm._problem(launch)) * 1e12) * 1e6
     assert tm.channel_waste(stem) == 16 / 3 and tm.channel_waste(down) == 64 / 24 and tm.channel_waste(at(shapes[0])) == 1
-    strided = dataclasses.replace(stem, shape="3->64 112x112 k3x7x7 s1x2x2")  # r3d_18's: the general kernels' configs
-    assert tm.channel_waste(strided) == 16 / 3
+    # r3d_18's, strided: the general kernels fold its 3 channels x 147 taps into 441 of K, 7 blocks of 64
+    strided = dataclasses.replace(stem, shape="3->64 112x112 k3x7x7 s1x2x2")
+    assert tm.channel_waste(strided) == tm.channel_waste(dataclasses.replace(strided, kind="weight_sgd")) == 448 / 441
+    assert tm.channel_waste(dataclasses.replace(strided, shape="5->64 112x112 k3x7x7 s1x2x2")) == 16 / 5  # not folded
     assert tm.gemm_us(stem, "triton") == pytest.approx(16 / 3 * us(stem, "triton"))
     assert tm.gemm_us(down, "triton") == pytest.approx(64 / 24 * us(down, "triton"))
     assert tm.gemm_us(stem, "cudnn") == pytest.approx(us(stem, "cudnn"))

@@ -254,34 +254,38 @@ def poisoned_partials(monkeypatch):
     monkeypatch.setattr(T, "_partials", poisoned)
 
 
-def _update_twice_matches_reference(g, t, ring, a):
+def _update_twice_matches_reference(g, t, ring, a, dtype=torch.float32):
     """weight_grad_accumulate and sgd_tick_update twice each against reference.py (the second
-    accumulation adds to the first; the second step uses the momentum the first left)."""
+    accumulation adds to the first; the second step uses the momentum the first left); the
+    tolerance of ``dtype`` activations."""
     d = lambda x: None if x is None else x.double()
     grad_w = torch.randn_like(t["weight"])
     expected = grad_w.double()
     for _ in range(2):
         S.weight_grad_accumulate(grad_w, None, t["grad_out"], ring, t["slot"], *a)
         ref.weight_grad_accumulate(expected, None, d(t["grad_out"]), d(ring), t["slot"], *a)
-    _close(grad_w, expected, torch.float32)
+    _close(grad_w, expected, dtype)
     w, buf = t["weight"].clone(), torch.full_like(t["weight"], float("nan"))
     w_ref, buf_ref = t["weight"].double(), torch.zeros_like(t["weight"]).double()
     for step in range(2):
         S.sgd_tick_update(w, buf, None, None, t["grad_out"], ring, t["slot"], *a, 0.05, 0.9, 0.0, 1e-2, True, step == 0)
         ref.sgd_tick_update(w_ref, buf_ref, None, None, d(t["grad_out"]), d(ring), t["slot"], *a, 0.05, 0.9, 0.0, 1e-2,
                             True, step == 0)
-    _close(w, w_ref, torch.float32)
-    _close(buf, buf_ref, torch.float32)
+    _close(w, w_ref, dtype)
+    _close(buf, buf_ref, dtype)
 
 
+@pytest.mark.parametrize("channels", [3, 5], ids=["folded", "tap_major"])
 @pytest.mark.parametrize("cfg", EVERY_CONFIG, ids=lambda c: c.name)
-def test_every_config_matches_the_reference_with_split_k(cfg, poisoned_partials):
+def test_every_config_matches_the_reference_with_split_k(cfg, channels, poisoned_partials):
     """Whatever the autotuner picks on a GPU was checked here first: each config of every
     architecture's list, on a problem with tails in every GEMM axis (forward M = 2·5·7 = 70,
-    N = 5, K = 6 taps x 3 channels; weight update M = 5, N = 3 per tap, K = 70), the weight update
+    N = 5, K = 6 taps x 3 channels, folded into 18 (tap, channel) pairs, or x 5 channels, a block
+    per tap; weight update M = 5, N = 18 pairs or 5 channels per tap, K = 70), the weight update
     split over 1 and 3 programs per tile, on partials poisoned with NaN."""
     from samples import Geometry
-    g = Geometry(batch=2, channels=3, out_channels=5, height=5, width=7, k_t=2, k_hw=(1, 3), padding=(0, 1))
+    g = Geometry(batch=2, channels=channels, out_channels=5, height=5, width=7, k_t=2, k_hw=(1, 3), padding=(0, 1))
+    assert T.folds(channels) == (channels == 3)
     t = make(g, torch.float32)
     a = _a(g)
     d = lambda x: None if x is None else x.double()
@@ -297,6 +301,65 @@ def test_every_config_matches_the_reference_with_split_k(cfg, poisoned_partials)
     for split in (1, 3):
         with T.using(cfg, split=split):
             _update_twice_matches_reference(g, t, ring, a)
+
+
+# few channels per group, their taps folded into K: an RGB stem like r3d_18's (3x7x7, stride 2:
+# 147 taps x 3 channels), a depthwise conv (1 channel a group), the most channels folded (4, dilated
+# in space and time), and one more channel, which is not
+FOLD_GEOMETRIES = [
+    Geometry(batch=2, channels=3, out_channels=8, height=9, width=8, k_t=3, k_hw=(7, 7), stride=(2, 2),
+             padding=(3, 3), layout="channels_last"),
+    Geometry(batch=1, channels=4, out_channels=8, height=6, width=7, k_t=3, k_hw=(3, 3), padding=(1, 1), groups=4,
+             layout="ring"),
+    Geometry(batch=2, channels=4, out_channels=6, height=7, width=5, k_t=2, k_hw=(3, 2), dilation_t=2,
+             dilation=(2, 1), padding=(2, 0), stride=(1, 2), layout="ring"),
+    Geometry(batch=2, channels=5, out_channels=6, height=7, width=5, k_t=2, k_hw=(3, 2), padding=(1, 1),
+             layout="ring"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("g", FOLD_GEOMETRIES, ids=geometry_id)
+def test_few_channels_fold_their_taps_into_the_general_kernels_k(g, dtype, monkeypatch, poisoned_partials):
+    """The general forward and weight update walk a problem of at most FOLD_CHANNELS channels per
+    group as one run of (tap, channel) pairs — 32-wide K steps and tiles crossing taps, a tap's
+    pairs split between tiles, the last tile partial —, the weight update in 3 splits: the
+    reference's results in float64 (forward, two accumulations, two SGD steps with momentum), and
+    only such problems fold."""
+    folded = []
+    launch = T._launch
+    monkeypatch.setattr(T, "_launch", lambda kernel, name, grid, args, meta, *rest, **kw:
+                        folded.append((name, meta["FOLD"])) or launch(kernel, name, grid, args, meta, *rest, **kw))
+    t = make(g, dtype, torch.float32)
+    a = _a(g)
+    d = lambda x: None if x is None else x.double()
+    with T.using(SMALL, split=3, path="general"):
+        ring = t["ring"].clone()
+        out = S.ring_conv_forward(ring, t["frame"], t["slot"], t["weight"], t["bias"], *a)
+        expected_ring = t["ring"].double().clone()
+        _close(out, ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a),
+               dtype)
+        _update_twice_matches_reference(g, t, ring, a, dtype)
+    fold = g.channels // g.groups <= T.FOLD_CHANNELS
+    assert folded == [("ring_conv_forward", fold)] + [("weight_update", fold)] * 4
+
+
+def test_a_folded_weight_update_splits_over_its_few_tiles(monkeypatch):
+    """r3d_18's stem (3x7x7, B8, 56x56 out) on 132 SMs: 147 taps of a 64-channel tile each fill a wave
+    unsplit; folded, 441 pairs are 7 tiles, whose reduction the split count spreads over more
+    programs — and the op counts its tiles so for a problem that folds."""
+    from sideways_kernels.triton.configs import split_k
+    monkeypatch.setattr(T, "_sms", lambda device: 132)
+    cpu, positions = torch.device("cpu"), 8 * 56 * 56
+    assert T._weight_update_splits(64, 3, 1, 147, 1, positions, cpu) == 1
+    assert T._weight_update_splits(64, 3, 1, 147, 1, positions, cpu, fold=True) == split_k(7, positions, 64, 132) > 1
+    seen, splits = [], T._weight_update_splits
+    monkeypatch.setattr(T, "_weight_update_splits", lambda *a: seen.append(a[-1]) or splits(*a))
+    for g in (FOLD_GEOMETRIES[1], FOLD_GEOMETRIES[-1]):
+        t = make(g, torch.float32)
+        with T.using(SMALL, path="general"):
+            S.weight_grad_accumulate(torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], t["slot"], *_a(g))
+    assert seen == [True, False]
 
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------

@@ -32,8 +32,8 @@ from triton.runtime import _allocation  # the allocator's context variable (the 
 from .. import forms
 from . import boxes as X
 from . import kernels as K
-from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, SMALL_CHANNELS, SPLIT_SUM, Config, configs_for,
-                      fit_channels, prune, prune_boxes, split_k)
+from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, FOLD_CHANNELS, SMALL_CHANNELS, SPLIT_SUM, Config,
+                      configs_for, fit_channels, prune, prune_boxes, split_k)
 from ..ops import conv_output_size, ring_output_hw
 from ..reference import sgd_step
 
@@ -99,14 +99,26 @@ _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
     "box_weight_update": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_K),
 }
 # kernel -> (the channels its K loop or tile steps through, the config's block of them: a forward's
-# and input gradient's K step, a weight update tile's input channels): SMALL_CHANNELS wide for
-# problems of that many channels or fewer (configs.fit_channels)
-_CHANNEL_BLOCK = {"ring_conv_forward": (lambda a: a["C"] // a["groups"], "BLOCK_K"),
+# and input gradient's K step, a weight update tile's input channels — or, folded, its (tap,
+# channel) pairs): SMALL_CHANNELS wide for problems of that many or fewer (configs.fit_channels)
+_CHANNEL_BLOCK = {"ring_conv_forward": (lambda a: _folded_channels(a), "BLOCK_K"),
                   "window_input_grad": (lambda a: a["C_OUT"] // a["groups"], "BLOCK_K"),
-                  "weight_update": (lambda a: a["C"] // a["groups"], "BLOCK_N"),
+                  "weight_update": (lambda a: _folded_channels(a), "BLOCK_N"),
                   "box_forward": (lambda a: a["C"], "BLOCK_K"), "box_input_grad": (lambda a: a["C"], "BLOCK_K"),
                   "box_weight_update": (lambda a: a["C"], "BLOCK_N")}
 _SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
+
+
+def _folded_channels(a: dict) -> int:
+    """What a general forward's or weight update's K step or tile walks: its channels per group,
+    or with ``FOLD`` every tap's of them."""
+    channels = a["C"] // a["groups"]
+    return channels * a["KT"] * a["KH"] * a["KW"] if a.get("FOLD") else channels
+
+
+def folds(channels_per_group: int) -> bool:
+    """Whether the general kernels fold a problem's taps into K (configs.FOLD_CHANNELS)."""
+    return channels_per_group <= FOLD_CHANNELS
 _KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
 _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
          "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
@@ -306,7 +318,7 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
             [ring, weight, bias if bias is not None else weight, out, *ring.stride(), *weight.stride(), *out.stride(),
              B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups],
             dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype),
-                 ONE_GROUP=groups == 1), ring.device, element_size=ring.element_size())
+                 ONE_GROUP=groups == 1, FOLD=folds(C // groups)), ring.device, element_size=ring.element_size())
     return out
 
 
@@ -476,7 +488,8 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
     box = _take_box("weight_update", box_path(device, ring.dtype, stride, groups, (c_out,), (ring, grad_out)))
     per_tile = _taps_per_tile(taps) if box else 1
     # a kernel argument (the finish's too), so one value for every config the autotuner tries
-    splits = _chosen["split"] or _weight_update_splits(c_out, cg, groups, taps, per_tile, K_total, device)
+    fold = not box and folds(cg)
+    splits = _chosen["split"] or _weight_update_splits(c_out, cg, groups, taps, per_tile, K_total, device, fold)
     partials = _partials(device, splits * taps * c_out * cg)
     if box:
         _descriptor_scratch(device)
@@ -485,12 +498,14 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
                 [grad_out, ring, partials, *_tma_strides(grad_out), *_tma_strides(ring), B, C, H, W, c_out, h_out,
                  w_out, R, slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"]],
                 dict(**shape, TAPS=per_tile), device, element_size=ring.element_size(), channels=C)
-    else:  # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap
-        tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * taps * triton.cdiv(cg, cfg.BLOCK_N)
+    else:  # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap (folded: BLOCK_N pairs)
+        columns = (lambda cfg: triton.cdiv(taps * cg, cfg.BLOCK_N)) if fold else \
+            (lambda cfg: taps * triton.cdiv(cg, cfg.BLOCK_N))
+        tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * columns(cfg)
         _launch(K._weight_update_kernel, "weight_update", lambda cfg: (tiles_of(cfg), splits, groups),
                 [grad_out, ring, partials, *grad_out.stride(), *ring.stride(), B, C, H, W, c_out, h_out, w_out, R,
                  slot, *stride, *padding, *dilation, dilation_t, groups, _chosen["rotation"]],
-                dict(**shape, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1), device,
+                dict(**shape, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1, FOLD=fold), device,
                 element_size=ring.element_size())
     taps_p2 = triton.next_power_of_2(taps)
     pairs = max(1, FINISH.BLOCK_M // taps_p2)  # (output, input channel) pairs a program, every tap of each
@@ -512,11 +527,13 @@ def _check_sgd(momentum_buffer, momentum: float, dampening: float, nesterov: boo
 
 
 def _weight_update_splits(c_out: int, cg: int, groups: int, taps: int, per_tile: int, positions: int,
-                         device: torch.device) -> int:
+                         device: torch.device, fold: bool = False) -> int:
     """The weight update's split count (what ``using(split=...)`` overrides): :func:`.configs.split_k`
-    for 128x64 tiles of ``per_tile`` taps (smaller tiles give more work items, which the box
-    kernel's persistent programs walk and the general kernel's grid holds)."""
-    tiles = groups * triton.cdiv(c_out // groups, 128) * triton.cdiv(cg, 64) * (taps // per_tile)
+    for 128x64 tiles of ``per_tile`` taps, or of 64 (tap, channel) pairs where the general kernel
+    ``fold``s (smaller tiles give more work items, which the box kernel's persistent programs walk
+    and the general kernel's grid holds)."""
+    columns = triton.cdiv(taps * cg, 64) if fold else triton.cdiv(cg, 64) * (taps // per_tile)
+    tiles = groups * triton.cdiv(c_out // groups, 128) * columns
     return split_k(tiles, positions, 64, _sms(device))
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 __all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
            "box_waste", "fit_channels", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM",
-           "SMALL_CHANNELS"]
+           "SMALL_CHANNELS", "FOLD_CHANNELS"]
 
 
 class Config(NamedTuple):
@@ -93,6 +93,11 @@ BOX = {
 # autotuned lists by their configs of this block (:func:`fit_channels`). 16: the tensor cores' K
 # for 16-bit operands, and a TMA box row of 32 bytes.
 SMALL_CHANNELS = 16
+# The general kernels fold the taps of problems of at most this many channels (per group) into
+# their K (``FOLD``: one run of (tap, channel) pairs — an RGB stem's 3 x 27 taps are 81 columns
+# of the MMA, where 27 K steps of SMALL_CHANNELS are 432); their channel block is then chosen for
+# taps x channels (:func:`fit_channels`). Few: the pairs are gathered element by element.
+FOLD_CHANNELS = 4
 # The weight update's second launch (kernels._weight_finish_kernel), not tuned: BLOCK_M weight
 # elements a program (every tap of BLOCK_M / taps (output, input channel) pairs), small so that
 # many run at once, its loop over the splits pipelined num_stages deep.

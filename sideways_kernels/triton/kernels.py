@@ -22,7 +22,8 @@ def _ring_conv_forward_kernel(
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-        ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        ONE_GROUP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """out[b, g*Mg+n, oy, ox] = sum over taps (j, kh, kw) and channels c of ring[tap j] x weight;
     M = B*H_OUT*W_OUT output pixels, N = C_OUT/groups output channels, K = taps x C/groups.
 
@@ -30,7 +31,9 @@ def _ring_conv_forward_kernel(
     2-D slice [pixels, channels] of the channels-last frame, addressed as a per-pixel row offset
     plus a per-channel offset (as a plain GEMM), so index math stays on [BLOCK_M] vectors.
     ``ONE_GROUP``: no group offsets, so Triton sees the channel vectors' alignment and vectorises
-    the loads (a runtime offset hides it)."""
+    the loads (a runtime offset hides it). ``FOLD``: few channels (an RGB stem's 3, a depthwise
+    conv's 1): K is walked as one run of (tap, channel) pairs, each K step gathering BLOCK_K of
+    them, so 3 channels x 27 taps cost 81 columns of the MMA, not 27 blocks of channels."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
     gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
@@ -39,21 +42,37 @@ def _ring_conv_forward_kernel(
     b, oy, ox = m // (H_OUT * W_OUT), (m // W_OUT) % H_OUT, m % W_OUT
     m_ok, n_ok = m < B * H_OUT * W_OUT, n < mg
     rk = tl.arange(0, BLOCK_K)
-    c_blocks = tl.cdiv(cg, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, KT * KH * KW * c_blocks):
-        tap = kk // c_blocks
-        c = (kk % c_blocks) * BLOCK_K + rk
-        j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
-        y = oy * stride_h - pad_h + kh * dil_h
-        x = ox * stride_w - pad_w + kw * dil_w
-        row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        row = _tap_slot(slot, j, KT, dil_t, R) * s_r + b.to(tl.int64) * s_b + y * s_h + x * s_w
-        c_ok = c < cg
-        a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(weight + (gm + n)[None, :] * w_o + c[:, None] * w_c + (j * w_t + kh * w_h + kw * w_w),
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
+    if FOLD:
+        pairs = KT * KH * KW * cg
+        for k0 in range(0, pairs, BLOCK_K):
+            f = k0 + rk  # (tap, channel) pairs
+            tap, c = f // cg, f % cg
+            j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
+            y = oy[:, None] * stride_h - pad_h + (kh * dil_h)[None, :]
+            x = ox[:, None] * stride_w - pad_w + (kw * dil_w)[None, :]
+            ok = m_ok[:, None] & (f < pairs)[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            column = _tap_slot(slot, j, KT, dil_t, R).to(tl.int64) * s_r + (gc + c) * s_c
+            a = tl.load(ring + (b.to(tl.int64) * s_b)[:, None] + column[None, :] + y * s_h + x * s_w, mask=ok,
+                        other=0.0)
+            w = tl.load(weight + (gm + n)[None, :] * w_o + (c * w_c + j * w_t + kh * w_h + kw * w_w)[:, None],
+                        mask=(f < pairs)[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
+    else:
+        c_blocks = tl.cdiv(cg, BLOCK_K)
+        for kk in range(0, KT * KH * KW * c_blocks):
+            tap = kk // c_blocks
+            c = (kk % c_blocks) * BLOCK_K + rk
+            j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
+            y = oy * stride_h - pad_h + kh * dil_h
+            x = ox * stride_w - pad_w + kw * dil_w
+            row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            row = _tap_slot(slot, j, KT, dil_t, R) * s_r + b.to(tl.int64) * s_b + y * s_h + x * s_w
+            c_ok = c < cg
+            a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            w = tl.load(weight + (gm + n)[None, :] * w_o + c[:, None] * w_c + (j * w_t + kh * w_h + kw * w_w),
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias + gm + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out + b.to(tl.int64)[:, None] * o_b + (gm + n)[None, :] * o_c + oy[:, None] * o_h + ox[:, None] * o_w,
@@ -274,7 +293,7 @@ def _weight_update_kernel(
         B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, split_rotation,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weight gradient of one frame pair, dW[m, c, tap] = sum over (b, oy, ox) of grad_out x ring[tap],
     M = C_OUT/groups, K = B*H_OUT*W_OUT. Grid: (output tiles, splits, groups); an output tile is
     BLOCK_M output channels x BLOCK_N input channels of one tap (tap-major: per tap the ring
@@ -283,21 +302,30 @@ def _weight_update_kernel(
     Split-K: the programs of axis 1 share a tile's reduction, each over its own range of K, and
     leave fp32 partials (:func:`_store_partial`) that :func:`_weight_finish_kernel` sums and
     applies. ``split_rotation`` renumbers the splits (0 in the ops; tests check that the result
-    does not depend on which program ran which split)."""
+    does not depend on which program ran which split). ``FOLD``: as the forward's, a tile's
+    BLOCK_N columns are (tap, input channel) pairs of one run over every tap."""
     pid_tile, g = tl.program_id(0), tl.program_id(2)
     splits = tl.num_programs(1)
     split = (tl.program_id(1) + split_rotation) % splits
     cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
     gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
-    c_tiles = tl.cdiv(cg, BLOCK_N)
-    tiles_n = KT * KH * KW * c_tiles
-    pid_m, pid_n = pid_tile // tiles_n, pid_tile % tiles_n
-    tap, c_tile = pid_n // c_tiles, pid_n % c_tiles
+    if FOLD:  # a tile's columns: BLOCK_N of the (tap, channel) pairs; per column its tap's offsets
+        pairs = KT * KH * KW * cg
+        tiles_n = tl.cdiv(pairs, BLOCK_N)
+        f = (pid_tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tap, c = f // cg, f % cg
+        c_ok = f < pairs
+    else:  # a tile's columns: BLOCK_N input channels of one tap
+        c_tiles = tl.cdiv(cg, BLOCK_N)
+        tiles_n = KT * KH * KW * c_tiles
+        tap, c_tile = (pid_tile % tiles_n) // c_tiles, (pid_tile % tiles_n) % c_tiles
+        c = c_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = c < cg
+    pid_m = pid_tile // tiles_n
     j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = c_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, c_ok = m < mg, c < cg
-    tap_base = _tap_slot(slot, j, KT, dil_t, R) * s_r
+    m_ok = m < mg
+    tap_base = _tap_slot(slot, j, KT, dil_t, R).to(tl.int64) * s_r
     k_total = B * H_OUT * W_OUT
     chunk = tl.cdiv(tl.cdiv(k_total, BLOCK_K), splits) * BLOCK_K
     k_lo = split * chunk
@@ -309,14 +337,27 @@ def _weight_update_kernel(
         b, oy, ox = k // (H_OUT * W_OUT), (k // W_OUT) % H_OUT, k % W_OUT
         e = tl.load(grad_out + (b.to(tl.int64) * g_b + oy * g_h + ox * g_w)[None, :] + (gm + m)[:, None] * g_c,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        y = oy * stride_h - pad_h + kh * dil_h
-        x = ox * stride_w - pad_w + kw * dil_w
-        row_ok = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        row = tap_base + b.to(tl.int64) * s_b + y * s_h + x * s_w
-        a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        if FOLD:  # [positions, pairs]: each column its own tap's shift and slot
+            y = oy[:, None] * stride_h - pad_h + (kh * dil_h)[None, :]
+            x = ox[:, None] * stride_w - pad_w + (kw * dil_w)[None, :]
+            ok = k_ok[:, None] & c_ok[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            a = tl.load(ring + (b.to(tl.int64) * s_b)[:, None] + (tap_base + (gc + c) * s_c)[None, :] + y * s_h
+                        + x * s_w, mask=ok, other=0.0)
+        else:
+            y = oy * stride_h - pad_h + kh * dil_h
+            x = ox * stride_w - pad_w + kw * dil_w
+            row_ok = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            row = tap_base + b.to(tl.int64) * s_b + y * s_h + x * s_w
+            a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :],
+                        other=0.0)
         acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
-    _store_partial(partials, split, tap, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
-                   cg - c_tile * BLOCK_N, C_OUT, cg, KT * KH * KW, acc, BLOCK_M, BLOCK_N)
+    if FOLD:
+        i = tl.arange(0, BLOCK_M)  # partials[split, tap, row, c] (_store_partial's layout), per column
+        rows = (split * KT * KH * KW + tap[None, :]) * C_OUT + (gm + pid_m * BLOCK_M + i)[:, None]
+        tl.store(partials + rows.to(tl.int64) * cg + c[None, :], acc, mask=m_ok[:, None] & c_ok[None, :])
+    else:
+        _store_partial(partials, split, tap, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
+                       cg - c_tile * BLOCK_N, C_OUT, cg, KT * KH * KW, acc, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
