@@ -185,9 +185,13 @@ def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
     count = _Kernels()
     if on == "torch":
         from sideways_kernels import forms, torch_backend
-        made = torch_backend.forms_of(weight, dtype, kind == "forward", kind == "input_grad") if held else []
-        with forms.held(made), count:
-            getattr(torch_backend, name)(*copies)
+        ring_at = {"ring_conv_forward": 0, "weight_grad_accumulate": 3, "sgd_tick_update": 5}.get(name)
+        if ring_at is not None and not measured:  # a layer's ring, as a layer makes it on CUDA for this backend
+            copies[ring_at] = _layer_ring_on_cuda(copies[ring_at])
+        with _padded_as_on_cuda(not measured):
+            made = torch_backend.forms_of(weight, dtype, kind == "forward", kind == "input_grad") if held else []
+            with forms.held(made), count:
+                getattr(torch_backend, name)(*copies)
         n = count.n
     elif on == "triton" and kind in ("forward", "input_grad"):
         import sideways_kernels.triton as triton_backend
@@ -199,6 +203,34 @@ def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
         n = 1
     _KERNELS_TODAY[key] = n
     return n
+
+
+@contextlib.contextmanager
+def _padded_as_on_cuda(padded: bool = True):
+    """The torch backend pads a small 16-bit ring image with zero channels on CUDA only
+    (``torch_backend.channel_pad``: two kernels, in a forward and in a weight gradient); the
+    tensors counted here are CPU or fake ones, so count them as a GPU runs them (``padded``; the
+    code the GPU measured had no pad)."""
+    from sideways_kernels import torch_backend
+    pad = torch_backend._pad
+    if padded:
+        torch_backend._pad = lambda channels, cuda, dtype: pad(channels, True, dtype)
+    try:
+        yield
+    finally:
+        torch_backend._pad = pad
+
+
+def _layer_ring_on_cuda(ring: torch.Tensor) -> torch.Tensor:
+    """``ring`` (in ``ops.empty_ring``'s layout: a layer's) made as a layer makes it on CUDA for the
+    torch backend: with the zero channels its padded image needs (``torch_backend.ring_image_pad``),
+    which the backend then reads in place. A ring of another layout is left as it is."""
+    from sideways_kernels import ops, torch_backend
+    span, b, c, h, w = ring.shape
+    if ring.stride(0) != c or ring.stride(4) != span * c:
+        return ring
+    pad = torch_backend._pad(span * c, True, ring.dtype)
+    return ops.empty_ring(span, b, c, h, w, dtype=ring.dtype, device=ring.device, image_pad=pad).copy_(ring)
 
 
 def _push_copies(name: str, args, measured: bool) -> int:

@@ -319,6 +319,24 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     # into one to be read as an image): the count is kept per layout, not per shape
     other = (t["ring"].contiguous(),) + forward[1:]
     assert tm.kernels_today("ring_conv_forward", other, held=True) > 3
+    # an RGB stem's ring image (3 channels x 3 slots) is padded to 16 channels on CUDA, as a GPU runs
+    # it (these are CPU tensors): a layer's ring holds the zero channels itself, read in place; a
+    # ring of another layout is copied into a zeroed image, two kernels more in the forward and the
+    # weight gradient (the code the GPU measured had no pad)
+    stem = Geometry(2, 3, 16, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    s = make(stem, torch.bfloat16, torch.float32)
+    stem_forward = (s["ring"], s["frame"], 1, s["weight"], s["bias"], *conv)
+    stem_update = (torch.zeros_like(s["weight"]), torch.zeros_like(s["bias"]), s["grad_out"], s["ring"], 1, *conv)
+    assert tm.kernels_today("ring_conv_forward", stem_forward, held=True) == 3
+    assert tm.kernels_today("ring_conv_forward", stem_forward, held=True, measured=True) == 3
+    contiguous = (s["ring"].contiguous(),)
+    assert tm.kernels_today("ring_conv_forward", contiguous + stem_forward[1:], held=True) == \
+        tm.kernels_today("ring_conv_forward", contiguous + stem_forward[1:], held=True, measured=True) + 2
+    assert tm.kernels_today("weight_grad_accumulate", stem_update, held=True) == \
+        tm.kernels_today("weight_grad_accumulate", stem_update, held=True, measured=True)
+    update = stem_update[:3] + contiguous + stem_update[4:]
+    assert tm.kernels_today("weight_grad_accumulate", update, held=True) == \
+        tm.kernels_today("weight_grad_accumulate", update, held=True, measured=True) + 2
     sgd = (t["weight"], torch.zeros_like(t["weight"]), t["bias"], torch.zeros_like(t["bias"]), t["grad_out"], t["ring"],
            1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
     assert tm.kernels_today("sgd_tick_update", sgd, held=False) >= 3  # the gradient, the bias's sum, the fused step

@@ -351,3 +351,75 @@ def test_held_forms_are_the_derived_ones_for_16_bit_masters_and_padded_stems(mon
         assert torch.equal(forms.get(weight, ("summed", torch.bfloat16)), tb._summed(weight, torch.bfloat16))
         assert torch.equal(forms.get(weight, ("summed", torch.bfloat16)),
                            weight.sum(2, dtype=torch.float32).to(torch.bfloat16))
+
+
+def test_a_ring_made_with_the_image_pad_is_read_as_the_padded_image_in_place(monkeypatch):
+    """Where this backend pads the stem's ring image (on CUDA in 16 bits; forced here), a ring made
+    with those zero channels (``ops.empty_ring(image_pad=...)``, as a layer makes its ring for this
+    backend: ``ring_image_pad``) is read as that image where it lies: the forward and the weight
+    gradient each launch two kernels fewer (no zeroed image, no copy into it), with the results of
+    the copied image to the bit. A ring of that layout whose pad nobody vouches for (a view of a
+    tensor holding NaN there) is copied as any other: its NaN never reaches a result."""
+    from sideways_kernels import ops
+    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+    g = Geometry(2, 3, 8, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
+    t = make(g, torch.bfloat16, torch.float32)
+    pad = tb.ring_image_pad(g.span, t["frame"])
+    assert pad == 7  # 3 channels x 3 slots -> 16
+    padded = ops.empty_ring(g.span, 2, 3, 6, 7, dtype=torch.bfloat16, image_pad=pad).copy_(t["ring"])
+    memory = torch.full((2, 6, 7, 16), float("nan"), dtype=torch.bfloat16)
+    unvouched = memory[..., :9].unflatten(-1, (3, 3)).permute(3, 0, 4, 1, 2).copy_(t["ring"])
+    assert unvouched.stride() == padded.stride()
+    assert ops.zero_image_pad(padded) == pad and ops.zero_image_pad(unvouched) == 0 and \
+        ops.zero_image_pad(t["ring"]) == 0 and ops.zero_image_pad(padded[:]) == 0  # (a view vouches for nothing)
+    image = tb._ring_image(padded, pad)
+    assert image.data_ptr() == padded.data_ptr() and image.shape == (2, 16, 6, 7) and not image[:, 9:].any()
+    got = {}
+    for name, ring in (("padded", padded), ("unvouched", unvouched)):
+        grad = torch.zeros_like(t["weight"])
+        with _Calls() as forward:
+            out = tb.ring_conv_forward(ring, t["frame"], 1, t["weight"], t["bias"], *_args(g))
+        with _Calls() as update:
+            tb.weight_grad_accumulate(grad, None, t["grad_out"], ring, 1, *_args(g))
+        got[name] = out, grad, _moving(forward), _moving(update)
+    assert torch.equal(got["padded"][0], got["unvouched"][0]) and torch.equal(got["padded"][1], got["unvouched"][1])
+    assert not got["padded"][0].isnan().any() and not got["padded"][1].isnan().any()
+    for calls in (2, 3):
+        fewer = collections.Counter(got["unvouched"][calls])
+        fewer.subtract(got["padded"][calls])
+        assert +fewer == {"new_zeros": 1, "copy_": 1}, (got["unvouched"][calls], got["padded"][calls])
+    d = _double
+    _close(got["padded"][0], ref.ring_conv_forward(d(t["ring"]), d(t["frame"]), 1, d(t["weight"]), d(t["bias"]),
+                                                   *_args(g)), torch.bfloat16, "forward")
+
+
+def test_a_layer_makes_its_ring_with_the_pad_its_backend_reads(monkeypatch):
+    """A pipeline on this backend, its stem's image padded (forced, as on CUDA in 16 bits): the
+    stem's ring carries the zero channels (3 x 3 -> 16) and is read in place, the other layers'
+    rings none; loss and gradients those of the same run with every padded image copied, to the
+    bit. ``auto`` pads where its choice for the ring's ops includes this backend, never on the CPU;
+    the other backends never."""
+    from sideways_kernels import SidewaysPipeline, backend, ops
+    from nets import classifier_net, grads, stages_of
+    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+    video, target = torch.randn(2, 3, 5, 6, 7), torch.tensor([1, 4])
+    results, pads = [], []
+    for vouched in (True, False):
+        torch.manual_seed(0)
+        net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 8, 8), dtype=torch.float32)
+        with monkeypatch.context() as m:
+            if not vouched:
+                m.setattr(ops, "zero_image_pad", lambda ring: 0)
+            out = SidewaysPipeline(stages_of(net, 2), backend="torch").backward_clip(video, target)
+        pads.append([ops.zero_image_pad(layer._ring) for layer in net if hasattr(layer, "_ring")])
+        results.append((out.loss, grads(net)))
+    assert pads[0] == [7, 0, 0]  # the stem: 9 channels + 7; the second conv 16 and the head 8 of their own
+    assert results[0][0] == results[1][0] and all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    frame = types.SimpleNamespace(shape=(2, 3, 6, 7), is_cuda=True, dtype=torch.bfloat16)
+    forward_only = lambda op: {"torch"} if op == "ring_conv_forward" else {"triton"}
+    for chosen, pad in ((lambda op: {"torch"}, 7), (lambda op: {"triton"}, 0), (forward_only, 7)):
+        monkeypatch.setattr(backend, "_choices", lambda op, t, channels, chosen=chosen: chosen(op))
+        assert backend.kernels("auto").ring_image_pad(3, frame) == pad
+    assert backend.kernels("auto").ring_image_pad(3, types.SimpleNamespace(**{**vars(frame), "is_cuda": False})) == 0
+    assert backend.kernels("triton").ring_image_pad(3, frame) == backend.kernels("cpp").ring_image_pad(3, frame) == 0
+    assert backend.kernels("torch").ring_image_pad(3, frame) == 7

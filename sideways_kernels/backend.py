@@ -85,7 +85,9 @@ def kernels(name: str) -> types.SimpleNamespace:
     goes) and returning their results (grouped where they go to Triton, each other one by its op).
     ``aligned_rows``: whether the layers store rings and frames of few channels (the RGB stem's) in
     16-byte rows (``ops.aligned_channels``), as Triton's box kernels read them — not for the torch
-    backend, whose fold reads a ring as one image (a padded one would be copied every call).
+    backend, whose fold reads a ring as one image; ``ring_image_pad(span, frame)``: the zero
+    channels after each position of a layer's ring (``ops.empty_ring``'s ``image_pad``), where the
+    torch backend pads that image (its RGB stem's on CUDA: then a view, not a copy a call).
     ``stage_epilogue(args)``: whether a chain stage the engine runs itself may have this forward
     run by itself, not grouped, and its epilogue in a grouped Triton launch of its own
     (``group_forwards`` does both; ``auto``: where dispatch.json's ``stage_epilogue`` says Triton)."""
@@ -102,11 +104,11 @@ def kernels(name: str) -> types.SimpleNamespace:
                                      and _choice("stage_epilogue", args[0]) == "triton",
                                      group_input_grads=_grouped_where_dispatched(
                                          ops["window_input_grad"], getattr(triton_ops, "group_input_grads", None)),
-                                     aligned_rows=False)
+                                     aligned_rows=False, ring_image_pad=_ring_image_pad_where_dispatched)
     if name in ("cpp", "cuda"):  # autocast-neutral in C++ (csrc/ops.cpp)
         return types.SimpleNamespace(**{op: getattr(torch.ops.sideways, op) for op in OPS}, group=None,
                                      group_forwards=None, group_input_grads=None, aligned_rows=False,
-                                     stage_epilogue=lambda args: False)
+                                     ring_image_pad=_no_pad, stage_epilogue=lambda args: False)
     group = group_forwards = group_input_grads = None
     if name == "triton":
         module = importlib.import_module("sideways_kernels.triton")
@@ -117,7 +119,22 @@ def kernels(name: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{op: _autocast_neutral(getattr(source, op)) for op in OPS}, group=group,
                                  groups=lambda op, args: True, group_forwards=group_forwards,
                                  groups_forward=lambda args: True, group_input_grads=group_input_grads,
-                                 aligned_rows=name == "triton", stage_epilogue=lambda args: False)
+                                 aligned_rows=name == "triton",
+                                 ring_image_pad=_no_pad if name == "triton" else torch_backend.ring_image_pad,
+                                 stage_epilogue=lambda args: False)
+
+
+def _no_pad(span: int, frame: torch.Tensor) -> int:
+    return 0
+
+
+def _ring_image_pad_where_dispatched(span: int, frame: torch.Tensor) -> int:
+    """``auto``'s: the torch backend's pad where a ring's ops may run there (any layout serves the
+    others)."""
+    if not frame.is_cuda or not any("torch" in _choices(op, frame, None) for op in
+                                    ("ring_conv_forward", "weight_grad_accumulate", "sgd_tick_update")):
+        return 0
+    return torch_backend.ring_image_pad(span, frame)
 
 
 def _forwards_where_dispatched(op, grouped):

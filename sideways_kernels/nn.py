@@ -252,10 +252,13 @@ class SidewaysConv3d(nn.Conv3d):
         s = self._stream
         if s.fresh:  # first step of the run: (re)use the ring, zeroed = the clip's start padding
             shape, aligned = (self.span, *frame.shape), getattr(s.kernels, "aligned_rows", False)
+            image_pad = getattr(s.kernels, "ring_image_pad", lambda *a: 0)(self.span, frame)
+            row = row_length(frame.shape[1], frame.dtype, aligned)
             if self._ring is None or self._ring.shape != shape or self._ring.dtype != frame.dtype \
-                    or self._ring.device != frame.device \
-                    or self._ring.stride(0) != row_length(frame.shape[1], frame.dtype, aligned):
-                self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device, aligned=aligned)
+                    or self._ring.device != frame.device or self._ring.stride(0) != row \
+                    or self._ring.stride(4) != self.span * row + image_pad:
+                self._ring = empty_ring(*shape, dtype=frame.dtype, device=frame.device, aligned=aligned,
+                                        image_pad=image_pad)
             else:
                 self._ring.zero_()
             s.fresh = False

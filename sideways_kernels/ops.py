@@ -14,6 +14,7 @@ with nonsense is refused too.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "empty_frame",
     "aligned_channels",
     "row_length",
+    "zero_image_pad",
     "ring_conv_forward",
     "window_input_grad",
     "weight_grad_accumulate",
@@ -83,13 +85,31 @@ def ring_output_hw(ring, weight, stride, padding, dilation) -> list:
 
 
 def empty_ring(span: int, batch: int, channels: int, height: int, width: int, *, dtype=None, device=None,
-               aligned: bool = False) -> torch.Tensor:
+               aligned: bool = False, image_pad: int = 0) -> torch.Tensor:
     """A zeroed ring ``[span, B, C, H, W]`` in the layout the CPU kernels run fastest on:
     memory ordered ``[B, H, W, span, C]``, so the whole ring is one channels-last image with
     ``span*C`` channels and a window conv needs no gather. Any layout is accepted by the ops.
-    ``aligned``: every row of C channels starts on a 16-byte boundary (:func:`aligned_channels`)."""
-    ring = torch.zeros(batch, height, width, span, row_length(channels, dtype, aligned), dtype=dtype, device=device)
-    return ring[..., :channels].permute(3, 0, 4, 1, 2)
+    ``aligned``: every row of C channels starts on a 16-byte boundary (:func:`aligned_channels`).
+    ``image_pad``: that many zero channels after each position's ``span*C``, which no op writes, so
+    the ring also reads as one image of ``span*C + image_pad`` channels (:func:`zero_image_pad`:
+    the torch backend's padded stem image on CUDA, without a copy)."""
+    row = row_length(channels, dtype, aligned)
+    memory = torch.zeros(batch, height, width, span * row + image_pad, dtype=dtype, device=device)
+    ring = memory[..., :span * row].unflatten(-1, (span, row))[..., :channels].permute(3, 0, 4, 1, 2)
+    if image_pad:
+        _ZERO_PADDED[id(ring)] = ring
+    return ring
+
+
+# rings of empty_ring(image_pad=...) whose pad channels are known zero, by id (the ring itself as
+# the value, so that a reused id of a dead ring never matches)
+_ZERO_PADDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def zero_image_pad(ring: torch.Tensor) -> int:
+    """The zero channels :func:`empty_ring` put after each position of ``ring`` (0 for any other
+    tensor, a view of one included: only the ring itself vouches for its padding)."""
+    return ring.stride(4) - ring.shape[0] * ring.stride(0) if _ZERO_PADDED.get(id(ring)) is ring else 0
 
 
 def empty_frame(batch: int, channels: int, height: int, width: int, *, dtype=None, device=None,

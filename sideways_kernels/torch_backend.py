@@ -8,7 +8,8 @@ gathered (reference.py stacks the window's frames for ``conv3d`` on every call: 
 copies of activations per op on a GPU). The input gradient sums the taps' weights once
 instead of running one transposed convolution per tap, and the SGD step is one fused
 ``torch._fused_sgd_`` call. On CUDA in 16 bits the RGB stem's small image gets zero channels
-to a multiple of 8 (:func:`channel_pad`). A temporally dilated or grouped conv does not fold
+to a multiple of 8 (:func:`channel_pad`), which the layers' rings hold as zeros of their own
+(:func:`ring_image_pad`). A temporally dilated or grouped conv does not fold
 that way and runs reference.py's definition.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import forms, reference
+from . import forms, ops, reference
 
 __all__ = ["ring_conv_forward", "window_input_grad", "weight_grad_accumulate", "sgd_tick_update"]
 
@@ -35,6 +36,13 @@ def channel_pad(ring: torch.Tensor) -> int:
     return _pad(ring.shape[0] * ring.shape[2], ring.is_cuda, ring.dtype)
 
 
+def ring_image_pad(span: int, frame: torch.Tensor) -> int:
+    """The zero channels a layer's ring of ``span`` frames like ``frame`` is made with for this
+    backend (``ops.empty_ring``'s ``image_pad``): :func:`channel_pad`'s, so the padded image is a
+    view of the ring."""
+    return _pad(span * frame.shape[1], frame.is_cuda, frame.dtype)
+
+
 def _pad(channels: int, cuda: bool, dtype: torch.dtype) -> int:
     if cuda and dtype in (torch.float16, torch.bfloat16) and channels < 32:
         return -channels % 8
@@ -43,8 +51,12 @@ def _pad(channels: int, cuda: bool, dtype: torch.dtype) -> int:
 
 def _ring_image(ring: torch.Tensor, pad: int = 0) -> torch.Tensor:
     """``[B, span*C (+ pad), H, W]``, channel ``s*C + c`` = channel ``c`` of slot ``s``: a view of
-    a ring in ``ops.empty_ring``'s layout (a copy of any other), or a copy with ``pad`` zero
-    channels after them."""
+    a ring in ``ops.empty_ring``'s layout (a copy of any other), or with ``pad`` zero channels
+    after them: a view of a ring ``empty_ring`` padded so (the layers' rings where this backend
+    pads), else a copy."""
+    if pad and ops.zero_image_pad(ring) == pad and ring.stride(0) == ring.shape[2]:
+        span, b, c, h, w = ring.shape
+        return ring.as_strided((b, span * c + pad, h, w), (ring.stride(1), 1, ring.stride(3), ring.stride(4)))
     image = ring.transpose(0, 1).flatten(1, 2)
     if not pad:
         return image
