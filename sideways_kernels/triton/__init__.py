@@ -107,6 +107,9 @@ _CHANNEL_BLOCK = {"ring_conv_forward": (lambda a: _folded_channels(a), "BLOCK_K"
                   "box_forward": (lambda a: a["C"], "BLOCK_K"), "box_input_grad": (lambda a: a["C"], "BLOCK_K"),
                   "box_weight_update": (lambda a: a["C"], "BLOCK_N")}
 _SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
+_KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
+_KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
+         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
 
 
 def _folded_channels(a: dict) -> int:
@@ -119,9 +122,6 @@ def _folded_channels(a: dict) -> int:
 def folds(channels_per_group: int) -> bool:
     """Whether the general kernels fold a problem's taps into K (configs.FOLD_CHANNELS)."""
     return channels_per_group <= FOLD_CHANNELS
-_KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
-_KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
-         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
 
 
 def _as_config(c) -> Config:
@@ -498,7 +498,7 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
                 [grad_out, ring, partials, *_tma_strides(grad_out), *_tma_strides(ring), B, C, H, W, c_out, h_out,
                  w_out, R, slot, *padding, *dilation, dilation_t, splits, _chosen["rotation"]],
                 dict(**shape, TAPS=per_tile), device, element_size=ring.element_size(), channels=C)
-    else:  # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap (folded: BLOCK_N pairs)
+    else:  # output tiles: BLOCK_M output channels x BLOCK_N input channels of one tap (or BLOCK_N pairs)
         columns = (lambda cfg: triton.cdiv(taps * cg, cfg.BLOCK_N)) if fold else \
             (lambda cfg: taps * triton.cdiv(cg, cfg.BLOCK_N))
         tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * columns(cfg)
