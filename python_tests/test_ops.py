@@ -460,3 +460,24 @@ def test_a_ring_or_frame_in_16_byte_rows_takes_the_fewest_whole_rows(dtype, rows
         assert ring.stride(0) == frame.stride(3) == row and ring.stride(4) == 3 * row and ring.stride(2) == 1
         assert (row * ring.element_size()) % 16 == 0 and not ring.untyped_storage().nbytes() % (16 * 3)
         assert ring.count_nonzero() == 0
+
+
+def test_a_ring_with_an_image_pad_reads_as_a_wider_zero_padded_image_and_says_so():
+    """``image_pad``: zero channels after each position's span x C (a ring of 3 slots of 3 channels
+    and 7 more: 16 a position); the ring itself is an ordinary ring of its shape, writes to it never
+    reach the pad, and only it vouches for the pad (``zero_image_pad``: not a view, a copy or a
+    ring without one). Sizes that are not ints of the right sign are refused, by name."""
+    ring = ops.empty_ring(3, 2, 3, 4, 5, dtype=torch.float32, image_pad=7)
+    assert ring.shape == (3, 2, 3, 4, 5) and ring.stride(0) == 3 and ring.stride(4) == 16
+    assert ops.zero_image_pad(ring) == 7 and ops.zero_image_pad(ring[:]) == 0 and ops.zero_image_pad(ring.clone()) == 0
+    assert ops.zero_image_pad(ops.empty_ring(3, 2, 3, 4, 5)) == 0
+    ring.copy_(torch.randn(3, 2, 3, 4, 5))
+    ring[1].fill_(2.0)
+    memory = torch.as_strided(ring, (2, 4, 5, 16), (ring.stride(1), ring.stride(3), ring.stride(4), 1))
+    assert memory[..., :9].count_nonzero() == 2 * 4 * 5 * 9 and memory[..., 9:].count_nonzero() == 0
+    for bad, name in [(dict(image_pad=-2), "image_pad"), (dict(image_pad=1.5), "image_pad"), (dict(channels=0), "channels"),
+                      (dict(span=True), "span")]:
+        args = {**dict(span=3, batch=1, channels=3, height=4, width=4), **bad}
+        with pytest.raises(ValueError, match=f"empty_ring: {name} must be an int"):
+            ops.empty_ring(args.pop("span"), args.pop("batch"), args.pop("channels"), args.pop("height"),
+                           args.pop("width"), **args)
