@@ -89,7 +89,7 @@ UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c",
         "column_sum_finish": (), "split_sum": ()}
 # Ints that take any value (no divisibility assumed): positions, counts, offsets.
 ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
-           "dil_w", "dil_t", "splits", "split_rotation", "G", "M", "P", "rows_per_program", "small"}
+           "dil_w", "dil_t", "splits", "split_rotation", "G", "M", "P", "rows_per_program"}
 
 
 def kernels_module(name: str):

@@ -696,7 +696,7 @@ def _grouped_launch(updates: list) -> bool:
     partials = _partials(device, floats)
     _descriptor_scratch(device)
     X._grouped_box_weight_update_kernel[_persistent(items[-1], device)](
-        partials, table, G, SMALL_CHANNELS, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
+        partials, table, G, *_addresses(u.grad_out for u in updates), *_addresses(u.ring for u in updates),
         KT=k_t, KH=k_h, KW=k_w, TAPS=per_tile, DTYPE=_TL_DTYPE[u0.ring.dtype], G_P2=triton.next_power_of_2(G),
         **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launches["grouped_weight_update"] += 1
@@ -1013,7 +1013,7 @@ def _grouped_box_launch(op: str, boxes: list) -> bool:
     G = len(boxes)
     _descriptor_scratch(device)
     X._grouped_box_forward_kernel[_persistent(max(tiles[-1], pushed[-1] if push else 0), device)](
-        table, G, SMALL_CHANNELS, *_addresses(b.ring for b in boxes),
+        table, G, *_addresses(b.ring for b in boxes),
         *_addresses(b.frame if push else b.ring for b in boxes),
         *_addresses(b.weight for b in boxes), *_addresses(b.bias if b.bias is not None else b.ring for b in boxes),
         *_addresses(b.out for b in boxes), *_addresses(b.error if b.error is not None else b.out for b in boxes),

@@ -157,7 +157,7 @@ FORWARD_FIELDS = tl.constexpr(32)  # a problem's row in a grouped forward's tabl
 
 @triton.jit
 def _grouped_box_forward_kernel(
-        table, G, small,
+        table, G,
         r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,  # the rings' addresses
         f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15,  # the frames' (PUSH; else any)
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,  # the weights' (GEMM layout)
@@ -178,8 +178,8 @@ def _grouped_box_forward_kernel(
     (b, h, w), the conv-resolution error's strides (b, h, w; ``POOL``); then each problem's first
     tile and their total (G + 1), and with ``PUSH`` each problem's first box of its frame's copy
     into its slot and their total (G + 1). ``DTYPE``: the activations'; ``BIAS``: the biases'. A
-    problem's descriptors are made where its item is taken; one of at most ``small`` channels (0:
-    none) takes K steps of SMALL_CHANNELS, not BLOCK_K.
+    problem's descriptors are made where its item is taken; one of at most SMALL_CHANNELS channels
+    takes K steps of SMALL_CHANNELS, not BLOCK_K.
 
     The epilogue is a stage of a Sideways chain (conv, ReLU): its output goes up as the next
     stage's sample, and the error that arrived from above for it (written last tick) meets this
@@ -201,7 +201,7 @@ def _grouped_box_forward_kernel(
         frame = _address(g, f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15)
         weight = _address(g, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
         tile = (item - tl.load(tiles + g)).to(tl.int32)
-        if _field(row, 11) <= small:  # few channels (the RGB stem's): K steps of SMALL_CHANNELS
+        if _field(row, 11) <= SMALL_CHANNELS:  # few channels (the RGB stem's): K steps of SMALL_CHANNELS
             acc, b, y0, x0, n0 = _grouped_forward_tile(row, tile, ring, frame, weight, KT, KH, KW, PUSH, DTYPE,
                                                        BH, BOX_W, BLOCK_M, BLOCK_N, SMALL_CHANNELS)
         else:
@@ -475,7 +475,7 @@ def _box_weight_update_kernel(
 
 @triton.jit
 def _grouped_box_weight_update_kernel(
-        partials, table, G, small,
+        partials, table, G,
         e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,  # the errors' addresses
         r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,  # the rings'
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, DTYPE: tl.constexpr,
@@ -488,8 +488,8 @@ def _grouped_box_weight_update_kernel(
     no bias; else its items are followed by :func:`_box_bias_item`'s), the error's strides (b, h, w), the ring's (r, b,
     h, w), B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot, pad_h, pad_w, dil_h, dil_w, dil_t, splits; then
     ``starts`` (G + 1: each problem's first item, then their total). ``DTYPE``: the activations'.
-    A problem's descriptors are made where its item is taken; one of at most ``small`` input
-    channels (0: none) takes tiles of SMALL_CHANNELS of them, not BLOCK_N."""
+    A problem's descriptors are made where its item is taken; one of at most SMALL_CHANNELS input
+    channels takes tiles of SMALL_CHANNELS of them, not BLOCK_N."""
     BH: tl.constexpr = BLOCK_K // BOX_W
     starts = table + 24 * G
     for item in tl.range(tl.program_id(0), tl.load(starts + G), tl.num_programs(0)):
@@ -506,7 +506,7 @@ def _grouped_box_weight_update_kernel(
                                         [1, BH, BOX_W, BLOCK_M])
         boxes_h, boxes_w = tl.cdiv(H_OUT, BH), tl.cdiv(W_OUT, BOX_W)
         boxes = B * boxes_h * boxes_w
-        few = C <= small  # few channels (the RGB stem's): tiles of SMALL_CHANNELS input channels
+        few = C <= SMALL_CHANNELS  # few channels (the RGB stem's): tiles of SMALL_CHANNELS input channels
         tiles_m, tiles_n = tl.cdiv(C_OUT, BLOCK_M), tl.cdiv(C, tl.where(few, SMALL_CHANNELS, BLOCK_N))
         local = (item - tl.load(starts + g)).to(tl.int32)
         gemm_items = tiles_m * tiles_n * (KT * KH * KW // TAPS) * splits
