@@ -295,6 +295,7 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     # r3d_18's, strided: the general kernels fold its 3 channels x 147 taps into 441 of K, 7 blocks of 64
     strided = dataclasses.replace(stem, shape="3->64 112x112 k3x7x7 s1x2x2")
     assert tm.channel_waste(strided) == tm.channel_waste(dataclasses.replace(strided, kind="weight_sgd")) == 448 / 441
+    assert tm.channel_waste(dataclasses.replace(strided, shape="4->64 112x112 k3x7x7 s1x2x2")) == 640 / 588
     assert tm.channel_waste(dataclasses.replace(strided, shape="5->64 112x112 k3x7x7 s1x2x2")) == 16 / 5  # not folded
     assert tm.gemm_us(stem, "triton") == pytest.approx(16 / 3 * us(stem, "triton"))
     assert tm.gemm_us(down, "triton") == pytest.approx(64 / 24 * us(down, "triton"))
@@ -339,6 +340,10 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     update = stem_update[:3] + contiguous + stem_update[4:]
     assert tm.kernels_today("weight_grad_accumulate", update, held=True) == \
         tm.kernels_today("weight_grad_accumulate", update, held=True, measured=True) + 2
+    stem_sgd = (s["weight"], torch.zeros_like(s["weight"]), s["bias"], torch.zeros_like(s["bias"]), s["grad_out"],
+                s["ring"], 1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
+    assert tm.kernels_today("sgd_tick_update", stem_sgd, held=True) == \
+        tm.kernels_today("sgd_tick_update", stem_sgd, held=True, measured=True)
     sgd = (t["weight"], torch.zeros_like(t["weight"]), t["bias"], torch.zeros_like(t["bias"]), t["grad_out"], t["ring"],
            1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
     assert tm.kernels_today("sgd_tick_update", sgd, held=False) >= 3  # the gradient, the bias's sum, the fused step

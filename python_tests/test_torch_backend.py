@@ -389,8 +389,16 @@ def test_a_ring_made_with_the_image_pad_is_read_as_the_padded_image_in_place(mon
         fewer.subtract(got["padded"][calls])
         assert +fewer == {"new_zeros": 1, "copy_": 1}, (got["unvouched"][calls], got["padded"][calls])
     d = _double
-    _close(got["padded"][0], ref.ring_conv_forward(d(t["ring"]), d(t["frame"]), 1, d(t["weight"]), d(t["bias"]),
-                                                   *_args(g)), torch.bfloat16, "forward")
+    expected = ref.ring_conv_forward(d(t["ring"]), d(t["frame"]), 1, d(t["weight"]), d(t["bias"]), *_args(g))
+    _close(got["padded"][0], expected, torch.bfloat16, "forward")
+    # rings whose pad is not this image's are copied: one in 16-byte rows (its slots' spare channels
+    # between), one with fewer zero channels than the image needs
+    for other in (ops.empty_ring(g.span, 2, 3, 6, 7, dtype=torch.bfloat16, aligned=True, image_pad=pad),
+                  ops.empty_ring(g.span, 2, 3, 6, 7, dtype=torch.bfloat16, image_pad=3)):
+        assert ops.zero_image_pad(other) == (pad if other.stride(0) == 8 else 3)
+        other.copy_(t["ring"])
+        _close(tb.ring_conv_forward(other, t["frame"], 1, t["weight"], t["bias"], *_args(g)), expected, torch.bfloat16,
+               "forward of another ring")
 
 
 def test_a_layer_makes_its_ring_with_the_pad_its_backend_reads(monkeypatch):
@@ -415,6 +423,17 @@ def test_a_layer_makes_its_ring_with_the_pad_its_backend_reads(monkeypatch):
         results.append((out.loss, grads(net)))
     assert pads[0] == [7, 0, 0]  # the stem: 9 channels + 7; the second conv 16 and the head 8 of their own
     assert results[0][0] == results[1][0] and all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    # a layer's ring is made again when its backend's pad changes (kept when it does not)
+    torch.manual_seed(0)
+    net = classifier_net([(3, 1, 1), (2, 0, 1)], channels=(3, 8, 8), dtype=torch.float32)
+    stem_pad = []
+    for forced in (False, True, True, False):
+        with monkeypatch.context() as m:
+            if not forced:
+                m.setattr(tb, "_pad", lambda channels, cuda, dtype: 0)
+            SidewaysPipeline(stages_of(net, 2), backend="torch").backward_clip(video, target)
+        stem_pad.append((ops.zero_image_pad(net[0]._ring), net[0]._ring.stride(4)))
+    assert stem_pad == [(0, 9), (7, 16), (7, 16), (0, 9)]
     frame = types.SimpleNamespace(shape=(2, 3, 6, 7), is_cuda=True, dtype=torch.bfloat16)
     forward_only = lambda op: {"torch"} if op == "ring_conv_forward" else {"triton"}
     for chosen, pad in ((lambda op: {"torch"}, 7), (lambda op: {"triton"}, 0), (forward_only, 7)):

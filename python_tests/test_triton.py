@@ -304,12 +304,12 @@ def test_every_config_matches_the_reference_with_split_k(cfg, channels, poisoned
 
 
 # few channels per group, their taps folded into K: an RGB stem like r3d_18's (3x7x7, stride 2:
-# 147 taps x 3 channels), a depthwise conv (1 channel a group), the most channels folded (4, dilated
-# in space and time), and one more channel, which is not
+# 147 taps x 3 channels), a depthwise conv (1 channel a group of 8), the most channels folded (4,
+# dilated in space and time: a ring slot no tap reads), and one more channel, which is not
 FOLD_GEOMETRIES = [
     Geometry(batch=2, channels=3, out_channels=8, height=9, width=8, k_t=3, k_hw=(7, 7), stride=(2, 2),
              padding=(3, 3), layout="channels_last"),
-    Geometry(batch=1, channels=4, out_channels=8, height=6, width=7, k_t=3, k_hw=(3, 3), padding=(1, 1), groups=4,
+    Geometry(batch=1, channels=8, out_channels=8, height=6, width=7, k_t=3, k_hw=(3, 3), padding=(1, 1), groups=8,
              layout="ring"),
     Geometry(batch=2, channels=4, out_channels=6, height=7, width=5, k_t=2, k_hw=(3, 2), dilation_t=2,
              dilation=(2, 1), padding=(2, 0), stride=(1, 2), layout="ring"),
@@ -325,12 +325,15 @@ def test_few_channels_fold_their_taps_into_the_general_kernels_k(g, dtype, monke
     group as one run of (tap, channel) pairs — 32-wide K steps and tiles crossing taps, a tap's
     pairs split between tiles, the last tile partial —, the weight update in 3 splits: the
     reference's results in float64 (forward, two accumulations, two SGD steps with momentum), and
-    only such problems fold."""
+    only such problems fold. A ring slot no tap reads holds NaN: no pair past the last reads it."""
     folded = []
     launch = T._launch
     monkeypatch.setattr(T, "_launch", lambda kernel, name, grid, args, meta, *rest, **kw:
                         folded.append((name, meta["FOLD"])) or launch(kernel, name, grid, args, meta, *rest, **kw))
     t = make(g, dtype, torch.float32)
+    read = {(t["slot"] - (g.k_t - 1 - j) * g.dilation_t) % g.span for j in range(g.k_t)}
+    for unread in set(range(g.span)) - read:
+        t["ring"][unread] = float("nan")
     a = _a(g)
     d = lambda x: None if x is None else x.double()
     with T.using(SMALL, split=3, path="general"):
@@ -359,7 +362,18 @@ def test_a_folded_weight_update_splits_over_its_few_tiles(monkeypatch):
         t = make(g, torch.float32)
         with T.using(SMALL, path="general"):
             S.weight_grad_accumulate(torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], t["slot"], *_a(g))
-    assert seen == [True, False]
+    # 3 channels in 16-byte rows on the box kernels: never folded
+    from sideways_kernels import ops
+    ring = ops.empty_ring(3, 1, 3, 4, 5, dtype=torch.float32, aligned=True).copy_(torch.randn(3, 1, 3, 4, 5))
+    grad_out = torch.randn(1, 8, 4, 5).contiguous(memory_format=torch.channels_last)
+    with T.using(path="box"):
+        S.weight_grad_accumulate(torch.zeros(8, 3, 3, 3, 3), None, grad_out, ring, 2, [1, 1], [1, 1], [1, 1], 1, 1)
+    assert seen == [True, False, False]
+    # what the autotuner's channel block is chosen for: every tap's channels where folded
+    for name in ("ring_conv_forward", "weight_update"):
+        problem = dict(C=6, groups=2, KT=3, KH=7, KW=7)
+        assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": True}) == 3 * 147
+        assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": False}) == 3
 
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------
