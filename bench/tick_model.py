@@ -648,12 +648,12 @@ def channel_waste(launch: Launch) -> float:
     that many or fewer: a stride-1 RGB stem (the box kernels) costs 16/3 of its FLOPs there. A
     strided one (the general kernels) folds its taps into K (configs.FOLD_CHANNELS): 3 channels x
     147 taps in blocks of 64 pairs. The measured rates, of 64 and more channels, waste none."""
-    from sideways_kernels.triton.configs import FOLD_CHANNELS, SMALL_CHANNELS
+    from sideways_kernels.triton.configs import FOLD_CHANNELS, channel_block
     c_in, c_out, _ = _problem(launch)
     channels = c_out if launch.kind == "input_grad" else c_in
     if launch.kind != "input_grad" and channels <= FOLD_CHANNELS and _layer_of(launch) is None:  # strided
         channels *= math.prod(map(int, launch.shape.split()[2][1:].split("x")))
-    block = SMALL_CHANNELS if channels <= SMALL_CHANNELS else 64
+    block = channel_block(channels, 64)
     return -(-channels // block) * block / channels
 
 

@@ -59,6 +59,11 @@ def padding(request, monkeypatch):
     return request.param
 
 
+def _pad_as_on_cuda(monkeypatch):
+    """A small ring image padded as on CUDA in 16 bits — here on the CPU and in any dtype."""
+    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom,dtype,slot", CASES)
 def test_ring_conv_forward_matches_reference(geom, dtype, slot, device, padding):
@@ -336,7 +341,7 @@ def test_held_forms_are_the_derived_ones_for_16_bit_masters_and_padded_stems(mon
     """The forms a run holds equal what the ops derive, to the bit: for a bf16 master weight (its
     taps' sum accumulated in fp32 all the same) and for a small stem image padded with zero
     channels (as on CUDA in 16 bits: here the pad forced), where the held forward derives nothing."""
-    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+    _pad_as_on_cuda(monkeypatch)
     g = Geometry(2, 3, 8, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
     t = make(g, torch.bfloat16, torch.bfloat16)
     weight = t["weight"]
@@ -361,7 +366,7 @@ def test_a_ring_made_with_the_image_pad_is_read_as_the_padded_image_in_place(mon
     the copied image to the bit. A ring of that layout whose pad nobody vouches for (a view of a
     tensor holding NaN there) is copied as any other: its NaN never reaches a result."""
     from sideways_kernels import ops
-    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+    _pad_as_on_cuda(monkeypatch)
     g = Geometry(2, 3, 8, 6, 7, 3, (3, 3), padding=(1, 1), layout="ring")
     t = make(g, torch.bfloat16, torch.float32)
     pad = tb.ring_image_pad(g.span, t["frame"])
@@ -409,7 +414,7 @@ def test_a_layer_makes_its_ring_with_the_pad_its_backend_reads(monkeypatch):
     the other backends never."""
     from sideways_kernels import SidewaysPipeline, backend, ops
     from nets import classifier_net, grads, stages_of
-    monkeypatch.setattr(tb, "_pad", lambda channels, cuda, dtype: -channels % 8 if channels < 32 else 0)
+    _pad_as_on_cuda(monkeypatch)
     video, target = torch.randn(2, 3, 5, 6, 7), torch.tensor([1, 4])
     results, pads = [], []
     for vouched in (True, False):

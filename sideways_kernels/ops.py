@@ -93,10 +93,10 @@ def empty_ring(span: int, batch: int, channels: int, height: int, width: int, *,
     ``image_pad``: that many zero channels after each position's ``span*C``, which no op writes, so
     the ring also reads as one image of ``span*C + image_pad`` channels (:func:`zero_image_pad`:
     the torch backend's padded stem image on CUDA, without a copy)."""
-    sizes = dict(span=span, batch=batch, channels=channels, height=height, width=width)
-    for name, value in {**sizes, "image_pad": image_pad}.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < (name != "image_pad"):
-            raise ValueError(f"empty_ring: {name} must be an int >= {int(name != 'image_pad')}, got {value!r}")
+    for name, value, least in (("span", span, 1), ("batch", batch, 1), ("channels", channels, 1),
+                               ("height", height, 1), ("width", width, 1), ("image_pad", image_pad, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"empty_ring: {name} must be an int >= {least}, got {value!r}")
     row = row_length(channels, dtype, aligned)
     memory = torch.zeros(batch, height, width, span * row + image_pad, dtype=dtype, device=device)
     ring = memory[..., :span * row].unflatten(-1, (span, row))[..., :channels].permute(3, 0, 4, 1, 2)

@@ -33,7 +33,7 @@ from .. import forms
 from . import boxes as X
 from . import kernels as K
 from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, FOLD_CHANNELS, SMALL_CHANNELS, SPLIT_SUM, Config,
-                      configs_for, fit_channels, prune, prune_boxes, split_k)
+                      channel_block, configs_for, fit_channels, prune, prune_boxes, split_k)
 from ..ops import conv_output_size, ring_output_hw
 from ..reference import sgd_step
 
@@ -98,18 +98,6 @@ _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
     "box_input_grad": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_M),
     "box_weight_update": (lambda a: (a["H_OUT"], a["W_OUT"]), lambda c: c.BLOCK_K),
 }
-# kernel -> (the channels its K loop or tile steps through, the config's block of them: a forward's
-# and input gradient's K step, a weight update tile's input channels — or, folded, its (tap,
-# channel) pairs): SMALL_CHANNELS wide for problems of that many or fewer (configs.fit_channels)
-_CHANNEL_BLOCK = {"ring_conv_forward": (lambda a: _folded_channels(a), "BLOCK_K"),
-                  "window_input_grad": (lambda a: a["C_OUT"] // a["groups"], "BLOCK_K"),
-                  "weight_update": (lambda a: _folded_channels(a), "BLOCK_N"),
-                  "box_forward": (lambda a: a["C"], "BLOCK_K"), "box_input_grad": (lambda a: a["C"], "BLOCK_K"),
-                  "box_weight_update": (lambda a: a["C"], "BLOCK_N")}
-_SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
-_KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
-_KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
-         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
 
 
 def _folded_channels(a: dict) -> int:
@@ -117,6 +105,20 @@ def _folded_channels(a: dict) -> int:
     or with ``FOLD`` every tap's of them."""
     channels = a["C"] // a["groups"]
     return channels * a["KT"] * a["KH"] * a["KW"] if a.get("FOLD") else channels
+
+
+# kernel -> (the channels its K loop or tile steps through, the config's block of them: a forward's
+# and input gradient's K step, a weight update tile's input channels — or, folded, its (tap,
+# channel) pairs): SMALL_CHANNELS wide for problems of that many or fewer (configs.fit_channels)
+_CHANNEL_BLOCK = {"ring_conv_forward": (_folded_channels, "BLOCK_K"),
+                  "window_input_grad": (lambda a: a["C_OUT"] // a["groups"], "BLOCK_K"),
+                  "weight_update": (_folded_channels, "BLOCK_N"),
+                  "box_forward": (lambda a: a["C"], "BLOCK_K"), "box_input_grad": (lambda a: a["C"], "BLOCK_K"),
+                  "box_weight_update": (lambda a: a["C"], "BLOCK_N")}
+_SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
+_KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
+_KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
+         "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
 
 
 def folds(channels_per_group: int) -> bool:
@@ -138,8 +140,9 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
     box = name.startswith("box")
     cfg = _chosen["box_config" if box else "config"]
     if cfg is None and (INTERPRET or device.type != "cuda"):
-        cfg = DEFAULT if not box else DEFAULT_BOX if channels > SMALL_CHANNELS else \
-            DEFAULT_BOX._replace(**{_CHANNEL_BLOCK[name][1]: SMALL_CHANNELS})
+        field = _CHANNEL_BLOCK[name][1]  # (a box kernel's: narrowed as the grouped launches narrow it)
+        cfg = DEFAULT if not box else \
+            DEFAULT_BOX._replace(**{field: channel_block(channels, getattr(DEFAULT_BOX, field))})
     if cfg is not None:
         wrap_triton(kernel)[grid(cfg)](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
                                        num_stages=cfg.num_stages)
@@ -666,7 +669,7 @@ def _grouped_launch(updates: list) -> bool:
     cfg = _grouped_config("box_grouped_weight_update", *largest.grad_out.shape[2:], lambda c: c.BLOCK_K, device)
     bh = cfg.BLOCK_K // cfg.BOX_W
     tiles = [triton.cdiv(u.target.shape[0], cfg.BLOCK_M) * (taps // per_tile)
-             * triton.cdiv(u.ring.shape[2], SMALL_CHANNELS if u.ring.shape[2] <= SMALL_CHANNELS else cfg.BLOCK_N)
+             * triton.cdiv(u.ring.shape[2], channel_block(u.ring.shape[2], cfg.BLOCK_N))
              for u in updates]
     rows, items, finish, bias_rows, hyper, floats = [], [0], [], [], [], 0
     for u, n in zip(updates, tiles):

@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 __all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
-           "box_waste", "fit_channels", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM",
+           "box_waste", "channel_block", "fit_channels", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM",
            "SMALL_CHANNELS", "FOLD_CHANNELS"]
 
 
@@ -142,6 +142,12 @@ def box_waste(height: int, width: int, positions: int, box_w: int) -> float:
     one of a ``height x width`` frame (1.0: none wasted; boxes past the edge compute zeros)."""
     box_h = positions // box_w
     return math.ceil(height / box_h) * box_h * math.ceil(width / box_w) * box_w / (height * width)
+
+
+def channel_block(channels: int, wide: int) -> int:
+    """The block a problem of ``channels`` steps through them by: SMALL_CHANNELS for that many or
+    fewer, else ``wide`` (a config's)."""
+    return SMALL_CHANNELS if channels <= SMALL_CHANNELS else wide
 
 
 def fit_channels(configs: list[Config], channels: int, block_of) -> list[Config]:
