@@ -5,8 +5,14 @@ Every kernel x every config of its list for the architecture and activation type
 target=GPUTarget("cuda", arch, 32))``:
 - the general kernels (kernels.py: forward, input gradient, the weight update's split-K GEMM;
   the forward and GEMM also with few channels' taps folded into K, ``_fold``) for sm_90a and
-  sm_80, fp32 and bf16, and the weight update's second launch (the splits' sum
-  and the epilogue: accumulating, or the SGD step; fp32 whatever the activations);
+  sm_80, fp32 and bf16, each in the specialisations launches make (configs.aligned): every
+  channel count and stride a multiple of 16, in the CONFIGS lists, and in the UNALIGNED lists
+  ``_unaligned`` (R(2+1)D's 45 channels, a grouped conv's 8 per group: no int divisible by 16, so
+  Triton loads element by element and pipelines nothing) and the folded ones, whose gather loads
+  so too: ``_fold`` (an RGB stem's 3 channels, unaligned strides) and ``_depthwise`` (1 channel in
+  and out per group, aligned strides; the input gradient's too, unfolded); and the weight
+  update's second launch (the splits' sum and the epilogue: accumulating, or the SGD step; fp32
+  whatever the activations);
 - the box kernels (boxes.py: TMA boxes, wgmma, persistent) for sm_90a, bf16 — the only
   architecture and type the ops send them; the input gradient is the forward's kernel on the
   error (one slot, no bias), compiled in that specialisation.
@@ -26,8 +32,8 @@ instruction family (``wgmma``, ``mma``, or ``fma`` without tensor cores), ``tma`
 kernel walks its tiles by the grid size).
 
 Fails on a spill, on shared memory over the device's limit, on a 16-bit sm_90a kernel without
-wgmma, on a 16-bit general kernel whose loads are not software-pipelined, and on a box kernel
-without TMA or without its persistent loop. A config that fails is one the autotuner must never
+wgmma, on a 16-bit aligned general kernel whose loads are not software-pipelined, and on a box
+kernel without TMA or without its persistent loop. A config that fails is one the autotuner must never
 pick: the list is the place to fix. The specialisation compiled here (which strides are 1) is
 the one real launches make: test_triton.py checks that against the ops.
 
@@ -53,8 +59,9 @@ import types
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sideways_kernels", "triton")
 
-GENERAL = ("ring_conv_forward", "ring_conv_forward_fold", "window_input_grad", "weight_update", "weight_update_fold",
-           "weight_finish", "weight_finish_sgd",
+GENERAL = ("ring_conv_forward", "ring_conv_forward_unaligned", "ring_conv_forward_fold", "ring_conv_forward_depthwise",
+           "window_input_grad", "window_input_grad_unaligned", "window_input_grad_depthwise", "weight_update",
+           "weight_update_unaligned", "weight_update_fold", "weight_update_depthwise", "weight_finish", "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_forward_pool",
@@ -63,9 +70,10 @@ BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forwar
 NO_MMA = ("column_sum", "split_sum", "box_grouped_stage_epilogue", "box_grouped_stage_epilogue_pool")  # no GEMM
 KERNELS = GENERAL + BOX
 DTYPES = ("fp32", "bf16")
-KIND = {"ring_conv_forward": "gemm", "ring_conv_forward_fold": "gemm", "window_input_grad": "gemm",
-        "weight_update": "weight_update", "weight_update_fold": "weight_update", "box_forward": "box_gemm",
-        "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
+KIND = {**{f"ring_conv_forward{v}": "gemm" for v in ("", "_unaligned", "_fold", "_depthwise")},
+        **{f"weight_update{v}": "weight_update" for v in ("", "_unaligned", "_fold", "_depthwise")},
+        **{f"window_input_grad{v}": "gemm" for v in ("", "_unaligned", "_depthwise")},
+        "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update",
         "box_grouped_forward": "box_grouped_forward", "box_grouped_forward_pool": "box_grouped_forward",
         "box_grouped_input_grad": "box_grouped_forward", "box_grouped_stage_epilogue": "box_grouped_forward",
         "box_grouped_stage_epilogue_pool": "box_grouped_forward",
@@ -78,18 +86,23 @@ KIND = {"ring_conv_forward": "gemm", "ring_conv_forward_fold": "gemm", "window_i
 
 # The strides a launch passes as 1 (Triton's JIT specialises an int equal to 1 into a constant):
 # channels-last activations and errors (channels innermost) and the weights as the ops lay them
-# out for the GEMM (sideways_kernels/triton/__init__.py); every other int and every pointer is
-# assumed divisible by 16, as it is for channel counts that are multiples of 16. The box kernels
-# take no unit strides: their descriptors have the channels innermost by construction.
+# out for the GEMM (sideways_kernels/triton/__init__.py); every other int but configs.ANY_INT's
+# and every pointer is assumed divisible by 16, as it is for channel counts that are multiples of
+# 16 — except in a general kernel's ``_unaligned`` and ``_fold`` variants (configs.aligned: a
+# channel count or stride not a multiple of 16), where no int is. The box kernels take no unit
+# strides: their descriptors have the channels innermost by construction.
 UNIT = {"ring_conv_forward": ("s_c", "w_o", "o_c"), "window_input_grad": ("g_c", "w_c", "i_c"),
         "weight_update": ("g_c", "s_c"), "box_forward": (), "box_input_grad": (), "box_weight_update": (),
         "box_grouped_forward": (), "box_grouped_forward_pool": (), "box_grouped_input_grad": (),
         "box_grouped_weight_update": (), "box_grouped_stage_epilogue": (), "box_grouped_stage_epilogue_pool": (),
         "weight_finish": ("t_w",), "grouped_weight_finish": (), "column_sum": (),
         "column_sum_finish": (), "split_sum": ()}
-# Ints that take any value (no divisibility assumed): positions, counts, offsets.
-ANY_INT = {"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "groups", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
-           "dil_w", "dil_t", "splits", "split_rotation", "G", "M", "P", "rows_per_program"}
+
+
+def gathers(kernel: str) -> bool:
+    """A general kernel's specialisation that loads element by element (unaligned, or folded: its
+    gather): the UNALIGNED lists, nothing for cp.async to pipeline."""
+    return kernel.endswith(("_unaligned", "_fold", "_depthwise"))
 
 
 def kernels_module(name: str):
@@ -105,7 +118,8 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     import triton.language as tl
     K, X = kernels_module("kernels"), kernels_module("boxes")
     act, master = f"*{dtype}", "*fp32"  # 16-bit activations, fp32 master weights (as autocast trains)
-    base = kernel.replace("_sgd", "").replace("_add", "").replace("_fold", "")
+    base = re.sub(r"_(sgd|add|fold|depthwise|unaligned)$", "", kernel)
+    unaligned = kernel.endswith(("_unaligned", "_fold"))  # (no int divisible by 16: the RGB stem's strides)
     sgd = kernel.endswith("_sgd")
     taps = dict(KT=3, KH=3, KW=3)
     update_ptrs = dict(grad_out=act, ring=act, partials="*fp32")
@@ -164,9 +178,12 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
                       dict(HAS_BIAS=True, BLOCK=cfg.BLOCK_M)),
     }[base]
     if base in ("ring_conv_forward", "window_input_grad", "weight_update"):
-        const.update(PRECISION="ieee" if dtype == "fp32" else "tf32", ONE_GROUP=True)
-    if base in ("ring_conv_forward", "weight_update"):  # _fold: few channels, the taps folded into K
-        const.update(FOLD=kernel.endswith("_fold"))
+        const.update(PRECISION="ieee" if dtype == "fp32" else "tf32")
+    if base in ("ring_conv_forward", "weight_update"):  # the taps folded into K: an RGB stem's 3 channels
+        # (_fold), or 1 in and 1 out per group (_depthwise: Triton's constants for ints equal to 1)
+        const.update(FOLD=3 if kernel.endswith("_fold") else 1 if kernel.endswith("_depthwise") else 0)
+    if kernel.endswith("_depthwise"):  # (the input gradient's too, which never folds)
+        const.update(cg=1, mg=1)
     finish = base in ("weight_finish", "grouped_weight_finish")
     if not base.startswith(("column_sum", "split_sum")):
         meta = {k: v for k, v in cfg.meta().items() if k in fn.arg_names}  # (an epilogue has no BLOCK_K)
@@ -179,8 +196,9 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     sig = {a: ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else
                               "i64" if base.startswith(("grouped", "box_grouped")) and addresses.match(a) else "i32")
            for a in fn.arg_names}
+    any_int = kernels_module("configs").ANY_INT
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-               if sig[a] not in ("constexpr", "fp32") and a not in ANY_INT}
+               if sig[a] not in ("constexpr", "fp32") and a not in any_int and not (unaligned and sig[a] == "i32")}
     return fn, sig, const, aligned
 
 
@@ -219,8 +237,9 @@ def check(job: tuple) -> dict:
         problems.append(f"shared memory {shared} B over the limit {SHARED_MEMORY[arch]} B")
     if arch == 90 and dtype != "fp32" and family != "wgmma" and kernel not in NO_MMA:
         problems.append("16-bit on sm_90a without wgmma")
-    if dtype != "fp32" and not pipelined and kernel not in NO_MMA[1:]:  # (split_sum: fp32; an epilogue: one load)
-        # e.g. a mask or offset whose alignment Triton cannot see
+    if dtype != "fp32" and not pipelined and kernel not in NO_MMA[1:] and not gathers(kernel):
+        # e.g. a mask or offset whose alignment Triton cannot see (split_sum: fp32; an epilogue: one
+        # load; an unaligned problem: element loads, which cp.async's 4 bytes and more cannot take)
         problems.append("16-bit loads not software-pipelined (no async copies): num_stages has no effect")
     if kernel.startswith("box") and not tma:
         problems.append("a box kernel without TMA copies (cp.async.bulk.tensor)")
@@ -245,7 +264,8 @@ def jobs_for(archs, kernels, dtypes) -> list:
                 if k in ("column_sum", "split_sum"):
                     jobs.append((k, arch, d, configs.COLUMN_SUM if k == "column_sum" else configs.SPLIT_SUM))
                     continue
-                jobs += [(k, arch, d, cfg) for cfg in configs.configs_for(KIND[k], arch, 4 if d == "fp32" else 2)]
+                jobs += [(k, arch, d, cfg) for cfg in configs.configs_for(KIND[k], arch, 4 if d == "fp32" else 2,
+                                                                          is_aligned=not gathers(k))]
     return jobs
 
 

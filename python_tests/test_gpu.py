@@ -311,6 +311,46 @@ def test_triton_box_kernels_on_gpu(g, dtype):
         torch.testing.assert_close(buf_graph, buf_eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("g, aligned", [
+    (Geometry(4, 32, 64, 14, 14, 3, (3, 3), stride=(2, 2), padding=(1, 1), groups=2), True),  # 16 per group
+    (Geometry(4, 45, 64, 14, 14, 3, (3, 3), stride=(2, 2), padding=(1, 1)), False),  # R(2+1)D's 45 channels
+    (Geometry(4, 3, 64, 28, 28, 3, (7, 7), stride=(2, 2), padding=(3, 3)), False),  # r3d_18's stem: folded
+    (Geometry(4, 64, 64, 14, 14, 3, (3, 3), padding=(1, 1), groups=64), False),  # depthwise: folded
+], ids=["grouped16", "unaligned45", "stem3-folded", "depthwise"])
+def test_triton_general_kernels_on_gpu(g, aligned, dtype):
+    """The general kernels compiled and autotuned on the device in the specialisations `make
+    gpu-check` compiles ahead of time — channels per group and strides multiples of 16, or not,
+    folded, depthwise: each op against float64 (the weight update twice on the same tensors), and
+    each launch's autotuner picked from the list compiled for it (CONFIGS, or UNALIGNED)."""
+    T = pytest.importorskip("sideways_kernels.triton")
+    from sideways_kernels.triton.configs import configs_for
+    torch.manual_seed(0)
+    S, a, size = torch.ops.sideways_triton, _a(g), [g.height, g.width]
+    ring = ops.empty_ring(g.span, g.batch, g.channels, g.height, g.width, dtype=dtype, device="cuda")
+    ring.copy_(torch.randn(ring.shape))
+    fan_in = g.channels // g.groups * g.k_t * g.k_hw[0] * g.k_hw[1]
+    weight = torch.randn(g.out_channels, g.channels // g.groups, g.k_t, *g.k_hw, device="cuda") / fan_in ** 0.5
+    grad_out = torch.randn(g.batch, g.out_channels, *g.out_hw(), device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    d = lambda x: x.double()
+    with T.using(path="general"):
+        out = S.ring_conv_forward(ring, None, 1 % g.span, weight, None, *a)
+        torch.testing.assert_close(out.double(), ref.ring_conv_forward(d(ring), None, 1 % g.span, d(weight), None, *a),
+                                   rtol=3e-2, atol=5e-2)
+        _close_to_rounding(S.window_input_grad(grad_out, weight, size, *a[:3], g.groups), grad_out, weight, size, a,
+                           g.groups)
+        grad_w, expected = torch.zeros_like(weight), torch.zeros_like(weight, dtype=torch.float64)
+        for _ in range(2):
+            S.weight_grad_accumulate(grad_w, None, grad_out, ring, 0, *a)
+            ref.weight_grad_accumulate(expected, None, d(grad_out), d(ring), 0, *a)
+        torch.testing.assert_close(grad_w.double(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    major, minor = torch.cuda.get_device_capability()
+    for name, kind in (("ring_conv_forward", "gemm"), ("window_input_grad", "gemm"), ("weight_update", "weight_update")):
+        listed = {c.name for c in configs_for(kind, 10 * major + minor, 2, is_aligned=aligned)}
+        assert T.picked(name, ring.device) in listed, (name, T.picked(name, ring.device))
+
+
 def _bf16_layers(shapes: list) -> list:
     """Per geometry, a layer's tensors on the GPU as a pipeline hands them to the box kernels: (g,
     its bf16 ring, a bf16 error and the next frame, both channels-last, its fp32 weight and bias),

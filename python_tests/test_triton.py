@@ -343,7 +343,8 @@ def test_few_channels_fold_their_taps_into_the_general_kernels_k(g, dtype, monke
         _close(out, ref.ring_conv_forward(expected_ring, d(t["frame"]), t["slot"], d(t["weight"]), d(t["bias"]), *a),
                dtype)
         _update_twice_matches_reference(g, t, ring, a, dtype)
-    fold = g.channels // g.groups <= T.FOLD_CHANNELS
+    cg = g.channels // g.groups
+    fold = cg if cg <= T.FOLD_CHANNELS else 0  # (the kernels' constant: the channels per group, or 0)
     assert folded == [("ring_conv_forward", fold)] + [("weight_update", fold)] * 4
 
 
@@ -371,9 +372,47 @@ def test_a_folded_weight_update_splits_over_its_few_tiles(monkeypatch):
     assert seen == [True, False, False]
     # what the autotuner's channel block is chosen for: every tap's channels where folded
     for name in ("ring_conv_forward", "weight_update"):
-        problem = dict(C=6, groups=2, KT=3, KH=7, KW=7)
-        assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": True}) == 3 * 147
-        assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": False}) == 3
+        problem = dict(cg=3, KT=3, KH=7, KW=7)  # (the general kernels' channels per group)
+        assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": 3}) == 3 * 147
+        assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": 0}) == 3
+
+
+
+@pytest.mark.parametrize("channels, out_channels, groups, aligned", [
+    (16, 32, 1, True), (32, 32, 2, True),  # 16 channels per group: the group's offset moves the bases
+    (24, 24, 1, False), (16, 16, 2, False),  # 24 channels; 8 per group
+    (3, 16, 1, False), (64, 64, 64, False),  # folded: an RGB stem; a depthwise conv (aligned strides)
+], ids=["16", "32-groups2", "24", "16-groups2", "3-folded", "64-depthwise"])
+def test_a_general_launch_takes_the_configs_compiled_for_its_alignment(channels, out_channels, groups, aligned,
+                                                                       monkeypatch):
+    """`make gpu-check` compiles the general kernels' CONFIGS lists for channel counts and strides
+    that are multiples of 16 (Triton loads 16-byte vectors and pipelines them), the UNALIGNED
+    lists for any other problem and for folded ones (element loads, whose addresses made the
+    CONFIGS tiles spill on sm_90a): each launch's autotuner takes the list compiled for it."""
+    from samples import Geometry
+    from sideways_kernels.triton.configs import UNALIGNED, configs_for
+    g = Geometry(batch=2, channels=channels, out_channels=out_channels, height=5, width=7, k_t=2, k_hw=(3, 3),
+                 padding=(1, 1), groups=groups, layout="channels_last")
+    taken, launch = [], T._launch
+
+    def spy(kernel, name, grid, args, meta, *rest, **kw):
+        taken.append((name, T._takes_aligned(name, kernel, args)))
+        # a tensor off a 16-byte boundary (a view at an odd offset) is never aligned
+        shifted = [torch.empty(a.numel() + 1, dtype=a.dtype)[1:] if isinstance(a, torch.Tensor) else a for a in args]
+        assert not T._takes_aligned(name, kernel, shifted)
+        return launch(kernel, name, grid, args, meta, *rest, **kw)
+    monkeypatch.setattr(T, "_launch", spy)
+    t = make(g, torch.float16, torch.float32)
+    with T.using(SMALL, path="general"):
+        S.ring_conv_forward(t["ring"].clone(), t["frame"], t["slot"], t["weight"], t["bias"], *_a(g))
+        S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *_a(g)[:3], groups)
+        S.weight_grad_accumulate(torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], t["slot"], *_a(g))
+    assert taken == [(name, aligned) for name in ("ring_conv_forward", "window_input_grad", "weight_update")]
+    # the lists differ where the CONFIGS tiles spill, and each keeps a config for few channels
+    assert configs_for("gemm", 90, 2, is_aligned=False) == UNALIGNED["gemm"][90] != configs_for("gemm", 90)
+    assert all(min(c.BLOCK_K for c in UNALIGNED["gemm"][a]) == min(c.BLOCK_N for c in UNALIGNED["weight_update"][a])
+               == T.SMALL_CHANNELS for a in (80, 90))
+    assert {c for lists in UNALIGNED.values() for cs in lists.values() for c in cs} <= set(EVERY_CONFIG)
 
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------
@@ -870,9 +909,10 @@ def test_the_autotuner_steps_through_few_channels_in_narrow_blocks_and_many_in_w
     kernels = [k for k, kk in T._KIND.items() if kk == kind]
     assert kernels and all(T._CHANNEL_BLOCK[k][1] == field for k in kernels)
     # the channels stepped through: the ring's (per group), an input gradient's error's; C=24, C_OUT=48, 8 groups
+    # (the general kernels take the channels per group as arguments: cg, mg)
     stepped = {"ring_conv_forward": 3, "window_input_grad": 6, "weight_update": 3, "box_forward": 24,
                "box_input_grad": 24, "box_weight_update": 24}
-    assert all(T._CHANNEL_BLOCK[k][0](dict(C=24, C_OUT=48, groups=8)) == stepped[k] for k in kernels)
+    assert all(T._CHANNEL_BLOCK[k][0](dict(C=24, C_OUT=48, cg=3, mg=6)) == stepped[k] for k in kernels)
     listed = configs_for(kind, arch)
     for channels in (3, 8, SMALL_CHANNELS):
         kept = fit_channels(listed, channels, block)

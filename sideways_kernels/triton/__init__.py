@@ -33,7 +33,7 @@ from .. import forms
 from . import boxes as X
 from . import kernels as K
 from .configs import (COLUMN_SUM, DEFAULT, DEFAULT_BOX, FINISH, FOLD_CHANNELS, SMALL_CHANNELS, SPLIT_SUM, Config,
-                      channel_block, configs_for, fit_channels, prune, prune_boxes, split_k)
+                      aligned, channel_block, configs_for, fit_channels, prune, prune_boxes, split_k)
 from ..ops import conv_output_size, ring_output_hw
 from ..reference import sgd_step
 
@@ -46,7 +46,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _chosen: dict = {"config": None, "box_config": None, "split": None, "gemm_split": None, "path": None,
                  "rotation": 0}  # set by using()
-_autotuned: dict = {}  # (kernel name, capability) -> autotuned kernel
+_autotuned: dict = {}  # (kernel name, capability, element size, aligned) -> autotuned kernel
+_latest: dict = {}  # (kernel name, capability, element size) -> the key of its last autotuned launch
 _derived: dict = {}  # (id(weight), summed, flipped) -> (weak reference to it, version, dtype, the weight as read)
 
 
@@ -86,9 +87,9 @@ def _sms(device: torch.device) -> int:
 # prunes on (it sees only the kernel's own arguments); for the box kernels also the frame their
 # boxes walk and which block of a config is the box.
 _PROBLEM = {
-    "ring_conv_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"] // a["groups"], a["ring"]),
-    "window_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["C"] // a["groups"], a["grad_out"]),
-    "weight_update": lambda a: (a["C_OUT"] // a["groups"], a["C"] // a["groups"], a["ring"]),  # a tile: one tap
+    "ring_conv_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["mg"], a["ring"]),  # (per group)
+    "window_input_grad": lambda a: (a["B"] * a["H"] * a["W"], a["cg"], a["grad_out"]),
+    "weight_update": lambda a: (a["mg"], a["cg"], a["ring"]),  # a tile: one tap
     "box_forward": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"], a["ring"]),
     "box_input_grad": lambda a: (a["B"] * a["H_OUT"] * a["W_OUT"], a["C_OUT"], a["ring"]),  # the forward's kernel
     "box_weight_update": lambda a: (a["C_OUT"], a["C"], a["ring"]),
@@ -103,20 +104,20 @@ _BOXES = {  # box kernel -> (the frame its boxes walk, the config's box size)
 def _folded_channels(a: dict) -> int:
     """What a general forward's or weight update's K step or tile walks: its channels per group,
     or with ``FOLD`` every tap's of them."""
-    channels = a["C"] // a["groups"]
-    return channels * a["KT"] * a["KH"] * a["KW"] if a.get("FOLD") else channels
+    return a["cg"] * a["KT"] * a["KH"] * a["KW"] if a.get("FOLD") else a["cg"]
 
 
 # kernel -> (the channels its K loop or tile steps through, the config's block of them: a forward's
 # and input gradient's K step, a weight update tile's input channels — or, folded, its (tap,
 # channel) pairs): SMALL_CHANNELS wide for problems of that many or fewer (configs.fit_channels)
 _CHANNEL_BLOCK = {"ring_conv_forward": (_folded_channels, "BLOCK_K"),
-                  "window_input_grad": (lambda a: a["C_OUT"] // a["groups"], "BLOCK_K"),
+                  "window_input_grad": (lambda a: a["mg"], "BLOCK_K"),
                   "weight_update": (_folded_channels, "BLOCK_N"),
                   "box_forward": (lambda a: a["C"], "BLOCK_K"), "box_input_grad": (lambda a: a["C"], "BLOCK_K"),
                   "box_weight_update": (lambda a: a["C"], "BLOCK_N")}
-_SHAPE = ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"]
-_KEYS = {name: _SHAPE + ([] if name.startswith("box") else ["groups"]) for name in _PROBLEM}
+# the autotuner's keys: a box kernel's channels, a general one's per group (a group a grid row)
+_KEYS = {name: ["B", "C", "H", "W", "C_OUT", "H_OUT", "W_OUT"] if name.startswith("box") else
+         ["B", "cg", "H", "W", "mg", "H_OUT", "W_OUT"] for name in _PROBLEM}
 _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_update": "weight_update",
          "box_forward": "box_gemm", "box_input_grad": "box_gemm", "box_weight_update": "box_weight_update"}
 
@@ -124,6 +125,12 @@ _KIND = {"ring_conv_forward": "gemm", "window_input_grad": "gemm", "weight_updat
 def folds(channels_per_group: int) -> bool:
     """Whether the general kernels fold a problem's taps into K (configs.FOLD_CHANNELS)."""
     return channels_per_group <= FOLD_CHANNELS
+
+
+def _fold(channels_per_group: int) -> int:
+    """The general kernels' ``FOLD``: the channels per group where they fold (a constant of the
+    compiled kernel, so its gather's divisions by it are cheap), else 0."""
+    return channels_per_group if folds(channels_per_group) else 0
 
 
 def _as_config(c) -> Config:
@@ -148,7 +155,8 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
                                        num_stages=cfg.num_stages)
         return
     capability = _capability(device)
-    key = (name, capability, element_size)
+    key = (name, capability, element_size, _takes_aligned(name, kernel, args))
+    _latest[key[:3]] = key
     if key not in _autotuned:
         def early_prune(configs, named_args, **kwargs):
             problem = {**named_args, **kwargs}
@@ -163,11 +171,23 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
             names = {c.name for c in keep}
             return [c for c, o in zip(configs, ours) if o.name in names]
         configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in configs_for(_KIND[name], capability, element_size)]
+                   for c in configs_for(_KIND[name], capability, element_size, key[-1])]
         _autotuned[key] = triton.autotune(configs, key=_KEYS[name],
                                           prune_configs_by={"early_config_prune": early_prune})(kernel)
     wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0,
                                                           META.get("BOX_W", 0)))](*args, **meta)
+
+
+def _takes_aligned(name: str, kernel, args: list) -> bool:
+    """Whether a launch's autotuner takes its kind's CONFIGS lists — a box kernel always; a general
+    one where :func:`.configs.aligned` (its channel counts and strides multiples of 16) and every
+    tensor starts on a 16-byte boundary — or the UNALIGNED ones (a folded launch's few channels
+    are never aligned: its gather loads element by element)."""
+    if name.startswith("box"):
+        return True
+    named = dict(zip(kernel.arg_names, args))
+    return aligned({n: v for n, v in named.items() if isinstance(v, int)}) and all(
+        v.data_ptr() % 16 == 0 for v in named.values() if isinstance(v, torch.Tensor))
 
 
 def picked(name: str, device: torch.device, element_size: int = 2) -> Optional[str]:
@@ -176,7 +196,7 @@ def picked(name: str, device: torch.device, element_size: int = 2) -> Optional[s
     ``"box_input_grad"``, ``"box_weight_update"``; the weight update's SGD step and accumulation
     share its GEMM)
     on ``device``, or None before it has run there."""
-    best = getattr(_autotuned.get((name, _capability(device), element_size)), "best_config", None)
+    best = getattr(_autotuned.get(_latest.get((name, _capability(device), element_size))), "best_config", None)
     return None if best is None else _as_config(best).name
 
 
@@ -319,9 +339,9 @@ def ring_conv_forward(ring: torch.Tensor, frame: Optional[torch.Tensor], slot: i
     _launch(K._ring_conv_forward_kernel, "ring_conv_forward",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
             [ring, weight, bias if bias is not None else weight, out, *ring.stride(), *weight.stride(), *out.stride(),
-             B, C, H, W, c_out, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t, groups],
+             B, C // groups, H, W, N, h_out, w_out, R, slot, *stride, *padding, *dilation, dilation_t],
             dict(KT=k_t, KH=k_h, KW=k_w, HAS_BIAS=bias is not None, PRECISION=_precision(ring.dtype),
-                 ONE_GROUP=groups == 1, FOLD=folds(C // groups)), ring.device, element_size=ring.element_size())
+                 FOLD=_fold(C // groups)), ring.device, element_size=ring.element_size())
     return out
 
 
@@ -361,8 +381,8 @@ def window_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_size: 
     _launch(K._window_input_grad_kernel, "window_input_grad",
             lambda cfg: (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), groups),
             [grad_out, summed, grad_in, *grad_out.stride(), *summed.stride(), *grad_in.stride(),
-             B, cg * groups, H, W, c_out, h_out, w_out, *stride, *padding, *dilation, groups],
-            dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype), ONE_GROUP=groups == 1), grad_out.device,
+             B, cg, H, W, c_out // groups, h_out, w_out, *stride, *padding, *dilation],
+            dict(KH=k_h, KW=k_w, PRECISION=_precision(grad_out.dtype)), grad_out.device,
             element_size=grad_out.element_size())
     return grad_in
 
@@ -506,9 +526,9 @@ def _launch_weight_update(target, buffer, grad_out, ring, slot, stride, padding,
             (lambda cfg: taps * triton.cdiv(cg, cfg.BLOCK_N))
         tiles_of = lambda cfg: triton.cdiv(c_out // groups, cfg.BLOCK_M) * columns(cfg)
         _launch(K._weight_update_kernel, "weight_update", lambda cfg: (tiles_of(cfg), splits, groups),
-                [grad_out, ring, partials, *grad_out.stride(), *ring.stride(), B, C, H, W, c_out, h_out, w_out, R,
-                 slot, *stride, *padding, *dilation, dilation_t, groups, _chosen["rotation"]],
-                dict(**shape, PRECISION=_precision(ring.dtype), ONE_GROUP=groups == 1, FOLD=fold), device,
+                [grad_out, ring, partials, *grad_out.stride(), *ring.stride(), B, cg, H, W, c_out // groups, h_out,
+                 w_out, R, slot, *stride, *padding, *dilation, dilation_t, _chosen["rotation"]],
+                dict(**shape, PRECISION=_precision(ring.dtype), FOLD=_fold(cg)), device,
                 element_size=ring.element_size())
     taps_p2 = triton.next_power_of_2(taps)
     pairs = max(1, FINISH.BLOCK_M // taps_p2)  # (output, input channel) pairs a program, every tap of each

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["Config", "CONFIGS", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config", "prune", "prune_boxes",
-           "box_waste", "channel_block", "fit_channels", "split_k", "DEFAULT", "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM",
-           "SMALL_CHANNELS", "FOLD_CHANNELS"]
+__all__ = ["Config", "CONFIGS", "UNALIGNED", "ANY_INT", "BOX", "FP32", "SHARED_MEMORY", "configs_for", "every_config",
+           "prune", "prune_boxes", "aligned", "box_waste", "channel_block", "fit_channels", "split_k", "DEFAULT",
+           "DEFAULT_BOX", "FINISH", "COLUMN_SUM", "SPLIT_SUM", "SMALL_CHANNELS", "FOLD_CHANNELS"]
 
 
 class Config(NamedTuple):
@@ -58,6 +58,27 @@ CONFIGS = {
              C(64, 64, 32, 5, 4), C(64, 16, 32, 4, 4)],
     },
 }
+# The same kinds for problems whose channel counts or strides are not all multiples of 16
+# (:func:`aligned`: an RGB stem's 3 channels, R(2+1)D's 45, a grouped conv's few per group). Triton
+# then knows no alignment of a row, so it loads element by element into registers, each with its
+# own address — no 16-byte vectors, no cp.async pipeline — and the lists above spill there (sm_90a
+# bf16, Triton 3.9: every forward and input-gradient config, 472-2,376 B of stack at 255 registers;
+# half the weight update's). Kept to what `make gpu-check` compiles without a spill in those
+# specialisations (``_unaligned``, ``_fold``, ``_depthwise``): smaller tiles, more warps.
+UNALIGNED = {
+    "gemm": {
+        90: [C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8), C(64, 64, 16, 4, 4)],
+        80: [C(64, 128, 32, 4, 8), C(128, 64, 32, 4, 8), C(64, 64, 32, 5, 4), C(64, 64, 16, 4, 4)],
+    },
+    "weight_update": {
+        90: [C(128, 64, 64, 4, 8), C(64, 64, 64, 4, 8), C(64, 16, 64, 4, 4)],
+        80: [C(128, 64, 32, 4, 8), C(64, 128, 32, 4, 8), C(64, 64, 32, 4, 8), C(64, 16, 32, 4, 4)],
+    },
+}
+# A general kernel's int arguments that take any value (positions, counts, offsets): every other
+# one is a channel count or stride, a multiple of 16 in an aligned problem (:func:`aligned`).
+ANY_INT = frozenset({"slot", "B", "H", "W", "H_OUT", "W_OUT", "R", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+                     "dil_w", "dil_t", "splits", "split_rotation", "G", "M", "P", "rows_per_program"})
 # The box kernels (boxes.py, sm_90: TMA + wgmma, persistent), 16-bit. A forward/input-gradient
 # tile is a box of BLOCK_M positions BOX_W wide x BLOCK_N channels; a weight-update tile is
 # BLOCK_M output x BLOCK_N input channels of up to three taps (one accumulator each), its K step a
@@ -112,21 +133,34 @@ COLUMN_SUM = C(64, 64, 64, 3, 4)
 # The interpreter's box config when a test does not name one.
 DEFAULT_BOX = Config(64, 64, 64, 1, 4, 8)
 # fp32 activations run exact fp32 FMA (no tensor cores): small tiles, the same for every kernel.
-FP32 = {90: [C(64, 32, 32, 3, 4), C(32, 64, 32, 3, 4)], 80: [C(64, 32, 32, 3, 4), C(32, 64, 32, 3, 4)]}
+# (Of the candidates compiled for aligned, unaligned, folded and depthwise problems with Triton 3.9
+# and 3.6, these two never spilled; 64x32 tiles did, by 8-250 bytes, in one specialisation or another.)
+FP32 = {90: [C(32, 64, 32, 2, 8), C(32, 32, 32, 2, 4)], 80: [C(32, 64, 32, 2, 8), C(32, 32, 32, 2, 4)]}
 SHARED_MEMORY = {90: 227 * 1024, 80: 163 * 1024}  # the opt-in maximum per block (H100, A100)
 # The interpreter's, when a test does not name one: large tiles, since the interpreter's time goes
 # with programs x loop steps (the tests run every listed config too).
 DEFAULT = Config(128, 128, 64, 1, 4)
 
 
-def configs_for(kind: str, capability: int, element_size: int = 2) -> list[Config]:
+def configs_for(kind: str, capability: int, element_size: int = 2, is_aligned: bool = True) -> list[Config]:
     """The list for a kernel kind ("gemm", "weight_update", or a box kind: "box_gemm",
     "box_weight_update"), the nearest architecture at or
-    below ``capability`` (e.g. 89 -> sm_80's), and the activations' size."""
+    below ``capability`` (e.g. 89 -> sm_80's), the activations' size, and whether the problem is
+    :func:`aligned` (a general kernel's: else the UNALIGNED list)."""
     if kind in BOX:  # sm_90 only (box_path() sends nothing older here); fp32 only when a test forces it
         return BOX[kind][90]
     arch = max((c for c in SHARED_MEMORY if c <= capability), default=min(SHARED_MEMORY))
-    return FP32[arch] if element_size == 4 else CONFIGS[kind][arch]
+    return FP32[arch] if element_size == 4 else (CONFIGS if is_aligned else UNALIGNED)[kind][arch]
+
+
+def aligned(ints: dict) -> bool:
+    """Whether a general kernel's launch is the aligned specialisation `make gpu-check` compiles
+    the CONFIGS lists in: its channels per group (``cg``, ``mg``) are multiples of 16, and every
+    other int argument but ANY_INT's (the strides) a multiple of 16 or 1 — Triton's JIT specialises
+    on both: 16 lets rows load as 16-byte vectors, 1 is a constant (a unit stride). A depthwise
+    conv's one channel is not aligned: nothing to load as a vector. ``ints``: the launch's by name."""
+    return all(v % 16 == 0 or (v == 1 and name not in ("cg", "mg")) for name, v in ints.items()
+               if name not in ANY_INT)
 
 
 def every_config(box: bool = False) -> list[Config]:
@@ -134,7 +168,8 @@ def every_config(box: bool = False) -> list[Config]:
     tests run each)."""
     if box:
         return sorted({c for lists in BOX.values() for cs in lists.values() for c in cs} | {DEFAULT_BOX})
-    return sorted({c for lists in (*CONFIGS.values(), FP32) for cs in lists.values() for c in cs} | {DEFAULT})
+    return sorted({c for lists in (*CONFIGS.values(), *UNALIGNED.values(), FP32) for cs in lists.values() for c in cs}
+                  | {DEFAULT})
 
 
 def box_waste(height: int, width: int, positions: int, box_w: int) -> float:

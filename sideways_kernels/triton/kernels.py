@@ -19,24 +19,28 @@ def _ring_conv_forward_kernel(
         s_r, s_b, s_c, s_h, s_w,  # ring strides
         w_o, w_c, w_t, w_h, w_w,  # weight strides
         o_b, o_c, o_h, o_w,  # out strides
-        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups,
+        B, cg, H, W, mg, H_OUT, W_OUT, R, slot,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-        ONE_GROUP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b, g*Mg+n, oy, ox] = sum over taps (j, kh, kw) and channels c of ring[tap j] x weight;
-    M = B*H_OUT*W_OUT output pixels, N = C_OUT/groups output channels, K = taps x C/groups.
+    M = B*H_OUT*W_OUT output pixels, N = mg output channels of a group, K = taps x cg.
 
     Tap-major: one loop over (tap, channel block); for a fixed tap the ring operand is a dense
     2-D slice [pixels, channels] of the channels-last frame, addressed as a per-pixel row offset
     plus a per-channel offset (as a plain GEMM), so index math stays on [BLOCK_M] vectors.
-    ``ONE_GROUP``: no group offsets, so Triton sees the channel vectors' alignment and vectorises
-    the loads (a runtime offset hides it). ``FOLD``: few channels (an RGB stem's 3, a depthwise
-    conv's 1): K is walked as one run of (tap, channel) pairs, each K step gathering BLOCK_K of
-    them, so 3 channels x 27 taps cost 81 columns of the MMA, not 27 blocks of channels."""
+    ``cg``, ``mg``: input and output channels per group, arguments (not derived from the totals)
+    so that Triton's specialisation sees a multiple of 16 in them and in a group's channel offset,
+    which moves the tensors' bases once: a grouped conv loads whole 16-byte vectors, pipelined, as
+    one group does. ``FOLD``: few channels (an RGB stem's 3, a depthwise conv's 1; the count, as a
+    constant, or 0): K is walked as one run of (tap, channel) pairs, each K step gathering BLOCK_K
+    of them, so 3 channels x 27 taps cost 81 columns of the MMA, not 27 blocks of channels."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
-    gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
+    # the group's channels: the tensors' bases moved to them once (the per-element math is one group's)
+    ring += g * cg * s_c
+    weight += g * mg * w_o
+    bias += g * mg
+    out += g * mg * o_c
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b, oy, ox = m // (H_OUT * W_OUT), (m // W_OUT) % H_OUT, m % W_OUT
@@ -44,18 +48,18 @@ def _ring_conv_forward_kernel(
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FOLD:
-        pairs = KT * KH * KW * cg
+        pairs = KT * KH * KW * FOLD
         for k0 in range(0, pairs, BLOCK_K):
             f = k0 + rk  # (tap, channel) pairs
-            tap, c = f // cg, f % cg
+            tap, c = f // FOLD, f % FOLD
             j, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
             y = oy[:, None] * stride_h - pad_h + (kh * dil_h)[None, :]
             x = ox[:, None] * stride_w - pad_w + (kw * dil_w)[None, :]
             ok = m_ok[:, None] & (f < pairs)[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            column = _tap_slot(slot, j, KT, dil_t, R).to(tl.int64) * s_r + (gc + c) * s_c
+            column = _tap_slot(slot, j, KT, dil_t, R).to(tl.int64) * s_r + c * s_c
             a = tl.load(ring + (b.to(tl.int64) * s_b)[:, None] + column[None, :] + y * s_h + x * s_w, mask=ok,
                         other=0.0)
-            w = tl.load(weight + (gm + n)[None, :] * w_o + (c * w_c + j * w_t + kh * w_h + kw * w_w)[:, None],
+            w = tl.load(weight + n[None, :] * w_o + (c * w_c + j * w_t + kh * w_h + kw * w_w)[:, None],
                         mask=(f < pairs)[:, None] & n_ok[None, :], other=0.0)
             acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     else:
@@ -69,13 +73,13 @@ def _ring_conv_forward_kernel(
             row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
             row = _tap_slot(slot, j, KT, dil_t, R) * s_r + b.to(tl.int64) * s_b + y * s_h + x * s_w
             c_ok = c < cg
-            a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            w = tl.load(weight + (gm + n)[None, :] * w_o + c[:, None] * w_c + (j * w_t + kh * w_h + kw * w_w),
+            a = tl.load(ring + row[:, None] + c[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            w = tl.load(weight + n[None, :] * w_o + c[:, None] * w_c + (j * w_t + kh * w_h + kw * w_w),
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias + gm + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out + b.to(tl.int64)[:, None] * o_b + (gm + n)[None, :] * o_c + oy[:, None] * o_h + ox[:, None] * o_w,
+        acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out + b.to(tl.int64)[:, None] * o_b + n[None, :] * o_c + oy[:, None] * o_h + ox[:, None] * o_w,
              acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -85,16 +89,17 @@ def _window_input_grad_kernel(
         g_b, g_c, g_h, g_w,  # grad_out strides
         w_o, w_c, w_h, w_w,  # summed-weight strides [C_out, C/groups, KH, KW]
         i_b, i_c, i_h, i_w,  # grad_in strides
-        B, C, H, W, C_OUT, H_OUT, W_OUT,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
-        KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
+        B, cg, H, W, mg, H_OUT, W_OUT,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_in[b, g*Cg+n, y, x] = sum over (kh, kw) and co of grad_out[b, co, oy, ox] * wsum[co, n, kh, kw]
     where oy*stride = y + pad - kh*dil: the transposed conv with the taps' weights summed.
     Tap-major like the forward: per (kh, kw) a dense [pixels, output channels] slice of grad_out."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
-    gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
+    grad_out += g * mg * g_c  # the group's channels (as the forward's)
+    wsum += g * mg * w_o
+    grad_in += g * cg * i_c
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b, y, x = m // (H * W), (m // W) % H, m % W
@@ -113,12 +118,12 @@ def _window_input_grad_kernel(
                   & (ox < W_OUT))
         row = b.to(tl.int64) * g_b + oy * g_h + ox * g_w
         co_ok = co < mg
-        a = tl.load(grad_out + row[:, None] + (gm + co)[None, :] * g_c, mask=row_ok[:, None] & co_ok[None, :],
+        a = tl.load(grad_out + row[:, None] + co[None, :] * g_c, mask=row_ok[:, None] & co_ok[None, :],
                     other=0.0)
-        w = tl.load(wsum + (gm + co)[:, None] * w_o + n[None, :] * w_c + (kh * w_h + kw * w_w),
+        w = tl.load(wsum + co[:, None] * w_o + n[None, :] * w_c + (kh * w_h + kw * w_w),
                     mask=co_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
-    tl.store(grad_in + b.to(tl.int64)[:, None] * i_b + (gc + n)[None, :] * i_c + y[:, None] * i_h
+    tl.store(grad_in + b.to(tl.int64)[:, None] * i_b + n[None, :] * i_c + y[:, None] * i_h
              + x[:, None] * i_w, acc.to(grad_in.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -290,14 +295,15 @@ def _weight_update_kernel(
         grad_out, ring, partials,
         g_b, g_c, g_h, g_w,  # grad_out strides
         s_r, s_b, s_c, s_h, s_w,  # ring strides
-        B, C, H, W, C_OUT, H_OUT, W_OUT, R, slot,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, groups, split_rotation,
-        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ONE_GROUP: tl.constexpr,
+        B, cg, H, W, mg, H_OUT, W_OUT, R, slot,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dil_t, split_rotation,
+        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
         FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weight gradient of one frame pair, dW[m, c, tap] = sum over (b, oy, ox) of grad_out x ring[tap],
-    M = C_OUT/groups, K = B*H_OUT*W_OUT. Grid: (output tiles, splits, groups); an output tile is
-    BLOCK_M output channels x BLOCK_N input channels of one tap (tap-major: per tap the ring
-    operand is a dense [pixels, channels] slice, so the index math stays on [BLOCK_K] vectors).
+    M = mg output channels of a group (``cg``, ``mg``: per group, as the forward's), K = B*H_OUT*W_OUT.
+    Grid: (output tiles, splits, groups); an output tile is BLOCK_M output channels x BLOCK_N input
+    channels of one tap (tap-major: per tap the ring operand is a dense [pixels, channels] slice,
+    so the index math stays on [BLOCK_K] vectors).
 
     Split-K: the programs of axis 1 share a tile's reduction, each over its own range of K, and
     leave fp32 partials (:func:`_store_partial`) that :func:`_weight_finish_kernel` sums and
@@ -307,13 +313,15 @@ def _weight_update_kernel(
     pid_tile, g = tl.program_id(0), tl.program_id(2)
     splits = tl.num_programs(1)
     split = (tl.program_id(1) + split_rotation) % splits
-    cg, mg = (C, C_OUT) if ONE_GROUP else (C // groups, C_OUT // groups)  # C, C_OUT: known divisibility
-    gc, gm = (0, 0) if ONE_GROUP else (g * cg, g * mg)
+    grad_out += g * mg * g_c  # the group's channels (as the forward's)
+    ring += g * cg * s_c
+    gm = g * mg  # its first output channel: the partials' rows
+    c_out = mg * tl.num_programs(2)  # every group's: the partials' rows
     if FOLD:  # a tile's columns: BLOCK_N of the (tap, channel) pairs; per column its tap's offsets
-        pairs = KT * KH * KW * cg
+        pairs = KT * KH * KW * FOLD
         tiles_n = tl.cdiv(pairs, BLOCK_N)
         f = (pid_tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tap, c = f // cg, f % cg
+        tap, c = f // FOLD, f % FOLD
         c_ok = f < pairs
     else:  # a tile's columns: BLOCK_N input channels of one tap
         c_tiles = tl.cdiv(cg, BLOCK_N)
@@ -335,29 +343,29 @@ def _weight_update_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
         b, oy, ox = k // (H_OUT * W_OUT), (k // W_OUT) % H_OUT, k % W_OUT
-        e = tl.load(grad_out + (b.to(tl.int64) * g_b + oy * g_h + ox * g_w)[None, :] + (gm + m)[:, None] * g_c,
+        e = tl.load(grad_out + (b.to(tl.int64) * g_b + oy * g_h + ox * g_w)[None, :] + m[:, None] * g_c,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if FOLD:  # [positions, pairs]: each column its own tap's shift and slot
             y = oy[:, None] * stride_h - pad_h + (kh * dil_h)[None, :]
             x = ox[:, None] * stride_w - pad_w + (kw * dil_w)[None, :]
             ok = k_ok[:, None] & c_ok[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            a = tl.load(ring + (b.to(tl.int64) * s_b)[:, None] + (tap_base + (gc + c) * s_c)[None, :] + y * s_h
+            a = tl.load(ring + (b.to(tl.int64) * s_b)[:, None] + (tap_base + c * s_c)[None, :] + y * s_h
                         + x * s_w, mask=ok, other=0.0)
         else:
             y = oy * stride_h - pad_h + kh * dil_h
             x = ox * stride_w - pad_w + kw * dil_w
             row_ok = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
             row = tap_base + b.to(tl.int64) * s_b + y * s_h + x * s_w
-            a = tl.load(ring + row[:, None] + (gc + c)[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :],
+            a = tl.load(ring + row[:, None] + c[None, :] * s_c, mask=row_ok[:, None] & c_ok[None, :],
                         other=0.0)
         acc += tl.dot(e, a.to(e.dtype), input_precision=PRECISION)
     if FOLD:
         i = tl.arange(0, BLOCK_M)  # partials[split, tap, row, c] (_store_partial's layout), per column
-        rows = (split * KT * KH * KW + tap[None, :]) * C_OUT + (gm + pid_m * BLOCK_M + i)[:, None]
-        tl.store(partials + rows.to(tl.int64) * cg + c[None, :], acc, mask=m_ok[:, None] & c_ok[None, :])
+        rows = (split * KT * KH * KW + tap[None, :]) * c_out + (gm + pid_m * BLOCK_M + i)[:, None]
+        tl.store(partials + rows.to(tl.int64) * FOLD + c[None, :], acc, mask=m_ok[:, None] & c_ok[None, :])
     else:
         _store_partial(partials, split, tap, gm + pid_m * BLOCK_M, mg - pid_m * BLOCK_M, c_tile * BLOCK_N,
-                       cg - c_tile * BLOCK_N, C_OUT, cg, KT * KH * KW, acc, BLOCK_M, BLOCK_N)
+                       cg - c_tile * BLOCK_N, c_out, cg, KT * KH * KW, acc, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
