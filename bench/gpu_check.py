@@ -182,8 +182,8 @@ def _signature(kernel: str, dtype: str, cfg) -> tuple:
     if base in ("ring_conv_forward", "weight_update"):  # the taps folded into K: an RGB stem's 3 channels
         # (_fold), or 1 in and 1 out per group (_depthwise: Triton's constants for ints equal to 1)
         const.update(FOLD=3 if kernel.endswith("_fold") else 1 if kernel.endswith("_depthwise") else 0)
-    if kernel.endswith("_depthwise"):  # (the input gradient's too, which never folds)
-        const.update(cg=1, mg=1)
+    if kernel.endswith("_depthwise"):  # (the input gradient's too, which never folds; its summed weight's
+        const.update(cg=1, mg=1, **({"w_o": 1} if base == "window_input_grad" else {}))  # w_o is cg)
     finish = base in ("weight_finish", "grouped_weight_finish")
     if not base.startswith(("column_sum", "split_sum")):
         meta = {k: v for k, v in cfg.meta().items() if k in fn.arg_names}  # (an epilogue has no BLOCK_K)

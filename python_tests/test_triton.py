@@ -378,42 +378,124 @@ def test_a_folded_weight_update_splits_over_its_few_tiles(monkeypatch):
 
 
 
+def _gpu_check():
+    """bench/gpu_check.py, the ahead-of-time check (it needs Triton only, no GPU)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _general_launches(g, monkeypatch) -> list:
+    """(kernel, name, grid, args, meta, keywords) of a geometry's forward, input gradient and
+    weight update on the general kernels (fp16, the interpreter), at the ring's last slot."""
+    launches, launch = [], T._launch
+
+    def spy(kernel, name, grid, args, meta, device, **kw):
+        launches.append((kernel, name, grid, args, meta, kw))
+        return launch(kernel, name, grid, args, meta, device, **kw)
+    monkeypatch.setattr(T, "_launch", spy)
+    t = make(g, torch.float16, torch.float32)
+    slot = g.span - 1
+    with T.using(SMALL, path="general"):
+        S.ring_conv_forward(t["ring"].clone(), t["frame"], slot, t["weight"], t["bias"], *_a(g))
+        S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *_a(g)[:3], g.groups)
+        S.weight_grad_accumulate(torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], slot, *_a(g))
+    monkeypatch.setattr(T, "_launch", launch)
+    assert [name for _, name, *_ in launches] == ["ring_conv_forward", "window_input_grad", "weight_update"]
+    return launches
+
+
+def _alignment_geometry(channels, out_channels, groups):
+    from samples import Geometry
+    return Geometry(batch=2, channels=channels, out_channels=out_channels, height=5, width=7, k_t=3, k_hw=(3, 3),
+                    padding=(1, 1), groups=groups, layout="channels_last")
+
+
 @pytest.mark.parametrize("channels, out_channels, groups, aligned", [
     (16, 32, 1, True), (32, 32, 2, True),  # 16 channels per group: the group's offset moves the bases
-    (24, 24, 1, False), (16, 16, 2, False),  # 24 channels; 8 per group
+    (45, 64, 1, False), (16, 16, 2, False),  # R(2+1)D's 45 channels; 8 per group
     (3, 16, 1, False), (64, 64, 64, False),  # folded: an RGB stem; a depthwise conv (aligned strides)
-], ids=["16", "32-groups2", "24", "16-groups2", "3-folded", "64-depthwise"])
+], ids=["16", "32-groups2", "45", "16-groups2", "3-folded", "64-depthwise"])
 def test_a_general_launch_takes_the_configs_compiled_for_its_alignment(channels, out_channels, groups, aligned,
                                                                        monkeypatch):
     """`make gpu-check` compiles the general kernels' CONFIGS lists for channel counts and strides
     that are multiples of 16 (Triton loads 16-byte vectors and pipelines them), the UNALIGNED
     lists for any other problem and for folded ones (element loads, whose addresses made the
-    CONFIGS tiles spill on sm_90a): each launch's autotuner takes the list compiled for it."""
-    from samples import Geometry
+    CONFIGS tiles spill on sm_90a): each launch's autotuner takes the list compiled for it, and
+    the variant gpu-check compiles for it is the specialisation the launch makes — every int it
+    assumes a multiple of 16 is one, every constant it fixes (a unit stride, the fold's channel
+    count, a depthwise conv's 1 channel) has the launch's value (the ring's slot 2: any int)."""
     from sideways_kernels.triton.configs import UNALIGNED, configs_for
-    g = Geometry(batch=2, channels=channels, out_channels=out_channels, height=5, width=7, k_t=2, k_hw=(3, 3),
-                 padding=(1, 1), groups=groups, layout="channels_last")
-    taken, launch = [], T._launch
-
-    def spy(kernel, name, grid, args, meta, *rest, **kw):
-        taken.append((name, T._takes_aligned(name, kernel, args)))
-        # a tensor off a 16-byte boundary (a view at an odd offset) is never aligned
-        shifted = [torch.empty(a.numel() + 1, dtype=a.dtype)[1:] if isinstance(a, torch.Tensor) else a for a in args]
-        assert not T._takes_aligned(name, kernel, shifted)
-        return launch(kernel, name, grid, args, meta, *rest, **kw)
-    monkeypatch.setattr(T, "_launch", spy)
-    t = make(g, torch.float16, torch.float32)
-    with T.using(SMALL, path="general"):
-        S.ring_conv_forward(t["ring"].clone(), t["frame"], t["slot"], t["weight"], t["bias"], *_a(g))
-        S.window_input_grad(t["grad_out"], t["weight"], [g.height, g.width], *_a(g)[:3], groups)
-        S.weight_grad_accumulate(torch.zeros_like(t["weight"]), None, t["grad_out"], t["ring"], t["slot"], *_a(g))
-    assert taken == [(name, aligned) for name in ("ring_conv_forward", "window_input_grad", "weight_update")]
+    gpu_check = _gpu_check()
+    assert set(gpu_check.KIND) <= set(gpu_check.KERNELS)
+    for kernel, variants in (("ring_conv_forward", ("_unaligned", "_fold", "_depthwise")),
+                             ("window_input_grad", ("_unaligned", "_depthwise")),
+                             ("weight_update", ("_unaligned", "_fold", "_depthwise"))):
+        assert {kernel + v for v in ("", *variants)} <= set(gpu_check.KERNELS)
+    for kernel, name, _, args, meta, _ in _general_launches(_alignment_geometry(channels, out_channels, groups),
+                                                             monkeypatch):
+        assert T._takes_aligned(name, kernel, args) == aligned, name
+        for offset in (2, 8):  # a tensor off a 16-byte boundary (a view at an offset) is never aligned
+            shifted = [torch.empty(a.numel() + offset, dtype=torch.uint8)[offset:] if isinstance(a, torch.Tensor)
+                       else a for a in args]
+            assert not T._takes_aligned(name, kernel, shifted), (name, offset)
+        launched = {**dict(zip(kernel.arg_names, args)), **meta}
+        depthwise = launched["cg"] == launched["mg"] == 1
+        variant = name + ("_depthwise" if depthwise else "_fold" if meta.get("FOLD") else "" if aligned else
+                          "_unaligned")
+        fn, _, const, divisible = gpu_check._signature(variant, "bf16", SMALL)
+        for (i,) in divisible:
+            value = launched[fn.arg_names[i]]
+            assert (value.data_ptr() if isinstance(value, torch.Tensor) else value) % 16 == 0, (variant, fn.arg_names[i])
+        fixed = {"FOLD", "cg", "mg", *gpu_check.UNIT[name]} & set(const)
+        assert {a: const[a] for a in fixed} == {a: launched[a] for a in fixed}, variant
     # the lists differ where the CONFIGS tiles spill, and each keeps a config for few channels
     assert configs_for("gemm", 90, 2, is_aligned=False) == UNALIGNED["gemm"][90] != configs_for("gemm", 90)
     assert all(min(c.BLOCK_K for c in UNALIGNED["gemm"][a]) == min(c.BLOCK_N for c in UNALIGNED["weight_update"][a])
                == T.SMALL_CHANNELS for a in (80, 90))
     assert {c for lists in UNALIGNED.values() for cs in lists.values() for c in cs} <= set(EVERY_CONFIG)
 
+
+def test_each_specialisation_autotunes_its_own_list_keyed_and_pruned_by_the_channels_per_group(monkeypatch):
+    """On a GPU (here its autotuner stubbed: the interpreter never tunes) an aligned and an
+    unaligned launch of the same kernel get autotuners of their own over their own lists, keyed
+    by the channels per group; ``picked`` reports the latest launch's; the pruning sees a
+    problem's per-group sizes (16 -> 32 channels: M, N of each kernel)."""
+    from sideways_kernels.triton.configs import configs_for
+    tuners = []
+
+    class Tuner:
+        def __init__(self, configs, key):
+            self.configs, self.key, self.best_config = configs, key, configs[len(tuners) % len(configs)]
+
+    monkeypatch.setattr(T.triton, "autotune", lambda configs, key, prune_configs_by: lambda kernel: tuners.append(
+        Tuner(configs, key)) or tuners[-1])
+    monkeypatch.setattr(T, "wrap_triton", lambda kernel: collections.defaultdict(lambda: lambda *a, **kw: None))
+    monkeypatch.setattr(T, "INTERPRET", False)
+    monkeypatch.setattr(T, "_capability", lambda device: 90)
+    monkeypatch.setattr(T, "_autotuned", {})
+    monkeypatch.setattr(T, "_latest", {})
+    aligned = _general_launches(_alignment_geometry(16, 32, 1), monkeypatch)
+    unaligned = _general_launches(_alignment_geometry(24, 32, 1), monkeypatch)
+    cuda = torch.device("cuda")  # only its type is read
+    for launches, is_aligned in ((aligned, True), (unaligned, False), (aligned, True)):
+        for kernel, name, grid, args, meta, kw in launches:
+            T._launch(kernel, name, grid, args, meta, cuda, **kw)
+            tuner = T._autotuned[T._latest[(name, 90, 2)]]
+            assert [T._as_config(c) for c in tuner.configs] == configs_for(T._KIND[name], 90, 2, is_aligned), name
+            assert {"cg", "mg"} <= set(tuner.key) <= set(kernel.arg_names)
+            assert T.picked(name, cuda) == T._as_config(tuner.best_config).name
+    assert len(tuners) == 6  # each kernel's two specialisations, the aligned one's reused
+    problem = {**dict(zip(aligned[0][0].arg_names, aligned[0][3])), **aligned[0][4]}
+    positions = problem["B"] * problem["H_OUT"] * problem["W_OUT"]
+    assert T._PROBLEM["ring_conv_forward"](problem)[:2] == (positions, 32)
+    problem = dict(zip(aligned[1][0].arg_names, aligned[1][3]))
+    assert T._PROBLEM["window_input_grad"](problem)[:2] == (problem["B"] * problem["H"] * problem["W"], 16)
+    problem = dict(zip(aligned[2][0].arg_names, aligned[2][3]))
+    assert T._PROBLEM["weight_update"](problem)[:2] == (32, 16)
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------
 
@@ -841,12 +923,7 @@ def test_launches_pass_unit_strides_where_the_ahead_of_time_check_assumes_them(m
     """bench/gpu_check.py compiles every kernel with its UNIT strides as the constant 1 (channels
     innermost: what lets Triton vectorise and pipeline the loads). Real pipelines must launch
     them so: a ring from the pipeline, errors from autograd, float32 master weights."""
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py"))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check()
     seen = {}
     original, wrap = T._launch, T.wrap_triton
 
