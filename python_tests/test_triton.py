@@ -377,7 +377,6 @@ def test_a_folded_weight_update_splits_over_its_few_tiles(monkeypatch):
         assert T._CHANNEL_BLOCK[name][0]({**problem, "FOLD": 0}) == 3
 
 
-
 def _gpu_check():
     """bench/gpu_check.py, the ahead-of-time check (it needs Triton only, no GPU)."""
     import importlib.util
@@ -496,6 +495,7 @@ def test_each_specialisation_autotunes_its_own_list_keyed_and_pruned_by_the_chan
     assert T._PROBLEM["window_input_grad"](problem)[:2] == (problem["B"] * problem["H"] * problem["W"], 16)
     problem = dict(zip(aligned[2][0].arg_names, aligned[2][3]))
     assert T._PROBLEM["weight_update"](problem)[:2] == (32, 16)
+
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------
 
