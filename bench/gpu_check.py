@@ -34,8 +34,10 @@ kernel walks its tiles by the grid size).
 Fails on a spill, on shared memory over the device's limit, on a 16-bit sm_90a kernel without
 wgmma, on a 16-bit aligned general kernel whose loads are not software-pipelined, and on a box
 kernel without TMA or without its persistent loop. A config that fails is one the autotuner must never
-pick: the list is the place to fix. The specialisation compiled here (which strides are 1) is
-the one real launches make: test_triton.py checks that against the ops.
+pick: the list is the place to fix. The specialisations compiled here (which strides are 1,
+which ints multiples of 16, which constants) are the ones real launches make: test_triton.py
+checks that against the ops' launches (``test_launches_pass_unit_strides...``,
+``test_a_general_launch_takes_the_configs_compiled_for_its_alignment``).
 
 It needs Triton only, not torch (the kernels are loaded without the package), so the device
 image's Triton can check the same sources in a small venv of its own (the Makefile's
