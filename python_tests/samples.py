@@ -53,7 +53,7 @@ GEOMETRIES = [
     Geometry(1, 4, 6, 7, 9, 2, (3, 3), dilation_t=2, padding=(1, 1), layout="ring"),
     Geometry(2, 6, 4, 7, 5, 3, (1, 3), groups=2, padding=(0, 1), layout="ring"),
     # 5 channels in and 7 out per group: the Triton kernels' group offsets unfolded (more than 4 per group)
-    Geometry(2, 10, 14, 6, 7, 2, (3, 3), groups=2, padding=(1, 1), layout="ring"),
+    Geometry(1, 10, 14, 4, 5, 2, (3, 3), groups=2, padding=(1, 1), layout="ring"),
 ]
 
 

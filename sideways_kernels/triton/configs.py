@@ -2,8 +2,9 @@
 
 Each config is (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). The lists start from public
 Hopper/Ampere GEMM and conv kernels (Triton's tutorials, torch inductor's mm configs); a GPU
-run's autotuner picks among them per problem shape and dtype. Every config in these lists runs
-under ``TRITON_INTERPRET=1`` in the tests (python_tests/test_triton.py) and compiles for sm_90a
+run's autotuner picks among them per problem shape and dtype. Every tile of these lists (its
+blocks: the interpreter ignores warps and stages) runs under ``TRITON_INTERPRET=1`` in the tests
+(python_tests/test_triton.py), and every config compiles for sm_90a
 and sm_80 in ``make gpu-check`` (no spills, shared memory within the device's limit, tensor-core
 instructions for 16-bit inputs), so whatever the autotuner picks has been checked ahead of time.
 
@@ -32,6 +33,12 @@ class Config(NamedTuple):
     def name(self) -> str:
         box = f"-bw{self.BOX_W}" if self.BOX_W else ""
         return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K}-s{self.num_stages}-w{self.num_warps}{box}"
+
+    @property
+    def tile(self) -> tuple:
+        """The blocks (and box width): what a config changes in a kernel's results and masks —
+        warps and stages change only its speed (the interpreter ignores both)."""
+        return self.BLOCK_M, self.BLOCK_N, self.BLOCK_K, self.BOX_W
 
     def meta(self) -> dict:
         meta = dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
@@ -164,12 +171,14 @@ def aligned(ints: dict) -> bool:
 
 
 def every_config(box: bool = False) -> list[Config]:
-    """All configs of all lists of the general kernels, or of the box kernels (the interpreter
-    tests run each)."""
+    """Every tile of all lists of the general kernels, or of the box kernels — one config each
+    (:attr:`Config.tile`): the interpreter tests run each."""
     if box:
-        return sorted({c for lists in BOX.values() for cs in lists.values() for c in cs} | {DEFAULT_BOX})
-    return sorted({c for lists in (*CONFIGS.values(), *UNALIGNED.values(), FP32) for cs in lists.values() for c in cs}
-                  | {DEFAULT})
+        configs = {c for lists in BOX.values() for cs in lists.values() for c in cs} | {DEFAULT_BOX}
+    else:
+        configs = {c for lists in (*CONFIGS.values(), *UNALIGNED.values(), FP32) for cs in lists.values()
+                   for c in cs} | {DEFAULT}
+    return sorted({c.tile: c for c in sorted(configs)}.values())
 
 
 def box_waste(height: int, width: int, positions: int, box_w: int) -> float:
