@@ -181,13 +181,14 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
 def _takes_aligned(name: str, kernel, args: list) -> bool:
     """Whether a launch's autotuner takes its kind's CONFIGS lists — a box kernel always; a general
     one where :func:`.configs.aligned` (its channel counts and strides multiples of 16) and every
-    tensor starts on a 16-byte boundary — or the UNALIGNED ones (a folded launch's few channels
-    are never aligned: its gather loads element by element)."""
+    tensor starts 16 bytes into its storage (whose start torch's allocators align; read so, not
+    by address, since torch.compile traces the ops on tensors that have none) — or the UNALIGNED
+    ones (a folded launch's few channels are never aligned: its gather loads element by element)."""
     if name.startswith("box"):
         return True
     named = dict(zip(kernel.arg_names, args))
     return aligned({n: v for n, v in named.items() if isinstance(v, int)}) and all(
-        v.data_ptr() % 16 == 0 for v in named.values() if isinstance(v, torch.Tensor))
+        v.storage_offset() * v.element_size() % 16 == 0 for v in named.values() if isinstance(v, torch.Tensor))
 
 
 def picked(name: str, device: torch.device, element_size: int = 2) -> Optional[str]:
