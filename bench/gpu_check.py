@@ -63,7 +63,8 @@ TRITON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sid
 
 GENERAL = ("ring_conv_forward", "ring_conv_forward_unaligned", "ring_conv_forward_fold", "ring_conv_forward_depthwise",
            "window_input_grad", "window_input_grad_unaligned", "window_input_grad_depthwise", "weight_update",
-           "weight_update_unaligned", "weight_update_fold", "weight_update_depthwise", "weight_finish", "weight_finish_sgd",
+           "weight_update_unaligned", "weight_update_fold", "weight_update_depthwise", "weight_finish",
+           "weight_finish_sgd",
            "grouped_weight_finish", "grouped_weight_finish_sgd", "column_sum", "column_sum_finish",
            "column_sum_finish_add", "split_sum")
 BOX = ("box_forward", "box_input_grad", "box_weight_update", "box_grouped_forward", "box_grouped_forward_pool",

@@ -346,7 +346,8 @@ def test_triton_general_kernels_on_gpu(g, aligned, dtype):
             ref.weight_grad_accumulate(expected, None, d(grad_out), d(ring), 0, *a)
         torch.testing.assert_close(grad_w.double(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
     major, minor = torch.cuda.get_device_capability()
-    for name, kind in (("ring_conv_forward", "gemm"), ("window_input_grad", "gemm"), ("weight_update", "weight_update")):
+    for name, kind in (("ring_conv_forward", "gemm"), ("window_input_grad", "gemm"),
+                       ("weight_update", "weight_update")):
         listed = {c.name for c in configs_for(kind, 10 * major + minor, 2, is_aligned=aligned)}
         assert T.picked(name, ring.device) in listed, (name, T.picked(name, ring.device))
 

@@ -449,14 +449,16 @@ def test_a_general_launch_takes_the_configs_compiled_for_its_alignment(channels,
         fn, _, const, divisible = gpu_check._signature(variant, "bf16", SMALL)
         for (i,) in divisible:
             value = launched[fn.arg_names[i]]
-            assert (value.data_ptr() if isinstance(value, torch.Tensor) else value) % 16 == 0, (variant, fn.arg_names[i])
+            at = value.data_ptr() if isinstance(value, torch.Tensor) else value
+            assert at % 16 == 0, (variant, fn.arg_names[i])
         fixed = {"FOLD", "cg", "mg", *gpu_check.UNIT[name]} & set(const)
         assert {a: const[a] for a in fixed} == {a: launched[a] for a in fixed}, variant
     # the lists differ where the CONFIGS tiles spill, and each keeps a config for few channels
     assert configs_for("gemm", 90, 2, is_aligned=False) == UNALIGNED["gemm"][90] != configs_for("gemm", 90)
     assert all(min(c.BLOCK_K for c in UNALIGNED["gemm"][a]) == min(c.BLOCK_N for c in UNALIGNED["weight_update"][a])
                == T.SMALL_CHANNELS for a in (80, 90))
-    assert {c.tile for lists in UNALIGNED.values() for cs in lists.values() for c in cs} <= {c.tile for c in EVERY_CONFIG}
+    unaligned_tiles = {c.tile for lists in UNALIGNED.values() for cs in lists.values() for c in cs}
+    assert unaligned_tiles <= {c.tile for c in EVERY_CONFIG}
 
 
 def test_each_specialisation_autotunes_its_own_list_keyed_and_pruned_by_the_channels_per_group(monkeypatch):
