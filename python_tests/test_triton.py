@@ -473,6 +473,9 @@ def test_each_specialisation_autotunes_its_own_list_keyed_and_pruned_by_the_chan
         def __init__(self, configs, key):
             self.configs, self.key, self.best_config = configs, key, configs[len(tuners) % len(configs)]
 
+        def prune_configs(self, kwargs):
+            return self.configs
+
     monkeypatch.setattr(T.triton, "autotune", lambda configs, key, prune_configs_by: lambda kernel: tuners.append(
         Tuner(configs, key)) or tuners[-1])
     monkeypatch.setattr(T, "wrap_triton", lambda kernel: collections.defaultdict(lambda: lambda *a, **kw: None))
@@ -498,6 +501,35 @@ def test_each_specialisation_autotunes_its_own_list_keyed_and_pruned_by_the_chan
     assert T._PROBLEM["window_input_grad"](problem)[:2] == (problem["B"] * problem["H"] * problem["W"], 16)
     problem = dict(zip(aligned[2][0].arg_names, aligned[2][3]))
     assert T._PROBLEM["weight_update"](problem)[:2] == (32, 16)
+
+
+def test_an_autotuner_compiles_the_configs_it_times_in_parallel_before_timing_them():
+    """Triton compiles each config as the autotuner times it (about a second each); ours compiles
+    the configs that survive the pruning in parallel threads first, so that the timing finds every
+    one compiled — and compiled for the launch the timing makes (each config once in all: the
+    warm-ups' keys are the launches'). One thread compiles as Triton does. A bad thread count is
+    refused by name."""
+    import json
+    import subprocess
+    import sys
+    # Triton compiling (no interpreter) for an sm_90 GPU that is not here, nothing launched: a
+    # forward of 64 -> 64 channels, whose pruning leaves four configs (bench/autotune_compile.py)
+    run = subprocess.run([sys.executable, "bench/autotune_compile.py", "--problem", "small", "--threads", "2", "1",
+                          "--json"], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    parallel, serial = json.loads(run.stdout.splitlines()[-1])
+    for r in (parallel, serial):
+        del r["seconds"]
+    assert parallel == dict(threads=2, timed=4, compiled=4, compiled_at_timing=[4, 4, 4, 4],
+                            on_the_calling_thread=False)
+    assert serial == dict(threads=1, timed=4, compiled=4, compiled_at_timing=[0, 1, 2, 3],
+                          on_the_calling_thread=True)
+    for bad in ("0", "two", "-1"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("SIDEWAYS_TRITON_COMPILE_THREADS", bad)
+            with pytest.raises(ValueError, match="SIDEWAYS_TRITON_COMPILE_THREADS must be an int >= 1"):
+                T._compile_threads()
 
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------

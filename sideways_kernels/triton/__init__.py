@@ -15,6 +15,7 @@ SMs, with a deterministic last-program epilogue (kernels.py).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -28,6 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime import _allocation  # the allocator's context variable (the same in Triton 3.6 and 3.9)
+from triton.runtime import _async_compile  # AsyncCompileMode's context variable (the same in 3.6 and 3.9)
 
 from .. import forms
 from . import boxes as X
@@ -158,24 +160,70 @@ def _launch(kernel, name: str, grid, args: list, meta: dict, device, element_siz
     key = (name, capability, element_size, _takes_aligned(name, kernel, args))
     _latest[key[:3]] = key
     if key not in _autotuned:
-        def early_prune(configs, named_args, **kwargs):
-            problem = {**named_args, **kwargs}
-            m, n, tensor = _PROBLEM[name](problem)
-            ours = [_as_config(c) for c in configs]
-            channels, block = _CHANNEL_BLOCK[name]
-            keep = fit_channels(prune(ours, m, n, tensor.element_size(), capability), channels(problem),
-                                lambda c: getattr(c, block))
-            if box:
-                frame, positions_of = _BOXES[name]
-                keep = prune_boxes(keep, *frame(problem), positions_of)
-            names = {c.name for c in keep}
-            return [c for c, o in zip(configs, ours) if o.name in names]
-        configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in configs_for(_KIND[name], capability, element_size, key[-1])]
-        _autotuned[key] = triton.autotune(configs, key=_KEYS[name],
-                                          prune_configs_by={"early_config_prune": early_prune})(kernel)
+        _autotuned[key] = _autotuner(kernel, name, capability, element_size, key[-1])
     wrap_triton(_autotuned[key])[lambda META: grid(Config(META["BLOCK_M"], META["BLOCK_N"], META["BLOCK_K"], 0, 0,
                                                           META.get("BOX_W", 0)))](*args, **meta)
+
+
+def _autotuner(kernel, name: str, capability: int, element_size: int, is_aligned: bool):
+    """``triton.autotune`` of ``kernel`` over its kind's list for the architecture, activation size
+    and alignment (:func:`.configs.configs_for`), pruned for each problem, compiling the configs it
+    is about to time in parallel (:func:`_compiling_before_timing`)."""
+    box = name.startswith("box")
+
+    def early_prune(configs, named_args, **kwargs):
+        problem = {**named_args, **kwargs}
+        m, n, tensor = _PROBLEM[name](problem)
+        ours = [_as_config(c) for c in configs]
+        channels, block = _CHANNEL_BLOCK[name]
+        keep = fit_channels(prune(ours, m, n, tensor.element_size(), capability), channels(problem),
+                            lambda c: getattr(c, block))
+        if box:
+            frame, positions_of = _BOXES[name]
+            keep = prune_boxes(keep, *frame(problem), positions_of)
+        names = {c.name for c in keep}
+        return [c for c, o in zip(configs, ours) if o.name in names]
+    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in configs_for(_KIND[name], capability, element_size, is_aligned)]
+    return _compiling_before_timing(triton.autotune(configs, key=_KEYS[name],
+                                                    prune_configs_by={"early_config_prune": early_prune})(kernel))
+
+
+def _compile_threads() -> int:
+    """The threads that compile an autotuner's configs at once: ``SIDEWAYS_TRITON_COMPILE_THREADS``,
+    else the CPUs, at most 8."""
+    raw = os.environ.get("SIDEWAYS_TRITON_COMPILE_THREADS")
+    if raw is None:
+        return max(1, min(8, os.cpu_count() or 1))
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"SIDEWAYS_TRITON_COMPILE_THREADS must be an int >= 1, got {raw!r}")
+    return int(raw)
+
+
+def _compiling_before_timing(tuner):
+    """``tuner``, compiling the configs it is about to time for a new problem in parallel threads
+    first (``triton.AsyncCompileMode``), so that timing finds each one compiled. Triton compiles
+    each config as it times it, one after another: about a second each for our kernels (on this
+    project's CPU), so a list of 5-9 configs costs seconds for every new shape — the GPU runs'
+    test phases passed 4-10 tests a minute. Its compiler releases the GIL, so threads overlap
+    (4 box-forward configs on 2 CPUs: 1.7x faster). A config that fails to compile fails again,
+    as before, when it is timed (the autotuner skips it)."""
+    prune = tuner.prune_configs
+
+    def prune_and_compile(kwargs: dict) -> list:
+        configs = prune(kwargs)
+        threads = min(len(configs), _compile_threads())
+        if threads > 1 and _async_compile.active_mode.get() is None:
+            args = list(tuner.nargs.values())  # the launch's positional arguments, as Autotuner.run bound them
+            meta = {k: v for k, v in kwargs.items() if k != "warmup"}
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
+                    triton.AsyncCompileMode(pool, ignore_errors=True):
+                for config in configs:
+                    tuner.fn.warmup(*args, **meta, **config.all_kwargs())
+        return configs
+
+    tuner.prune_configs = prune_and_compile
+    return tuner
 
 
 def _takes_aligned(name: str, kernel, args: list) -> bool:
