@@ -48,6 +48,9 @@ fi
 $PY -c 'import sideways_kernels as s; b = s.backends(); print(b); assert b["cuda"], "CUDA kernels not built"' \
   2>&1 | tee -a "$out/progress.log" || { say "CUDA kernels missing"; exit 1; }
 
+# what compiling an autotuner's configs in parallel threads saves on this machine's CPUs (no GPU used; ~10 s)
+phase 40 $PY bench/autotune_compile.py --threads 1 8 2>/dev/null | tee -a "$out/progress.log"
+
 # pytest's -k for a phase from its *_K variable: nothing (the whole phase) or the expression
 only() { local k=$1 default=$2; k=${k:-$default}; [ -n "$k" ] && printf '%s\n' -k "$k"; }
 mapfile -t tests_k < <(only "${TESTS_K:-}" "")
