@@ -992,8 +992,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
         p(f"measured ({GPU['device']}, default dispatch, CUDA graphs): {sideways} frames/s = "
           f"{batch / sideways * 1e3:.3f} ms per frame, {measured_tick_ms(sideways, batch, frames, len(ticks)):.3f} ms "
           f"per tick; predicted per tick for the code measured (every call deriving its weight's forms, every "
-          f"BatchNorm counting each frame): {mean_derived / 1e3:.3f} ms, for today's: {mean_graph / 1e3:.3f} ms (the torch "
-          "backend's fold and the kernels changed too since: bench/RESULTS.md)")
+          f"BatchNorm counting each frame): {mean_derived / 1e3:.3f} ms, for today's: {mean_graph / 1e3:.3f} ms "
+          "(the torch backend's fold and the kernels changed too since: bench/RESULTS.md)")
     p("")
     p("## Memory at this size (bf16 activations, fp32 weights and gradients)")
     mib = lambda b: f"{b / 2**20:.1f} MiB"
