@@ -1,10 +1,11 @@
 """Which implementation of the sideways ops the layers call: the one place that
 decides. ``SIDEWAYS_BACKEND=torch|cpp|triton|cuda|auto`` or :func:`set_backend`
-chooses; the default is the fastest one built for the tensors' device. On CUDA with both the
-CUDA kernels and Triton, that is ``auto``: per op and activation dtype, the backend
-``dispatch.json`` names for the GPU's architecture — the CUDA or Triton kernels, or the torch
-backend's cuDNN calls where those measured faster (written from a GPU run's side-by-side timings
-by ``bench/gpu_report.py``; until an architecture is measured: Triton for 16-bit, CUDA for fp32)."""
+chooses; the default is the fastest one built for the tensors' device. On CUDA that is ``auto``:
+per op and activation dtype, the backend ``dispatch.json`` names for the GPU's architecture — the
+CUDA or Triton kernels, or the torch backend's cuDNN calls where those measured faster (written
+from a GPU run's side-by-side timings by ``bench/gpu_report.py``; float16 takes bfloat16's where
+only that was measured; until an architecture is measured: cuDNN for 16-bit, the CUDA kernels for
+fp32) — among the backends built here (:func:`built_for`)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ import torch
 from . import forms, torch_backend
 from ._loader import backends
 
-# "auto": the default made explicit — on CUDA with both the CUDA kernels and Triton, per op and
-# dtype from dispatch.json; elsewhere the fastest backend built for the device.
+# "auto": the default made explicit — on CUDA per op and dtype from dispatch.json (among the
+# backends built); elsewhere the fastest backend built for the device.
 NAMES = ("torch", "cpp", "triton", "cuda", "auto")
 _override: Optional[str] = None
 
@@ -44,14 +45,13 @@ def requested() -> Optional[str]:
 
 def resolve(device: torch.device, name: Optional[str] = None) -> str:
     """The backend used for tensors on ``device``: ``name`` if given, else the requested one,
-    else the fastest built; refuses one that cannot run there."""
+    else the default (``auto`` on CUDA, the fastest built elsewhere); refuses one that cannot run
+    there."""
     have = backends()
     name = name or requested()
     if name is None or name == "auto":
         if device.type == "cuda":
-            if have["cuda"]:
-                return "auto" if have["triton"] else "cuda"
-            return "triton" if have["triton"] else "torch"
+            return "auto"  # the measured choice per op, among the backends built (built_for)
         return "cpp" if have["cpp"] else "torch"
     if name == "cpp" and not have["cpp"]:
         raise RuntimeError(f"backend 'cpp' requested but the compiled library is not loaded: {have.get('cpp_error')}")
@@ -93,7 +93,7 @@ def kernels(name: str) -> types.SimpleNamespace:
     (``group_forwards`` does both; ``auto``: where dispatch.json's ``stage_epilogue`` says Triton)."""
     if name == "auto":
         ops = {op: _dispatched(op) for op in OPS}
-        triton_ops = kernels("triton")
+        triton_ops = kernels("triton") if backends()["triton"] else None
         forward = ops["ring_conv_forward"]
         return types.SimpleNamespace(**ops, group=getattr(triton_ops, "group", None),
                                      groups=lambda op, args: ops[op].target(args) == "triton",
@@ -280,15 +280,33 @@ def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = No
         same = _shapes_of(entry, op, name, layer[:2])
         if same:
             return min(same, key=lambda s: abs(math.log(s["positions"] / max(layer[2], 1))))["backend"]
-    measured = entry.get("ops", {}).get(op, {}).get(name)
+    measured = _measured(entry.get("ops", {}).get(op, {}), name)
     return measured or HELPERS.get(op) or dispatch["unmeasured"].get(name, "cuda")
+
+
+def _measured(by_dtype: dict, dtype_name: str):
+    """A measured entry's value for ``dtype_name``; float16's, where only bfloat16 was measured,
+    is bfloat16's: the same kernels (cuDNN's, ours) at the same tensor-core rate."""
+    return by_dtype.get(dtype_name) or (by_dtype.get("bfloat16") if dtype_name == "float16" else None)
 
 
 def _shapes_of(entry: dict, op: str, dtype_name: str, channels: tuple) -> list:
     """An architecture's per-shape choices for ``op`` at ``channels`` (C_in, C_out): ``{"channels":
     [C_in, C_out], "positions": B·H·W, "backend": ...}`` each."""
-    measured = entry.get("shapes", {}).get(op, {}).get(dtype_name, [])
+    measured = _measured(entry.get("shapes", {}).get(op, {}), dtype_name) or []
     return [s for s in measured if tuple(s["channels"]) == tuple(channels)]
+
+
+# What runs a choice whose backend is not built here (no nvcc at install: no CUDA kernels; no
+# Triton): the CUDA kernels' exact fp32 in Triton's exact fp32, else cuDNN; Triton's 16-bit in
+# cuDNN, which every GPU run measured faster than the CUDA kernels at every op (bench/RESULTS.md).
+_STAND_INS = {"cuda": ("triton", "torch"), "triton": ("torch",)}
+
+
+def built_for(name: str) -> str:
+    """``name`` (a backend the dispatch chose) if it is built here, else its stand-in."""
+    have = backends()
+    return next(n for n in (name, *_STAND_INS.get(name, ())) if n == "torch" or have.get(n))
 
 
 # Parts of the ops measured on their own, and their choice until a GPU run has measured them: the
@@ -317,7 +335,7 @@ def _choice(op: str, t: torch.Tensor, layer: Optional[tuple] = None) -> str:
     key = (op, t.dtype, t.device.index, layer)
     name = _chosen.get(key)
     if name is None:
-        name = _chosen[key] = choose(op, t.dtype, _arch(t.device), layer=layer)
+        name = _chosen[key] = built_for(choose(op, t.dtype, _arch(t.device), layer=layer))
     return name
 
 
@@ -329,7 +347,7 @@ def _choices(op: str, t: torch.Tensor, channels: Optional[tuple]) -> set:
         return {_choice(op, t)}
     entry = table().get("measured", {}).get(_arch(t.device), {})
     shapes = _shapes_of(entry, op, str(t.dtype).replace("torch.", ""), channels)
-    return {_choice(op, t)} | {s["backend"] for s in shapes}
+    return {_choice(op, t)} | {built_for(s["backend"]) for s in shapes}
 
 
 def _arch(device: torch.device) -> str:
@@ -356,7 +374,7 @@ def _layer(op: str, args: tuple) -> Optional[tuple]:
 
 
 def _dispatched(op: str):
-    kernels_of = {name: getattr(kernels(name), op) for name in ("cuda", "triton", "torch")}
+    kernels_of = {}  # backend name -> its op (made at the first call sent there: only built ones are)
     index, arg_name = _ACTIVATION_ARG[op]
 
     def target(args: tuple, kwargs: Optional[dict] = None) -> str:
@@ -366,7 +384,10 @@ def _dispatched(op: str):
         return _choice(op, t, _layer(op, args) if len(args) >= _ARITY[op] else None)
 
     def call(*args, **kwargs):
-        return kernels_of[target(args, kwargs)](*args, **kwargs)
+        name = target(args, kwargs)
+        if name not in kernels_of:
+            kernels_of[name] = getattr(kernels(name), op)
+        return kernels_of[name](*args, **kwargs)
     call.__name__ = call.__qualname__ = op
     call.target = target
     return call

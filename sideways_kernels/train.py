@@ -158,7 +158,8 @@ def _parser() -> _Parser:
                    help="under torchrun: data-parallel copies of the pipeline (the ranks are replicas x stage "
                         "groups); each trains on its share of every batch, gradients averaged once per clip")
     r.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="op backend (default: SIDEWAYS_BACKEND if set, else the fastest built)")
+                   help="op backend (default: SIDEWAYS_BACKEND if set, else auto: on CUDA each op where measured "
+                        "fastest, on the CPU the fastest built)")
     r.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                    help="mixed precision: torch.autocast in that dtype (activations, rings and errors 16-bit; weights, "
                         "gradients and optimizer state float32); fp16 scales the loss with a GradScaler")
