@@ -136,6 +136,7 @@ class Launch:
     kernels: int = 1  # the kernels it launches on a GPU under today's dispatch (a sideways op: see kernels_today)
     kernels_derived: int = 1  # as the code the GPU measured launched it: each call deriving the weight's
     # forms (no run held them), no box GEMM split over K
+    today: str = ""  # the backend today's dispatch sends it to (a sideways op: today_for)
 
 
 def launch_count(launches: list, held: bool = True) -> int:
@@ -177,8 +178,7 @@ def kernels_today(name: str, args, held: bool, measured: bool = False) -> int:
                              tuple(a) if isinstance(a, list) else a for a in args))
     if key in _KERNELS_TODAY:
         return _KERNELS_TODAY[key]
-    from sideways_kernels import backend
-    on = today(kind, backend._layer(name, args))
+    on = today_for(name, args)
     copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     weight = copies[{"ring_conv_forward": 3, "window_input_grad": 1}.get(name, 0)]
     dtype = copies[0].dtype  # the forward's ring, the input gradient's error: the activations'
@@ -419,7 +419,7 @@ def _sideways_launch(name: str, args, out, rec: _Recorder) -> Launch:
         st = "" if tuple(m.stride) == (1, 1, 1) else " s" + "x".join(str(s) for s in m.stride)
         shape = f"{c}->{m.out_channels} {h}x{w} k{ks}{st}"
     return Launch(f"sideways.{name}", kind, layer, flops, moved, shape, kernels_today(name, args, rec.held),
-                  kernels_today(name, args, False, measured=True))
+                  kernels_today(name, args, False, measured=True), today_for(name, args))
 
 
 # --- the networks ----------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ def _group_today(ticks: list, schedule, pipe, names: dict) -> None:
             groups, _ = _stage_first(pipe, schedule.inputs, problems, op)
             launches = {l.layer: l for l in tick if l.kind == op}
             chosen = [[launches[names[id(m)]] for m in group if names.get(id(m)) in launches
-                       and today(op, _layer_of(launches[names[id(m)]])) == "triton"] for group in groups.values()]
+                       and launches[names[id(m)]].today == "triton"] for group in groups.values()]
             if sum(map(len, chosen)) < 2:
                 continue
             for group in chosen:
@@ -622,6 +622,18 @@ def today(kind: str, layer: Optional[tuple] = None) -> str:
     return backend.choose(SIDEWAYS_OP[kind], torch.bfloat16, "sm_90", layer=layer)
 
 
+def today_for(name: str, args) -> str:
+    """The backend the default dispatch (sm_90, bf16) sends a recorded call of sideways op
+    ``name`` to: :func:`today` for its layer, on the kernels measured (a call Triton would run on
+    its general kernels — strided, grouped, unaligned — goes to cuDNN:
+    ``backend.on_measured_kernels``)."""
+    from sideways_kernels import backend
+    geometry = backend._GEOMETRY[name](args) if len(args) > backend._GROUPS_ARG[name] else None
+    bf16 = torch.empty(0, dtype=torch.bfloat16)  # the activations' type (only its type and device are read)
+    return backend.on_measured_kernels(today(SIDEWAYS_KIND[name], backend._layer(name, args)), bf16, "sm_90",
+                                       geometry)
+
+
 def _layer_of(launch: Launch) -> Optional[tuple]:
     """A sideways op's layer as the dispatch keys it (:func:`_problem`; None where strided)."""
     return None if " s" in launch.shape else _problem(launch)
@@ -635,7 +647,7 @@ def gemm_us(launch: Launch, table: str) -> float:
     if table == "ceiling":
         rate = GPU["matmul_tflops"]
     else:
-        backend = today(launch.kind, _layer_of(launch)) if table == "today" else table
+        backend = launch.today if table == "today" else table
         rate = _rate(backend, launch.kind, _problem(launch))
         flops *= channel_waste(launch) if backend == "triton" else 1.0
     return max(flops / (rate * 1e12), launch.bytes / (GPU["hbm_tb_s"] * 1e12)) * 1e6
@@ -902,7 +914,8 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
         p(f"{str(layer)[:32]:32} {l.shape[:28]:28} {kind:18} {n:5d} {l.flops / 1e9:8.3f} {l.bytes / 1e6:8.2f} "
           + " ".join(f"{gemm_us(l, t):9.1f}" for t in TABLES[:-1]) + f" {gemm_us(l, 'ceiling'):8.1f}")
     p("(today: " + ", ".join(f"{kind} {today(kind)}" for kind in GEMM_KINDS) + " — dispatch.json's sm_90 bf16 "
-      "choice; a torch op priced at the torch backend's rates of 2026-11-27)")
+      "choice, cuDNN (torch) for a call Triton would run on its unmeasured general kernels: strided, grouped, "
+      "unaligned; a torch op priced at the torch backend's rates of 2026-11-27)")
     p("")
     p("## Other launches of the tick shown (ATen kernels: bytes at the HBM datasheet bandwidth)")
     others = collections.OrderedDict()

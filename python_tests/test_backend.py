@@ -72,7 +72,8 @@ def test_the_shipped_dispatch_table_names_a_backend_for_every_case():
     for arch, entry in table["measured"].items():
         assert arch.startswith("sm_") and entry["device"] and entry["date"]
         for op, by_dtype in entry["ops"].items():
-            assert op in backend.OPS and set(by_dtype) <= dtypes and set(by_dtype.values()) <= {"cuda", "triton", "torch"}
+            assert op in backend.OPS and set(by_dtype) <= dtypes
+            assert set(by_dtype.values()) <= {"cuda", "triton", "torch"}
         for op, by_dtype in entry.get("shapes", {}).items():  # per layer shape (gpu_report.dispatch)
             assert op in backend.OPS and set(by_dtype) <= dtypes
             for shapes in by_dtype.values():
@@ -351,6 +352,55 @@ def test_weight_updates_hold_what_the_backend_groups_and_keep_each_weight_s_orde
     assert len(log) == 4
 
 
+def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_take_to_cudnn(monkeypatch):
+    """On a GPU with TMA the runs time Triton's box kernels (every measured layer shape takes
+    them): a call Triton would run on its general kernels — strided, grouped, channels not in
+    16-byte rows — goes to cuDNN, there being no measurement of those; on a GPU without TMA a
+    measured Triton choice was of the general kernels and stands. A run's weight forms follow."""
+    from sideways_kernels import SidewaysConv3d, forms
+    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
+    calls = []
+    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
+                                           for op in backend.OPS}) for name in ("cuda", "triton", "torch")}
+    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: fake[name] if name in fake
+                        else _real(name))
+    triton_ops = {op: {"bfloat16": "triton"} for op in backend.OPS}
+    monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="torch"), measured={
+        arch: dict(device="GPU", date="2026-01-01", ops=triton_ops) for arch in ("sm_90", "sm_80")}))
+    meta = lambda *shape: torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    one, two = [1, 1], [2, 2]
+
+    def routes(capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(backend, "_chosen", {})
+        calls.clear()
+        auto = types.SimpleNamespace(**{op: backend._dispatched(op) for op in backend.OPS})
+        grad_in = lambda c_in, c_out, stride, groups: auto.window_input_grad(
+            meta(2, c_out, 4, 4), meta(c_out, c_in // groups, 3, 3, 3), [8, 8], stride, one, one, groups)
+        grad_in(64, 64, one, 1)
+        grad_in(64, 64, two, 1)
+        grad_in(64, 64, one, 2)
+        grad_in(45, 64, one, 1)  # R(2+1)D's 45 channels: not whole 16-byte rows
+        ring = meta(3, 2, 64, 8, 8)
+        auto.ring_conv_forward(ring, None, 0, meta(64, 64, 3, 3, 3), None, two, one, one, 1, 1)
+        auto.sgd_tick_update(meta(64, 64, 3, 3, 3), None, None, None, meta(2, 64, 8, 8), ring, 0, one, one, one, 1,
+                             2, 0.1, 0.0, 0.0, 0.0, False, False)
+        auto.weight_grad_accumulate(meta(64, 64, 3, 3, 3), None, meta(2, 64, 8, 8), ring, 0, one, one, one, 1, 1)
+        return [name for _, name in calls]
+
+    assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton"]
+    assert routes((8, 0)) == ["triton"] * 7  # measured there on the general kernels
+    # a run's forms: a strided layer's input gradient reads the torch backend's (its folded taps' sum)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backend, "_chosen", {})
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    strided = SidewaysConv3d(4, 8, (3, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+    plain = SidewaysConv3d(8, 8, (3, 3, 3), padding=(0, 1, 1))
+    with backend.constant_weights("auto", [strided, plain], torch.bfloat16):
+        kinds = lambda layer: {str(k[0]) for (at, k) in forms._forms if at == id(layer.weight)}
+        assert kinds(strided) == {"folded", "summed"} and kinds(plain) == {"triton"}
+
+
 def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):
     """backend.constant_weights: the torch backend's folded forms and taps' sum only for a layer
     that folds (one group, no temporal dilation), Triton's for any layer on Triton, nothing for
@@ -373,8 +423,9 @@ def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):
                                                         "window_input_grad": {"bfloat16": "triton"}})
     monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="cuda"), measured={"sm_90": sm_90}))
     choice = backend._choice
-    monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None: probes.append(t.dtype) or choice(op, t, layer))
-    fresh = SidewaysConv3d(4, 8, (3, 3, 3), padding=(0, 1, 1))
+    monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None, geometry=None: probes.append(t.dtype)
+                        or choice(op, t, layer, geometry))
+    fresh = SidewaysConv3d(16, 8, (3, 3, 3), padding=(0, 1, 1))  # (whole 16-byte rows: Triton's box kernels)
     triton_forms = lambda: sorted((k[2], k[3]) for (at, k) in forms._forms
                                   if at == id(fresh.weight) and k[0] == "triton")
     with backend.constant_weights("auto", [fresh], torch.bfloat16):
@@ -384,8 +435,8 @@ def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):
         assert triton_forms() == [(True, False), (True, True)]  # Triton's input-gradient forms, not its forward's
     # the dispatch measured the layer's channels at two frame sizes, the forward fastest on each backend
     # at one (the frame's size is not known when the run starts): the forms of both are made
-    sm_90["shapes"] = {"ring_conv_forward": {"bfloat16": [dict(channels=[4, 8], positions=64, backend="triton"),
-                                                          dict(channels=[4, 8], positions=4096, backend="torch"),
+    sm_90["shapes"] = {"ring_conv_forward": {"bfloat16": [dict(channels=[16, 8], positions=64, backend="triton"),
+                                                          dict(channels=[16, 8], positions=4096, backend="torch"),
                                                           dict(channels=[8, 8], positions=64, backend="cuda")]}}
     backend._chosen.clear()
     with backend.constant_weights("auto", [fresh], torch.bfloat16):

@@ -277,11 +277,19 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     ops = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
            "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
     assert all(tm.today(kind) == backend.choose(op, torch.bfloat16, "sm_90") for kind, op in ops.items())
-    picked = {}
-    monkeypatch.setattr(tm, "today", lambda kind, layer=None: picked.setdefault(kind, "triton" if kind == "input_grad"
-                                                                                else "torch"))
-    assert tm.gemm_us(at(shapes[1], "input_grad"), "today") == pytest.approx(tm.GPU["graph_us"]["triton"]["input_grad"][1])
-    assert tm.gemm_us(at(shapes[1], "weight_sgd"), "today") == pytest.approx(tm.GPU["graph_us"]["torch"]["weight_sgd"][1])
+    on = lambda launch, backend_name: dataclasses.replace(launch, today=backend_name)  # (what today_for recorded)
+    assert tm.gemm_us(on(at(shapes[1], "input_grad"), "triton"), "today") == pytest.approx(
+        tm.GPU["graph_us"]["triton"]["input_grad"][1])
+    assert tm.gemm_us(on(at(shapes[1], "weight_sgd"), "torch"), "today") == pytest.approx(
+        tm.GPU["graph_us"]["torch"]["weight_sgd"][1])
+    # a recorded call: Triton's input gradient where its box kernels take it (what the H100 measured),
+    # cuDNN where it would take the general kernels (strided; channels not in 16-byte rows)
+    bf16 = lambda *shape: torch.zeros(shape, dtype=torch.bfloat16)
+    grad_in = lambda c_in, c_out, stride, size: ("window_input_grad", (
+        bf16(2, c_out, size, size), torch.zeros(c_out, c_in, 3, 3, 3), [8, 8], stride, [1, 1], [1, 1], 1))
+    assert tm.today_for(*grad_in(64, 64, [1, 1], 8)) == tm.today("input_grad") == "triton"
+    assert tm.today_for(*grad_in(64, 64, [2, 2], 4)) == "torch"
+    assert tm.today_for(*grad_in(45, 64, [1, 1], 8)) == "torch"
     between = at((96, 200, 16, 28))  # nearest (128, 256, B16 28²): log distance 0.78; (128, 128, B8 28²): 2.06
     rate = lambda i: flops(shapes[i]) / tm.GPU["graph_us"]["cudnn"]["forward"][i]
     assert tm.gemm_us(between, "cudnn") == pytest.approx(flops((96, 200, 16, 28)) / rate(3))
@@ -347,7 +355,7 @@ def test_a_sideways_op_counts_the_kernels_it_launches_under_today_s_dispatch(mon
     sgd = (t["weight"], torch.zeros_like(t["weight"]), t["bias"], torch.zeros_like(t["bias"]), t["grad_out"], t["ring"],
            1, *conv, 0.1, 0.9, 0.0, 0.0, False, False)
     assert tm.kernels_today("sgd_tick_update", sgd, held=False) >= 3  # the gradient, the bias's sum, the fused step
-    monkeypatch.setattr(tm, "today", lambda kind, layer=None: "triton")
+    monkeypatch.setattr(tm, "today_for", lambda name, args: "triton")  # (every call on Triton, strided ones too)
     assert tm.kernels_today("window_input_grad", down, held=True, measured=True) == 1
     derive = tm._Kernels()  # the taps' sum, flipped, cast and laid out: what the box input gradient derives
     with derive:

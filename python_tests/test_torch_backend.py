@@ -442,7 +442,7 @@ def test_a_layer_makes_its_ring_with_the_pad_its_backend_reads(monkeypatch):
     frame = types.SimpleNamespace(shape=(2, 3, 6, 7), is_cuda=True, dtype=torch.bfloat16)
     forward_only = lambda op: {"torch"} if op == "ring_conv_forward" else {"triton"}
     for chosen, pad in ((lambda op: {"torch"}, 7), (lambda op: {"triton"}, 0), (forward_only, 7)):
-        monkeypatch.setattr(backend, "_choices", lambda op, t, channels, chosen=chosen: chosen(op))
+        monkeypatch.setattr(backend, "_choices", lambda op, t, channels, geometry=None, chosen=chosen: chosen(op))
         assert backend.kernels("auto").ring_image_pad(3, frame) == pad
     assert backend.kernels("auto").ring_image_pad(3, types.SimpleNamespace(**{**vars(frame), "is_cuda": False})) == 0
     assert backend.kernels("triton").ring_image_pad(3, frame) == backend.kernels("cpp").ring_image_pad(3, frame) == 0

@@ -1783,7 +1783,7 @@ def test_auto_s_cudnn_forwards_leave_the_stages_epilogues_to_one_launch_a_tick(m
     for way in ("triton", "torch"):
         owned.clear()
         route = {"window_input_grad": "triton", "stage_epilogue": way}
-        monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None, _r=route: _r.get(op, "torch"))
+        monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None, geometry=None, _r=route: _r.get(op, "torch"))
         stages = _c3d_blocks()
         T.launches.clear()
         with T.using(path="box"):
@@ -1805,7 +1805,7 @@ def test_auto_s_grouped_calls_that_the_dispatch_sends_elsewhere_keep_their_bias_
     to the bit."""
     from sideways_kernels import backend, ops, torch_backend
     monkeypatch.setattr(backend, "_arch", lambda device: "sm_90")
-    monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None: "torch")
+    monkeypatch.setattr(backend, "_choice", lambda op, t, layer=None, geometry=None: "torch")
     auto = backend.kernels("auto")
     torch.manual_seed(0)
     dtype = torch.float16

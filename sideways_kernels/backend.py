@@ -184,8 +184,11 @@ def constant_weights(name: str, layers: list, dtype: torch.dtype):
         probe = torch.empty(0, dtype=dtype, device=weight.device)
         # (the frame's size is not known yet: every backend a size may take; a strided conv, the op's)
         channels = (layer.in_channels, layer.out_channels) if tuple(layer.stride[1:]) == (1, 1) else None
-        forward, input_grad = (_choices(op, probe, channels) if name == "auto" and weight.is_cuda else {name}
-                               for op in ("ring_conv_forward", "window_input_grad"))
+        stride, groups = tuple(layer.stride[1:]), layer.groups
+        geometry = {"ring_conv_forward": (stride, groups, (layer.out_channels,)),
+                    "window_input_grad": (stride, groups, (layer.in_channels // groups, layer.out_channels))}
+        forward, input_grad = (_choices(op, probe, channels, geometry[op]) if name == "auto" and weight.is_cuda
+                               else {name} for op in ("ring_conv_forward", "window_input_grad"))
         folds = layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
         if folds and "torch" in forward | input_grad:
             made += torch_backend.forms_of(weight, dtype, "torch" in forward, "torch" in input_grad)
@@ -252,6 +255,15 @@ _ACTIVATION_ARG = {"ring_conv_forward": (0, "ring"), "window_input_grad": (0, "g
 # where _layer reads a call's stride, and the positional arguments it needs (the layers pass every one)
 _STRIDE_ARG = {"ring_conv_forward": 5, "window_input_grad": 3, "weight_grad_accumulate": 5, "sgd_tick_update": 7}
 _ARITY = {"ring_conv_forward": 6, "window_input_grad": 7, "weight_grad_accumulate": 6, "sgd_tick_update": 8}
+# a call's (stride, groups, channels) as triton.box_path takes them (the output channels; an input
+# gradient's input channels per group too), from its positional arguments up to groups
+_GROUPS_ARG = {"ring_conv_forward": 9, "window_input_grad": 6, "weight_grad_accumulate": 9, "sgd_tick_update": 11}
+_GEOMETRY = {
+    "ring_conv_forward": lambda a: (tuple(a[5]), a[9], (a[3].shape[0],)),
+    "window_input_grad": lambda a: (tuple(a[3]), a[6], (a[1].shape[1], a[1].shape[0])),
+    "weight_grad_accumulate": lambda a: (tuple(a[5]), a[9], (a[2].shape[1],)),
+    "sgd_tick_update": lambda a: (tuple(a[7]), a[11], (a[4].shape[1],)),
+}
 
 
 def table() -> dict:
@@ -329,25 +341,44 @@ def bias_grad(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad_out.sum((0, 2, 3), dtype=dtype)
 
 
-def _choice(op: str, t: torch.Tensor, layer: Optional[tuple] = None) -> str:
+def _choice(op: str, t: torch.Tensor, layer: Optional[tuple] = None, geometry: Optional[tuple] = None) -> str:
     """:func:`choose` for ``op`` on CUDA activations like ``t`` of a ``layer`` (C_in, C_out,
-    positions) or any (made once per dtype, device and layer)."""
-    key = (op, t.dtype, t.device.index, layer)
+    positions) or any, among the backends built, on the kernels measured (``geometry``: the
+    call's, :func:`on_measured_kernels`) — made once per dtype, device, layer and geometry."""
+    key = (op, t.dtype, t.device.index, layer, geometry)
     name = _chosen.get(key)
     if name is None:
-        name = _chosen[key] = built_for(choose(op, t.dtype, _arch(t.device), layer=layer))
+        arch = _arch(t.device)
+        name = _chosen[key] = on_measured_kernels(built_for(choose(op, t.dtype, arch, layer=layer)), t, arch,
+                                                  geometry)
     return name
 
 
-def _choices(op: str, t: torch.Tensor, channels: Optional[tuple]) -> set:
+def on_measured_kernels(name: str, t: torch.Tensor, arch: str, geometry: Optional[tuple]) -> str:
+    """``name``, or cuDNN where that is Triton and Triton would run a call of ``geometry``
+    (stride, groups, the channel counts ``triton.box_path`` checks; activations like ``t``) on its
+    general kernels on a GPU of ``arch`` with TMA: GPU runs time the box kernels there (every layer shape bench_gpu.py measures
+    takes them), so Triton's measured wins say nothing of its general kernels (a strided, grouped
+    or unaligned conv), which no run has timed since the H200 had them behind cuDNN in every op
+    but one shape's input gradient."""
+    if name != "triton" or geometry is None or int(arch[3:]) < 90:
+        return name
+    stride, groups, channels = geometry
+    box = importlib.import_module("sideways_kernels.triton").box_path(t.device, t.dtype, stride, groups, channels, ())
+    return name if box is None else "torch"
+
+
+def _choices(op: str, t: torch.Tensor, channels: Optional[tuple], geometry: Optional[tuple] = None) -> set:
     """Every backend ``op`` may run on for CUDA activations like ``t`` in a layer of ``channels``
-    (C_in, C_out; None: a strided layer), whatever its frame's size: the op's choice and each
-    measured shape's there."""
+    (C_in, C_out; None: a strided layer) and ``geometry`` (:func:`on_measured_kernels`),
+    whatever its frame's size: the op's choice and each measured shape's there."""
     if channels is None:
-        return {_choice(op, t)}
+        return {_choice(op, t, None, geometry)}
     entry = table().get("measured", {}).get(_arch(t.device), {})
     shapes = _shapes_of(entry, op, str(t.dtype).replace("torch.", ""), channels)
-    return {_choice(op, t)} | {built_for(s["backend"]) for s in shapes}
+    arch = _arch(t.device)
+    return {_choice(op, t, None, geometry)} | {on_measured_kernels(built_for(s["backend"]), t, arch, geometry)
+                                               for s in shapes}
 
 
 def _arch(device: torch.device) -> str:
@@ -379,9 +410,10 @@ def _dispatched(op: str):
 
     def target(args: tuple, kwargs: Optional[dict] = None) -> str:
         """The backend this op runs on for a call with these arguments: by the activations' dtype,
-        and the layer's shape where the dispatch measured its channels."""
+        the layer's shape where the dispatch measured its channels, and the kernels measured."""
         t = args[index] if len(args) > index else kwargs[arg_name]
-        return _choice(op, t, _layer(op, args) if len(args) >= _ARITY[op] else None)
+        return _choice(op, t, _layer(op, args) if len(args) >= _ARITY[op] else None,
+                       _GEOMETRY[op](args) if len(args) > _GROUPS_ARG[op] else None)
 
     def call(*args, **kwargs):
         name = target(args, kwargs)
