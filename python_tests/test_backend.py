@@ -386,10 +386,17 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
         auto.sgd_tick_update(meta(64, 64, 3, 3, 3), None, None, None, meta(2, 64, 8, 8), ring, 0, one, one, one, 1,
                              2, 0.1, 0.0, 0.0, 0.0, False, False)
         auto.weight_grad_accumulate(meta(64, 64, 3, 3, 3), None, meta(2, 64, 8, 8), ring, 0, one, one, one, 1, 1)
+        auto.weight_grad_accumulate(meta(64, 32, 3, 3, 3), None, meta(2, 64, 8, 8), ring, 0, one, one, one, 1, 2)
+        auto.weight_grad_accumulate(meta(64, 64, 3, 3, 3), None, meta(2, 64, 4, 4), ring, 0, two, one, one, 1, 1)
+        auto.ring_conv_forward(ring, None, 0, meta(64, 32, 3, 3, 3), None, one, one, one, 1, 2)
+        auto.ring_conv_forward(ring, None, 0, meta(64, 64, 3, 3, 3), None, one, one, one, 1, 1)
+        auto.sgd_tick_update(meta(64, 64, 3, 3, 3), None, None, None, meta(2, 64, 4, 4), ring, 0, two, one, one, 1,
+                             1, 0.1, 0.0, 0.0, 0.0, False, False)
         return [name for _, name in calls]
 
-    assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton"]
-    assert routes((8, 0)) == ["triton"] * 7  # measured there on the general kernels
+    assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton", "torch", "torch", "torch",
+                              "triton", "torch"]
+    assert routes((8, 0)) == ["triton"] * 12  # measured there on the general kernels
     # a run's forms: a strided layer's input gradient reads the torch backend's (its folded taps' sum)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(backend, "_chosen", {})
