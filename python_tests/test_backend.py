@@ -394,8 +394,8 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
                              1, 0.1, 0.0, 0.0, 0.0, False, False)
         return [name for _, name in calls]
 
-    assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton", "torch", "torch", "torch",
-                              "triton", "torch"]
+    assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton", "torch", "torch",
+                              "torch", "triton", "torch"]
     assert routes((8, 0)) == ["triton"] * 12  # measured there on the general kernels
     # a run's forms: a strided layer's input gradient reads the torch backend's (its folded taps' sum)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

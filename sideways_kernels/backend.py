@@ -357,10 +357,10 @@ def _choice(op: str, t: torch.Tensor, layer: Optional[tuple] = None, geometry: O
 def on_measured_kernels(name: str, t: torch.Tensor, arch: str, geometry: Optional[tuple]) -> str:
     """``name``, or cuDNN where that is Triton and Triton would run a call of ``geometry``
     (stride, groups, the channel counts ``triton.box_path`` checks; activations like ``t``) on its
-    general kernels on a GPU of ``arch`` with TMA: GPU runs time the box kernels there (every layer shape bench_gpu.py measures
-    takes them), so Triton's measured wins say nothing of its general kernels (a strided, grouped
-    or unaligned conv), which no run has timed since the H200 had them behind cuDNN in every op
-    but one shape's input gradient."""
+    general kernels on a GPU of ``arch`` with TMA: GPU runs time the box kernels there (every
+    layer shape bench_gpu.py measures takes them), so Triton's measured wins say nothing of its
+    general kernels (a strided, grouped or unaligned conv), which no run has timed against cuDNN
+    since the H200 had them behind it in every op but one shape's input gradient."""
     if name != "triton" or geometry is None or int(arch[3:]) < 90:
         return name
     stride, groups, channels = geometry
@@ -374,9 +374,8 @@ def _choices(op: str, t: torch.Tensor, channels: Optional[tuple], geometry: Opti
     whatever its frame's size: the op's choice and each measured shape's there."""
     if channels is None:
         return {_choice(op, t, None, geometry)}
-    entry = table().get("measured", {}).get(_arch(t.device), {})
-    shapes = _shapes_of(entry, op, str(t.dtype).replace("torch.", ""), channels)
     arch = _arch(t.device)
+    shapes = _shapes_of(table().get("measured", {}).get(arch, {}), op, str(t.dtype).replace("torch.", ""), channels)
     return {_choice(op, t, None, geometry)} | {on_measured_kernels(built_for(s["backend"]), t, arch, geometry)
                                                for s in shapes}
 
