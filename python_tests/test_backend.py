@@ -8,6 +8,20 @@ import torch
 
 from sideways_kernels import backend
 
+def _recording(monkeypatch, cuda: bool = True, triton: bool = True) -> tuple:
+    """The CUDA kernels and Triton built as asked, on an sm_90 GPU, every backend's ops (cuda,
+    triton, torch) replaced by recorders: (the calls as (op, backend), the backends whose ops were
+    made)."""
+    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=cuda, triton=triton))
+    calls, made = [], []
+    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
+                                           for op in backend.OPS}) for name in ("cuda", "triton", "torch")}
+    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: made.append(name) or fake[name]
+                        if name in fake else _real(name))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    return calls, made
+
+
 BUILT = [(True, True), (True, False), (False, True), (False, False)]  # (CUDA kernels, Triton)
 
 
@@ -31,16 +45,10 @@ def test_a_choice_whose_backend_is_not_built_runs_on_its_stand_in(monkeypatch, b
     kernels' to Triton, else cuDNN (the torch backend); Triton's to cuDNN — and needs no Triton
     to be made."""
     cuda, triton = built
-    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=cuda, triton=triton))
+    calls, made = _recording(monkeypatch, cuda, triton)
     assert backend.built_for("cuda") == ("cuda" if cuda else "triton" if triton else "torch")
     assert backend.built_for("triton") == ("triton" if triton else "torch")
     assert backend.built_for("torch") == "torch"
-    calls, made = [], []
-    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
-                                           for op in backend.OPS}) for name in ("cuda", "triton", "torch")}
-    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: made.append(name) or fake[name]
-                        if name in fake else _real(name))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(backend, "_table", dict(
         unmeasured=dict(float32="cuda", bfloat16="torch"),
         measured={"sm_90": dict(device="H100", date="2026-01-01", ops={"window_input_grad": {"bfloat16": "triton"}},
@@ -97,13 +105,7 @@ def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
 
 
 def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
-    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
-    calls = []
-    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
-                                           for op in backend.OPS}) for name in ("cuda", "triton")}
-    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: fake[name] if name in fake
-                        else _real(name))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    calls, _ = _recording(monkeypatch)
     monkeypatch.setattr(backend, "_table", dict(
         unmeasured=dict(float32="cuda", float16="triton", bfloat16="triton", float64="cuda"),
         measured={"sm_90": dict(device="H100", date="2026-01-01", ops={"window_input_grad": {"bfloat16": "cuda"}})}))
@@ -129,13 +131,7 @@ def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_its_channel
     """Where the architecture's ``shapes`` name a layer's (C_in, C_out), a call goes to the backend
     measured fastest at the nearest frame size (B·H·W) — the op's overall choice elsewhere; a
     tick holds for grouping the weight updates of the layers so sent to Triton."""
-    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
-    calls = []
-    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
-                                           for op in backend.OPS}) for name in ("cuda", "triton", "torch")}
-    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: fake[name] if name in fake
-                        else _real(name))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    calls, _ = _recording(monkeypatch)
     at = lambda c_in, c_out, positions, name: dict(channels=[c_in, c_out], positions=positions, backend=name)
     shapes = {"ring_conv_forward": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch"), at(16, 32, 8 * 7 * 7, "cuda")]},
               "window_input_grad": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch")]},
@@ -358,12 +354,7 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
     16-byte rows — goes to cuDNN, there being no measurement of those; on a GPU without TMA a
     measured Triton choice was of the general kernels and stands. A run's weight forms follow."""
     from sideways_kernels import SidewaysConv3d, forms
-    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
-    calls = []
-    fake = {name: types.SimpleNamespace(**{op: (lambda *a, _n=name, _op=op, **k: calls.append((_op, _n)))
-                                           for op in backend.OPS}) for name in ("cuda", "triton", "torch")}
-    monkeypatch.setattr(backend, "kernels", lambda name, _real=backend.kernels: fake[name] if name in fake
-                        else _real(name))
+    calls, _ = _recording(monkeypatch)
     triton_ops = {op: {"bfloat16": "triton"} for op in backend.OPS}
     monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="torch"), measured={
         arch: dict(device="GPU", date="2026-01-01", ops=triton_ops) for arch in ("sm_90", "sm_80")}))
