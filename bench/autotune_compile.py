@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     if any(t < 1 for t in args.threads):
         p.error("--threads: each count must be >= 1")
     kernel, name, launch_args, meta = forward_launch(args.problem)
-    driver._active = GPU()
+    driver.set_active(GPU())
     results = []
     for threads in args.threads:
         with tempfile.TemporaryDirectory() as cache:
