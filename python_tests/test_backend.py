@@ -98,6 +98,11 @@ def test_choose_takes_the_measured_entry_of_the_architecture_else_the_default():
     table["measured"]["sm_90"]["ops"]["weight_grad_accumulate"]["float16"] = "torch"
     assert backend.choose("weight_grad_accumulate", torch.float16, "sm_90", table) == "torch"  # its own
     assert backend.choose("weight_grad_accumulate", torch.bfloat16, "sm_90", table) == "cuda"
+    table["measured"]["sm_90"]["ops"]["weight_grad_accumulate"]["bfloat16"] = "torch"
+    assert backend.choose("weight_grad_accumulate", torch.float32, "sm_90", table) == "cuda"  # not bf16's: fp32's
+    table["measured"]["sm_90"]["shapes"] = {"ring_conv_forward": {"bfloat16": [
+        dict(channels=[16, 32], positions=64, backend="torch")]}}  # per shape too: fp16 takes bf16's
+    assert backend.choose("ring_conv_forward", torch.float16, "sm_90", table, layer=(16, 32, 64)) == "torch"
     assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table) == "triton"
     assert backend.choose("weight_grad_accumulate", torch.bfloat16, "sm_80", table) == "triton"
     assert backend.choose("weight_grad_accumulate", torch.float32, "sm_90", table) == "cuda"
@@ -383,20 +388,41 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
         auto.ring_conv_forward(ring, None, 0, meta(64, 64, 3, 3, 3), None, one, one, one, 1, 1)
         auto.sgd_tick_update(meta(64, 64, 3, 3, 3), None, None, None, meta(2, 64, 4, 4), ring, 0, two, one, one, 1,
                              1, 0.1, 0.0, 0.0, 0.0, False, False)
+        auto.sgd_tick_update(meta(64, 32, 3, 3, 3), None, None, None, meta(2, 64, 8, 8), ring, 0, one, one, one, 1,
+                             2, 0.1, 0.0, 0.0, 0.0, False, False)
+        # 45 output channels (the forward's and weight update's checked channels), 64 input ones
+        auto.ring_conv_forward(ring, None, 0, meta(45, 64, 3, 3, 3), None, one, one, one, 1, 1)
+        auto.weight_grad_accumulate(meta(45, 64, 3, 3, 3), None, meta(2, 45, 8, 8), ring, 0, one, one, one, 1, 1)
         return [name for _, name in calls]
 
     assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton", "torch", "torch",
-                              "torch", "triton", "torch"]
-    assert routes((8, 0)) == ["triton"] * 12  # measured there on the general kernels
+                              "torch", "triton", "torch", "torch", "torch", "torch"]
+    assert routes((8, 0)) == ["triton"] * 15  # measured there on the general kernels
+    # only a Triton choice is the box kernels': another measured choice stands for any call
+    monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="torch"), measured={
+        "sm_90": dict(device="GPU", date="2026-01-01", ops={"window_input_grad": {"bfloat16": "cuda"}},
+                      shapes={"window_input_grad": {"bfloat16": [dict(channels=[64, 64], positions=64,
+                                                                      backend="triton")]}})}))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backend, "_chosen", {})
+    calls.clear()
+    backend._dispatched("window_input_grad")(meta(2, 64, 4, 4), meta(64, 64, 3, 3, 3), [8, 8], two, one, one, 1)
+    assert calls == [("window_input_grad", "cuda")]
+    # every backend a strided layer's calls may take: a measured shape's Triton, too, goes to cuDNN
+    assert backend._choices("window_input_grad", meta(1), (64, 64), ((2, 2), 1, (64, 64))) == {"cuda", "torch"}
     # a run's forms: a strided layer's input gradient reads the torch backend's (its folded taps' sum)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(backend, "_chosen", {})
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="torch"), measured={
+        "sm_90": dict(device="GPU", date="2026-01-01", ops=triton_ops)}))
     strided = SidewaysConv3d(4, 8, (3, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
     plain = SidewaysConv3d(8, 8, (3, 3, 3), padding=(0, 1, 1))
-    with backend.constant_weights("auto", [strided, plain], torch.bfloat16):
+    stem = SidewaysConv3d(3, 16, (3, 3, 3), padding=(0, 1, 1))  # its input gradient's 3 channels: no 16-byte row
+    with backend.constant_weights("auto", [strided, plain, stem], torch.bfloat16):
         kinds = lambda layer: {str(k[0]) for (at, k) in forms._forms if at == id(layer.weight)}
         assert kinds(strided) == {"folded", "summed"} and kinds(plain) == {"triton"}
+        assert kinds(stem) == {"triton", "summed"}  # Triton's forward, the torch backend's input gradient
 
 
 def test_a_run_holds_the_forms_its_layers_backends_read(monkeypatch):

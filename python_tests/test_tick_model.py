@@ -280,6 +280,8 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     on = lambda launch, backend_name: dataclasses.replace(launch, today=backend_name)  # (what today_for recorded)
     assert tm.gemm_us(on(at(shapes[1], "input_grad"), "triton"), "today") == pytest.approx(
         tm.GPU["graph_us"]["triton"]["input_grad"][1])
+    assert tm.gemm_us(on(at(shapes[1], "input_grad"), "torch"), "today") == pytest.approx(
+        tm.GPU["graph_us"]["torch"]["input_grad"][1])  # (a call the dispatch sends to cuDNN: a strided one's)
     assert tm.gemm_us(on(at(shapes[1], "weight_sgd"), "torch"), "today") == pytest.approx(
         tm.GPU["graph_us"]["torch"]["weight_sgd"][1])
     # a recorded call: Triton's input gradient where its box kernels take it (what the H100 measured),
@@ -306,6 +308,7 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     assert tm.channel_waste(dataclasses.replace(strided, shape="4->64 112x112 k3x7x7 s1x2x2")) == 640 / 588
     assert tm.channel_waste(dataclasses.replace(strided, shape="5->64 112x112 k3x7x7 s1x2x2")) == 16 / 5  # not folded
     assert tm.gemm_us(stem, "triton") == pytest.approx(16 / 3 * us(stem, "triton"))
+    assert tm.gemm_us(dataclasses.replace(stem, today="triton"), "today") == pytest.approx(tm.gemm_us(stem, "triton"))
     assert tm.gemm_us(down, "triton") == pytest.approx(64 / 24 * us(down, "triton"))
     assert tm.gemm_us(stem, "cudnn") == pytest.approx(us(stem, "cudnn"))
 

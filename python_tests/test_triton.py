@@ -5,6 +5,7 @@ import collections
 import contextlib
 import functools
 import os
+import types
 
 os.environ["TRITON_INTERPRET"] = "1"  # before sideways_kernels.triton is imported
 
@@ -530,6 +531,36 @@ def test_an_autotuner_compiles_the_configs_it_times_in_parallel_before_timing_th
             m.setenv("SIDEWAYS_TRITON_COMPILE_THREADS", bad)
             with pytest.raises(ValueError, match="SIDEWAYS_TRITON_COMPILE_THREADS must be an int >= 1"):
                 T._compile_threads()
+    with pytest.MonkeyPatch.context() as m:  # the default: the CPUs, at most 8
+        m.delenv("SIDEWAYS_TRITON_COMPILE_THREADS", raising=False)
+        m.setattr(T.os, "cpu_count", lambda: 64)
+        assert T._compile_threads() == 8
+        m.setattr(T.os, "cpu_count", lambda: 3)
+        assert T._compile_threads() == 3
+
+
+def test_a_config_that_fails_to_compile_in_the_pool_is_left_to_the_timing(monkeypatch):
+    """A config whose compile fails in the threads fails no launch there: the autotuner's timing
+    compiles it again and skips it as it would have (Triton's own handling)."""
+    import inspect
+    monkeypatch.setenv("SIDEWAYS_TRITON_COMPILE_THREADS", "2")
+    compiled = []
+
+    def warmup(*args, BLOCK_M, **kwargs):  # as Triton's warm-up submits a compile to the active mode
+        def compile_it():
+            compiled.append(BLOCK_M)
+            if BLOCK_M == 128:
+                raise RuntimeError("ptxas failed")
+        mode = T._async_compile.active_mode.get()
+        callbacks = len(inspect.signature(mode.submit).parameters) - 2  # (3.6: finalize; 3.9: and cleanup)
+        mode.submit(BLOCK_M, compile_it, *[lambda *a: None] * callbacks)
+
+    config = lambda m: types.SimpleNamespace(all_kwargs=lambda: {"BLOCK_M": m})
+    tuner = types.SimpleNamespace(prune_configs=lambda kwargs: [config(64), config(128)], nargs={"x": 0},
+                                  fn=types.SimpleNamespace(warmup=warmup))
+    assert [c.all_kwargs() for c in T._compiling_before_timing(tuner).prune_configs({})] == [{"BLOCK_M": 64},
+                                                                                               {"BLOCK_M": 128}]
+    assert sorted(compiled) == [64, 128]
 
 
 # --- the box kernels (boxes.py: TMA boxes, persistent, taps sharing an error box) ----------------
