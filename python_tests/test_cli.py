@@ -158,13 +158,19 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, option):
     assert str(path) in result.stderr and "is a text file" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["triton without the interpreter", "bogus SIDEWAYS_BACKEND"])
+@pytest.mark.parametrize("case", ["triton without the interpreter", "bogus SIDEWAYS_BACKEND",
+                                  "bogus SIDEWAYS_TRITON_COMPILE_THREADS"])
 def test_a_backend_that_cannot_run_is_one_line_and_no_run_directory(tmp_path, capsys, monkeypatch, case):
-    """Both ended in a ~30-line traceback with exit status 1 (the README walkthrough)."""
+    """Both ended in a ~30-line traceback with exit status 1 (the README walkthrough); a bad
+    compile-thread count would have, at a GPU's first autotuned launch."""
     if case.startswith("triton"):
         pytest.importorskip("triton")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         args, words = ["--backend", "triton"], ("--backend:", "TRITON_INTERPRET=1")
+    elif case.endswith("THREADS"):
+        pytest.importorskip("triton")
+        monkeypatch.setenv("SIDEWAYS_TRITON_COMPILE_THREADS", "two")
+        args, words = [], ("SIDEWAYS_TRITON_COMPILE_THREADS", "'two'")
     else:
         monkeypatch.setenv("SIDEWAYS_BACKEND", "cudnn")
         args, words = [], ("SIDEWAYS_BACKEND", "'cudnn'")

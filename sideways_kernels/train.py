@@ -9,6 +9,7 @@ same pipeline) on the embedded procedural data or on a folder of your own videos
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import models
+from ._loader import backends
 from .backend import NAMES as BACKENDS, resolve as resolve_backend, set_backend
 from .data import (DIGIT_SPEED, DataError, MovingDigits, MovingTextures, ShuffledFrames, UnreadableVideoWarning,
                    VideoFolder, unreadable_summary)
@@ -834,6 +836,11 @@ def _train(args, cfg: dict, out: str, resume, cluster: _Cluster, pretrained: Opt
         resolve_backend(device)
     except (RuntimeError, ValueError) as exc:
         raise DataError(f"{'--backend' if cfg['backend'] else 'SIDEWAYS_BACKEND'}: {exc}") from None
+    if "SIDEWAYS_TRITON_COMPILE_THREADS" in os.environ and backends()["triton"]:  # read at a GPU's first autotuning
+        try:
+            importlib.import_module("sideways_kernels.triton")._compile_threads()
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
