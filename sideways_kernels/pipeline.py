@@ -170,8 +170,9 @@ class SidewaysPipeline:
         devices: one device per stage; stages are moved there and activations/errors copied
             between them. On CUDA every stage runs on its own stream, so the stages of a tick
             overlap; each tick ends with all of them joined.
-        backend: ``"torch" | "cpp" | "triton" | "cuda"``, else ``SIDEWAYS_BACKEND`` or the
-            fastest one built for each stage's device.
+        backend: ``"torch" | "cpp" | "triton" | "cuda" | "auto"``, else ``SIDEWAYS_BACKEND`` or the
+            default for each stage's device (on CUDA ``auto``: per op the backend measured
+            fastest there, :mod:`sideways_kernels.backend`; else the fastest built).
         cuda_graph: in :meth:`backward_clip` (Sideways mode, every stage on one CUDA device),
             replay every tick from a CUDA graph captured once per phase
             (:mod:`sideways_kernels.cuda_graphs`: the first clip of a length warms up, the second
