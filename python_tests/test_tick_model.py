@@ -292,6 +292,12 @@ def test_an_op_is_priced_at_the_dispatch_s_backend_and_the_measured_shape_neares
     assert tm.today_for(*grad_in(64, 64, [1, 1], 8)) == tm.today("input_grad") == "triton"
     assert tm.today_for(*grad_in(64, 64, [2, 2], 4)) == "torch"
     assert tm.today_for(*grad_in(45, 64, [1, 1], 8)) == "torch"
+    # where the dispatch measured a layer's channels, that layer's choice (the nearest frame size's)
+    sm_90 = backend.table()["measured"]["sm_90"]
+    layer_64 = {"window_input_grad": {"bfloat16": [dict(channels=[64, 64], positions=2 * 8 * 8, backend="torch")]}}
+    monkeypatch.setitem(sm_90, "shapes", {**sm_90.get("shapes", {}), **layer_64})
+    assert tm.today_for(*grad_in(64, 64, [1, 1], 8)) == "torch"
+    assert tm.today_for(*grad_in(64, 128, [1, 1], 8)) == "triton"  # channels not measured: the op's choice
     between = at((96, 200, 16, 28))  # nearest (128, 256, B16 28²): log distance 0.78; (128, 128, B8 28²): 2.06
     rate = lambda i: flops(shapes[i]) / tm.GPU["graph_us"]["cudnn"]["forward"][i]
     assert tm.gemm_us(between, "cudnn") == pytest.approx(flops((96, 200, 16, 28)) / rate(3))
