@@ -628,10 +628,9 @@ def today_for(name: str, args) -> str:
     its general kernels — strided, grouped, unaligned — goes to cuDNN:
     ``backend.on_measured_kernels``)."""
     from sideways_kernels import backend
-    geometry = backend._GEOMETRY[name](args) if len(args) > backend._GROUPS_ARG[name] else None
     bf16 = torch.empty(0, dtype=torch.bfloat16)  # the activations' type (only its type and device are read)
     return backend.on_measured_kernels(today(SIDEWAYS_KIND[name], backend._layer(name, args)), bf16, "sm_90",
-                                       geometry)
+                                       backend.call_geometry(name, args))
 
 
 def _layer_of(launch: Launch) -> Optional[tuple]:

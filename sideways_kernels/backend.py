@@ -266,6 +266,12 @@ _GEOMETRY = {
 }
 
 
+def call_geometry(op: str, args: tuple) -> Optional[tuple]:
+    """A call's (stride, groups, channels) (:func:`on_measured_kernels`), or None where its
+    positional ``args`` stop before groups."""
+    return _GEOMETRY[op](args) if len(args) > _GROUPS_ARG[op] else None
+
+
 def table() -> dict:
     """dispatch.json: ``unmeasured`` (dtype -> backend) and ``measured`` (``sm_XY`` -> its device,
     date and ``ops``: op -> dtype -> backend)."""
@@ -412,7 +418,7 @@ def _dispatched(op: str):
         the layer's shape where the dispatch measured its channels, and the kernels measured."""
         t = args[index] if len(args) > index else kwargs[arg_name]
         return _choice(op, t, _layer(op, args) if len(args) >= _ARITY[op] else None,
-                       _GEOMETRY[op](args) if len(args) > _GROUPS_ARG[op] else None)
+                       call_geometry(op, args))
 
     def call(*args, **kwargs):
         name = target(args, kwargs)
