@@ -2,7 +2,9 @@
 
 In the order they run (the important ones first, so a run cut short still has them):
 1. the bf16 matmul ceiling of this GPU (a large ``torch.matmul``), measured here;
-2. per op and C3D shape, bf16 activations and fp32 master weights: our CUDA and Triton kernels
+2. per op and layer shape (C3D's and r3d_18's 3x3x3 stride-1 layers; apart, ``test_other_layers``:
+   r3d_18's strided and R(2+1)D's unaligned and factorised ones, which Triton runs on its general
+   kernels), bf16 activations and fp32 master weights: our CUDA and Triton kernels
    (Triton autotuned; the picked config recorded) against the cuDNN path a plain-PyTorch user
    would write — ``F.conv3d`` of the window (forward), ``aten.convolution_backward`` summed over
    the window (input gradient) or for the weight + ``add_`` (accumulate) + ``SGD(fused=True)``
@@ -34,19 +36,27 @@ from sideways_kernels import forms
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (C_in, C_out, batch, spatial) of C3D layers, then of a converted r3d_18's stride-1 layers at
-# B8, 112x112 frames (layer1-4; its strided convs and the stem take the general kernels);
-# 3x3x3 kernels, 'same' spatial padding
+# B8, 112x112 frames (layer1-4); 3x3x3 kernels, 'same' spatial padding
 SHAPES = [(64, 128, 8, 56), (128, 256, 16, 28), (256, 256, 32, 14),
           (64, 64, 8, 56), (128, 128, 8, 28), (256, 256, 8, 14), (512, 512, 8, 7)]
+# Layers of other kernels and strides at B8, 112x112 frames, as (C_in, C_out, batch, spatial, kt, kh,
+# kw, spatial stride): on sm_90 Triton runs the strided and unaligned ones (channels not in 16-byte
+# rows) on its general kernels, which the default keeps on cuDNN until their rows here say otherwise
+# (backend.on_measured_kernels; gpu_report.dispatch writes a row per layer). r3d_18: the stem, the
+# first conv of layers 2-4 and layer 2's projection; R(2+1)D: the stem's two halves (45 channels),
+# layer 1's spatial half (144: aligned), layer 2's first pair (230 channels, the spatial half strided).
+OTHER_SHAPES = [(3, 64, 8, 112, 3, 7, 7, 2), (64, 128, 8, 56, 3, 3, 3, 2), (128, 256, 8, 28, 3, 3, 3, 2),
+                (256, 512, 8, 14, 3, 3, 3, 2), (64, 128, 8, 56, 1, 1, 1, 2),
+                (3, 45, 8, 112, 1, 7, 7, 2), (45, 64, 8, 56, 3, 1, 1, 1), (64, 144, 8, 56, 1, 3, 3, 1),
+                (64, 230, 8, 56, 1, 3, 3, 2), (230, 128, 8, 28, 3, 1, 1, 1)]
 SHAPE_IDS = [f"{s[0]}to{s[1]}-B{s[2]}-{s[3]}" for s in SHAPES]
-ARGS = ([1, 1], [1, 1], [1, 1], 1, 1)  # stride, padding, dilation, dilation_t, groups
+OTHER_IDS = [f"other-{s[0]}to{s[1]}-B{s[2]}-{s[3]}-k{s[4]}x{s[5]}x{s[6]}-s{s[7]}" for s in OTHER_SHAPES]
 HYPER = dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False)
 IMPLS = ["cudnn_ncdhw", "cudnn_cl", "torch", "cuda", "triton"]  # torch: the torch backend's op (cuDNN on the ring)
 OP_NAMES = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
             "weight_accumulate": "weight_grad_accumulate", "weight_sgd": "sgd_tick_update"}
 TRITON_KERNEL = {"forward": "ring_conv_forward", "input_grad": "window_input_grad",
                  "weight_accumulate": "weight_update", "weight_sgd": "weight_update:sgd"}
-SLOT = 2  # the newest frame: tap j reads ring slot j
 
 
 def _row(**fields) -> None:
@@ -93,24 +103,28 @@ def test_bf16_matmul_ceiling(benchmark):
 # --- 2. the ops against cuDNN -------------------------------------------------------------------
 
 class _Layer:
-    """One C3D layer's tensors: a bf16 ring in the ops' layout, its window as a clip in both
-    layouts, fp32 master weight and bias, a bf16 error, and the newest frame as the layer below
-    hands it on (channels-last): our forwards push it into the ring at every call, as a
-    pipeline's do (the slot already holds it, so every call computes the same window)."""
+    """One layer's tensors: a bf16 ring in the ops' layout, its window as a clip in both layouts,
+    fp32 master weight and bias, a bf16 error, and the newest frame as the layer below hands it
+    on (channels-last): our forwards push it into the ring at every call, as a pipeline's do (the
+    slot already holds it, so every call computes the same window). A 3x3x3 stride-1 layer
+    (``SHAPES``) unless kernel and stride are given (``OTHER_SHAPES``); 'same' spatial padding."""
 
-    def __init__(self, c_in, c_out, batch, hw, device="cuda"):
+    def __init__(self, c_in, c_out, batch, hw, kt=3, kh=3, kw=3, stride=1, device="cuda"):
         g = torch.Generator(device=device).manual_seed(0)
-        self.ring = ops.empty_ring(3, batch, c_in, hw, hw, dtype=torch.bfloat16, device=device)
-        self.ring.copy_(torch.randn(3, batch, c_in, hw, hw, device=device, generator=g))
-        self.frame = self.ring[SLOT].contiguous(memory_format=torch.channels_last)
-        self.weight = torch.randn(c_out, c_in, 3, 3, 3, device=device, generator=g) * (c_in * 27) ** -0.5
+        self.slot = kt - 1  # the newest frame: tap j reads ring slot j
+        self.args = ([stride, stride], [kh // 2, kw // 2], [1, 1], 1, 1)  # stride, padding, dilation, dilation_t, groups
+        self.ring = ops.empty_ring(kt, batch, c_in, hw, hw, dtype=torch.bfloat16, device=device)
+        self.ring.copy_(torch.randn(kt, batch, c_in, hw, hw, device=device, generator=g))
+        self.frame = self.ring[self.slot].contiguous(memory_format=torch.channels_last)
+        self.weight = torch.randn(c_out, c_in, kt, kh, kw, device=device, generator=g) * (c_in * kt * kh * kw) ** -0.5
         self.bias = torch.randn(c_out, device=device, generator=g) * 0.1
-        self.grad_out = torch.randn(batch, c_out, hw, hw, device=device, generator=g).to(torch.bfloat16).contiguous(
+        out = [(hw + 2 * (k // 2) - k) // stride + 1 for k in (kh, kw)]
+        self.grad_out = torch.randn(batch, c_out, *out, device=device, generator=g).to(torch.bfloat16).contiguous(
             memory_format=torch.channels_last)
-        clip = ref.window(self.ring, SLOT)  # [B, C, 3, H, W], oldest first
+        clip = ref.window(self.ring, self.slot)  # [B, C, kt, H, W], oldest first
         self.clips = {"cudnn_ncdhw": clip.contiguous(), "cudnn_cl": clip.contiguous(memory_format=torch.channels_last_3d)}
         self.hw = [hw, hw]
-        self.flops = 2 * batch * hw * hw * c_out * c_in * 27
+        self.flops = 2 * batch * out[0] * out[1] * c_out * c_in * kt * kh * kw
 
 
 _EXPECTED = {}  # (op, shape) -> float64 reference
@@ -121,12 +135,13 @@ def _expected(op, shape, layer: _Layer):
     if key not in _EXPECTED:
         d = lambda t: t.double()
         if op == "forward":
-            out = ref.ring_conv_forward(d(layer.ring), None, SLOT, d(layer.weight), d(layer.bias), *ARGS)
+            out = ref.ring_conv_forward(d(layer.ring), None, layer.slot, d(layer.weight), d(layer.bias),
+                                        *layer.args)
         elif op == "input_grad":
-            out = ref.window_input_grad(d(layer.grad_out), d(layer.weight), layer.hw, *ARGS[:3], 1)
+            out = ref.window_input_grad(d(layer.grad_out), d(layer.weight), layer.hw, *layer.args[:3], 1)
         else:
             out = torch.zeros_like(layer.weight, dtype=torch.float64)
-            ref.weight_grad_accumulate(out, None, d(layer.grad_out), d(layer.ring), SLOT, *ARGS)
+            ref.weight_grad_accumulate(out, None, d(layer.grad_out), d(layer.ring), layer.slot, *layer.args)
             if op == "weight_sgd":  # the weight after one SGD step from a fresh momentum buffer
                 w = d(layer.weight).clone()
                 ref.sgd_step(w, torch.empty_like(w), out, **HYPER, first_step=True)
@@ -145,11 +160,12 @@ def _implementation(op: str, impl: str, L: _Layer):
             g5 = g5.contiguous()
         else:
             g5 = g5.contiguous(memory_format=torch.channels_last_3d)
+        stride, padding = [1, *L.args[0]], [0, *L.args[1]]
         backward = lambda mask: torch.ops.aten.convolution_backward(
-            g5, clip, w16, None, [1, 1, 1], [0, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, mask)
+            g5, clip, w16, None, stride, padding, [1, 1, 1], False, [0, 0, 0], 1, mask)
         if op == "forward":
             b16 = L.bias.to(torch.bfloat16)
-            fn = lambda: F.conv3d(clip, w16, b16, padding=(0, 1, 1)).squeeze(2)
+            fn = lambda: F.conv3d(clip, w16, b16, stride=stride, padding=padding).squeeze(2)
             return fn, fn
         if op == "input_grad":
             fn = lambda: backward([True, False, False])[0].sum(2)
@@ -183,17 +199,17 @@ def _implementation(op: str, impl: str, L: _Layer):
     else:
         k = torch.ops.sideways
     if op == "forward":
-        fn = lambda: k.ring_conv_forward(L.ring, L.frame, SLOT, L.weight, L.bias, *ARGS)
+        fn = lambda: k.ring_conv_forward(L.ring, L.frame, L.slot, L.weight, L.bias, *L.args)
         return fn, fn
     if op == "input_grad":
-        fn = lambda: k.window_input_grad(L.grad_out, L.weight, L.hw, *ARGS[:3], 1)
+        fn = lambda: k.window_input_grad(L.grad_out, L.weight, L.hw, *L.args[:3], 1)
         return fn, fn
     grad = torch.zeros_like(L.weight)
     if op == "weight_accumulate":
-        fn = lambda: k.weight_grad_accumulate(grad, None, L.grad_out, L.ring, SLOT, *ARGS)
+        fn = lambda: k.weight_grad_accumulate(grad, None, L.grad_out, L.ring, L.slot, *L.args)
         return fn, lambda: (grad.zero_(), fn(), grad)[2]
     w, buf = L.weight.clone(), torch.zeros_like(L.weight)
-    step = lambda first=False: k.sgd_tick_update(w, buf, None, None, L.grad_out, L.ring, SLOT, *ARGS, **HYPER,
+    step = lambda first=False: k.sgd_tick_update(w, buf, None, None, L.grad_out, L.ring, L.slot, *L.args, **HYPER,
                                                  first_step=first)
     return step, lambda: (w.copy_(L.weight), step(True), w)[2]
 
@@ -232,7 +248,7 @@ def _op_case(benchmark, op, shape, impl):
         name = ("box_" if path == "box" else "") + TRITON_KERNEL[op]
         config = f"{path} {picked(name, L.ring.device)}"
     benchmark.extra_info.update(tflops=tflops, config=config, error=error,
-                                shape=f"{shape[0]}->{shape[1]} k3 B{shape[2]} {shape[3]}^2 bf16 act, fp32 master")
+                                shape=f"{shape} bf16 act, fp32 master")
     _row(kind="op", op=op, shape=list(shape), impl=impl, median_s=median, tflops=tflops,
          ceiling_fraction=tflops / CEILING["tflops"] if CEILING else None, config=config, error=error,
          graph_s=graph_s, graph_error=graph_error)
@@ -282,6 +298,16 @@ def test_forward_and_input_grad(benchmark, op, shape, impl):
     _op_case(benchmark, op, shape, impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", OTHER_SHAPES, ids=OTHER_IDS)
+@pytest.mark.parametrize("op", ["forward", "input_grad", "weight_accumulate", "weight_sgd"])
+def test_other_layers(benchmark, op, shape, impl):
+    """Each op on the strided, unaligned and non-3x3x3 layers of r3d_18 and R(2+1)D
+    (``OTHER_SHAPES``): the rows that let the dispatch send such a layer to Triton's general
+    kernels where they win (a row per layer: ``gpu_report.dispatch``)."""
+    _op_case(benchmark, op, shape, impl)
+
+
 # C3D's layers that update in one steady tick at B8, 112² (4 stages: the RGB stem, then each after a
 # 2x2 pool), as (C_in, C_out, batch, spatial)
 TICK_LAYERS = [(3, 64, 8, 112), (64, 128, 8, 56), (128, 256, 8, 28), (256, 256, 8, 14)]
@@ -294,11 +320,11 @@ def _tick_calls(op: str, layers: list) -> list:
     for L in layers:
         if op == "weight_accumulate":
             calls.append(("weight_grad_accumulate", (torch.zeros_like(L.weight), torch.zeros_like(L.bias),
-                                                     L.grad_out, L.ring, SLOT, *ARGS)))
+                                                     L.grad_out, L.ring, L.slot, *L.args)))
         else:
             w, b = L.weight.clone(), L.bias.clone()
-            calls.append(("sgd_tick_update", (w, torch.zeros_like(w), b, torch.zeros_like(b), L.grad_out, L.ring, SLOT,
-                                              *ARGS, *HYPER.values(), True)))
+            calls.append(("sgd_tick_update", (w, torch.zeros_like(w), b, torch.zeros_like(b), L.grad_out, L.ring,
+                                              L.slot, *L.args, *HYPER.values(), True)))
     return calls
 
 
@@ -345,10 +371,12 @@ def test_tick_first_convs(benchmark, op, impl):
     layers = [_Layer(*shape) for shape in shapes]
     k = backend.kernels("torch" if impl == "torch" else "triton")
     if op == "forward":
-        calls, one, grouped = ([(L.ring, L.frame, SLOT, L.weight, L.bias, *ARGS) for L in layers], k.ring_conv_forward,
+        calls, one, grouped = ([(L.ring, L.frame, L.slot, L.weight, L.bias, *L.args) for L in layers],
+                               k.ring_conv_forward,
                                k.group_forwards)
     else:
-        calls, one, grouped = ([(L.grad_out, L.weight, L.hw, *ARGS[:3], 1) for L in layers], k.window_input_grad,
+        calls, one, grouped = ([(L.grad_out, L.weight, L.hw, *L.args[:3], 1) for L in layers],
+                               k.window_input_grad,
                                k.group_input_grads)
 
     def tick():

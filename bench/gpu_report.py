@@ -31,6 +31,22 @@ BACKENDS = ("torch", "cuda", "triton")  # what the default dispatch chooses amon
 GOALS = {"forward": 1.0, "input_grad": 1.0, "weight_accumulate": 1.3, "weight_sgd": 1.3}  # issue 12's targets
 
 
+def geometry(shape) -> dict:
+    """A row's ``shape``, [C_in, C_out, B, H(=W)] of a 3x3x3 stride-1 layer, or those and [kt, kh,
+    kw, spatial stride] of another (``bench_gpu.GENERAL_SHAPES``): the kernel and stride a dispatch
+    row names for it (``backend.Layer``'s fields; none for the former, its defaults)."""
+    if len(shape) == 4:
+        return {}
+    *kernel, stride = shape[4:]
+    return dict(kernel=list(kernel), stride=[stride, stride])
+
+
+def label(shape) -> str:
+    g = geometry(shape)
+    kernel = f", k{'x'.join(map(str, g['kernel']))} s{g['stride'][0]}" if g else ""
+    return f"{shape[0]}→{shape[1]}, B{shape[2]}, {shape[3]}{kernel}"
+
+
 def load(path: str) -> list[dict]:
     rows = []
     with open(path) as f:
@@ -52,7 +68,7 @@ def tables(rows: list[dict], device: str) -> list[str]:
     out += ["", "ms: one call as a user makes it (host work included); graph ms: its GPU time alone (calls "
             "replayed from a CUDA graph). torch: the torch backend's op (cuDNN on the ring, as the pipeline calls it); "
             "for bias_grad, ATen's sum, which its ratios are against.",
-            "", "| op | shape (C_in→C_out, B, H=W) | impl | ms | TFLOP/s | % of ceiling | vs best cuDNN "
+            "", "| op | shape (C_in→C_out, B, H=W; kernel and stride if not 3x3x3, 1) | impl | ms | TFLOP/s | % of ceiling | vs best cuDNN "
             "| graph ms | graph vs best cuDNN | goal | config |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ops = [r for r in rows if r["kind"] == "op"]
     for op in OP_NAMES:
@@ -72,7 +88,7 @@ def tables(rows: list[dict], device: str) -> list[str]:
                 frac = f"{100 * r['tflops'] / ceiling:.0f}%" if ceiling and r.get("tflops") else "–"
                 flops = f"{r['tflops']:.1f}" if r.get("tflops") else f"{r['gb_per_s']:.0f} GB/s" if r.get("gb_per_s") \
                     else "–"
-                out.append(f"| {op} | {shape[0]}→{shape[1]}, B{shape[2]}, {shape[3]} | {impl} | "
+                out.append(f"| {op} | {label(shape)} | {impl} | "
                            f"{r['median_s'] * 1e3:.3f} | {flops} | {frac} | {ratio} | "
                            f"{f'{graph * 1e3:.3f}' if graph else '–'} | {graph_ratio} | {goal} | "
                            f"{r.get('config') or ''} |")
@@ -139,15 +155,19 @@ def tables(rows: list[dict], device: str) -> list[str]:
 
 def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     """``base`` with ``measured[arch]``: per op, the fastest backend (torch, cuda, triton) by the
-    geometric mean of its times over the shapes all measured ones ran (``ops``: for a layer whose
-    channels no shape has), and per shape the fastest there (``shapes``: a layer of those channels
-    takes the nearest frame size's; ``backend.choose``) — by the GPU time of a call (CUDA-graph
+    geometric mean of its times over the 3x3x3 stride-1 shapes all measured ones ran (``ops``: for
+    a layer no shape measured), and per shape the fastest there (``shapes``: a layer of those
+    channels, kernel and stride takes the nearest frame size's; ``backend.choose``; the
+    strided and unaligned layers of ``bench_gpu.GENERAL_SHAPES`` measure the kernels such layers
+    take, which the rule of ``backend.on_measured_kernels`` otherwise keeps from a measured
+    Triton choice) — by the GPU time of a call (CUDA-graph
     replay, as the pipeline runs by default on CUDA) where every one has it, else the eager
     call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the torch
     backend's per layer against Triton's grouped launches) decide between torch and triton where
-    both ran, for every shape: that is how the pipeline runs them, and one layer alone leaves out
-    the grouping (the CUDA kernels, which do not group, are not compared there: on every GPU run
-    so far they were the slowest weight ops by far). An op this run did not measure keeps
+    both ran, for every layer they group (the general layers' rows stay): that is how the
+    pipeline runs them, and one layer alone leaves out the grouping (the CUDA kernels, which do
+    not group, are not compared there: on every GPU run so far they were the slowest weight ops
+    by far). An op this run did not measure keeps
     ``base``'s entries for the architecture, named in ``from_earlier_runs`` (a run of the weight
     ops alone must not send the forward to an unmeasured default)."""
     ops, shapes = {}, {}
@@ -159,18 +179,21 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
         shared = set.intersection(*(set(t) for t in times.values())) if len(times) > 1 else set()
         if not shared:
             continue
-        geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in shared) / len(shared)) for impl in times}
+        plain = [s for s in shared if not geometry(s)] or shared  # (the op's choice: for unmeasured plain layers)
+        geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in plain) / len(plain)) for impl in times}
         ops[name] = {"bfloat16": min(geo, key=geo.get)}
-        shapes[name] = {"bfloat16": [dict(channels=[c_in, c_out], positions=b * h * h,
-                                          backend=min(times, key=lambda impl: times[impl][(c_in, c_out, b, h)]))
-                                     for c_in, c_out, b, h in sorted(shared)]}
+        shapes[name] = {"bfloat16": [dict(channels=[c_in, c_out], positions=b * h * h, **geometry(shape),
+                                          backend=min(times, key=lambda impl: times[impl][shape]))
+                                     for shape in sorted(shared) for c_in, c_out, b, h in [shape[:4]]]}
     for op, name in OP_NAMES.items():  # a tick's weight updates, grouped as the pipeline runs them, decide
         tick = {r["impl"]: r for r in rows
                 if r["kind"] == "tick_updates" and r["op"] == op and r["impl"] in ("torch", "triton")}
         if len(tick) == 2:
             key = "graph_s" if all(r.get("graph_s") for r in tick.values()) else "median_s"
             ops[name] = {"bfloat16": min(tick, key=lambda impl: tick[impl][key])}
-            shapes.pop(name, None)
+            other = [r for r in shapes.pop(name, {}).get("bfloat16", []) if "kernel" in r]  # layers it leaves alone
+            if other:
+                shapes[name] = {"bfloat16": other}
     epilogue = stage_epilogue(rows)
     if epilogue is not None:
         ops["stage_epilogue"] = {"bfloat16": epilogue}

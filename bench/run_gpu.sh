@@ -13,7 +13,8 @@
 # SANITIZE=1 adds compute-sanitizer memcheck on the CUDA kernel tests and the Triton box
 # kernels' GPU test (about a minute more). A follow-up run can narrow each phase to a pytest -k
 # expression and a time limit (seconds): TESTS_K/TESTS_S, OPS_K/OPS_S, E2E_K/E2E_S; an empty
-# *_K runs the whole phase, "skip" skips it.
+# *_K runs the whole phase, "skip" skips it. The ops phase leaves out bench_gpu.py's
+# test_other_layers (r3d_18's strided and R(2+1)D's layers, 200 cases) unless OPS_K names them.
 # The end-to-end phase's default backend runs on the dispatch table this run measured (copied
 # over sideways_kernels/dispatch.json in this checkout, which the device does not send back).
 # Diagnostics, off unless asked, into one file (diagnostics.log): PROBE=1, the weight update

@@ -616,21 +616,20 @@ def _problem(launch: Launch) -> tuple:
 
 def today(kind: str, layer: Optional[tuple] = None) -> str:
     """The backend the default dispatch runs ``kind`` on for bf16 on sm_90 (dispatch.json), for a
-    ``layer`` (C_in, C_out, positions; None: strided, or any) where it measured that layer's
-    channels."""
+    ``layer`` (``backend.Layer``; None: any) where it measured that layer."""
     from sideways_kernels import backend
     return backend.choose(SIDEWAYS_OP[kind], torch.bfloat16, "sm_90", layer=layer)
 
 
 def today_for(name: str, args) -> str:
     """The backend the default dispatch (sm_90, bf16) sends a recorded call of sideways op
-    ``name`` to: :func:`today` for its layer, on the kernels measured (a call Triton would run on
-    its general kernels — strided, grouped, unaligned — goes to cuDNN:
-    ``backend.on_measured_kernels``)."""
+    ``name`` to: ``backend.measured_choice`` with every backend built (a call Triton would run on
+    its general kernels — strided, grouped, unaligned — goes to cuDNN unless a run measured its
+    layer itself)."""
     from sideways_kernels import backend
     bf16 = torch.empty(0, dtype=torch.bfloat16)  # the activations' type (only its type and device are read)
-    return backend.on_measured_kernels(today(SIDEWAYS_KIND[name], backend._layer(name, args)), bf16, "sm_90",
-                                       backend.call_geometry(name, args))
+    return backend.measured_choice(name, bf16, "sm_90", backend._layer(name, args), backend.call_geometry(name, args),
+                                   built=lambda backend_name: backend_name)  # (the GPU runs' build: every backend)
 
 
 def _layer_of(launch: Launch) -> Optional[tuple]:

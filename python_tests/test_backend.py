@@ -63,9 +63,10 @@ def test_a_choice_whose_backend_is_not_built_runs_on_its_stand_in(monkeypatch, b
     auto.ring_conv_forward(bf16, None, 0)
     assert calls == [("window_input_grad", backend.built_for("triton")),
                      ("ring_conv_forward", backend.built_for("cuda")), ("ring_conv_forward", "torch")]
-    # every backend a layer's calls may take (the weights' forms a run makes), stand-ins included
-    assert backend._choices("window_input_grad", bf16, (4, 8)) == {backend.built_for("triton"),
-                                                                    backend.built_for("cuda")}
+    # every backend a layer's calls may take (the weights' forms a run makes), stand-ins included: its
+    # measured rows' where it has some (at any frame size, each takes the nearest), else the op's
+    assert backend._choices("window_input_grad", bf16, (4, 8)) == {backend.built_for("cuda")}
+    assert backend._choices("window_input_grad", bf16, (4, 16)) == {backend.built_for("triton")}
 
 
 def test_the_shipped_dispatch_table_names_a_backend_for_every_case():
@@ -132,34 +133,46 @@ def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
     assert not groups("sgd_tick_update", (None,) * 4 + (fp32,))
 
 
-def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_its_channels(monkeypatch):
-    """Where the architecture's ``shapes`` name a layer's (C_in, C_out), a call goes to the backend
-    measured fastest at the nearest frame size (B·H·W) — the op's overall choice elsewhere; a
-    tick holds for grouping the weight updates of the layers so sent to Triton."""
+def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_it(monkeypatch):
+    """Where the architecture's ``shapes`` name a layer — its (C_in, C_out), kernel, stride and
+    groups — a call goes to the backend measured fastest at the nearest frame size (B·H·W); the
+    op's overall choice elsewhere; a tick holds for grouping the weight updates of the layers so
+    sent to Triton."""
     calls, _ = _recording(monkeypatch)
-    at = lambda c_in, c_out, positions, name: dict(channels=[c_in, c_out], positions=positions, backend=name)
-    shapes = {"ring_conv_forward": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch"), at(16, 32, 8 * 7 * 7, "cuda")]},
+    at = lambda c_in, c_out, positions, name, **geometry: dict(channels=[c_in, c_out], positions=positions,
+                                                               backend=name, **geometry)
+    shapes = {"ring_conv_forward": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch"), at(16, 32, 8 * 7 * 7, "cuda"),
+                                                 at(16, 32, 8 * 56 * 56, "triton", kernel=[1, 3, 3], stride=[2, 2])]},
               "window_input_grad": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch")]},
               "weight_grad_accumulate": {"bfloat16": [at(16, 32, 8 * 56 * 56, "triton"), at(16, 64, 64, "torch")]}}
     monkeypatch.setattr(backend, "_table", dict(
         unmeasured=dict(bfloat16="triton"),
-        measured={"sm_90": dict(device="H100", date="2026-01-01", shapes=shapes,
+        measured={"sm_80": dict(device="A100", date="2026-01-01", shapes=shapes,
                                 ops={op: {"bfloat16": "cuda"} for op in backend.OPS})}))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(backend, "_chosen", {})
     auto = backend.kernels("auto")
     meta = lambda *shape: torch.empty(shape, dtype=torch.bfloat16, device="meta")
     ring = lambda c, h: meta(3, 8, c, h, h)
-    weight = lambda c_in, c_out: meta(c_out, c_in, 3, 3, 3)
+    weight = lambda c_in, c_out, kernel=(3, 3, 3): meta(c_out, c_in, *kernel)
     one = [1, 1]
-    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 32), None, one)
-    auto.ring_conv_forward(ring(16, 8), None, 0, weight(16, 32), None, one)  # nearest: 7x7
-    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 64), None, one)  # channels not measured
-    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 32), None, [2, 2])  # strided: not as measured
+    forward = lambda c_in, c_out, h, stride=one, groups=1, kernel=(3, 3, 3): auto.ring_conv_forward(
+        ring(c_in, h), None, 0, weight(c_in // groups, c_out, kernel), None, stride, one, one, 1, groups)
+    forward(16, 32, 56)
+    forward(16, 32, 8)  # nearest: 7x7
+    forward(16, 64, 56)  # channels not measured
+    forward(16, 32, 56, stride=[2, 2])  # strided: not as measured
+    forward(16, 32, 56, groups=2)  # grouped: not as measured
+    forward(16, 32, 56, stride=[2, 2], kernel=(1, 3, 3))  # the strided 1x3x3 layer measured
+    forward(16, 32, 56, kernel=(1, 3, 3))  # its stride-1 twin: not measured
+    auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 32), None, one)  # no groups: no layer, the op's choice
     auto.window_input_grad(meta(8, 32, 56, 56), weight(16, 32), [56, 56], one, one, one, 1)
-    accumulate = lambda c_in, c_out, h: (None, None, meta(8, c_out, h, h), ring(c_in, h), 0, one)
+    accumulate = lambda c_in, c_out, h: (weight(c_in, c_out), None, meta(8, c_out, h, h), ring(c_in, h), 0, one,
+                                         one, one, 1, 1)
     auto.weight_grad_accumulate(*accumulate(16, 32, 56))
     assert calls == [("ring_conv_forward", "torch"), ("ring_conv_forward", "cuda"), ("ring_conv_forward", "cuda"),
-                     ("ring_conv_forward", "cuda"), ("window_input_grad", "torch"),
+                     ("ring_conv_forward", "cuda"), ("ring_conv_forward", "cuda"), ("ring_conv_forward", "triton"),
+                     ("ring_conv_forward", "cuda"), ("ring_conv_forward", "cuda"), ("window_input_grad", "torch"),
                      ("weight_grad_accumulate", "triton")]
     assert auto.groups("weight_grad_accumulate", accumulate(16, 32, 56))
     assert not auto.groups("weight_grad_accumulate", accumulate(16, 64, 56))
@@ -244,6 +257,46 @@ def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(t
     assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table, layer=(64, 128, 8 * 7 * 7)) == "triton"
     assert backend.choose("ring_conv_forward", torch.bfloat16, "sm_90", table, layer=(32, 32, 100)) == \
         table["measured"]["sm_90"]["ops"]["ring_conv_forward"]["bfloat16"]
+
+
+def test_a_gpu_run_s_rows_of_strided_and_unaligned_layers_decide_those_layers_alone(monkeypatch):
+    """bench_gpu's ``OTHER_SHAPES`` rows ([C_in, C_out, B, H, kt, kh, kw, stride]): a dispatch row per
+    layer naming its kernel and stride, which such a layer's calls take (Triton's general kernels
+    where they won: the rule against unmeasured ones does not apply to a layer measured itself);
+    the op's choice still from the 3x3x3 stride-1 shapes (the box kernels on sm_90); a tick's
+    grouped weight updates decide the layers they group, not those."""
+    report = _gpu_report()
+    plain, strided, stem = [64, 128, 8, 56], [64, 128, 8, 56, 3, 3, 3, 2], [3, 45, 8, 112, 1, 7, 7, 2]
+    times = {("input_grad", "triton"): (1.0, 5.0, 1.0), ("input_grad", "torch"): (2.0, 0.5, 3.0),
+             ("weight_accumulate", "triton"): (1.0, 5.0, 1.0), ("weight_accumulate", "torch"): (2.0, 0.5, 3.0)}
+    rows = [dict(kind="op", op=op, shape=shape, impl=impl, median_s=t / 1e3, graph_s=t / 1e3, tflops=1.0)
+            for (op, impl), ts in times.items() for shape, t in zip((plain, strided, stem), ts)]
+    rows += [dict(kind="tick_updates", op="weight_accumulate", impl=impl, layers=[plain], median_s=t, graph_s=t)
+             for impl, t in (("torch", 2e-3), ("triton", 1e-3))]
+    text = "\n".join(report.tables(rows, "H100"))
+    assert "| input_grad | 64→128, B8, 56, k3x3x3 s2 | torch | 0.500 |" in text
+    assert "| input_grad | 3→45, B8, 112, k1x7x7 s2 | triton | 1.000 |" in text
+    table = report.dispatch(rows, "H100", "sm_90", backend.table())
+    entry = table["measured"]["sm_90"]
+    # the op: triton, from the plain shape alone (with the others' times, torch's geometric mean is less)
+    assert entry["ops"]["window_input_grad"] == entry["ops"]["weight_grad_accumulate"] == {"bfloat16": "triton"}
+    assert entry["shapes"]["window_input_grad"]["bfloat16"] == [
+        dict(channels=[3, 45], positions=8 * 112 * 112, kernel=[1, 7, 7], stride=[2, 2], backend="triton"),
+        dict(channels=[64, 128], positions=8 * 56 * 56, backend="triton"),
+        dict(channels=[64, 128], positions=8 * 56 * 56, kernel=[3, 3, 3], stride=[2, 2], backend="torch")]
+    assert [(s["channels"], s["backend"]) for s in entry["shapes"]["weight_grad_accumulate"]["bfloat16"]] == [
+        ([3, 45], "triton"), ([64, 128], "torch")]  # the tick decided the plain layer
+    monkeypatch.setattr(backend, "_table", table)
+    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
+    bf16, Layer = torch.empty(0, dtype=torch.bfloat16), backend.Layer
+    choice = lambda op, layer, channels: backend.measured_choice(op, bf16, "sm_90", layer,
+                                                                 (layer.stride, layer.groups, channels))
+    assert choice("window_input_grad", Layer(64, 128, 8 * 56 * 56, (3, 3, 3), (2, 2)), (64, 128)) == "torch"
+    assert choice("window_input_grad", Layer(3, 45, 8 * 112 * 112, (1, 7, 7), (2, 2)), (3, 45)) == "triton"
+    assert choice("window_input_grad", Layer(128, 256, 8 * 28 * 28, (3, 3, 3), (2, 2)), (128, 256)) == "torch"
+    assert choice("window_input_grad", Layer(128, 256, 8 * 28 * 28), (128, 256)) == "triton"  # the op's, on the box
+    assert choice("weight_grad_accumulate", Layer(3, 45, 8 * 112 * 112, (1, 7, 7), (2, 2)), (45,)) == "triton"
+    assert choice("weight_grad_accumulate", Layer(64, 128, 8 * 56 * 56), (128,)) == "triton"  # the tick's
 
 
 def test_the_stage_epilogue_entry_is_decided_by_end_to_end_rows():
@@ -398,18 +451,39 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
     assert routes((9, 0)) == ["triton", "torch", "torch", "torch", "torch", "torch", "triton", "torch", "torch",
                               "torch", "triton", "torch", "torch", "torch", "torch"]
     assert routes((8, 0)) == ["triton"] * 15  # measured there on the general kernels
-    # only a Triton choice is the box kernels': another measured choice stands for any call
+    # only a Triton choice is the box kernels': another measured choice stands for any call; a row of the
+    # layer itself timed the kernels it takes (a strided layer's: Triton's general ones) and stands too,
+    # a row of another layer (here: stride 1, one group) does not apply
+    row = lambda name, **geometry: dict(channels=[64, 64], positions=128, backend=name, **geometry)
     monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="torch"), measured={
         "sm_90": dict(device="GPU", date="2026-01-01", ops={"window_input_grad": {"bfloat16": "cuda"}},
-                      shapes={"window_input_grad": {"bfloat16": [dict(channels=[64, 64], positions=64,
-                                                                      backend="triton")]}})}))
+                      shapes={"window_input_grad": {"bfloat16": [
+                          row("triton"), row("triton", stride=[2, 2], kernel=[1, 3, 3]),
+                          row("cuda", stride=[2, 2], kernel=[1, 1, 1])]}})}))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(backend, "_chosen", {})
     calls.clear()
-    backend._dispatched("window_input_grad")(meta(2, 64, 4, 4), meta(64, 64, 3, 3, 3), [8, 8], two, one, one, 1)
-    assert calls == [("window_input_grad", "cuda")]
-    # every backend a strided layer's calls may take: a measured shape's Triton, too, goes to cuDNN
-    assert backend._choices("window_input_grad", meta(1), (64, 64), ((2, 2), 1, (64, 64))) == {"cuda", "torch"}
+    grad_in = lambda stride, groups=1, kernel=(3, 3, 3): backend._dispatched("window_input_grad")(
+        meta(2, 64, 4, 4), meta(64, 64 // groups, *kernel), [8, 8], stride, one, one, groups)
+    grad_in(two)
+    grad_in(one, groups=2)
+    grad_in(two, kernel=(1, 3, 3))
+    grad_in(one)
+    assert calls == [("window_input_grad", "cuda"), ("window_input_grad", "cuda"), ("window_input_grad", "triton"),
+                     ("window_input_grad", "triton")]
+    # a measured row's backend not built: its stand-in, on the kernels measured (the CUDA kernels' Triton,
+    # for a strided call its general kernels, unmeasured: cuDNN)
+    monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=False, triton=True))
+    monkeypatch.setattr(backend, "_chosen", {})
+    calls.clear()
+    grad_in(two, kernel=(1, 1, 1))
+    assert calls == [("window_input_grad", "torch")]
+    # every backend a layer's calls may take: its own rows' (a strided layer's measured Triton stands)
+    Layer = backend.Layer
+    assert backend._choices("window_input_grad", meta(1), Layer(64, 64, None, (3, 3, 3), (2, 2)),
+                            ((2, 2), 1, (64, 64))) == {"torch"}  # the op's cuda, not built: Triton's general: cuDNN
+    assert backend._choices("window_input_grad", meta(1), Layer(64, 64, None, (1, 3, 3), (2, 2)),
+                            ((2, 2), 1, (64, 64))) == {"triton"}
     # a run's forms: a strided layer's input gradient reads the torch backend's (its folded taps' sum)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(backend, "_chosen", {})

@@ -47,3 +47,17 @@ def test_profile_clip_runs_and_measures_the_union_of_kernel_intervals(capsys):
                        "--device", "cpu", "--batch", "2", "--size", "32", "--width", "4", "--top", "3"])
     out = capsys.readouterr().out
     assert "r3d_18 sideways T8 (causal), backend torch, eager" in out and "aten op" in out
+
+
+@pytest.mark.parametrize("op", ["forward", "input_grad", "weight_accumulate", "weight_sgd"])
+@pytest.mark.parametrize("shape", bench_gpu.OTHER_SHAPES, ids=bench_gpu.OTHER_IDS)
+def test_the_other_layers_op_cases_compute_what_reference_py_does_on_the_cpu(shape, op):
+    """bench_gpu's op cases of the strided, unaligned and non-3x3x3 layers (``OTHER_SHAPES``), at
+    B1 and 16x16 frames: cuDNN's calls in both layouts (their stride and padding) and the torch
+    backend's op against reference.py in float64, as the GPU run first checks each."""
+    small = (*shape[:2], 1, 16, *shape[4:])
+    layer = bench_gpu._Layer(*small, device="cpu")
+    assert layer.grad_out.shape[-1] == 16 // shape[7]
+    for impl in ("cudnn_ncdhw", "cudnn_cl", "torch"):
+        _, result = bench_gpu._implementation(op, impl, layer)
+        assert bench_gpu._checked(op, impl, small, layer, result()) < 2e-2

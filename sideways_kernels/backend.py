@@ -14,7 +14,7 @@ import json
 import math
 import os
 import types
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -182,12 +182,12 @@ def constant_weights(name: str, layers: list, dtype: torch.dtype):
     for layer in layers:
         weight = layer.weight
         probe = torch.empty(0, dtype=dtype, device=weight.device)
-        # (the frame's size is not known yet: every backend a size may take; a strided conv, the op's)
-        channels = (layer.in_channels, layer.out_channels) if tuple(layer.stride[1:]) == (1, 1) else None
         stride, groups = tuple(layer.stride[1:]), layer.groups
+        # (the frame's size is not known yet: every backend a size may take)
+        key = Layer(layer.in_channels, layer.out_channels, None, tuple(layer.kernel_size), stride, groups)
         geometry = {"ring_conv_forward": (stride, groups, (layer.out_channels,)),
                     "window_input_grad": (stride, groups, (layer.in_channels // groups, layer.out_channels))}
-        forward, input_grad = (_choices(op, probe, channels, geometry[op]) if name == "auto" and weight.is_cuda
+        forward, input_grad = (_choices(op, probe, key, geometry[op]) if name == "auto" and weight.is_cuda
                                else {name} for op in ("ring_conv_forward", "window_input_grad"))
         folds = layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
         if folds and "torch" in forward | input_grad:
@@ -248,15 +248,13 @@ def _autocast_neutral(fn):
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
 _table: Optional[dict] = None
-_chosen: dict = {}  # (op, dtype, device index) -> backend name
+_chosen: dict = {}  # (op, dtype, device index, layer, geometry) -> backend name
 # the argument whose dtype is the activations', by position and name in torch.ops.sideways' schemas
 _ACTIVATION_ARG = {"ring_conv_forward": (0, "ring"), "window_input_grad": (0, "grad_out"),
                    "weight_grad_accumulate": (2, "grad_out"), "sgd_tick_update": (4, "grad_out")}
-# where _layer reads a call's stride, and the positional arguments it needs (the layers pass every one)
-_STRIDE_ARG = {"ring_conv_forward": 5, "window_input_grad": 3, "weight_grad_accumulate": 5, "sgd_tick_update": 7}
-_ARITY = {"ring_conv_forward": 6, "window_input_grad": 7, "weight_grad_accumulate": 6, "sgd_tick_update": 8}
 # a call's (stride, groups, channels) as triton.box_path takes them (the output channels; an input
 # gradient's input channels per group too), from its positional arguments up to groups
+_STRIDE_ARG = {"ring_conv_forward": 5, "window_input_grad": 3, "weight_grad_accumulate": 5, "sgd_tick_update": 7}
 _GROUPS_ARG = {"ring_conv_forward": 9, "window_input_grad": 6, "weight_grad_accumulate": 9, "sgd_tick_update": 11}
 _GEOMETRY = {
     "ring_conv_forward": lambda a: (tuple(a[5]), a[9], (a[3].shape[0],)),
@@ -282,23 +280,35 @@ def table() -> dict:
     return _table
 
 
+class Layer(NamedTuple):
+    """A conv as a GPU run's per-shape rows key it (``dispatch.json``'s ``shapes``, written by
+    ``gpu_report.dispatch``): its channels, the positions of its input frame (B·H·W; None where
+    not known yet), kernel (kt, kh, kw), spatial stride and groups. A row says which backend ran
+    fastest on that very layer (the kernels a backend takes depend on all but the positions), so
+    it stands for layers equal in all but the positions, the nearest of those taken."""
+    c_in: int
+    c_out: int
+    positions: Optional[int] = None
+    kernel: tuple = (3, 3, 3)
+    stride: tuple = (1, 1)
+    groups: int = 1
+
+
 def choose(op: str, dtype: torch.dtype, arch: str, dispatch: Optional[dict] = None,
            layer: Optional[tuple] = None) -> str:
     """``"cuda"``, ``"triton"`` or ``"torch"`` (cuDNN, where it measured fastest) for ``op`` on
-    activations of ``dtype`` on a GPU of ``arch`` (e.g. ``"sm_90"``): for a ``layer`` (C_in, C_out,
-    positions: B·H·W of its input frame) whose channels the architecture measured (``shapes``),
-    the fastest there at the nearest positions; else the op's measured choice for that
-    architecture (over every shape measured), else the unmeasured default;
+    activations of ``dtype`` on a GPU of ``arch`` (e.g. ``"sm_90"``): for a ``layer``
+    (:class:`Layer`, or its first three fields) the architecture measured (``shapes``), the
+    fastest there at the nearest positions; else the op's measured choice for that architecture
+    (over its 3x3x3 stride-1 shapes measured), else the unmeasured default;
     a dtype neither names goes to ``"cuda"``, whose binding runs every dtype (ATen beyond its own)
     or refuses it with the op's argument check."""
     dispatch = dispatch or table()
+    row = _nearest_row(dispatch, op, dtype, arch, layer)
+    if row is not None:
+        return row["backend"]
     name = str(dtype).replace("torch.", "")
-    entry = dispatch.get("measured", {}).get(arch, {})
-    if layer is not None:
-        same = _shapes_of(entry, op, name, layer[:2])
-        if same:
-            return min(same, key=lambda s: abs(math.log(s["positions"] / max(layer[2], 1))))["backend"]
-    measured = _measured(entry.get("ops", {}).get(op, {}), name)
+    measured = _measured(dispatch.get("measured", {}).get(arch, {}).get("ops", {}).get(op, {}), name)
     return measured or HELPERS.get(op) or dispatch["unmeasured"].get(name, "cuda")
 
 
@@ -308,11 +318,27 @@ def _measured(by_dtype: dict, dtype_name: str):
     return by_dtype.get(dtype_name) or (by_dtype.get("bfloat16") if dtype_name == "float16" else None)
 
 
-def _shapes_of(entry: dict, op: str, dtype_name: str, channels: tuple) -> list:
-    """An architecture's per-shape choices for ``op`` at ``channels`` (C_in, C_out): ``{"channels":
-    [C_in, C_out], "positions": B·H·W, "backend": ...}`` each."""
-    measured = _measured(entry.get("shapes", {}).get(op, {}), dtype_name) or []
-    return [s for s in measured if tuple(s["channels"]) == tuple(channels)]
+def _rows_of(dispatch: dict, op: str, dtype: torch.dtype, arch: str, layer: Optional[tuple]) -> list:
+    """An architecture's per-shape rows for ``op`` at ``layer`` (:class:`Layer`; its positions
+    aside): ``{"channels": [C_in, C_out], "positions": B·H·W, "backend": ..., "kernel", "stride"}``
+    each (the last two :class:`Layer`'s defaults where absent; no run measures grouped convs)."""
+    if layer is None:
+        return []
+    layer = Layer(*layer)
+    entry = dispatch.get("measured", {}).get(arch, {})
+    rows = _measured(entry.get("shapes", {}).get(op, {}), str(dtype).replace("torch.", "")) or []
+    of_row = lambda s: Layer(*s["channels"], None, tuple(s.get("kernel", (3, 3, 3))), tuple(s.get("stride", (1, 1))))
+    return [s for s in rows if of_row(s) == layer._replace(positions=None)]
+
+
+def _nearest_row(dispatch: dict, op: str, dtype: torch.dtype, arch: str, layer: Optional[tuple]) -> Optional[dict]:
+    """Of :func:`_rows_of`, the one measured at the positions nearest ``layer``'s (the first where
+    it names none)."""
+    rows = _rows_of(dispatch, op, dtype, arch, layer)
+    if not rows:
+        return None
+    positions = Layer(*layer).positions or rows[0]["positions"]
+    return min(rows, key=lambda s: abs(math.log(s["positions"] / max(positions, 1))))
 
 
 # What runs a choice whose backend is not built here (no nvcc at install: no CUDA kernels; no
@@ -347,26 +373,37 @@ def bias_grad(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad_out.sum((0, 2, 3), dtype=dtype)
 
 
-def _choice(op: str, t: torch.Tensor, layer: Optional[tuple] = None, geometry: Optional[tuple] = None) -> str:
-    """:func:`choose` for ``op`` on CUDA activations like ``t`` of a ``layer`` (C_in, C_out,
-    positions) or any, among the backends built, on the kernels measured (``geometry``: the
-    call's, :func:`on_measured_kernels`) — made once per dtype, device, layer and geometry."""
+def _choice(op: str, t: torch.Tensor, layer: Optional[Layer] = None, geometry: Optional[tuple] = None) -> str:
+    """:func:`measured_choice` for ``op`` on CUDA activations like ``t`` among the backends built,
+    made once per dtype, device, layer and geometry."""
     key = (op, t.dtype, t.device.index, layer, geometry)
     name = _chosen.get(key)
     if name is None:
-        arch = _arch(t.device)
-        name = _chosen[key] = on_measured_kernels(built_for(choose(op, t.dtype, arch, layer=layer)), t, arch,
-                                                  geometry)
+        name = _chosen[key] = measured_choice(op, t, _arch(t.device), layer, geometry)
     return name
+
+
+def measured_choice(op: str, t: torch.Tensor, arch: str, layer: Optional[Layer] = None,
+                    geometry: Optional[tuple] = None, built=None) -> str:
+    """The backend a call of ``op`` runs on for activations like ``t`` on a GPU of ``arch``, of a
+    ``layer`` (:class:`Layer`) and ``geometry`` (:func:`call_geometry`), among the backends
+    ``built`` (default :func:`built_for`): the fastest a GPU run measured at the layer itself,
+    where it did (its row timed the very kernels the call takes); else the op's choice on the
+    kernels measured (:func:`on_measured_kernels`)."""
+    built = built or built_for
+    row = _nearest_row(table(), op, t.dtype, arch, layer)
+    if row is not None and built(row["backend"]) == row["backend"]:
+        return row["backend"]
+    return on_measured_kernels(built(row["backend"] if row else choose(op, t.dtype, arch)), t, arch, geometry)
 
 
 def on_measured_kernels(name: str, t: torch.Tensor, arch: str, geometry: Optional[tuple]) -> str:
     """``name``, or cuDNN where that is Triton and Triton would run a call of ``geometry``
     (stride, groups, the channel counts ``triton.box_path`` checks; activations like ``t``) on its
     general kernels on a GPU of ``arch`` with TMA: GPU runs time the box kernels there (every
-    layer shape bench_gpu.py measures takes them), so Triton's measured wins say nothing of its
-    general kernels (a strided, grouped or unaligned conv), which no run has timed against cuDNN
-    since the H200 had them behind it in every op but one shape's input gradient."""
+    stride-1 aligned layer shape bench_gpu.py measures takes them), so the op's measured Triton
+    choice says nothing of its general kernels (a strided, grouped or unaligned conv), which
+    only a run's row of that layer itself (:func:`measured_choice`) has timed against cuDNN."""
     if name != "triton" or geometry is None or int(arch[3:]) < 90:
         return name
     stride, groups, channels = geometry
@@ -374,16 +411,13 @@ def on_measured_kernels(name: str, t: torch.Tensor, arch: str, geometry: Optiona
     return name if box is None else "torch"
 
 
-def _choices(op: str, t: torch.Tensor, channels: Optional[tuple], geometry: Optional[tuple] = None) -> set:
-    """Every backend ``op`` may run on for CUDA activations like ``t`` in a layer of ``channels``
-    (C_in, C_out; None: a strided layer) and ``geometry`` (:func:`on_measured_kernels`),
-    whatever its frame's size: the op's choice and each measured shape's there."""
-    if channels is None:
-        return {_choice(op, t, None, geometry)}
-    arch = _arch(t.device)
-    shapes = _shapes_of(table().get("measured", {}).get(arch, {}), op, str(t.dtype).replace("torch.", ""), channels)
-    return {_choice(op, t, None, geometry)} | {on_measured_kernels(built_for(s["backend"]), t, arch, geometry)
-                                               for s in shapes}
+def _choices(op: str, t: torch.Tensor, layer: Optional[Layer], geometry: Optional[tuple] = None) -> set:
+    """Every backend ``op`` may run on for CUDA activations like ``t`` in ``layer`` (:class:`Layer`,
+    its frame's size not known yet; None: any) of ``geometry`` (:func:`on_measured_kernels`): each
+    measured row's of the layer at any positions, else the op's choice."""
+    rows = _rows_of(table(), op, t.dtype, _arch(t.device), layer)
+    return {_choice(op, t, Layer(*layer)._replace(positions=s["positions"]), geometry) for s in rows} or \
+        {_choice(op, t, None, geometry)}
 
 
 def _arch(device: torch.device) -> str:
@@ -391,22 +425,22 @@ def _arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-def _layer(op: str, args: tuple) -> Optional[tuple]:
-    """(C_in, C_out, positions of the input frame) of a call of ``op`` with positional ``args``, or
-    None for a spatially strided conv (the shapes a GPU run measures have stride 1, and a strided
-    conv takes other kernels: the box kernels refuse it)."""
-    stride = args[_STRIDE_ARG[op]]
-    if tuple(stride) != (1, 1):
+def _layer(op: str, args: tuple) -> Optional[Layer]:
+    """The :class:`Layer` of a call of ``op`` with positional ``args``, or None where they stop
+    before groups (the layers pass every one)."""
+    if len(args) <= _GROUPS_ARG[op]:
         return None
+    stride, groups = tuple(args[_STRIDE_ARG[op]]), args[_GROUPS_ARG[op]]
     if op == "ring_conv_forward":  # (ring [R, B, C, H, W], frame, slot, weight, ...)
         _, b, c, h, w = args[0].shape
-        return c, args[3].shape[0], b * h * w
-    if op == "window_input_grad":  # (grad_out [B, C_out, H', W'], weight, input_size, ..., groups)
+        weight = args[3]
+    elif op == "window_input_grad":  # (grad_out [B, C_out, H', W'], weight, input_size, ..., groups)
         weight, (h, w) = args[1], args[2]
-        return weight.shape[1] * args[6], weight.shape[0], args[0].shape[0] * h * w
-    ring, grad_out = (args[3], args[2]) if op == "weight_grad_accumulate" else (args[5], args[4])
-    _, b, c, h, w = ring.shape
-    return c, grad_out.shape[1], b * h * w
+        b, c = args[0].shape[0], weight.shape[1] * groups
+    else:
+        weight, ring = (args[0], args[3]) if op == "weight_grad_accumulate" else (args[0], args[5])
+        _, b, c, h, w = ring.shape
+    return Layer(c, weight.shape[0], b * h * w, tuple(weight.shape[2:]), stride, groups)
 
 
 def _dispatched(op: str):
@@ -417,8 +451,7 @@ def _dispatched(op: str):
         """The backend this op runs on for a call with these arguments: by the activations' dtype,
         the layer's shape where the dispatch measured its channels, and the kernels measured."""
         t = args[index] if len(args) > index else kwargs[arg_name]
-        return _choice(op, t, _layer(op, args) if len(args) >= _ARITY[op] else None,
-                       call_geometry(op, args))
+        return _choice(op, t, _layer(op, args), call_geometry(op, args))
 
     def call(*args, **kwargs):
         name = target(args, kwargs)
