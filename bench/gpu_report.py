@@ -157,7 +157,7 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     """``base`` with ``measured[arch]``: per op, the fastest backend (torch, cuda, triton) by the
     geometric mean of its times over the 3x3x3 stride-1 shapes all measured ones ran (``ops``: for
     a layer no shape measured), and per shape the fastest there (``shapes``: a layer of those
-    channels, kernel and stride takes the nearest frame size's; ``backend.choose``; the
+    channels, spatial kernel and stride takes the nearest frame size's; ``backend.choose``; the
     strided and unaligned layers of ``bench_gpu.GENERAL_SHAPES`` measure the kernels such layers
     take, which the rule of ``backend.on_measured_kernels`` otherwise keeps from a measured
     Triton choice) — by the GPU time of a call (CUDA-graph

@@ -134,15 +134,15 @@ def test_auto_routes_each_call_by_the_activations_dtype(monkeypatch):
 
 
 def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_it(monkeypatch):
-    """Where the architecture's ``shapes`` name a layer — its (C_in, C_out), kernel, stride and
-    groups — a call goes to the backend measured fastest at the nearest frame size (B·H·W); the
-    op's overall choice elsewhere; a tick holds for grouping the weight updates of the layers so
-    sent to Triton."""
+    """Where the architecture's ``shapes`` name a layer — its (C_in, C_out), spatial kernel,
+    stride and groups — a call goes to the backend measured fastest at the nearest frame size
+    (B·H·W); the op's overall choice elsewhere; a tick holds for grouping the weight updates of
+    the layers so sent to Triton."""
     calls, _ = _recording(monkeypatch)
     at = lambda c_in, c_out, positions, name, **geometry: dict(channels=[c_in, c_out], positions=positions,
                                                                backend=name, **geometry)
     shapes = {"ring_conv_forward": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch"), at(16, 32, 8 * 7 * 7, "cuda"),
-                                                 at(16, 32, 8 * 56 * 56, "triton", kernel=[1, 3, 3], stride=[2, 2])]},
+                                                 at(16, 32, 8 * 56 * 56, "triton", kernel=[1, 5, 5], stride=[2, 2])]},
               "window_input_grad": {"bfloat16": [at(16, 32, 8 * 56 * 56, "torch")]},
               "weight_grad_accumulate": {"bfloat16": [at(16, 32, 8 * 56 * 56, "triton"), at(16, 64, 64, "torch")]}}
     monkeypatch.setattr(backend, "_table", dict(
@@ -163,8 +163,8 @@ def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_it(monkeypa
     forward(16, 64, 56)  # channels not measured
     forward(16, 32, 56, stride=[2, 2])  # strided: not as measured
     forward(16, 32, 56, groups=2)  # grouped: not as measured
-    forward(16, 32, 56, stride=[2, 2], kernel=(1, 3, 3))  # the strided 1x3x3 layer measured
-    forward(16, 32, 56, kernel=(1, 3, 3))  # its stride-1 twin: not measured
+    forward(16, 32, 56, stride=[2, 2], kernel=(1, 5, 5))  # the strided 1x5x5 layer measured
+    forward(16, 32, 56, kernel=(1, 5, 5))  # its stride-1 twin: not measured
     auto.ring_conv_forward(ring(16, 56), None, 0, weight(16, 32), None, one)  # no groups: no layer, the op's choice
     auto.window_input_grad(meta(8, 32, 56, 56), weight(16, 32), [56, 56], one, one, one, 1)
     accumulate = lambda c_in, c_out, h: (weight(c_in, c_out), None, meta(8, c_out, h, h), ring(c_in, h), 0, one,
@@ -291,11 +291,11 @@ def test_a_gpu_run_s_rows_of_strided_and_unaligned_layers_decide_those_layers_al
     bf16, Layer = torch.empty(0, dtype=torch.bfloat16), backend.Layer
     choice = lambda op, layer, channels: backend.measured_choice(op, bf16, "sm_90", layer,
                                                                  (layer.stride, layer.groups, channels))
-    assert choice("window_input_grad", Layer(64, 128, 8 * 56 * 56, (3, 3, 3), (2, 2)), (64, 128)) == "torch"
-    assert choice("window_input_grad", Layer(3, 45, 8 * 112 * 112, (1, 7, 7), (2, 2)), (3, 45)) == "triton"
-    assert choice("window_input_grad", Layer(128, 256, 8 * 28 * 28, (3, 3, 3), (2, 2)), (128, 256)) == "torch"
+    assert choice("window_input_grad", Layer(64, 128, 8 * 56 * 56, (3, 3), (2, 2)), (64, 128)) == "torch"
+    assert choice("window_input_grad", Layer(3, 45, 8 * 112 * 112, (7, 7), (2, 2)), (3, 45)) == "triton"
+    assert choice("window_input_grad", Layer(128, 256, 8 * 28 * 28, (3, 3), (2, 2)), (128, 256)) == "torch"
     assert choice("window_input_grad", Layer(128, 256, 8 * 28 * 28), (128, 256)) == "triton"  # the op's, on the box
-    assert choice("weight_grad_accumulate", Layer(3, 45, 8 * 112 * 112, (1, 7, 7), (2, 2)), (45,)) == "triton"
+    assert choice("weight_grad_accumulate", Layer(3, 45, 8 * 112 * 112, (7, 7), (2, 2)), (45,)) == "triton"
     assert choice("weight_grad_accumulate", Layer(64, 128, 8 * 56 * 56), (128,)) == "triton"  # the tick's
 
 
@@ -458,19 +458,20 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
     monkeypatch.setattr(backend, "_table", dict(unmeasured=dict(bfloat16="torch"), measured={
         "sm_90": dict(device="GPU", date="2026-01-01", ops={"window_input_grad": {"bfloat16": "cuda"}},
                       shapes={"window_input_grad": {"bfloat16": [
-                          row("triton"), row("triton", stride=[2, 2], kernel=[1, 3, 3]),
+                          row("triton"), row("triton", stride=[2, 2], kernel=[3, 3, 3]),
                           row("cuda", stride=[2, 2], kernel=[1, 1, 1])]}})}))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(backend, "_chosen", {})
     calls.clear()
     grad_in = lambda stride, groups=1, kernel=(3, 3, 3): backend._dispatched("window_input_grad")(
         meta(2, 64, 4, 4), meta(64, 64 // groups, *kernel), [8, 8], stride, one, one, groups)
-    grad_in(two)
+    grad_in(two, kernel=(1, 5, 5))
     grad_in(one, groups=2)
-    grad_in(two, kernel=(1, 3, 3))
+    grad_in(two)
+    grad_in(two, kernel=(2, 3, 3))  # at a clip's edge: the live taps of the same layer
     grad_in(one)
     assert calls == [("window_input_grad", "cuda"), ("window_input_grad", "cuda"), ("window_input_grad", "triton"),
-                     ("window_input_grad", "triton")]
+                     ("window_input_grad", "triton"), ("window_input_grad", "triton")]
     # a measured row's backend not built: its stand-in, on the kernels measured (the CUDA kernels' Triton,
     # for a strided call its general kernels, unmeasured: cuDNN)
     monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=False, triton=True))
@@ -480,9 +481,9 @@ def test_a_triton_choice_measured_on_its_box_kernels_leaves_what_they_cannot_tak
     assert calls == [("window_input_grad", "torch")]
     # every backend a layer's calls may take: its own rows' (a strided layer's measured Triton stands)
     Layer = backend.Layer
-    assert backend._choices("window_input_grad", meta(1), Layer(64, 64, None, (3, 3, 3), (2, 2)),
+    assert backend._choices("window_input_grad", meta(1), Layer(64, 64, None, (5, 5), (2, 2)),
                             ((2, 2), 1, (64, 64))) == {"torch"}  # the op's cuda, not built: Triton's general: cuDNN
-    assert backend._choices("window_input_grad", meta(1), Layer(64, 64, None, (1, 3, 3), (2, 2)),
+    assert backend._choices("window_input_grad", meta(1), Layer(64, 64, None, (3, 3), (2, 2)),
                             ((2, 2), 1, (64, 64))) == {"triton"}
     # a run's forms: a strided layer's input gradient reads the torch backend's (its folded taps' sum)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

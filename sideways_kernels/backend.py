@@ -184,7 +184,7 @@ def constant_weights(name: str, layers: list, dtype: torch.dtype):
         probe = torch.empty(0, dtype=dtype, device=weight.device)
         stride, groups = tuple(layer.stride[1:]), layer.groups
         # (the frame's size is not known yet: every backend a size may take)
-        key = Layer(layer.in_channels, layer.out_channels, None, tuple(layer.kernel_size), stride, groups)
+        key = Layer(layer.in_channels, layer.out_channels, None, tuple(layer.kernel_size[1:]), stride, groups)
         geometry = {"ring_conv_forward": (stride, groups, (layer.out_channels,)),
                     "window_input_grad": (stride, groups, (layer.in_channels // groups, layer.out_channels))}
         forward, input_grad = (_choices(op, probe, key, geometry[op]) if name == "auto" and weight.is_cuda
@@ -283,13 +283,15 @@ def table() -> dict:
 class Layer(NamedTuple):
     """A conv as a GPU run's per-shape rows key it (``dispatch.json``'s ``shapes``, written by
     ``gpu_report.dispatch``): its channels, the positions of its input frame (B·H·W; None where
-    not known yet), kernel (kt, kh, kw), spatial stride and groups. A row says which backend ran
-    fastest on that very layer (the kernels a backend takes depend on all but the positions), so
-    it stands for layers equal in all but the positions, the nearest of those taken."""
+    not known yet), spatial kernel (kh, kw), spatial stride and groups. A row says which backend
+    ran fastest on that very layer (the kernels a backend takes depend on all but the positions
+    and the temporal taps, which only lengthen their loops — and a clip's edge passes the input
+    gradient its live taps alone), so it stands for layers equal in the rest, the nearest in
+    positions taken."""
     c_in: int
     c_out: int
     positions: Optional[int] = None
-    kernel: tuple = (3, 3, 3)
+    kernel_hw: tuple = (3, 3)
     stride: tuple = (1, 1)
     groups: int = 1
 
@@ -320,14 +322,14 @@ def _measured(by_dtype: dict, dtype_name: str):
 
 def _rows_of(dispatch: dict, op: str, dtype: torch.dtype, arch: str, layer: Optional[tuple]) -> list:
     """An architecture's per-shape rows for ``op`` at ``layer`` (:class:`Layer`; its positions
-    aside): ``{"channels": [C_in, C_out], "positions": B·H·W, "backend": ..., "kernel", "stride"}``
-    each (the last two :class:`Layer`'s defaults where absent; no run measures grouped convs)."""
+    aside): ``{"channels": [C_in, C_out], "positions": B·H·W, "backend": ..., "kernel": [kt, kh, kw],
+    "stride"}`` each (the last two 3x3x3 and 1 where absent; no run measures grouped convs)."""
     if layer is None:
         return []
     layer = Layer(*layer)
     entry = dispatch.get("measured", {}).get(arch, {})
     rows = _measured(entry.get("shapes", {}).get(op, {}), str(dtype).replace("torch.", "")) or []
-    of_row = lambda s: Layer(*s["channels"], None, tuple(s.get("kernel", (3, 3, 3))), tuple(s.get("stride", (1, 1))))
+    of_row = lambda s: Layer(*s["channels"], None, tuple(s.get("kernel", (3, 3, 3))[1:]), tuple(s.get("stride", (1, 1))))
     return [s for s in rows if of_row(s) == layer._replace(positions=None)]
 
 
@@ -440,7 +442,7 @@ def _layer(op: str, args: tuple) -> Optional[Layer]:
     else:
         weight, ring = (args[0], args[3]) if op == "weight_grad_accumulate" else (args[0], args[5])
         _, b, c, h, w = ring.shape
-    return Layer(c, weight.shape[0], b * h * w, tuple(weight.shape[2:]), stride, groups)
+    return Layer(c, weight.shape[0], b * h * w, tuple(weight.shape[3:]), stride, groups)
 
 
 def _dispatched(op: str):
