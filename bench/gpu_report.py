@@ -33,7 +33,7 @@ GOALS = {"forward": 1.0, "input_grad": 1.0, "weight_accumulate": 1.3, "weight_sg
 
 def geometry(shape) -> dict:
     """A row's ``shape``, [C_in, C_out, B, H(=W)] of a 3x3x3 stride-1 layer, or those and [kt, kh,
-    kw, spatial stride] of another (``bench_gpu.GENERAL_SHAPES``): the kernel and stride a dispatch
+    kw, spatial stride] of another (``bench_gpu.OTHER_SHAPES``): the kernel and stride a dispatch
     row names for it (``backend.Layer``'s fields; none for the former, its defaults)."""
     if len(shape) == 4:
         return {}
@@ -158,11 +158,10 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     geometric mean of its times over the 3x3x3 stride-1 shapes all measured ones ran (``ops``: for
     a layer no shape measured), and per shape the fastest there (``shapes``: a layer of those
     channels, spatial kernel and stride takes the nearest frame size's; ``backend.choose``; the
-    strided and unaligned layers of ``bench_gpu.GENERAL_SHAPES`` measure the kernels such layers
+    strided and unaligned layers of ``bench_gpu.OTHER_SHAPES`` measure the kernels such layers
     take, which the rule of ``backend.on_measured_kernels`` otherwise keeps from a measured
-    Triton choice) — by the GPU time of a call (CUDA-graph
-    replay, as the pipeline runs by default on CUDA) where every one has it, else the eager
-    call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the torch
+    Triton choice) — by the GPU time of a call (CUDA-graph replay, as the pipeline runs by
+    default on CUDA) where every one has it, else the eager call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the torch
     backend's per layer against Triton's grouped launches) decide between torch and triton where
     both ran, for every layer they group (the general layers' rows stay): that is how the
     pipeline runs them, and one layer alone leaves out the grouping (the CUDA kernels, which do
