@@ -13,8 +13,9 @@
 # SANITIZE=1 adds compute-sanitizer memcheck on the CUDA kernel tests and the Triton box
 # kernels' GPU test (about a minute more). A follow-up run can narrow each phase to a pytest -k
 # expression and a time limit (seconds): TESTS_K/TESTS_S, OPS_K/OPS_S, E2E_K/E2E_S; an empty
-# *_K runs the whole phase, "skip" skips it. The ops phase leaves out bench_gpu.py's
-# test_other_layers (r3d_18's strided and R(2+1)D's layers, 200 cases) unless OPS_K names them.
+# *_K runs the whole phase, "skip" skips it; TESTS_J sets the test phase's processes (default 4).
+# The ops phase leaves out bench_gpu.py's test_other_layers (r3d_18's strided and R(2+1)D's
+# layers, 200 cases) unless OPS_K names them.
 # The end-to-end phase's default backend runs on the dispatch table this run measured (copied
 # over sideways_kernels/dispatch.json in this checkout, which the device does not send back).
 # Diagnostics, off unless asked, into one file (diagnostics.log): PROBE=1, the weight update
@@ -59,9 +60,10 @@ mapfile -t ops_k < <(only "${OPS_K:-}" "ceiling or weight_update or forward_and_
 mapfile -t e2e_k < <(only "${E2E_K:-}" "tick or end_to_end")
 
 if [ "${TESTS_K:-}" != skip ]; then
-  say "GPU tests (python_tests/test_gpu.py ${tests_k[*]}, its own process: no Triton interpreter)"
-  phase "${TESTS_S:-120}" $PY -m pytest python_tests/test_gpu.py -q -p no:cacheprovider "${tests_k[@]}" \
-    > "$out/gpu_tests.log" 2>&1
+  # in TESTS_J processes at once (default 4): their time is Triton compiling, one test at a time per process
+  say "GPU tests (python_tests/test_gpu.py ${tests_k[*]}, ${TESTS_J:-4} processes: no Triton interpreter)"
+  phase $(( ${TESTS_S:-120} + 30 )) $PY bench/parallel_tests.py --jobs "${TESTS_J:-4}" --limit "${TESTS_S:-120}" \
+    --log "$out/gpu_tests.log" -- python_tests/test_gpu.py "${tests_k[@]}" > /dev/null 2>&1
   say "GPU tests: exit $? — $(tail -1 "$out/gpu_tests.log")"
 fi
 

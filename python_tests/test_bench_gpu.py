@@ -61,3 +61,48 @@ def test_the_other_layers_op_cases_compute_what_reference_py_does_on_the_cpu(sha
     for impl in ("cudnn_ncdhw", "cudnn_cl", "torch"):
         _, result = bench_gpu._implementation(op, impl, layer)
         assert bench_gpu._checked(op, impl, small, layer, result()) < 2e-2
+
+
+def _parallel_tests():
+    spec = importlib.util.spec_from_file_location(
+        "parallel_tests", os.path.join(os.path.dirname(__file__), "..", "bench", "parallel_tests.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_tests_run_in_several_processes_and_one_log_sums_them_up(tmp_path, monkeypatch):
+    """bench/parallel_tests.py (run_gpu.sh's test phase): every selected test runs once, in one of
+    the processes; the log's last line sums their outcomes; a failure fails the whole; at the
+    deadline the processes are interrupted and what ran is still reported."""
+    parallel = _parallel_tests()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "test_some.py").write_text(
+        "import os, time, pytest\n"
+        "@pytest.mark.parametrize('i', range(5))\n"
+        "def test_case(i):\n"
+        "    open(f'ran{i}-{os.getpid()}', 'w').close()\n"
+        "    assert i != 3\n"
+        "def test_skipped():\n"
+        "    pytest.skip('no GPU')\n"
+        "def test_slow():\n"
+        "    time.sleep(0 if os.environ.get('FAST') else 60)\n")
+    monkeypatch.setenv("FAST", "1")
+    log = tmp_path / "all.log"
+    assert parallel.main(["--jobs", "3", "--log", str(log), "--", "test_some.py", "-k", "case or skipped"]) == 1
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("1 failed, 4 passed, 1 skipped of 6 in 3 processes")
+    ran = sorted(p.name.split("-") for p in tmp_path.glob("ran*"))
+    assert [r[0] for r in ran] == [f"ran{i}" for i in range(5)]  # each once
+    assert len({r[1] for r in ran}) == 3  # in three processes
+    assert parallel.main(["--jobs", "2", "--log", str(log), "--", "test_some.py", "-k", "not case"]) == 0
+    assert log.read_text().strip().splitlines()[-1].startswith("1 passed, 1 skipped of 2 in 2 processes")
+    monkeypatch.delenv("FAST")
+    # one process: the test before the slow one is reported (pytest's own summary, on SIGINT)
+    assert parallel.main(["--jobs", "1", "--limit", "3", "--log", str(log), "--", "test_some.py", "-k",
+                          "slow or case and 0"]) == 124
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("1 passed of 2 in 1 process in") and last.endswith("(stopped at the deadline)")
+    assert parallel.main(["--log", str(log), "--", "test_some.py", "-k", "nothing"]) == 5
+    with pytest.raises(SystemExit):
+        parallel.main(["--jobs", "0", "--log", str(log), "--", "test_some.py"])
