@@ -168,7 +168,8 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     not group, are not compared there: on every GPU run so far they were the slowest weight ops
     by far). An op this run did not measure keeps
     ``base``'s entries for the architecture, named in ``from_earlier_runs`` (a run of the weight
-    ops alone must not send the forward to an unmeasured default)."""
+    ops alone must not send the forward to an unmeasured default), and a layer it did not
+    measure keeps its row (:func:`_merged_rows`)."""
     ops, shapes = {}, {}
     for op, name in OP_NAMES.items():
         measured = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["impl"] in BACKENDS]
@@ -178,34 +179,49 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
         shared = set.intersection(*(set(t) for t in times.values())) if len(times) > 1 else set()
         if not shared:
             continue
-        plain = [s for s in shared if not geometry(s)] or shared  # (the op's choice: for unmeasured plain layers)
-        geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in plain) / len(plain)) for impl in times}
-        ops[name] = {"bfloat16": min(geo, key=geo.get)}
-        shapes[name] = {"bfloat16": [dict(channels=[c_in, c_out], positions=b * h * h, **geometry(shape),
-                                          backend=min(times, key=lambda impl: times[impl][shape]))
-                                     for shape in sorted(shared) for c_in, c_out, b, h in [shape[:4]]]}
+        plain = [s for s in shared if not geometry(s)]  # the op's choice: for layers no row measured
+        if plain:
+            geo = {impl: math.exp(sum(math.log(times[impl][s]) for s in plain) / len(plain)) for impl in times}
+            ops[name] = {"bfloat16": min(geo, key=geo.get)}
+        shapes[name] = [dict(channels=[c_in, c_out], positions=b * h * h, **geometry(shape),
+                             backend=min(times, key=lambda impl: times[impl][shape]))
+                        for shape in sorted(shared) for c_in, c_out, b, h in [shape[:4]]]
     for op, name in OP_NAMES.items():  # a tick's weight updates, grouped as the pipeline runs them, decide
         tick = {r["impl"]: r for r in rows
                 if r["kind"] == "tick_updates" and r["op"] == op and r["impl"] in ("torch", "triton")}
         if len(tick) == 2:
             key = "graph_s" if all(r.get("graph_s") for r in tick.values()) else "median_s"
             ops[name] = {"bfloat16": min(tick, key=lambda impl: tick[impl][key])}
-            other = [r for r in shapes.pop(name, {}).get("bfloat16", []) if "kernel" in r]  # layers it leaves alone
-            if other:
-                shapes[name] = {"bfloat16": other}
+            shapes[name] = [r for r in shapes.get(name, []) if "kernel" in r]  # the layers it leaves alone stay
     epilogue = stage_epilogue(rows)
     if epilogue is not None:
         ops["stage_epilogue"] = {"bfloat16": epilogue}
     table = json.loads(json.dumps(base))
-    if ops:
+    if ops or any(shapes.values()):
         earlier = table.get("measured", {}).get(arch, {})
         carried = sorted(set(earlier.get("ops", {})) - set(ops))
-        kept = {k: v for k, v in earlier.get("shapes", {}).items() if k in carried}
-        table.setdefault("measured", {})[arch] = dict(device=device, date=datetime.date.today().isoformat(),
-                                                      ops={**{k: earlier["ops"][k] for k in carried}, **ops},
-                                                      shapes={**kept, **shapes},
-                                                      **({"from_earlier_runs": carried} if carried else {}))
+        table.setdefault("measured", {})[arch] = dict(
+            device=device, date=datetime.date.today().isoformat(),
+            ops={**{k: earlier["ops"][k] for k in carried}, **ops},
+            shapes=_merged_rows(earlier.get("shapes", {}), shapes, decided=set(ops)),
+            **({"from_earlier_runs": carried} if carried else {}))
     return table
+
+
+def _merged_rows(earlier: dict, new: dict, decided: set) -> dict:
+    """dispatch.json's ``shapes`` after a run: per op, this run's rows, and an earlier run's of the
+    layers this run did not measure — but no earlier 3x3x3 stride-1 layer's where this run decided
+    the op (``decided``), whose choice they were measured beside."""
+    layer = lambda r: (tuple(r["channels"]), tuple(r.get("kernel", ())), tuple(r.get("stride", ())), r["positions"])
+    merged = {}
+    for name in sorted(set(earlier) | set(new)):
+        rows = new.get(name, [])
+        measured = {layer(r) for r in rows}
+        kept = [r for r in earlier.get(name, {}).get("bfloat16", [])
+                if layer(r) not in measured and ("kernel" in r or name not in decided)]
+        if kept + rows:
+            merged[name] = {"bfloat16": kept + rows}
+    return merged
 
 
 def stage_epilogue(rows: list[dict]) -> "str | None":

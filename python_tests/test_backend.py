@@ -286,6 +286,21 @@ def test_a_gpu_run_s_rows_of_strided_and_unaligned_layers_decide_those_layers_al
         dict(channels=[64, 128], positions=8 * 56 * 56, kernel=[3, 3, 3], stride=[2, 2], backend="torch")]
     assert [(s["channels"], s["backend"]) for s in entry["shapes"]["weight_grad_accumulate"]["bfloat16"]] == [
         ([3, 45], "triton"), ([64, 128], "torch")]  # the tick decided the plain layer
+    # a later run of one other layer alone: the ops' choices and the other rows stay the earlier run's
+    later = [dict(kind="op", op="input_grad", shape=strided, impl=impl, median_s=t, graph_s=t, tflops=1.0)
+             for impl, t in (("triton", 1e-3), ("torch", 2e-3))]
+    again = report.dispatch(later, "H100", "sm_90", table)["measured"]["sm_90"]
+    assert again["ops"] == entry["ops"] and again["from_earlier_runs"] == sorted(entry["ops"])
+    assert [(s["channels"], s.get("stride"), s["backend"]) for s in again["shapes"]["window_input_grad"]["bfloat16"]] \
+        == [([3, 45], [2, 2], "triton"), ([64, 128], None, "triton"), ([64, 128], [2, 2], "triton")]
+    assert again["shapes"]["weight_grad_accumulate"] == entry["shapes"]["weight_grad_accumulate"]
+    # and one that decides an op anew drops the earlier 3x3x3 stride-1 rows measured beside its choice
+    anew = [dict(kind="op", op="input_grad", shape=[128, 128, 8, 28], impl=impl, median_s=t, graph_s=t, tflops=1.0)
+            for impl, t in (("triton", 2e-3), ("torch", 1e-3))]
+    again = report.dispatch(anew, "H100", "sm_90", table)["measured"]["sm_90"]
+    assert again["ops"]["window_input_grad"] == {"bfloat16": "torch"}
+    assert [(s["channels"], s.get("stride")) for s in again["shapes"]["window_input_grad"]["bfloat16"]] == [
+        ([3, 45], [2, 2]), ([64, 128], [2, 2]), ([128, 128], None)]
     monkeypatch.setattr(backend, "_table", table)
     monkeypatch.setattr(backend, "backends", lambda: dict(torch=True, cpp=True, cuda=True, triton=True))
     bf16, Layer = torch.empty(0, dtype=torch.bfloat16), backend.Layer
