@@ -161,12 +161,12 @@ def dispatch(rows: list[dict], device: str, arch: str, base: dict) -> dict:
     strided and unaligned layers of ``bench_gpu.OTHER_SHAPES`` measure the kernels such layers
     take, which the rule of ``backend.on_measured_kernels`` otherwise keeps from a measured
     Triton choice) — by the GPU time of a call (CUDA-graph replay, as the pipeline runs by
-    default on CUDA) where every one has it, else the eager call's. For the weight ops, a tick's updates (``tick_updates`` rows: every layer's, the torch
-    backend's per layer against Triton's grouped launches) decide between torch and triton where
-    both ran, for every layer they group (the general layers' rows stay): that is how the
-    pipeline runs them, and one layer alone leaves out the grouping (the CUDA kernels, which do
-    not group, are not compared there: on every GPU run so far they were the slowest weight ops
-    by far). An op this run did not measure keeps
+    default on CUDA) where every one has it, else the eager call's. For the weight ops, a tick's
+    updates (``tick_updates`` rows: every layer's, the torch backend's per layer against Triton's
+    grouped launches) decide between torch and triton where both ran, for every layer they group
+    (the other layers' rows stay): that is how the pipeline runs them, and one layer alone leaves
+    out the grouping (the CUDA kernels, which do not group, are not compared there: on every GPU
+    run so far they were the slowest weight ops by far). An op this run did not measure keeps
     ``base``'s entries for the architecture, named in ``from_earlier_runs`` (a run of the weight
     ops alone must not send the forward to an unmeasured default), and a layer it did not
     measure keeps its row (:func:`_merged_rows`)."""
