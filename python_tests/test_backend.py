@@ -179,13 +179,8 @@ def test_auto_routes_a_call_by_its_layer_where_the_dispatch_measured_it(monkeypa
 
 
 def _gpu_report():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_report.py")
-    spec = importlib.util.spec_from_file_location("gpu_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from scripts import load
+    return load("bench/gpu_report.py")
 
 
 def test_a_gpu_run_s_rows_become_tables_and_a_dispatch_table_the_backend_reads(tmp_path):

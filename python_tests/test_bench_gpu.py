@@ -1,15 +1,10 @@
 """bench/bench_gpu.py's end-to-end measurement runs where a GPU run will run it, on the CPU at
 small sizes: a GPU session's minutes should not go to finding a broken benchmark."""
-import importlib.util
-import os
-import sys
-
 import pytest
 
-spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(os.path.dirname(__file__), "..", "bench",
-                                                                          "bench_gpu.py"))
-bench_gpu = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_gpu)
+from scripts import load
+
+bench_gpu = load("bench/bench_gpu.py")
 
 
 @pytest.mark.parametrize("network,impl,padding", [("c3d", "clip_bp", "same"), ("c3d", "sideways", "same"),
@@ -40,8 +35,7 @@ def test_the_gpu_run_s_end_to_end_matrix_names_each_case_once():
 def test_profile_clip_runs_and_measures_the_union_of_kernel_intervals(capsys):
     """bench/profile_clip.py, which only a GPU run uses, on the CPU at a small size (no kernels
     are traced there: the run must not break on the way), and its GPU-busy arithmetic."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    import profile_clip
+    profile_clip = load("bench/profile_clip.py")
     assert profile_clip.busy_us([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0  # overlaps counted once
     profile_clip.main(["--network", "r3d_18", "--padding", "causal", "--frames", "8", "--eager", "--backend", "torch",
                        "--device", "cpu", "--batch", "2", "--size", "32", "--width", "4", "--top", "3"])
@@ -63,19 +57,11 @@ def test_the_other_layers_op_cases_compute_what_reference_py_does_on_the_cpu(sha
         assert bench_gpu._checked(op, impl, small, layer, result()) < 2e-2
 
 
-def _parallel_tests():
-    spec = importlib.util.spec_from_file_location(
-        "parallel_tests", os.path.join(os.path.dirname(__file__), "..", "bench", "parallel_tests.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_gpu_tests_run_in_several_processes_and_one_log_sums_them_up(tmp_path, monkeypatch):
     """bench/parallel_tests.py (run_gpu.sh's test phase): every selected test runs once, in one of
     the processes; the log's last line sums their outcomes; a failure fails the whole; at the
     deadline the processes are interrupted and what ran is still reported."""
-    parallel = _parallel_tests()
+    parallel = load("bench/parallel_tests.py")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "test_some.py").write_text(
         "import os, time, pytest\n"

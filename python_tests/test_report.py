@@ -1,17 +1,12 @@
 """docs/report.py's runs: an interrupted or failed run loses nothing already made, and --render
 writes the page from the runs there are (or names the one that is missing)."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("report", os.path.join(os.path.dirname(__file__), "..", "docs",
-                                                                       "report.py"))
-report = importlib.util.module_from_spec(spec)
-sys.modules["report"] = report  # its dataclasses look their module up
-spec.loader.exec_module(report)
+from scripts import load
+
+report = load("docs/report.py")
 
 TINY = ("--mode", "bp", "--width", "4", "--depth", "1", "--stages", "1", "--size", "12", "--train-videos", "4",
         "--val-videos", "2", "--batch-size", "2", "--epochs", "1", "--clip-len", "4")

@@ -381,12 +381,8 @@ def test_a_folded_weight_update_splits_over_its_few_tiles(monkeypatch):
 
 def _gpu_check():
     """bench/gpu_check.py, the ahead-of-time check (it needs Triton only, no GPU)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from scripts import load
+    return load("bench/gpu_check.py")
 
 
 def _general_launches(g, monkeypatch) -> list:
