@@ -3,6 +3,8 @@
 Sideways exact on a static video where no layer pads time and different from bp on a moving
 one; refusals that name what they refused. torchvision's own model code and ours."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -485,6 +487,54 @@ def test_a_batchnorm_with_a_momentum_is_counted_once_a_run_not_once_a_frame(mode
     assert writes.count == {"bn1": 1, "bn2": 6}  # bn2: momentum None
     assert {name: getattr(model, name).num_batches_tracked.item() - before[name] for name in before} == \
         {"bn1": 11, "bn2": 6}
+
+
+def test_a_tick_adds_a_stage_s_parameter_gradients_in_one_launch_with_autograd_s_sums(monkeypatch):
+    """A stage's Sideways backward hands its parameters' gradients (BatchNorm's, the classifier's;
+    not a SidewaysConv3d's, which its ops write) to one foreach add into the gradients so far, not
+    one AccumulateGrad add_ each: the same gradients to the bit as autograd accumulating them, in
+    the same tensors (an optimizer may hold them), over two clips; a parameter whose accumulation a
+    hook watches keeps autograd's own."""
+    from sideways_kernels import engine
+    model = randomize_norms(Residuals().to(DT)).train()
+    twin = Residuals().to(DT).train()
+    twin.load_state_dict(model.state_dict())
+    video, target = _clip(3, 11, 8, 7), torch.randint(0, 6, (3,))
+    seen = []
+    model.fc.bias.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    twin_seen = []
+    twin.fc.bias.register_post_accumulate_grad_hook(lambda p: twin_seen.append(p.grad.clone()))
+    pipe = SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1])
+    watched = {name: p for name, p in model.named_parameters() if "bn" in name or name == "fc.weight"}
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.add_, self.foreach, self.into = 0, 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.add_.Tensor and any(args[0] is p.grad for p in watched.values()):
+                self.add_ += 1
+            if func is torch.ops.aten._foreach_add_.List:
+                self.foreach += 1
+                self.into += [id(t) for t in args[0]]
+            return func(*args, **(kwargs or {}))
+
+    with Adds() as adds:
+        pipe.backward_clip(video, target)
+    grads = {name: p.grad for name, p in watched.items()}
+    pipe.backward_clip(video.flip(2), target)
+    assert all(p.grad is grads[name] for name, p in watched.items())  # accumulated in place
+    assert adds.add_ == 0 and adds.foreach > 0
+    assert set(adds.into) == {id(p.grad) for p in watched.values()}  # (the convs' gradients: their ops')
+    monkeypatch.setattr(engine.Engine, "_accumulating_once", lambda self, k: contextlib.nullcontext())
+    per_parameter = SidewaysPipeline.from_model(twin, stages=2, batchnorm="frame", example=video[:1])
+    per_parameter.backward_clip(video, target)
+    per_parameter.backward_clip(video.flip(2), target)
+    twins = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, twins[name].grad), name
+    assert len(seen) == len(twin_seen) > 2 and all(torch.equal(a, b) for a, b in zip(seen, twin_seen))
 
 
 def test_every_stage_s_batchnorms_are_counted_and_the_count_survives_a_run_ended_early():
