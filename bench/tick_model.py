@@ -292,6 +292,7 @@ class _Recorder(TorchDispatchMode):
         self.leftover: list[dict] = []
         self._refs: list = []  # (weakref to a tensor on storage allocated this tick, op)
         self._fresh: set = set()  # storages allocated this tick
+        self.adding_gradients = False  # inside Engine._add_gradients (one launch; the code measured: one each)
 
     def begin_tick(self) -> None:
         self.end_tick()
@@ -352,7 +353,7 @@ class _Recorder(TorchDispatchMode):
             written = [t for t in _tensors(out)]
             moved = sum(_nbytes(t) for t in inputs.values()) + sum(_nbytes(t) for t in written)
             self.ticks[-1].append(Launch(f"{namespace}.{name}", "other", None, _aten_flops(func, args, kwargs, out),
-                                         moved))
+                                         moved, kernels_derived=len(args[0]) if self.adding_gradients else 1))
         return out
 
 
@@ -497,6 +498,15 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
         up, down, done, losses = tick(*a, **kw)
         rec.end_tick((done, losses))
         return up, down, done, losses
+    add_gradients = engine._add_gradients
+
+    def adding(into, grads):  # autograd added each parameter's gradient by a launch of its own in the code measured
+        rec.adding_gradients = True
+        try:
+            add_gradients(into, grads)
+        finally:
+            rec.adding_gradients = False
+    engine._add_gradients = adding
     schedule = pipe._schedule(frames, "sideways", True)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
@@ -526,6 +536,7 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
             del engine._tick
         else:
             engine._tick = own
+        del engine._add_gradients
         if fake:  # leave no fake tensor behind
             from sideways_kernels.graph import PoolNode
             for m in net.modules():

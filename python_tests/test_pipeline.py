@@ -381,6 +381,32 @@ def test_non_finite_video_and_bad_targets():
         pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2,)))
 
 
+def test_a_video_the_first_conv_cannot_take_is_refused_by_name_before_the_run():
+    """A video of another dtype than the first conv's weights (autocast casts float32 and the
+    16-bit types where it is on; nothing casts float64), or not a video at all, is refused in one
+    line naming the video, before anything changed — it had failed deep in the first tick's op
+    ("weight must have the activations' dtype") or named "frame 0"."""
+    net, pipe = _pipe()  # float64
+    target = torch.randint(0, 7, (2,))
+    with pytest.raises(TypeError, match=r"video is torch.float32 but the first stage's conv weights are torch.float64"):
+        pipe.backward_clip(_video(T=6).float(), target)
+    with pytest.raises(TypeError, match=r"video must be a tensor \[B, C, T, H, W\] or an iterable .* got str"):
+        pipe.predict("clip.mp4")
+    with pytest.raises(TypeError, match="frame 0 of the video must be a tensor .* got list"):
+        pipe.backward_clip(_video(T=6).tolist(), target)
+    assert all(p.grad is None for p in net.parameters())
+    net32 = classifier_net(NO_PAD[2], dtype=torch.float32)
+    pipe32 = SidewaysPipeline(stages_of(net32, 2))
+    with pytest.raises(TypeError, match="video is torch.bfloat16"):
+        pipe32.backward_clip(_video(T=6).to(torch.bfloat16), target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="video is torch.float64"):
+            pipe32.backward_clip(_video(T=6), target)
+        pipe32.backward_clip(_video(T=6).float(), target)  # cast as nn.Conv3d's input would be
+        pipe32.backward_clip(_video(T=6).to(torch.bfloat16), target)
+    assert all(p.grad is not None for p in net32.parameters())
+
+
 class _LSTMStage(nn.Module):
     def __init__(self):
         super().__init__()

@@ -2,6 +2,7 @@
 clip forward and backward of the same network, per layer and output frame), and its launch
 counts against what the engine launches (a run on real tensors, and the backend's op calls
 counted by wrapping them)."""
+import contextlib
 import dataclasses
 import io
 import os
@@ -143,6 +144,24 @@ def test_the_frames_the_engine_counts_are_the_batch_norms_per_frame_adds_it_save
     added = [a - b for a, b in zip(counters(), before)]
     assert added[0] > 0 and added[1] > 0
     assert tm.counted_frames(pipe, got.plans) == added[0]
+
+
+def test_a_stage_s_gradient_adds_count_one_launch_today_and_one_each_for_the_code_measured(monkeypatch):
+    """The engine adds a stage's parameter gradients in one launch a tick (Engine._add_gradients)
+    where autograd launched an add_ each, as the code the GPU measured did: per tick, the launches
+    today are the per-parameter path's less those adds plus one, and the code measured's count is
+    the per-parameter path's (what the launch price is inferred over)."""
+    from sideways_kernels import engine
+    net, pipe = _residuals()
+    ours = tm.record(net, pipe, 2, 16, T, amp=False, fake=True).ticks
+    monkeypatch.setattr(engine.Engine, "_accumulating_once", lambda self, k: contextlib.nullcontext())
+    theirs = tm.record(net, pipe, 2, 16, T, amp=False, fake=True).ticks
+    adds = [sum(l.op == "aten.add_" for l in tick) - sum(l.op == "aten.add_" for l in mine)
+            for tick, mine in zip(theirs, ours)]
+    assert sum(adds) > 0
+    for tick, mine, n in zip(theirs, ours, adds):
+        assert tm.launch_count(mine, held=False) == tm.launch_count(tick, held=False)
+        assert tm.launch_count(mine) == tm.launch_count(tick) - n + (n > 0)
 
 
 def test_a_launch_is_priced_from_the_reference_clip_s_measured_ticks(monkeypatch):

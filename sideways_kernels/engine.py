@@ -223,10 +223,15 @@ class Engine:
         finally:
             pairs = [(old, p.grad) for p, old in held if p.grad is not None]
             if pairs:
-                with torch.no_grad():
-                    torch._foreach_add_([old for old, _ in pairs], [new for _, new in pairs])
+                self._add_gradients([old for old, _ in pairs], [new for _, new in pairs])
             for p, old in held:
                 p.grad = old
+
+    @staticmethod
+    def _add_gradients(into: list, grads: list) -> None:
+        """``into[i] += grads[i]`` for every i, in one launch."""
+        with torch.no_grad():
+            torch._foreach_add_(into, grads)
 
     # --- a tick ------------------------------------------------------------------------------
 

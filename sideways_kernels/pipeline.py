@@ -613,8 +613,13 @@ class SidewaysPipeline:
             clip = (video[:, :, t:t + 1] for t in range(length))
             if need_length and video.device == self._device(0):
                 finite.whole(video)
+        elif isinstance(video, (str, bytes)) or not hasattr(video, "__iter__"):
+            raise TypeError(f"video must be a tensor [B, C, T, H, W] or an iterable of frame tensors [B, C, H, W], "
+                            f"got {type(video).__name__}")
         elif need_length:
             clip = list(video)
+            if clip and not isinstance(clip[0], torch.Tensor):  # (before its length is judged)
+                raise _not_a_frame(0, clip[0])
             length = len(clip)
             self._check_length(length)
         else:
@@ -642,7 +647,7 @@ class SidewaysPipeline:
 
     def _check_frame(self, f, t: int, first: Optional[torch.Tensor]) -> torch.Tensor:
         if not isinstance(f, torch.Tensor):
-            raise TypeError(f"frame {t} must be a tensor, got {type(f).__name__}")
+            raise _not_a_frame(t, f)
         if f.dim() == 4:
             f = f.unsqueeze(2)
         if f.dim() != 5 or f.shape[2] != 1:
@@ -652,7 +657,23 @@ class SidewaysPipeline:
         if first is not None and (f.shape != first.shape or f.dtype != first.dtype):
             raise ValueError(f"frame {t} is {tuple(f.shape)} {f.dtype} but frame 0 was {tuple(first.shape)} "
                              f"{first.dtype}: a video's shape cannot change mid-clip")
+        if first is None:
+            self._check_dtype(f)
         return f.to(self._device(0))
+
+    def _check_dtype(self, frame: torch.Tensor) -> None:
+        """A video whose dtype the first conv cannot take — autocast casts float32 and the 16-bit
+        types where it is on, nothing else does — refused before the run, by name (it would fail
+        deep in the first tick's op)."""
+        conv = next((m for m in self.stages[0].modules() if isinstance(m, SidewaysConv3d)), None) \
+            if len(self.stages) and self.engine.lo == 0 else None
+        if conv is None or frame.dtype == conv.weight.dtype:
+            return
+        if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) and \
+                torch.is_autocast_enabled(self._device(0).type):
+            return
+        raise TypeError(f"video is {frame.dtype} but the first stage's conv weights are {conv.weight.dtype}: cast "
+                        f"the video (video.to({conv.weight.dtype})) or the model, or run under torch.autocast")
 
     def _snapshot(self, params):
         """What a clip changes besides .grad (weights and optimizer state with per-tick updates,
@@ -673,6 +694,11 @@ class SidewaysPipeline:
                 b.copy_(saved)
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+
+def _not_a_frame(t: int, f) -> TypeError:
+    return TypeError(f"frame {t} of the video must be a tensor [B, C, H, W], got {type(f).__name__} (a video is a "
+                     "tensor [B, C, T, H, W] or an iterable of frame tensors)")
 
 
 def _autocast_state(device_type: str) -> tuple:
