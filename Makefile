@@ -31,7 +31,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.*)
 	touch $@
 
 test: install
-	$(PY) -m pytest python_tests -q
+	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
 
 train: install
 	$(PY) -m sideways_kernels.train $(TRAIN_ARGS)

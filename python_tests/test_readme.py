@@ -163,6 +163,8 @@ def _check_make(words, where):
     for word in words:
         if "=" in word:  # a variable: TRAIN_ARGS="..." passes options to sideways-train
             name, value = word.split("=", 1)
+            with open(os.path.join(ROOT, "Makefile")) as f:
+                assert f"$({name})" in f.read(), f"{where}: the Makefile reads no variable {name}"
             if name == "TRAIN_ARGS":
                 _parses(shlex.split(value), where)
             continue
@@ -203,7 +205,12 @@ def _check_command(words, where):
         for spec in extras:
             for extra in spec.strip("'").strip(".[]").split(","):
                 assert extra in defined, f"{where}: pyproject.toml has no extra {extra!r}"
-        assert pins or extras, f"{where}: no check for this pip install; add one to {__file__}"
+        if not pins and not extras:  # plain packages: those the Makefile's install installs so
+            with open(os.path.join(ROOT, "Makefile")) as f:
+                makefile = [line.split() for line in f if "pip install" in line]
+            wanted = [w for w in words[2:] if not w.startswith("-")]
+            assert wanted and any(set(wanted) <= set(line) for line in makefile), \
+                f"{where}: pip install {' '.join(wanted)} is no install of the Makefile's"
     elif head == "." and words[1].endswith("/bin/activate") and len(words) == 2:
         pass  # sourcing the venv made on the same line
     else:

@@ -407,7 +407,8 @@ class SidewaysPipeline:
             causal = self.lags.get("causal")
             hint = (f"from_model(..., temporal_padding='causal') (lag {causal}), " if causal is not None
                     and causal < self.lag and self.temporal_padding == "same" else "")
-            warnings.warn(f"a clip of {length} frames is no longer than the pipeline's lag of {self.lag} frames: "
+            warnings.warn(f"a clip of {length} frame{'s' if length != 1 else ''} is no longer than the pipeline's lag "
+                          f"of {self.lag} frames: "
                           "Sideways pairs most errors with activations of the clip's end padding and learns little; "
                           f"use clips several times the lag, {hint}fewer temporal strides, or mode='bp'", UserWarning,
                           stacklevel=2)
