@@ -376,6 +376,10 @@ def test_non_finite_video_and_bad_targets():
         pipe.backward_clip(torch.randn(3, 6, 8, 7), torch.randint(0, 7, (2,)))
     with pytest.raises(ValueError, match="per-frame target"):
         pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2, 5)), per_frame_target=True)
+    with pytest.raises(ValueError, match=r"loss_fn failed on the top stage's output frame \(2, 7\) .* target \(3,\): "
+                                         "Expected input batch_size"):  # (what it was given, then its own words)
+        pipe.backward_clip(_video(T=6), torch.randint(0, 7, (3,)))
+    assert all(p.grad is None for p in net.parameters())
     with pytest.raises(TypeError, match="scalar"):
         pipe.loss_fn = lambda logits, y: logits.sum(1)
         pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2,)))

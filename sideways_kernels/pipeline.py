@@ -430,7 +430,13 @@ class SidewaysPipeline:
                 stage_target = lambda t: staged.copy_(target[:, t])
 
         def frame_loss(out: torch.Tensor, t: int) -> torch.Tensor:
-            loss = self.loss_fn(frame_logits(out), target_of(t))
+            logits, frame_target = frame_logits(out), target_of(t)
+            try:
+                loss = self.loss_fn(logits, frame_target)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # say what it was given
+                raise type(exc)(f"loss_fn failed on the top stage's output frame {tuple(logits.shape)} (what the "
+                                f"model's last stage gives one frame, as frame_logits passes it) and the target "
+                                f"{tuple(getattr(frame_target, 'shape', ()))}: {exc}") from exc
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))}")
