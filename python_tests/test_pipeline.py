@@ -387,9 +387,10 @@ def test_non_finite_video_and_bad_targets():
 
 def test_a_video_the_first_conv_cannot_take_is_refused_by_name_before_the_run():
     """A video of another dtype than the first conv's weights (autocast casts float32 and the
-    16-bit types where it is on; nothing casts float64), or not a video at all, is refused in one
-    line naming the video, before anything changed — it had failed deep in the first tick's op
-    ("weight must have the activations' dtype") or named "frame 0"."""
+    16-bit types where it is on; nothing casts float64), in [B, T, C, H, W] order, or not a video
+    at all, is refused in one line naming the video, before anything changed — it had failed deep
+    in the first tick's op ("weight must have the activations' dtype"), in a conv's channel check
+    or named "frame 0"."""
     net, pipe = _pipe()  # float64
     target = torch.randint(0, 7, (2,))
     with pytest.raises(TypeError, match=r"video is torch.float32 but the first stage's conv weights are torch.float64"):
@@ -398,6 +399,9 @@ def test_a_video_the_first_conv_cannot_take_is_refused_by_name_before_the_run():
         pipe.predict("clip.mp4")
     with pytest.raises(TypeError, match="frame 0 of the video must be a tensor .* got list"):
         pipe.backward_clip(_video(T=6).tolist(), target)
+    with pytest.raises(ValueError, match=r"video must be \[B, C, T, H, W\] with the 3 channels .* \(2, 6, 3, 8, 7\): "
+                                         r"one in \[B, T, C, H, W\] order takes .transpose\(1, 2\)"):
+        pipe.backward_clip(_video(T=6).transpose(1, 2), target)
     assert all(p.grad is None for p in net.parameters())
     net32 = classifier_net(NO_PAD[2], dtype=torch.float32)
     pipe32 = SidewaysPipeline(stages_of(net32, 2))

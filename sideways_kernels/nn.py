@@ -238,7 +238,8 @@ class SidewaysConv3d(nn.Conv3d):
             raise ValueError(f"inside a pipeline {type(self).__name__} receives one frame [B, C, 1, H, W], "
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}")
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels (dim 1 of its input "
+                             f"[B, C, T, H, W]), got {x.shape[1]}")
         if s.geometry is None:
             padding, pre_pad = self._spatial_padding()
             s.geometry = (pre_pad, self.conv2d_args(padding))

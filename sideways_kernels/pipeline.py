@@ -615,6 +615,11 @@ class SidewaysPipeline:
                 raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
             if not video.is_floating_point():
                 raise TypeError(f"video must be a floating tensor, got {video.dtype}")
+            conv = self._first_conv()
+            if conv is not None and video.shape[1] != conv.in_channels == video.shape[2]:
+                raise ValueError(f"video must be [B, C, T, H, W] with the {conv.in_channels} channels the first conv "
+                                 f"takes, got shape {tuple(video.shape)}: one in [B, T, C, H, W] order takes "
+                                 ".transpose(1, 2)")
             length = video.shape[2]
             self._check_length(length)
             clip = (video[:, :, t:t + 1] for t in range(length))
@@ -668,12 +673,17 @@ class SidewaysPipeline:
             self._check_dtype(f)
         return f.to(self._device(0))
 
+    def _first_conv(self) -> Optional[SidewaysConv3d]:
+        """The first SidewaysConv3d of stage 0 where it runs here: the one that reads the video."""
+        if not len(self.stages) or self.engine.lo != 0:
+            return None
+        return next((m for m in self.stages[0].modules() if isinstance(m, SidewaysConv3d)), None)
+
     def _check_dtype(self, frame: torch.Tensor) -> None:
         """A video whose dtype the first conv cannot take — autocast casts float32 and the 16-bit
         types where it is on, nothing else does — refused before the run, by name (it would fail
         deep in the first tick's op)."""
-        conv = next((m for m in self.stages[0].modules() if isinstance(m, SidewaysConv3d)), None) \
-            if len(self.stages) and self.engine.lo == 0 else None
+        conv = self._first_conv()
         if conv is None or frame.dtype == conv.weight.dtype:
             return
         if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) and \
