@@ -1879,6 +1879,61 @@ def test_c3d_s_blocks_run_by_the_engine_itself_equal_the_per_stage_path(monkeypa
     assert rel_error(results["own"][1], results["torch"][1]) < 1e-4
 
 
+def _odd_stages(variant: str):
+    """A chain of conv-ReLU stages (3 stages, 8 channels, an RGB stem) with one thing the engine's
+    own run of a stage must honour or refuse, and a context that sets up what lives outside the
+    modules (a global hook)."""
+    from sideways_kernels import SidewaysConv3d
+    stages = _conv_relu_chain(3, video_channels=3)
+    hold = contextlib.nullcontext()
+    if variant == "frozen bias":
+        stages[0][0].bias.requires_grad_(False)
+    elif variant == "frozen weight":
+        stages[1][0].weight.requires_grad_(False)
+    elif variant == "ceil pool":  # on 5x5 frames a ceil-mode pool keeps a window of one column: no tile holds it
+        for stage in stages[:2]:
+            stage.append(torch.nn.MaxPool3d((1, 2, 2), ceil_mode=True))
+    elif variant == "subclass":
+        class Scaled(SidewaysConv3d):
+            def forward(self, x):
+                return super().forward(x) * 2
+        stages[1][0] = Scaled(8, 8, (3, 1, 1), padding=(1, 0, 0))
+    elif variant == "relu hook":
+        stages[1][1].register_forward_hook(lambda m, args, out: out * 0.5)
+    elif variant == "global hook":
+        hold = torch.nn.modules.module.register_module_forward_hook(  # (its handle removes it on exit)
+            lambda m, args, out: out * 0.5 if isinstance(m, torch.nn.ReLU) else None)
+    return stages, hold
+
+
+@pytest.mark.parametrize("variant", ["frozen bias", "frozen weight", "ceil pool", "subclass", "relu hook",
+                                     "global hook"])
+def test_stages_the_engine_would_run_itself_honour_frozen_parameters_hooks_and_odd_modules(monkeypatch, variant):
+    """What the engine's own run of a conv-ReLU(-pool) stage must honour or leave to the per-stage
+    path: a frozen bias or weight gets no gradient, and a ceil-mode pool (a window its tile cannot
+    hold), a SidewaysConv3d subclass with a forward of its own, a hook on the stage's ReLU and a
+    global forward hook each leave the stage to the per-stage path — the same losses and gradients
+    to the bit either way."""
+    from sideways_kernels.engine import Engine
+    size = 5 if variant == "ceil pool" else 4
+    video, target = torch.randn(1, 3, 9, size, size), torch.tensor([3])
+    results = {}
+    for way in ("own", "per stage"):
+        torch.manual_seed(0)
+        stages, hold = _odd_stages(variant)
+        with monkeypatch.context() as m, hold:
+            if way == "per stage":
+                m.setattr(Engine, "_own_stage", lambda *args: None)
+            with T.using(path="box"):
+                out = SidewaysPipeline(stages, backend="triton").backward_clip(video, target)
+        params = [p for stage in stages for p in stage.parameters()]
+        results[way] = (out.loss, [p.grad for p in params], params)
+    (loss, got, params), (ref_loss, ref, _) = results["own"], results["per stage"]
+    assert loss == ref_loss
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, ref))
+    assert all((g is None) == (not p.requires_grad) for g, p in zip(got, params))
+
+
 def test_a_pipeline_says_once_which_convs_run_their_ops_alone_on_the_triton_backend():
     """One line per pipeline naming the convs the Triton backend cannot put in a tick's grouped
     launches and why (here two groups; not the 3-channel stem: its ring and frames are stored in
