@@ -580,6 +580,11 @@ def test_a_stage_called_as_a_module_counts_its_batchnorms_as_the_model_does():
             composed = stage(composed)
         twin(video)
     assert model.bn1.num_batches_tracked.item() == twin.bn1.num_batches_tracked.item() == 1
+    pipe.backward_clip(video, torch.zeros(2, dtype=torch.long))  # a run counts for the norms, then no longer
+    counted = model.bn1.num_batches_tracked.item()
+    with torch.no_grad():
+        pipe.stages[0](video)
+    assert model.bn1.num_batches_tracked.item() == counted + 1
     counter = model.bn1.num_batches_tracked
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # B1 1x1 frames: nothing to normalise
         SidewaysPipeline.from_model(model, stages=2, batchnorm="frame", example=video[:1]).backward_clip(
