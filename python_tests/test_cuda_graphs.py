@@ -305,3 +305,29 @@ def test_python_state_sets_and_clears_the_gradients():
     assert all(p.grad is o for p, o in zip(params, other))
     engine.python_state(([None] * len(params), fresh))
     assert all(p.grad is None for p in params)
+
+
+def test_staged_inputs_and_a_new_signature_never_let_a_graph_replay_on_what_it_was_not_captured_on():
+    """TickGraphs' own bookkeeping, which an emulated replay (it re-runs the tick's Python) cannot
+    show wrong: a staged input of another dtype or shape gets a buffer of its own (not rounded into
+    the old one); a new buffer changes the addresses a replay is checked against; a clip of a new
+    signature (lr, loss, mode, ...) drops every graph, one of the same keeps them."""
+    graphs = TickGraphs(emulate=True)
+
+    class Engine:
+        def addresses(self):
+            return ()
+    engine = Engine()
+    first = graphs.stage("target", torch.tensor([0.5, 1.0], dtype=torch.float32), "cpu")
+    before = graphs._addresses(engine)
+    precise = torch.tensor([1 / 3, 2.0], dtype=torch.float64)
+    staged = graphs.stage("target", precise, "cpu")
+    assert staged.dtype == torch.float64 and torch.equal(staged, precise)
+    assert graphs._addresses(engine) != before and first.data_ptr() != staged.data_ptr()
+    assert graphs.stage("target", precise * 2, "cpu").data_ptr() == staged.data_ptr()  # same kind: reused
+    graphs.begin_clip(("lr", 0.1))
+    graphs.graphs[("phase", ())] = None
+    graphs.begin_clip(("lr", 0.1))
+    assert graphs.graphs == {("phase", ()): None}
+    graphs.begin_clip(("lr", 0.2))
+    assert graphs.graphs == {}
