@@ -82,6 +82,36 @@ def test_odd_topologies_stream_exactly(model_cls, lengths, n_stages):
         torch.testing.assert_close(torch.stack(lazy), torch.stack(list(pipe.stream(video))), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model_cls,T", [(Branches, 10), (Residuals, 13), (Pools, 11)],
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_a_sideways_plan_marks_the_samples_joins_read_and_keeps_each_stage_s_last_arrival(model_cls, T, n_stages):
+    """Two facts of every Sideways tick plan its gradients rest on, which a static video (oracle 4)
+    cannot show: a join that reads a held sample marks it "fired now" exactly where its producer
+    emitted earlier in the same stage's tick (the error then goes to that fresh sample, not to a
+    stored copy); and each stage above the first keeps the clip's last real sample from below —
+    the one its drain ticks reuse — and no other."""
+    model = randomize_norms(model_cls().to(DT)).eval()
+    video = _clip(2, T, 9, 7)
+    pipe = SidewaysPipeline.from_model(model, stages=n_stages, example=video[:1])
+    schedule, nodes = pipe._schedule(T, "sideways", True), pipe.graph.nodes
+    kept, flags = {k: [] for k in range(1, n_stages)}, set()
+    for plan in schedule:
+        for k, sp in enumerate(plan.stages):
+            fired = {schedule.inputs[k]} if sp.arrive is not None else set()
+            for step in sp.steps:
+                for pos, how in enumerate(step.inputs):
+                    if how != "new":
+                        flags.add(how[2])
+                        assert how[2] == (nodes[step.node].inputs[pos] in fired), (plan.tick, k, step)
+                if step.fire and step.emit is not None:
+                    fired.add(step.node)
+            if sp.keep_arrival:
+                kept[k].append(sp.arrive)
+    assert (True in flags) == (model_cls is not Pools)  # (Pools: no join)
+    assert kept == {k: [schedule.length(schedule.inputs[k]) - 1] for k in range(1, n_stages)}
+
+
 def test_our_models_are_torchvision_key_for_key():
     """Same state dict keys (in order) and shapes; torchvision's weights load strictly and give
     the same outputs (S3D at 32x32, its final pool window scaled as ours does)."""
