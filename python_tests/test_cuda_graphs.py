@@ -331,3 +331,33 @@ def test_staged_inputs_and_a_new_signature_never_let_a_graph_replay_on_what_it_w
     assert graphs.graphs == {("phase", ()): None}
     graphs.begin_clip(("lr", 0.2))
     assert graphs.graphs == {}
+
+
+def test_what_lives_across_ticks_is_counted_and_pins_a_tick_s_graph():
+    """Engine.held_by_kind counts, and Engine.addresses (what a captured tick is valid on) holds,
+    every kind of tensor that lives across ticks: the temporal pools' rings, any double buffer
+    whatever its kind (the engine's own stages keep "in" and "conv error" ones), and the per-tick
+    optimizer's momentum buffers (a resumed optimizer's state replaces them)."""
+    from graphs import Pools
+    from sideways_kernels.graph import PoolNode
+    torch.manual_seed(0)
+    model = Pools().to(DT)
+    video = torch.randn(2, 3, 9, 8, 7, dtype=DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    pipe = SidewaysPipeline.from_model(model, stages=2, update="tick", optimizer=opt, example=video[:1])
+    pipe.backward_clip(video, torch.randint(0, 4, (2,)))
+    engine = pipe.engine
+    rings = [n._ring for n in pipe.graph.nodes if isinstance(n, PoolNode) and n._ring is not None]
+    held = engine.held_by_kind()
+    assert rings and held["pool rings"] == sum(r.untyped_storage().nbytes() for r in rings)
+    before = engine.addresses()
+    assert all(r.data_ptr() in before[0] for r in rings)
+    extra = torch.zeros(16, dtype=DT)
+    engine.buffers[("in", 0, 1)] = extra
+    assert engine.held_by_kind()["double buffers"] == held["double buffers"] + extra.untyped_storage().nbytes()
+    assert extra.data_ptr() in engine.addresses()[0]
+    del engine.buffers[("in", 0, 1)]
+    assert engine.addresses() == before
+    p = next(p for p in opt.state if "momentum_buffer" in opt.state[p])
+    opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
+    assert engine.addresses() != before
