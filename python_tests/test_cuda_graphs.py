@@ -361,3 +361,27 @@ def test_what_lives_across_ticks_is_counted_and_pins_a_tick_s_graph():
     p = next(p for p in opt.state if "momentum_buffer" in opt.state[p])
     opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
     assert engine.addresses() != before
+
+
+def test_a_capture_that_fails_after_its_python_ran_leaves_the_tick_as_it_found_it(monkeypatch):
+    """A real capture runs the tick's Python (a first firing clears its ring's flag) before a kernel
+    may refuse to be captured; the tick then runs eagerly from the state it had, so the ring a clip
+    starts with is still zeroed: the same numbers as eager ticks. (An emulated capture that
+    succeeds hides this: it runs the tick for real.)"""
+    capture = _EmulatedGraph.capture
+
+    def failing(self, fn, restore):
+        grads, fresh = restore()
+        if not any(fresh):
+            return capture(self, fn, restore)
+        restore((grads, [False] * len(fresh)))  # what the capture's Python did before a kernel refused
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(_EmulatedGraph, "capture", failing)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        graphed, pipe = _run("clip", False, graphs=True)
+    assert any("capturing a tick failed" in str(w.message) for w in said)
+    eager, _ = _run("clip", False, graphs=False)
+    for (loss, outputs, grads, _), (loss_e, outputs_e, grads_e, _) in zip(graphed, eager):
+        assert torch.equal(loss, loss_e) and torch.equal(outputs, outputs_e)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_e))

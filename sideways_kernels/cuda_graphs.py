@@ -232,7 +232,7 @@ class TickGraphs:
         try:
             with _no_cast_cache():
                 out = graph.capture(fn, engine.python_state)
-        except Exception as exc:  # e.g. a kernel that syncs with the host; nothing ran yet
+        except Exception as exc:  # e.g. a kernel that syncs with the host; the Python that ran is undone
             engine.python_state(before)
             self.failed = f"capturing a tick failed at {engine.at} ({type(exc).__name__}: {exc})"
             self.graphs.clear()
