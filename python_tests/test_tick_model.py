@@ -448,3 +448,19 @@ def test_a_sideways_op_counts_the_same_kernels_on_a_recording_s_fake_tensors_as_
         x = torch.empty(4, 6).t()
         x.reshape(24), x.t().reshape(24), x.flatten(), x.contiguous()
     assert copied.n == 3
+
+
+def test_a_plan_s_problems_hold_the_input_gradients_within_the_stem_s_chain_and_a_drain_tick_is_not_steady():
+    """Schedule.problems (what a grouped tick would execute, and what the tick model plans): a chain
+    in stage 0 sends no error below its first conv, but each later conv's input gradient feeds the
+    conv before it — those are problems too. And a tick past the clip's frames drains: not steady."""
+    from sideways_kernels import SidewaysConv3d
+    stem = torch.nn.Sequential(SidewaysConv3d(3, 4, (3, 1, 1), padding=(1, 0, 0)), torch.nn.ReLU(),
+                               SidewaysConv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)))
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool3d((None, 1, 1)), SidewaysConv3d(4, 5, 1))
+    pipe = SidewaysPipeline([stem, head])
+    schedule = pipe._schedule(6, "sideways", True)
+    grads = {(q.stage, q.layer) for plan in schedule for q in schedule.problems(plan) if q.op == "input_grad"}
+    assert (0, 1) in grads and (0, 0) not in grads and (1, 0) in grads
+    one = SidewaysPipeline([torch.nn.Sequential(*stem, *head)])._schedule(6, "sideways", True)
+    assert [plan.tick for plan in one if plan.steady] and not any(plan.steady for plan in one if plan.tick >= 6)
