@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .cuda_graphs import TickGraphs
-from .engine import Engine, _StageTimer
+from .engine import Engine, _StageTimer, _leading_conv
 from .graph import SOURCE, ChainNode, ConvNode, LocalNode, Node, StreamGraph, _triple, balance, cut_points
 from .nn import SidewaysConv3d
 from .schedule import Schedule
@@ -615,8 +615,8 @@ class SidewaysPipeline:
                 raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
             if not video.is_floating_point():
                 raise TypeError(f"video must be a floating tensor, got {video.dtype}")
-            conv = self._first_conv()
-            if conv is not None and video.shape[1] != conv.in_channels == video.shape[2]:
+            conv = _leading_conv(self.stages[0]) if len(self.stages) and self.engine.lo == 0 else None
+            if conv is not None and video.shape[1] != conv.in_channels == video.shape[2]:  # (surely the video's conv)
                 raise ValueError(f"video must be [B, C, T, H, W] with the {conv.in_channels} channels the first conv "
                                  f"takes, got shape {tuple(video.shape)}: one in [B, T, C, H, W] order takes "
                                  ".transpose(1, 2)")
