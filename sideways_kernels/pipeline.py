@@ -433,7 +433,9 @@ class SidewaysPipeline:
             logits, frame_target = frame_logits(out), target_of(t)
             try:
                 loss = self.loss_fn(logits, frame_target)
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # say what it was given
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                if type(exc) not in (RuntimeError, ValueError, TypeError, IndexError):
+                    raise  # (a subclass may take other arguments, or be caught by its type: as it was)
                 raise type(exc)(f"loss_fn failed on the top stage's output frame {tuple(logits.shape)} (what the "
                                 f"model's last stage gives one frame, as frame_logits passes it) and the target "
                                 f"{tuple(getattr(frame_target, 'shape', ()))}: {exc}") from exc
