@@ -46,13 +46,20 @@ def counts(summary: str) -> dict:
     return found
 
 
+def _interruptible() -> None:
+    """In a child before it starts: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt (pytest then reports what ran). A shell's background job ignores SIGINT,
+    and its children inherit that: CI's runner is one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(ids: list[str], jobs: int, limit: float, log: str) -> int:
     shards = [ids[j::jobs] for j in range(jobs) if ids[j::jobs]]
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [open(os.path.join(tmp, f"shard{j}.log"), "w+") for j in range(len(shards))]
-        procs = [subprocess.Popen([*PYTEST, "-q", *shard], stdout=out, stderr=subprocess.STDOUT)
-                 for shard, out in zip(shards, outs)]
+        procs = [subprocess.Popen([*PYTEST, "-q", *shard], stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=_interruptible) for shard, out in zip(shards, outs)]
         stopped = False
         while any(p.poll() is None for p in procs):
             if time.monotonic() - start > limit and not stopped:
