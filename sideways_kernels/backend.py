@@ -182,12 +182,10 @@ def constant_weights(name: str, layers: list, dtype: torch.dtype):
     for layer in layers:
         weight = layer.weight
         probe = torch.empty(0, dtype=dtype, device=weight.device)
-        stride, groups = tuple(layer.stride[1:]), layer.groups
         # (the frame's size is not known yet: every backend a size may take)
-        key = Layer(layer.in_channels, layer.out_channels, None, tuple(layer.kernel_size[1:]), stride, groups)
-        geometry = {"ring_conv_forward": (stride, groups, (layer.out_channels,)),
-                    "window_input_grad": (stride, groups, (layer.in_channels // groups, layer.out_channels))}
-        forward, input_grad = (_choices(op, probe, key, geometry[op]) if name == "auto" and weight.is_cuda
+        key = Layer(layer.in_channels, layer.out_channels, None, tuple(layer.kernel_size[1:]), tuple(layer.stride[1:]),
+                    layer.groups)
+        forward, input_grad = (_choices(op, probe, key, _geometry(op, key)) if name == "auto" and weight.is_cuda
                                else {name} for op in ("ring_conv_forward", "window_input_grad"))
         folds = layer.groups == 1 and (layer.dilation[0] == 1 or layer.kernel_size[0] == 1)
         if folds and "torch" in forward | input_grad:
@@ -252,22 +250,23 @@ _chosen: dict = {}  # (op, dtype, device index, layer, geometry) -> backend name
 # the argument whose dtype is the activations', by position and name in torch.ops.sideways' schemas
 _ACTIVATION_ARG = {"ring_conv_forward": (0, "ring"), "window_input_grad": (0, "grad_out"),
                    "weight_grad_accumulate": (2, "grad_out"), "sgd_tick_update": (4, "grad_out")}
-# a call's (stride, groups, channels) as triton.box_path takes them (the output channels; an input
-# gradient's input channels per group too), from its positional arguments up to groups
+# where _layer reads a call's stride and groups among its positional arguments (the layers pass every one)
 _STRIDE_ARG = {"ring_conv_forward": 5, "window_input_grad": 3, "weight_grad_accumulate": 5, "sgd_tick_update": 7}
 _GROUPS_ARG = {"ring_conv_forward": 9, "window_input_grad": 6, "weight_grad_accumulate": 9, "sgd_tick_update": 11}
-_GEOMETRY = {
-    "ring_conv_forward": lambda a: (tuple(a[5]), a[9], (a[3].shape[0],)),
-    "window_input_grad": lambda a: (tuple(a[3]), a[6], (a[1].shape[1], a[1].shape[0])),
-    "weight_grad_accumulate": lambda a: (tuple(a[5]), a[9], (a[2].shape[1],)),
-    "sgd_tick_update": lambda a: (tuple(a[7]), a[11], (a[4].shape[1],)),
-}
 
 
 def call_geometry(op: str, args: tuple) -> Optional[tuple]:
     """A call's (stride, groups, channels) (:func:`on_measured_kernels`), or None where its
     positional ``args`` stop before groups."""
-    return _GEOMETRY[op](args) if len(args) > _GROUPS_ARG[op] else None
+    layer = _layer(op, args)
+    return None if layer is None else _geometry(op, layer)
+
+
+def _geometry(op: str, layer: "Layer") -> tuple:
+    """(stride, groups, channels) of ``op`` on ``layer`` as triton.box_path takes them: the output
+    channels, and an input gradient's input channels per group before them."""
+    channels = (layer.c_in // layer.groups, layer.c_out) if op == "window_input_grad" else (layer.c_out,)
+    return layer.stride, layer.groups, channels
 
 
 def table() -> dict:
@@ -453,7 +452,8 @@ def _dispatched(op: str):
         """The backend this op runs on for a call with these arguments: by the activations' dtype,
         the layer's shape where the dispatch measured its channels, and the kernels measured."""
         t = args[index] if len(args) > index else kwargs[arg_name]
-        return _choice(op, t, _layer(op, args), call_geometry(op, args))
+        layer = _layer(op, args)
+        return _choice(op, t, layer, None if layer is None else _geometry(op, layer))
 
     def call(*args, **kwargs):
         name = target(args, kwargs)
