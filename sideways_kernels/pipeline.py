@@ -617,7 +617,8 @@ class SidewaysPipeline:
                 raise ValueError(f"video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
             if not video.is_floating_point():
                 raise TypeError(f"video must be a floating tensor, got {video.dtype}")
-            conv = _leading_conv(self.stages[0]) if len(self.stages) and self.engine.lo == 0 else None
+            stage = self._video_stage()
+            conv = None if stage is None else _leading_conv(stage)
             if conv is not None and video.shape[1] != conv.in_channels == video.shape[2]:  # (surely the video's conv)
                 raise ValueError(f"video must be [B, C, T, H, W] with the {conv.in_channels} channels the first conv "
                                  f"takes, got shape {tuple(video.shape)}: one in [B, T, C, H, W] order takes "
@@ -675,17 +676,16 @@ class SidewaysPipeline:
             self._check_dtype(f)
         return f.to(self._device(0))
 
-    def _first_conv(self) -> Optional[SidewaysConv3d]:
-        """The first SidewaysConv3d of stage 0 where it runs here: the one that reads the video."""
-        if not len(self.stages) or self.engine.lo != 0:
-            return None
-        return next((m for m in self.stages[0].modules() if isinstance(m, SidewaysConv3d)), None)
+    def _video_stage(self) -> Optional[nn.Module]:
+        """Stage 0, where it runs here (it reads the video)."""
+        return self.stages[0] if len(self.stages) and self.engine.lo == 0 else None
 
     def _check_dtype(self, frame: torch.Tensor) -> None:
         """A video whose dtype the first conv cannot take — autocast casts float32 and the 16-bit
         types where it is on, nothing else does — refused before the run, by name (it would fail
         deep in the first tick's op)."""
-        conv = self._first_conv()
+        stage = self._video_stage()  # (its first conv in module order: a from_model graph's stem)
+        conv = None if stage is None else next((m for m in stage.modules() if isinstance(m, SidewaysConv3d)), None)
         if conv is None or frame.dtype == conv.weight.dtype:
             return
         if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) and \
