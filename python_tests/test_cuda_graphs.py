@@ -291,9 +291,10 @@ def test_clip_gradients_are_handed_over_and_taken_back_once_free(how):
         assert len(buffers) == 1 and pipe._graphs.replays >= pipe.total_ticks(9, "sideways")
 
 
-def test_python_state_sets_and_clears_the_gradients():
+def test_python_state_sets_and_clears_the_gradients_and_sets_the_fresh_flags():
     """What a replay sets after the graph ran (emulated replays re-run the tick's Python, which
-    makes the gradients itself, so they never see the setter): another gradient, then none."""
+    makes the gradients and clears the rings' ``fresh`` flags itself, so they never see the
+    setter): another gradient, then none; each layer's flag as given."""
     net = classifier_net([(3, 1, 1), (2, 1, 1)])
     pipe = SidewaysPipeline(stages_of(net, 2), cuda_graph=False)
     pipe.backward_clip(torch.randn(2, 3, 7, 9, 8, dtype=DT), torch.randint(0, 7, (2,)))
@@ -305,6 +306,12 @@ def test_python_state_sets_and_clears_the_gradients():
     assert all(p.grad is o for p, o in zip(params, other))
     engine.python_state(([None] * len(params), fresh))
     assert all(p.grad is None for p in params)
+    with engine._streaming("sideways", None, None):  # (a run's layers: each one's flag)
+        fresh = engine.python_state()[1]
+        flags = [i % 2 == 0 for i in range(len(fresh))]
+        assert len(flags) == 3 and flags != list(fresh)  # (two convs and the head)
+        engine.python_state(([None] * len(params), flags))
+        assert [layer._stream.fresh for layer in engine._layers] == flags == engine.python_state()[1]
 
 
 def test_staged_inputs_and_a_new_signature_never_let_a_graph_replay_on_what_it_was_not_captured_on():

@@ -69,22 +69,43 @@ class _EmulatedGraph:
     """The CPU stand-in the tests use: a replay re-runs the captured call with the Python
     state of the capture (gradient references, ring flags), as a real graph replays what was
     baked into it, and then puts back the Python state as it was before the replay (a real
-    replay runs no Python; the pipeline then sets the state the capture left)."""
+    replay runs no Python; the pipeline then sets the state the capture left). Like a real
+    replay it returns the capture's own output tensors, rewritten with the new values: a caller
+    that keeps one past the next replay sees it change, as on a GPU."""
 
     def __init__(self):
-        self.fn, self.baked = None, None
+        self.fn, self.baked, self.outputs = None, None, None
 
     def capture(self, fn: Callable, restore: Callable):
         self.fn, self.baked = fn, _weak(restore())  # (a real graph holds no Python reference either)
-        return fn()
+        self.outputs = fn()
+        return self.outputs
 
     def replay(self, restore: Callable):
         now = restore()
         restore(_strong(self.baked))
         try:
-            return self.fn()
+            new = self.fn()
+            with torch.no_grad():
+                _rewrite(self.outputs, new)
         finally:
             restore(now)
+        return self.outputs
+
+
+def _rewrite(captured, new) -> None:
+    """Copy ``new`` into ``captured``, tensor by tensor (nested lists and tuples); a replay whose
+    outputs are not those of its capture (other tensors' shapes, another structure) would have
+    replayed other kernels on a GPU: an error."""
+    if isinstance(captured, torch.Tensor) and isinstance(new, torch.Tensor) and captured.shape == new.shape:
+        if new is not captured:
+            captured.copy_(new)
+    elif isinstance(captured, (list, tuple)) and type(new) is type(captured) and len(new) == len(captured):
+        for c, n in zip(captured, new):
+            _rewrite(c, n)
+    elif not (captured is None and new is None):
+        raise RuntimeError(f"an emulated replay returned {type(new).__name__} where its capture returned "
+                           f"{type(captured).__name__}: a GPU replay would have run other kernels")
 
 
 def _weak(state):
