@@ -125,6 +125,11 @@ def _returned_a_view(func, args, kwargs: dict, out) -> bool:
     return all(t.untyped_storage()._cdata in inputs for t in outs)
 
 
+# what the code measured launched to seed the loss's backward (autograd's ones and the division by
+# the clip's frames); the engine now keeps the seed (Engine._loss_seed): no kernel today
+LOSS_SEED = "aten.ones_like + aten.div (the loss backward's seed)"
+
+
 @dataclasses.dataclass
 class Launch:
     op: str  # "sideways.ring_conv_forward", "aten.relu_", ...
@@ -507,6 +512,13 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
         finally:
             rec.adding_gradients = False
     engine._add_gradients = adding
+    loss_seed = engine._loss_seed
+
+    def seeding(frame_loss):  # the code measured made the loss backward's seed every tick: ones, then a division
+        if rec.ticks:
+            rec.ticks[-1].append(Launch(LOSS_SEED, "other", None, 0.0, 0.0, kernels=0, kernels_derived=2))
+        return loss_seed(frame_loss)
+    engine._loss_seed = seeding
     schedule = pipe._schedule(frames, "sideways", True)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
@@ -514,14 +526,14 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
             video = torch.zeros(batch, 3, frames, size, size, dtype=torch.bfloat16 if amp else torch.float32)
             target = torch.zeros(batch, dtype=torch.long)
             out_len = pipe.output_length(frames)
-            loss = lambda out, t: F.cross_entropy(frame_logits(out), target) / out_len
+            loss = lambda out, t: F.cross_entropy(frame_logits(out), target)
             for recorded in (False, True):
                 net.zero_grad(set_to_none=True)
                 engine._tick = counted if recorded else tick
                 clip = (video[:, :, t:t + 1] for t in range(frames))
                 with rec if recorded else contextlib.nullcontext():
                     for _ in engine.run(schedule, clip, "sideways", loss, None, backend=pipe.backend,
-                                        optimizer=pipe.optimizer, update=pipe.update):
+                                        optimizer=pipe.optimizer, update=pipe.update, loss_frames=out_len):
                         pass
             held = engine.held_by_kind()
             grads = sum(p.grad.numel() * 4 for p in net.parameters() if p.grad is not None)  # fp32 masters
@@ -536,7 +548,7 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
             del engine._tick
         else:
             engine._tick = own
-        del engine._add_gradients
+        del engine._add_gradients, engine._loss_seed
         if fake:  # leave no fake tensor behind
             from sideways_kernels.graph import PoolNode
             for m in net.modules():
@@ -548,7 +560,7 @@ def record(net, pipe, batch: int, size: int, frames: int, amp: bool = True, fake
             net.zero_grad(set_to_none=True)
             if pipe.optimizer is not None:
                 pipe.optimizer.state.clear()
-            engine.buffers.clear(), engine.fifo.clear(), engine.queue.clear()
+            engine.buffers.clear(), engine.fifo.clear(), engine.queue.clear(), engine.seeds.clear()
     _group_today(rec.ticks, schedule, pipe, {id(m): name for name, m in convs.items()})
     return Recording(rec.ticks, list(schedule), rec.peaks, rec.leftover, held, grads, grad_storages,
                      sum(p.numel() * 4 for p in net.parameters()), rec.held)
@@ -929,7 +941,7 @@ def report(model: str, batch: int, size: int, frames: int, stages: int, update: 
     p("## Other launches of the tick shown (ATen kernels: bytes at the HBM datasheet bandwidth)")
     others = collections.OrderedDict()
     for l in s.launches:
-        if l.kind not in GEMM_KINDS:
+        if l.kind not in GEMM_KINDS and l.kernels:
             o = others.setdefault(l.op, [0, 0.0])
             o[0] += 1
             o[1] += l.bytes

@@ -133,6 +133,23 @@ def test_oracle4_sideways_is_exact_on_a_static_video(temporal, backend):
     torch.testing.assert_close(results["sideways"].loss, results["bp"].loss)
 
 
+def test_clips_of_other_lengths_each_take_their_own_loss_scale():
+    """The loss backward's seed, 1/frames, is kept across ticks (``Engine._loss_seed``) — per clip
+    length: one Sideways pipeline through static clips of 9, 6 and 9 frames, each clip's gradients
+    BP's (oracle 4)."""
+    net = classifier_net(NO_PAD[0])
+    pipe = SidewaysPipeline(stages_of(net, 2))
+    frame, target = torch.randn(2, 3, 1, 8, 7, dtype=DT), torch.randint(0, 7, (2,))
+    for T in (9, 6, 9):
+        static = frame.expand(-1, -1, T, -1, -1)
+        net.zero_grad()
+        SidewaysPipeline(stages_of(net, 2), mode="bp").backward_clip(static, target)
+        expected = grads(net)
+        net.zero_grad()
+        pipe.backward_clip(static, target)
+        assert rel_error(grads(net), expected) <= 1e-9, T
+
+
 @pytest.mark.parametrize("first", [(3, 1, 1), (3, 2, 2), (2, 1, 1)], ids=str)
 def test_oracle4_single_stage_whose_only_temporal_layer_is_first(first):
     """Exact even on a random (moving) video: the error and the window meet at the same tick."""

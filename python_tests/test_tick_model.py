@@ -164,6 +164,24 @@ def test_a_stage_s_gradient_adds_count_one_launch_today_and_one_each_for_the_cod
         assert tm.launch_count(mine) == tm.launch_count(tick) - n + (n > 0)
 
 
+def test_the_loss_seed_counts_no_launch_today_and_two_for_the_code_measured():
+    """The engine seeds a loss tick's backward with a kept 1/frames (Engine._loss_seed) where
+    autograd launched ones_like and the division's backward, as the code the GPU measured did: a
+    tick whose top stage takes a frame's loss and runs its backward records one LOSS_SEED, no
+    kernel today and those two for the code measured (what the launch price is inferred over);
+    no tick launches ones_like."""
+    net, pipe = _residuals()
+    got = tm.record(net, pipe, 2, 16, T, amp=False, fake=True)
+    assert len(got.ticks) == len(got.plans)
+    top = [plan.stages[-1] for plan in got.plans]
+    expected = [int(sp.out is not None and sp.out[1] and sp.backward) for sp in top]
+    assert sum(expected) > 0
+    assert [sum(l.op == tm.LOSS_SEED for l in tick) for tick in got.ticks] == expected
+    seeds = [l for tick in got.ticks for l in tick if l.op == tm.LOSS_SEED]
+    assert all(l.kernels == 0 and l.kernels_derived == 2 for l in seeds)
+    assert not any(l.op == "aten.ones_like" for tick in got.ticks for l in tick)
+
+
 def test_a_launch_is_priced_from_the_reference_clip_s_measured_ticks(monkeypatch):
     """launch_costs: the reference clip's launches a tick as the code measured launched them (forms
     derived per call, every BatchNorm counting each frame), its modelled math, and the per-launch
@@ -277,7 +295,8 @@ def test_today_s_count_groups_the_stages_first_input_gradients_the_dispatch_send
             grouped += 1
         else:
             assert all(k >= 1 for k in mine)
-        assert all(l.kernels >= 1 for l in tick if l.kind != "input_grad" or l.layer not in firsts)
+        assert all(l.kernels >= 1 for l in tick if (l.kind != "input_grad" or l.layer not in firsts)
+                   and l.op != tm.LOSS_SEED)
     assert grouped >= 3
 
 

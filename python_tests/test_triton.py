@@ -1719,6 +1719,8 @@ def test_a_chain_s_conv_relu_stages_cost_four_launches_a_tick_at_any_depth(monke
     assert own["triton:_grouped_box_forward_kernel"] == 2  # every stage's first forward; their input gradients
     assert own["triton:_grouped_box_weight_update_kernel"] == own["triton:_grouped_weight_finish_kernel"] == 2
     assert own["relu.default"] == own["threshold_backward.default"] == 1  # the top stage's
+    # the loss's share of the clip loss divided once; its backward seeded by a kept 1/frames
+    assert own["div.Tensor"] == 1 and "ones_like.default" not in own
     assert per_stage["relu.default"] == per_stage["threshold_backward.default"] == 3  # each stage's
     assert sum(per_stage.values()) > sum(own.values())
     assert results[3, "own"][0] == results[3, "per stage"][0]

@@ -80,6 +80,7 @@ class Engine:
         self.fifo: dict = {}  # (node, input) -> {slot: fixed buffer of a held sample}
         self.held: dict = {}  # bp mode, per run: (node, input) -> {slot: held sample, in the graph}
         self.queue: dict = {}  # producer -> buffer of the error waiting for its next firing
+        self.seeds: dict = {}  # (dtype, device, frames) -> the loss backward's seed (_loss_seed)
         self._streams: Optional[list] = None
         self._anchor = torch.zeros(0, requires_grad=True)
         self.inputs = self.outputs = None  # producer entering / leaving each stage, from the schedule
@@ -100,13 +101,16 @@ class Engine:
     # --- a run -------------------------------------------------------------------------------
 
     def run(self, schedule: Schedule, frames, mode: str, frame_loss, losses: Optional[list], *, backend=None,
-            optimizer=None, update: str = "clip", graphs=None, stage_target=None, phase_key=None, smoothing: int = 1):
+            optimizer=None, update: str = "clip", graphs=None, stage_target=None, phase_key=None, smoothing: int = 1,
+            loss_frames: int = 1):
         """Tick until the schedule ends; yields the top stage's valid outputs in frame order.
-        ``frames``: an iterator of checked frames [B, C, 1, H, W] (stage 0's process only)."""
+        ``frames``: an iterator of checked frames [B, C, 1, H, W] (stage 0's process only).
+        ``frame_loss(out, t)``: a frame's loss, of which the clip loss is the sum over its
+        ``loss_frames`` output frames divided by ``loss_frames`` (each tick's share in ``losses``)."""
         self.inputs, self.outputs = schedule.inputs, schedule.outputs
         self.schedule, self.mode = schedule, mode
         self._devices = [self._device_of(k) for k in range(len(self.stages))]
-        self.frame_loss, self.losses = frame_loss, losses
+        self.frame_loss, self.losses, self.loss_frames = frame_loss, losses, loss_frames
         self.tick_optimizer = optimizer if (mode == "sideways" and update == "tick") else None
         up: list = [None] * len(self.stages)  # sample arriving at each stage
         down: list = [None] * len(self.stages)  # error arriving at each stage's output
@@ -512,7 +516,8 @@ class Engine:
             done.append(out.detach())
             if self.frame_loss is not None:
                 self.at = "the loss function"
-                loss = self.frame_loss(out, sp.out[0])
+                frame_loss = self.frame_loss(out, sp.out[0])
+                loss = (frame_loss if mode == "bp" else frame_loss.detach()) / self.loss_frames
         if above and sp.out is not None:  # sent now, so the transfer overlaps this stage's backward
             self.boundary.send("up", tick, out if mode == "bp" else out.detach(), sp.out[0], 0, mode)
         if above and mode == "sideways" and self.frame_loss is not None:
@@ -524,8 +529,8 @@ class Engine:
         if backward:
             tensors, grads = [], []
             if loss is not None:
-                tensors.append(loss)
-                grads.append(None)
+                tensors.append(frame_loss)
+                grads.append(self._loss_seed(frame_loss))
             incoming = err_in if sp.takes_error else None
             for p in sp.roots:
                 g = self.queue[p] if p in flags else None
@@ -547,11 +552,22 @@ class Engine:
             if sp.sends_error:
                 parts = ([leaf.grad] if leaf is not None and leaf.grad is not None else []) + caught
                 if k in self._deferred:  # the rest of it is its first conv's input gradient, at the tick's end
-                    return out, parts, (loss if mode == "bp" else None if loss is None else loss.detach())
+                    return out, parts, loss
                 err = functools.reduce(torch.add, parts) if parts else torch.zeros_like(x_in)
         elif mode == "sideways" and sp.takes_error and err_in is not None:
             self._queue_add(out_node, err_in, flags)
-        return out, err, (loss if mode == "bp" else None if loss is None else loss.detach())
+        return out, err, loss
+
+    def _loss_seed(self, frame_loss: torch.Tensor) -> torch.Tensor:
+        """The gradient of the clip loss by a frame's loss, 1/frames, made as autograd makes it for
+        ``frame_loss / frames`` (ones, divided: the same bits) once and kept, so a tick's backward
+        launches neither."""
+        key = (frame_loss.dtype, frame_loss.device, self.loss_frames)
+        seed = self.seeds.get(key)
+        if seed is None:
+            seed = self.seeds[key] = torch.ones((), dtype=frame_loss.dtype, device=frame_loss.device).div_(
+                self.loss_frames)
+        return seed
 
     def _input(self, node, pos: int, how, values: dict, source: int, backward: bool, flags: set, caught: list):
         p = node.inputs[pos]
@@ -660,7 +676,8 @@ class Engine:
         the ``waiting errors`` (an error held for its producer's next firing), the ``double
         buffers`` (activations and errors between stages, and where the engine runs a stage itself a
         pooled stage's error at its conv and the stem's frame in the activations' dtype) and the
-        ``held samples`` (each stage's copy of the last sample of the clip, for the drain).
+        ``held samples`` (each stage's copy of the last sample of the clip, for the drain) and the
+        ``loss seeds`` (:meth:`_loss_seed`'s scalars).
         Everything else a tick allocates is freed by the end of the tick; the parameters'
         gradients, the optimizer's state and the backends' caches of weights are not the engine's."""
         seen: set = set()
@@ -685,7 +702,8 @@ class Engine:
                 "FIFO slots": [t for slots in self.fifo.values() for t in slots.values() if isinstance(t, torch.Tensor)],
                 "waiting errors": list(self.queue.values()),
                 "double buffers": [b for key, b in self.buffers.items() if key[0] != "held"],
-                "held samples": [b for key, b in self.buffers.items() if key[0] == "held"]}
+                "held samples": [b for key, b in self.buffers.items() if key[0] == "held"],
+                "loss seeds": list(self.seeds.values())}
 
     def addresses(self) -> tuple:
         """Where every tensor that lives across ticks is — rings, FIFO slots, waiting errors,

@@ -442,7 +442,7 @@ class SidewaysPipeline:
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))}")
-            return loss.reshape(()) / out_len  # its finiteness is checked once, after the ticks
+            return loss.reshape(())  # its finiteness is checked once, after the ticks
 
         params = [p for p in self.stages.parameters() if p.requires_grad]
         stashed = [p.grad for p in params]
@@ -456,7 +456,7 @@ class SidewaysPipeline:
                 graphs.begin_clip(self._clip_signature(params, out_len, per_frame_target))
             losses: list[torch.Tensor] = []
             schedule = self._schedule(length, self.mode, True)
-            outputs = list(self._run(schedule, frames, self.mode, frame_loss, losses, graphs, stage_target))
+            outputs = list(self._run(schedule, frames, self.mode, frame_loss, losses, graphs, stage_target, out_len))
             finite.check()
             self._check_losses(losses)
             if self.mode == "bp":
@@ -597,13 +597,14 @@ class SidewaysPipeline:
 
     # --- the engine --------------------------------------------------------------------------
 
-    def _run(self, schedule, frames, mode, frame_loss, losses, graphs=None, stage_target=None):
+    def _run(self, schedule, frames, mode, frame_loss, losses, graphs=None, stage_target=None, loss_frames=1):
         key = None
         if graphs is not None:
             key = lambda plan: (plan.phase(self.engine.lo, self.engine.hi), plan.tick % 2)
         yield from self.engine.run(schedule, frames, mode, frame_loss, losses, backend=self.backend,
                                    optimizer=self.optimizer, update=self.update, graphs=graphs,
-                                   stage_target=stage_target, phase_key=key, smoothing=self.smoothing)
+                                   stage_target=stage_target, phase_key=key, smoothing=self.smoothing,
+                                   loss_frames=loss_frames)
         self.last_ticks = self.engine.last_ticks
 
     def _frames(self, video: Frames, need_length: bool):
