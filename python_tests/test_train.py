@@ -280,6 +280,9 @@ def test_bad_data_is_a_one_line_error(tmp_path, case):
     (["--model", "c3d", "--pretrained", "x.pth"], "--pretrained needs one of the standard networks"),
     (["--amp", "fp16", "--update", "tick"], "--amp fp16 needs --update clip"),
     (["--amp", "fp8"], "invalid choice"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--lr", "inf"], "expected a positive float, got 'inf'"),
 ])
 def test_bad_options_are_clean_errors(tmp_path, capsys, monkeypatch, args, words):
     """In this process (the command's own entry point is the other tests'): exit status 2 and
