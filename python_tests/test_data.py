@@ -199,7 +199,8 @@ def test_digits_run_records_the_new_metrics(tmp_path):
 
 def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
     """A .npy that is no NumPy file is named as such (np.load would call any bytes pickled data
-    and point at allow_pickle), and skipped; the folder's readable files are used."""
+    and point at allow_pickle), and skipped, as is an array that is no [T, H, W, C] video (it
+    would fail mid-training); the folder's readable files are used."""
     import warnings
 
     import numpy as np
@@ -209,15 +210,33 @@ def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
         for i in range(5):
             np.save(tmp_path / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
     (tmp_path / "a" / "broken.npy").write_bytes(b"these bytes are not an array" * 4)
+    np.save(tmp_path / "b" / "flat.npy", np.zeros((3, 4, 4), np.float32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         folders = [VideoFolder(str(tmp_path), s, clip_len=2) for s in ("train", "test")]
-    skipped = [p for f in folders for p in f.skipped]
-    assert [os.path.basename(p) for p in skipped] == ["broken.npy"]
-    reason = next(f.skip_reasons[p] for f in folders for p in f.skipped)
-    assert "not a NumPy .npy file" in reason and "pickle" not in reason
+    reasons = {os.path.basename(p): f.skip_reasons[p] for f in folders for p in f.skipped}
+    assert sorted(reasons) == ["broken.npy", "flat.npy"]
+    assert "not a NumPy .npy file" in reasons["broken.npy"] and "pickle" not in reasons["broken.npy"]
+    assert "expected [T, H, W, C], got shape (3, 4, 4)" in reasons["flat.npy"]
     assert any(issubclass(w.category, UnreadableVideoWarning) for w in caught)
     assert sum(len(f.items) for f in folders) == 10
+
+
+def test_class_labels_follow_the_sorted_folder_names_whatever_order_the_filesystem_lists(tmp_path, monkeypatch):
+    """A label is the index of its class folder's name in sorted order — not in the order
+    os.listdir happens to give (which differs between filesystems: a model's labels would)."""
+    import numpy as np
+    from sideways_kernels import data
+    for c in ("run", "jump", "wave"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            np.save(tmp_path / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
+    listdir = os.listdir
+    monkeypatch.setattr(data.os, "listdir", lambda path: sorted(listdir(path), reverse=True))
+    folder = data.VideoFolder(str(tmp_path), "train", clip_len=2)
+    assert folder.classes == ["jump", "run", "wave"]
+    labels = {os.path.basename(os.path.dirname(path)): label for path, label, _ in folder.items}
+    assert labels == {"jump": 0, "run": 1, "wave": 2}
 
 
 def _frame_indexed_folder(root, frames=20):
