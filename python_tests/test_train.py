@@ -76,6 +76,24 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_best_pt_holds_the_epoch_of_the_best_validation_accuracy(tmp_path, monkeypatch):
+    """Validation accuracies 0.5, 0.8, 0.6 over three epochs: best.pt is epoch 2's checkpoint,
+    with best_val_acc 0.8 in its own state; last.pt is epoch 3's."""
+    accuracies = iter([0.5, 0.8, 0.6])
+    evaluate = train.evaluate
+
+    def scripted(*args, **kwargs):
+        return dict(evaluate(*args, **kwargs), acc=next(accuracies))
+    monkeypatch.setattr(train, "evaluate", scripted)
+    code, out = _run(tmp_path, "--epochs", "3")
+    assert code == 0
+    best = train.load_weights(os.path.join(out, "best.pt"), "test")["state"]
+    last = train.load_weights(os.path.join(out, "last.pt"), "test")["state"]
+    assert (best["epoch"], best["best_val_acc"]) == (2, 0.8)
+    assert (last["epoch"], last["best_val_acc"]) == (3, 0.8)
+    assert [r["val_acc"] for r in _records(out)] == [0.5, 0.8, 0.6]
+
+
 def test_resume_restores_the_whole_run_state(tmp_path):
     """A run cut in epoch 2 after one validation, resumed for one more step: the new last.pt's
     state is the saved one key for key, moved on by that step (best_val_acc kept, not None,
