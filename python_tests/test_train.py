@@ -94,6 +94,21 @@ def test_best_pt_holds_the_epoch_of_the_best_validation_accuracy(tmp_path, monke
     assert [r["val_acc"] for r in _records(out)] == [0.5, 0.8, 0.6]
 
 
+def test_a_run_in_this_process_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """main() takes SIGINT and SIGTERM for its checkpoint-then-stop while it runs; called from a
+    user's own Python it must give them back (else their Ctrl-C is swallowed after it returns)."""
+    def mine(signum, frame):
+        raise KeyboardInterrupt
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code, _ = _run(tmp_path, "--epochs", "1", "--max-steps", "1")
+        assert code == 0
+        assert all(signal.getsignal(s) is mine for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_resume_restores_the_whole_run_state(tmp_path):
     """A run cut in epoch 2 after one validation, resumed for one more step: the new last.pt's
     state is the saved one key for key, moved on by that step (best_val_acc kept, not None,
