@@ -1,6 +1,7 @@
 """The embedded datasets and the evaluation metrics: moving handwritten digits (real digits,
 validation digits never seen in training, labels drawn as they say), shuffled frames, and the
 calibration figures of evaluate()."""
+import functools
 import math
 import os
 
@@ -117,13 +118,9 @@ def test_digit_speed_reaches_the_videos_and_is_checked(capsys, tmp_path):
 def test_a_folder_without_split_lists_is_split_by_name_into_disjoint_parts(tmp_path):
     """No trainlist/testlist: every file is in exactly one split (about a fifth in test), and a
     file's split depends on its name only (adding videos moves none)."""
-    import numpy as np
     from sideways_kernels.data import VideoFolder
     root = tmp_path / "tensors"
-
-    def add(c, i):
-        (root / c).mkdir(parents=True, exist_ok=True)
-        np.save(root / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
+    add = functools.partial(_blank_video, root)
 
     def splits():
         return [{os.path.relpath(path, root) for path, _, _ in VideoFolder(str(root), s, clip_len=2).items}
@@ -206,9 +203,8 @@ def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
     import numpy as np
     from sideways_kernels.data import UnreadableVideoWarning, VideoFolder
     for c in ("a", "b"):
-        (tmp_path / c).mkdir()
         for i in range(5):
-            np.save(tmp_path / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
+            _blank_video(tmp_path, c, i)
     (tmp_path / "a" / "broken.npy").write_bytes(b"these bytes are not an array" * 4)
     np.save(tmp_path / "b" / "flat.npy", np.zeros((3, 4, 4), np.float32))
     with warnings.catch_warnings(record=True) as caught:
@@ -225,18 +221,23 @@ def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
 def test_class_labels_follow_the_sorted_folder_names_whatever_order_the_filesystem_lists(tmp_path, monkeypatch):
     """A label is the index of its class folder's name in sorted order — not in the order
     os.listdir happens to give (which differs between filesystems: a model's labels would)."""
-    import numpy as np
     from sideways_kernels import data
     for c in ("run", "jump", "wave"):
-        (tmp_path / c).mkdir()
         for i in range(4):
-            np.save(tmp_path / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
+            _blank_video(tmp_path, c, i)
     listdir = os.listdir
     monkeypatch.setattr(data.os, "listdir", lambda path: sorted(listdir(path), reverse=True))
     folder = data.VideoFolder(str(tmp_path), "train", clip_len=2)
     assert folder.classes == ["jump", "run", "wave"]
     labels = {os.path.basename(os.path.dirname(path)): label for path, label, _ in folder.items}
     assert labels == {"jump": 0, "run": 1, "wave": 2}
+
+
+def _blank_video(root, c: str, i: int) -> None:
+    """Video ``i`` of class ``c`` under ``root``: a .npy of 3 black 4x4 RGB frames."""
+    import numpy as np
+    (root / c).mkdir(parents=True, exist_ok=True)
+    np.save(root / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
 
 
 def _frame_indexed_folder(root, frames=20):
