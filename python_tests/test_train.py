@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sideways_kernels import train
 
@@ -92,6 +93,83 @@ def test_best_pt_holds_the_epoch_of_the_best_validation_accuracy(tmp_path, monke
     assert (best["epoch"], best["best_val_acc"]) == (2, 0.8)
     assert (last["epoch"], last["best_val_acc"]) == (3, 0.8)
     assert [r["val_acc"] for r in _records(out)] == [0.5, 0.8, 0.6]
+
+
+class _Recorded(torch.utils.data.Dataset):
+    """A dataset that notes each epoch it is told of and each item read."""
+
+    def __init__(self, dataset, reads):
+        self.dataset, self.reads, self.classes, self.epoch = dataset, reads, dataset.classes, None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.reads.append((self.epoch, i))
+        return self.dataset[i]
+
+
+def test_each_epoch_is_told_its_number_and_reads_the_videos_in_another_order(tmp_path, monkeypatch):
+    reads, build_data = [], train.build_data
+    monkeypatch.setattr(train, "build_data", lambda cfg: (_Recorded(build_data(cfg)[0], reads), build_data(cfg)[1]))
+    code, _ = _run(tmp_path, "--epochs", "3")
+    assert code == 0
+    orders = [[i for e, i in reads[1:] if e == epoch] for epoch in range(3)]  # reads[0]: the example clip
+    assert [e for e, _ in reads[1:]] == [0] * 24 + [1] * 24 + [2] * 24
+    assert all(sorted(order) == list(range(24)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3, orders
+
+
+def test_epoch_records_weigh_a_partial_last_batch_by_its_videos(tmp_path):
+    """20 videos in batches of 8: 8, 8, then 4. The epoch's train loss weighs each step's loss by
+    its videos, its spread is the steps' standard deviation, and the cosine schedule spans the
+    3 steps of each of the 2 epochs."""
+    code, out = _run(tmp_path, "--epochs", "2", "--train-videos", "20")
+    assert code == 0
+    steps, epochs = _records(out, "step"), _records(out)
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    for k, r in enumerate(steps, 1):
+        assert r["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * k / 6)), abs=1e-12), r
+    for epoch, record in zip(range(2), epochs):
+        losses = np.array([r["loss"] for r in steps[3 * epoch:3 * epoch + 3]])
+        assert record["train_loss"] == pytest.approx((losses * [8, 8, 4]).sum() / 20, rel=1e-12)
+        assert record["train_loss_sd"] == pytest.approx(losses.std(), rel=1e-9)
+        assert record["train_acc"] == steps[3 * epoch + 2]["train_acc"]
+
+
+@pytest.mark.parametrize("head", ["pooled", "per-frame"])
+def test_evaluate_weighs_every_video_alike_and_bins_every_confidence(head):
+    """Five videos in batches of 2, 2 and 1, one predicted with a confidence of exactly 1.0: the
+    loss is the mean over videos (not over batches), a per-frame network's clip prediction is the
+    mean of its frames' logits, and the calibration bins (k/15, (k+1)/15] hold every video."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    if head == "pooled":
+        outputs = torch.randn(5, 3, generator=g)
+        outputs[0] = torch.tensor([100.0, -100.0, -100.0])  # softmax: exactly 1.0
+        clip, loss = outputs, F.cross_entropy(outputs, labels)
+    else:  # [B, K, T, H, W]; frame 3 alone would predict otherwise than the frames' mean
+        outputs = torch.randn(5, 3, 4, 2, 2, generator=g)
+        outputs[0, :, :3] = torch.tensor([100.0, -100.0, -100.0])[:, None, None, None]
+        outputs[:, :, 3] += 30 * torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+        frames = outputs.flatten(3).mean(3)
+        clip = frames.mean(2)
+        loss = F.cross_entropy(frames, labels[:, None].expand(-1, 4))
+    batches = [(torch.arange(a, b), labels[a:b]) for a, b in ((0, 2), (2, 4), (4, 5))]
+    got = train.evaluate(nn.Identity(), batches, "cpu", forward=lambda index: outputs[index])
+    conf, pred = clip.softmax(1).max(1)
+    assert conf[0] == 1.0
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert got["nll"] == pytest.approx(F.cross_entropy(clip, labels).item(), rel=1e-6)
+    assert got["acc"] == (pred == labels).float().mean().item()
+    counts = np.bincount((torch.ceil(conf * 15).long() - 1).clamp(0, 14).numpy(), minlength=15)
+    assert [n for n, _, _ in got["bins"]] == counts.tolist()
+    ece = sum(abs((pred == labels)[i].float().mean() - conf[i].mean()) * i.sum() / 5
+              for i in (torch.ceil(conf * 15).long() - 1 == k for k in range(15)) if i.any())
+    assert got["ece"] == pytest.approx(float(ece), rel=1e-6)
 
 
 def test_a_run_in_this_process_leaves_the_signal_handlers_as_it_found_them(tmp_path):
@@ -179,20 +257,22 @@ def _cli(*args, **kw):
                           timeout=300, **kw)
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigint_saves_a_checkpoint_of_the_step_it_names_and_exits_cleanly(tmp_path):
+    """Ctrl-C lands after the first epoch's checkpoint, with step records unlogged (--log-every
+    1000): last.pt is written at the interrupted step itself, and that step's record is logged."""
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *TINY, "--epochs", "200", "--out", out],
-                            stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
-        time.sleep(0.2)
+    proc = subprocess.Popen([sys.executable, "-m", "sideways_kernels.train", *TINY, "--epochs", "200", "--out", out,
+                             "--log-every", "1000"], stderr=subprocess.PIPE, text=True)
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and '"kind": "epoch"' in open(metrics).read()):
+        time.sleep(0.2)  # until epoch 1 is done: its last.pt is there
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == train.EXIT_INTERRUPTED, err
     assert "saved" in err and "Traceback" not in err
-    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
-    assert ckpt["state"]["step"] >= 1
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert train.load_weights(os.path.join(out, "last.pt"), "test")["state"]["step"] == step
+    assert _records(out, "step")[-1]["step"] == step
 
 
 # --- the user's own videos ---------------------------------------------------------------
