@@ -2,16 +2,20 @@
 validation digits never seen in training, labels drawn as they say), shuffled frames, and the
 calibration figures of evaluate()."""
 import functools
+import json
 import math
 import os
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sideways_kernels import train
-from sideways_kernels.data import MovingDigits, ShuffledFrames
+from sideways_kernels import data, train
+from sideways_kernels.data import (MOTIONS, DataError, MovingDigits, MovingTextures, ShuffledFrames,
+                                     UnreadableVideoWarning, VideoFolder)
 
 
 def test_digits_are_real_handwriting_split_once_and_drawn_as_labelled():
@@ -53,7 +57,6 @@ def test_clutter_and_bad_arguments():
     cluttered = MovingDigits(8, "val", size=20, seed=1, clutter=0.4)
     assert (cluttered.videos.float() >= plain.videos.float()).all() and cluttered.videos.float().sum() > \
         plain.videos.float().sum()
-    from sideways_kernels.data import DataError
     with pytest.raises(DataError, match="split"):
         MovingDigits(8, "test")
     with pytest.raises(DataError, match="size >= 12"):
@@ -118,7 +121,6 @@ def test_digit_speed_reaches_the_videos_and_is_checked(capsys, tmp_path):
 def test_a_folder_without_split_lists_is_split_by_name_into_disjoint_parts(tmp_path):
     """No trainlist/testlist: every file is in exactly one split (about a fifth in test), and a
     file's split depends on its name only (adding videos moves none)."""
-    from sideways_kernels.data import VideoFolder
     root = tmp_path / "tensors"
     add = functools.partial(_blank_video, root)
 
@@ -151,6 +153,36 @@ def test_shuffled_frames_permute_each_clip_reproducibly():
     assert not torch.equal(shuffled[2][0], clip)  # ...another order the next
 
 
+def _mismatch_after_turning(video, angle: float):
+    """How badly the object's colours in each frame of ``video`` [C, T, H, W] are predicted by
+    the previous frame's turned by ``angle`` radians (positive: clockwise on screen, y down)
+    about the best centre on the object: the fraction of object pixels whose colour differs."""
+    _, t, size, _ = video.shape
+    colours, obj = video.sign(), video.abs().amax(0) > 0.7  # the object's saturated colours; background <= 0.3
+    ys, xs = torch.nonzero(obj[0], as_tuple=True)
+    cx, cy = xs.float()[:, None], ys.float()[:, None]  # candidate centres
+    cos, sin = math.cos(angle), math.sin(angle)
+    errors = 0
+    for k in range(t - 1):
+        py, px = torch.nonzero(obj[k + 1], as_tuple=True)
+        dx, dy = (px - cx + size / 2) % size - size / 2, (py - cy + size / 2) % size - size / 2  # on the torus
+        qx, qy = (cx + cos * dx + sin * dy).round().long() % size, (cy - sin * dx + cos * dy).round().long() % size
+        errors = errors + (colours[:, k + 1, py, px][:, None] != colours[:, k, qy, qx]).float().mean((0, 2))
+    return errors.min().item() / (t - 1)
+
+
+def test_moving_textures_rotate_cw_turns_clockwise_and_ccw_the_other_way():
+    """Measured from the frames: each frame of a rotate-cw video is the previous one turned
+    clockwise by about _SPIN (0.2-0.3 rad), of a rotate-ccw one counterclockwise."""
+    ds = MovingTextures(30, clip_len=4, size=32, seed=0)
+    for name, sign in (("rotate-cw", 1), ("rotate-ccw", -1)):
+        videos = (ds.labels == MOTIONS.index(name)).nonzero()[:, 0].tolist()
+        assert videos, name
+        for i in videos:
+            right, wrong = (_mismatch_after_turning(ds[i][0], s * 0.25) for s in (sign, -sign))
+            assert right < 0.5 * wrong, (name, i, right, wrong)  # measured: <= 0.12 vs >= 0.28
+
+
 class _Fixed(nn.Module):
     """Returns given clip logits [B, K] whatever the video (the video carries the row index)."""
 
@@ -178,14 +210,44 @@ def test_evaluate_measures_nll_ece_and_confidence_when_wrong():
     assert sum(b[0] for b in got["bins"]) == 4 and len(got["bins"]) == train.CALIBRATION_BINS
 
 
+@pytest.mark.parametrize("head", ["pooled", "per-frame"])
+def test_evaluate_weighs_every_video_alike_and_bins_every_confidence(head):
+    """Five videos in batches of 2, 2 and 1, one predicted with a confidence of exactly 1.0: the
+    loss is the mean over videos (not over batches), a per-frame network's clip prediction is the
+    mean of its frames' logits, and the calibration bins (k/15, (k+1)/15] hold every video."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    if head == "pooled":
+        outputs = torch.randn(5, 3, generator=g)
+        outputs[0] = torch.tensor([100.0, -100.0, -100.0])  # softmax: exactly 1.0
+        clip, loss = outputs, F.cross_entropy(outputs, labels)
+    else:  # [B, K, T, H, W]; frame 3 alone would predict otherwise than the frames' mean
+        outputs = torch.randn(5, 3, 4, 2, 2, generator=g)
+        outputs[0, :, :3] = torch.tensor([100.0, -100.0, -100.0])[:, None, None, None]
+        outputs[:, :, 3] += 30 * torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+        frames = outputs.flatten(3).mean(3)
+        clip = frames.mean(2)
+        loss = F.cross_entropy(frames, labels[:, None].expand(-1, 4))
+    batches = [(torch.arange(a, b), labels[a:b]) for a, b in ((0, 2), (2, 4), (4, 5))]
+    got = train.evaluate(nn.Identity(), batches, "cpu", forward=lambda index: outputs[index])
+    conf, pred = clip.softmax(1).max(1)
+    assert conf[0] == 1.0
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert got["nll"] == pytest.approx(F.cross_entropy(clip, labels).item(), rel=1e-6)
+    assert got["acc"] == (pred == labels).float().mean().item()
+    counts = np.bincount((torch.ceil(conf * 15).long() - 1).clamp(0, 14).numpy(), minlength=15)
+    assert [n for n, _, _ in got["bins"]] == counts.tolist()
+    ece = sum(abs((pred == labels)[i].float().mean() - conf[i].mean()) * i.sum() / 5
+              for i in (torch.ceil(conf * 15).long() - 1 == k for k in range(15)) if i.any())
+    assert got["ece"] == pytest.approx(float(ece), rel=1e-6)
+
+
 def test_digits_run_records_the_new_metrics(tmp_path):
     out = str(tmp_path / "run")
     assert train.main(["--dataset", "digits", "--train-videos", "16", "--val-videos", "8", "--batch-size", "8",
                        "--size", "16", "--width", "4", "--depth", "2", "--stages", "2", "--clip-len", "5",
                        "--epochs", "1", "--dropout", "0.3", "--smoothing", "2", "--shuffle-frames",
                        "--clutter", "0.2", "--out", out]) == 0
-    import json
-    import os
     (epoch,) = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "epoch"]
     for key in ("val_nll", "val_ece", "val_conf", "val_conf_wrong", "val_bins", "train_loss_sd"):
         assert key in epoch
@@ -198,10 +260,7 @@ def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
     """A .npy that is no NumPy file is named as such (np.load would call any bytes pickled data
     and point at allow_pickle), and skipped, as is an array that is no [T, H, W, C] video (it
     would fail mid-training); the folder's readable files are used."""
-    import warnings
 
-    import numpy as np
-    from sideways_kernels.data import UnreadableVideoWarning, VideoFolder
     for c in ("a", "b"):
         for i in range(5):
             _blank_video(tmp_path, c, i)
@@ -221,7 +280,6 @@ def test_an_unreadable_tensor_file_is_skipped_with_the_right_reason(tmp_path):
 def test_class_labels_follow_the_sorted_folder_names_whatever_order_the_filesystem_lists(tmp_path, monkeypatch):
     """A label is the index of its class folder's name in sorted order — not in the order
     os.listdir happens to give (which differs between filesystems: a model's labels would)."""
-    from sideways_kernels import data
     for c in ("run", "jump", "wave"):
         for i in range(4):
             _blank_video(tmp_path, c, i)
@@ -235,7 +293,6 @@ def test_class_labels_follow_the_sorted_folder_names_whatever_order_the_filesyst
 
 def _blank_video(root, c: str, i: int) -> None:
     """Video ``i`` of class ``c`` under ``root``: a .npy of 3 black 4x4 RGB frames."""
-    import numpy as np
     (root / c).mkdir(parents=True, exist_ok=True)
     np.save(root / c / f"{c}{i}.npy", np.zeros((3, 4, 4, 3), np.float32))
 
@@ -243,7 +300,6 @@ def _blank_video(root, c: str, i: int) -> None:
 def _frame_indexed_folder(root, frames=20):
     """Two classes of three train and one test .npy video each, frame t of every video filled
     with t (so a clip's values are the frame numbers it was cut from)."""
-    import numpy as np
     video = np.broadcast_to(np.arange(frames, dtype=np.float32)[:, None, None, None], (frames, 8, 8, 3)).copy()
     lists = {"trainlist01.txt": [], "testlist01.txt": []}
     for c in ("a", "b"):
@@ -267,7 +323,6 @@ def test_video_folder_train_crops_follow_the_epoch_and_validation_stays_centred(
     """Train clips start where (seed, epoch, index) say: the same within an epoch, elsewhere
     the next epoch, the same again when an epoch is set again (a resume); test clips are
     centred whatever the epoch."""
-    from sideways_kernels.data import VideoFolder
     root = _frame_indexed_folder(tmp_path)
     train_set, test_set = (VideoFolder(root, s, clip_len=3, size=8, seed=5) for s in ("train", "test"))
     assert len(train_set) == 6 and len(test_set) == 2
@@ -292,7 +347,6 @@ def test_frame_stride_keeps_every_sth_frame(tmp_path, monkeypatch):
     """clip_len 3 at frame_stride 2 is frames 0, 2, 4 of clip_len 6 at stride 1: the moving
     textures (their per-frame noise, drawn per clip length, zeroed), the moving digits, and a
     video folder's clips (frame start + 2t)."""
-    from sideways_kernels.data import MovingTextures, VideoFolder
     monkeypatch.setattr(torch, "randn", lambda *size, generator=None, **kw: torch.zeros(*size, **kw))
     for make in (lambda **kw: MovingTextures(4, size=16, seed=3, **kw),
                  lambda **kw: MovingDigits(4, "train", size=16, seed=3, **kw)):
@@ -308,3 +362,66 @@ def test_frame_stride_keeps_every_sth_frame(tmp_path, monkeypatch):
             for i in range(len(folder)):
                 clip = _frame_numbers(folder, i)
                 assert clip == [clip[0], clip[0] + 2, clip[0] + 4] and (split == "train" or clip[0] == 7), clip
+
+
+def test_video_folder_train_starts_reach_the_last_position(tmp_path):
+    """A video one frame longer than a clip starts at 0 or 1, both sampled; one exactly a clip
+    long always at 0."""
+    for frames, expected in ((4, {0, 1}), (3, {0})):
+        (tmp_path / str(frames)).mkdir()
+        root = _frame_indexed_folder(tmp_path / str(frames), frames=frames)
+        folder = VideoFolder(root, "train", clip_len=3, size=8, seed=5)
+        starts = set()
+        for epoch in range(8):
+            folder.set_epoch(epoch)
+            starts |= {_frame_numbers(folder, i)[0] for i in range(len(folder))}
+        assert starts == expected, (frames, starts)
+
+
+def _listed_folder(root, video) -> str:
+    """Classes a and b holding the .npy ``video`` [T, H, W, C] once each, in both split lists."""
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        np.save(root / c / "v.npy", video)
+    for name in ("trainlist01.txt", "testlist01.txt"):
+        (root / name).write_text("a/v.npy\nb/v.npy\n")
+    return str(root)
+
+
+def test_video_folder_maps_uint8_to_minus_one_to_one(tmp_path):
+    video = np.zeros((3, 8, 8, 3), np.uint8)
+    video[1] = 255
+    video[2] = 51  # 51 / 127.5 - 1 = -0.6
+    clip, _ = VideoFolder(_listed_folder(tmp_path, video), "test", clip_len=3, size=8)[0]
+    assert clip.shape == (3, 3, 8, 8)
+    for t, value in enumerate((-1.0, 1.0, -0.6)):
+        torch.testing.assert_close(clip[:, t], torch.full((3, 8, 8), value))
+
+
+def test_video_folder_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
+    """A 16x32 frame at size 8 is resized to 8x16 (each pixel the mean of 2x2) and its middle
+    8 columns kept; a 32x16 one likewise in rows. Frame values are the column (row) index, so
+    output pixel k shows 2 (k + 4) + 0.5, not the whole frame squeezed."""
+    ramp = np.arange(32, dtype=np.float32)
+    for name, video, axis in (("wide", np.broadcast_to(ramp[None, None, :, None], (2, 16, 32, 3)), -1),
+                              ("tall", np.broadcast_to(ramp[None, :, None, None], (2, 32, 16, 3)), -2)):
+        clip, _ = VideoFolder(_listed_folder(tmp_path / name, video.copy()), "test", clip_len=2, size=8)[0]
+        assert clip.shape == (3, 2, 8, 8), name
+        expected = (2 * (torch.arange(8.0) + 4) + 0.5).view(8, 1) if axis == -2 else 2 * (torch.arange(8.0) + 4) + 0.5
+        torch.testing.assert_close(clip, expected.expand_as(clip), msg=name)
+
+
+def test_shuffled_frames_pass_the_epoch_on_to_the_clip_starts(tmp_path):
+    """ShuffledFrames.set_epoch reaches the wrapped VideoFolder: each epoch's clip holds the
+    frames the folder itself cuts that epoch (in another order)."""
+    root = _frame_indexed_folder(tmp_path)
+    shuffled = ShuffledFrames(VideoFolder(root, "train", clip_len=3, size=8, seed=5), seed=1)
+    plain = VideoFolder(root, "train", clip_len=3, size=8, seed=5)
+    per_epoch = []
+    for epoch in (0, 1, 2):
+        shuffled.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        got = [sorted(_frame_numbers(shuffled, i)) for i in range(len(plain))]
+        assert got == [_frame_numbers(plain, i) for i in range(len(plain))], epoch
+        per_epoch.append(got)
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]

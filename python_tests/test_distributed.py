@@ -54,6 +54,8 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeo
             nan_at=None, update="clip", model="chain"):
     if isinstance(placement, dict):  # a placement per rank, to test a mismatch
         placement = placement[rank]
+    if isinstance(mode, dict):  # likewise a mode
+        mode = mode[rank]
     sys.path.insert(0, HERE)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -92,7 +94,8 @@ def _worker(rank, world, port, mode, placement, out_dir, die_at_tick=None, timeo
         # update="tick": the weights the per-tick steps left, else the gradients of the clip
         local = {name: (p.detach() if update == "tick" else p.grad).clone() for name, p in net.named_parameters()
                  if any(p is q for s in pipe.local_stages() for q in s.parameters())}
-        torch.save(dict(grads=local, loss=result.loss, outputs=result.outputs, placement=pipe.placement),
+        torch.save(dict(grads=local, loss=result.loss, outputs=result.outputs, placement=pipe.placement,
+                        replica=pipe.replica),
                    os.path.join(out_dir, f"{rank}.pt"))
         _leave()
     except BaseException:
@@ -179,29 +182,47 @@ def test_distributed_per_tick_sgd_equals_single_process(tmp_path):
 
 
 def test_distributed_replicas_average_to_the_whole_batch(tmp_path):
-    """2 replicas x 2 ranks, placed by measured stage times: the replicas train on shares of 2
-    and 1 of a batch of 3, and after the clip every rank holds the single-process gradients
-    and loss of the whole batch (float64, rel. error <= 1e-9)."""
+    """World 6 = 2 replicas x 3 ranks, placed by measured stage times: ranks 0-2 are replica 0 and
+    3-5 replica 1, each pipeline's ranks hold its stages in order, the replicas train on shares of
+    2 and 1 of a batch of 3, and after the clip every rank holds the single-process gradients and
+    loss of the whole batch (float64, rel. error <= 1e-9)."""
     net = _net()
     video, target = _clip()
     from sideways_kernels import SidewaysPipeline
-    ref = SidewaysPipeline(stages_of(net, 4)).backward_clip(video, target)
+    stages = stages_of(net, 4)
+    ref = SidewaysPipeline(stages).backward_clip(video, target)
     ref_grads = dict(net.named_parameters())
-    procs = _spawn(4, "sideways", "measure", tmp_path, replicas=2)
+    names = {p: name for name, p in net.named_parameters()}
+    stage_names = [{names[p] for p in stage.parameters()} for stage in stages]
+    procs = _spawn(6, "sideways", "measure", tmp_path, replicas=2)
     errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.endswith(".err")]
     assert not errors and all(p.exitcode == 0 for p in procs), errors
-    results = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(6)]
     placement = results[0]["placement"]
-    assert all(r["placement"] == placement for r in results) and len(placement) == 2 and sum(placement) == 4
+    assert all(r["placement"] == placement for r in results) and len(placement) == 3 and sum(placement) == 4
+    assert [out["replica"] for out in results] == [0, 0, 0, 1, 1, 1]
     for r, out in enumerate(results):
+        lo = sum(placement[:r % 3])  # position r % 3 runs stages lo .. lo + placement[r % 3]
+        assert set(out["grads"]) == set().union(*stage_names[lo:lo + placement[r % 3]]), (r, placement)
         assert abs(out["loss"].item() - ref.loss.item()) <= 1e-9 * abs(ref.loss.item())
         for name, g in out["grads"].items():
             assert rel_error([g], [ref_grads[name].grad]) <= 1e-9, (r, name)
-    for replica in range(2):  # each pipeline's ranks hold every parameter once
-        names = [set(results[replica * 2 + k]["grads"]) for k in range(2)]
-        assert not names[0] & names[1] and names[0] | names[1] == set(ref_grads)
-    top = [results[1]["outputs"], results[3]["outputs"]]
-    torch.testing.assert_close(torch.cat(top), ref.outputs, rtol=1e-12, atol=1e-12)
+    assert all(results[r]["outputs"] is None for r in (0, 1, 3, 4))
+    torch.testing.assert_close(torch.cat([results[2]["outputs"], results[5]["outputs"]]), ref.outputs, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_distributed_placement_gives_every_rank_a_stage():
+    from types import SimpleNamespace
+    from sideways_kernels.distributed import DistributedSidewaysPipeline
+    pipe = SimpleNamespace(stages=[None] * 4)  # all _placement reads of an explicit placement
+
+    def placement(p, ranks=2):
+        return DistributedSidewaysPipeline._placement(pipe, p, ranks, None, None)
+    assert placement([1, 3]) == [1, 3] and placement((2, 1, 1), 3) == [2, 1, 1]
+    for bad in ([0, 4], [4, 0], [-1, 5], [1.0, 3], [1, 2], [1, 1, 2]):
+        with pytest.raises(ValueError, match="at least one stage"):
+            placement(bad)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -275,6 +296,14 @@ def test_distributed_ranks_that_built_different_pipelines_are_refused(tmp_path):
     assert all(p.exitcode != 0 for p in procs)
     message = open(tmp_path / "0.err").read()
     assert "built another pipeline" in message and "rank 1" in message, message
+
+
+def test_distributed_ranks_that_built_different_modes_are_refused(tmp_path):
+    procs = _spawn(2, {0: "sideways", 1: "bp"}, [2, 2], tmp_path, timeout=10)
+    assert all(p.exitcode != 0 for p in procs)
+    for r, other in ((0, 1), (1, 0)):
+        message = open(tmp_path / f"{r}.err").read()
+        assert "built another pipeline" in message and f"rank {other}" in message and "'bp'" in message, message
 
 
 def _train_runs(tmp_path, args: list, ranks: int, *torchrun_args) -> dict:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sideways_kernels import train
 
@@ -138,38 +137,6 @@ def test_epoch_records_weigh_a_partial_last_batch_by_its_videos(tmp_path):
         assert record["train_loss"] == pytest.approx((losses * [8, 8, 4]).sum() / 20, rel=1e-12)
         assert record["train_loss_sd"] == pytest.approx(losses.std(), rel=1e-9)
         assert record["train_acc"] == steps[3 * epoch + 2]["train_acc"]
-
-
-@pytest.mark.parametrize("head", ["pooled", "per-frame"])
-def test_evaluate_weighs_every_video_alike_and_bins_every_confidence(head):
-    """Five videos in batches of 2, 2 and 1, one predicted with a confidence of exactly 1.0: the
-    loss is the mean over videos (not over batches), a per-frame network's clip prediction is the
-    mean of its frames' logits, and the calibration bins (k/15, (k+1)/15] hold every video."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([0, 1, 2, 1, 0])
-    if head == "pooled":
-        outputs = torch.randn(5, 3, generator=g)
-        outputs[0] = torch.tensor([100.0, -100.0, -100.0])  # softmax: exactly 1.0
-        clip, loss = outputs, F.cross_entropy(outputs, labels)
-    else:  # [B, K, T, H, W]; frame 3 alone would predict otherwise than the frames' mean
-        outputs = torch.randn(5, 3, 4, 2, 2, generator=g)
-        outputs[0, :, :3] = torch.tensor([100.0, -100.0, -100.0])[:, None, None, None]
-        outputs[:, :, 3] += 30 * torch.tensor([0.0, 0.0, 1.0])[:, None, None]
-        frames = outputs.flatten(3).mean(3)
-        clip = frames.mean(2)
-        loss = F.cross_entropy(frames, labels[:, None].expand(-1, 4))
-    batches = [(torch.arange(a, b), labels[a:b]) for a, b in ((0, 2), (2, 4), (4, 5))]
-    got = train.evaluate(nn.Identity(), batches, "cpu", forward=lambda index: outputs[index])
-    conf, pred = clip.softmax(1).max(1)
-    assert conf[0] == 1.0
-    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    assert got["nll"] == pytest.approx(F.cross_entropy(clip, labels).item(), rel=1e-6)
-    assert got["acc"] == (pred == labels).float().mean().item()
-    counts = np.bincount((torch.ceil(conf * 15).long() - 1).clamp(0, 14).numpy(), minlength=15)
-    assert [n for n, _, _ in got["bins"]] == counts.tolist()
-    ece = sum(abs((pred == labels)[i].float().mean() - conf[i].mean()) * i.sum() / 5
-              for i in (torch.ceil(conf * 15).long() - 1 == k for k in range(15)) if i.any())
-    assert got["ece"] == pytest.approx(float(ece), rel=1e-6)
 
 
 def test_a_run_in_this_process_leaves_the_signal_handlers_as_it_found_them(tmp_path):
