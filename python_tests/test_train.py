@@ -308,7 +308,8 @@ def test_tensor_folder_trains(tmp_path):
 
 def test_video_folder_labels_are_the_folders_in_both_splits(tmp_path):
     """Every video's label is its folder's index in the one class list both splits share, also
-    when a split holds no video of some class."""
+    when a split holds no video of some class; a run trains on the train split and validates on
+    the test split."""
     from sideways_kernels.data import VideoFolder
     root = tmp_path / "tensors"
     names = ("apple", "banana", "cherry")
@@ -325,6 +326,9 @@ def test_video_folder_labels_are_the_folders_in_both_splits(tmp_path):
         assert ds.items and all(label == names.index(os.path.basename(os.path.dirname(path)))
                                 for path, label, _ in ds.items), (split, ds.items)
         assert {label for _, label, _ in ds.items} == ({0, 1, 2} if split == "train" else {1, 2})
+    train_set, val_set = train.build_data(dict(data=str(root), clip_len=4, frame_stride=1, size=8, seed=0))
+    assert sorted(os.path.basename(path) for path, _, _ in val_set.items) == ["banana3.npy", "cherry3.npy"]
+    assert len(train_set.items) == 9  # --data validates on the test split, trains on the train split
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "one class", "too short"])
