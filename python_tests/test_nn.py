@@ -59,13 +59,17 @@ def test_same_constructor_and_state_dict_as_nn_conv3d(kwargs):
     assert repr(layer).replace("SidewaysConv3d", "Conv3d") == repr(ref)
 
 
-def test_from_conv3d_shares_or_copies_and_keeps_dtype():
+def test_from_conv3d_shares_or_copies_and_keeps_dtype_frozen_weights_and_mode():
     conv = nn.Conv3d(3, 4, (3, 1, 1), dtype=torch.float64)
     shared = SidewaysConv3d.from_conv3d(conv)
     assert shared.weight is conv.weight and shared.bias is conv.bias and shared.weight.dtype == torch.float64
     copied = SidewaysConv3d.from_conv3d(conv, copy=True)
     assert copied.weight is not conv.weight and torch.equal(copied.weight, conv.weight)
     assert copied.weight.device == conv.weight.device
+    conv.weight.requires_grad_(False)
+    conv.eval()
+    for layer in (SidewaysConv3d.from_conv3d(conv), SidewaysConv3d.from_conv3d(conv, copy=True)):
+        assert not layer.weight.requires_grad and layer.bias.requires_grad and not layer.training  # as it found them
     with pytest.raises(TypeError, match="nn.Conv3d"):
         SidewaysConv3d.from_conv3d(nn.Conv2d(3, 4, 3))
 
@@ -136,6 +140,7 @@ def test_streaming_function_gradcheck_on_a_static_window(k_t, dil_t):
     (dict(kernel_size=(3, 1, 1), stride=(2, 1, 1)), "temporal stride"),
     (dict(kernel_size=(2, 1, 1), padding=(2, 0, 0)), "start temporal padding"),
     (dict(kernel_size=(3, 3, 3), padding=1, padding_mode="reflect"), "padding_mode"),
+    (dict(kernel_size=(2, 3, 3), padding="same", padding_mode="reflect"), "padding_mode"),  # time: (0, 1)
 ])
 def test_streaming_problem_names_the_rule(kwargs, why):
     assert why in SidewaysConv3d(2, 2, **kwargs).streaming_problem()

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sideways_kernels import SidewaysConv3d, SidewaysPipeline, split_sequential
+from sideways_kernels.pipeline import frame_logits
 from nets import DT, classifier_net, clip_loss, grads, rel_error, stages_of
 
 # (k_t, pad_t, dil_t) per temporal layer: kernels 1-3, padding 0..k-1, dilation.
@@ -393,6 +394,12 @@ def test_non_finite_video_and_bad_targets():
         pipe.backward_clip(torch.randn(3, 6, 8, 7), torch.randint(0, 7, (2,)))
     with pytest.raises(ValueError, match="per-frame target"):
         pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2, 5)), per_frame_target=True)
+    seen = []  # an integer [B, 3] target with 2 output frames is the clip's, whole at every frame
+    pipe.loss_fn = lambda logits, y: seen.append(y.shape) or F.cross_entropy(logits, y[:, 0])
+    pipe.backward_clip(_video(T=6), torch.randint(0, 7, (2, 3)))
+    assert seen == [(2, 3)] * 2
+    net.zero_grad(set_to_none=True)
+    pipe.loss_fn = F.cross_entropy
     with pytest.raises(ValueError, match=r"loss_fn failed on the top stage's output frame \(2, 7\) .* target \(3,\): "
                                          "Expected input batch_size"):  # (what it was given, then its own words)
         pipe.backward_clip(_video(T=6), torch.randint(0, 7, (3,)))
@@ -419,6 +426,12 @@ def test_a_video_the_first_conv_cannot_take_is_refused_by_name_before_the_run():
     with pytest.raises(ValueError, match=r"video must be \[B, C, T, H, W\] with the 3 channels .* \(2, 6, 3, 8, 7\): "
                                          r"one in \[B, T, C, H, W\] order takes .transpose\(1, 2\)"):
         pipe.backward_clip(_video(T=6).transpose(1, 2), target)
+    with pytest.raises(ValueError, match="SidewaysConv3d expects 3 input channels .* got 2"):
+        pipe.backward_clip(_video(C=2, T=6), target)
+    frames = list(_video(T=6).unbind(2))
+    frames[5] = frames[5].float()
+    with pytest.raises(ValueError, match="frame 5 .* mid-clip"):
+        pipe.backward_clip(frames, target)
     assert all(p.grad is None for p in net.parameters())
     net32 = classifier_net(NO_PAD[2], dtype=torch.float32)
     pipe32 = SidewaysPipeline(stages_of(net32, 2))
@@ -443,6 +456,8 @@ class _LSTMStage(nn.Module):
 
 @pytest.mark.parametrize("module,words", [
     (nn.BatchNorm3d(3), "BatchNorm3d"),
+    (nn.BatchNorm3d(3, track_running_stats=False).eval(), "BatchNorm3d"),  # batch statistics in eval mode too
+    (nn.LayerNorm((3, 5, 5)), "LayerNorm"),
     (nn.MaxPool3d((2, 2, 2)), "temporal pooling"),
     (nn.AvgPool3d((1, 2, 2), stride=(2, 1, 1)), "temporal pooling"),
     (nn.AdaptiveAvgPool3d(1), "fixed number of frames"),
@@ -488,6 +503,49 @@ def test_bad_configuration():
         split_sequential(net, [0, 3])
     with pytest.raises(ValueError, match="backend"):
         SidewaysPipeline([net], backend="fortran")
+    with pytest.raises(ValueError, match="update must be 'clip' or 'tick', got 'step'"):
+        SidewaysPipeline([net], update="step")
+    with pytest.raises(ValueError, match="maximize=False"):
+        SidewaysPipeline([net], update="tick", optimizer=torch.optim.SGD(net.parameters(), lr=0.1, maximize=True))
+    with pytest.raises(ValueError, match="appears twice"):
+        SidewaysPipeline([net[:2], nn.Sequential(net[0])])
+
+
+@pytest.mark.parametrize("mode", ["sideways", "bp"])
+def test_frozen_weights_or_biases_get_no_gradient_and_the_rest_theirs(mode):
+    """Weights frozen (fine-tuning the biases): every bias gets the gradient it gets with the
+    weights trained — the whole clip's, through the frozen layers — and no weight a gradient;
+    one bias frozen: it alone gets none."""
+    def grads_with(frozen):
+        torch.manual_seed(0)
+        net = classifier_net(NO_PAD[2])
+        for name, p in net.named_parameters():
+            p.requires_grad_(name not in frozen)
+        torch.manual_seed(1)
+        SidewaysPipeline(stages_of(net, 3), mode=mode).backward_clip(_video(T=8), torch.randint(0, 7, (2,)))
+        return {name: p.grad for name, p in net.named_parameters()}
+    full = grads_with(())
+    for frozen in ([name for name in full if name.endswith("weight")], ["0.bias"]):
+        for name, g in grads_with(frozen).items():
+            if name in frozen:
+                assert g is None, name
+            else:
+                torch.testing.assert_close(g, full[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_clip_logits_are_the_mean_of_the_frames_logits():
+    net, pipe = _pipe()
+    video = _video(T=7)
+    result = pipe.backward_clip(video, torch.randint(0, 7, (2,)))
+    with torch.no_grad():
+        torch.testing.assert_close(result.logits, net(video).mean((2, 3, 4)), rtol=1e-12, atol=1e-12)
+
+
+def test_frame_logits_drop_time_and_a_1x1_extent_only():
+    assert frame_logits(torch.zeros(2, 5, 1, 1, 1)).shape == (2, 5)
+    assert frame_logits(torch.zeros(2, 5, 1, 3, 1)).shape == (2, 5, 3, 1)  # a map: kept
+    assert frame_logits(torch.zeros(2, 5, 1, 1, 3)).shape == (2, 5, 1, 3)
+    assert frame_logits(torch.zeros(2, 5)).shape == (2, 5)
 
 
 def test_stream_is_lazy_and_takes_a_single_frame():
