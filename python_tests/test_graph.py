@@ -113,18 +113,24 @@ def test_a_sideways_plan_marks_the_samples_joins_read_and_keeps_each_stage_s_las
 
 
 def test_our_models_are_torchvision_key_for_key():
-    """Same state dict keys (in order) and shapes; torchvision's weights load strictly and give
-    the same outputs (S3D at 32x32, its final pool window scaled as ours does)."""
+    """Same state dict keys (in order) and shapes, the same initial weights from the same seed
+    (a network trained from scratch starts where torchvision's would) and BatchNorm eps and
+    momentum; torchvision's weights load strictly and give the same outputs (S3D at 32x32, its
+    final pool window scaled as ours does)."""
     tv = video_models()
+    norms = lambda net: [(m.eps, m.momentum) for m in net.modules() if isinstance(m, nn.BatchNorm3d)]
     for name in TORCHVISION:
         torch.manual_seed(0)
-        theirs = randomize_norms(getattr(tv, name)(num_classes=9)).eval()
+        theirs = getattr(tv, name)(num_classes=9)
+        torch.manual_seed(0)
         ours = getattr(models, name)(num_classes=9, **({"frame_size": 32} if name == "s3d" else {})).eval()
+        a, b = theirs.state_dict(), ours.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), name
+        assert norms(ours) == norms(theirs), name
+        theirs = randomize_norms(theirs).eval()
         if name == "s3d":
             theirs.avgpool = nn.AvgPool3d((2, 1, 1), stride=1)
-        a, b = theirs.state_dict(), ours.state_dict()
-        assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a), name
-        ours.load_state_dict(a, strict=True)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
         x = torch.randn(1, 3, 16, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
@@ -847,6 +853,13 @@ class _Recurrent(nn.Module):
     (_Op(lambda m, y: m.extra(y), nn.Dropout3d()), r"module 'extra' \(Dropout3d\).*every frame at once"),
     (_Op(lambda m, y: m.extra(y), nn.GroupNorm(2, 4)), r"module 'extra' \(GroupNorm\).*mixes frames"),
     (_Op(lambda m, y: y.flatten(1)), r"flattens the time axis"),
+    (_Op(lambda m, y: y.flatten(2)), r"flattens the time axis"),
+    (_Op(lambda m, y: y.flip(-3)), r"flip along the time axis"),
+    (_Op(lambda m, y: y * y.shape[-3]), r"reads the number of frames"),
+    (_Op(lambda m, y: y + y.mean(4)), r"not aligned"),  # [B, C, T, H] broadcast against [B, C, T, H, W]
+    (_Op(lambda m, y: m.extra(y.transpose(2, 4)), nn.Linear(4, 3)), r"module 'extra' \(Linear\).*over the time axis"),
+    (_Op(lambda m, y: m.extra(y), nn.LayerNorm((4, 5, 5))), r"module 'extra' \(LayerNorm\).*over the time axis"),
+    (_Op(lambda m, y: m.extra(y), nn.ConvTranspose3d(4, 4, (1, 3, 3), padding=1)), r"module 'extra'.*no streaming rule"),
     (_SE(), r"node 'mul'.*'pool', which pools over all frames.*squeeze-excitation"),
     (_Recurrent(nn.LSTM(4, 4, batch_first=True)), r"module 'layer' \(LSTM\).*recurrent or attention"),
     (_Recurrent(nn.MultiheadAttention(4, 2, batch_first=True)), r"module 'layer' \(MultiheadAttention\)"),
@@ -854,6 +867,19 @@ class _Recurrent(nn.Module):
 def test_what_cannot_stream_is_refused_by_name(model, words):
     with pytest.raises(StreamingError, match=words):
         SidewaysPipeline.from_model(model.to(DT), example=_clip(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda m, y: y.flatten(0, 1).mean(1),  # the time axis moved by a flatten before it, then pooled
+    lambda m, y: y.mean(1).amax(1),  # the time axis moved by a reduction before it
+    lambda m, y: (y + 2 * y.relu_()).mean((2, 3, 4)),  # an in-place op read by another node after it
+], ids=["flatten-before", "reduce-before", "in-place"])
+def test_ops_around_the_time_axis_stream_as_the_model_computes(fn):
+    model = _Op(fn).to(DT)
+    video = _clip(2, 6, 5, 5)
+    pipe = SidewaysPipeline.from_model(model, example=video[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.predict(video), model(video), rtol=1e-10, atol=1e-12)
 
 
 def test_other_refusals():
@@ -896,6 +922,14 @@ def test_other_refusals():
         SidewaysPipeline.from_model(nn.Sequential(nn.Conv3d(3, 3, 1)), stages=2)
     with pytest.raises(ValueError, match="batchnorm must be one of"):
         SidewaysPipeline.from_model(Residuals(), batchnorm="per-frame")
+    with pytest.raises(ValueError, match="balance_by must be 'flops' or 'time', got 'memory'"):
+        SidewaysPipeline.from_model(Residuals(), balance_by="memory")
+    statless = nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4, track_running_stats=False), nn.AdaptiveAvgPool3d(1))
+    with pytest.raises(StreamingError, match="no running statistics"):
+        SidewaysPipeline.from_model(statless, batchnorm="frozen")
+    stages = SidewaysPipeline.from_model(Residuals().to(DT).eval(), stages=2, example=_clip(1, 6, 8, 9)).stages
+    with pytest.raises(ValueError, match="one call, in order"):
+        SidewaysPipeline(list(stages)[::-1])
 
 
 def test_clip_lengths_a_join_cannot_take_and_too_short_clips():
