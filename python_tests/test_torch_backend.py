@@ -115,11 +115,12 @@ def test_weight_grad_accumulate_matches_reference(geom, dtype, slot, device, pad
 @pytest.mark.parametrize("hyper", SGD_CONFIGS, ids=sgd_id)
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g.groups == 1 and g.dilation_t == 1]
                          + [GEOMETRIES[2]], ids=geometry_id)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "channels_last_3d buffer"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout, device):
     """Three ticks, each at another slot, of the fused update == torch.optim.SGD.step on the
-    reference gradient (float64; a channels-last weight takes the unfused step)."""
+    reference gradient (float64; a channels-last weight, or momentum buffer, takes the unfused
+    step: the fused kernel walks every tensor in memory order)."""
     t = make(geom, torch.float64)
     fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
     w = t["weight"].contiguous(memory_format=fmt)
@@ -129,6 +130,8 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout, device):
     w, b = w.to(device, copy=True), t["bias"].to(device, copy=True)
     momentum = hyper.get("momentum", 0.0)
     buf_w = torch.full_like(w, float("nan")) if momentum else None  # poison: the first step must overwrite
+    if layout == "channels_last_3d buffer" and momentum:
+        buf_w = buf_w.contiguous(memory_format=torch.channels_last_3d)
     buf_b = torch.full_like(b, float("nan")) if momentum else None
     full = {**dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False), **hyper}
     for tick in range(3):
@@ -144,6 +147,17 @@ def test_sgd_tick_update_equals_torch_optim_sgd(geom, hyper, layout, device):
         _close(b, b_opt.detach(), torch.float64, f"bias after tick {tick}")
         if momentum:
             _close(buf_w, opt.state[w_opt]["momentum_buffer"], torch.float64, f"momentum buffer after tick {tick}")
+
+
+def test_a_1x1_weight_gradient_with_unequal_strides_reads_the_strided_positions():
+    """Height stride 2, width 1 (each axis its own stride in the slice that avoids oneDNN's
+    strided 1x1 path on the CPU)."""
+    torch.manual_seed(0)
+    ring, grad_out = torch.randn(2, 2, 3, 9, 8, dtype=torch.float64), torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    got, expected = torch.zeros(4, 3, 2, 1, 1, dtype=torch.float64), torch.zeros(4, 3, 2, 1, 1, dtype=torch.float64)
+    tb.weight_grad_accumulate(got, None, grad_out, ring, 1, (2, 1), (0, 0), (1, 1), 1, 1)
+    ref.weight_grad_accumulate(expected, None, grad_out, ring, 1, (2, 1), (0, 0), (1, 1), 1, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_sums_are_taken_before_rounding_to_16_bits():
