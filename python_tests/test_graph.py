@@ -11,10 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sideways_kernels import SidewaysConv3d, SidewaysPipeline, StreamingError, models
+from sideways_kernels import SidewaysConv3d, SidewaysPipeline, StreamingError, models, pipeline
 from sideways_kernels.cuda_graphs import TickGraphs
-from graphs import (DT, Branches, FirstTemporalThenLocal, NoPadding, Pools, Residuals, objective, randomize_norms,
-                    s3d_frames, video_resnet_frames)
+from sideways_kernels.trace import trace_model
+from graphs import (DT, Branches, FirstTemporalThenLocal, NoPadding, Pools, Residuals, TrunkWithPooledHead, objective,
+                    randomize_norms, s3d_frames, video_resnet_frames)
 from nets import rel_error
 from tv import video_models
 
@@ -375,6 +376,85 @@ def test_sideways_is_exact_on_a_static_video_without_temporal_padding(n_stages):
         gaps.append(rel_error(g["sideways"], g["bp"]))
     assert gaps[0] <= 1e-9, gaps
     assert gaps[1] > 1e-3, gaps
+
+
+class _EvenIntoStridedPool(TrunkWithPooledHead):
+    """A strided temporal max-pool that an even clip fills exactly (no partial last window),
+    between frame-local layers, and a pooled head; no temporal padding anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.pool = nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1))
+        self.b = nn.Conv3d(4, 4, 1)
+        self.c = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.fc = nn.Linear(4, 5)
+
+    def trunk(self, x):
+        x = self.pool(torch.tanh(self.a(x)))
+        return torch.tanh(self.c(torch.tanh(self.b(x))))
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_a_pool_that_the_clip_fills_exactly_holds_its_last_window_in_the_drain(n_stages):
+    """Oracle 4 where a strided temporal pool's last window ends on the clip's last frame: past
+    the end it emits that window again (a stage that has produced its last frame holds it), so
+    the errors reaching it in the drain still flow; a window past the clip would read no frame."""
+    model = _EvenIntoStridedPool().to(DT)
+    target = torch.randint(0, 5, (2,))
+    static = torch.randn(2, 3, 1, 5, 6, dtype=DT).expand(-1, -1, 8, -1, -1)
+    pipe = SidewaysPipeline.from_model(model, stages=n_stages, example=static[:1])
+    g = {}
+    for mode in ("bp", "sideways"):
+        model.zero_grad()
+        pipe.mode = mode
+        pipe.backward_clip(static, target)
+        g[mode] = _grads(model)
+    assert rel_error(g["sideways"], g["bp"]) <= 1e-9
+
+
+class _HeldSkip(TrunkWithPooledHead):
+    """A residual around a "same"-padded 3-tap temporal conv, whose skip waits a sample in a delay
+    line; with ``identity``, the skip passes an identity 3-tap conv of the same lag instead
+    (nothing held: the join's inputs arrive together)."""
+
+    def __init__(self, identity=False):
+        super().__init__()
+        self.stem = nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.c = nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0))
+        self.d = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.fc = nn.Linear(4, 5)
+        self.identity = nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), bias=False) if identity else None
+        if identity:
+            with torch.no_grad():
+                self.identity.weight.zero_()[:, :, 1, 0, 0] = torch.eye(4)
+
+    def trunk(self, x):
+        y = torch.tanh(self.stem(x))
+        skip = y if self.identity is None else self.identity(y)
+        return torch.tanh(self.d(torch.tanh(self.c(y) + skip)))
+
+
+@pytest.mark.parametrize("cuts", [[], ["tanh"], ["tanh", "tanh_1"], ["tanh_1"]], ids=str)
+def test_a_delay_line_s_sideways_backward_is_an_identity_conv_s(cuts, monkeypatch):
+    """DESIGN.md: a delay line's backward is the same delay. A held skip's error goes to its
+    producer's fresh sample — or, where the skip is the stage's input, down with the stage's
+    error — exactly as through an identity conv of the skip's lag: the same Sideways gradients
+    on a moving video, with the stages cut after the same nodes (after the stem's tanh, the skip
+    crosses into the join's stage and is held there)."""
+    torch.manual_seed(0)
+    video, target = _clip(2, 9, 5, 6), torch.randint(0, 5, (2,))
+    held, through_conv = _HeldSkip().to(DT), _HeldSkip(identity=True).to(DT)
+    through_conv.load_state_dict(held.state_dict(), strict=False)
+    grads = []
+    for model in (held, through_conv):
+        names = [node.name for node in trace_model(model, None, "same")[0].nodes]
+        monkeypatch.setattr(pipeline, "balance", lambda costs, points, stages: [names.index(c) for c in cuts])
+        pipe = SidewaysPipeline.from_model(model, stages=len(cuts) + 1, example=video[:1])
+        model.zero_grad()
+        pipe.backward_clip(video, target)
+        grads.append([p.grad for name, p in model.named_parameters() if not name.startswith("identity")])
+    assert rel_error(grads[0], grads[1]) <= 1e-12
 
 
 def test_sideways_gap_grows_with_the_drift_rate_on_a_graph():
