@@ -402,12 +402,12 @@ def test_video_folder_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
     """A 16x32 frame at size 8 is resized to 8x16 (each pixel the mean of 2x2) and its middle
     8 columns kept; a 32x16 one likewise in rows. Frame values are the column (row) index, so
     output pixel k shows 2 (k + 4) + 0.5, not the whole frame squeezed."""
-    ramp = np.arange(32, dtype=np.float32)
-    for name, video, axis in (("wide", np.broadcast_to(ramp[None, None, :, None], (2, 16, 32, 3)), -1),
-                              ("tall", np.broadcast_to(ramp[None, :, None, None], (2, 32, 16, 3)), -2)):
+    ramp, kept = np.arange(32, dtype=np.float32), 2 * (torch.arange(8.0) + 4) + 0.5
+    wide = np.broadcast_to(ramp[None, None, :, None], (2, 16, 32, 3))
+    tall = np.broadcast_to(ramp[None, :, None, None], (2, 32, 16, 3))
+    for name, video, expected in (("wide", wide, kept), ("tall", tall, kept.view(8, 1))):
         clip, _ = VideoFolder(_listed_folder(tmp_path / name, video.copy()), "test", clip_len=2, size=8)[0]
         assert clip.shape == (3, 2, 8, 8), name
-        expected = (2 * (torch.arange(8.0) + 4) + 0.5).view(8, 1) if axis == -2 else 2 * (torch.arange(8.0) + 4) + 0.5
         torch.testing.assert_close(clip, expected.expand_as(clip), msg=name)
 
 

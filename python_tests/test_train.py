@@ -113,7 +113,11 @@ class _Recorded(torch.utils.data.Dataset):
 
 def test_each_epoch_is_told_its_number_and_reads_the_videos_in_another_order(tmp_path, monkeypatch):
     reads, build_data = [], train.build_data
-    monkeypatch.setattr(train, "build_data", lambda cfg: (_Recorded(build_data(cfg)[0], reads), build_data(cfg)[1]))
+
+    def recorded(cfg):
+        train_set, val_set = build_data(cfg)
+        return _Recorded(train_set, reads), val_set
+    monkeypatch.setattr(train, "build_data", recorded)
     code, _ = _run(tmp_path, "--epochs", "3")
     assert code == 0
     orders = [[i for e, i in reads[1:] if e == epoch] for epoch in range(3)]  # reads[0]: the example clip
@@ -132,7 +136,7 @@ def test_epoch_records_weigh_a_partial_last_batch_by_its_videos(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 7))
     for k, r in enumerate(steps, 1):
         assert r["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * k / 6)), abs=1e-12), r
-    for epoch, record in zip(range(2), epochs):
+    for epoch, record in enumerate(epochs):
         losses = np.array([r["loss"] for r in steps[3 * epoch:3 * epoch + 3]])
         assert record["train_loss"] == pytest.approx((losses * [8, 8, 4]).sum() / 20, rel=1e-12)
         assert record["train_loss_sd"] == pytest.approx(losses.std(), rel=1e-9)
